@@ -1,0 +1,64 @@
+"""Build the Cython core of kvmmmu.
+
+This is the one place where the extension list, the Cython compiler directives
+and the C macros are set.  Every ``kvmmmu/_core/*.pyx`` becomes one extension
+module; modules share declarations through their ``.pxd`` files.
+
+Environment switches:
+
+``KVMMMU_DEBUG_CYTHON=1``
+    Build with bounds/initialisation checks on, ``-O0 -g``, and the C macro
+    ``KVMMMU_DEBUG=1`` (debug-only invariant checks, like the kernel's
+    MMU_WARN_ON).  Release builds compile those branches away.
+"""
+import glob
+import os
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("KVMMMU_DEBUG_CYTHON") == "1"
+
+COMPILER_DIRECTIVES = dict(
+    language_level=3,
+    boundscheck=DEBUG,        # def entry points range-check their inputs
+    initializedcheck=DEBUG,
+    wraparound=False,         # a negative gfn or index is always a bug
+    nonecheck=False,
+    cdivision=True,           # we divide by page sizes and powers of two
+    embedsignature=True,
+)
+
+DEFINE_MACROS = [
+    ("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
+    ("KVMMMU_DEBUG", "1" if DEBUG else "0"),
+]
+
+EXTRA_COMPILE_ARGS = ["-O0", "-g"] if DEBUG else ["-O3"]
+EXTRA_COMPILE_ARGS += ["-std=gnu11", "-Wno-unused-function"]
+
+
+def extensions():
+    exts = []
+    for pyx in sorted(glob.glob(os.path.join("kvmmmu", "_core", "*.pyx"))):
+        name = pyx[:-4].replace(os.sep, ".")
+        exts.append(
+            Extension(
+                name,
+                [pyx],
+                include_dirs=[np.get_include(), os.path.join("kvmmmu", "_core")],
+                define_macros=DEFINE_MACROS,
+                extra_compile_args=EXTRA_COMPILE_ARGS,
+            )
+        )
+    return exts
+
+
+setup(
+    ext_modules=cythonize(
+        extensions(),
+        compiler_directives=COMPILER_DIRECTIVES,
+        nthreads=int(os.environ.get("KVMMMU_BUILD_JOBS", "0")) or None,
+    ),
+)
