@@ -1,0 +1,1018 @@
+"""Packed 64-bit SPTEs (Linux v6.18 ``arch/x86/kvm/mmu/spte.{h,c}``).
+
+An SPTE ("shadow PTE") is the 64-bit entry KVM writes into the page tables
+the hardware walks: shadow paging, NPT and EPT, shadow MMU and TDP MMU alike.
+The kernel interprets SPTEs through a block of global masks set once at module
+load (``kvm_mmu_reset_all_pte_masks`` for legacy/NPT, ``kvm_mmu_set_ept_masks``
+for EPT).  Here that block is a :class:`SpteFormat`; helpers that read the
+kernel's globals are methods of the format, the others are module functions.
+
+Every helper is a ``cdef inline ... noexcept nogil`` function in spte.pxd
+(for the other Cython modules), wrapped here for Python, and the bulk forms
+are single-pass loops over contiguous ``uint64`` numpy arrays.
+
+Invariants (the kernel's, checked by :meth:`SpteFormat.check_spte_writable_invariants`):
+
+* every present SPTE, leaf or not, has ``SPTE_MMU_PRESENT_MASK`` (bit 11);
+  MMIO, frozen and non-present values never do;
+* MMU-writable clear => W clear; MMU-writable set => Host-writable set;
+* an access-tracked SPTE (A/D disabled, R=W=X=0) keeps R and X in bits 54/56.
+"""
+
+cimport numpy as cnp
+from libc.stdint cimport uint8_t, uint64_t
+
+import numpy as np
+
+cnp.import_array()
+
+# --- constants, re-exported as Python ints ---------------------------------
+globals().update(
+    PAGE_SHIFT=PAGE_SHIFT, SPTE_LEVEL_BITS=SPTE_LEVEL_BITS, SPTE_ENT_PER_PAGE=SPTE_ENT_PER_PAGE,
+    PG_LEVEL_NONE=PG_LEVEL_NONE, PG_LEVEL_4K=PG_LEVEL_4K, PG_LEVEL_2M=PG_LEVEL_2M,
+    PG_LEVEL_1G=PG_LEVEL_1G, PG_LEVEL_512G=PG_LEVEL_512G, PG_LEVEL_256T=PG_LEVEL_256T,
+    PT64_ROOT_MAX_LEVEL=PT64_ROOT_MAX_LEVEL,
+    PT_PRESENT_MASK=PT_PRESENT_MASK, PT_WRITABLE_MASK=PT_WRITABLE_MASK, PT_USER_MASK=PT_USER_MASK,
+    PT_PWT_MASK=PT_PWT_MASK, PT_PCD_MASK=PT_PCD_MASK, PT_ACCESSED_MASK=PT_ACCESSED_MASK,
+    PT_DIRTY_MASK=PT_DIRTY_MASK, PT_PAGE_SIZE_MASK=PT_PAGE_SIZE_MASK, PT_PAT_MASK=PT_PAT_MASK,
+    PT_GLOBAL_MASK=PT_GLOBAL_MASK, PT64_NX_MASK=PT64_NX_MASK,
+    VMX_EPT_READABLE_MASK=VMX_EPT_READABLE_MASK, VMX_EPT_WRITABLE_MASK=VMX_EPT_WRITABLE_MASK,
+    VMX_EPT_EXECUTABLE_MASK=VMX_EPT_EXECUTABLE_MASK, VMX_EPT_RWX_MASK=VMX_EPT_RWX_MASK,
+    VMX_EPT_MT_EPTE_SHIFT=VMX_EPT_MT_EPTE_SHIFT, VMX_EPT_MT_MASK=VMX_EPT_MT_MASK,
+    VMX_EPT_IPAT_BIT=VMX_EPT_IPAT_BIT, VMX_EPT_ACCESS_BIT=VMX_EPT_ACCESS_BIT,
+    VMX_EPT_DIRTY_BIT=VMX_EPT_DIRTY_BIT, VMX_EPT_SUPPRESS_VE_BIT=VMX_EPT_SUPPRESS_VE_BIT,
+    VMX_EPT_MISCONFIG_WX_VALUE=VMX_EPT_MISCONFIG_WX_VALUE,
+    SPTE_MMU_PRESENT_MASK=SPTE_MMU_PRESENT_MASK, SPTE_TDP_AD_SHIFT=SPTE_TDP_AD_SHIFT,
+    SPTE_TDP_AD_MASK=SPTE_TDP_AD_MASK, SPTE_TDP_AD_ENABLED=SPTE_TDP_AD_ENABLED,
+    SPTE_TDP_AD_DISABLED=SPTE_TDP_AD_DISABLED, SPTE_TDP_AD_WRPROT_ONLY=SPTE_TDP_AD_WRPROT_ONLY,
+    SPTE_BASE_ADDR_MASK=SPTE_BASE_ADDR_MASK,
+    ACC_EXEC_MASK=ACC_EXEC_MASK, ACC_WRITE_MASK=ACC_WRITE_MASK, ACC_USER_MASK=ACC_USER_MASK,
+    ACC_ALL=ACC_ALL,
+    SHADOW_ACC_TRACK_SAVED_BITS_MASK=SHADOW_ACC_TRACK_SAVED_BITS_MASK,
+    SHADOW_ACC_TRACK_SAVED_BITS_SHIFT=SHADOW_ACC_TRACK_SAVED_BITS_SHIFT,
+    DEFAULT_SPTE_HOST_WRITABLE=DEFAULT_SPTE_HOST_WRITABLE,
+    DEFAULT_SPTE_MMU_WRITABLE=DEFAULT_SPTE_MMU_WRITABLE,
+    EPT_SPTE_HOST_WRITABLE=EPT_SPTE_HOST_WRITABLE, EPT_SPTE_MMU_WRITABLE=EPT_SPTE_MMU_WRITABLE,
+    MMIO_SPTE_GEN_LOW_MASK=MMIO_SPTE_GEN_LOW_MASK, MMIO_SPTE_GEN_HIGH_MASK=MMIO_SPTE_GEN_HIGH_MASK,
+    MMIO_SPTE_GEN_LOW_SHIFT=MMIO_SPTE_GEN_LOW_SHIFT,
+    MMIO_SPTE_GEN_HIGH_SHIFT=MMIO_SPTE_GEN_HIGH_SHIFT, MMIO_SPTE_GEN_MASK=MMIO_SPTE_GEN_MASK,
+    SPTE_MMIO_ALLOWED_MASK=SPTE_MMIO_ALLOWED_MASK,
+    SHADOW_NONPRESENT_OR_RSVD_MASK_LEN=SHADOW_NONPRESENT_OR_RSVD_MASK_LEN,
+    SHADOW_NONPRESENT_VALUE=SHADOW_NONPRESENT_VALUE_64,
+    FROZEN_SPTE=SHADOW_NONPRESENT_VALUE_64 | FROZEN_SPTE_LOW_BITS,
+    MKSPTE_PREFETCH=MKSPTE_PREFETCH, MKSPTE_SYNCHRONIZING=MKSPTE_SYNCHRONIZING,
+    MKSPTE_HOST_WRITABLE=MKSPTE_HOST_WRITABLE, MKSPTE_AD_DISABLED=MKSPTE_AD_DISABLED,
+    MKSPTE_AD_WRPROT_ONLY=MKSPTE_AD_WRPROT_ONLY, MKSPTE_NX_HUGE_PAGES=MKSPTE_NX_HUGE_PAGES,
+    MKSPTE_HOST_MMIO=MKSPTE_HOST_MMIO, MKSPTE_UNSYNC_REFUSED=MKSPTE_UNSYNC_REFUSED,
+)
+
+#: Width of the PFN field (bits 51:12).
+PFN_BITS = 40
+cdef uint64_t _PFN_LIMIT = (<uint64_t>1) << 40
+
+
+# --- argument checking (Python level, before any state is touched) ---------
+
+cdef inline uint64_t _u64(object value, str name) except? 0:
+    if not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0 or value > 0xFFFFFFFFFFFFFFFF:
+        raise ValueError(f"{name}={value:#x} does not fit in 64 bits")
+    return <uint64_t>value
+
+
+cdef inline int _level(object level, str name="level") except -1:
+    if not isinstance(level, int):
+        raise TypeError(f"{name} must be an int, not {type(level).__name__}")
+    if not PG_LEVEL_4K <= level <= PT64_ROOT_MAX_LEVEL:
+        raise ValueError(f"{name}={level} is outside {PG_LEVEL_4K}..{PT64_ROOT_MAX_LEVEL}")
+    return <int>level
+
+
+cdef inline uint64_t _pfn(object pfn, str name="pfn") except? 0:
+    cdef uint64_t v = _u64(pfn, name)
+    if v >= _PFN_LIMIT:
+        raise ValueError(f"{name}={pfn:#x} is wider than the 40-bit PFN field (bits 51:12)")
+    return v
+
+
+cdef inline unsigned int _access(object access, str name="pte_access") except? 0:
+    if not isinstance(access, int):
+        raise TypeError(f"{name} must be an int, not {type(access).__name__}")
+    if not 0 <= access <= ACC_ALL:
+        raise ValueError(f"{name}={access} is not an ACC_* mask (0..7)")
+    return <unsigned int>access
+
+
+def _check_array(name, arr, writable=False):
+    """Check that `arr` is a C-contiguous uint64 ndarray (writable if asked)."""
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of uint64, not {type(arr).__name__}")
+    if arr.dtype != np.uint64:
+        raise TypeError(f"{name} must have dtype uint64, not {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, not {arr.ndim}-d")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if writable and not arr.flags.writeable:
+        raise ValueError(f"{name} must be writable")
+    return arr
+
+
+def _out_array(name, out, Py_ssize_t n, dtype):
+    if out is None:
+        return np.empty(n, dtype=dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, not {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, not {out.dtype}")
+    if out.ndim != 1 or out.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), not {out.shape}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{name} must be C-contiguous and writable")
+    return out
+
+
+# --- format-independent helpers --------------------------------------------
+#
+# The C helpers in spte.pxd carry the kernel's names, so the Python wrappers
+# are defined under private names and published under the kernel's names.
+
+def _export(name):
+    def publish(func):
+        func.__name__ = func.__qualname__ = name
+        globals()[name] = func
+        return func
+    return publish
+
+
+@_export("is_shadow_present_pte")
+def _py_is_shadow_present_pte(spte):
+    """True if `spte` is MMU-present (bit 11): leaf or non-leaf, maybe
+    access-tracked; never MMIO, frozen or SHADOW_NONPRESENT_VALUE."""
+    return is_shadow_present_pte(_u64(spte, "spte"))
+
+
+@_export("is_large_pte")
+def _py_is_large_pte(spte):
+    """True if the PS / EPT large-page bit (7) is set."""
+    return is_large_pte(_u64(spte, "spte"))
+
+
+@_export("is_last_spte")
+def _py_is_last_spte(spte, level):
+    """True if `spte` is a leaf at `level` (level 1, or PS set).  Presence is
+    not checked, as in the kernel."""
+    return is_last_spte(_u64(spte, "spte"), _level(level))
+
+
+@_export("is_writable_pte")
+def _py_is_writable_pte(spte):
+    """Hardware W bit (1)."""
+    return is_writable_pte(_u64(spte, "spte"))
+
+
+@_export("spte_ad_enabled")
+def _py_spte_ad_enabled(spte):
+    """A/D type field (bits 53:52) is not DISABLED; the caller passes a present SPTE."""
+    return spte_ad_enabled(_u64(spte, "spte"))
+
+
+@_export("spte_ad_need_write_protect")
+def _py_spte_ad_need_write_protect(spte):
+    """A/D type is DISABLED or WRPROT_ONLY: dirty logging must write-protect."""
+    return spte_ad_need_write_protect(_u64(spte, "spte"))
+
+
+@_export("spte_to_pfn")
+def _py_spte_to_pfn(spte):
+    """Host PFN: ``(spte & SPTE_BASE_ADDR_MASK) >> 12``."""
+    return spte_to_pfn(_u64(spte, "spte"))
+
+
+@_export("get_mmio_spte_generation")
+def _py_get_mmio_spte_generation(spte):
+    """The 19-bit MMIO generation: SPTE bits 10:3 and 62:52."""
+    return get_mmio_spte_generation(_u64(spte, "spte"))
+
+
+# --- formats ----------------------------------------------------------------
+
+# Kernel global name -> spte_fmt_t field, for attribute access on SpteFormat.
+_KERNEL_NAMES = {
+    "shadow_present_mask": "present_mask",
+    "shadow_user_mask": "user_mask",
+    "shadow_x_mask": "x_mask",
+    "shadow_nx_mask": "nx_mask",
+    "shadow_accessed_mask": "accessed_mask",
+    "shadow_dirty_mask": "dirty_mask",
+    "shadow_acc_track_mask": "acc_track_mask",
+    "shadow_host_writable_mask": "host_writable_mask",
+    "shadow_mmu_writable_mask": "mmu_writable_mask",
+    "shadow_mmio_value": "mmio_value",
+    "shadow_mmio_mask": "mmio_mask",
+    "shadow_mmio_access_mask": "mmio_access_mask",
+    "shadow_nonpresent_or_rsvd_mask": "nonpresent_or_rsvd_mask",
+    "shadow_nonpresent_or_rsvd_lower_gfn_mask": "nonpresent_or_rsvd_lower_gfn_mask",
+    "SHADOW_NONPRESENT_VALUE": "nonpresent_value",
+    "FROZEN_SPTE": "frozen_spte",
+    "kvm_ad_enabled": "ad_enabled",
+    "enable_mmio_caching": "mmio_caching",
+    "maxphyaddr": "maxphyaddr",
+    "host_64bit": "host_64bit",
+}
+
+
+cdef inline uint64_t _genmask(int h, int l) noexcept:
+    if h < l:
+        return 0
+    return ((~(<uint64_t>0)) << l) & ((~(<uint64_t>0)) >> (63 - h))
+
+
+cdef SpteFormat _new_format(str name, int maxphyaddr, bint host_64bit, object l1tf_cache_bits):
+    if not isinstance(maxphyaddr, int) or not 32 <= maxphyaddr <= 52:
+        raise ValueError(f"maxphyaddr={maxphyaddr!r} is outside 32..52")
+    cdef SpteFormat self = SpteFormat.__new__(SpteFormat)
+    self.name = name
+    self.fmt.maxphyaddr = maxphyaddr
+    self.fmt.host_64bit = host_64bit
+    self.fmt.nonpresent_value = SHADOW_NONPRESENT_VALUE_64 if host_64bit else 0
+    self.fmt.frozen_spte = self.fmt.nonpresent_value | FROZEN_SPTE_LOW_BITS
+    self.fmt.ad_enabled = True
+    # L1TF: the top SHADOW_NONPRESENT_OR_RSVD_MASK_LEN bits below the
+    # cache's physical-address width are forced to 1 in non-present SPTEs.
+    cdef int low_phys_bits = maxphyaddr
+    if l1tf_cache_bits is not None:
+        if not isinstance(l1tf_cache_bits, int) or not (
+                SHADOW_NONPRESENT_OR_RSVD_MASK_LEN + 13 <= l1tf_cache_bits
+                < 52 - SHADOW_NONPRESENT_OR_RSVD_MASK_LEN):
+            raise ValueError(
+                f"l1tf_cache_bits={l1tf_cache_bits!r}: the L1TF guard needs 18..46 "
+                "(the kernel applies it only below 47 cache address bits)")
+        low_phys_bits = l1tf_cache_bits - SHADOW_NONPRESENT_OR_RSVD_MASK_LEN
+        self.fmt.nonpresent_or_rsvd_mask = _genmask(l1tf_cache_bits - 1, low_phys_bits)
+    self.fmt.nonpresent_or_rsvd_lower_gfn_mask = _genmask(low_phys_bits - 1, PAGE_SHIFT)
+    return self
+
+cdef void _set_mmio_spte_mask(SpteFormat self, uint64_t value, uint64_t mask, uint64_t access,
+                              bint allow):
+    """kvm_mmu_set_mmio_spte_mask(): an unusable value turns caching off."""
+    if not allow:
+        value = 0
+    if mask & ~SPTE_MMIO_ALLOWED_MASK:
+        value = 0
+    if value & (self.fmt.nonpresent_or_rsvd_mask << SHADOW_NONPRESENT_OR_RSVD_MASK_LEN):
+        value = 0
+    if (value & mask) != value or (value and (self.fmt.frozen_spte & mask) == value):
+        value = 0
+    self.fmt.mmio_caching = value != 0
+    self.fmt.mmio_value = value
+    self.fmt.mmio_mask = mask
+    self.fmt.mmio_access_mask = access
+
+
+cdef class SpteFormat:
+    """The SPTE flavour of one VM: the kernel's ``shadow_*`` mask globals.
+
+    Build one with :meth:`legacy` (shadow paging and AMD NPT,
+    ``kvm_mmu_reset_all_pte_masks``) or :meth:`ept` (Intel EPT,
+    ``kvm_mmu_set_ept_masks``).  Every mask is readable under the kernel's
+    global name, e.g. ``fmt.shadow_present_mask``, ``fmt.FROZEN_SPTE``.
+
+    Methods named like kernel helpers behave like them; their ``*_array``
+    twins apply the same rule to every element of a uint64 array in one
+    nogil pass.
+    """
+
+    def __init__(self):
+        raise TypeError("use SpteFormat.legacy(...) or SpteFormat.ept(...)")
+
+    # -- construction --------------------------------------------------------
+
+    @staticmethod
+    def legacy(*, int maxphyaddr=46, bint mmio_caching=True, bint host_64bit=True,
+               l1tf_cache_bits=None):
+        """Legacy shadow paging / AMD NPT format (``kvm_mmu_reset_all_pte_masks``).
+
+        Parameters
+        ----------
+        maxphyaddr : int
+            Host MAXPHYADDR (CPUID 0x80000008 EAX[7:0]).  Below 52 the MMIO
+            value is ``BIT(51) | BIT(0)`` (a reserved bit plus P); at 52 there is
+            no reserved bit and MMIO caching is off.
+        mmio_caching : bool
+            The ``kvm.mmio_caching`` module parameter.
+        host_64bit : bool
+            64-bit host: SHADOW_NONPRESENT_VALUE is BIT(63); 32-bit host: 0.
+        l1tf_cache_bits : int or None
+            ``x86_cache_bits`` of a host with X86_BUG_L1TF, or None.
+        """
+        cdef SpteFormat self = _new_format("legacy", maxphyaddr, host_64bit, l1tf_cache_bits)
+        self.fmt.present_mask = PT_PRESENT_MASK
+        self.fmt.user_mask = PT_USER_MASK
+        self.fmt.x_mask = 0
+        self.fmt.nx_mask = PT64_NX_MASK
+        self.fmt.accessed_mask = PT_ACCESSED_MASK
+        self.fmt.dirty_mask = PT_DIRTY_MASK
+        self.fmt.acc_track_mask = 0
+        self.fmt.host_writable_mask = DEFAULT_SPTE_HOST_WRITABLE
+        self.fmt.mmu_writable_mask = DEFAULT_SPTE_MMU_WRITABLE
+        self.fmt.is_ept = False
+        cdef uint64_t mask = ((<uint64_t>1) << 51 | PT_PRESENT_MASK) if maxphyaddr < 52 else 0
+        _set_mmio_spte_mask(self, mask, mask, ACC_WRITE_MASK | ACC_USER_MASK, mmio_caching)
+        return self
+
+    @staticmethod
+    def ept(*, bint ad_bits=True, bint exec_only=True, int maxphyaddr=46,
+            bint mmio_caching=True, bint host_64bit=True, l1tf_cache_bits=None):
+        """Intel EPT format (``kvm_mmu_set_ept_masks(ad_bits, exec_only)``).
+
+        EPT's Accessed/Dirty bits (8/9) are in the masks even without
+        hardware A/D (v6.13+): A/D-disabled SPTEs carry them as software bits,
+        and ``kvm_ad_enabled`` records the hardware capability.  Present SPTEs
+        carry suppress-#VE (bit 63); R joins the present mask when the CPU
+        cannot do execute-only.  RAM gets memtype WB with IPAT (0x70), host
+        MMIO UC (0) — vmx_get_mt_mask for a VM without non-coherent DMA.
+        """
+        cdef SpteFormat self = _new_format("ept" if ad_bits else "ept-noad", maxphyaddr,
+                                               host_64bit, l1tf_cache_bits)
+        self.fmt.ad_enabled = ad_bits
+        self.fmt.present_mask = VMX_EPT_SUPPRESS_VE_BIT | (0 if exec_only else VMX_EPT_READABLE_MASK)
+        self.fmt.user_mask = VMX_EPT_READABLE_MASK
+        self.fmt.x_mask = VMX_EPT_EXECUTABLE_MASK
+        self.fmt.nx_mask = 0
+        self.fmt.accessed_mask = VMX_EPT_ACCESS_BIT
+        self.fmt.dirty_mask = VMX_EPT_DIRTY_BIT
+        self.fmt.acc_track_mask = VMX_EPT_RWX_MASK
+        self.fmt.host_writable_mask = EPT_SPTE_HOST_WRITABLE
+        self.fmt.mmu_writable_mask = EPT_SPTE_MMU_WRITABLE
+        self.fmt.is_ept = True
+        self.fmt.ram_memtype = (MTRR_TYPE_WRBACK << VMX_EPT_MT_EPTE_SHIFT) | VMX_EPT_IPAT_BIT
+        self.fmt.mmio_memtype = MTRR_TYPE_UNCACHABLE << VMX_EPT_MT_EPTE_SHIFT
+        _set_mmio_spte_mask(self, VMX_EPT_MISCONFIG_WX_VALUE,
+                                 VMX_EPT_RWX_MASK | VMX_EPT_SUPPRESS_VE_BIT, 0, mmio_caching)
+        return self
+
+    # -- introspection -------------------------------------------------------
+
+    def masks(self):
+        """All fields of the format as a dict (spte_fmt_t field names)."""
+        return dict(self.fmt)
+
+    def __getattr__(self, name):
+        field = _KERNEL_NAMES.get(name)
+        if field is None:
+            raise AttributeError(f"SpteFormat has no attribute {name!r}")
+        return dict(self.fmt)[field]
+
+    def __eq__(self, other):
+        if not isinstance(other, SpteFormat):
+            return NotImplemented
+        return self.masks() == (<SpteFormat>other).masks()
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.masks().items())))
+
+    def __repr__(self):
+        return (f"SpteFormat.{self.name.replace('-noad', '')}(maxphyaddr={self.fmt.maxphyaddr}, "
+                f"ad_enabled={bool(self.fmt.ad_enabled)}, "
+                f"mmio_caching={bool(self.fmt.mmio_caching)}, host_64bit={bool(self.fmt.host_64bit)})")
+
+    @property
+    def max_gfn(self):
+        """kvm_mmu_max_gfn(): the largest gfn the host's MAXPHYADDR can address."""
+        return ((<uint64_t>1) << (self.fmt.maxphyaddr - PAGE_SHIFT)) - 1
+
+    # -- scalar helpers ------------------------------------------------------
+
+    def is_mmu_writable_spte(self, spte):
+        """MMU-writable software bit (10 legacy, 58 EPT)."""
+        return is_mmu_writable_spte(&self.fmt, _u64(spte, "spte"))
+
+    def is_executable_pte(self, spte):
+        """Legacy: NX clear.  EPT: X set."""
+        return is_executable_pte(&self.fmt, _u64(spte, "spte"))
+
+    def is_access_track_spte(self, spte):
+        """A/D disabled and R=W=X=0 (R/X saved in bits 54/56)."""
+        return is_access_track_spte(&self.fmt, _u64(spte, "spte"))
+
+    def is_accessed_spte(self, spte):
+        """The Accessed bit (v6.13+: hardware or software A bit alike)."""
+        return is_accessed_spte(&self.fmt, _u64(spte, "spte"))
+
+    def is_dirty_spte(self, spte):
+        """Dirty as dirty logging sees it: W for SPTEs that need write
+        protection (A/D DISABLED or WRPROT_ONLY), else the D bit.
+
+        v6.18 has no function of this name: this is the test its dirty-log
+        paths (``__rmap_clear_dirty``, the TDP MMU's clear-dirty walk) make.
+        """
+        return is_dirty_spte(&self.fmt, _u64(spte, "spte"))
+
+    def is_mmio_spte(self, spte):
+        """``(spte & shadow_mmio_mask) == mmio_value`` with MMIO caching on."""
+        return is_mmio_spte(&self.fmt, _u64(spte, "spte"))
+
+    def is_frozen_spte(self, spte):
+        return is_frozen_spte(&self.fmt, _u64(spte, "spte"))
+
+    def spte_needs_atomic_update(self, spte):
+        """Could a lockless writer (fast page fault, the CPU's A/D assists)
+        change this present SPTE?  See spte.pxd for the rules."""
+        return spte_needs_atomic_update(&self.fmt, _u64(spte, "spte"))
+
+    def spte_has_volatile_bits(self, spte):
+        """The pre-v6.15 name of :meth:`spte_needs_atomic_update`; v6.18 rules
+        (a clear Accessed bit no longer counts)."""
+        return spte_needs_atomic_update(&self.fmt, _u64(spte, "spte"))
+
+    def leaf_spte_change_needs_tlb_flush(self, old_spte, new_spte):
+        """Only losing MMU-writable forces a flush (clearing A, D or W does not)."""
+        return (is_mmu_writable_spte(&self.fmt, _u64(old_spte, "old_spte")) and
+                not is_mmu_writable_spte(&self.fmt, _u64(new_spte, "new_spte")))
+
+    def is_ept_ve_possible(self, spte):
+        """Could the CPU raise #VE for this SPTE (suppress-#VE clear, not MMIO)?"""
+        cdef uint64_t s = _u64(spte, "spte")
+        return bool((self.fmt.present_mask & VMX_EPT_SUPPRESS_VE_BIT) and
+                    not (s & VMX_EPT_SUPPRESS_VE_BIT) and
+                    (s & VMX_EPT_RWX_MASK) != VMX_EPT_MISCONFIG_WX_VALUE)
+
+    def check_spte_writable_invariants(self, spte):
+        """Raise AssertionError if a present leaf breaks the writable-bit rules:
+        MMU-writable => Host-writable; not MMU-writable => not W."""
+        cdef uint64_t s = _u64(spte, "spte")
+        if s & self.fmt.mmu_writable_mask:
+            if not (s & self.fmt.host_writable_mask):
+                raise AssertionError(f"MMU-writable SPTE is not Host-writable: {s:#x}")
+        elif is_writable_pte(s):
+            raise AssertionError(f"Writable SPTE is not MMU-writable: {s:#x}")
+
+    def get_mmio_spte_gfn(self, spte):
+        """gfn of an MMIO SPTE, undoing the L1TF relocation."""
+        return get_mmio_spte_gfn(&self.fmt, _u64(spte, "spte"))
+
+    def get_mmio_spte_access(self, spte):
+        return get_mmio_spte_access(&self.fmt, _u64(spte, "spte"))
+
+    def make_mmio_spte(self, gfn, access, generation):
+        """MMIO SPTE caching "no memslot at `gfn`" for MMIO `generation`.
+
+        Parameters
+        ----------
+        gfn : int
+            At most :attr:`max_gfn`.
+        access : int
+            ACC_* bits; only ``shadow_mmio_access_mask`` of them are kept.
+        generation : int
+            The memslots generation's low 19 bits (0..MMIO_SPTE_GEN_MASK).
+        """
+        cdef uint64_t g = _u64(gfn, "gfn")
+        cdef unsigned int a = _access(access, "access")
+        cdef uint64_t gen = _u64(generation, "generation")
+        if not self.fmt.mmio_caching:
+            raise ValueError("MMIO caching is disabled for this format (enable_mmio_caching=0)")
+        if g > self.max_gfn:
+            raise ValueError(f"gfn={gfn:#x} is above kvm_mmu_max_gfn()={self.max_gfn:#x}")
+        if gen > MMIO_SPTE_GEN_MASK:
+            raise ValueError(f"generation={generation:#x} is above MMIO_SPTE_GEN_MASK "
+                             f"({MMIO_SPTE_GEN_MASK:#x})")
+        return make_mmio_spte(&self.fmt, g, a, gen)
+
+    def make_spte(self, *, level, pte_access, pfn, old_spte=None, prefetch=False,
+                  synchronizing=False, host_writable=True, ad_disabled=False,
+                  ad_wrprot_only=False, nx_huge_pages=False, host_mmio=False,
+                  unsync_refused=False):
+        """Leaf SPTE as v6.18 ``make_spte()`` builds it.
+
+        Parameters
+        ----------
+        level : int
+            ``sp->role.level`` (1..5; PS is set above level 1).
+        pte_access : int
+            ACC_* bits (EXEC 1, WRITE 2, USER 4).
+        pfn : int
+            Host pfn, < 2**40.
+        old_spte : int, optional
+            The SPTE being replaced; default SHADOW_NONPRESENT_VALUE.
+        prefetch, synchronizing, host_writable : bool
+            As the kernel's arguments of the same names.
+        ad_disabled, ad_wrprot_only : bool
+            ``sp->role.ad_disabled`` / ``kvm_mmu_page_ad_need_write_protect()``.
+        nx_huge_pages : bool
+            ``is_nx_huge_page_enabled(kvm)``.
+        host_mmio : bool
+            ``kvm_is_mmio_pfn(pfn)`` (EPT memtype UC instead of WB).
+        unsync_refused : bool
+            What ``mmu_try_to_unsync_pages()`` would answer (non-zero = True);
+            consulted only when the old SPTE is not a writable leaf
+            (see :meth:`make_spte_wants_unsync`).
+
+        Returns
+        -------
+        (int, bool)
+            The new SPTE and ``wrprot`` (write access refused because the
+            gfn is shadowed).
+        """
+        cdef int lvl = _level(level)
+        cdef unsigned int acc = _access(pte_access)
+        cdef uint64_t p = _pfn(pfn)
+        cdef uint64_t old = self.fmt.nonpresent_value if old_spte is None else _u64(old_spte, "old_spte")
+        cdef unsigned int flags = _mkspte_flags(prefetch, synchronizing, host_writable, ad_disabled,
+                                                ad_wrprot_only, nx_huge_pages, host_mmio,
+                                                unsync_refused)
+        cdef bint wrprot = False
+        cdef uint64_t spte = make_spte(&self.fmt, lvl, acc, p, old, flags, &wrprot)
+        return spte, bool(wrprot)
+
+    def make_spte_wants_unsync(self, *, level, pte_access, old_spte=None, host_writable=True):
+        """Would make_spte() ask mmu_try_to_unsync_pages() for these inputs?"""
+        cdef uint64_t old = self.fmt.nonpresent_value if old_spte is None else _u64(old_spte, "old_spte")
+        cdef unsigned int flags = MKSPTE_HOST_WRITABLE if host_writable else 0
+        return make_spte_wants_unsync(_level(level), _access(pte_access), old, flags)
+
+    def make_nonleaf_spte(self, child_pa, ad_disabled=False):
+        """SPTE linking to the child table at host physical address `child_pa`."""
+        cdef uint64_t pa = _u64(child_pa, "child_pa")
+        if pa & ~SPTE_BASE_ADDR_MASK:
+            raise ValueError(f"child_pa={child_pa:#x} is not a page-aligned address below 2**52")
+        return make_nonleaf_spte(&self.fmt, pa, ad_disabled)
+
+    def make_small_spte(self, huge_spte, child_level, index, child_access=ACC_ALL,
+                        nx_huge_pages=False):
+        """Entry `index` (0..511) of the child table that splits `huge_spte`.
+
+        `child_level` and `child_access` are the new table's role.level and
+        role.access.  Raises ValueError if `huge_spte` is not a present huge
+        SPTE (the kernel's KVM_BUG_ON).
+        """
+        cdef uint64_t huge = _u64(huge_spte, "huge_spte")
+        cdef int lvl = _level(child_level, "child_level")
+        if lvl > PG_LEVEL_2M:
+            raise ValueError(f"child_level={child_level} cannot be split into (huge pages are 2M/1G)")
+        if not (is_shadow_present_pte(huge) and is_large_pte(huge)):
+            raise ValueError(f"huge_spte={huge:#x} is not a present huge SPTE")
+        if not isinstance(index, int) or not 0 <= index < SPTE_ENT_PER_PAGE:
+            raise ValueError(f"index={index!r} is outside 0..511")
+        return make_small_spte(&self.fmt, huge, lvl, index, _access(child_access, "child_access"),
+                               nx_huge_pages)
+
+    make_huge_page_split_spte = make_small_spte
+
+    def make_huge_spte(self, small_spte, level, nx_huge_pages=False):
+        """Huge SPTE at `level` (2 or 3) for the region `small_spte` lies in."""
+        cdef uint64_t small = _u64(small_spte, "small_spte")
+        cdef int lvl = _level(level)
+        if lvl == PG_LEVEL_4K or lvl > PG_LEVEL_1G:
+            raise ValueError(f"level={level} is not a huge-page level (2 or 3)")
+        if not is_shadow_present_pte(small):
+            raise ValueError(f"small_spte={small:#x} is not present")
+        return make_huge_spte(&self.fmt, small, lvl, nx_huge_pages)
+
+    def mark_spte_for_access_track(self, spte):
+        """Age a present SPTE: clear A, or (A/D disabled) make it access-tracked."""
+        cdef uint64_t s = _u64(spte, "spte")
+        if not spte_ad_enabled(s) and not is_access_track_spte(&self.fmt, s):
+            if s & (SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT):
+                raise ValueError(f"spte={s:#x} already has saved access bits set")
+        return mark_spte_for_access_track(&self.fmt, s)
+
+    def restore_acc_track_spte(self, spte):
+        """Undo access tracking: R/X back from bits 54/56; W stays clear."""
+        return restore_acc_track_spte(&self.fmt, _u64(spte, "spte"))
+
+    def make_spte_executable(self, spte):
+        return make_spte_executable(&self.fmt, _u64(spte, "spte"))
+
+    def make_spte_nonexecutable(self, spte):
+        return make_spte_nonexecutable(&self.fmt, _u64(spte, "spte"))
+
+    def decode_spte(self, spte, gfn=0, level=PG_LEVEL_4K, sptep=0):
+        """Render `spte` as the kernel's kvm_mmu_set_spte tracepoint prints it.
+
+        ``gfn %llx spte %llx (rwxu) level %d at %llx``: r is set whenever the
+        format has a present mask or P is set, w is bit 1, x is
+        is_executable_pte, u the user (EPT: readable) bit.  `sptep` is the
+        physical address of the entry.
+        """
+        cdef uint64_t s = _u64(spte, "spte")
+        cdef int lvl = _level(level)
+        cdef uint64_t g = _u64(gfn, "gfn")
+        cdef uint64_t p = _u64(sptep, "sptep")
+        r = self.fmt.present_mask != 0 or (s & PT_PRESENT_MASK) != 0
+        u = -1 if self.fmt.user_mask == 0 else int((s & self.fmt.user_mask) != 0)
+        return (f"gfn {g:x} spte {s:x} ("
+                f"{'r' if r else '-'}{'w' if s & PT_WRITABLE_MASK else '-'}"
+                f"{'x' if is_executable_pte(&self.fmt, s) else '-'}"
+                f"{'' if u == -1 else ('u' if u else '-')}) level {lvl} at {p:x}")
+
+    def set_spte_fields(self, spte):
+        """The (r, x, u) fields kvm_mmu_set_spte computes in TP_fast_assign."""
+        cdef uint64_t s = _u64(spte, "spte")
+        r = self.fmt.present_mask != 0 or (s & PT_PRESENT_MASK) != 0
+        u = -1 if self.fmt.user_mask == 0 else int((s & self.fmt.user_mask) != 0)
+        return bool(r), bool(is_executable_pte(&self.fmt, s)), u
+
+    # -- bulk forms ----------------------------------------------------------
+
+    def is_shadow_present_pte_array(self, sptes, out=None):
+        """Bulk :func:`is_shadow_present_pte`; returns a bool array."""
+        return _predicate(P_PRESENT, &self.fmt, sptes, PG_LEVEL_4K, out)
+
+    def is_last_spte_array(self, sptes, level, out=None):
+        return _predicate(P_LAST, &self.fmt, sptes, _level(level), out)
+
+    def is_writable_pte_array(self, sptes, out=None):
+        return _predicate(P_WRITABLE, &self.fmt, sptes, PG_LEVEL_4K, out)
+
+    def is_mmu_writable_spte_array(self, sptes, out=None):
+        return _predicate(P_MMU_WRITABLE, &self.fmt, sptes, PG_LEVEL_4K, out)
+
+    def is_accessed_spte_array(self, sptes, out=None):
+        return _predicate(P_ACCESSED, &self.fmt, sptes, PG_LEVEL_4K, out)
+
+    def is_dirty_spte_array(self, sptes, out=None):
+        return _predicate(P_DIRTY, &self.fmt, sptes, PG_LEVEL_4K, out)
+
+    def is_mmio_spte_array(self, sptes, out=None):
+        return _predicate(P_MMIO, &self.fmt, sptes, PG_LEVEL_4K, out)
+
+    def is_access_track_spte_array(self, sptes, out=None):
+        return _predicate(P_ACC_TRACK, &self.fmt, sptes, PG_LEVEL_4K, out)
+
+    def spte_to_pfn_array(self, sptes, out=None):
+        """Bulk :func:`spte_to_pfn`; returns uint64 pfns."""
+        _check_array("sptes", sptes)
+        cdef const uint64_t[::1] s = sptes
+        cdef Py_ssize_t n = s.shape[0], i
+        res = _out_array("out", out, n, np.uint64)
+        cdef uint64_t[::1] o = res
+        with nogil:
+            for i in range(n):
+                o[i] = spte_to_pfn(s[i])
+        return res
+
+    def make_spte_array(self, pfns, *, level, pte_access, prefetch=False, synchronizing=False,
+                        host_writable=True, ad_disabled=False, ad_wrprot_only=False,
+                        nx_huge_pages=False, host_mmio=False, unsync_refused=False, out=None):
+        """make_spte() for every pfn of `pfns`, with the other inputs shared
+        and every old SPTE non-present.  Returns the uint64 SPTEs.
+
+        Raises ValueError naming the first pfn wider than the PFN field;
+        a caller-provided `out` is then left untouched.
+        """
+        _check_array("pfns", pfns)
+        cdef int lvl = _level(level)
+        cdef unsigned int acc = _access(pte_access)
+        cdef unsigned int flags = _mkspte_flags(prefetch, synchronizing, host_writable, ad_disabled,
+                                                ad_wrprot_only, nx_huge_pages, host_mmio,
+                                                unsync_refused)
+        cdef const uint64_t[::1] p = pfns
+        cdef Py_ssize_t n = p.shape[0], i
+        cdef uint64_t bad = 0, old = self.fmt.nonpresent_value
+        if out is not None:
+            with nogil:
+                for i in range(n):
+                    bad |= p[i]
+            if bad >= _PFN_LIMIT:
+                _raise_bad_pfn(pfns)
+        res = _out_array("out", out, n, np.uint64)
+        cdef uint64_t[::1] o = res
+        with nogil:
+            _make_spte_loop(&self.fmt, lvl, acc, &p[0] if n else NULL, old, flags,
+                            &o[0] if n else NULL, n, &bad)
+        if bad >= _PFN_LIMIT:
+            _raise_bad_pfn(pfns)
+        return res
+
+    def write_protect_array(self, sptes, pt_protect=False, level=PG_LEVEL_4K):
+        """spte_write_protect() on every present leaf (at `level`), in place.
+
+        Clears W; with `pt_protect` (shadowing a guest page table) also
+        MMU-writable.  Returns how many SPTEs changed.
+        """
+        return _mutate(M_WRPROT_PT if pt_protect else M_WRPROT, &self.fmt, sptes, _level(level))
+
+    def clear_dirty_array(self, sptes, level=PG_LEVEL_4K):
+        """__rmap_clear_dirty() on every present leaf (at `level`), in place:
+        SPTEs that need write protection lose W, the others lose D.
+        Returns how many SPTEs changed."""
+        return _mutate(M_CLEAR_DIRTY, &self.fmt, sptes, _level(level))
+
+    def access_track_array(self, sptes, level=PG_LEVEL_4K):
+        """mark_spte_for_access_track() on every present leaf (at `level`),
+        in place.  Returns how many SPTEs changed (were young)."""
+        return _mutate(M_ACC_TRACK, &self.fmt, sptes, _level(level))
+
+
+cdef unsigned int _mkspte_flags(bint prefetch, bint synchronizing, bint host_writable,
+                                bint ad_disabled, bint ad_wrprot_only, bint nx_huge_pages,
+                                bint host_mmio, bint unsync_refused):
+    return ((MKSPTE_PREFETCH if prefetch else 0) |
+            (MKSPTE_SYNCHRONIZING if synchronizing else 0) |
+            (MKSPTE_HOST_WRITABLE if host_writable else 0) |
+            (MKSPTE_AD_DISABLED if ad_disabled else 0) |
+            (MKSPTE_AD_WRPROT_ONLY if ad_wrprot_only else 0) |
+            (MKSPTE_NX_HUGE_PAGES if nx_huge_pages else 0) |
+            (MKSPTE_HOST_MMIO if host_mmio else 0) |
+            (MKSPTE_UNSYNC_REFUSED if unsync_refused else 0))
+
+
+def _raise_bad_pfn(pfns):
+    idx = int(np.argmax(pfns >= (1 << PFN_BITS)))
+    raise ValueError(f"pfns[{idx}]={int(pfns[idx]):#x} is wider than the 40-bit PFN field")
+
+
+cdef void _make_spte_loop(const spte_fmt_t *f, int level, unsigned int acc, const uint64_t *p,
+                          uint64_t old, unsigned int flags, uint64_t *o, Py_ssize_t n,
+                          uint64_t *bad) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef bint wrprot
+    cdef uint64_t acc_bits = 0
+    for i in range(n):
+        acc_bits |= p[i]
+        o[i] = make_spte(f, level, acc, p[i], old, flags, &wrprot)
+    bad[0] = acc_bits
+
+
+# --- fused single-pass loops --------------------------------------------------
+#
+# One loop body per operation, chosen at compile time through a fused "tag"
+# type, so each specialization inlines its helper and the loop vectorizes.
+
+cdef struct _tag_present:
+    char unused
+cdef struct _tag_last:
+    char unused
+cdef struct _tag_writable:
+    char unused
+cdef struct _tag_mmu_writable:
+    char unused
+cdef struct _tag_accessed:
+    char unused
+cdef struct _tag_dirty:
+    char unused
+cdef struct _tag_mmio:
+    char unused
+cdef struct _tag_acc_track:
+    char unused
+
+ctypedef fused _pred_tag:
+    _tag_present
+    _tag_last
+    _tag_writable
+    _tag_mmu_writable
+    _tag_accessed
+    _tag_dirty
+    _tag_mmio
+    _tag_acc_track
+
+cdef enum:
+    P_PRESENT, P_LAST, P_WRITABLE, P_MMU_WRITABLE, P_ACCESSED, P_DIRTY, P_MMIO, P_ACC_TRACK
+
+
+cdef void _pred_loop(_pred_tag *tag, const spte_fmt_t *f, const uint64_t *s, uint8_t *o,
+                     Py_ssize_t n, int level) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if _pred_tag is _tag_present:
+            o[i] = is_shadow_present_pte(s[i])
+        elif _pred_tag is _tag_last:
+            o[i] = is_last_spte(s[i], level)
+        elif _pred_tag is _tag_writable:
+            o[i] = is_writable_pte(s[i])
+        elif _pred_tag is _tag_mmu_writable:
+            o[i] = is_mmu_writable_spte(f, s[i])
+        elif _pred_tag is _tag_accessed:
+            o[i] = is_accessed_spte(f, s[i])
+        elif _pred_tag is _tag_dirty:
+            o[i] = is_dirty_spte(f, s[i])
+        elif _pred_tag is _tag_mmio:
+            o[i] = is_mmio_spte(f, s[i])
+        else:
+            o[i] = is_access_track_spte(f, s[i])
+
+
+cdef object _predicate(int kind, const spte_fmt_t *f, sptes, int level, out):
+    _check_array("sptes", sptes)
+    cdef const uint64_t[::1] s = sptes
+    cdef Py_ssize_t n = s.shape[0]
+    res = _out_array("out", out, n, np.bool_)
+    if n == 0:
+        return res
+    cdef uint8_t[::1] o = res.view(np.uint8)
+    cdef const uint64_t *sp = &s[0]
+    cdef uint8_t *op = &o[0]
+    with nogil:
+        if kind == P_PRESENT:
+            _pred_loop(<_tag_present *>NULL, f, sp, op, n, level)
+        elif kind == P_LAST:
+            _pred_loop(<_tag_last *>NULL, f, sp, op, n, level)
+        elif kind == P_WRITABLE:
+            _pred_loop(<_tag_writable *>NULL, f, sp, op, n, level)
+        elif kind == P_MMU_WRITABLE:
+            _pred_loop(<_tag_mmu_writable *>NULL, f, sp, op, n, level)
+        elif kind == P_ACCESSED:
+            _pred_loop(<_tag_accessed *>NULL, f, sp, op, n, level)
+        elif kind == P_DIRTY:
+            _pred_loop(<_tag_dirty *>NULL, f, sp, op, n, level)
+        elif kind == P_MMIO:
+            _pred_loop(<_tag_mmio *>NULL, f, sp, op, n, level)
+        else:
+            _pred_loop(<_tag_acc_track *>NULL, f, sp, op, n, level)
+    return res
+
+
+cdef struct _tag_wrprot:
+    char unused
+cdef struct _tag_wrprot_pt:
+    char unused
+cdef struct _tag_clear_dirty:
+    char unused
+cdef struct _tag_age:
+    char unused
+
+ctypedef fused _mut_tag:
+    _tag_wrprot
+    _tag_wrprot_pt
+    _tag_clear_dirty
+    _tag_age
+
+cdef enum:
+    M_WRPROT, M_WRPROT_PT, M_CLEAR_DIRTY, M_ACC_TRACK
+
+
+cdef Py_ssize_t _mut_loop(_mut_tag *tag, const spte_fmt_t *f, uint64_t *s, Py_ssize_t n,
+                          int level) noexcept nogil:
+    cdef Py_ssize_t i, changed = 0
+    cdef uint64_t old, new
+    for i in range(n):
+        old = s[i]
+        if not (is_shadow_present_pte(old) and is_last_spte(old, level)):
+            continue
+        if _mut_tag is _tag_wrprot:
+            new = old & ~PT_WRITABLE_MASK
+        elif _mut_tag is _tag_wrprot_pt:
+            new = old & ~(PT_WRITABLE_MASK | f.mmu_writable_mask)
+        elif _mut_tag is _tag_clear_dirty:
+            if spte_ad_need_write_protect(old):
+                new = old & ~PT_WRITABLE_MASK
+            else:
+                new = old & ~f.dirty_mask
+        else:
+            new = mark_spte_for_access_track(f, old)
+        s[i] = new
+        changed += new != old
+    return changed
+
+
+cdef object _mutate(int kind, const spte_fmt_t *f, sptes, int level):
+    _check_array("sptes", sptes, writable=True)
+    cdef uint64_t[::1] s = sptes
+    cdef Py_ssize_t n = s.shape[0], changed = 0
+    if n == 0:
+        return 0
+    cdef uint64_t *sp = &s[0]
+    with nogil:
+        if kind == M_WRPROT:
+            changed = _mut_loop(<_tag_wrprot *>NULL, f, sp, n, level)
+        elif kind == M_WRPROT_PT:
+            changed = _mut_loop(<_tag_wrprot_pt *>NULL, f, sp, n, level)
+        elif kind == M_CLEAR_DIRTY:
+            changed = _mut_loop(<_tag_clear_dirty *>NULL, f, sp, n, level)
+        else:
+            changed = _mut_loop(<_tag_age *>NULL, f, sp, n, level)
+    return changed
+
+
+# --- reserved-bit checks ------------------------------------------------------
+
+cdef inline uint64_t _rsvd_bits(int s, int e):
+    """rsvd_bits(s, e): bits s..e, 0 when e < s."""
+    return _genmask(e, s)
+
+
+cdef class RsvdBitsValidate:
+    """``struct rsvd_bits_validate``: reserved-bit masks per (bit 7, level)
+    plus EPT's bad memtype/XWR bitmap.  Build with :meth:`legacy` or
+    :meth:`ept`; check with :meth:`is_rsvd_spte`.
+    """
+
+    def __init__(self):
+        raise TypeError("use RsvdBitsValidate.legacy(...) or RsvdBitsValidate.ept(...)")
+
+    @staticmethod
+    def legacy(*, int maxphyaddr, int level, bint nx, bint gbpages, bint pse=False,
+               bint amd=False):
+        """__reset_rsvds_bits_mask() for a legacy/PAE/NPT table walk.
+
+        `level` is the root level: 2 (32-bit), 3 (PAE), 4 or 5.  With 2-level
+        PSE the 4 MiB page's reserved bits are those of PSE-36 (bits 21:17).
+        """
+        if not 32 <= maxphyaddr <= 52:
+            raise ValueError(f"maxphyaddr={maxphyaddr} is outside 32..52")
+        if not 2 <= level <= PT64_ROOT_MAX_LEVEL:
+            raise ValueError(f"level={level} is outside 2..5")
+        cdef RsvdBitsValidate self = RsvdBitsValidate.__new__(RsvdBitsValidate)
+        cdef uint64_t (*m)[5]
+        m = self.chk.rsvd_bits_mask
+        cdef uint64_t pa_rsvd = _rsvd_bits(maxphyaddr, 63)
+        cdef uint64_t high = pa_rsvd & _rsvd_bits(0, 51)
+        cdef uint64_t nonleaf_bit8 = PT_GLOBAL_MASK if amd else 0
+        cdef uint64_t gb = 0 if gbpages else PT_PAGE_SIZE_MASK
+        if not nx:
+            high |= PT64_NX_MASK
+        if level == 2:
+            m[0][1] = 0
+            m[0][0] = 0
+            m[1][0] = 0
+            m[1][1] = _rsvd_bits(17, 21) if pse else 0
+        elif level == 3:
+            high = pa_rsvd & _rsvd_bits(0, 62)
+            if not nx:
+                high |= PT64_NX_MASK
+            m[0][2] = PT64_NX_MASK | high | _rsvd_bits(5, 8) | _rsvd_bits(1, 2)
+            m[0][1] = high
+            m[0][0] = high
+            m[1][1] = high | _rsvd_bits(13, 20)
+            m[1][0] = m[0][0]
+        else:
+            m[0][4] = high | nonleaf_bit8 | PT_PAGE_SIZE_MASK
+            m[1][4] = m[0][4]
+            m[0][3] = high | nonleaf_bit8 | PT_PAGE_SIZE_MASK
+            m[1][3] = m[0][3]
+            m[0][2] = high | gb
+            m[1][2] = high | gb | _rsvd_bits(13, 29)
+            m[0][1] = high
+            m[1][1] = high | _rsvd_bits(13, 20)
+            m[0][0] = high
+            m[1][0] = m[0][0]
+        self.chk.bad_mt_xwr = 0
+        return self
+
+    @staticmethod
+    def ept(*, int maxphyaddr, bint execonly, int huge_level=PG_LEVEL_1G):
+        """__reset_rsvds_bits_mask_ept(); `huge_level` is the largest huge
+        page level allowed (1 none, 2 for 2M, 3 for 1G)."""
+        if not 32 <= maxphyaddr <= 52:
+            raise ValueError(f"maxphyaddr={maxphyaddr} is outside 32..52")
+        if not PG_LEVEL_4K <= huge_level <= PG_LEVEL_1G:
+            raise ValueError(f"huge_level={huge_level} is outside 1..3")
+        cdef RsvdBitsValidate self = RsvdBitsValidate.__new__(RsvdBitsValidate)
+        cdef uint64_t (*m)[5]
+        m = self.chk.rsvd_bits_mask
+        cdef uint64_t high = _rsvd_bits(maxphyaddr, 63) & _rsvd_bits(0, 51)
+        cdef uint64_t large_1g = PT_PAGE_SIZE_MASK if huge_level < PG_LEVEL_1G else 0
+        cdef uint64_t large_2m = PT_PAGE_SIZE_MASK if huge_level < PG_LEVEL_2M else 0
+        m[0][4] = high | _rsvd_bits(3, 7)
+        m[0][3] = high | _rsvd_bits(3, 7)
+        m[0][2] = high | _rsvd_bits(3, 6) | large_1g
+        m[0][1] = high | _rsvd_bits(3, 6) | large_2m
+        m[0][0] = high
+        m[1][4] = m[0][4]
+        m[1][3] = m[0][3]
+        m[1][2] = high | _rsvd_bits(12, 29) | large_1g
+        m[1][1] = high | _rsvd_bits(12, 20) | large_2m
+        m[1][0] = m[0][0]
+        cdef uint64_t bad = 0
+        cdef int memtype, xwr
+        for memtype in range(8):
+            for xwr in range(8):
+                # UC-/reserved memtypes 2, 3, 7; write-only; write+exec without
+                # read; exec-only when the CPU cannot do it.
+                if (memtype in (2, 3, 7) or xwr == 0b010 or xwr == 0b110 or
+                        (not execonly and xwr == 0b100)):
+                    bad |= (<uint64_t>1) << (memtype * 8 + xwr)
+        self.chk.bad_mt_xwr = bad
+        return self
+
+    @property
+    def rsvd_bits_mask(self):
+        """The masks as a (2, 5) uint64 array: [bit 7][level - 1]."""
+        return np.array([[self.chk.rsvd_bits_mask[b][l] for l in range(5)] for b in range(2)],
+                        dtype=np.uint64)
+
+    @property
+    def bad_mt_xwr(self):
+        return self.chk.bad_mt_xwr
+
+    def get_rsvd_bits(self, pte, level):
+        return get_rsvd_bits(&self.chk, _u64(pte, "pte"), _level(level))
+
+    def is_rsvd_spte(self, spte, level):
+        """True if `spte` has a reserved bit set for `level`, or (EPT) a bad
+        memtype/XWR combination."""
+        return is_rsvd_spte(&self.chk, _u64(spte, "spte"), _level(level))
+
+    def is_rsvd_spte_array(self, sptes, level, out=None):
+        _check_array("sptes", sptes)
+        cdef int lvl = _level(level)
+        cdef const uint64_t[::1] s = sptes
+        cdef Py_ssize_t n = s.shape[0], i
+        res = _out_array("out", out, n, np.bool_)
+        cdef uint8_t[::1] o = res.view(np.uint8)
+        with nogil:
+            for i in range(n):
+                o[i] = is_rsvd_spte(&self.chk, s[i], lvl)
+        return res
