@@ -249,6 +249,10 @@ cdef SpteFormat _new_format(str name, int maxphyaddr, bint host_64bit, object l1
             raise ValueError(
                 f"l1tf_cache_bits={l1tf_cache_bits!r}: the L1TF guard needs 18..46 "
                 "(the kernel applies it only below 47 cache address bits)")
+        if l1tf_cache_bits < maxphyaddr:
+            raise ValueError(
+                f"l1tf_cache_bits={l1tf_cache_bits} is below maxphyaddr={maxphyaddr} "
+                "(x86_cache_bits starts at x86_phys_bits and is only ever raised)")
         low_phys_bits = l1tf_cache_bits - SHADOW_NONPRESENT_OR_RSVD_MASK_LEN
         self.fmt.nonpresent_or_rsvd_mask = _genmask(l1tf_cache_bits - 1, low_phys_bits)
     self.fmt.nonpresent_or_rsvd_lower_gfn_mask = _genmask(low_phys_bits - 1, PAGE_SHIFT)

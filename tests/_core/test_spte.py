@@ -104,6 +104,8 @@ def test_format_l1tf_masks():
     assert f.shadow_nonpresent_or_rsvd_lower_gfn_mask == 0x000001FFFFFFF000  # bits 40:12
     with pytest.raises(ValueError, match="l1tf_cache_bits"):
         SpteFormat.legacy(l1tf_cache_bits=47)
+    with pytest.raises(ValueError, match="below maxphyaddr"):
+        SpteFormat.legacy(maxphyaddr=46, l1tf_cache_bits=44)
 
 
 def test_format_bad_args():
@@ -300,10 +302,14 @@ def test_mmio_l1tf_relocation():
 
 
 @given(gfn=st.integers(0, (1 << 34) - 1), gen=st.integers(0, 0x7FFFF),
-       access=st.integers(0, 7), l1tf=st.sampled_from([None, 44, 46]),
+       access=st.integers(0, 7),
+       phys=st.sampled_from([(46, None), (46, 46), (40, 44), (36, 44)]),
        ept=st.booleans())
-def test_mmio_round_trip(gfn, gen, access, l1tf, ept):
-    fmt = (SpteFormat.ept if ept else SpteFormat.legacy)(l1tf_cache_bits=l1tf)
+def test_mmio_round_trip(gfn, gen, access, phys, ept):
+    maxphyaddr, l1tf = phys
+    fmt = (SpteFormat.ept if ept else SpteFormat.legacy)(maxphyaddr=maxphyaddr,
+                                                         l1tf_cache_bits=l1tf)
+    gfn %= fmt.max_gfn + 1
     spte = fmt.make_mmio_spte(gfn, access, gen)
     assert fmt.is_mmio_spte(spte)
     assert not S.is_shadow_present_pte(spte)
