@@ -731,12 +731,15 @@ def _raise_bad_pfn(pfns):
 cdef void _make_spte_loop(const spte_fmt_t *f, int level, unsigned int acc, const uint64_t *p,
                           uint64_t old, unsigned int flags, uint64_t *o, Py_ssize_t n,
                           uint64_t *bad) noexcept nogil:
+    # make_spte() only ORs the pfn into bits 51:12 and no later step reads
+    # those bits, so with shared inputs every SPTE is the pfn-0 SPTE | pfn << 12.
     cdef Py_ssize_t i
     cdef bint wrprot
     cdef uint64_t acc_bits = 0
+    cdef uint64_t base = make_spte(f, level, acc, 0, old, flags, &wrprot)
     for i in range(n):
         acc_bits |= p[i]
-        o[i] = make_spte(f, level, acc, p[i], old, flags, &wrprot)
+        o[i] = base | (p[i] << PAGE_SHIFT)
     bad[0] = acc_bits
 
 
