@@ -618,6 +618,21 @@ cdef class SpteFormat:
         u = -1 if self.fmt.user_mask == 0 else int((s & self.fmt.user_mask) != 0)
         return bool(r), bool(is_executable_pte(&self.fmt, s)), u
 
+    def audit_sptes(self, sptes, level):
+        """Check every entry of one table at `level` against the kernel's SPTE rules.
+
+        Raises :class:`SpteAuditError` naming the first bad entry and the rule:
+
+        * a non-present entry is SHADOW_NONPRESENT_VALUE, FROZEN_SPTE or an MMIO SPTE;
+        * a present entry carries shadow_present_mask unless it is access-tracked;
+        * only access-tracked SPTEs have the saved R/X bits 54/56;
+        * legacy/NPT SPTEs have no A/D type bits (bits 53:52 are reserved in PAE);
+        * a leaf that is MMU-writable is Host-writable; a writable leaf is MMU-writable.
+
+        Returns the number of entries checked.
+        """
+        return _audit_sptes(self, sptes, level)
+
     # -- bulk forms ----------------------------------------------------------
 
     def is_shadow_present_pte_array(self, sptes, out=None):
@@ -1023,3 +1038,66 @@ cdef class RsvdBitsValidate:
             for i in range(n):
                 o[i] = is_rsvd_spte(&self.chk, s[i], lvl)
         return res
+
+
+# --- auditor ------------------------------------------------------------------
+
+class SpteAuditError(AssertionError):
+    """An SPTE breaks one of the kernel's invariants (see :meth:`SpteFormat.audit_sptes`)."""
+
+
+cdef enum:
+    AUDIT_OK, AUDIT_MMU_WR_NOT_HOST_WR, AUDIT_W_NOT_MMU_WR, AUDIT_SAVED_BITS,
+    AUDIT_PRESENT_MASK, AUDIT_AD_TYPE, AUDIT_BAD_NONPRESENT
+
+_AUDIT_RULES = {
+    AUDIT_MMU_WR_NOT_HOST_WR: "MMU-writable SPTE is not Host-writable",
+    AUDIT_W_NOT_MMU_WR: "writable SPTE is not MMU-writable",
+    AUDIT_SAVED_BITS: "access-track saved bits (54/56) set on an SPTE that is not access-tracked",
+    AUDIT_PRESENT_MASK: "present SPTE lacks shadow_present_mask",
+    AUDIT_AD_TYPE: "A/D type bits set in a legacy/NPT SPTE",
+    AUDIT_BAD_NONPRESENT: ("non-present SPTE is neither SHADOW_NONPRESENT_VALUE, "
+                           "FROZEN_SPTE nor an MMIO SPTE"),
+}
+
+
+cdef int _audit_one(const spte_fmt_t *f, uint64_t s, int level) noexcept nogil:
+    cdef bint tracked
+    if not is_shadow_present_pte(s):
+        if s == f.nonpresent_value or s == f.frozen_spte or is_mmio_spte(f, s):
+            return AUDIT_OK
+        return AUDIT_BAD_NONPRESENT
+    tracked = is_access_track_spte(f, s)
+    if not f.is_ept and (s & SPTE_TDP_AD_MASK):
+        return AUDIT_AD_TYPE
+    if not tracked and (s & f.present_mask) != f.present_mask:
+        return AUDIT_PRESENT_MASK
+    if not tracked and (s & (SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)):
+        return AUDIT_SAVED_BITS
+    if is_last_spte(s, level):
+        if s & f.mmu_writable_mask:
+            if not (s & f.host_writable_mask):
+                return AUDIT_MMU_WR_NOT_HOST_WR
+        elif is_writable_pte(s):
+            return AUDIT_W_NOT_MMU_WR
+    return AUDIT_OK
+
+
+cdef object _audit_sptes(SpteFormat fmt, sptes, level):
+    _check_array("sptes", sptes)
+    cdef int lvl = _level(level)
+    cdef const uint64_t[::1] s = sptes
+    cdef Py_ssize_t n = s.shape[0], i, bad_at = -1
+    cdef int rule = AUDIT_OK
+    with nogil:
+        for i in range(n):
+            rule = _audit_one(&fmt.fmt, s[i], lvl)
+            if rule != AUDIT_OK:
+                bad_at = i
+                break
+    if bad_at >= 0:
+        raise SpteAuditError(f"sptes[{bad_at}]={s[bad_at]:#x} (level {lvl}, {fmt.name}): "
+                             f"{_AUDIT_RULES[rule]}")
+    return n
+
+

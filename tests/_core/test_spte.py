@@ -640,3 +640,50 @@ def test_rsvd_bad_args():
     chk = RsvdBitsValidate.ept(maxphyaddr=46, execonly=True)
     with pytest.raises(ValueError, match="level"):
         chk.is_rsvd_spte(0, 0)
+
+
+# --- auditor ---------------------------------------------------------------------
+
+def _table(fmt, level=1, **kw):
+    """A table as KVM fills it: empty entries, a few leaves, an MMIO entry."""
+    t = np.full(512, fmt.SHADOW_NONPRESENT_VALUE, dtype=np.uint64)
+    for i in range(0, 512, 7):
+        t[i] = fmt.make_spte(level=level, pte_access=i % 8, pfn=i << 9, **kw)[0]
+    if fmt.enable_mmio_caching:
+        t[1] = fmt.make_mmio_spte(0x1234, 6, 0x42)
+    t[2] = fmt.FROZEN_SPTE
+    return t
+
+
+@pytest.mark.parametrize("fmt, kw", [
+    (LEGACY, {}), (EPT, {}), (EPT, dict(ad_wrprot_only=True)),
+    (EPT_NOAD, dict(ad_disabled=True)), (EPT_NOAD, dict(ad_disabled=True, prefetch=True)),
+    (SpteFormat.ept(exec_only=False, ad_bits=False), dict(ad_disabled=True, prefetch=True)),
+])
+def test_audit_accepts_kernel_built_tables(fmt, kw):
+    for level in (1, 2):
+        t = _table(fmt, level, **kw)
+        assert fmt.audit_sptes(t, level) == 512
+        # Aging, dirty logging and write protection keep the invariants.
+        fmt.access_track_array(t, level=level)
+        fmt.clear_dirty_array(t, level=level)
+        fmt.write_protect_array(t, pt_protect=True, level=level)
+        assert fmt.audit_sptes(t, level) == 512
+    t = np.full(512, fmt.SHADOW_NONPRESENT_VALUE, dtype=np.uint64)
+    t[5] = fmt.make_nonleaf_spte(0x5000, ad_disabled=bool(kw.get("ad_disabled")))
+    assert fmt.audit_sptes(t, 2) == 512
+
+
+@pytest.mark.parametrize("fmt, corrupt, rule", [
+    (LEGACY, lambda s: s & ~0x200, "MMU-writable SPTE is not Host-writable"),
+    (LEGACY, lambda s: s & ~0x400, "writable SPTE is not MMU-writable"),
+    (EPT, lambda s: s | 1 << 54, "saved bits"),
+    (EPT, lambda s: s & ~(1 << 63), "lacks shadow_present_mask"),
+    (LEGACY, lambda s: s | S.SPTE_TDP_AD_DISABLED, "A/D type bits"),
+    (LEGACY, lambda s: 0, "neither SHADOW_NONPRESENT_VALUE"),
+])
+def test_audit_names_the_broken_rule(fmt, corrupt, rule):
+    t = _table(fmt)
+    t[14] = corrupt(int(t[14]))
+    with pytest.raises(S.SpteAuditError, match=rf"sptes\[14\].*{rule}"):
+        fmt.audit_sptes(t, 1)

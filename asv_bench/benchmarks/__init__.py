@@ -1,0 +1,1 @@
+"""asv benchmarks for kvmmmu: one module per layer (see ../README.md)."""
