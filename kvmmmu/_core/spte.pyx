@@ -598,25 +598,14 @@ cdef class SpteFormat:
         ``gfn %llx spte %llx (rwxu) level %d at %llx``: r is set whenever the
         format has a present mask or P is set, w is bit 1, x is
         is_executable_pte, u the user (EPT: readable) bit.  `sptep` is the
-        physical address of the entry.
+        host physical address of the entry (see types.pxd).
         """
-        cdef uint64_t s = _u64(spte, "spte")
-        cdef int lvl = _level(level)
-        cdef uint64_t g = _u64(gfn, "gfn")
-        cdef uint64_t p = _u64(sptep, "sptep")
-        r = self.fmt.present_mask != 0 or (s & PT_PRESENT_MASK) != 0
-        u = -1 if self.fmt.user_mask == 0 else int((s & self.fmt.user_mask) != 0)
-        return (f"gfn {g:x} spte {s:x} ("
-                f"{'r' if r else '-'}{'w' if s & PT_WRITABLE_MASK else '-'}"
-                f"{'x' if is_executable_pte(&self.fmt, s) else '-'}"
-                f"{'' if u == -1 else ('u' if u else '-')}) level {lvl} at {p:x}")
-
-    def set_spte_fields(self, spte):
-        """The (r, x, u) fields kvm_mmu_set_spte computes in TP_fast_assign."""
-        cdef uint64_t s = _u64(spte, "spte")
-        r = self.fmt.present_mask != 0 or (s & PT_PRESENT_MASK) != 0
-        u = -1 if self.fmt.user_mask == 0 else int((s & self.fmt.user_mask) != 0)
-        return bool(r), bool(is_executable_pte(&self.fmt, s)), u
+        from kvmmmu import mmutrace
+        fields = mmutrace.kvm_mmu_set_spte_fields(
+            _level(level), _u64(gfn, "gfn"), _u64(spte, "spte"), _u64(sptep, "sptep"),
+            present_mask=self.fmt.present_mask, user_mask=self.fmt.user_mask,
+            x_mask=self.fmt.x_mask, nx_mask=self.fmt.nx_mask)
+        return mmutrace.kvm_mmu_set_spte.format(**fields)
 
     def audit_sptes(self, sptes, level):
         """Check every entry of one table at `level` against the kernel's SPTE rules.
