@@ -1,12 +1,15 @@
 """The tour printed by ``python -m kvmmmu demo``.
 
 It grows as the MMUs land; today it shows the SPTE formats, a leaf SPTE's
-life (fault, aging, dirty logging), MMIO SPTEs and the bulk API.
+life (fault, aging, dirty logging), MMIO SPTEs, the bulk API, role words and
+the kernel-format trace.
 """
 import time
 
 import numpy as np
 
+from kvmmmu import mmutrace
+from kvmmmu._core import role as R
 from kvmmmu._core import spte as S
 from kvmmmu._core.spte import SpteFormat
 
@@ -40,11 +43,27 @@ def run(out):
         f"generation {S.get_mmio_spte_generation(mmio):#x}, "
         f"present={S.is_shadow_present_pte(mmio)}")
 
+    say("\n4. Role words, and the kvm_mmu_get_page line the kernel would trace")
+    cr0_pg_wp, cr4_pae, efer_lme_lma_nx = (1 << 31) | (1 << 16) | 1, 1 << 5, (1 << 8) | (1 << 10) | (1 << 11)
+    cpu_role = R.kvm_calc_cpu_role(cr0_pg_wp, cr4_pae, efer_lme_lma_nx)
+    shadow_root = R.kvm_calc_shadow_mmu_root_page_role(cpu_role)
+    tdp_root = R.kvm_calc_tdp_mmu_root_page_role(cpu_role, 4)
+    child = R.kvm_mmu_child_role(shadow_root, 5, False, S.ACC_ALL)
+    with mmutrace.capture("kvm_mmu_get_page") as ring:
+        for role, gfn in ((shadow_root, 0x1000), (child, 0x1234), (tdp_root, 0)):
+            mmutrace.kvm_mmu_get_page.emit(mmu_valid_gen=0, gfn=gfn, role=role.word,
+                                           root_count=int(role.level == 4), unsync=False,
+                                           created=True)
+    for role, line in zip((shadow_root, child, tdp_root), ring.lines()):
+        say(f"   {role.word:#010x}  {line}")
+
     n = 1 << 22
-    say(f"\n4. Bulk API: {n:,} SPTEs in single nogil passes")
+    say(f"\n5. Bulk API: {n:,} SPTEs in single nogil passes")
     pfns = np.random.default_rng(1).integers(0, 1 << 34, n, dtype=np.uint64)
+    sptes = np.zeros(n, dtype=np.uint64)
+    sptes.fill(0)                      # fault the pages in before timing
     t0 = time.perf_counter()
-    sptes = legacy.make_spte_array(pfns, level=1, pte_access=S.ACC_ALL)
+    legacy.make_spte_array(pfns, level=1, pte_access=S.ACC_ALL, out=sptes)
     t1 = time.perf_counter()
     dirty = legacy.clear_dirty_array(sptes)
     t2 = time.perf_counter()
