@@ -749,8 +749,27 @@ cdef void _make_spte_loop(const spte_fmt_t *f, int level, unsigned int acc, cons
 
 # --- fused single-pass loops --------------------------------------------------
 #
+# Branch-free bit tricks: baseline x86-64 (SSE2) has no 64-bit vector compare,
+# so tests are written with shifts, OR, AND and negation, which it has.
+
+cdef inline uint64_t _nz(uint64_t x) noexcept nogil:
+    """1 if x != 0 else 0, without a compare."""
+    return (x | ((<uint64_t>0) - x)) >> 63
+
+cdef inline uint64_t _mask(uint64_t bit) noexcept nogil:
+    """All-ones if bit (0 or 1) is set, else 0."""
+    return (<uint64_t>0) - bit
+
+cdef inline uint64_t _need_wp(uint64_t v) noexcept nogil:
+    """spte_ad_need_write_protect(): A/D type bits 53:52 not zero, as 0/1."""
+    return ((v >> SPTE_TDP_AD_SHIFT) | (v >> (SPTE_TDP_AD_SHIFT + 1))) & 1
+
+cdef inline uint64_t _ad_disabled(uint64_t v) noexcept nogil:
+    """A/D type == DISABLED (bit 52 set, bit 53 clear), as 0/1."""
+    return (v >> SPTE_TDP_AD_SHIFT) & ~(v >> (SPTE_TDP_AD_SHIFT + 1)) & 1
+#
 # One loop body per operation, chosen at compile time through a fused "tag"
-# type, so each specialization inlines its helper and the loop vectorizes.
+# type, so each specialization inlines its own rule.
 
 cdef struct _tag_present:
     char unused
@@ -785,24 +804,37 @@ cdef enum:
 
 cdef void _pred_loop(_pred_tag *tag, const spte_fmt_t *f, const uint64_t *s, uint8_t *o,
                      Py_ssize_t n, int level) noexcept nogil:
+    # The masks are copied into locals: `o` is a byte pointer that may alias
+    # anything, so reading them through `f` would reload them every element.
+    # The per-element rules are those of the helpers in spte.pxd, written
+    # branch-free so the loops vectorize.
     cdef Py_ssize_t i
+    cdef uint64_t v
+    cdef uint64_t all_last = level == PG_LEVEL_4K
+    cdef uint64_t accessed = f.accessed_mask, dirty = f.dirty_mask
+    cdef uint64_t mmu_writable = f.mmu_writable_mask, acc_track = f.acc_track_mask
+    cdef uint64_t mmio_mask = f.mmio_mask
+    # With caching off nothing is MMIO: (v & mask) never equals all-ones.
+    cdef uint64_t mmio_value = f.mmio_value if f.mmio_caching else ~(<uint64_t>0)
     for i in range(n):
+        v = s[i]
         if _pred_tag is _tag_present:
-            o[i] = is_shadow_present_pte(s[i])
+            o[i] = <uint8_t>((v >> 11) & 1)
         elif _pred_tag is _tag_last:
-            o[i] = is_last_spte(s[i], level)
+            o[i] = <uint8_t>(all_last | ((v >> 7) & 1))
         elif _pred_tag is _tag_writable:
-            o[i] = is_writable_pte(s[i])
+            o[i] = <uint8_t>((v >> 1) & 1)
         elif _pred_tag is _tag_mmu_writable:
-            o[i] = is_mmu_writable_spte(f, s[i])
+            o[i] = <uint8_t>_nz(v & mmu_writable)
         elif _pred_tag is _tag_accessed:
-            o[i] = is_accessed_spte(f, s[i])
+            o[i] = <uint8_t>_nz(v & accessed)
         elif _pred_tag is _tag_dirty:
-            o[i] = is_dirty_spte(f, s[i])
+            # is_dirty_spte: W when the A/D type needs write protection, else D.
+            o[i] = <uint8_t>_nz(v & (dirty ^ ((PT_WRITABLE_MASK ^ dirty) & _mask(_need_wp(v)))))
         elif _pred_tag is _tag_mmio:
-            o[i] = is_mmio_spte(f, s[i])
+            o[i] = <uint8_t>(1 - _nz((v & mmio_mask) ^ mmio_value))
         else:
-            o[i] = is_access_track_spte(f, s[i])
+            o[i] = <uint8_t>(_ad_disabled(v) & (1 - _nz(v & acc_track)))
 
 
 cdef object _predicate(int kind, const spte_fmt_t *f, sptes, int level, out):
@@ -854,28 +886,78 @@ cdef enum:
     M_WRPROT, M_WRPROT_PT, M_CLEAR_DIRTY, M_ACC_TRACK
 
 
+cdef enum:
+    _BLOCK = 256    # SPTEs per block (2 KiB): the second read of a block hits L1
+
+
+cdef inline uint64_t _leaf_mask(uint64_t old, uint64_t all_last) noexcept nogil:
+    """All-ones for a present SPTE that is a leaf at the loop's level."""
+    return _mask(((old >> 11) & 1) & (all_last | ((old >> 7) & 1)))
+
+
 cdef Py_ssize_t _mut_loop(_mut_tag *tag, const spte_fmt_t *f, uint64_t *s, Py_ssize_t n,
                           int level) noexcept nogil:
-    cdef Py_ssize_t i, changed = 0
-    cdef uint64_t old, new
-    for i in range(n):
-        old = s[i]
-        if not (is_shadow_present_pte(old) and is_last_spte(old, level)):
-            continue
-        if _mut_tag is _tag_wrprot:
-            new = old & ~PT_WRITABLE_MASK
-        elif _mut_tag is _tag_wrprot_pt:
-            new = old & ~(PT_WRITABLE_MASK | f.mmu_writable_mask)
-        elif _mut_tag is _tag_clear_dirty:
-            if spte_ad_need_write_protect(old):
-                new = old & ~PT_WRITABLE_MASK
+    # Branch-free: the leaf mask is all-ones for a present leaf at `level`
+    # and zero otherwise, and every element is stored back, so the loops
+    # vectorize instead of mispredicting on interleaved empty entries.
+    # The rules are those of spte_write_protect(), __rmap_clear_dirty() and
+    # mark_spte_for_access_track().  Clear-dirty and aging depend on each
+    # SPTE's A/D type; a block in which no SPTE has A/D type bits takes the
+    # short A/D-enabled rule (clear D / clear A), found by OR-ing the block
+    # first.
+    cdef Py_ssize_t i, start, stop
+    cdef uint64_t changed = 0, old, new, leaf, ad_off, untracked, aged, block_bits
+    cdef uint64_t clear_pt = PT_WRITABLE_MASK | f.mmu_writable_mask, dirty = f.dirty_mask
+    cdef uint64_t accessed = f.accessed_mask, acc_track = f.acc_track_mask
+    cdef uint64_t all_last = level == PG_LEVEL_4K
+    if _mut_tag is _tag_wrprot or _mut_tag is _tag_wrprot_pt:
+        # The A/D type does not matter here.
+        for i in range(n):
+            old = s[i]
+            if _mut_tag is _tag_wrprot:
+                new = old & ~(PT_WRITABLE_MASK & _leaf_mask(old, all_last))
             else:
-                new = old & ~f.dirty_mask
-        else:
-            new = mark_spte_for_access_track(f, old)
-        s[i] = new
-        changed += new != old
-    return changed
+                new = old & ~(clear_pt & _leaf_mask(old, all_last))
+            s[i] = new
+            changed += _nz(new ^ old)
+        return <Py_ssize_t>changed
+    start = 0
+    while start < n:
+        stop = min(start + _BLOCK, n)
+        block_bits = 0
+        for i in range(start, stop):
+            block_bits |= s[i]
+        if (block_bits & SPTE_TDP_AD_MASK) == 0:
+            # Every SPTE of the block is A/D-enabled.
+            for i in range(start, stop):
+                old = s[i]
+                if _mut_tag is _tag_clear_dirty:
+                    new = old & ~(dirty & _leaf_mask(old, all_last))
+                else:
+                    new = old & ~(accessed & _leaf_mask(old, all_last))
+                s[i] = new
+                changed += _nz(new ^ old)
+            start = stop
+            continue
+        for i in range(start, stop):
+            old = s[i]
+            leaf = _leaf_mask(old, all_last)
+            if _mut_tag is _tag_clear_dirty:
+                # W for SPTEs that need write protection, D for the others.
+                new = old & ~((dirty ^ ((PT_WRITABLE_MASK ^ dirty) & _mask(_need_wp(old)))) & leaf)
+            else:
+                # A/D enabled: clear A.  A/D disabled and not yet tracked:
+                # save R/X in bits 54/56, clear RWX and A.  Tracked: unchanged.
+                ad_off = _mask(_ad_disabled(old))
+                untracked = ad_off & _mask(_nz(old & acc_track))
+                aged = ((old | (((old & SHADOW_ACC_TRACK_SAVED_BITS_MASK)
+                                 << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & untracked))
+                        & ~((acc_track & untracked) | (accessed & (untracked | ~ad_off))))
+                new = (aged & leaf) | (old & ~leaf)
+            s[i] = new
+            changed += _nz(new ^ old)
+        start = stop
+    return <Py_ssize_t>changed
 
 
 cdef object _mutate(int kind, const spte_fmt_t *f, sptes, int level):
