@@ -136,6 +136,19 @@ cdef enum:
     PT_WARN_COMMIT_ZAP = 5          # freeing an sp that is not invalid or still a root
     PT_WARN_BAD_LEVEL = 6           # page stats for a level outside 4K..1G (model only)
     PT_NR_WARN = 7
+    # SPTE access log events (PtArena.start_access_log), in program order.
+    PT_EV_WRITE64 = 1       # WRITE_ONCE(*sptep)
+    PT_EV_XCHG64 = 2        # xchg(sptep), value = new
+    PT_EV_READ64 = 3        # READ_ONCE(*sptep)
+    PT_EV_WRITE_LOW = 4     # WRITE_ONCE(ssptep->spte_low)
+    PT_EV_WRITE_HIGH = 5    # ssptep->spte_high = ...
+    PT_EV_XCHG_LOW = 6      # xchg(&ssptep->spte_low), value = new
+    PT_EV_READ_LOW = 7
+    PT_EV_READ_HIGH = 8
+    PT_EV_WMB = 9           # smp_wmb()
+    PT_EV_RMB = 10          # smp_rmb()
+    PT_EV_READ_COUNT = 11   # sp->clear_spte_count read
+    PT_EV_INC_COUNT = 12    # sp->clear_spte_count++, value = new count
 
 
 ctypedef struct pt_slot_meta:
@@ -217,6 +230,10 @@ ctypedef struct pt_arena_t:
     uint32_t warn[7]            # PT_NR_WARN
     pt_pool pools[3]
     kvm_mmu_page no_sp          # stands in for a page without an owner
+    # SPTE access log: (event, value) pairs, off when NULL (single writer).
+    uint64_t *log
+    uint64_t log_len
+    uint64_t log_cap
 
 
 # ---------------------------------------------------------------------------
@@ -271,6 +288,12 @@ cdef inline uint64_t spte_to_child_sp(const pt_arena_t *a, uint64_t spte) noexce
 # holding every bit that decides presence (bit 11, P/RWX, A/D).
 # ---------------------------------------------------------------------------
 
+cdef inline void _log(pt_arena_t *a, uint64_t ev, uint64_t val) noexcept nogil:
+    if a.log != NULL and a.log_len < a.log_cap:
+        a.log[2 * a.log_len] = ev
+        a.log[2 * a.log_len + 1] = val
+        a.log_len += 1
+
 cdef inline bint is_ept_ve_possible(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
     return ((f.present_mask & VMX_EPT_SUPPRESS_VE_BIT) != 0 and
             (spte & VMX_EPT_SUPPRESS_VE_BIT) == 0 and
@@ -292,8 +315,10 @@ cdef inline void count_spte_clear(pt_arena_t *a, sptep_t sptep, uint64_t spte) n
         return
     sp = sptep_to_sp(a, sptep)
     pt_smp_wmb()
+    _log(a, PT_EV_WMB, 0)
     pt_write_once_s32(&sp.clear_spte_count,
                       <int32_t>(<uint32_t>pt_read_once_s32(&sp.clear_spte_count) + 1u))
+    _log(a, PT_EV_INC_COUNT, <uint32_t>sp.clear_spte_count)
     a.nr_count_spte_clear += 1
 
 cdef inline void _set_spte(pt_arena_t *a, sptep_t sptep, uint64_t spte) noexcept nogil:
@@ -307,10 +332,14 @@ cdef inline void _set_spte(pt_arena_t *a, sptep_t sptep, uint64_t spte) noexcept
     if a.host_64bit:
         _prove_ve(a, spte)
         pt_write_once64(p, spte)
+        _log(a, PT_EV_WRITE64, spte)
         return
     pt_write_high(p, <uint32_t>(spte >> 32))
+    _log(a, PT_EV_WRITE_HIGH, spte >> 32)
     pt_smp_wmb()
+    _log(a, PT_EV_WMB, 0)
     pt_write_low(p, <uint32_t>spte)
+    _log(a, PT_EV_WRITE_LOW, <uint32_t>spte)
 
 cdef inline void _update_clear_spte_fast(pt_arena_t *a, sptep_t sptep, uint64_t spte) noexcept nogil:
     """__update_clear_spte_fast: no one else can change this SPTE.
@@ -323,10 +352,14 @@ cdef inline void _update_clear_spte_fast(pt_arena_t *a, sptep_t sptep, uint64_t 
     if a.host_64bit:
         _prove_ve(a, spte)
         pt_write_once64(p, spte)
+        _log(a, PT_EV_WRITE64, spte)
         return
     pt_write_low(p, <uint32_t>spte)
+    _log(a, PT_EV_WRITE_LOW, <uint32_t>spte)
     pt_smp_wmb()
+    _log(a, PT_EV_WMB, 0)
     pt_write_high(p, <uint32_t>(spte >> 32))
+    _log(a, PT_EV_WRITE_HIGH, spte >> 32)
     count_spte_clear(a, sptep, spte)
 
 cdef inline uint64_t _update_clear_spte_slow(pt_arena_t *a, sptep_t sptep, uint64_t spte) noexcept nogil:
@@ -339,13 +372,19 @@ cdef inline uint64_t _update_clear_spte_slow(pt_arena_t *a, sptep_t sptep, uint6
     """
     cdef uint64_t *p = pt_sptep_ptr(a, sptep)
     cdef uint32_t lo, hi
+    cdef uint64_t old
     a.nr_update_slow += 1
     if a.host_64bit:
         _prove_ve(a, spte)
-        return pt_xchg64(p, spte)
+        old = pt_xchg64(p, spte)
+        _log(a, PT_EV_XCHG64, spte)
+        return old
     lo = pt_xchg_low(p, <uint32_t>spte)
+    _log(a, PT_EV_XCHG_LOW, <uint32_t>spte)
     hi = pt_read_high(p)
+    _log(a, PT_EV_READ_HIGH, hi)
     pt_write_high(p, <uint32_t>(spte >> 32))
+    _log(a, PT_EV_WRITE_HIGH, spte >> 32)
     count_spte_clear(a, sptep, spte)
     return (<uint64_t>hi << 32) | lo
 
@@ -362,19 +401,34 @@ cdef inline uint64_t _get_spte_lockless(pt_arena_t *a, sptep_t sptep, uint64_t *
     cdef uint64_t *p = pt_sptep_ptr(a, sptep)
     cdef kvm_mmu_page *sp
     cdef int32_t count
-    cdef uint32_t lo, hi
+    cdef uint32_t lo, hi, lo2
+    cdef int32_t count2
+    cdef uint64_t v
     if a.host_64bit:
-        return pt_read_once64(p)
+        v = pt_read_once64(p)
+        _log(a, PT_EV_READ64, v)
+        return v
     sp = sptep_to_sp(a, sptep)
     while True:
         count = pt_read_once_s32(&sp.clear_spte_count)
+        _log(a, PT_EV_READ_COUNT, <uint32_t>count)
         pt_smp_rmb()
+        _log(a, PT_EV_RMB, 0)
         lo = pt_read_low(p)
+        _log(a, PT_EV_READ_LOW, lo)
         pt_smp_rmb()
+        _log(a, PT_EV_RMB, 0)
         hi = pt_read_high(p)
+        _log(a, PT_EV_READ_HIGH, hi)
         pt_smp_rmb()
-        if lo == pt_read_low(p) and count == pt_read_once_s32(&sp.clear_spte_count):
-            return (<uint64_t>hi << 32) | lo
+        _log(a, PT_EV_RMB, 0)
+        lo2 = pt_read_low(p)
+        _log(a, PT_EV_READ_LOW, lo2)
+        if lo == lo2:
+            count2 = pt_read_once_s32(&sp.clear_spte_count)
+            _log(a, PT_EV_READ_COUNT, <uint32_t>count2)
+            if count == count2:
+                return (<uint64_t>hi << 32) | lo
         if retries != NULL:
             retries[0] += 1
 

@@ -108,6 +108,15 @@ SP_STATES = {PT_SP_FREE: "free", PT_SP_CACHED: "cached", PT_SP_IN_USE: "in_use",
 CACHE_KINDS = {"shadow_page": PT_CACHE_SHADOW_PAGE, "page_header": PT_CACHE_PAGE_HEADER,
                "shadowed_info": PT_CACHE_SHADOWED_INFO}
 
+#: Names of the access-log events (:meth:`PtArena.start_access_log`).
+ACCESS_EVENTS = {
+    PT_EV_WRITE64: "write64", PT_EV_XCHG64: "xchg64", PT_EV_READ64: "read64",
+    PT_EV_WRITE_LOW: "write_low", PT_EV_WRITE_HIGH: "write_high", PT_EV_XCHG_LOW: "xchg_low",
+    PT_EV_READ_LOW: "read_low", PT_EV_READ_HIGH: "read_high", PT_EV_WMB: "smp_wmb",
+    PT_EV_RMB: "smp_rmb", PT_EV_READ_COUNT: "read_clear_spte_count",
+    PT_EV_INC_COUNT: "inc_clear_spte_count",
+}
+
 DEFAULT_TABLES_PER_CHUNK = 512          # 2 MiB of SPTEs per chunk
 DEFAULT_MAX_TABLES = 1 << 22            # 16 GiB of page tables
 PAGE_SIZE = 4096
@@ -646,6 +655,7 @@ cdef class PtArena:
     def __dealloc__(self):
         free(self.a.chunk_base)
         free(self._vcpus_raw)
+        free(self.a.log)
 
     # -- geometry -------------------------------------------------------------
 
@@ -1260,6 +1270,38 @@ cdef class PtArena:
         if poisoned >= 0:
             raise KvmUseAfterFreeError(f"spteps[{poisoned}] = {s[poisoned]:#x} read poison: "
                                        "its page was freed during the walk")
+        return out
+
+    # -- access log -------------------------------------------------------------------
+
+    def start_access_log(self, Py_ssize_t capacity=4096):
+        """Record every SPTE half/whole access, barrier and clear_spte_count
+        access of the low-level accessors, in program order, until
+        :meth:`stop_access_log` (at most `capacity` events).  For tests and
+        teaching; not thread-safe (use from one thread)."""
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        free(self.a.log)
+        self.a.log = NULL
+        cdef uint64_t *buf = <uint64_t *>malloc(2 * capacity * sizeof(uint64_t))
+        if buf == NULL:
+            raise MemoryError()
+        self.a.log_len = 0
+        self.a.log_cap = capacity
+        self.a.log = buf
+
+    def stop_access_log(self):
+        """Stop recording; returns ``[(event, value), ...]`` where event is one
+        of :data:`ACCESS_EVENTS` (values of halves are 32-bit)."""
+        out = []
+        cdef uint64_t i
+        if self.a.log == NULL:
+            return out
+        for i in range(self.a.log_len):
+            out.append((ACCESS_EVENTS[self.a.log[2 * i]], self.a.log[2 * i + 1]))
+        free(self.a.log)
+        self.a.log = NULL
+        self.a.log_len = self.a.log_cap = 0
         return out
 
     # -- statistics -----------------------------------------------------------------
