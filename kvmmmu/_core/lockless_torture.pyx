@@ -44,7 +44,7 @@ from kvmmmu._core.pt_arena cimport (
     synchronize_rcu, walk_shadow_page_lockless_begin, walk_shadow_page_lockless_end,
 )
 
-from kvmmmu._core.pt_arena import MmuMemoryCache
+from kvmmmu._core.pt_arena import MmuMemoryCache as _MmuMemoryCache
 
 def _cpus():
     try:
@@ -275,8 +275,8 @@ def spte_torture(PtArena arena not None, n_reads, *, str read="lockless", int n_
     cdef spte_torture_t *t = &run.t
     cdef bint wrprot
     cdef int k
-    pc = MmuMemoryCache(arena, "shadow_page", capacity=n_tables)
-    hc = MmuMemoryCache(arena, "page_header", capacity=n_tables)
+    pc = _MmuMemoryCache(arena, "shadow_page", capacity=n_tables)
+    hc = _MmuMemoryCache(arena, "page_header", capacity=n_tables)
     pc.topup(n_tables)
     hc.topup(n_tables)
     sps = [arena.alloc_sp(pc, hc, role=PG_LEVEL_4K) for _ in range(n_tables)]
@@ -511,14 +511,14 @@ def lockless_walk_torture(PtArena arena not None, n_walks, *, str scheme="shadow
     arena.set_tdp_mmu_active(vcpu, scheme == "tdp")
     before = arena.stats()
     # Park spare pages (and headers) in the free lists, poisoned.
-    spare = [MmuMemoryCache(arena, kind) for kind in ("shadow_page", "page_header")
+    spare = [_MmuMemoryCache(arena, kind) for kind in ("shadow_page", "page_header")
              for _ in range((spare_pages + 39) // 40)]
     for c in spare:
         c.topup(c.capacity)
     for c in spare:
         c.free()
-    pc = MmuMemoryCache(arena, "shadow_page")
-    hc = MmuMemoryCache(arena, "page_header")
+    pc = _MmuMemoryCache(arena, "shadow_page")
+    hc = _MmuMemoryCache(arena, "page_header")
     pc.topup(n_children + 1)
     hc.topup(n_children + 1)
     root = arena.alloc_sp(pc, hc, role=2, tdp_mmu_page=scheme == "tdp")
