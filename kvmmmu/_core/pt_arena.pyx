@@ -1226,9 +1226,12 @@ cdef class PtArena:
             If given, the batch runs inside walk_shadow_page_lockless_begin /
             end of that vCPU.
 
-        The loop runs without the GIL.  Raises KvmUseAfterFreeError if a page
-        is free before the read, or if a value read is poison (freed during
-        the read).  Returns `out`.
+        One pass without the GIL: each location is range-checked (an
+        SPTE of a page the arena handed out) and read.  A location that
+        fails the check raises ValueError; a value that reads as poison (its
+        page was freed before or during the read) raises KvmUseAfterFreeError.
+        A page that is not a live table (e.g. still in a memory cache) reads
+        as whatever it holds.  Returns `out`.
         """
         _check_u64_array("spteps", spteps)
         cdef Py_ssize_t n = spteps.shape[0], i, bad = -1, poisoned = -1
@@ -1243,33 +1246,30 @@ cdef class PtArena:
         cdef const uint64_t[::1] s = spteps
         cdef uint64_t[::1] o = out
         cdef pt_arena_t *a = &self.a
-        cdef uint64_t retries = 0
-        cdef int v = -1
-        with nogil:
-            for i in range(n):
-                if not pt_sptep_in_arena(a, s[i]) or \
-                        pt_slot(a, pt_table_index(a, s[i])).table_state != PT_PAGE_SPT:
-                    bad = i
-                    break
-        if bad >= 0:
-            self._check_sptep(s[bad])
+        cdef uint64_t retries = 0, v
+        cdef int cpu = -1
         if vcpu is not None:
-            v = self._vcpu(vcpu)
-            self.walk_shadow_page_lockless_begin(v)
+            cpu = self._vcpu(vcpu)
+            self.walk_shadow_page_lockless_begin(cpu)
         try:
             with nogil:
                 for i in range(n):
-                    o[i] = _get_spte_lockless(a, s[i], &retries)
-                for i in range(n):
-                    if o[i] == PT_POISON:
-                        poisoned = i
+                    if not pt_sptep_in_arena(a, s[i]):
+                        bad = i
                         break
+                    v = _get_spte_lockless(a, s[i], &retries)
+                    o[i] = v
+                    if v == PT_POISON and poisoned < 0:
+                        poisoned = i
         finally:
-            if v >= 0:
-                self.walk_shadow_page_lockless_end(v)
+            if cpu >= 0:
+                self.walk_shadow_page_lockless_end(cpu)
+        if bad >= 0:
+            raise ValueError(f"spteps[{bad}] = {s[bad]:#x} is not an SPTE of a page this "
+                             "arena handed out")
         if poisoned >= 0:
             raise KvmUseAfterFreeError(f"spteps[{poisoned}] = {s[poisoned]:#x} read poison: "
-                                       "its page was freed during the walk")
+                                       "its page has been freed")
         return out
 
     # -- access log -------------------------------------------------------------------
