@@ -227,6 +227,7 @@ ctypedef struct pt_arena_t:
     uint64_t nr_update_slow     # __update_clear_spte_slow
     uint64_t nr_count_spte_clear  # clear_spte_count increments
     uint64_t nr_sps_freed
+    uint64_t lockless_retries   # 32-bit rereads of get_sptes_lockless (atomic add)
     uint32_t warn[7]            # PT_NR_WARN
     pt_pool pools[3]
     kvm_mmu_page no_sp          # stands in for a page without an owner
@@ -483,6 +484,12 @@ cdef inline void kvm_update_page_stats(pt_arena_t *a, int level, int64_t count) 
         a.pages[level - 1] += count
     else:
         a.warn[PT_WARN_BAD_LEVEL] += 1
+
+# The helpers read the old value with one 64-bit load where a 32-bit kernel
+# does a plain (two-instruction) `*sptep`: only mmu_lock holders change the
+# high half, so both see the same value.  Like the kernel (WRITE_ONCE), a
+# new table is published by a plain store of the link: on x86 (TSO) its
+# contents are visible first; the model is x86-only (pt_arena_defs.h).
 
 cdef inline void mmu_spte_set(pt_arena_t *a, sptep_t sptep, uint64_t new_spte) noexcept nogil:
     """Non-present -> present (or -> MMIO).  WARNs if the old value is present."""

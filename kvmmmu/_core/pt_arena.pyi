@@ -58,6 +58,7 @@ class ArenaStats(TypedDict):
     nr_update_clear_spte_fast: int
     nr_update_clear_spte_slow: int
     nr_count_spte_clear: int
+    lockless_retries: int
     nbytes: int
 
 class AuditCounts(TypedDict):

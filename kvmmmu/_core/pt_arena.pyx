@@ -652,6 +652,12 @@ cdef class PtArena:
         self._walk_owner = [None] * nr_vcpus
         self._host_ad = host_ad
 
+    def __repr__(self):
+        return (f"PtArena({self.fmt!r}, {'64' if self.a.host_64bit else '32'}-bit host, "
+                f"era={self.era!r}, base_pfn={self.a.base_pfn:#x}, "
+                f"{self.a.n_chunks}/{self.a.max_chunks} chunks of {self.a.tables_per_chunk}, "
+                f"{self.a.n_sps} sps)")
+
     def __dealloc__(self):
         free(self.a.chunk_base)
         free(self._vcpus_raw)
@@ -1264,6 +1270,8 @@ cdef class PtArena:
         finally:
             if cpu >= 0:
                 self.walk_shadow_page_lockless_end(cpu)
+            if retries:
+                pt_fetch_add64(&a.lockless_retries, retries)
         if bad >= 0:
             raise ValueError(f"spteps[{bad}] = {s[bad]:#x} is not an SPTE of a page this "
                              "arena handed out")
@@ -1327,7 +1335,8 @@ cdef class PtArena:
             rcu_gp_seq=a.rcu_gp_seq, rcu_gps=a.rcu_gps,
             nr_set_spte=a.nr_set, nr_update_clear_spte_fast=a.nr_update_fast,
             nr_update_clear_spte_slow=a.nr_update_slow,
-            nr_count_spte_clear=a.nr_count_spte_clear, nbytes=self.nbytes,
+            nr_count_spte_clear=a.nr_count_spte_clear, lockless_retries=a.lockless_retries,
+            nbytes=self.nbytes,
         )
 
     # -- auditor ----------------------------------------------------------------------
