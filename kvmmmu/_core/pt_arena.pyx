@@ -216,6 +216,11 @@ _BOOL_FIELDS = frozenset(f[0] for f in KVM_MMU_PAGE_FIELDS if f[1] == "?")
 
 # --- pools ------------------------------------------------------------------
 
+cdef enum:
+    PAGE_SIZE_C = 4096
+    SPTES_PER_PAGE_C = 512
+
+
 cdef inline void _push_free_page(pt_arena_t *a, uint64_t tidx) noexcept nogil:
     """Poison page `tidx` and append it to the FIFO free list."""
     cdef pt_slot_meta *m = pt_slot(a, tidx)
@@ -240,10 +245,6 @@ cdef inline void _push_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil:
         a.sp_free_head = sp
     a.sp_free_tail = sp
     a.n_free_sps += 1
-
-cdef enum:
-    PAGE_SIZE_C = 4096
-
 
 cdef int pt_pool_alloc(void *pool, uint64_t *obj) noexcept nogil:
     cdef pt_pool *p = <pt_pool *>pool
@@ -300,10 +301,6 @@ cdef int pt_pool_alloc(void *pool, uint64_t *obj) noexcept nogil:
     a.n_cached_tables += 1
     obj[0] = a.base_pfn + idx
     return 0
-
-cdef enum:
-    SPTES_PER_PAGE_C = 512
-
 
 cdef void pt_pool_free(void *pool, uint64_t obj) noexcept nogil:
     cdef pt_pool *p = <pt_pool *>pool
