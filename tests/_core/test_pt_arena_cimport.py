@@ -1,0 +1,93 @@
+"""pt_arena.pxd is a contract other Cython modules build against.
+
+Compiles a consumer in a temporary directory that cimports the arena, its
+inline SPTE helpers and the walk protocol, runs them without the GIL, and
+checks the result against the Python wrappers (the shadow and TDP MMU
+modules will use the arena exactly this way).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import kvmmmu
+
+CONSUMER = textwrap.dedent("""
+    # cython: language_level=3
+    from libc.stdint cimport uint64_t
+    from kvmmmu._core.pt_arena cimport (
+        PtArena, pt_arena_t, kvm_mmu_page, sptep_to_sp, mmu_spte_set, mmu_spte_update,
+        mmu_spte_get_lockless, mmu_spte_clear_track_bits, walk_shadow_page_lockless_begin,
+        walk_shadow_page_lockless_end, pt_sptep_in_arena,
+    )
+
+    def cycle(PtArena arena, uint64_t sptep, uint64_t spte, uint64_t ro, int vcpu):
+        cdef pt_arena_t *a = &arena.a
+        cdef uint64_t got, old
+        cdef bint flush
+        cdef int count
+        if not pt_sptep_in_arena(a, sptep):
+            raise ValueError("not an arena sptep")
+        with nogil:
+            mmu_spte_set(a, sptep, spte)
+            flush = mmu_spte_update(a, sptep, ro, NULL)
+            walk_shadow_page_lockless_begin(a, vcpu)
+            got = mmu_spte_get_lockless(a, sptep)
+            walk_shadow_page_lockless_end(a, vcpu)
+            old = mmu_spte_clear_track_bits(a, sptep, NULL)
+            count = sptep_to_sp(a, sptep).clear_spte_count
+        return got, flush, old, count
+""")
+
+SETUP = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    from setuptools import Extension, setup
+    from Cython.Build import cythonize
+    core = sys.argv.pop(1)
+    setup(name="arena_consumer", script_args=["build_ext", "--inplace", "-q"],
+          ext_modules=cythonize([Extension("arena_consumer", ["arena_consumer.pyx"],
+                                           include_dirs=[core, np.get_include()],
+                                           extra_compile_args=["-std=gnu11"])],
+                                include_path=[os.path.dirname(os.path.dirname(core))],
+                                quiet=True))
+""")
+
+
+@pytest.fixture(scope="module")
+def consumer(tmp_path_factory):
+    pytest.importorskip("Cython")
+    tmp = tmp_path_factory.mktemp("cimport_arena")
+    (tmp / "arena_consumer.pyx").write_text(CONSUMER)
+    (tmp / "setup.py").write_text(SETUP)
+    core = os.path.join(os.path.dirname(kvmmmu.__file__), "_core")
+    subprocess.run([sys.executable, "setup.py", core], cwd=tmp, check=True, capture_output=True)
+    sys.path.insert(0, str(tmp))
+    try:
+        import arena_consumer
+        yield arena_consumer
+    finally:
+        sys.path.remove(str(tmp))
+
+
+@pytest.mark.parametrize("host_64bit", [True, False])
+def test_consumer_agrees_with_python(consumer, host_64bit):
+    from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
+    from kvmmmu._core.spte import SpteFormat
+    fmt = SpteFormat.legacy(host_64bit=host_64bit)
+    a = PtArena(fmt, tables_per_chunk=4, max_tables=16)
+    pc, hc = MmuMemoryCache(a, "shadow_page"), MmuMemoryCache(a, "page_header")
+    pc.topup(1)
+    hc.topup(1)
+    sp = a.alloc_sp(pc, hc, role=1)
+    s = a.sp_sptep(sp, 17)
+    spte = fmt.make_spte(level=1, pte_access=7, pfn=0x123456789)[0]
+    ro = spte & ~(2 | fmt.shadow_mmu_writable_mask)
+    got, flush, old, count = consumer.cycle(a, s, spte, ro, 0)
+    assert (got, flush, old) == (ro, True, ro)
+    assert count == (0 if host_64bit else 1)
+    assert a.mmu_spte_get_lockless(s) == fmt.SHADOW_NONPRESENT_VALUE
+    assert a.page_stats["pages_4k"] == -1
+    a.audit()
