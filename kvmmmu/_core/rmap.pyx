@@ -878,6 +878,7 @@ cdef tuple _chain_snapshot(uint64_t val):
     return tuple(out)
 
 
+@cython.no_gc_clear
 cdef class RmapHead:
     """One ``struct kvm_rmap_head``: a word in a slot's rmap array (from
     :func:`gfn_to_rmap`) or a shadow page's ``parent_ptes`` (:class:`ParentPtes`).
@@ -1187,6 +1188,7 @@ def _py_kvm_rmap_lock_readonly(RmapHead head not None):
     return _acquire(head, True)
 
 
+@cython.no_gc_clear
 cdef class RmapLock:
     """A held rmap lock (from :func:`kvm_rmap_lock` or
     :func:`kvm_rmap_lock_readonly`).  ``with kvm_rmap_lock(head) as lk: ...``
@@ -1387,8 +1389,10 @@ cdef Py_ssize_t _rmap_add_batch(pte_list_desc_pool *kvm, kvm_mmu_memory_cache *c
                                 const kvm_rmap_slot *slot, int level, const uint64_t *gfns,
                                 const uint64_t *sptes, Py_ssize_t n, uint32_t *counts,
                                 _zap_collector *col, int *err) noexcept nogil:
-    """Each element is one fault: top the cache up to 1 if empty, then
-    rmap_add.  Returns the number of elements done; *err = -ENOMEM on failure."""
+    """rmap_add for each element.  An add that needs a descriptor and finds
+    the cache empty drops the rmap lock, tops the cache up (to capacity) and
+    retries, like a fault that goes back for memory.  Returns the number of
+    elements done; *err = -ENOMEM when the pool cannot supply one."""
     cdef Py_ssize_t i
     cdef kvm_rmap_head *head
     cdef uint64_t v
@@ -1399,18 +1403,19 @@ cdef Py_ssize_t _rmap_add_batch(pte_list_desc_pool *kvm, kvm_mmu_memory_cache *c
     cdef kvm_rmap_head *heads = slot.rmap[level - 1]
     err[0] = 0
     for i in range(n):
-        if cache.nobjs == 0:
-            r = kvm_mmu_topup_memory_cache(cache, 1, pte_list_desc_pool_alloc, kvm)
-            if r != 0:
-                err[0] = r
-                break
         head = &heads[(gfns[i] >> shift) - base_index]
         v = kvm_rmap_lock(head)
         r = __pte_list_add(cache, sptes[i], &v)
         kvm_rmap_unlock(head, v)
         if r < 0:
-            err[0] = r
-            break
+            r = kvm_mmu_topup_memory_cache(cache, 1, pte_list_desc_pool_alloc, kvm)
+            if r == 0:
+                v = kvm_rmap_lock(head)
+                r = __pte_list_add(cache, sptes[i], &v)
+                kvm_rmap_unlock(head, v)
+            if r < 0:
+                err[0] = r
+                break
         counts[i] = <uint32_t>r
         if <uint64_t>r > high:
             high = <uint64_t>r
@@ -1428,9 +1433,9 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
                    int level=1, out=None, zap=None):
     """rmap_add for every ``(gfns[i], sptes[i])``, in order, in one nogil loop.
 
-    Each element is treated as one fault: the cache is topped up (to its
-    capacity) whenever it is empty, then the entry is added.  Validation runs
-    first, so bad input changes nothing.
+    Each element is treated as one fault: when an add needs a descriptor and
+    the cache is empty, the cache is topped up (to its capacity) and the add
+    retried.  Validation runs first, so bad input changes nothing.
 
     Parameters
     ----------
@@ -1753,6 +1758,35 @@ def _debug_store_head(RmapHead head not None, uint64_t value):
     kvm_rmap_set_release(&head.head.val, value)
 
 
+def _debug_poke_desc(RmapHead head not None, int k, str field, uint64_t value, int index=0):
+    """Tests only: overwrite a field of the k-th descriptor of a chain (0 =
+    head descriptor), bypassing every rule; returns the old value."""
+    cdef uint64_t v = kvm_rmap_get(head.head)
+    cdef pte_list_desc *d
+    cdef uint64_t old
+    if not (v & KVM_RMAP_MANY):
+        raise ValueError("the list has no descriptor")
+    d = rmap_val_desc(v)
+    for _ in range(k):
+        d = d.more
+        if d == NULL:
+            raise IndexError(f"the chain has fewer than {k + 1} descriptors")
+    if field == "spte_count":
+        old = d.spte_count
+        d.spte_count = <uint32_t>value
+    elif field == "tail_count":
+        old = d.tail_count
+        d.tail_count = <uint32_t>value
+    elif field == "sptes":
+        if not 0 <= index < PTE_LIST_EXT:
+            raise IndexError(index)
+        old = d.sptes[index]
+        d.sptes[index] = value
+    else:
+        raise ValueError(field)
+    return old
+
+
 def _c_api():
     """PyCapsules of the C entry points, for C/ctypes users and benchmarks."""
     return dict(
@@ -1765,7 +1799,9 @@ def _c_api():
 
 cdef struct _stress_shared:
     uint64_t window_seq          # odd while the writer is mid-update, lock held
+    uint64_t reader_tried_seq    # last odd window_seq during which a reader was blocked / walking
     uint64_t reader_saw_seq      # last odd window_seq a reader finished a walk in
+    uint64_t reader_walks        # walks finished so far (all readers)
     uint64_t stop
     uint64_t readers_ready
 
@@ -1779,20 +1815,39 @@ cdef inline uint64_t _xorshift(uint64_t *s) noexcept nogil:
     return x
 
 
+cdef inline bint _spin_until(uint64_t *p, uint64_t value, bint equal, long spins) noexcept nogil:
+    """Wait (pause, and sched_yield now and then: the threads may share one
+    CPU) until (*p == value) == equal; False after `spins` rounds."""
+    cdef long w
+    for w in range(spins):
+        if (kvmmmu_load_relaxed_u64(p) == value) == equal:
+            return True
+        kvm_rmap_cpu_relax()
+        if w % 64 == 63:
+            sched_yield()
+    return False
+
+
 @cython.no_gc_clear
 cdef class _LockStress:
     """Real-thread test bench for the rmap lock (tests and benchmarks only).
 
     One head holds the entries ``base + 8*i`` for ``i < n_entries`` whenever it
-    is unlocked.  :meth:`run_writer` repeatedly takes the writer lock, removes
-    ``k`` entries (each removal moves entries inside the chain and may free the
-    head descriptor), opens a *window* (``window_seq`` odd) and waits up to
-    ``wait_spins`` pauses for a reader to finish a walk inside it, then adds
-    the entries back and publishes.  So the chain is half-updated while the
-    window is open.  :meth:`run_reader` walks the chain until stopped, either
-    under kvm_rmap_lock_readonly (``locked=True``) or with bare loads, and
-    counts walks that saw anything but the published state: wrong entry set,
-    wrong count, broken structure.
+    is unlocked.  Each :meth:`run_writer` iteration takes the writer lock,
+    removes ``k`` entries (removals move entries inside the chain and may free
+    the head descriptor), opens a *window* (``window_seq`` odd), waits for a
+    reader to arrive, closes the window, adds the entries back and publishes
+    with the unlock.  The chain is half-updated while the window is open.
+
+    :meth:`run_reader` walks the chain until stopped, under the read-only lock
+    (``locked=True``) or with bare loads, and counts walks that saw anything
+    but the published state (entry set, count, structure).
+
+    Handshakes make the overlap certain even when both threads share one CPU:
+    a locked reader that finds the lock held reports the open window while it
+    spins, and the writer waits for that report, then (after unlocking) for
+    the reader's next walk; a bare reader reports the windows it walked in,
+    and the writer waits for a whole walk inside the window.
     """
     cdef _stress_shared s
     cdef readonly ParentPtes head
@@ -1813,18 +1868,12 @@ cdef class _LockStress:
         for i in range(n_entries):
             _py_pte_list_add(cache, base + 8 * i, self.head)
 
-    def stop(self):
-        kvmmmu_store_relaxed_u64(&self.s.stop, 1)
-
-    def reset(self):
-        memset(&self.s, 0, sizeof(self.s))
-
     def run_writer(self, PteListDescCache cache not None, long iters, int k=5,
-                   long wait_spins=100000, uint64_t seed=12345, int readers=1):
-        """Returns the number of windows a reader finished a walk in."""
-        cdef long it, w
+                   long wait_spins=1000000, bint naive_reader=False, uint64_t seed=12345):
+        """Returns the number of windows in which the reader handshake completed."""
+        cdef long it
         cdef int j, t
-        cdef uint64_t v, rng = seed | 1, seq
+        cdef uint64_t v, rng = seed | 1, seq, walks
         cdef uint64_t removed[64]
         cdef uint64_t mask
         cdef long windows_seen = 0
@@ -1834,7 +1883,7 @@ cdef class _LockStress:
             raise ValueError("k must be 1..n_entries-1")
         _check_same_pool(cache, self.pool)
         with nogil:
-            while kvmmmu_load_relaxed_u64(&self.s.readers_ready) < <uint64_t>readers:
+            while kvmmmu_load_relaxed_u64(&self.s.readers_ready) == 0:
                 kvm_rmap_cpu_relax()
             for it in range(iters):
                 kvm_mmu_topup_memory_cache(&cache.mc, k + 1, pte_list_desc_pool_alloc, kvm)
@@ -1850,15 +1899,22 @@ cdef class _LockStress:
                     __pte_list_remove(kvm, removed[j], &v)
                 seq = kvmmmu_load_relaxed_u64(&self.s.window_seq) + 1
                 kvmmmu_store_relaxed_u64(&self.s.window_seq, seq)          # odd: open
-                for w in range(wait_spins):
-                    if kvmmmu_load_relaxed_u64(&self.s.reader_saw_seq) == seq:
+                if naive_reader:
+                    # A bare reader reports after walking inside this window.
+                    if _spin_until(&self.s.reader_saw_seq, seq, True, wait_spins):
                         windows_seen += 1
-                        break
-                    kvm_rmap_cpu_relax()
+                else:
+                    # A locked reader reports while it spins on our lock.
+                    if _spin_until(&self.s.reader_tried_seq, seq, True, wait_spins):
+                        windows_seen += 1
                 kvmmmu_store_relaxed_u64(&self.s.window_seq, seq + 1)      # even: closed
                 for j in range(k):
                     __pte_list_add(&cache.mc, removed[j], &v)
+                walks = kvmmmu_load_relaxed_u64(&self.s.reader_walks)
                 kvm_rmap_unlock(head, v)
+                if not naive_reader:
+                    # Let the blocked reader take the lock and walk before we relock.
+                    _spin_until(&self.s.reader_walks, walks, False, wait_spins)
             kvmmmu_store_relaxed_u64(&self.s.stop, 1)
         return windows_seen
 
@@ -1867,7 +1923,8 @@ cdef class _LockStress:
         (lock attempts that found the bit held), in_window (walks started
         while a window was open), unlock_errors (read-only unlock saw a change)."""
         cdef long walks = 0, bad = 0, contended = 0, in_window = 0, unlock_errors = 0
-        cdef uint64_t seq, v
+        cdef long spins
+        cdef uint64_t seq, v, probe
         cdef kvm_rmap_head *head = self.head.head
         with nogil:
             kvmmmu_fetch_add_u64(&self.s.readers_ready, 1)
@@ -1876,9 +1933,21 @@ cdef class _LockStress:
                 if seq & 1:
                     in_window += 1
                 if locked:
+                    # kvm_rmap_lock_readonly, spelled out as its cmpxchg loop so
+                    # that a reader blocked on the writer can report the window.
                     if not __kvm_rmap_trylock(head, &v):
                         contended += 1
-                        v = kvm_rmap_lock_readonly(head)
+                        spins = 0
+                        while True:
+                            probe = kvmmmu_load_relaxed_u64(&self.s.window_seq)
+                            if probe & 1:
+                                kvmmmu_store_relaxed_u64(&self.s.reader_tried_seq, probe)
+                            if __kvm_rmap_trylock(head, &v):
+                                break
+                            kvm_rmap_cpu_relax()
+                            spins += 1
+                            if spins % 64 == 0:
+                                sched_yield()
                     if not self._walk_ok(v, False):
                         bad += 1
                     if kvm_rmap_unlock_readonly(head, v) != 0:
@@ -1887,9 +1956,10 @@ cdef class _LockStress:
                     v = kvmmmu_load_relaxed_u64(&head.val) & ~KVM_RMAP_LOCKED
                     if not self._walk_ok(v, True):
                         bad += 1
+                    if seq & 1:
+                        kvmmmu_store_relaxed_u64(&self.s.reader_saw_seq, seq)
                 walks += 1
-                if seq & 1:
-                    kvmmmu_store_relaxed_u64(&self.s.reader_saw_seq, seq)
+                kvmmmu_fetch_add_u64(&self.s.reader_walks, 1)
         return dict(walks=walks, bad_walks=bad, contended=contended, in_window=in_window,
                     unlock_errors=unlock_errors)
 
