@@ -1876,7 +1876,8 @@ cdef class _LockStress:
         cdef uint64_t v, rng = seed | 1, seq, walks
         cdef uint64_t removed[64]
         cdef uint64_t mask
-        cdef long windows_seen = 0
+        cdef long windows_seen = 0, misses = 0
+        cdef bint ok
         cdef kvm_rmap_head *head = self.head.head
         cdef pte_list_desc_pool *kvm = &self.pool.c
         if k < 1 or k >= self.n_entries:
@@ -1901,12 +1902,15 @@ cdef class _LockStress:
                 kvmmmu_store_relaxed_u64(&self.s.window_seq, seq)          # odd: open
                 if naive_reader:
                     # A bare reader reports after walking inside this window.
-                    if _spin_until(&self.s.reader_saw_seq, seq, True, wait_spins):
-                        windows_seen += 1
+                    ok = _spin_until(&self.s.reader_saw_seq, seq, True, wait_spins)
                 else:
                     # A locked reader reports while it spins on our lock.
-                    if _spin_until(&self.s.reader_tried_seq, seq, True, wait_spins):
-                        windows_seen += 1
+                    ok = _spin_until(&self.s.reader_tried_seq, seq, True, wait_spins)
+                if ok:
+                    windows_seen += 1
+                    misses = 0
+                else:
+                    misses += 1
                 kvmmmu_store_relaxed_u64(&self.s.window_seq, seq + 1)      # even: closed
                 for j in range(k):
                     __pte_list_add(&cache.mc, removed[j], &v)
@@ -1915,6 +1919,8 @@ cdef class _LockStress:
                 if not naive_reader:
                     # Let the blocked reader take the lock and walk before we relock.
                     _spin_until(&self.s.reader_walks, walks, False, wait_spins)
+                if misses >= 10:
+                    break                   # the reader does not show up: give up early
             kvmmmu_store_relaxed_u64(&self.s.stop, 1)
         return windows_seen
 
