@@ -373,5 +373,6 @@ cdef class RmapLock:
     cdef readonly bint readonly          # taken with kvm_rmap_lock_readonly
     cdef readonly bint held              # unlock() not yet called
     cdef readonly bint locked            # the lock bit was really taken (head was non-empty)
+    cdef object owner                    # thread id of the holder (lock bookkeeping)
     cdef int _check_held(self) except -1
     cdef int _check_writer(self) except -1

@@ -424,14 +424,14 @@ cdef void _collect_zap(void *ctx, sptep_t sptep) noexcept nogil:
 
 # Heads locked through RmapLock guards (and during zap callbacks), so that a
 # Python call on a head this thread holds raises instead of spinning forever.
-# Maps head address -> (thread id, "read-only" | "write").
+# Maps (head address, thread id) -> "read-only" | "write" | ...
 _held_locks = {}
 
 
 cdef int _check_not_held_by_me(uintptr_t addr) except -1:
-    cdef object who = _held_locks.get(addr)
-    if who is not None and who[0] == _get_ident():
-        raise RmapLockError(f"rmap head {addr:#x} is locked ({who[1]}) by this thread; "
+    cdef object mode = _held_locks.get((addr, _get_ident()))
+    if mode is not None:
+        raise RmapLockError(f"rmap head {addr:#x} is locked ({mode}) by this thread; "
                             f"use the RmapLock object, or unlock first")
     return 0
 
@@ -440,8 +440,8 @@ cdef int _check_no_lock_held_by_me() except -1:
     cdef object me
     if _held_locks:
         me = _get_ident()
-        for addr, who in _held_locks.items():
-            if who[0] == me:
+        for addr, ident in list(_held_locks):
+            if ident == me:
                 raise RmapLockError(f"this thread holds the lock of rmap head {addr:#x}; "
                                     f"batch calls would spin on it forever")
     return 0
@@ -1111,7 +1111,8 @@ cdef int _call_zaps(object zap, sptep_t *buf, size_t n, uintptr_t addr, bint und
     cdef size_t i
     first_exc = None
     if under_lock:
-        _held_locks[addr] = (_get_ident(), "write (zap callback)")
+        key = (addr, _get_ident())
+        _held_locks[key] = "write (zap callback)"
     try:
         for i in range(n):
             try:
@@ -1121,7 +1122,7 @@ cdef int _call_zaps(object zap, sptep_t *buf, size_t n, uintptr_t addr, bint und
                     first_exc = e
     finally:
         if under_lock:
-            _held_locks.pop(addr, None)
+            _held_locks.pop(key, None)
     if first_exc is not None:
         raise first_exc
     return 0
@@ -1170,7 +1171,8 @@ cdef RmapLock _acquire(RmapHead head, bint readonly):
     g.val = _lock_py(head.head)
     g.held = True
     g.locked = g.val != 0
-    _held_locks[<uintptr_t>head.head] = (_get_ident(), "read-only" if readonly else "write")
+    g.owner = _get_ident()
+    _held_locks[(<uintptr_t>head.head, g.owner)] = "read-only" if readonly else "write"
     return g
 
 
@@ -1212,7 +1214,7 @@ cdef class RmapLock:
     def __dealloc__(self):
         if self.held:                   # forgotten guard: do not leave the bit set
             self.held = False
-            _held_locks.pop(<uintptr_t>self.head.head, None)
+            _held_locks.pop((<uintptr_t>self.head.head, self.owner), None)
             if self.readonly:
                 kvm_rmap_unlock_readonly(self.head.head, self.val)
             else:
@@ -1279,7 +1281,7 @@ cdef class RmapLock:
         cdef int r = 0
         self._check_held()
         self.held = False
-        _held_locks.pop(<uintptr_t>self.head.head, None)
+        _held_locks.pop((<uintptr_t>self.head.head, self.owner), None)
         if self.readonly:
             r = kvm_rmap_unlock_readonly(self.head.head, self.val)
         else:
@@ -1313,8 +1315,9 @@ def _py_rmap_add(PteListDescCache cache not None, RmapSlot slot not None, uint64
     -------
     int
         Entries before the add.  Above RMAP_RECYCLE_THRESHOLD (1000) the whole
-        list, new entry included, was zapped: ``zap(sptep)`` was called for each
-        entry (after the list was emptied) and the caller must flush.
+        list, new entry included, was zapped (kvm_zap_all_rmap_sptes):
+        ``zap(sptep)`` was called for each entry with the rmap lock held, and
+        the caller must flush.
 
     Raises InvalidLevelError, GfnOutOfSlotError, InvalidSptepError, ValueError
     (cache of another pool), KvmNoMemoryError (empty cache; nothing changed).
@@ -1437,9 +1440,7 @@ cdef Py_ssize_t _rmap_add_batch(pte_list_desc_pool *kvm, kvm_mmu_memory_cache *c
         counts[i] = <uint32_t>r
         if <uint64_t>r > high:
             high = <uint64_t>r
-            if r > RMAP_RECYCLE_THRESHOLD:
-                kvm_zap_all_rmap_sptes(kvm, head, _collect_zap, col)
-        elif r > RMAP_RECYCLE_THRESHOLD:
+        if r > RMAP_RECYCLE_THRESHOLD:
             kvm_zap_all_rmap_sptes(kvm, head, _collect_zap, col)
     else:
         i = n

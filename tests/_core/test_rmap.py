@@ -634,6 +634,35 @@ def test_lock_protocol_single_thread(vm):
     audit(slot)
 
 
+def test_python_threads_wait_for_a_held_lock(vm):
+    """A Python thread holding a writer lock makes another thread's call wait
+    (spinning without the GIL), not fail and not deadlock."""
+    import time
+    pool, cache, slot = vm
+    head = gfn_to_rmap(0x300, 1, slot)
+    for n in range(3):
+        pte_list_add(cache, sptep(n), head)
+    other_cache = PteListDescCache(pool)
+    other_cache.topup()
+    locked, order = threading.Event(), []
+
+    def holder():
+        with rmap.kvm_rmap_lock(head) as lk:
+            lk.add(cache, sptep(10))
+            locked.set()
+            time.sleep(0.05)
+            order.append("holder done")
+
+    def waiter():
+        locked.wait()
+        n = pte_list_add(other_cache, sptep(11), head)      # blocks until the unlock
+        order.append(("waiter", n))
+    run_threads((holder, ()), (waiter, ()))
+    assert order == ["holder done", ("waiter", 4)]
+    assert pte_list_count(head) == 5 and not rmap._held_locks
+    audit(slot)
+
+
 def run_threads(*targets):
     results = [None] * len(targets)
 
