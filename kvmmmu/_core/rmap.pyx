@@ -1,7 +1,7 @@
 """KVM's PTE lists and rmaps (Linux v6.18 ``arch/x86/kvm/mmu/mmu.c``), in C.
 
 The shadow MMU finds every SPTE that maps a gfn through *rmaps*: per memslot,
-per level, one :class:`kvm_rmap_head` word per (huge) frame.  A head is empty
+per level, one ``kvm_rmap_head`` word per (huge) frame.  A head is empty
 (0), holds one sptep inline, or (bit 0, ``KVM_RMAP_MANY``) points at a chain of
 128-byte ``pte_list_desc`` blocks of 14 entries each.  The same list code holds
 each shadow page's ``parent_ptes``.  Facts: ``../shared/reference/rmap.md``.
@@ -52,9 +52,8 @@ Validation errors leave every rmap unchanged.
 """
 
 cimport cython
-from cpython.pycapsule cimport PyCapsule_New
-from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
-from libc.stdlib cimport malloc, free, realloc
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, realloc
 from libc.string cimport memset
 
 from kvmmmu._core.types cimport sptep_t
@@ -569,19 +568,20 @@ cdef class PteListDescPool:
         self.c.chunks = NULL
         self.c.nr_chunks = 0
 
-    property capacity:
+    @property
+    def capacity(self):
         """Limit on live descriptors (None: unlimited).  May be lowered below
         ``nr_active``: only further allocations fail."""
-        def __get__(self):
-            return None if self.c.capacity == 0 else self.c.capacity
+        return None if self.c.capacity == 0 else self.c.capacity
 
-        def __set__(self, value):
-            if value is None:
-                self.c.capacity = 0
-            elif not isinstance(value, int) or value < 1:
-                raise ValueError(f"capacity must be a positive int or None, not {value!r}")
-            else:
-                self.c.capacity = value
+    @capacity.setter
+    def capacity(self, value):
+        if value is None:
+            self.c.capacity = 0
+        elif not isinstance(value, int) or value < 1:
+            raise ValueError(f"capacity must be a positive int or None, not {value!r}")
+        else:
+            self.c.capacity = value
 
     def fail_after(self, n):
         """Fault injection: let ``n`` more allocations succeed, then fail every
@@ -1804,14 +1804,6 @@ def _debug_poke_desc(RmapHead head not None, int k, str field, uint64_t value, i
     else:
         raise ValueError(field)
     return old
-
-
-def _c_api():
-    """PyCapsules of the C entry points, for C/ctypes users and benchmarks."""
-    return dict(
-        pte_list_add=PyCapsule_New(<void *>pte_list_add, b"pte_list_add", NULL),
-        pte_list_remove=PyCapsule_New(<void *>pte_list_remove, b"pte_list_remove", NULL),
-    )
 
 
 # ------------------------------------------------------------------ lock stress harness (tests)
