@@ -74,6 +74,8 @@ import warnings
 
 import numpy as np
 
+from kvmmmu.errors import KvmNoMemoryError
+
 from kvmmmu._core.memcache cimport (
     KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, KVMMMU_ENOMEM, kvm_mmu_free_memory_cache,
     kvm_mmu_memory_cache, kvm_mmu_memory_cache_alloc, kvm_mmu_memory_cache_init,
@@ -133,12 +135,6 @@ _WARN_TEXT = (
     "(WARN_ON_ONCE)",
     "kvm_update_page_stats: level outside 4K..1G (model check)",
 )
-
-
-class KvmNoMemoryError(MemoryError):
-    """-ENOMEM from a memory cache: the arena's capacity (``max_tables``) is
-    exhausted, or a cache was empty when an object was needed.  The arena is
-    unchanged when this is raised."""
 
 
 class KvmUseAfterFreeError(RuntimeError):

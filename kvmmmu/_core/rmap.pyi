@@ -20,10 +20,7 @@ MAX_GFN: int                           # 1 << 40
 ZapCallback = Callable[[int], Any]
 
 
-class KvmNoMemoryError(MemoryError):
-    done: int | None
-    def __init__(self, msg: str, done: int | None = ...) -> None: ...
-
+from kvmmmu.errors import KvmNoMemoryError as KvmNoMemoryError
 
 class RmapDataCorruptionError(RuntimeError):
     index: int | None

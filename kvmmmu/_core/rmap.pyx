@@ -66,6 +66,8 @@ from threading import get_ident as _get_ident
 
 import numpy as np
 
+from kvmmmu.errors import KvmNoMemoryError
+
 cdef extern from "<stdlib.h>" nogil:
     void *aligned_alloc(size_t alignment, size_t size)
 
@@ -77,19 +79,6 @@ cdef extern from *:
 
 
 # ------------------------------------------------------------------ exceptions
-
-class KvmNoMemoryError(MemoryError):
-    """-ENOMEM: the descriptor pool's capacity is exhausted (or a failure was
-    injected), or a vCPU cache was used empty inside a fault.
-
-    ``done`` is set by batch calls: the number of leading elements applied
-    before the failure (each element is one fault; earlier ones stay done).
-    """
-
-    def __init__(self, msg, done=None):
-        super().__init__(msg)
-        self.done = done
-
 
 class RmapDataCorruptionError(RuntimeError):
     """The kernel's KVM_BUG_ON_DATA_CORRUPTION in ``pte_list_remove``: the
