@@ -518,6 +518,8 @@ cdef int update_accessed_dirty_bits(gw_mmu_t *mmu, guest_walker_t *w, bint write
     cdef uint64_t pte, orig, cur
     cdef uint64_t a_mask = (<uint64_t>1) << a_shift
     cdef uint64_t d_mask = (<uint64_t>1) << d_shift
+    if not mmu.have_ad:
+        return 0                                  # EPT without A/D: nothing to update
     for level in range(w.max_level, w.level - 1, -1):
         pte = orig = w.ptes[level - 1]
         if not (pte & a_mask):
