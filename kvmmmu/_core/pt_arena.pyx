@@ -74,6 +74,7 @@ import warnings
 
 import numpy as np
 
+from kvmmmu._core._checks import check_array as _check_array, out_array as _out_array
 from kvmmmu.errors import KvmNoMemoryError
 
 from kvmmmu._core.memcache cimport (
@@ -505,17 +506,6 @@ cdef object _cache_kind(object kind):
     if kind in CACHE_KINDS.values():
         return int(kind)
     raise ValueError(f"kind must be one of {sorted(CACHE_KINDS)}, not {kind!r}")
-
-
-def _check_u64_array(name, arr):
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of uint64, not {type(arr).__name__}")
-    if arr.dtype != np.uint64:
-        raise TypeError(f"{name} must have dtype uint64, not {arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, not {arr.ndim}-d")
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
 
 
 class _LocklessWalk:
@@ -1232,14 +1222,9 @@ cdef class PtArena:
         A page that is not a live table (e.g. still in a memory cache) reads
         as whatever it holds.  Returns `out`.
         """
-        _check_u64_array("spteps", spteps)
+        _check_array("spteps", spteps)
         cdef Py_ssize_t n = spteps.shape[0], i, bad = -1, poisoned = -1
-        if out is None:
-            out = np.empty(n, dtype=np.uint64)
-        else:
-            _check_u64_array("out", out)
-            if out.shape[0] != n or not out.flags.writeable:
-                raise ValueError(f"out must be a writable uint64 array of shape ({n},)")
+        out = _out_array("out", out, n, np.uint64)
         if n == 0:
             return out
         cdef const uint64_t[::1] s = spteps

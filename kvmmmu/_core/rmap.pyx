@@ -66,6 +66,7 @@ from threading import get_ident as _get_ident
 
 import numpy as np
 
+from kvmmmu._core._checks import check_array as _check_array, export, out_array as _out_array
 from kvmmmu.errors import KvmNoMemoryError
 
 cdef extern from "<stdlib.h>" nogil:
@@ -476,41 +477,12 @@ cdef inline int _check_same_pool(PteListDescCache cache, PteListDescPool pool) e
     return 0
 
 
-def _check_array(name, arr):
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of uint64, not {type(arr).__name__}")
-    if arr.dtype != np.uint64:
-        raise TypeError(f"{name} must have dtype uint64, not {arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, not {arr.ndim}-d")
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
-    return arr
-
-
-def _out_array(name, out, Py_ssize_t n, dtype):
-    if out is None:
-        return np.zeros(n, dtype=dtype)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, not {type(out).__name__}")
-    if out.dtype != np.dtype(dtype):
-        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, not {out.dtype}")
-    if out.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},), not {out.shape}")
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError(f"{name} must be C-contiguous and writable")
-    return out
-
-
 # The C functions in rmap.pxd carry the kernel's names, so the Python wrappers
 # are defined under private names and published under the kernel's names.
 
 def _export(name):
-    def publish(func):
-        func.__name__ = func.__qualname__ = name
-        globals()[name] = func
-        return func
-    return publish
+    return export(globals(), name)
+
 
 
 # ------------------------------------------------------------------ Python classes

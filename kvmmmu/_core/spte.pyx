@@ -24,6 +24,8 @@ from libc.stdint cimport uint8_t, uint64_t
 
 import numpy as np
 
+from kvmmmu._core._checks import check_array as _check_array, export, out_array as _out_array
+
 cnp.import_array()
 
 # --- constants, re-exported as Python ints ---------------------------------
@@ -104,46 +106,12 @@ cdef inline unsigned int _access(object access, str name="pte_access") except? 0
     return <unsigned int>access
 
 
-def _check_array(name, arr, writable=False):
-    """Check that `arr` is a C-contiguous uint64 ndarray (writable if asked)."""
-    if not isinstance(arr, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of uint64, not {type(arr).__name__}")
-    if arr.dtype != np.uint64:
-        raise TypeError(f"{name} must have dtype uint64, not {arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, not {arr.ndim}-d")
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
-    if writable and not arr.flags.writeable:
-        raise ValueError(f"{name} must be writable")
-    return arr
-
-
-def _out_array(name, out, Py_ssize_t n, dtype):
-    if out is None:
-        return np.empty(n, dtype=dtype)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, not {type(out).__name__}")
-    if out.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, not {out.dtype}")
-    if out.ndim != 1 or out.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},), not {out.shape}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError(f"{name} must be C-contiguous and writable")
-    return out
-
-
 # --- format-independent helpers --------------------------------------------
 #
 # The C helpers in spte.pxd carry the kernel's names, so the Python wrappers
 # are defined under private names and published under the kernel's names.
-
 def _export(name):
-    def publish(func):
-        func.__name__ = func.__qualname__ = name
-        globals()[name] = func
-        return func
-    return publish
+    return export(globals(), name)
 
 
 @_export("is_shadow_present_pte")
