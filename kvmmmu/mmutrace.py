@@ -59,7 +59,8 @@ Printing rules taken from the kernel
   print what the kernel prints for ``%px``: the raw value as 16 zero-padded
   lower-case hex digits without ``0x``.  That equals the live text for NULL,
   and for every value when ``hash-ptr`` is off; a hashed live value cannot
-  be reproduced.  (kvmmmu's "pointers" are arena indices anyway.)
+  be reproduced.  (kvmmmu's SPTE "pointers" are the model's host physical
+  addresses of SPTEs, see kvmmmu/_core/types.pxd.)
 """
 from __future__ import annotations
 
@@ -777,7 +778,8 @@ def kvm_mmu_set_spte_fields(level: int, gfn: int, spte: int, sptep: int, *,
         The new SPTE, the gfn it maps and its level.
     sptep : int
         Where the SPTE lives (the kernel records the physical address of
-        the SPTE; kvmmmu callers pass their own SPTE address/index).
+        the SPTE; kvmmmu passes its ``sptep``, the SPTE's host physical
+        address in the model, see kvmmmu/_core/types.pxd).
     present_mask, user_mask, x_mask, nx_mask : int
         The VM's ``shadow_present_mask``, ``shadow_user_mask``,
         ``shadow_x_mask`` and ``shadow_nx_mask``.

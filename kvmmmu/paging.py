@@ -810,9 +810,15 @@ class GuestMmu:
             ``exit_qualification`` (EPT), ``retries``.
         """
         acc = _check_access(access)
-        arr = np.ascontiguousarray(gvas, dtype=np.uint64)
-        if arr.ndim != 1:
-            raise AccessError(f"gvas must be 1-d, not {arr.ndim}-d")
+        # No silent conversion: a float or signed array would be truncated or
+        # wrap, so only uint64 is accepted (as everywhere in the batch API).
+        if not isinstance(gvas, np.ndarray):
+            raise TypeError(f"gvas must be a numpy.ndarray of uint64, not {type(gvas).__name__}")
+        if gvas.dtype != np.uint64:
+            raise TypeError(f"gvas must have dtype uint64, not {gvas.dtype}")
+        if gvas.ndim != 1:
+            raise AccessError(f"gvas must be 1-d, not {gvas.ndim}-d")
+        arr = np.ascontiguousarray(gvas)
         if self._gva_limit != _U64 and arr.size and int(arr.max()) > self._gva_limit:
             raise AccessError("a gva does not fit 32 bits outside long mode")
         return self._ctx.walk_array(arr, acc, out)

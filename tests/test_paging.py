@@ -503,3 +503,18 @@ def test_guest_cpu_model_from_cpuid():
         vendor="amd", maxphyaddr=39, gbpages=True, nx=True, smep=True, smap=True, pku=True,
         la57=False, lm=True)
     assert P.GuestCpuModel.from_cpuid([]).maxphyaddr == 36
+
+
+def test_walk_array_refuses_arrays_it_would_have_to_convert():
+    # A float gva would be truncated and a negative int64 would wrap: refused.
+    m = Mem()
+    long_tables(m)
+    mmu = P.GuestMmu(m.mem, P.CpuState.long_mode(cr3=0x1000), INTEL)
+    before = m.ram.copy()
+    with pytest.raises(TypeError, match="gvas must have dtype uint64, not float64"):
+        mmu.walk_array(np.array([4096.7]))
+    with pytest.raises(TypeError, match="gvas must have dtype uint64, not int64"):
+        mmu.walk_array(np.array([-1], np.int64))
+    with pytest.raises(TypeError, match="gvas must be a numpy.ndarray"):
+        mmu.walk_array([0x1000])
+    assert np.array_equal(m.ram, before)
