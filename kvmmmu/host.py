@@ -1401,19 +1401,41 @@ class HostMm:
                 if (lv[pres] != v.hugetlb).any():
                     bad.append(f"{tag}: hugetlb page mapped below its size")
                 del leaf
-            mapped.append(v.pfn[pres & ~zero])
-        allp = np.concatenate(mapped) if mapped else np.empty(0, dtype=np.uint64)
-        if allp.size != np.unique(allp).size:
-            bad.append("a pfn is mapped twice")
-        free = self.phys.free_pfn_array()
-        if np.intersect1d(allp, free).size:
-            bad.append("a mapped pfn is on a free list")
-        if free.size != np.unique(free).size:
-            bad.append("a pfn is free twice")
+            # mapped memory as pfn ranges: one per huge leaf, one per 4K page
+            in_leaf = np.zeros(v.npages, dtype=bool)
+            for leaf, shift in ((v.pmd_leaf, PMD_SHIFT), (v.pud_leaf, PUD_SHIFT)):
+                n = 1 << (shift - PAGE_SHIFT)
+                for k in np.flatnonzero(leaf):
+                    f0 = ((v.start >> shift) + int(k)) << shift
+                    if v.start <= f0 and f0 + (1 << shift) <= v.end:
+                        j = (f0 - v.start) >> PAGE_SHIFT
+                        in_leaf[j:j + n] = True
+                        mapped.append((v.pfn[j:j + 1], np.full(1, n, dtype=np.uint64)))
+            small = v.pfn[pres & ~zero & ~in_leaf]
+            mapped.append((small, np.ones(small.size, dtype=np.uint64)))
+        nmapped = int(sum(int(l.sum()) for _, l in mapped))
+        free = [(a, np.ones(a.size, dtype=np.uint64)) for a in self.phys._free0]
+        for o, lst in self.phys._free_huge.items():
+            if lst:
+                free.append((np.array(lst, dtype=np.uint64), np.full(len(lst), 1 << o, dtype=np.uint64)))
+        parts = [(a, l, np.zeros(a.size, dtype=np.uint8)) for a, l in mapped] + \
+                [(a, l, np.ones(a.size, dtype=np.uint8)) for a, l in free]
+        if parts:
+            st = np.concatenate([p[0] for p in parts])
+            ln = np.concatenate([p[1] for p in parts])
+            kind = np.concatenate([p[2] for p in parts])
+            order = np.argsort(st, kind="stable")
+            st, ln, kind = st[order], ln[order], kind[order]
+            over = np.flatnonzero(st[1:] < st[:-1] + ln[:-1])
+            if over.size:
+                i = int(over[0])
+                what = {(0, 0): "a pfn is mapped twice", (1, 1): "a pfn is free twice"}.get(
+                    (int(kind[i]), int(kind[i + 1])), "a mapped pfn is on a free list")
+                bad.append(f"{what} (pfn {int(st[i + 1]):#x})")
         poisoned = self._poisoned
         kern = self.phys.nr_kernel
-        if not self.dead and self.phys.nr_allocated != allp.size + 1 + poisoned + kern:
-            bad.append(f"allocated pages {self.phys.nr_allocated} != mapped {allp.size} "
+        if not self.dead and self.phys.nr_allocated != nmapped + 1 + poisoned + kern:
+            bad.append(f"allocated pages {self.phys.nr_allocated} != mapped {nmapped} "
                        f"+ zero page + {poisoned} poisoned + {kern} kernel")
         if self.phys.nr_allocated + self.phys.nr_free != self.phys.carved:
             bad.append("allocator: allocated + free != carved")

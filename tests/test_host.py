@@ -173,3 +173,23 @@ def test_from_system_reads_this_machine():
     hc = HostConfig.from_system()
     assert 32 <= hc.maxphyaddr <= 52
     assert hc.tdp in ("ept", "npt", None)
+
+
+def test_audit_catches_corruption():
+    mm = HostMm(HostConfig())
+    hva = mm.mmap(4 * MiB, thp=True, populate=True)
+    small = mm.mmap(64 * 1024, populate=True)
+    assert mm.audit() == []
+    v = mm.find_vma(small)
+    v.pfn[3] = v.pfn[4]
+    assert any("mapped twice" in p for p in mm.audit())
+    v.pfn[3] = mm.follow_pte(hva)[0] + 7                  # inside a THP
+    assert any("mapped twice" in p for p in mm.audit())
+    mm2 = HostMm(HostConfig())
+    h = mm2.mmap(64 * 1024, populate=True)
+    mm2.phys.free_pages(mm2.find_vma(h).pfn[2:3])
+    assert any("free list" in p for p in mm2.audit())
+    mm3 = HostMm(HostConfig())
+    h = mm3.mmap(4 * MiB, thp=True, populate=True)
+    mm3.find_vma(h).pfn[7] += 1                           # breaks contiguity
+    assert any("contiguous" in p for p in mm3.audit())
