@@ -51,6 +51,7 @@ the ranges and the OR of the answers are the same).
 """
 from __future__ import annotations
 
+import bisect
 import enum
 import os
 import re
@@ -715,15 +716,13 @@ class HostMm:
     # -- VMAs ------------------------------------------------------------------
     def find_vma(self, hva: int) -> Vma | None:
         """The VMA containing hva, or None."""
-        lo, hi = 0, len(self.vmas)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.vmas[mid].end <= hva:
-                lo = mid + 1
-            else:
-                hi = mid
-        if lo < len(self.vmas) and self.vmas[lo].start <= hva:
-            return self.vmas[lo]
+        vmas = self.vmas
+        if len(vmas) == 1:
+            v = vmas[0]
+            return v if v.start <= hva < v.end else None
+        i = bisect.bisect_right([v.start for v in vmas], hva) - 1
+        if i >= 0 and hva < vmas[i].end:
+            return vmas[i]
         return None
 
     def vmas_in(self, start, end) -> list[Vma]:
@@ -802,25 +801,39 @@ class HostMm:
         """``host_pfn_mapping_level``: PG_LEVEL_1G if a PUD leaf maps hva,
         PG_LEVEL_2M for a PMD leaf, else PG_LEVEL_4K (also when nothing is
         mapped).  Callers must be tied into the notifiers (shadow-mmu.md §16.2)."""
-        r = self.follow_pte(hva)
-        return PG_LEVEL_4K if r is None else r[1]
+        v = self.find_vma(hva)
+        if v is None:
+            return PG_LEVEL_4K
+        if v.pud_leaf[(hva >> PUD_SHIFT) - (v.start >> PUD_SHIFT)]:
+            return PG_LEVEL_1G
+        if v.pmd_leaf[(hva >> PMD_SHIFT) - (v.start >> PMD_SHIFT)]:
+            return PG_LEVEL_2M
+        return PG_LEVEL_4K
 
     def host_pfn_mapping_level_array(self, hvas) -> np.ndarray:
-        """Batch form: ``uint8`` levels for an array of hvas (one pass per VMA)."""
-        hvas = np.asarray(hvas, dtype=np.uint64)
-        out = np.ones(hvas.shape, dtype=np.uint8)
-        h = hvas.astype(np.int64, copy=False) if hvas.size else hvas
-        for v in self.vmas:
-            m = (hvas >= np.uint64(v.start)) & (hvas < np.uint64(v.end))
-            if not m.any():
-                continue
-            hh = h[m]
-            idx = (hh - v.start) >> PAGE_SHIFT
-            lvl = np.ones(hh.shape, dtype=np.uint8)
-            lvl[v.pmd_leaf[(hh >> PMD_SHIFT) - (v.start >> PMD_SHIFT)]] = PG_LEVEL_2M
-            lvl[v.pud_leaf[(hh >> PUD_SHIFT) - (v.start >> PUD_SHIFT)]] = PG_LEVEL_1G
-            lvl[(v.pte[idx] & PTE_PRESENT) == 0] = PG_LEVEL_4K
-            out[m] = lvl
+        """Batch form: ``uint8`` levels for an array of hvas.  A huge leaf is
+        always present, so only the per-frame leaf flags are read."""
+        h = np.asarray(hvas)
+        if h.dtype != np.int64:
+            h = h.astype(np.int64)
+        out = np.ones(h.shape, dtype=np.uint8)
+        if not h.size:
+            return out
+        lo, hi = int(h.min()), int(h.max())
+        for v in self.vmas_in(lo, hi + 1):
+            if v.start <= lo and hi < v.end:
+                sel, hh = None, h
+            else:
+                sel = (h >= v.start) & (h < v.end)
+                hh = h[sel]
+            lvl = v.pmd_leaf.view(np.uint8).take((hh >> PMD_SHIFT) - (v.start >> PMD_SHIFT))
+            lvl += 1
+            if v.pud_leaf.any():
+                lvl[v.pud_leaf.take((hh >> PUD_SHIFT) - (v.start >> PUD_SHIFT))] = PG_LEVEL_1G
+            if sel is None:
+                out = lvl
+            else:
+                out[sel] = lvl
         return out
 
     def hva_to_pfn_array(self, hvas) -> tuple[np.ndarray, np.ndarray]:

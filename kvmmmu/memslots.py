@@ -959,17 +959,34 @@ def kvm_mmu_max_mapping_level(vm, slot: KvmMemorySlot, gfn: int, max_level: int 
     return min(level, vm.host.host_pfn_mapping_level(slot.gfn_to_hva(gfn)))
 
 
-def kvm_mmu_max_mapping_level_array(vm, slot: KvmMemorySlot, gfns, max_level: int = 5) -> np.ndarray:
-    """Batch ``kvm_mmu_max_mapping_level`` (shared memory) for many gfns of one slot."""
-    g = np.asarray(gfns, dtype=np.uint64)
-    lvl = np.full(g.shape, min(max_level, vm.max_huge_page_level), dtype=np.uint8)
-    for level in range(KVM_MAX_HUGEPAGE_LEVEL, 1, -1):
-        s = (level - 1) * 9
-        idx = (g >> np.uint64(s)).astype(np.int64) - (slot.base_gfn >> s)
-        dis = slot.arch.lpage_info[level - 2][idx] != 0
-        lvl[(lvl == level) & dis] = level - 1
-    host = vm.host.host_pfn_mapping_level_array(slot.gfn_to_hva_array(g))
-    return np.minimum(lvl, np.where(lvl > 1, host, 1)).astype(np.uint8)
+_CHUNK = 1 << 18
+
+
+def kvm_mmu_max_mapping_level_array(vm, slot: KvmMemorySlot, gfns, max_level: int = 5,
+                                    out=None) -> np.ndarray:
+    """Batch ``kvm_mmu_max_mapping_level`` (shared memory) for many gfns of one
+    slot; ``out`` (uint8, same length) may be given.  Works in chunks of 256K
+    gfns so that temporaries stay small and are reused."""
+    g_all = np.asarray(gfns)
+    n = g_all.shape[0]
+    if out is None:
+        out = np.empty(n, dtype=np.uint8)
+    top = min(max_level, vm.max_huge_page_level)
+    for c0 in range(0, n, _CHUNK):
+        g = g_all[c0:c0 + _CHUNK]
+        if g.dtype != np.int64:
+            g = g.astype(np.int64)
+        lvl = out[c0:c0 + _CHUNK]
+        lvl[:] = top
+        for level in range(top, 1, -1):
+            s = (level - 1) * 9
+            dis = slot.arch.lpage_info[level - 2].take((g >> s) - (slot.base_gfn >> s)) != 0
+            lvl[(lvl == level) & dis] = level - 1
+        huge = np.flatnonzero(lvl > 1)
+        if huge.size:
+            hva = slot.userspace_addr + ((g[huge] - slot.base_gfn) << PAGE_SHIFT)
+            lvl[huge] = np.minimum(lvl[huge], vm.host.host_pfn_mapping_level_array(hva))
+    return out
 
 
 # ==================================================================================
