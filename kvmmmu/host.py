@@ -184,6 +184,9 @@ class HostConfig:
     sw_protected_vm : bool
         CONFIG_KVM_SW_PROTECTED_VM: ``KVM_X86_SW_PROTECTED_VM`` (private
         memory without hardware protection).
+    memory_attributes : bool
+        CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES: the ``KVM_SET_MEMORY_ATTRIBUTES``
+        ioctl exists (selected by the private-memory VM types).
     mem_bytes : int
         Physical memory the host can hand out (for :class:`HostPhysMem`).
     """
@@ -198,6 +201,7 @@ class HostConfig:
     smm: bool = True
     guest_memfd: bool = True
     sw_protected_vm: bool = True
+    memory_attributes: bool = True
     mem_bytes: int = 1 << 40
 
     def __post_init__(self):
@@ -294,6 +298,7 @@ class HostConfig:
             kw["smm"] = caps["multi_address_space"] > 1
             kw["guest_memfd"] = caps["guest_memfd"] > 0
             kw["sw_protected_vm"] = bool(caps["vm_types"] & (1 << 1))
+            kw["memory_attributes"] = caps["memory_attributes"] > 0
         try:
             pages = os.sysconf("SC_PHYS_PAGES")
             kw["mem_bytes"] = max(pages * PAGE_SIZE, 64 << 20)
@@ -313,7 +318,8 @@ def _probe_caps(path):
         check = 0xAE03                                   # _IO(KVMIO, 0x03)
         return dict(multi_address_space=fcntl.ioctl(fd, check, 118),
                     guest_memfd=fcntl.ioctl(fd, check, 234),
-                    vm_types=fcntl.ioctl(fd, check, 235))
+                    vm_types=fcntl.ioctl(fd, check, 235),
+                    memory_attributes=fcntl.ioctl(fd, check, 219))
     except OSError:
         return None
     finally:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["KVM_MEMORY_ATTRIBUTE_PRIVATE", "MemoryAttributes", "InvalidMemoryAttributesError",
+           "MemoryAttributesNotSupportedError",
            "kvm_supported_mem_attributes", "kvm_vm_ioctl_set_mem_attributes",
            "kvm_vm_set_mem_attributes"]
 
@@ -44,6 +45,12 @@ _U64 = (1 << 64) - 1
 class InvalidMemoryAttributesError(ValueError):
     """``KVM_SET_MEMORY_ATTRIBUTES`` rejected its arguments (-EINVAL)."""
     errno = 22
+
+
+class MemoryAttributesNotSupportedError(InvalidMemoryAttributesError):
+    """The kernel has no ``KVM_SET_MEMORY_ATTRIBUTES`` ioctl
+    (CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES off): -ENOTTY."""
+    errno = 25
 
 
 class MemoryAttributes:
@@ -188,8 +195,11 @@ def kvm_vm_ioctl_set_mem_attributes(vm, address: int, size: int, attributes: int
 
     Raises InvalidMemoryAttributesError (EINVAL) for non-zero flags,
     unsupported attributes, an empty or wrapping range, or an unaligned
-    address or size.  The VM is unchanged on error.
+    address or size, MemoryAttributesNotSupportedError (ENOTTY) when the
+    host kernel lacks the ioctl.  The VM is unchanged on error.
     """
+    if not vm.host_config.memory_attributes:
+        raise MemoryAttributesNotSupportedError("KVM_SET_MEMORY_ATTRIBUTES: no such ioctl here")
     if flags:
         raise InvalidMemoryAttributesError(f"flags={flags:#x} must be 0")
     if attributes & ~kvm_supported_mem_attributes(vm):

@@ -277,9 +277,6 @@ class GuestMemfd:
     def unbind(self, slot) -> None:
         self.bindings = [b for b in self.bindings if b[2] is not slot]
 
-    def rebind(self, old, new) -> None:
-        self.bindings = [(a, b, new if s is old else s) for a, b, s in self.bindings]
-
     def get_pfn(self, slot, gfn: int) -> int:
         """``kvm_gmem_get_pfn``: the page backing ``gfn`` (allocated on demand)."""
         i = slot.gmem_pgoff + (gfn - slot.base_gfn)
@@ -637,8 +634,6 @@ def _kvm_set_memslot(vm, old, new, change):
             slots._replace(invalid, None)
         elif change is KvmMrChange.KVM_MR_MOVE:
             slots._replace(invalid, new)
-            if new.gmem is not None:
-                new.gmem.rebind(old, new)
         else:
             slots._replace(old, new)
         vm._swap_active_memslots(as_id)

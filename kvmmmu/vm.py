@@ -551,6 +551,18 @@ class VM:
         Share a process address space between VMs (default: a new one).
     era : {"v6.18", "v6.12"}
         Passed to the page-table arena.
+
+    Invariants (checked by :meth:`audit`, which reports all violations at once):
+
+    * memslots, their metadata and the VM's page counters agree
+      (:func:`kvmmmu.memslots.audit_memslots`);
+    * the notifier state is balanced (:meth:`MmuInvalidateState.audit`);
+    * memory attributes are a coalesced interval map; every guest_memfd binding
+      lies in its file, does not overlap another and names an installed slot;
+    * the host page tables, the rmaps and the page-table arena pass their own
+      audits; every per-vCPU cache holds ``0..capacity`` objects;
+    * no statistic underflowed; ``mmu_lock`` and ``slots_lock`` are free
+      between operations; no kernel WARN or KVM_BUG was hit.
     """
 
     def __init__(self, mmu: str | None = None, *, host: HostConfig | None = None,
@@ -568,7 +580,11 @@ class VM:
         if mmu == "tdp_mmu" and not hc.host_64bit:
             raise ValueError("the TDP MMU exists only on 64-bit hosts")
         self.mmu = mmu
-        self.params = replace(params, tdp_mmu=(mmu == "tdp_mmu"))
+        if mmu == "tdp":                       # TDP on the shadow MMU: kvm.tdp_mmu=N
+            params = replace(params, tdp_mmu=False)
+        elif mmu == "tdp_mmu":
+            params = replace(params, tdp_mmu=True)
+        self.params = params
         self.tdp_enabled = mmu != "shadow"
         self.tdp_mmu_enabled = mmu == "tdp_mmu"
         if isinstance(vm_type, str):
@@ -606,6 +622,8 @@ class VM:
         self.vcpus: list[Vcpu] = []
         self.max_vcpus = max_vcpus
         self.bugged: list[str] = []
+        #: KVM_CAP_VM_DISABLE_NX_HUGE_PAGES
+        self.disable_nx_huge_pages = False
         self.mmio_gen_wraps = 0
         self._fail_next_metadata_alloc = False
         self.mmu_notifier = KvmMmuNotifier(self)
@@ -711,7 +729,7 @@ class VM:
 
     @property
     def is_nx_huge_page_enabled(self) -> bool:
-        return self.params.nx_huge_pages and not getattr(self, "disable_nx_huge_pages", False)
+        return self.params.nx_huge_pages and not self.disable_nx_huge_pages
 
     def kvm_mem_is_private(self, gfn: int) -> bool:
         return self.has_private_mem and bool(self.mem_attrs.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)

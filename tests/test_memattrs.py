@@ -184,3 +184,23 @@ def test_mixed_matches_rescan_after_random_changes():
         n = int(rng.choice([1, 17, 512, 700, 5000, G1 // 2]))
         pv.set_memory_attributes(a << 12, n << 12, int(rng.choice([0, P])))
         assert pv.audit(raise_=False) == []
+
+
+def test_ioctl_absent_like_the_live_kernel():
+    from kvmmmu import live
+    from kvmmmu.host import HostConfig
+    from kvmmmu.memattrs import MemoryAttributesNotSupportedError
+    vm = VM("shadow", host=HostConfig(tdp=None, memory_attributes=False))
+    with pytest.raises(MemoryAttributesNotSupportedError) as ei:
+        vm.set_memory_attributes(0, 4096, 0)
+    assert ei.value.errno == 25
+    if live.kvm_problem() is None:
+        from kvmmmu.live import memory as LM
+        model = VM.from_host()
+        try:
+            model.set_memory_attributes(0, 4096, 0)
+            want = 0
+        except InvalidMemoryAttributesError as e:
+            want = -e.errno
+        with live.Kvm() as kvm, kvm.create_vm() as lvm:
+            assert LM.set_memory_attributes(lvm, 0, 4096, 0) == want

@@ -388,3 +388,37 @@ def test_32bit_host_limits():
         vm.set_user_memory_region(0, 0, 0, 2 * MiB, 0xBFF0_0000)
     vm.set_user_memory_region(0, 0, 0, 2 * MiB, 0x8000_0000)
     vm.audit()
+
+
+@pytest.mark.live
+@pytest.mark.skipif(live.kvm_problem() is not None, reason=str(live.kvm_problem()))
+def test_random_region_sequences_match_the_live_kernel():
+    """Random CREATE/DELETE/MOVE/FLAGS_ONLY/invalid requests, applied in lockstep
+    to the model (configured like this host) and to the kernel: every answer
+    (0 or -errno) must agree."""
+    from kvmmmu.live import memory as LM
+    rng = np.random.default_rng(1234)
+    host, params = HostConfig.from_system(), KvmParams.from_system()
+    flags_pool = [0, 0, M.KVM_MEM_LOG_DIRTY_PAGES, M.KVM_MEM_READONLY,
+                  M.KVM_MEM_LOG_DIRTY_PAGES | M.KVM_MEM_READONLY, 1 << 5]
+    mism = []
+    with live.Kvm() as kvm:
+        for seq in range(6):
+            model = VM(None, host=host, params=params)
+            with kvm.create_vm() as lvm:
+                for step in range(60):
+                    slot = int(rng.integers(0, 4)) | (int(rng.integers(0, 8)) == 0) << 16
+                    size = int(rng.choice([0, 1, 2, 4, 3])) * MiB + int(rng.choice([0, 0, 0, 0x800]))
+                    gpa = int(rng.integers(0, 16)) * MiB
+                    hva = H + (slot & 0xFFFF) * 64 * MiB + int(rng.choice([0, 0, 0, 2 * MiB]))
+                    flags = int(rng.choice(flags_pool))
+                    try:
+                        model.set_user_memory_region(slot, flags, gpa, size, hva)
+                        want = 0
+                    except M.KvmMemslotError as e:
+                        want = -e.errno
+                    got = LM.set_user_memory_region2(lvm, slot, flags, gpa, size, hva)
+                    if got != want:
+                        mism.append((seq, step, hex(slot), hex(flags), hex(gpa), hex(size), want, got))
+                model.audit()
+    assert not mism, mism[:10]
