@@ -1,0 +1,1047 @@
+"""The VM: ``struct kvm`` and ``struct kvm_vcpu`` as far as the MMU sees them.
+
+A :class:`VM` ties together
+
+* the **host**: a :class:`~kvmmmu.host.HostConfig` (64/32-bit, MAXPHYADDR,
+  EPT/NPT/none, A/D bits, PML, 1G pages, config options) and a
+  :class:`~kvmmmu.host.HostMm` (the VMM process's page tables), to which the
+  VM subscribes a :class:`~kvmmmu.notifiers.KvmMmuNotifier`;
+* the kvm **module parameters** that change MMU behaviour
+  (:class:`KvmParams`: ``tdp_mmu``, ``eager_page_split``, ``nx_huge_pages``,
+  ``mmio_caching``, ...) and the **MMU flavour** (``mmu="tdp_mmu"`` - TDP
+  with the TDP MMU, ``"tdp"`` - TDP on the shadow MMU (``tdp_mmu=N``),
+  ``"shadow"`` - shadow paging of guest page tables, ``tdp_enabled = false``);
+* the **SPTE format** and the page-table arena
+  (:class:`~kvmmmu._core.pt_arena.PtArena`) and descriptor pool
+  (:class:`~kvmmmu._core.rmap.PteListDescPool`) the MMUs allocate from;
+* the **memslots** of each address space (as_id 0, and 1 for SMM when the
+  host has CONFIG_KVM_SMM and the VM has no private memory), memory
+  attributes, guest_memfd files, dirty logging (:mod:`kvmmmu.memslots`,
+  :mod:`kvmmmu.memattrs`);
+* the **MMU-notifier state** (:mod:`kvmmmu.notifiers`) and ``mmu_lock``;
+* **statistics** (``vm.stat``, ``vcpu.stat``: :mod:`kvmmmu.stats`);
+* **vCPUs** (:class:`Vcpu`) with their MMU memory caches
+  (:meth:`Vcpu.mmu_topup_memory_caches` with the kernel's amounts), SMM
+  address space, MMIO info cache and requests;
+* the **MMUs** themselves, as :class:`MmuBackend` objects registered with
+  :meth:`VM.register_mmu`: the VM calls their hooks (unmap a gfn range, age,
+  flush a memslot, dirty-logging transitions...) exactly where the kernel
+  calls into ``mmu.c`` / ``tdp_mmu.c``.  Until the MMU modules exist,
+  :class:`RecordingMmu` records the calls.
+
+``VM.from_host()`` configures all of this like the machine it runs on
+(``/sys/module/kvm/parameters``, ``/proc/cpuinfo``, ``/dev/kvm``
+capabilities).  :meth:`VM.audit` checks every invariant of every part and
+reports all violations at once.
+
+Example
+-------
+>>> vm = VM(mmu="tdp_mmu")
+>>> slot = vm.add_memory(0, 64 << 20, thp=True)          # 64 MiB at gpa 0
+>>> vm.set_memory_attributes(0, 1 << 21, 0)               # doctest: +SKIP
+>>> seq = vm.notifier.mmu_invalidate_seq                   # a fault's snapshot
+>>> vm.host.munmap(slot.userspace_addr, 1 << 21)           # host event -> zap
+>>> with vm.mmu_lock.write():
+...     vm.is_page_fault_stale(seq, 0, slot)
+True
+>>> vm.audit()
+[]
+"""
+from __future__ import annotations
+
+import errno as E
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
+from kvmmmu._core.rmap import PteListDescCache, PteListDescPool
+from kvmmmu._core.spte import MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
+from kvmmmu.errors import KvmNoMemoryError
+from kvmmmu.host import (
+    KVM_PFN_ERR_FAULT, KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
+    KVM_PFN_NOSLOT, PAGE_SHIFT, HostConfig, HostMm, hva_to_pfn, is_error_pfn,
+)
+from kvmmmu import memslots as M
+from kvmmmu.memattrs import (
+    KVM_MEMORY_ATTRIBUTE_PRIVATE, MemoryAttributes, kvm_supported_mem_attributes,
+    kvm_vm_ioctl_set_mem_attributes,
+)
+from kvmmmu.notifiers import (
+    KvmMmuNotifier, MmuInvalidateState, is_page_fault_stale, kvm_zap_gfn_range,
+    mmu_invalidate_retry_gfn_unsafe,
+)
+from kvmmmu.stats import VcpuStat, VmStat
+
+__all__ = [
+    "KvmParams", "VM", "Vcpu", "MmuBackend", "RecordingMmu", "MmuLock", "VmAuditError",
+    "VmTypeError", "FaultinResult",
+    "KVM_X86_DEFAULT_VM", "KVM_X86_SW_PROTECTED_VM", "KVM_X86_SEV_VM", "KVM_X86_SEV_ES_VM",
+    "KVM_X86_SNP_VM", "KVM_X86_TDX_VM", "VM_TYPES",
+    "RET_PF_CONTINUE", "RET_PF_RETRY", "RET_PF_EMULATE", "RET_PF_WRITE_PROTECTED",
+    "RET_PF_INVALID", "RET_PF_FIXED", "RET_PF_SPURIOUS",
+    "PT64_ROOT_MAX_LEVEL", "PTE_PREFETCH_NUM", "MMU_TOPUP_MIN", "KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE",
+]
+
+# --- VM types (arch/x86/include/uapi/asm/kvm.h) -----------------------------------
+KVM_X86_DEFAULT_VM = 0
+KVM_X86_SW_PROTECTED_VM = 1
+KVM_X86_SEV_VM = 2
+KVM_X86_SEV_ES_VM = 3
+KVM_X86_SNP_VM = 4
+KVM_X86_TDX_VM = 5
+VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "sw_protected": KVM_X86_SW_PROTECTED_VM,
+            "sev": KVM_X86_SEV_VM, "sev_es": KVM_X86_SEV_ES_VM, "snp": KVM_X86_SNP_VM,
+            "tdx": KVM_X86_TDX_VM}
+
+# --- page fault return values (mmu_internal.h, v6.12+) ----------------------------
+RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_WRITE_PROTECTED = 0, 1, 2, 3
+RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS = 4, 5, 6
+
+# --- memory caches (mmu.c mmu_topup_memory_caches) ---------------------------------
+PT64_ROOT_MAX_LEVEL = 5
+PTE_PREFETCH_NUM = 8
+KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40
+#: ``min`` passed to kvm_mmu_topup_memory_cache per cache, per fault
+MMU_TOPUP_MIN = {
+    "mmu_pte_list_desc_cache": 1 + PT64_ROOT_MAX_LEVEL + PTE_PREFETCH_NUM,   # 14
+    "mmu_external_spt_cache": PT64_ROOT_MAX_LEVEL,                           # mirrored TDP only
+    "mmu_shadow_page_cache": PT64_ROOT_MAX_LEVEL,
+    "mmu_shadowed_info_cache": PT64_ROOT_MAX_LEVEL,                          # maybe_indirect only
+    "mmu_page_header_cache": PT64_ROOT_MAX_LEVEL,
+}
+
+
+class VmAuditError(AssertionError):
+    """:meth:`VM.audit` found violations; ``problems`` lists all of them."""
+
+    def __init__(self, problems):
+        super().__init__(f"{len(problems)} invariant violation(s):\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+class VmTypeError(ValueError):
+    """``KVM_CREATE_VM`` with a type this host / MMU does not support (-EINVAL)."""
+    errno = E.EINVAL
+
+
+@dataclass(frozen=True)
+class KvmParams:
+    """The kvm module parameters that change MMU behaviour (``/sys/module/kvm/parameters``).
+
+    ``nx_huge_pages`` is the resolved value (the kernel's ``auto`` turns into
+    Y on CPUs with X86_BUG_ITLB_MULTIHIT); ``nx_huge_pages_never`` records the
+    ``never`` setting (permanently off).  Defaults are the upstream defaults
+    on an unaffected CPU.
+    """
+    tdp_mmu: bool = True
+    eager_page_split: bool = True
+    nx_huge_pages: bool = False
+    nx_huge_pages_never: bool = False
+    nx_huge_pages_recovery_ratio: int = 60
+    nx_huge_pages_recovery_period_ms: int = 0
+    mmio_caching: bool = True
+    flush_on_reuse: bool = False
+
+    @classmethod
+    def from_system(cls, path="/sys/module/kvm/parameters") -> "KvmParams":
+        p = Path(path)
+
+        def get(name):
+            try:
+                return (p / name).read_text().strip()
+            except OSError:
+                return None
+
+        def yes(v):
+            return v is not None and v.upper() in ("Y", "1", "TRUE", "FORCE")
+
+        kw = {}
+        for name in ("tdp_mmu", "eager_page_split", "mmio_caching"):
+            v = get(name)
+            if v is not None:
+                kw[name] = yes(v)
+        v = get("flush_on_reuse")
+        if v is not None:
+            kw["flush_on_reuse"] = yes(v)
+        v = get("nx_huge_pages")
+        if v is not None:
+            kw["nx_huge_pages"] = yes(v)
+            kw["nx_huge_pages_never"] = v.lower() == "never"
+        for name in ("nx_huge_pages_recovery_ratio", "nx_huge_pages_recovery_period_ms"):
+            v = get(name)
+            if v is not None and v.isdigit():
+                kw[name] = int(v)
+        return cls(**kw)
+
+
+class MmuLock:
+    """``kvm->mmu_lock`` (an rwlock on x86) as checked state, like lockdep.
+
+    Single-threaded model: taking it while it is held for write is a
+    deadlock and raises; ``lockdep_assert_*`` raise when the lock is not held.
+    """
+
+    def __init__(self):
+        self.writers = 0
+        self.readers = 0
+
+    def acquire_write(self):
+        if self.writers or self.readers:
+            raise RuntimeError("mmu_lock: write_lock while held (deadlock)")
+        self.writers = 1
+
+    def release_write(self):
+        if not self.writers:
+            raise RuntimeError("mmu_lock: write_unlock without the lock")
+        self.writers = 0
+
+    def acquire_read(self):
+        if self.writers:
+            raise RuntimeError("mmu_lock: read_lock while held for write (deadlock)")
+        self.readers += 1
+
+    def release_read(self):
+        if not self.readers:
+            raise RuntimeError("mmu_lock: read_unlock without the lock")
+        self.readers -= 1
+
+    class _Ctx:
+        def __init__(self, lock, write):
+            self.lock, self.w = lock, write
+
+        def __enter__(self):
+            (self.lock.acquire_write if self.w else self.lock.acquire_read)()
+            return self.lock
+
+        def __exit__(self, *exc):
+            (self.lock.release_write if self.w else self.lock.release_read)()
+            return False
+
+    def write(self):
+        return MmuLock._Ctx(self, True)
+
+    def read(self):
+        return MmuLock._Ctx(self, False)
+
+    @property
+    def held(self) -> bool:
+        return bool(self.writers or self.readers)
+
+    def lockdep_assert_held_write(self):
+        if not self.writers:
+            raise RuntimeError("mmu_lock must be held for write")
+
+    def lockdep_assert_held(self):
+        if not self.held:
+            raise RuntimeError("mmu_lock must be held")
+
+
+class MmuBackend:
+    """What the VM layer calls in an MMU (the kernel's ``mmu.c`` / ``tdp_mmu.c``
+    entry points used by generic and memslot code).  Every hook defaults to
+    "nothing to do"; boolean hooks return whether a TLB flush is needed (or,
+    for aging, whether anything was young)."""
+
+    def kvm_unmap_gfn_range(self, rng) -> bool:
+        return False
+
+    def kvm_age_gfn(self, rng) -> bool:
+        return False
+
+    def kvm_test_age_gfn(self, rng) -> bool:
+        return False
+
+    def kvm_zap_gfn_range(self, gfn_start, gfn_end) -> bool:
+        return False
+
+    def kvm_arch_flush_shadow_memslot(self, slot) -> None:
+        pass
+
+    def kvm_arch_flush_shadow_all(self) -> None:
+        pass
+
+    def kvm_mmu_zap_all_fast(self) -> None:
+        pass
+
+    def kvm_mmu_change_mmu_pages(self, nr_mmu_pages) -> None:
+        pass
+
+    def kvm_mmu_recover_huge_pages(self, slot) -> None:
+        pass
+
+    def kvm_mmu_slot_try_split_huge_pages(self, slot, target_level) -> None:
+        pass
+
+    def kvm_mmu_slot_leaf_clear_dirty(self, slot) -> None:
+        pass
+
+    def kvm_mmu_slot_remove_write_access(self, slot, start_level) -> None:
+        pass
+
+    def kvm_arch_mmu_enable_log_dirty_pt_masked(self, slot, gfn_offset, mask) -> None:
+        pass
+
+
+class RecordingMmu(MmuBackend):
+    """An :class:`MmuBackend` that records every call as ``(name, args)`` in
+    :attr:`calls`; boolean hooks return ``returns.get(name, False)``."""
+
+    def __init__(self, **returns):
+        self.calls: list[tuple] = []
+        self.returns = returns
+
+    def _rec(self, name, *args):
+        self.calls.append((name,) + args)
+        return self.returns.get(name, False)
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+    def kvm_unmap_gfn_range(self, rng):
+        return self._rec("kvm_unmap_gfn_range", rng.slot.as_id, rng.slot.id, rng.start, rng.end,
+                         rng.attr_filter)
+
+    def kvm_age_gfn(self, rng):
+        return self._rec("kvm_age_gfn", rng.slot.as_id, rng.slot.id, rng.start, rng.end)
+
+    def kvm_test_age_gfn(self, rng):
+        return self._rec("kvm_test_age_gfn", rng.slot.as_id, rng.slot.id, rng.start, rng.end)
+
+    def kvm_zap_gfn_range(self, gfn_start, gfn_end):
+        return self._rec("kvm_zap_gfn_range", gfn_start, gfn_end)
+
+    def kvm_arch_flush_shadow_memslot(self, slot):
+        self._rec("kvm_arch_flush_shadow_memslot", slot.as_id, slot.id, slot.base_gfn, slot.npages)
+
+    def kvm_arch_flush_shadow_all(self):
+        self._rec("kvm_arch_flush_shadow_all")
+
+    def kvm_mmu_zap_all_fast(self):
+        self._rec("kvm_mmu_zap_all_fast")
+
+    def kvm_mmu_change_mmu_pages(self, nr_mmu_pages):
+        self._rec("kvm_mmu_change_mmu_pages", nr_mmu_pages)
+
+    def kvm_mmu_recover_huge_pages(self, slot):
+        self._rec("kvm_mmu_recover_huge_pages", slot.id)
+
+    def kvm_mmu_slot_try_split_huge_pages(self, slot, target_level):
+        self._rec("kvm_mmu_slot_try_split_huge_pages", slot.id, target_level)
+
+    def kvm_mmu_slot_leaf_clear_dirty(self, slot):
+        self._rec("kvm_mmu_slot_leaf_clear_dirty", slot.id)
+
+    def kvm_mmu_slot_remove_write_access(self, slot, start_level):
+        self._rec("kvm_mmu_slot_remove_write_access", slot.id, start_level)
+
+    def kvm_arch_mmu_enable_log_dirty_pt_masked(self, slot, gfn_offset, mask):
+        self._rec("kvm_arch_mmu_enable_log_dirty_pt_masked", slot.id, gfn_offset, mask)
+
+
+class _ExternalSptCache:
+    """``vcpu->arch.mmu_external_spt_cache`` (mirrored TDP / TDX): plain pages
+    handed to the TDX module, taken from host physical memory, with the
+    kernel's topup semantics (fill to capacity when below ``min``)."""
+
+    def __init__(self, vm, capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE):
+        self.vm, self.capacity = vm, capacity
+        self.objects: list[int] = []
+
+    @property
+    def nobjs(self):
+        return len(self.objects)
+
+    def topup(self, min_objs):
+        if len(self.objects) >= min_objs:
+            return
+        try:
+            need = self.capacity - len(self.objects)
+            self.objects.extend(int(p) for p in self.vm.host.phys.alloc_kernel_pages(need))
+        except MemoryError:
+            if len(self.objects) < min_objs:
+                raise KvmNoMemoryError("external_spt cache: host out of memory") from None
+
+    def alloc(self) -> int:
+        if not self.objects:
+            raise KvmNoMemoryError("external_spt cache is empty (not topped up)")
+        return self.objects.pop()
+
+    def free(self):
+        if self.objects:
+            self.vm.host.phys.free_kernel_pages(np.array(self.objects, dtype=np.uint64))
+        self.objects = []
+
+    def __repr__(self):
+        return f"ExternalSptCache(nobjs={self.nobjs}, capacity={self.capacity})"
+
+
+@dataclass
+class FaultinResult:
+    """What ``kvm_mmu_faultin_pfn`` leaves in ``struct kvm_page_fault``."""
+    ret: int
+    gfn: int
+    slot: object = None
+    pfn: int = 0
+    map_writable: bool = False
+    mmu_seq: int = 0
+    is_private: bool = False
+    #: largest level the guest_memfd backing allows (4K here) for private faults
+    max_level: int = 5
+    #: the fault ends in a KVM_EXIT_MEMORY_FAULT (private/shared mismatch)
+    memory_fault_exit: bool = False
+
+
+class Vcpu:
+    """``struct kvm_vcpu`` as the MMU sees it.
+
+    Attributes
+    ----------
+    vcpu_id : int
+    smm : bool
+        In SMM: memslot lookups use address space 1.
+    stat : VcpuStat
+    mmu_pte_list_desc_cache, mmu_shadow_page_cache, mmu_shadowed_info_cache,
+    mmu_page_header_cache, mmu_external_spt_cache :
+        The per-vCPU memory caches (``vcpu->arch.mmu_*_cache``).
+    requests : set of str
+        Pending ``KVM_REQ_*``.
+    """
+
+    def __init__(self, vm: "VM", vcpu_id: int, index: int):
+        self.vm, self.vcpu_id, self.index = vm, vcpu_id, index
+        self.smm = False
+        self.stat = VcpuStat()
+        self.mmu_pte_list_desc_cache = PteListDescCache(vm.rmap_pool)
+        self.mmu_shadow_page_cache = MmuMemoryCache(vm.arena, "shadow_page")
+        self.mmu_shadowed_info_cache = MmuMemoryCache(vm.arena, "shadowed_info")
+        self.mmu_page_header_cache = MmuMemoryCache(vm.arena, "page_header")
+        self.mmu_external_spt_cache = _ExternalSptCache(vm)
+        self.requests: set[str] = set()
+        self.last_used_slot = None
+        self.last_used_slot_gen = None
+        self.mmio_gva = 0
+        self.mmio_gfn = 0
+        self.mmio_access = 0
+        self.mmio_gen = 0
+
+    def __repr__(self):
+        return f"Vcpu({self.vcpu_id}{' smm' if self.smm else ''})"
+
+    # -- memory caches ---------------------------------------------------------
+    def caches(self) -> dict:
+        return {"mmu_pte_list_desc_cache": self.mmu_pte_list_desc_cache,
+                "mmu_external_spt_cache": self.mmu_external_spt_cache,
+                "mmu_shadow_page_cache": self.mmu_shadow_page_cache,
+                "mmu_shadowed_info_cache": self.mmu_shadowed_info_cache,
+                "mmu_page_header_cache": self.mmu_page_header_cache}
+
+    def mmu_topup_memory_caches(self, maybe_indirect: bool) -> None:
+        """``mmu_topup_memory_caches``, in the kernel's order and amounts:
+        descriptors ``1 + PT64_ROOT_MAX_LEVEL + PTE_PREFETCH_NUM`` (14); for
+        mirrored-TDP VMs external page tables 5; shadow pages 5; shadowed-info
+        pages 5 if ``maybe_indirect``; headers 5.  A cache holding at least its
+        ``min`` is left alone, otherwise it is filled to capacity (40).
+        Raises KvmNoMemoryError at the first cache that cannot reach its
+        ``min``; caches topped up before it stay topped up (as in the kernel)."""
+        self.mmu_pte_list_desc_cache.topup(MMU_TOPUP_MIN["mmu_pte_list_desc_cache"])
+        if self.vm.kvm_has_mirrored_tdp:
+            self.mmu_external_spt_cache.topup(MMU_TOPUP_MIN["mmu_external_spt_cache"])
+        self.mmu_shadow_page_cache.topup(MMU_TOPUP_MIN["mmu_shadow_page_cache"])
+        if maybe_indirect:
+            self.mmu_shadowed_info_cache.topup(MMU_TOPUP_MIN["mmu_shadowed_info_cache"])
+        self.mmu_page_header_cache.topup(MMU_TOPUP_MIN["mmu_page_header_cache"])
+
+    def mmu_free_memory_caches(self) -> None:
+        for c in self.caches().values():
+            c.free()
+
+    # -- memslots ------------------------------------------------------------------
+    @property
+    def as_id(self) -> int:
+        """``kvm_arch_vcpu_memslots_id``: 1 in SMM, else 0."""
+        return 1 if self.smm else 0
+
+    def kvm_vcpu_memslots(self):
+        return self.vm.memslots[self.as_id]
+
+    def gfn_to_memslot(self, gfn: int):
+        """``kvm_vcpu_gfn_to_memslot``: per-vCPU last-used slot, reset whenever the
+        address space's generation differs from the one it was cached under."""
+        slots = self.kvm_vcpu_memslots()
+        if slots.generation != self.last_used_slot_gen:
+            self.last_used_slot = None
+            self.last_used_slot_gen = slots.generation
+        s = self.last_used_slot
+        if s is not None and s.base_gfn <= gfn < s.base_gfn + s.npages:
+            return s
+        s = slots.search_memslots(gfn)
+        if s is not None:
+            self.last_used_slot = s
+        return s
+
+    # -- MMIO info cache (x86.h vcpu_cache_mmio_info) -----------------------------
+    def vcpu_cache_mmio_info(self, gva: int, gfn: int, access: int) -> None:
+        gen = self.kvm_vcpu_memslots().generation
+        if gen & M.KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
+            return
+        self.mmio_gva = gva & ~((1 << PAGE_SHIFT) - 1)
+        self.mmio_access = access
+        self.mmio_gfn = gfn
+        self.mmio_gen = gen
+
+    def vcpu_clear_mmio_info(self, gva: int | None = None) -> None:
+        if gva is not None and self.mmio_gva != (gva & ~((1 << PAGE_SHIFT) - 1)):
+            return
+        self.mmio_gva = 0
+
+    def vcpu_match_mmio_gen(self) -> bool:
+        return self.mmio_gen == self.kvm_vcpu_memslots().generation
+
+    def vcpu_match_mmio_gpa(self, gpa: int) -> bool:
+        return bool(self.vcpu_match_mmio_gen() and self.mmio_gfn and
+                    self.mmio_gfn == gpa >> PAGE_SHIFT)
+
+    def mmio_spte_generation(self) -> int:
+        """The generation ``make_mmio_spte`` puts in an MMIO SPTE built now."""
+        return self.kvm_vcpu_memslots().generation & MMIO_SPTE_GEN_MASK
+
+    def check_mmio_spte(self, spte: int) -> bool:
+        """``check_mmio_spte``: the SPTE's generation is current (and no update
+        is in progress)."""
+        gen = self.kvm_vcpu_memslots().generation
+        if gen & M.KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
+            return False
+        return (gen & MMIO_SPTE_GEN_MASK) == get_mmio_spte_generation(spte)
+
+    # -- requests ---------------------------------------------------------------------
+    def kvm_make_request(self, req: str) -> None:
+        self.requests.add(req)
+
+    def kvm_test_request(self, req: str) -> bool:
+        return req in self.requests
+
+    def kvm_check_request(self, req: str) -> bool:
+        if req in self.requests:
+            self.requests.discard(req)
+            return True
+        return False
+
+
+class VM:
+    """``struct kvm`` for the MMU.  See the module docstring.
+
+    Parameters
+    ----------
+    mmu : {"tdp_mmu", "tdp", "shadow", None}
+        MMU flavour; None picks ``"tdp_mmu"`` / ``"tdp"`` from the host's TDP
+        support and ``params.tdp_mmu``, else ``"shadow"``.  An explicit value
+        overrides ``params.tdp_mmu``.
+    host : HostConfig, optional
+    params : KvmParams, optional
+    vm_type : str or int
+        ``"default"``, ``"sw_protected"``, ``"sev"``, ``"sev_es"``, ``"snp"``,
+        ``"tdx"`` (or the KVM_X86_*_VM number).
+    nr_vcpus : int
+        vCPUs created now (ids 0..n-1).
+    max_vcpus : int
+        vCPUs the page-table arena is sized for.
+    host_mm : HostMm, optional
+        Share a process address space between VMs (default: a new one).
+    era : {"v6.18", "v6.12"}
+        Passed to the page-table arena.
+
+    Invariants (checked by :meth:`audit`, which reports all violations at once):
+
+    * memslots, their metadata and the VM's page counters agree
+      (:func:`kvmmmu.memslots.audit_memslots`);
+    * the notifier state is balanced (:meth:`MmuInvalidateState.audit`);
+    * memory attributes are a coalesced interval map; every guest_memfd binding
+      lies in its file, does not overlap another and names an installed slot;
+    * the host page tables, the rmaps and the page-table arena pass their own
+      audits; every per-vCPU cache holds ``0..capacity`` objects;
+    * no statistic underflowed; ``mmu_lock`` and ``slots_lock`` are free
+      between operations; no kernel WARN or KVM_BUG was hit.
+    """
+
+    def __init__(self, mmu: str | None = None, *, host: HostConfig | None = None,
+                 params: KvmParams | None = None, vm_type="default", nr_vcpus: int = 1,
+                 max_vcpus: int = 64, host_mm: HostMm | None = None, era: str = "v6.18"):
+        self.host_config = host or HostConfig()
+        params = params or KvmParams()
+        hc = self.host_config
+        if mmu is None:
+            mmu = ("tdp_mmu" if params.tdp_mmu and hc.host_64bit else "tdp") if hc.tdp else "shadow"
+        if mmu not in ("tdp_mmu", "tdp", "shadow"):
+            raise ValueError(f"mmu must be 'tdp_mmu', 'tdp' or 'shadow', not {mmu!r}")
+        if mmu != "shadow" and not hc.tdp:
+            raise ValueError(f"mmu={mmu!r} needs a host with EPT or NPT (host.tdp)")
+        if mmu == "tdp_mmu" and not hc.host_64bit:
+            raise ValueError("the TDP MMU exists only on 64-bit hosts")
+        self.mmu = mmu
+        if mmu == "tdp":                       # TDP on the shadow MMU: kvm.tdp_mmu=N
+            params = replace(params, tdp_mmu=False)
+        elif mmu == "tdp_mmu":
+            params = replace(params, tdp_mmu=True)
+        self.params = params
+        self.tdp_enabled = mmu != "shadow"
+        self.tdp_mmu_enabled = mmu == "tdp_mmu"
+        if isinstance(vm_type, str):
+            if vm_type not in VM_TYPES:
+                raise VmTypeError(f"unknown VM type {vm_type!r}")
+            vm_type = VM_TYPES[vm_type]
+        self.vm_type = vm_type
+        self._check_vm_type()
+        #: the SPTE format the MMUs use (EPT for ept, legacy otherwise)
+        self.fmt = hc.spte_format_for(hc.tdp if self.tdp_enabled else None,
+                                      mmio_caching=self.params.mmio_caching)
+        self.host = host_mm if host_mm is not None else HostMm(hc)
+        self.arena = PtArena(self.fmt, nr_vcpus=max_vcpus, era=era)
+        self.rmap_pool = PteListDescPool()
+        self.mmu_lock = MmuLock()
+        self.notifier = MmuInvalidateState(self)
+        self.mem_attrs = MemoryAttributes()
+        self.stat = VmStat(self.arena, self.rmap_pool)
+        self.memslots = [M.KvmMemslots(i) for i in range(self.nr_memslot_as_ids)]
+        self.nr_memslot_pages = 0
+        self.nr_memslots_dirty_logging = 0
+        self.n_requested_mmu_pages = 0
+        self.n_max_mmu_pages = 0
+        self.manual_dirty_log_protect = 0
+        self.dirty_ring_size = 0
+        self.dirty_ring_with_bitmap = False
+        self.gfn_direct_bits = 0
+        self.guest_memfds: dict[int, M.GuestMemfd] = {}
+        self._next_fd = 100
+        self.page_track_external_users: list = []
+        self.external_write_tracking = False
+        self.shadow_root_allocated = False
+        self.slots_lock_held = False
+        self.mmus: list[MmuBackend] = []
+        self.vcpus: list[Vcpu] = []
+        self.max_vcpus = max_vcpus
+        self.bugged: list[str] = []
+        #: KVM_CAP_VM_DISABLE_NX_HUGE_PAGES
+        self.disable_nx_huge_pages = False
+        self.mmio_gen_wraps = 0
+        self._fail_next_metadata_alloc = False
+        self.mmu_notifier = KvmMmuNotifier(self)
+        self.host.mmu_notifier_register(self.mmu_notifier)
+        for i in range(nr_vcpus):
+            self.create_vcpu(i)
+
+    def _check_vm_type(self):
+        t, hc = self.vm_type, self.host_config
+        ok = t == KVM_X86_DEFAULT_VM
+        if t == KVM_X86_SW_PROTECTED_VM:
+            ok = hc.sw_protected_vm and self.tdp_mmu_enabled
+        elif t in (KVM_X86_SEV_VM, KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM):
+            ok = hc.tdp == "npt" and self.tdp_enabled
+        elif t == KVM_X86_TDX_VM:
+            ok = hc.tdp == "ept" and self.tdp_mmu_enabled and hc.ad_bits
+        if not ok:
+            raise VmTypeError(f"VM type {t} is not supported with mmu={self.mmu!r} on {hc}")
+
+    @classmethod
+    def from_host(cls, *, vm_type="default", nr_vcpus: int = 1, **kw) -> "VM":
+        """A VM configured like the machine this runs on: :meth:`HostConfig.from_system`
+        and :meth:`KvmParams.from_system` (on this development host: shadow
+        paging - kvm_pvm has no EPT/NPT -, ``tdp_mmu=N``, ``eager_page_split=Y``,
+        ``nx_huge_pages=N``, ``mmio_caching=N``, no SMM address space)."""
+        return cls(None, host=HostConfig.from_system(), params=KvmParams.from_system(),
+                   vm_type=vm_type, nr_vcpus=nr_vcpus, **kw)
+
+    def __repr__(self):
+        return (f"VM(mmu={self.mmu!r}, type={self.vm_type}, {len(self.vcpus)} vcpus, "
+                f"{sum(len(s) for s in self.memslots)} memslots, "
+                f"{self.nr_memslot_pages << PAGE_SHIFT:#x} bytes)")
+
+    def close(self) -> None:
+        """Drop the notifier subscription (``mmu_notifier_unregister``)."""
+        if self.mmu_notifier in self.host.notifiers:
+            self.host.mmu_notifier_unregister(self.mmu_notifier)
+        for v in self.vcpus:
+            v.mmu_free_memory_caches()
+
+    # -- configuration predicates (kernel names) ---------------------------------------
+    @property
+    def has_private_mem(self) -> bool:
+        """``kvm_arch_has_private_mem``."""
+        return self.vm_type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
+
+    @property
+    def has_protected_state(self) -> bool:
+        return self.vm_type in (KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
+
+    @property
+    def kvm_arch_has_readonly_mem(self) -> bool:
+        return not self.has_protected_state
+
+    @property
+    def kvm_arch_supports_gmem(self) -> bool:
+        """v6.18: ``KVM_MEM_GUEST_MEMFD`` is valid whenever CONFIG_KVM_GUEST_MEMFD is."""
+        return self.host_config.guest_memfd
+
+    @property
+    def kvm_has_mirrored_tdp(self) -> bool:
+        return self.vm_type == KVM_X86_TDX_VM
+
+    @property
+    def supported_mem_attributes(self) -> int:
+        return kvm_supported_mem_attributes(self)
+
+    @property
+    def nr_memslot_as_ids(self) -> int:
+        """``kvm_arch_nr_memslot_as_ids``: 2 with SMM, 1 for private-memory VMs."""
+        if not self.host_config.smm:
+            return 1
+        return 1 if self.has_private_mem else 2
+
+    @property
+    def kvm_memslots_have_rmaps(self) -> bool:
+        return not self.tdp_mmu_enabled or self.shadow_root_allocated
+
+    @property
+    def kvm_page_track_write_tracking_enabled(self) -> bool:
+        return self.external_write_tracking or not self.tdp_enabled or self.shadow_root_allocated
+
+    @property
+    def kvm_use_dirty_bitmap(self) -> bool:
+        return not self.dirty_ring_size or self.dirty_ring_with_bitmap
+
+    @property
+    def kvm_dirty_log_manual_protect_and_init_set(self) -> bool:
+        return bool(self.manual_dirty_log_protect & M.KVM_DIRTY_LOG_INITIALLY_SET)
+
+    @property
+    def cpu_dirty_log_size(self) -> int:
+        """``kvm->arch.cpu_dirty_log_size``: the PML buffer size (512) with PML, else 0."""
+        return 512 if (self.tdp_enabled and self.host_config.pml) else 0
+
+    @property
+    def max_huge_page_level(self) -> int:
+        return 3 if self.host_config.gbpages else 2
+
+    @property
+    def enable_mmio_caching(self) -> bool:
+        return bool(self.fmt.enable_mmio_caching)
+
+    @property
+    def is_nx_huge_page_enabled(self) -> bool:
+        return self.params.nx_huge_pages and not self.disable_nx_huge_pages
+
+    def kvm_mem_is_private(self, gfn: int) -> bool:
+        return self.has_private_mem and bool(self.mem_attrs.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+    # -- vCPUs, MMUs, requests, flushes -----------------------------------------------
+    def create_vcpu(self, vcpu_id: int | None = None) -> Vcpu:
+        """``KVM_CREATE_VCPU``."""
+        if len(self.vcpus) >= self.max_vcpus:
+            raise ValueError(f"already {self.max_vcpus} vCPUs")
+        if vcpu_id is None:
+            vcpu_id = len(self.vcpus)
+        if any(v.vcpu_id == vcpu_id for v in self.vcpus):
+            raise ValueError(f"vCPU {vcpu_id} exists")
+        v = Vcpu(self, vcpu_id, len(self.vcpus))
+        self.vcpus.append(v)
+        return v
+
+    def register_mmu(self, mmu: MmuBackend) -> MmuBackend:
+        self.mmus.append(mmu)
+        return mmu
+
+    def kvm_make_all_cpus_request(self, req: str) -> None:
+        for v in self.vcpus:
+            v.kvm_make_request(req)
+
+    def kvm_flush_remote_tlbs(self) -> None:
+        """``kvm_flush_remote_tlbs`` (counted in ``stat.remote_tlb_flush*``)."""
+        self.arena.kvm_flush_remote_tlbs()
+
+    def kvm_mmu_change_mmu_pages(self, nr_mmu_pages: int) -> None:
+        self.n_max_mmu_pages = nr_mmu_pages
+        for mmu in self.mmus:
+            mmu.kvm_mmu_change_mmu_pages(nr_mmu_pages)
+
+    def kvm_bug(self, msg: str) -> None:
+        """KVM_BUG_ON: the VM is marked bugged (no further runs)."""
+        self.bugged.append(msg)
+
+    def kvm_zap_gfn_range(self, gfn_start: int, gfn_end: int) -> bool:
+        return kvm_zap_gfn_range(self, gfn_start, gfn_end)
+
+    def mmu_first_shadow_root_alloc(self) -> None:
+        """``mmu_first_shadow_root_alloc``: the first shadow root of a TDP-MMU VM
+        (nested TDP) allocates rmaps and write-tracking arrays for every slot."""
+        if self.shadow_root_allocated:
+            return
+        from kvmmmu._core.rmap import RmapSlot
+        for slots in self.memslots:
+            for s in slots:
+                if s.arch.rmap is None:
+                    s.arch.rmap = RmapSlot(s.base_gfn, s.npages, self.rmap_pool)
+                if s.arch.gfn_write_track is None:
+                    s.arch.gfn_write_track = np.zeros(s.npages, dtype=np.uint16)
+        self.shadow_root_allocated = True
+
+    # -- memslots ----------------------------------------------------------------
+    def _swap_active_memslots(self, as_id: int) -> None:
+        """``kvm_swap_active_memslots``: publish, then generation += nr_as (with the
+        update-in-progress bit set in between) and ``kvm_arch_memslots_updated``."""
+        slots = self.memslots[as_id]
+        gen = slots.generation
+        if gen & M.KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
+            self.notifier._warn("memslot generation already in progress")
+        slots.generation = gen | M.KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+        gen = (slots.generation & ~M.KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.nr_memslot_as_ids
+        self.kvm_mmu_invalidate_mmio_sptes(gen)
+        slots.generation = gen
+
+    def kvm_mmu_invalidate_mmio_sptes(self, gen: int) -> None:
+        """If the MMIO generation wrapped (ignoring the address-space bits), fast-zap
+        everything, since old MMIO SPTEs could match again."""
+        g = gen & MMIO_SPTE_GEN_MASK
+        g &= ~(self.nr_memslot_as_ids - 1)
+        if g == 0:
+            self.mmio_gen_wraps += 1
+            for mmu in self.mmus:
+                mmu.kvm_mmu_zap_all_fast()
+
+    def set_user_memory_region(self, slot, flags=0, guest_phys_addr=0, memory_size=0,
+                               userspace_addr=0, guest_memfd_offset=0, guest_memfd=0, *,
+                               v1: bool = False):
+        """``KVM_SET_USER_MEMORY_REGION2`` (``v1=True``: the V1 ioctl).  ``slot`` is the
+        packed ``as_id << 16 | id`` or a :class:`~kvmmmu.memslots.UserspaceMemoryRegion`.
+        Returns the :class:`~kvmmmu.memslots.KvmMrChange` made (None: no change)."""
+        if isinstance(slot, M.UserspaceMemoryRegion):
+            mem = slot
+        else:
+            mem = M.UserspaceMemoryRegion(slot, flags, guest_phys_addr, memory_size, userspace_addr,
+                                          guest_memfd_offset, guest_memfd)
+        return M.kvm_set_memory_region(self, mem, v1=v1)
+
+    def add_memory(self, gpa: int, size: int, *, slot: int | None = None, as_id: int = 0,
+                   flags: int = 0, writable: bool | None = None, thp: bool = False,
+                   hugetlb=None, populate: bool = False, hva: int | None = None):
+        """Map ``size`` bytes of host memory and create a memslot for ``[gpa, gpa+size)``.
+
+        The host mapping is read-only for READONLY slots unless ``writable``.
+        Returns the new :class:`~kvmmmu.memslots.KvmMemorySlot`.
+        """
+        if writable is None:
+            writable = not flags & M.KVM_MEM_READONLY
+        if slot is None:
+            used = {s.id for s in self.memslots[as_id]}
+            slot = next(i for i in range(M.KVM_USER_MEM_SLOTS) if i not in used)
+        addr = self.host.mmap(size, hva=hva, writable=writable, thp=thp, hugetlb=hugetlb,
+                              populate=populate)
+        try:
+            self.set_user_memory_region((as_id << 16) | slot, flags, gpa, size, addr)
+        except BaseException:
+            self.host.munmap(addr, size)
+            raise
+        return self.memslots[as_id].id_to_memslot(slot)
+
+    def delete_memslot(self, slot_id: int, as_id: int = 0) -> None:
+        self.set_user_memory_region((as_id << 16) | slot_id, 0, 0, 0, 0)
+
+    def gfn_to_memslot(self, gfn: int, as_id: int = 0):
+        return self.memslots[as_id].gfn_to_memslot(gfn)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """``KVM_CREATE_GUEST_MEMFD``: returns a file descriptor number."""
+        if not self.host_config.guest_memfd:
+            raise M.GuestMemfdError("CONFIG_KVM_GUEST_MEMFD is off")
+        if flags:
+            raise M.GuestMemfdError(f"guest_memfd flags {flags:#x} not supported by the model")
+        if size <= 0 or size % (1 << PAGE_SHIFT):
+            raise M.GuestMemfdError(f"guest_memfd size {size:#x} must be positive and page aligned")
+        fd = self._next_fd
+        self._next_fd += 1
+        self.guest_memfds[fd] = M.GuestMemfd(self, size, flags, fd)
+        return fd
+
+    def _lookup_gmem(self, fd):
+        if isinstance(fd, M.GuestMemfd):
+            g = fd
+        else:
+            g = self.guest_memfds.get(fd)
+            if g is None:
+                raise M.GuestMemfdBadFdError(f"{fd} is not an open file descriptor")
+        if g.vm is not self:
+            raise M.GuestMemfdBindError("guest_memfd belongs to another VM")
+        return g
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` (see :mod:`kvmmmu.memattrs`)."""
+        kvm_vm_ioctl_set_mem_attributes(self, address, size, attributes, flags)
+
+    def enable_manual_dirty_log_protect(self, flags: int) -> None:
+        """``KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)``."""
+        if flags & ~(M.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | M.KVM_DIRTY_LOG_INITIALLY_SET):
+            raise M.DirtyLogError(f"bad flags {flags:#x}")
+        if flags and not flags & M.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            raise M.DirtyLogError("INITIALLY_SET needs MANUAL_PROTECT_ENABLE")
+        self.manual_dirty_log_protect = flags
+
+    def get_dirty_log(self, slot: int) -> np.ndarray:
+        return M.kvm_get_dirty_log_protect(self, slot)
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap) -> None:
+        M.kvm_clear_dirty_log_protect(self, slot, first_page, num_pages, bitmap)
+
+    def mark_page_dirty(self, gfn, as_id: int = 0) -> None:
+        """``mark_page_dirty`` for an int gfn or an array of gfns of one slot."""
+        g0 = int(np.asarray(gfn).ravel()[0]) if np.ndim(gfn) else int(gfn)
+        M.mark_page_dirty_in_slot(self, self.memslots[as_id].gfn_to_memslot(g0), gfn)
+
+    def kvm_mmu_max_mapping_level(self, slot, gfn: int, max_level: int = 5,
+                                  is_private: bool = False) -> int:
+        return M.kvm_mmu_max_mapping_level(self, slot, gfn, max_level, is_private)
+
+    def kvm_mmu_gfn_disallow_lpage(self, slot, gfn: int) -> None:
+        M.kvm_mmu_gfn_disallow_lpage(self, slot, gfn)
+
+    def kvm_mmu_gfn_allow_lpage(self, slot, gfn: int) -> None:
+        M.kvm_mmu_gfn_allow_lpage(self, slot, gfn)
+
+    # -- the fault side -----------------------------------------------------------
+    def kvm_mmu_faultin_pfn(self, vcpu: Vcpu, gfn: int, *, write: bool = False,
+                            is_private: bool = False, prefetch: bool = False,
+                            addr: int | None = None, access: int = 7) -> FaultinResult:
+        """``kvm_mmu_faultin_pfn`` up to (not including) taking ``mmu_lock``.
+
+        1. ``mmu_seq = mmu_invalidate_seq`` (the snapshot the staleness checks use);
+        2. private/shared mismatch with the gfn's attribute: memory-fault exit
+           (``-EFAULT``);
+        3. no memslot: ``kvm_handle_noslot_fault`` (cache MMIO info; emulate when
+           MMIO caching is off or the gfn is above ``kvm_mmu_max_gfn``; else
+           CONTINUE with ``KVM_PFN_NOSLOT`` so the MMU installs an MMIO SPTE);
+        4. INVALID memslot (being deleted/moved): RETRY (``-EAGAIN`` for prefetch);
+        5. the lockless notifier pre-check: RETRY;
+        6. the pfn: guest_memfd for private faults (4K), else ``hva_to_pfn``
+           through the memslot (READONLY slot + write: ``KVM_PFN_ERR_RO_FAULT``);
+           error pfns become EMULATE (read-only slot), RETRY (hwpoison),
+           ``-EINTR`` (signal) or ``-EFAULT``;
+        7. the pre-check again: RETRY.
+        Otherwise ``ret = RET_PF_CONTINUE``; the caller takes ``mmu_lock`` and
+        calls :meth:`is_page_fault_stale` with ``result.mmu_seq``.
+        """
+        r = FaultinResult(ret=RET_PF_CONTINUE, gfn=gfn, is_private=is_private)
+        if self.gfn_direct_bits and gfn & self.gfn_direct_bits:
+            self.kvm_bug("fault gfn has the alias bit")
+            r.ret = -E.EFAULT
+            return r
+        r.slot = slot = vcpu.gfn_to_memslot(gfn)
+        r.mmu_seq = self.notifier.mmu_invalidate_seq
+        if is_private != self.kvm_mem_is_private(gfn):
+            r.ret, r.memory_fault_exit = -E.EFAULT, True
+            return r
+        if slot is None:
+            return self._handle_noslot_fault(vcpu, r, addr, access)
+        if slot.flags & M.KVM_MEMSLOT_INVALID:
+            r.ret = -E.EAGAIN if prefetch else RET_PF_RETRY
+            return r
+        if mmu_invalidate_retry_gfn_unsafe(self, r.mmu_seq, gfn):
+            r.ret = RET_PF_RETRY
+            return r
+        if is_private:
+            if not slot.kvm_slot_has_gmem():
+                r.ret, r.memory_fault_exit = -E.EFAULT, True
+                return r
+            r.pfn = slot.gmem.get_pfn(slot, gfn)
+            r.map_writable = not slot.flags & M.KVM_MEM_READONLY
+            r.max_level = 1
+        else:
+            readonly = bool(slot.flags & M.KVM_MEM_READONLY)
+            if readonly and write:
+                r.pfn = KVM_PFN_ERR_RO_FAULT
+            else:
+                r.pfn, r.map_writable = hva_to_pfn(self.host, slot.gfn_to_hva(gfn), write_fault=write,
+                                                   want_writable=not readonly)
+        if is_error_pfn(r.pfn):
+            if r.pfn == KVM_PFN_ERR_SIGPENDING:
+                r.ret = -E.EINTR
+            elif r.pfn == KVM_PFN_ERR_RO_FAULT:
+                r.ret = RET_PF_EMULATE
+            elif r.pfn == KVM_PFN_ERR_HWPOISON:
+                r.ret = RET_PF_RETRY
+            else:
+                r.ret = -E.EFAULT
+            return r
+        if mmu_invalidate_retry_gfn_unsafe(self, r.mmu_seq, gfn):
+            r.ret = RET_PF_RETRY
+        return r
+
+    def _handle_noslot_fault(self, vcpu, r, addr, access):
+        if r.is_private:
+            r.ret, r.memory_fault_exit = -E.EFAULT, True
+            return r
+        gva = 0 if (self.tdp_enabled or addr is None) else addr
+        vcpu.vcpu_cache_mmio_info(gva, r.gfn, access & self.fmt.shadow_mmio_access_mask)
+        r.slot, r.pfn, r.map_writable = None, KVM_PFN_NOSLOT, False
+        if not self.enable_mmio_caching or r.gfn > M.kvm_mmu_max_gfn(self):
+            r.ret = RET_PF_EMULATE
+        return r
+
+    def is_page_fault_stale(self, mmu_seq: int, gfn: int, slot, **kw) -> bool:
+        """:func:`kvmmmu.notifiers.is_page_fault_stale` (``mmu_lock`` must be held)."""
+        return is_page_fault_stale(self, mmu_seq, gfn, slot, **kw)
+
+    def mmio_generation(self, as_id: int = 0) -> int:
+        return self.memslots[as_id].generation & MMIO_SPTE_GEN_MASK
+
+    # -- snapshots and audit ---------------------------------------------------------
+    def snapshot(self):
+        """Everything a failed memslot / attribute call must leave unchanged."""
+        return (tuple((s.generation, tuple(x.snapshot() for x in s)) for s in self.memslots),
+                self.nr_memslot_pages, self.nr_memslots_dirty_logging, self.n_max_mmu_pages,
+                self.notifier.snapshot(), self.mem_attrs.snapshot(),
+                tuple((fd, tuple((a, b, sl.id) for a, b, sl in g.bindings))
+                      for fd, g in sorted(self.guest_memfds.items())),
+                tuple(tuple(sorted(v.requests)) for v in self.vcpus))
+
+    def audit(self, raise_: bool = True) -> list[str]:
+        """Check every invariant of the VM and its parts (memslots and their
+        metadata, memory attributes, notifier state, host page tables, rmaps,
+        page-table arena, caches, statistics); report all violations at once.
+
+        Raises VmAuditError (``raise_``) or returns the list."""
+        bad = list(M.audit_memslots(self))
+        bad += self.notifier.audit()
+        bad += self.mem_attrs.audit()
+        bad += ["host: " + x for x in self.host.audit()]
+        bad += self.stat.audit()
+        try:
+            self.arena.audit()
+        except AssertionError as e:
+            bad.append(f"arena: {e}")
+        if self.mmu_lock.held:
+            bad.append("mmu_lock held between operations")
+        if self.slots_lock_held:
+            bad.append("slots_lock held between operations")
+        for fd, g in self.guest_memfds.items():
+            spans = sorted((a, b) for a, b, _ in g.bindings)
+            for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
+                if a1 < b0:
+                    bad.append(f"guest_memfd {fd}: overlapping bindings")
+            for a, b, sl in g.bindings:
+                if b > g.size >> PAGE_SHIFT:
+                    bad.append(f"guest_memfd {fd}: binding beyond the file")
+                if self.memslots[sl.as_id].id_to_memslot(sl.id) is not sl:
+                    bad.append(f"guest_memfd {fd}: binding of a slot that is not installed")
+        for v in self.vcpus:
+            for name, c in v.caches().items():
+                if not 0 <= c.nobjs <= c.capacity:
+                    bad.append(f"vcpu {v.vcpu_id}: {name} holds {c.nobjs} of {c.capacity}")
+            bad += [f"vcpu {v.vcpu_id}: {x}" for x in v.stat.audit()]
+            if v.smm and self.nr_memslot_as_ids < 2:
+                bad.append(f"vcpu {v.vcpu_id}: in SMM without an SMM address space")
+        if self.notifier.warnings:
+            bad += ["WARN: " + w for w in self.notifier.warnings]
+        if self.bugged:
+            bad += ["KVM_BUG: " + b for b in self.bugged]
+        if bad and raise_:
+            raise VmAuditError(bad)
+        return bad
