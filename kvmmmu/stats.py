@@ -20,9 +20,9 @@ objects that own the event - ``pages_4k/2m/1g`` and the two
 ``max_mmu_rmap_size`` by :class:`~kvmmmu._core.rmap.PteListDescPool` - and
 :class:`VmStat` reads those through (there is one source of truth).
 
-Live side: :func:`read_stats_fd` parses the binary file (``struct
-kvm_stats_header``, ``struct kvm_stats_desc`` + name, data block) with numpy
-and returns ``{name: int}`` (``{name: list}`` for histograms), exactly the
+Live side: :func:`read_stats_fd` (:func:`kvmmmu.live.stats.read_stats`)
+parses the binary file (``struct kvm_stats_header``, ``struct
+kvm_stats_desc`` + name, data block) and returns ``{name: int}`` (``{name: list}`` for histograms), exactly the
 shape of :meth:`KvmStats.as_dict`; :func:`read_stats_descriptors` also gives
 kinds, units, exponents and offsets.  :func:`compare_stats` lines a model
 dict up against a live one.
@@ -39,6 +39,9 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from kvmmmu.live import _uapi
+from kvmmmu.live.stats import read_stats as read_stats_fd, read_stats_descriptors
+
 __all__ = [
     "KVM_STATS_NAME_SIZE", "KVM_STATS_TYPE_NAMES", "KVM_STATS_UNIT_NAMES",
     "VM_STATS_DESC", "VCPU_STATS_DESC", "HALT_POLL_HIST_COUNT",
@@ -48,10 +51,9 @@ __all__ = [
 ]
 
 KVM_STATS_NAME_SIZE = 48
-#: KVM_STATS_TYPE_* (flags bits 3:0)
-KVM_STATS_TYPE_NAMES = {0: "cumulative", 1: "instant", 2: "peak", 3: "linear_hist", 4: "log_hist"}
-#: KVM_STATS_UNIT_* (flags bits 7:4)
-KVM_STATS_UNIT_NAMES = {0: "none", 1: "bytes", 2: "seconds", 3: "cycles", 4: "boolean"}
+#: KVM_STATS_TYPE_* (flags bits 3:0) and KVM_STATS_UNIT_* (flags bits 7:4)
+KVM_STATS_TYPE_NAMES = _uapi.KVM_STATS_TYPES
+KVM_STATS_UNIT_NAMES = _uapi.KVM_STATS_UNITS
 #: HALT_POLL_HIST_COUNT: buckets of the halt-poll histograms
 HALT_POLL_HIST_COUNT = 32
 
@@ -234,64 +236,6 @@ class VcpuStat(KvmStats):
 # ==================================================================================
 # The live kernel's binary stats
 # ==================================================================================
-
-_HDR = np.dtype([("flags", "<u4"), ("name_size", "<u4"), ("num_desc", "<u4"),
-                 ("id_offset", "<u4"), ("desc_offset", "<u4"), ("data_offset", "<u4")])
-_DESC = np.dtype([("flags", "<u4"), ("exponent", "<i2"), ("size", "<u2"),
-                  ("offset", "<u4"), ("bucket_size", "<u4")])
-
-
-def read_stats_descriptors(fd: int) -> tuple[str, list[dict]]:
-    """Parse the header and descriptors of a ``KVM_GET_STATS_FD`` file.
-
-    Returns ``(id, descs)`` where ``id`` is the stats id string (e.g.
-    ``"kvm-1234"``) and each desc is ``{name, kind, unit, exponent, size,
-    offset, bucket_size}`` with ``offset`` absolute in the file.
-    """
-    hdr = np.frombuffer(os.pread(fd, _HDR.itemsize, 0), dtype=_HDR)[0]
-    ns = int(hdr["name_size"])
-    ident = os.pread(fd, ns, int(hdr["id_offset"])).split(b"\0", 1)[0].decode()
-    dsize = _DESC.itemsize + ns
-    n = int(hdr["num_desc"])
-    raw = os.pread(fd, dsize * n, int(hdr["desc_offset"]))
-    out = []
-    for i in range(n):
-        chunk = raw[i * dsize:(i + 1) * dsize]
-        d = np.frombuffer(chunk[:_DESC.itemsize], dtype=_DESC)[0]
-        flags = int(d["flags"])
-        out.append(dict(
-            name=chunk[_DESC.itemsize:].split(b"\0", 1)[0].decode(),
-            kind=KVM_STATS_TYPE_NAMES.get(flags & 0xF, str(flags & 0xF)),
-            unit=KVM_STATS_UNIT_NAMES.get((flags >> 4) & 0xF, str((flags >> 4) & 0xF)),
-            exponent=int(d["exponent"]), size=int(d["size"]),
-            offset=int(hdr["data_offset"]) + int(d["offset"]),
-            bucket_size=int(d["bucket_size"])))
-    return ident, out
-
-
-def read_stats_fd(fd: int, *, descs: list[dict] | None = None) -> dict:
-    """``{name: value}`` from a ``KVM_GET_STATS_FD`` file descriptor; a
-    histogram is a list of its buckets.  The same shape as
-    :meth:`KvmStats.as_dict` (vendor kernels may have extra names).
-
-    The data block is read with one ``pread`` and decoded with numpy.
-    """
-    if descs is None:
-        _, descs = read_stats_descriptors(fd)
-    if not descs:
-        return {}
-    lo = min(d["offset"] for d in descs)
-    hi = max(d["offset"] + 8 * d["size"] for d in descs)
-    block = np.frombuffer(os.pread(fd, hi - lo, lo), dtype="<u8")
-    out = {}
-    for d in descs:
-        i = (d["offset"] - lo) // 8
-        if d["size"] == 1:
-            out[d["name"]] = int(block[i])
-        else:
-            out[d["name"]] = [int(x) for x in block[i:i + d["size"]]]
-    return out
-
 
 def _stats_fd(obj_fd):
     import fcntl

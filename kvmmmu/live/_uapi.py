@@ -126,3 +126,6 @@ KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTERNAL_ERROR = 9, 17
 # kvm_stats_desc.flags
 KVM_STATS_TYPE_MASK = 0xF
 KVM_STATS_TYPES = {0: "cumulative", 1: "instant", 2: "peak", 3: "linear_hist", 4: "log_hist"}
+KVM_STATS_UNIT_SHIFT = 4
+KVM_STATS_UNIT_MASK = 0xF << KVM_STATS_UNIT_SHIFT
+KVM_STATS_UNITS = {0: "none", 1: "bytes", 2: "seconds", 3: "cycles", 4: "boolean"}
