@@ -1336,16 +1336,21 @@ cdef Py_ssize_t _validate_pairs(const kvm_rmap_slot *slot, const uint64_t *gfns,
     in a block that failed."""
     cdef Py_ssize_t i, j, end
     cdef uint64_t base = slot.base_gfn, npages = slot.npages
-    cdef uint64_t bad
+    cdef uint64_t bad, d, sp
     i = 0
     while i < n:
         end = i + 1024 if i + 1024 < n else n
         bad = 0
+        # Without 64-bit compares (SSE2 has none), so the loops vectorize:
+        # d >= npages  <=>  bit 63 of (d | (npages - 1 - d))  (npages >= 1);
+        # s == 0       <=>  bit 63 of (s | -s) is clear.
         for j in range(i, end):
-            bad |= <uint64_t>(gfns[j] - base >= npages)
+            d = gfns[j] - base
+            bad |= (d | (npages - 1 - d)) >> 63
         if sptes != NULL:
             for j in range(i, end):
-                bad |= <uint64_t>(sptes[j] == 0) | (sptes[j] & 7)
+                sp = sptes[j]
+                bad |= (((sp | ((<uint64_t>0) - sp)) >> 63) ^ 1) | (sp & 7)
         if bad:
             for j in range(i, end):
                 if gfns[j] - base >= npages:
