@@ -490,6 +490,14 @@ BAD_CALLS = {
     "sptep unaligned": (S, lambda c, s: rmap_add(c, s, 0x300, 0x1004)),
     "batch gfn outside (last)": (G, lambda c, s: rmap_add_batch(
         c, s, np.array([0x300, 0x301, 0x2000], np.uint64), sptep_array(50, 3))),
+    "batch gfn just below slot": (G, lambda c, s: rmap_add_batch(
+        c, s, np.array([0x300, 0x1fe], np.uint64), sptep_array(50, 2))),
+    "batch gfn one past the end": (G, lambda c, s: rmap_add_batch(
+        c, s, np.array([0x1ff + 0x403, 0x300], np.uint64), sptep_array(50, 2))),
+    "batch gfn 2**63": (G, lambda c, s: rmap_add_batch(
+        c, s, np.array([0x300, 1 << 63], np.uint64), sptep_array(50, 2))),
+    "batch gfn 2**64-1": (G, lambda c, s: rmap_add_batch(
+        c, s, np.array([0x300, (1 << 64) - 1], np.uint64), sptep_array(50, 2))),
     "batch remove gfn outside": (G, lambda c, s: rmap_remove_batch(
         s, np.array([0x300, 0x10], np.uint64), sptep_array(0, 2))),
     "batch count gfn outside": (G, lambda c, s: rmap_count_batch(s, np.array([0x300, 0x10], np.uint64))),
@@ -520,6 +528,14 @@ BAD_CALLS = {
     "batch out shape": (ValueError, lambda c, s: rmap_count_batch(
         s, np.full(2, 0x300, np.uint64), out=np.zeros(3, np.uint32))),
 }
+
+
+def test_batch_accepts_the_slot_edges(vm):
+    pool, cache, slot = vm
+    edges = np.array([0x1ff, 0x1ff + 0x403 - 1], np.uint64)
+    rmap_add_batch(cache, slot, edges, sptep_array(70, 2))
+    assert rmap_count_batch(slot, edges).tolist() == [1, 1]
+    audit(slot)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CALLS))
