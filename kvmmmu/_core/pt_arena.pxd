@@ -28,7 +28,7 @@ from kvmmmu._core.memcache cimport kvm_mmu_memory_cache
 from kvmmmu._core.spte cimport (
     SpteFormat, spte_fmt_t, is_shadow_present_pte, is_writable_pte, spte_ad_enabled,
     spte_to_pfn, is_mmu_writable_spte, is_access_track_spte, spte_needs_atomic_update,
-    VMX_EPT_SUPPRESS_VE_BIT, VMX_EPT_RWX_MASK, VMX_EPT_MISCONFIG_WX_VALUE,
+    is_ept_ve_possible,
 )
 
 cdef extern from "pt_arena_defs.h" nogil:
@@ -294,11 +294,6 @@ cdef inline void _log(pt_arena_t *a, uint64_t ev, uint64_t val) noexcept nogil:
         a.log[2 * a.log_len] = ev
         a.log[2 * a.log_len + 1] = val
         a.log_len += 1
-
-cdef inline bint is_ept_ve_possible(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
-    return ((f.present_mask & VMX_EPT_SUPPRESS_VE_BIT) != 0 and
-            (spte & VMX_EPT_SUPPRESS_VE_BIT) == 0 and
-            (spte & VMX_EPT_RWX_MASK) != VMX_EPT_MISCONFIG_WX_VALUE)
 
 cdef inline void _prove_ve(pt_arena_t *a, uint64_t spte) noexcept nogil:
     if a.prove_mmu and is_ept_ve_possible(&a.fmt, spte):

@@ -213,6 +213,13 @@ cdef inline bint is_mmio_spte(const spte_fmt_t *f, uint64_t spte) noexcept nogil
 cdef inline bint is_frozen_spte(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
     return spte == f.frozen_spte
 
+cdef inline bint is_ept_ve_possible(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
+    """Could the CPU raise #VE for this SPTE?  Only with suppress-#VE in the
+    present mask (EPT, v6.10+), the bit clear here, and not an EPT misconfig."""
+    return ((f.present_mask & VMX_EPT_SUPPRESS_VE_BIT) != 0 and
+            (spte & VMX_EPT_SUPPRESS_VE_BIT) == 0 and
+            (spte & VMX_EPT_RWX_MASK) != VMX_EPT_MISCONFIG_WX_VALUE)
+
 cdef inline uint64_t get_mmio_spte_gfn(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
     cdef uint64_t gpa = spte & f.nonpresent_or_rsvd_lower_gfn_mask
     gpa |= (spte >> SHADOW_NONPRESENT_OR_RSVD_MASK_LEN) & f.nonpresent_or_rsvd_mask

@@ -406,10 +406,7 @@ cdef class SpteFormat:
 
     def is_ept_ve_possible(self, spte):
         """Could the CPU raise #VE for this SPTE (suppress-#VE clear, not MMIO)?"""
-        cdef uint64_t s = _u64(spte, "spte")
-        return bool((self.fmt.present_mask & VMX_EPT_SUPPRESS_VE_BIT) and
-                    not (s & VMX_EPT_SUPPRESS_VE_BIT) and
-                    (s & VMX_EPT_RWX_MASK) != VMX_EPT_MISCONFIG_WX_VALUE)
+        return is_ept_ve_possible(&self.fmt, _u64(spte, "spte"))
 
     def check_spte_writable_invariants(self, spte):
         """Raise AssertionError if a present leaf breaks the writable-bit rules:

@@ -4,14 +4,12 @@ Compiles a small consumer module in a temporary directory that cimports the
 inline helpers and the format struct, then checks it agrees with the Python
 wrappers.  This is how the rmap, arena and TDP modules will use the core.
 """
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
-import kvmmmu
+from cimport_consumer import build_consumer
 
 CONSUMER = textwrap.dedent("""
     # cython: language_level=3
@@ -28,35 +26,14 @@ CONSUMER = textwrap.dedent("""
         return spte, is_shadow_present_pte(spte), spte_to_pfn(spte)
 """)
 
-SETUP = textwrap.dedent("""
-    import os, sys
-    import numpy as np
-    from setuptools import Extension, setup
-    from Cython.Build import cythonize
-    core = sys.argv.pop(1)
-    setup(name="consumer", script_args=["build_ext", "--inplace", "-q"],
-          ext_modules=cythonize([Extension("consumer", ["consumer.pyx"],
-                                           include_dirs=[core, np.get_include()])],
-                                include_path=[os.path.dirname(os.path.dirname(core))],
-                                quiet=True))
-""")
-
-
 @pytest.fixture(scope="module")
 def consumer(tmp_path_factory):
-    pytest.importorskip("Cython")
     tmp = tmp_path_factory.mktemp("cimport")
-    (tmp / "consumer.pyx").write_text(CONSUMER)
-    (tmp / "setup.py").write_text(SETUP)
-    core = os.path.join(os.path.dirname(kvmmmu.__file__), "_core")
-    subprocess.run([sys.executable, "setup.py", core], cwd=tmp, check=True,
-                   capture_output=True)
-    sys.path.insert(0, str(tmp))
     try:
-        import consumer
-        yield consumer
+        yield build_consumer(tmp, "consumer", CONSUMER)
     finally:
-        sys.path.remove(str(tmp))
+        if str(tmp) in sys.path:
+            sys.path.remove(str(tmp))
 
 
 def test_consumer_agrees_with_python(consumer):

@@ -5,14 +5,12 @@ inline SPTE helpers and the walk protocol, runs them without the GIL, and
 checks the result against the Python wrappers (the shadow and TDP MMU
 modules will use the arena exactly this way).
 """
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
-import kvmmmu
+from cimport_consumer import build_consumer
 
 CONSUMER = textwrap.dedent("""
     # cython: language_level=3
@@ -41,35 +39,14 @@ CONSUMER = textwrap.dedent("""
         return got, flush, old, count
 """)
 
-SETUP = textwrap.dedent("""
-    import os, sys
-    import numpy as np
-    from setuptools import Extension, setup
-    from Cython.Build import cythonize
-    core = sys.argv.pop(1)
-    setup(name="arena_consumer", script_args=["build_ext", "--inplace", "-q"],
-          ext_modules=cythonize([Extension("arena_consumer", ["arena_consumer.pyx"],
-                                           include_dirs=[core, np.get_include()],
-                                           extra_compile_args=["-std=gnu11"])],
-                                include_path=[os.path.dirname(os.path.dirname(core))],
-                                quiet=True))
-""")
-
-
 @pytest.fixture(scope="module")
 def consumer(tmp_path_factory):
-    pytest.importorskip("Cython")
     tmp = tmp_path_factory.mktemp("cimport_arena")
-    (tmp / "arena_consumer.pyx").write_text(CONSUMER)
-    (tmp / "setup.py").write_text(SETUP)
-    core = os.path.join(os.path.dirname(kvmmmu.__file__), "_core")
-    subprocess.run([sys.executable, "setup.py", core], cwd=tmp, check=True, capture_output=True)
-    sys.path.insert(0, str(tmp))
     try:
-        import arena_consumer
-        yield arena_consumer
+        yield build_consumer(tmp, "arena_consumer", CONSUMER)
     finally:
-        sys.path.remove(str(tmp))
+        if str(tmp) in sys.path:
+            sys.path.remove(str(tmp))
 
 
 @pytest.mark.parametrize("host_64bit", [True, False])

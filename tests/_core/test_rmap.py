@@ -5,7 +5,6 @@ The hypothesis state machine runs every operation against a dict-of-sets model
 and calls :func:`rmap.audit` (the structural invariants) after every step.
 """
 import os
-import subprocess
 import sys
 import textwrap
 import threading
@@ -15,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import kvmmmu
+from cimport_consumer import build_consumer
+
 from kvmmmu._core import rmap
 from kvmmmu._core.rmap import (
     GfnOutOfSlotError, InvalidLevelError, InvalidSptepError, KvmNoMemoryError, ParentPtes,
@@ -966,31 +966,10 @@ CONSUMER = textwrap.dedent("""
         return pte_list_count(head), total
 """)
 
-SETUP = textwrap.dedent("""
-    import os, sys
-    import numpy as np
-    from setuptools import Extension, setup
-    from Cython.Build import cythonize
-    core = sys.argv.pop(1)
-    setup(name="rmap_consumer", script_args=["build_ext", "--inplace", "-q"],
-          ext_modules=cythonize([Extension("rmap_consumer", ["rmap_consumer.pyx"],
-                                           include_dirs=[core, np.get_include()],
-                                           extra_compile_args=["-std=gnu11"])],
-                                include_path=[os.path.dirname(os.path.dirname(core))],
-                                quiet=True))
-""")
-
 
 def test_rmap_pxd_can_be_cimported(tmp_path):
-    pytest.importorskip("Cython")
-    (tmp_path / "rmap_consumer.pyx").write_text(CONSUMER)
-    (tmp_path / "setup.py").write_text(SETUP)
-    core = os.path.join(os.path.dirname(kvmmmu.__file__), "_core")
-    proc = subprocess.run([sys.executable, "setup.py", core], cwd=tmp_path, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sys.path.insert(0, str(tmp_path))
     try:
-        import rmap_consumer
+        rmap_consumer = build_consumer(tmp_path, "rmap_consumer", CONSUMER)
         pool = PteListDescPool()
         cache = PteListDescCache(pool)
         cache.topup()
@@ -1000,4 +979,5 @@ def test_rmap_pxd_can_be_cimported(tmp_path):
         assert sorted(parents) == [8 * i for i in range(2, 31)]
         audit(parents)
     finally:
-        sys.path.remove(str(tmp_path))
+        if str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))

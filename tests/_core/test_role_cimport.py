@@ -3,15 +3,10 @@
 Builds a small consumer extension in a temporary directory (as numpy's
 test_extending does) and checks what it computes against hand-written words.
 """
-import os
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from cimport_consumer import build_consumer
 
 CONSUMER = textwrap.dedent("""
     from libc.stdint cimport uint32_t
@@ -34,27 +29,11 @@ CONSUMER = textwrap.dedent("""
                 role_sync_mismatch_word(0x3511, 0x3713), SYNC_ROLE_IGN_WORD)
 """)
 
-SETUP = textwrap.dedent("""
-    from Cython.Build import cythonize
-    from setuptools import Extension, setup
-    setup(ext_modules=cythonize(
-        [Extension("consumer", ["consumer.pyx"], include_dirs=[{core!r}])],
-        include_path=[{root!r}], compiler_directives=dict(language_level=3)))
-""")
-
-
 def test_cimport_role_from_another_module(tmp_path):
-    if not list((ROOT / "kvmmmu" / "_core").glob("role*.so")):
-        pytest.skip("kvmmmu._core.role is not built in place")
-    (tmp_path / "consumer.pyx").write_text(CONSUMER)
-    (tmp_path / "setup.py").write_text(
-        SETUP.format(core=str(ROOT / "kvmmmu" / "_core"), root=str(ROOT)))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert build.returncode == 0, build.stdout + build.stderr
-    out = subprocess.run([sys.executable, "-c", "import consumer; print(consumer.run())"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == str((4, 7, 0x3F84, 0x3531, 0x3704, 0x81, 0x01003784, 1,
-                                      False, 0x4076F))
+    try:
+        consumer = build_consumer(tmp_path, "role_consumer", CONSUMER)
+        assert consumer.run() == (4, 7, 0x3F84, 0x3531, 0x3704, 0x81, 0x01003784, 1,
+                                  False, 0x4076F)
+    finally:
+        if str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
