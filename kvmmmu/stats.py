@@ -34,13 +34,12 @@ reports it).
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Mapping
 
 import numpy as np
 
 from kvmmmu.live import _uapi
-from kvmmmu.live.stats import read_stats as read_stats_fd, read_stats_descriptors
+from kvmmmu.live.stats import read_stats as read_stats_fd, read_stats_descriptors, read_stats_of
 
 __all__ = [
     "KVM_STATS_NAME_SIZE", "KVM_STATS_TYPE_NAMES", "KVM_STATS_UNIT_NAMES",
@@ -237,27 +236,14 @@ class VcpuStat(KvmStats):
 # The live kernel's binary stats
 # ==================================================================================
 
-def _stats_fd(obj_fd):
-    import fcntl
-    return fcntl.ioctl(obj_fd, 0xAECE)          # _IO(KVMIO, 0xce): KVM_GET_STATS_FD
-
-
 def read_live_vm_stats(vm) -> dict:
     """Stats of a live VM (a :class:`kvmmmu.live.Vm` or a VM file descriptor)."""
-    fd = _stats_fd(getattr(vm, "fd", vm))
-    try:
-        return read_stats_fd(fd)
-    finally:
-        os.close(fd)
+    return read_stats_of(getattr(vm, "fd", vm))
 
 
 def read_live_vcpu_stats(vcpu) -> dict:
     """Stats of a live vCPU (a :class:`kvmmmu.live.Vcpu` or a vCPU file descriptor)."""
-    fd = _stats_fd(getattr(vcpu, "fd", vcpu))
-    try:
-        return read_stats_fd(fd)
-    finally:
-        os.close(fd)
+    return read_stats_of(getattr(vcpu, "fd", vcpu))
 
 
 def compare_stats(model: Mapping, live: Mapping) -> dict:

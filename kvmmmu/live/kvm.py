@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from kvmmmu.live import _uapi as U
-from kvmmmu.live.stats import read_stats
+from kvmmmu.live.stats import read_stats_of
 
 __all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "CpuidEntry"]
 
@@ -98,6 +98,7 @@ class Kvm:
         self.close()
 
 
+
 class Vm:
     """A VM file descriptor (from :meth:`Kvm.create_vm`).
 
@@ -147,11 +148,7 @@ class Vm:
 
     def stats(self) -> dict:
         """The VM's binary stats (``KVM_GET_STATS_FD``) as ``{name: value}``."""
-        fd = _ioctl(self.fd, U.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
-        try:
-            return read_stats(fd)
-        finally:
-            os.close(fd)
+        return read_stats_of(self.fd)
 
     def close(self):
         for cpu in self.vcpus:
@@ -256,11 +253,7 @@ class Vcpu:
 
     def stats(self) -> dict:
         """The vCPU's binary stats (``KVM_GET_STATS_FD``) as ``{name: value}``."""
-        fd = _ioctl(self.fd, U.KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD")
-        try:
-            return read_stats(fd)
-        finally:
-            os.close(fd)
+        return read_stats_of(self.fd)
 
     def close(self):
         if self.fd >= 0:

@@ -9,11 +9,12 @@ data block; the layout is the kernel's UAPI (``struct kvm_stats_header``,
 from __future__ import annotations
 
 import ctypes as C
+import fcntl
 import os
 
 from kvmmmu.live import _uapi as U
 
-__all__ = ["read_stats", "read_stats_descriptors"]
+__all__ = ["read_stats", "read_stats_descriptors", "read_stats_of"]
 
 
 def read_stats_descriptors(fd: int) -> tuple[str, list[dict]]:
@@ -60,3 +61,15 @@ def read_stats(fd: int, *, descs: list[dict] | None = None) -> dict:
         vals = [int.from_bytes(block[at + 8 * i:at + 8 * i + 8], "little") for i in range(d["size"])]
         out[d["name"]] = vals[0] if d["size"] == 1 else vals
     return out
+
+
+def read_stats_of(obj_fd: int) -> dict:
+    """``KVM_GET_STATS_FD`` on a VM or vCPU file descriptor: ``{name: value}``.
+
+    The stats file is opened, read once and closed.
+    """
+    fd = fcntl.ioctl(obj_fd, U.KVM_GET_STATS_FD)
+    try:
+        return read_stats(fd)
+    finally:
+        os.close(fd)
