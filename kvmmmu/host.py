@@ -73,13 +73,11 @@ __all__ = [
     "MmuNotifyEvent", "MmuNotifierRange", "MmuNotifier", "Vma", "HostMm", "hva_to_pfn",
 ]
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+from kvmmmu._core.defs import PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G  # noqa: E402
 PMD_SHIFT = 21
 PMD_SIZE = 1 << PMD_SHIFT
 PUD_SHIFT = 30
 PUD_SIZE = 1 << PUD_SHIFT
-PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
 _LEVEL_SHIFT = {PG_LEVEL_4K: PAGE_SHIFT, PG_LEVEL_2M: PMD_SHIFT, PG_LEVEL_1G: PUD_SHIFT}
 
 # --- kvm_pfn_t error values (include/linux/kvm_host.h) --------------------------

@@ -49,6 +49,9 @@ from typing import Iterator
 
 import numpy as np
 
+from kvmmmu._core.defs import (
+    KVM_MAX_HUGEPAGE_LEVEL, KVM_NR_PAGE_SIZES, KVM_PAGES_PER_HPAGE, gfn_to_index, kvm_mmu_slot_lpages,
+)
 from kvmmmu._core.rmap import RmapSlot, audit as rmap_audit
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import PAGE_SHIFT, PAGE_SIZE
@@ -95,8 +98,6 @@ KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS = 1 << 63
 #: bit 31 of disallow_lpage: attributes are not uniform over the huge frame
 KVM_LPAGE_MIXED_FLAG = 1 << 31
-KVM_NR_PAGE_SIZES = 3
-KVM_MAX_HUGEPAGE_LEVEL = 3
 #: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
@@ -111,18 +112,7 @@ class KvmMrChange(enum.Enum):
     KVM_MR_FLAGS_ONLY = "flags_only"
 
 
-def KVM_PAGES_PER_HPAGE(level: int) -> int:
-    return 1 << ((level - 1) * 9)
-
-
-def gfn_to_index(gfn: int, base_gfn: int, level: int) -> int:
-    s = (level - 1) * 9
-    return (gfn >> s) - (base_gfn >> s)
-
-
-def kvm_mmu_slot_lpages(base_gfn: int, npages: int, level: int) -> int:
-    """Entries a per-level array of the slot needs: one per frame overlapping it."""
-    return gfn_to_index(base_gfn + npages - 1, base_gfn, level) + 1
+# KVM_PAGES_PER_HPAGE, gfn_to_index and kvm_mmu_slot_lpages live in kvmmmu._core.defs.
 
 
 # ==================================================================================

@@ -89,8 +89,7 @@ TRACE_SYSTEM = "kvmmmu"
 TRACEFS = Path("/sys/kernel/tracing")
 
 #: ``fast_page_fault`` prints ``spurious``/``fixed`` as ``ret == 6``/``ret == 5``.
-RET_PF_FIXED = 5
-RET_PF_SPURIOUS = 6
+from kvmmmu._core.defs import RET_PF_FIXED, RET_PF_SPURIOUS  # noqa: E402
 
 #: ``kvm_mmu_trace_pferr_flags``: (mask, name) in the order the format lists them.
 PFERR_FLAGS = (

@@ -96,12 +96,12 @@ VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "sw_protected": KVM_X86_SW_PROTECTED_
             "tdx": KVM_X86_TDX_VM}
 
 # --- page fault return values (mmu_internal.h, v6.12+) ----------------------------
-RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_WRITE_PROTECTED = 0, 1, 2, 3
-RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS = 4, 5, 6
+from kvmmmu._core.defs import (  # noqa: E402  (the one home of these)
+    RET_PF_CONTINUE, RET_PF_RETRY, RET_PF_EMULATE, RET_PF_WRITE_PROTECTED,
+    RET_PF_INVALID, RET_PF_FIXED, RET_PF_SPURIOUS, PT64_ROOT_MAX_LEVEL, PTE_PREFETCH_NUM,
+)
 
 # --- memory caches (mmu.c mmu_topup_memory_caches) ---------------------------------
-PT64_ROOT_MAX_LEVEL = 5
-PTE_PREFETCH_NUM = 8
 KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40
 #: ``min`` passed to kvm_mmu_topup_memory_cache per cache, per fault
 MMU_TOPUP_MIN = {

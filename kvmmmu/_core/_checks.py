@@ -1,10 +1,17 @@
-"""Argument checks shared by the Cython modules' Python entry points.
+"""Argument checks shared by every public entry point (Cython and Python).
 
 Batch entry points take one-dimensional, C-contiguous numpy arrays and check
 them here, before any state is touched, so that bad input raises a specific
 TypeError/ValueError naming the argument and leaves everything unchanged.
+Nothing is converted silently: a float, a signed array or a list is refused,
+not cast.  Scalar integers go through :func:`int_arg` (``operator.index``, so
+``8.9`` is a TypeError, never entry 8).
 """
+from operator import index as _index
+
 import numpy as np
+
+U64_MAX = (1 << 64) - 1
 
 
 def check_array(name, arr, dtype=np.uint64, writable=False):
@@ -24,8 +31,11 @@ def check_array(name, arr, dtype=np.uint64, writable=False):
     return arr
 
 
-def out_array(name, out, n, dtype):
-    """A fresh array of `n` elements, or the caller's `out` once checked."""
+def out_array(name, out, n, dtype, inputs=()):
+    """A fresh array of `n` elements, or the caller's `out` once checked.
+
+    `inputs` are the arrays the call reads: an `out` that shares memory with
+    any of them is refused (a nogil loop would read what it just wrote)."""
     dtype = np.dtype(dtype)
     if out is None:
         return np.empty(n, dtype=dtype)
@@ -37,7 +47,37 @@ def out_array(name, out, n, dtype):
         raise ValueError(f"{name} must have shape ({n},), not {out.shape}")
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"{name} must be C-contiguous and writable")
+    check_no_overlap(name, out, inputs)
     return out
+
+
+def check_no_overlap(name, out, inputs):
+    """Refuse an output array that shares memory with one of `inputs`."""
+    for arr in inputs:
+        if arr is not None and np.shares_memory(out, arr):
+            raise ValueError(f"{name} overlaps an input array; pass a separate array")
+
+
+def int_arg(name, value, lo=0, hi=U64_MAX):
+    """`value` as a Python int in [lo, hi], or TypeError/ValueError naming `name`.
+
+    Accepts exactly what ``operator.index`` accepts (int, numpy integers,
+    bool): a float or a string is a TypeError, not truncated."""
+    try:
+        v = _index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}={v:#x} is outside {lo:#x}..{hi:#x}")
+    return v
+
+
+def readonly(arr):
+    """A zero-copy read-only view of the C-contiguous `arr` that cannot be
+    flipped back to writable: its memory comes from a read-only memoryview,
+    so ``setflags(write=True)`` raises."""
+    ro = memoryview(arr).toreadonly()
+    return np.frombuffer(ro, dtype=arr.dtype).reshape(arr.shape)
 
 
 def export(namespace, name):

@@ -72,12 +72,13 @@ cdef extern from "rmap_defs.h" nogil:
     void kvmmmu_spin_unlock(unsigned char *l)
 
 
+from kvmmmu._core.mmu_defs cimport (
+    KVM_NR_PAGE_SIZES, KVM_MAX_HUGEPAGE_LEVEL, KVM_HPAGE_GFN_SHIFT_PER_LEVEL,
+    PTE_PREFETCH_NUM, gfn_to_index, kvm_mmu_slot_lpages,
+)
+
 cdef enum:
-    KVM_NR_PAGE_SIZES = 3                # rmap levels per memslot: 4K, 2M, 1G
-    KVM_MAX_HUGEPAGE_LEVEL = 3           # PG_LEVEL_1G
-    KVM_HPAGE_GFN_SHIFT_PER_LEVEL = 9    # KVM_HPAGE_GFN_SHIFT(level) = (level - 1) * 9
     RMAP_RECYCLE_THRESHOLD = 1000        # rmap_add zaps a list that already held more
-    PTE_PREFETCH_NUM = 8
     PTE_LIST_DESC_CACHE_MIN = 14         # 1 + PT64_ROOT_MAX_LEVEL + PTE_PREFETCH_NUM (fault topup)
     RMAP_LOG_SIZE = 11                   # mmu_rmaps_stat histogram columns
     PTE_LIST_DESC_CHUNK = 512            # default descriptors per pool chunk (64 KiB)
@@ -132,18 +133,6 @@ cdef struct rmap_iterator:
 
 
 # ---------------------------------------------------------------- memslot geometry
-
-cdef inline uint64_t gfn_to_index(uint64_t gfn, uint64_t base_gfn, int level) noexcept nogil:
-    """The kernel's gfn_to_index: head index of `gfn` in its slot's rmap at `level`.
-    Index 0 is the huge frame that contains base_gfn, aligned or not."""
-    cdef int shift = (level - 1) * KVM_HPAGE_GFN_SHIFT_PER_LEVEL
-    return (gfn >> shift) - (base_gfn >> shift)
-
-
-cdef inline uint64_t kvm_mmu_slot_lpages(uint64_t base_gfn, uint64_t npages, int level) noexcept nogil:
-    """__kvm_mmu_slot_lpages: number of rmap heads a slot needs at `level` (npages >= 1)."""
-    return gfn_to_index(base_gfn + npages - 1, base_gfn, level) + 1
-
 
 cdef inline kvm_rmap_head *gfn_to_rmap(uint64_t gfn, int level, const kvm_rmap_slot *slot) noexcept nogil:
     """&slot->arch.rmap[level - 1][gfn_to_index(...)]; no range check (callers validate)."""

@@ -977,20 +977,10 @@ def _py_gfn_to_rmap(uint64_t gfn, int level, RmapSlot slot not None):
     return _make_head(gfn_to_rmap(gfn, level, &slot.c), slot, slot.pool)
 
 
-@_export("gfn_to_index")
-def _py_gfn_to_index(uint64_t gfn, uint64_t base_gfn, int level):
-    """The kernel's gfn_to_index (exported as ``gfn_to_index``)."""
-    _check_level(level)
-    return gfn_to_index(gfn, base_gfn, level)
-
-
-@_export("kvm_mmu_slot_lpages")
-def _py_kvm_mmu_slot_lpages(uint64_t base_gfn, uint64_t npages, int level):
-    """__kvm_mmu_slot_lpages (exported as ``kvm_mmu_slot_lpages``)."""
-    _check_level(level)
-    if npages < 1:
-        raise ValueError("npages must be >= 1")
-    return kvm_mmu_slot_lpages(base_gfn, npages, level)
+# gfn_to_index and kvm_mmu_slot_lpages have their Python home in kvmmmu._core.defs.
+from kvmmmu._core import defs as _defs  # noqa: E402
+globals()["gfn_to_index"] = _defs.gfn_to_index
+globals()["kvm_mmu_slot_lpages"] = _defs.kvm_mmu_slot_lpages
 
 
 @_export("pte_list_add")

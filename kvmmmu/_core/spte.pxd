@@ -12,18 +12,15 @@
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
-cdef extern from "spte_defs.h" nogil:
-    const int PAGE_SHIFT
-    const int SPTE_LEVEL_BITS
-    const int SPTE_ENT_PER_PAGE
-    const int PG_LEVEL_NONE
-    const int PG_LEVEL_4K
-    const int PG_LEVEL_2M
-    const int PG_LEVEL_1G
-    const int PG_LEVEL_512G
-    const int PG_LEVEL_256T
-    const int PT64_ROOT_MAX_LEVEL
+# The MMU-wide constants have one home, mmu_defs.h; they are re-exported here so
+# that `from kvmmmu._core.spte cimport PG_LEVEL_4K` keeps working.
+from kvmmmu._core.mmu_defs cimport (
+    PAGE_SHIFT, SPTE_LEVEL_BITS, SPTE_ENT_PER_PAGE, PG_LEVEL_NONE, PG_LEVEL_4K,
+    PG_LEVEL_2M, PG_LEVEL_1G, PG_LEVEL_512G, PG_LEVEL_256T, PT64_ROOT_MAX_LEVEL,
+    ACC_EXEC_MASK, ACC_WRITE_MASK, ACC_USER_MASK, ACC_ALL,
+)
 
+cdef extern from "spte_defs.h" nogil:
     const uint64_t PT_PRESENT_MASK
     const uint64_t PT_WRITABLE_MASK
     const uint64_t PT_USER_MASK
@@ -58,10 +55,6 @@ cdef extern from "spte_defs.h" nogil:
     const uint64_t SPTE_TDP_AD_WRPROT_ONLY
     const uint64_t SPTE_BASE_ADDR_MASK
 
-    const unsigned int ACC_EXEC_MASK
-    const unsigned int ACC_WRITE_MASK
-    const unsigned int ACC_USER_MASK
-    const unsigned int ACC_ALL
 
     const uint64_t SHADOW_ACC_TRACK_SAVED_BITS_MASK
     const int SHADOW_ACC_TRACK_SAVED_BITS_SHIFT

@@ -10,19 +10,7 @@
 
 #include <stdint.h>
 
-#define KVMMMU_BIT(n)          (1ULL << (n))
-#define KVMMMU_GENMASK(h, l)   (((~0ULL) << (l)) & (~0ULL >> (63 - (h))))
-
-#define PAGE_SHIFT             12
-#define SPTE_LEVEL_BITS        9
-#define SPTE_ENT_PER_PAGE      512
-#define PG_LEVEL_NONE          0
-#define PG_LEVEL_4K            1
-#define PG_LEVEL_2M            2
-#define PG_LEVEL_1G            3
-#define PG_LEVEL_512G          4
-#define PG_LEVEL_256T          5
-#define PT64_ROOT_MAX_LEVEL    5
+#include "mmu_defs.h"    /* PAGE_SHIFT, PG_LEVEL_*, ACC_*, KVMMMU_BIT, ... */
 
 /* Hardware bits shared by legacy/PAE/NPT page tables. */
 #define PT_PRESENT_MASK        KVMMMU_BIT(0)
@@ -61,10 +49,6 @@
 #define SPTE_TDP_AD_WRPROT_ONLY     (2ULL << SPTE_TDP_AD_SHIFT)
 #define SPTE_BASE_ADDR_MASK         KVMMMU_GENMASK(51, 12)
 
-#define ACC_EXEC_MASK               1U
-#define ACC_WRITE_MASK              2U
-#define ACC_USER_MASK               4U
-#define ACC_ALL                     7U
 
 #define SHADOW_ACC_TRACK_SAVED_BITS_MASK  (VMX_EPT_READABLE_MASK | VMX_EPT_EXECUTABLE_MASK)
 #define SHADOW_ACC_TRACK_SAVED_BITS_SHIFT 54
