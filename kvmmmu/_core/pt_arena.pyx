@@ -77,6 +77,8 @@ import numpy as np
 from kvmmmu._core._checks import check_array as _check_array, out_array as _out_array
 from kvmmmu.errors import KvmNoMemoryError
 
+from kvmmmu._core.defs import PAGE_SIZE, SPTE_ENT_PER_PAGE
+from kvmmmu._core.mmu_defs cimport PAGE_SIZE as PAGE_SIZE_C, SPTE_ENT_PER_PAGE as SPTES_PER_PAGE_C
 from kvmmmu._core.memcache cimport (
     KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, KVMMMU_ENOMEM, kvm_mmu_free_memory_cache,
     kvm_mmu_memory_cache, kvm_mmu_memory_cache_alloc, kvm_mmu_memory_cache_init,
@@ -122,8 +124,7 @@ ACCESS_EVENTS = {
 
 DEFAULT_TABLES_PER_CHUNK = 512          # 2 MiB of SPTEs per chunk
 DEFAULT_MAX_TABLES = 1 << 22            # 16 GiB of page tables
-PAGE_SIZE = 4096
-SPTES_PER_PAGE = 512
+SPTES_PER_PAGE = SPTE_ENT_PER_PAGE    # the arena's historical name
 
 _WARN_TEXT = (
     "mmu_spte_set: the SPTE is already shadow-present (WARN_ON_ONCE)",
@@ -212,11 +213,6 @@ _BOOL_FIELDS = frozenset(f[0] for f in KVM_MMU_PAGE_FIELDS if f[1] == "?")
 
 
 # --- pools ------------------------------------------------------------------
-
-cdef enum:
-    PAGE_SIZE_C = 4096
-    SPTES_PER_PAGE_C = 512
-
 
 cdef inline void _push_free_page(pt_arena_t *a, uint64_t tidx) noexcept nogil:
     """Poison page `tidx` and append it to the FIFO free list."""

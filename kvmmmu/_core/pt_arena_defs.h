@@ -25,6 +25,8 @@
 #include <string.h>
 #include <sched.h>
 
+#include "mmu_defs.h"
+
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "kvmmmu models x86: union split_spte puts spte_low at the lower address"
 #endif
@@ -45,8 +47,8 @@
 #define PT_ROLE_LEVEL_MASK  0xfu          /* role.level, bits 3:0 */
 #define PT_ROLE_INVALID     (1u << 11)    /* role.invalid, bit 11 */
 
-/* kvm->stat.pages[] has one counter per leaf level 4K..1G. */
-#define KVM_NR_PAGE_SIZES   3
+/* kvm->stat.pages[] has one counter per leaf level 4K..1G: KVM_NR_PAGE_SIZES,
+ * from mmu_defs.h like every MMU-wide constant. */
 
 /*
  * struct kvm_mmu_page (arch/x86/kvm/mmu/mmu_internal.h, v6.18), one per
