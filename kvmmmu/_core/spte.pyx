@@ -565,12 +565,17 @@ cdef class SpteFormat:
         is_executable_pte, u the user (EPT: readable) bit.  `sptep` is the
         host physical address of the entry (see types.pxd).
         """
-        from kvmmmu import mmutrace
-        fields = mmutrace.kvm_mmu_set_spte_fields(
-            _level(level), _u64(gfn, "gfn"), _u64(spte, "spte"), _u64(sptep, "sptep"),
-            present_mask=self.fmt.present_mask, user_mask=self.fmt.user_mask,
-            x_mask=self.fmt.x_mask, nx_mask=self.fmt.nx_mask)
-        return mmutrace.kvm_mmu_set_spte.format(**fields)
+        # The fields as kvm_mmu_set_spte's TP_fast_assign computes them
+        # (kvmmmu.mmutrace.kvm_mmu_set_spte_fields), rendered by its TP_printk;
+        # done here so that the core needs nothing above it.
+        cdef int lv = _level(level)
+        cdef uint64_t g = _u64(gfn, "gfn"), v = _u64(spte, "spte"), p = _u64(sptep, "sptep")
+        cdef uint64_t xm = self.fmt.x_mask, nxm = self.fmt.nx_mask
+        r = "r" if (self.fmt.present_mask or (v & 1)) else "-"
+        w = "w" if v & 2 else "-"
+        x = "x" if (v & (xm | nxm)) == xm else "-"
+        u = ("u" if v & self.fmt.user_mask else "-") if self.fmt.user_mask else ""
+        return f"gfn {g:x} spte {v:x} ({r}{w}{x}{u}) level {lv} at {p:x}"
 
     def audit_sptes(self, sptes, level):
         """Check every entry of one table at `level` against the kernel's SPTE rules.

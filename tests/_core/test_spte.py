@@ -386,6 +386,21 @@ def test_decode_spte():
     assert LEGACY.decode_spte(0, gfn=0, level=1) == "gfn 0 spte 0 (r-x-) level 1 at 0"
 
 
+@settings(max_examples=300)
+@given(fmt=st.sampled_from(["legacy", "ept", "ept-noad"]), spte=st.integers(0, 2**64 - 1),
+       gfn=st.integers(0, 2**52), level=st.integers(1, 5), sptep=st.integers(0, 2**52))
+def test_decode_spte_is_the_tracepoint_text(fmt, spte, gfn, level, sptep):
+    # The core renders without importing mmutrace (it sits below it); the
+    # text must still be the kvm_mmu_set_spte event's, field for field.
+    from kvmmmu import mmutrace
+    f = {"legacy": LEGACY, "ept": EPT, "ept-noad": EPT_NOAD}[fmt]
+    fields = mmutrace.kvm_mmu_set_spte_fields(
+        level, gfn, spte, sptep, present_mask=f.shadow_present_mask, user_mask=f.shadow_user_mask,
+        x_mask=f.shadow_x_mask, nx_mask=f.shadow_nx_mask)
+    assert f.decode_spte(spte, gfn=gfn, level=level, sptep=sptep) == \
+        mmutrace.kvm_mmu_set_spte.format(**fields)
+
+
 # --- round trip: make, then decode every field ------------------------------------
 
 FORMATS = {"legacy": LEGACY, "ept": EPT, "ept-noad": EPT_NOAD}
