@@ -73,6 +73,7 @@ from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
+from kvmmmu._core import trace_buf as _tb
 from kvmmmu._core.role import role_trace_text
 
 __all__ = [
@@ -212,7 +213,8 @@ class Event:
         header is left as padding).
     """
 
-    __slots__ = ("name", "id", "fields", "enabled", "dtype", "_render", "_names", "_checks")
+    __slots__ = ("name", "id", "fields", "enabled", "dtype", "_render", "_names", "_checks",
+                 "_names_in_order")
 
     def __init__(self, name: str, id: int, fields: Iterable[tuple], render: Callable[[Mapping], str]):
         self.name = name
@@ -540,12 +542,29 @@ kvm_mmu_zap_all_fast = _BY_NAME["kvm_mmu_zap_all_fast"]
 
 __all__ += [ev.name for ev in EVENTS]
 
-# The C-readable switches.  Only this module writes them (through the
-# private writable view); everyone else gets the read-only ENABLED view.
-_ENABLED_RW = np.zeros(NR_EVENTS, dtype=np.uint8)
-#: ``uint8[NR_EVENTS]``, read-only: 1 where the event with that id is enabled.
-ENABLED = _ENABLED_RW.view()
-ENABLED.flags.writeable = False
+# The C-readable switches live in the core (kvmmmu._core.trace_buf, so that
+# nogil loops test them without importing this module).  Only this module
+# writes them, through trace_buf.set_enabled; the ids are this module's.
+for _ev in EVENTS:
+    if _tb.TP_IDS.get(_ev.name, _ev.id) != _ev.id:
+        raise ImportError(f"trace_buf gives {_ev.name} id {_tb.TP_IDS[_ev.name]}, mmutrace {_ev.id}")
+if set(_tb.TP_IDS) - set(_BY_NAME) or _tb.NR_TP != NR_EVENTS:
+    raise ImportError("trace_buf and mmutrace disagree on the kvmmmu events")
+#: ``uint8[NR_EVENTS]``, read-only (not re-flippable): 1 where the event with
+#: that id is enabled.  The same bytes the core's ``trace_on()`` reads.
+ENABLED = _tb.ENABLED
+
+
+def _emit_core_record(event_id: int, values: tuple) -> None:
+    """The trace_buf sink: one record of a core loop, values in the event's
+    field order, emitted like any other (subscribers see no difference)."""
+    ev = EVENTS[event_id]
+    ev.emit(**dict(zip(ev._names_in_order, values)))
+
+
+for _ev in EVENTS:
+    _ev._names_in_order = tuple(f.name for f in _ev.fields)
+_tb.set_sink(_emit_core_record)
 
 
 def get_event(name: str | Event) -> Event:
@@ -568,7 +587,7 @@ def _set(names, on: bool) -> None:
     evs = [get_event(n) for n in names]   # all names are checked before any change
     for ev in evs:
         ev.enabled = on
-        _ENABLED_RW[ev.id] = on
+        _tb.set_enabled(ev.id, on)
 
 
 def enable(*names: str | Event) -> None:
@@ -750,7 +769,7 @@ def capture(*names: str | Event, capacity: int = 65536) -> Iterator[RingBuffer]:
     ['kvm_mmu_zap_all_fast: kvm-mmu-valid-gen 1 used_pages 20']
     """
     evs = [get_event(n) for n in names] if names else list(EVENTS)
-    saved = _ENABLED_RW.copy()
+    saved = ENABLED.copy()
     ring = subscribe(RingBuffer(capacity))
     try:
         _set(evs, True)
@@ -759,7 +778,7 @@ def capture(*names: str | Event, capacity: int = 65536) -> Iterator[RingBuffer]:
         unsubscribe(ring)
         for ev in EVENTS:
             ev.enabled = bool(saved[ev.id])
-        _ENABLED_RW[:] = saved
+            _tb.set_enabled(ev.id, ev.enabled)
 
 
 # ---------------------------------------------------------------------------

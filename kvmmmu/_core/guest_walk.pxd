@@ -9,6 +9,7 @@
 #
 # and fill a gw_mmu_t themselves; Python code goes through kvmmmu.paging.
 
+from kvmmmu._core.trace_buf cimport trace_buf_t
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from kvmmmu._core.spte cimport rsvd_bits_validate
@@ -19,20 +20,11 @@ cdef enum:
     PTTYPE_64 = 64
     PTTYPE_EPT = 18
 
-# The five walker tracepoints, in the order of gw_trace_rec_t.event.
-cdef enum:
-    GW_TP_PAGETABLE_WALK = 0     # a = addr, b = (u32)access
-    GW_TP_PAGING_ELEMENT = 1     # a = pte, b = level
-    GW_TP_SET_ACCESSED = 2       # a = gpa of the entry
-    GW_TP_SET_DIRTY = 3          # a = gpa of the entry
-    GW_TP_WALKER_ERROR = 4       # b = error code
-    GW_NR_TP = 5
-
 # walk_addr_generic() return values.
 cdef enum:
     GW_FAULT = 0                 # walker.fault holds the fault
     GW_OK = 1                    # translation in walker.gfn
-    GW_ENOMEM = -1               # the trace buffer could not grow (nothing else changed)
+    GW_ENOMEM = -1               # a trace record could not be stored: no memory
 
 
 ctypedef struct gw_slot_t:
@@ -49,21 +41,6 @@ ctypedef struct gw_mem_t:
     gw_slot_t *slots
     int nslots
     int last                     # index of the slot that answered last (a cache)
-
-
-ctypedef struct gw_trace_rec_t:
-    uint64_t a                   # see GW_TP_*
-    uint32_t b
-    uint32_t event               # GW_TP_*
-
-
-ctypedef struct gw_trace_t:
-    # Records of the enabled walker events, appended in emission order.
-    gw_trace_rec_t *recs         # malloc'd, capacity cap
-    size_t n
-    size_t cap
-    uint8_t on[5]                # on[GW_TP_*]: event enabled (copied from mmutrace.ENABLED)
-    bint any_on                  # some on[] set
 
 
 ctypedef struct gw_mmu_t:
@@ -85,7 +62,7 @@ ctypedef struct gw_mmu_t:
     gw_mem_t *mem                # guest memory (L1 physical for the nested case)
     gw_mmu_t *nested             # vcpu->arch.mmu when this is nested_mmu: translates
                                  # L2 GPAs (kvm_translate_gpa); NULL otherwise
-    gw_trace_t *trace            # where events go; never NULL
+    trace_buf_t *trace           # where events go (the calling walk's own buffer); never NULL
 
 
 ctypedef struct guest_walker_t:

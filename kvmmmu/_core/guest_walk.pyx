@@ -21,8 +21,9 @@ and does what ``FNAME(walk_addr_generic)`` does, step for step:
    CR4.SMEP), the fault address, the EPT exit qualification, and the
    ``kvm_mmu_walker_error`` event.
 
-Events are recorded in a ``gw_trace_t`` while walking (fixed-width records,
-no Python) and handed to :mod:`kvmmmu.mmutrace` after the walk or the batch.
+Events are recorded in the calling walk's own ``trace_buf_t`` (trace_buf.pxd:
+fixed-width records, no Python) and drained to :mod:`kvmmmu.mmutrace`'s sink
+after the walk or the batch; this module never imports mmutrace.
 
 Python sees two classes: :class:`GuestMemory` (memslots over writable
 buffers, holes allowed) and :class:`WalkContext` (one MMU: what
@@ -49,7 +50,13 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from kvmmmu import mmutrace as _tp
+from kvmmmu._core._checks import (check_array as _check_array, int_arg as _int_arg,
+                                  out_array as _out_array)
+
+from kvmmmu._core.trace_buf cimport (
+    trace_buf_t, trace_buf_init, trace_on, trace_push, trace_drain,
+    TP_KVM_MMU_PAGETABLE_WALK, TP_KVM_MMU_PAGING_ELEMENT, TP_KVM_MMU_SET_ACCESSED_BIT,
+    TP_KVM_MMU_SET_DIRTY_BIT, TP_KVM_MMU_WALKER_ERROR)
 from kvmmmu._core.spte cimport (RsvdBitsValidate, rsvd_bits_validate, is_rsvd_spte,
                                 ACC_EXEC_MASK, ACC_WRITE_MASK, ACC_USER_MASK, ACC_ALL,
                                 PT_PRESENT_MASK, PT_PAGE_SIZE_MASK, PG_LEVEL_4K)
@@ -137,66 +144,16 @@ class GpaReadOnlyError(PermissionError):
 # Trace records
 # ---------------------------------------------------------------------------
 
-cdef const uint8_t[::1] _tp_enabled = _tp.ENABLED
-cdef int _TP_IDS[5]
-_TP_EVENTS = (_tp.kvm_mmu_pagetable_walk, _tp.kvm_mmu_paging_element,
-              _tp.kvm_mmu_set_accessed_bit, _tp.kvm_mmu_set_dirty_bit,
-              _tp.kvm_mmu_walker_error)
-for _i, _ev in enumerate(_TP_EVENTS):
-    _TP_IDS[_i] = _ev.id
-
-
-cdef inline int trace_push(gw_trace_t *t, int event, uint64_t a, uint32_t b) noexcept nogil:
-    """Append one record if `event` is on; -1 if the buffer cannot grow."""
-    cdef size_t cap
-    cdef gw_trace_rec_t *recs
-    if not t.on[event]:
+cdef inline int gw_trace(gw_mmu_t *mmu, int event, int nvals, uint64_t a,
+                         uint64_t b) noexcept nogil:
+    """Record one walker event (values in the event's field order) if it is
+    on; -1 only when the record could not be stored for lack of memory."""
+    cdef uint64_t v[2]
+    if not trace_on(event):
         return 0
-    if t.n == t.cap:
-        cap = t.cap * 2 if t.cap else 64
-        recs = <gw_trace_rec_t *>realloc(t.recs, cap * sizeof(gw_trace_rec_t))
-        if recs == NULL:
-            return -1
-        t.recs = recs
-        t.cap = cap
-    t.recs[t.n].a = a
-    t.recs[t.n].b = b
-    t.recs[t.n].event = event
-    t.n += 1
-    return 0
-
-
-cdef void trace_arm(gw_trace_t *t) noexcept:
-    """Copy the enabled switches of the five walker events from mmutrace."""
-    cdef int i
-    t.any_on = False
-    for i in range(GW_NR_TP):
-        t.on[i] = _tp_enabled[_TP_IDS[i]]
-        t.any_on |= t.on[i] != 0
-
-
-cdef object trace_flush(gw_trace_t *t):
-    """Emit the recorded events through mmutrace, oldest first, and clear."""
-    cdef size_t i
-    cdef gw_trace_rec_t r
-    if t.n == 0:
-        return
-    ev_walk, ev_elem, ev_acc, ev_dirty, ev_err = _TP_EVENTS
-    try:
-        for i in range(t.n):
-            r = t.recs[i]
-            if r.event == GW_TP_PAGETABLE_WALK:
-                ev_walk.emit(addr=r.a, pferr=r.b)
-            elif r.event == GW_TP_PAGING_ELEMENT:
-                ev_elem.emit(pte=r.a, level=r.b)
-            elif r.event == GW_TP_SET_ACCESSED:
-                ev_acc.emit(gpa=r.a)
-            elif r.event == GW_TP_SET_DIRTY:
-                ev_dirty.emit(gpa=r.a)
-            else:
-                ev_err.emit(pferr=r.b)
-    finally:
-        t.n = 0
+    v[0] = a
+    v[1] = b
+    return trace_push(mmu.trace, event, nvals, v)
 
 
 # ---------------------------------------------------------------------------
@@ -513,7 +470,7 @@ cdef uint64_t translate_gpa(gw_mmu_t *mmu, uint64_t gpa, uint64_t access,
 cdef int update_accessed_dirty_bits(gw_mmu_t *mmu, guest_walker_t *w, bint write_fault,
                                     int a_shift, int d_shift) noexcept nogil:
     """FNAME(update_accessed_dirty_bits): 0 done, 1 an entry changed (restart
-    the walk), -1 trace buffer full."""
+    the walk), -1 no memory for a trace record."""
     cdef int level
     cdef uint64_t pte, orig, cur
     cdef uint64_t a_mask = (<uint64_t>1) << a_shift
@@ -523,11 +480,11 @@ cdef int update_accessed_dirty_bits(gw_mmu_t *mmu, guest_walker_t *w, bint write
     for level in range(w.max_level, w.level - 1, -1):
         pte = orig = w.ptes[level - 1]
         if not (pte & a_mask):
-            if trace_push(mmu.trace, GW_TP_SET_ACCESSED, w.pte_gpa[level - 1], 0):
+            if gw_trace(mmu, TP_KVM_MMU_SET_ACCESSED_BIT, 1, w.pte_gpa[level - 1], 0):
                 return -1
             pte |= a_mask
         if level == w.level and write_fault and not (pte & d_mask):
-            if trace_push(mmu.trace, GW_TP_SET_DIRTY, w.pte_gpa[level - 1], 0):
+            if gw_trace(mmu, TP_KVM_MMU_SET_DIRTY_BIT, 1, w.pte_gpa[level - 1], 0):
                 return -1
             # (EPT: the nested PML hook would log the gpa here; L1 PML is not modelled.)
             pte |= d_mask
@@ -552,7 +509,7 @@ cdef int update_accessed_dirty_bits(gw_mmu_t *mmu, guest_walker_t *w, bint write
 cdef int walk_addr_generic(gw_mmu_t *mmu, guest_walker_t *w, uint64_t addr,
                            uint64_t access) noexcept nogil:
     """FNAME(walk_addr_generic) for mmu.pttype.  Returns GW_OK, GW_FAULT
-    (fault in `w`) or GW_ENOMEM (trace buffer full; guest memory may already
+    (fault in `w`) or GW_ENOMEM (no memory for a trace record; guest memory may already
     hold some of the walk's A/D bits)."""
     cdef int pttype = mmu.pttype
     cdef bint write_fault = (access & PFERR_WRITE_MASK) != 0
@@ -588,7 +545,7 @@ cdef int walk_addr_generic(gw_mmu_t *mmu, guest_walker_t *w, uint64_t addr,
         w.pte_access = ACC_ALL
         return GW_OK
 
-    if trace_push(mmu.trace, GW_TP_PAGETABLE_WALK, addr, <uint32_t>access):
+    if gw_trace(mmu, TP_KVM_MMU_PAGETABLE_WALK, 2, addr, <uint32_t>access):
         return GW_ENOMEM
 
     while True:                                   # retry_walk
@@ -602,7 +559,7 @@ cdef int walk_addr_generic(gw_mmu_t *mmu, guest_walker_t *w, uint64_t addr,
             walk_nx_mask = (<uint64_t>1) << GW_PT64_NX_SHIFT
             if w.level == 3:
                 pte = mmu.pdptrs[(addr >> 30) & 3]
-                if trace_push(mmu.trace, GW_TP_PAGING_ELEMENT, pte, w.level):
+                if gw_trace(mmu, TP_KVM_MMU_PAGING_ELEMENT, 2, pte, w.level):
                     return GW_ENOMEM
                 if not is_present_gpte(pttype, pte):
                     break                         # goto error
@@ -634,7 +591,7 @@ cdef int walk_addr_generic(gw_mmu_t *mmu, guest_walker_t *w, uint64_t addr,
             hva += offset
             pte = read_entry(hva, pttype)
             w.ptep[w.level - 1] = hva
-            if trace_push(mmu.trace, GW_TP_PAGING_ELEMENT, pte, w.level):
+            if gw_trace(mmu, TP_KVM_MMU_PAGING_ELEMENT, 2, pte, w.level):
                 return GW_ENOMEM
 
             # NX is inverted so that it ANDs like the other permission bits.
@@ -706,7 +663,7 @@ cdef int walk_addr_generic(gw_mmu_t *mmu, guest_walker_t *w, uint64_t addr,
                                 ((pte_access & 7) << EPT_VIOLATION_PROT_SHIFT))
     w.address = addr
     w.nested_page_fault = not mmu.is_walk_mmu
-    if trace_push(mmu.trace, GW_TP_WALKER_ERROR, 0, w.error_code):
+    if gw_trace(mmu, TP_KVM_MMU_WALKER_ERROR, 1, w.error_code, 0):
         return GW_ENOMEM
     return GW_FAULT
 
@@ -741,19 +698,19 @@ cdef class WalkContext:
         The MMU that translates this one's gpas (L1's EPT for an L2 walk).
     """
     cdef gw_mmu_t mmu
-    cdef gw_trace_t trace
+    cdef bint ready            # __init__ completed: mmu.mem points into self.memory
     cdef readonly GuestMemory memory
     cdef readonly WalkContext nested
-
-    def __cinit__(self):
-        self.trace.recs = NULL
-        self.trace.n = self.trace.cap = 0
 
     def __init__(self, GuestMemory memory not None, int pttype, int root_level, pgd, pdptrs,
                  bint have_ad, bint efer_nx, bint cr4_smep, bint cr4_pse, bint rflags_ac,
                  bint is_walk_mmu, pkru, pkru_mask, permissions, RsvdBitsValidate rsvd not None,
                  WalkContext nested=None):
+        # Everything is checked and built in a local struct first, and
+        # committed at the end: a failing re-__init__ leaves the context as
+        # it was (never pointing at memory or a nested MMU it no longer holds).
         cdef int i
+        cdef gw_mmu_t m
         if pttype not in (PTTYPE_32, PTTYPE_64, PTTYPE_EPT):
             raise ValueError(f"pttype={pttype} is not 32, 64 or {PTTYPE_EPT} (EPT)")
         allowed = {PTTYPE_32: (0, 2), PTTYPE_64: (0, 3, 4, 5), PTTYPE_EPT: (4, 5)}[pttype]
@@ -761,45 +718,49 @@ cdef class WalkContext:
             raise ValueError(f"root_level={root_level} is not valid for PTTYPE {pttype}")
         if len(pdptrs) != 4 or len(permissions) != 16:
             raise ValueError("pdptrs needs 4 entries and permissions 16")
-        perms = [int(p) for p in permissions]
-        if any(not 0 <= p <= 255 for p in perms):
-            raise ValueError("permissions are bytes")
-        if nested is not None and nested.nested is not None:
-            raise ValueError("the outer MMU cannot itself be nested")
+        perms = [_int_arg("permissions", p, 0, 255) for p in permissions]
+        if nested is not None and (nested.nested is not None or not nested.ready):
+            raise ValueError("the outer MMU must be a ready WalkContext that is not itself nested")
+        if nested is self:
+            raise ValueError("a WalkContext cannot be its own outer MMU")
+        m.pttype = pttype
+        m.root_level = root_level
+        m.pgd = _u64(pgd, "pgd")
+        for i in range(4):
+            m.pdptrs[i] = _u64(pdptrs[i], "pdptr")
+        for i in range(16):
+            m.permissions[i] = perms[i]
+        m.have_ad = have_ad
+        m.efer_nx = efer_nx
+        m.cr4_smep = cr4_smep
+        m.cr4_pse = cr4_pse
+        m.rflags_ac = rflags_ac
+        m.is_walk_mmu = is_walk_mmu
+        m.pkru = _int_arg("pkru", pkru, 0, 0xffffffff)
+        m.pkru_mask = _int_arg("pkru_mask", pkru_mask, 0, 0xffffffff)
+        m.rsvd = rsvd.chk
+        m.mem = &memory.mem
+        m.trace = NULL                      # set per call (_prepare)
+        m.nested = &nested.mmu if nested is not None else NULL
         self.memory = memory
         self.nested = nested
-        self.mmu.pttype = pttype
-        self.mmu.root_level = root_level
-        self.mmu.pgd = _u64(pgd, "pgd")
-        for i in range(4):
-            self.mmu.pdptrs[i] = _u64(pdptrs[i], "pdptr")
-        for i in range(16):
-            self.mmu.permissions[i] = perms[i]
-        self.mmu.have_ad = have_ad
-        self.mmu.efer_nx = efer_nx
-        self.mmu.cr4_smep = cr4_smep
-        self.mmu.cr4_pse = cr4_pse
-        self.mmu.rflags_ac = rflags_ac
-        self.mmu.is_walk_mmu = is_walk_mmu
-        if not 0 <= pkru < 1 << 32 or not 0 <= pkru_mask < 1 << 32:
-            raise ValueError("pkru and pkru_mask are 32-bit")
-        self.mmu.pkru = pkru
-        self.mmu.pkru_mask = pkru_mask
-        self.mmu.rsvd = rsvd.chk
-        self.mmu.mem = &memory.mem
-        self.mmu.trace = &self.trace
-        self.mmu.nested = &nested.mmu if nested is not None else NULL
+        self.mmu = m
+        self.ready = True
 
-    def __dealloc__(self):
-        free(self.trace.recs)
-
-    cdef void _arm(self) noexcept:
-        # One event stream, in emission order: the outer MMU's walks record
-        # into this context's buffer too.
-        self.mmu.trace = &self.trace
+    cdef int _prepare(self, gw_mmu_t *m, gw_mmu_t *outer, trace_buf_t *tb) except -1:
+        """Copy this MMU (and its outer MMU) for one call, with the call's own
+        trace buffer: threads walking one context never share a buffer."""
+        if not self.ready:
+            raise ValueError("WalkContext was not initialised (__init__ did not complete)")
+        trace_buf_init(tb)
+        m[0] = self.mmu
+        m.trace = tb
         if self.nested is not None:
-            self.nested.mmu.trace = &self.trace
-        trace_arm(&self.trace)
+            outer[0] = self.nested.mmu
+            outer.trace = tb
+            outer.nested = NULL
+            m.nested = outer
+        return 0
 
     def walk(self, addr, access):
         """Walk one address; returns a dict of the ``struct guest_walker``.
@@ -814,16 +775,18 @@ cdef class WalkContext:
         cdef uint64_t a = _u64(addr, "addr")
         cdef uint64_t acc = _u64(access, "access")
         cdef int r
+        cdef gw_mmu_t m, outer
+        cdef trace_buf_t tb
         if acc & ~GW_ACCESS_ALLOWED:
             raise ValueError(f"access={acc:#x} has bits outside W|U|F|P|IMPLICIT_ACCESS")
-        self._arm()
+        self._prepare(&m, &outer, &tb)
         with nogil:
-            r = walk_addr_generic(&self.mmu, &w, a, acc)
+            r = walk_addr_generic(&m, &w, a, acc)
         try:
             if r == GW_ENOMEM:
-                raise MemoryError("trace buffer")
+                raise MemoryError("no memory for a trace record")
         finally:
-            trace_flush(&self.trace)
+            trace_drain(&tb)
         n = 5
         return dict(
             ok=r == GW_OK, level=w.level, max_level=w.max_level,
@@ -859,25 +822,21 @@ cdef class WalkContext:
         cdef uint64_t acc = _u64(access, "access")
         if acc & ~GW_ACCESS_ALLOWED:
             raise ValueError(f"access={acc:#x} has bits outside W|U|F|P|IMPLICIT_ACCESS")
-        if not isinstance(addrs, np.ndarray) or addrs.dtype != np.uint64 or addrs.ndim != 1:
-            raise TypeError("addrs must be a 1-d numpy uint64 array")
-        cdef const uint64_t[::1] av = addrs
+        cdef const uint64_t[::1] av = _check_array("addrs", addrs)
         cdef Py_ssize_t n = av.shape[0], i
-        if out is None:
-            out = np.empty(n, dtype=WALK_DTYPE)
-        elif (not isinstance(out, np.ndarray) or out.dtype != WALK_DTYPE or out.shape != (n,)
-              or not out.flags.c_contiguous or not out.flags.writeable):
-            raise ValueError(f"out must be a writable C-contiguous WALK_DTYPE array of shape ({n},)")
+        out = _out_array("out", out, n, WALK_DTYPE, inputs=(addrs,))
         if n == 0:
             return out
         cdef uint8_t[::1] ob = out.view(np.uint8)
         cdef walk_result_t *res = <walk_result_t *>&ob[0]
         cdef guest_walker_t w
         cdef int r = GW_OK
-        self._arm()
+        cdef gw_mmu_t m, outer
+        cdef trace_buf_t tb
+        self._prepare(&m, &outer, &tb)
         with nogil:
             for i in range(n):
-                r = walk_addr_generic(&self.mmu, &w, av[i], acc)
+                r = walk_addr_generic(&m, &w, av[i], acc)
                 if r == GW_ENOMEM:
                     break
                 if r == GW_OK:
@@ -899,7 +858,7 @@ cdef class WalkContext:
                 res[i].retries = w.retries if w.retries < 0xffff else 0xffff
         try:
             if r == GW_ENOMEM:
-                raise MemoryError("trace buffer")
+                raise MemoryError("no memory for a trace record")
         finally:
-            trace_flush(&self.trace)
+            trace_drain(&tb)
         return out
