@@ -20,9 +20,11 @@ def test_ids_are_mmutraces_and_enabled_is_the_same_bytes():
         assert tp.get_event(name).id == i
     assert tb.NR_TP == tp.NR_EVENTS == len(tb.TP_IDS)
     assert tp.ENABLED is tb.ENABLED
+    tp.disable_all()
     with tp.capture("kvm_mmu_set_spte"):
         assert tb.ENABLED[tp.kvm_mmu_set_spte.id] == 1
         assert tb.ENABLED.sum() == 1
+        assert [ev.enabled for ev in tp.EVENTS] == list(tb.ENABLED.astype(bool))
     assert tb.ENABLED.sum() == 0
 
 
