@@ -15,12 +15,19 @@ WALKER_EVENTS = [ev.name for ev in tp.EVENTS[:5]]
 PR, RW, US = 1, 2, 4
 
 
+@pytest.fixture(autouse=True)
+def _all_events_off():
+    # Record counts below assume no event is on but the ones captured.
+    tp.disable_all()
+    yield
+    tp.disable_all()
+
+
 def test_ids_are_mmutraces_and_enabled_is_the_same_bytes():
     for name, i in tb.TP_IDS.items():
         assert tp.get_event(name).id == i
     assert tb.NR_TP == tp.NR_EVENTS == len(tb.TP_IDS)
     assert tp.ENABLED is tb.ENABLED
-    tp.disable_all()
     with tp.capture("kvm_mmu_set_spte"):
         assert tb.ENABLED[tp.kvm_mmu_set_spte.id] == 1
         assert tb.ENABLED.sum() == 1
