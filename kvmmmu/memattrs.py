@@ -216,7 +216,6 @@ def kvm_vm_ioctl_set_mem_attributes(vm, address: int, size: int, attributes: int
 def kvm_vm_set_mem_attributes(vm, start: int, end: int, attributes: int) -> None:
     """Set ``attributes`` for gfns ``[start, end)`` (kvm_main.c flow, see module doc)."""
     from kvmmmu.notifiers import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED, KvmGfnRange
-    from kvmmmu import memslots as M
     attrs = vm.mem_attrs
     if attrs.range_has(start, end, _U64, attributes, kvm_supported_mem_attributes(vm)):
         return
@@ -238,7 +237,7 @@ def kvm_vm_set_mem_attributes(vm, start: int, end: int, attributes: int) -> None
             for r in ranges:
                 # kvm_pre_set_memory_attributes: the range itself, unconditionally
                 notifier.kvm_mmu_invalidate_range_add(r.start, r.end)
-                flush |= M.kvm_arch_pre_set_memory_attributes(vm, r)
+                flush |= vm.kvm_arch_pre_set_memory_attributes(r)
             if flush:
                 vm.kvm_flush_remote_tlbs()
         finally:
@@ -249,6 +248,6 @@ def kvm_vm_set_mem_attributes(vm, start: int, end: int, attributes: int) -> None
         try:
             notifier.kvm_mmu_invalidate_end()          # on_lock of post_set_range
             for r in ranges:
-                M.kvm_arch_post_set_memory_attributes(vm, r)
+                vm.kvm_arch_post_set_memory_attributes(r)
         finally:
             vm.mmu_lock.release_write()

@@ -71,11 +71,7 @@ __all__ = [
     "GuestMemfdError", "GuestMemfdBadFdError", "GuestMemfdBindError", "MemslotUpdateWouldBlockError",
     "DirtyLogError",
     "UserspaceMemoryRegion", "GuestMemfd", "KvmArchMemorySlot", "KvmMemorySlot", "KvmMemslots",
-    "kvm_set_memory_region", "kvm_mmu_max_gfn", "lpage_info_slot",
-    "kvm_mmu_gfn_disallow_lpage", "kvm_mmu_gfn_allow_lpage", "hugepage_has_attrs",
-    "kvm_mmu_init_memslot_memory_attributes", "kvm_arch_pre_set_memory_attributes",
-    "kvm_arch_post_set_memory_attributes", "lpage_baseline", "kvm_mmu_max_mapping_level",
-    "kvm_mmu_max_mapping_level_array",
+    "kvm_set_memory_region", "kvm_mmu_max_gfn", "lpage_baseline",
     "mark_page_dirty_in_slot", "kvm_get_dirty_log_protect", "kvm_clear_dirty_log_protect",
     "audit_memslots",
 ]
@@ -582,7 +578,7 @@ def kvm_set_memory_region(vm, mem: UserspaceMemoryRegion, *, v1: bool = False,
                         userspace_addr=hva)
     gmem = None
     if flags & KVM_MEM_GUEST_MEMFD:
-        gmem = vm._lookup_gmem(mem.guest_memfd)      # may raise EBADF / EINVAL
+        gmem = vm.kvm_gmem_get_file(mem.guest_memfd)      # may raise EBADF / EINVAL
         gmem.bind(new, mem.guest_memfd_offset)
         new.gmem, new.gmem_pgoff = gmem, mem.guest_memfd_offset >> PAGE_SHIFT
     try:
@@ -608,15 +604,14 @@ def _kvm_set_memslot(vm, old, new, change):
             invalid = old.copy()
             invalid.flags |= KVM_MEMSLOT_INVALID
             slots._replace(old, invalid)
-            vm._swap_active_memslots(as_id)
-            for mmu in vm.mmus:
-                mmu.kvm_arch_flush_shadow_memslot(old)
+            vm.kvm_swap_active_memslots(as_id)
+            vm.kvm_arch_flush_shadow_memslot(old)
         try:
             _kvm_prepare_memory_region(vm, old, new, change)
         except BaseException:
             if invalid is not None:
                 slots._replace(invalid, old)
-                vm._swap_active_memslots(as_id)
+                vm.kvm_swap_active_memslots(as_id)
             raise
         if change is KvmMrChange.KVM_MR_CREATE:
             slots._replace(None, new)
@@ -626,7 +621,7 @@ def _kvm_set_memslot(vm, old, new, change):
             slots._replace(invalid, new)
         else:
             slots._replace(old, new)
-        vm._swap_active_memslots(as_id)
+        vm.kvm_swap_active_memslots(as_id)
         _kvm_commit_memory_region(vm, old, new, change)
     finally:
         vm.slots_lock_held = False
@@ -667,8 +662,8 @@ def _kvm_arch_prepare_memory_region(vm, old, new, change):
 
 
 def _kvm_alloc_memslot_metadata(vm, slot):
-    if vm._fail_next_metadata_alloc:
-        vm._fail_next_metadata_alloc = False
+    if vm.fail_next_metadata_alloc:
+        vm.fail_next_metadata_alloc = False
         raise KvmNoMemoryError("memslot metadata allocation failed (injected)")
     arch = KvmArchMemorySlot()
     if vm.kvm_memslots_have_rmaps:
@@ -676,7 +671,7 @@ def _kvm_alloc_memslot_metadata(vm, slot):
     arch.lpage_info = lpage_baseline(slot.base_gfn, slot.npages, slot.userspace_addr)
     slot.arch = arch
     if vm.has_private_mem:
-        kvm_mmu_init_memslot_memory_attributes(vm, slot)
+        vm.kvm_mmu_init_memslot_memory_attributes(slot)
     if vm.kvm_page_track_write_tracking_enabled:
         arch.gfn_write_track = np.zeros(slot.npages, dtype=np.uint16)
     return arch
@@ -721,7 +716,7 @@ def _kvm_commit_memory_region(vm, old, new, change):
             t.track_remove_region(old.base_gfn, old.npages)
     if not vm.n_requested_mmu_pages and change in (KvmMrChange.KVM_MR_CREATE, KvmMrChange.KVM_MR_DELETE):
         vm.kvm_mmu_change_mmu_pages(max(vm.nr_memslot_pages // 50, 64))
-    _kvm_mmu_slot_apply_flags(vm, old, new, change)
+    vm.kvm_mmu_slot_apply_flags(old, new, change)
     if change is KvmMrChange.KVM_MR_MOVE:
         old.arch = KvmArchMemorySlot()                   # kvm_arch_free_memslot(old)
     if change is KvmMrChange.KVM_MR_DELETE:
@@ -732,246 +727,6 @@ def _kvm_commit_memory_region(vm, old, new, change):
     elif change in (KvmMrChange.KVM_MR_MOVE, KvmMrChange.KVM_MR_FLAGS_ONLY):
         if old.dirty_bitmap is not None and new.dirty_bitmap is None:
             old.dirty_bitmap = None
-
-
-def _kvm_mmu_slot_apply_flags(vm, old, new, change):
-    old_flags = old.flags if old is not None else 0
-    new_flags = new.flags if new is not None else 0
-    log = bool(new_flags & KVM_MEM_LOG_DIRTY_PAGES)
-    if (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES and vm.cpu_dirty_log_size:
-        n = vm.nr_memslots_dirty_logging
-        if (log and n == 1) or not n:
-            vm.kvm_make_all_cpus_request("KVM_REQ_UPDATE_CPU_DIRTY_LOGGING")
-    if change is not KvmMrChange.KVM_MR_FLAGS_ONLY or new_flags & KVM_MEM_READONLY:
-        return
-    if not (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
-        vm.notifier._warn("FLAGS_ONLY change without a dirty-logging toggle")
-        return
-    if not log:
-        for mmu in vm.mmus:
-            mmu.kvm_mmu_recover_huge_pages(new)
-        return
-    if vm.kvm_dirty_log_manual_protect_and_init_set:
-        return
-    if vm.params.eager_page_split:
-        for mmu in vm.mmus:
-            mmu.kvm_mmu_slot_try_split_huge_pages(new, 1)
-    for mmu in vm.mmus:
-        if vm.cpu_dirty_log_size:
-            mmu.kvm_mmu_slot_leaf_clear_dirty(new)
-            mmu.kvm_mmu_slot_remove_write_access(new, 2)
-        else:
-            mmu.kvm_mmu_slot_remove_write_access(new, 1)
-    vm.kvm_flush_remote_tlbs()                       # kvm_flush_remote_tlbs_memslot
-
-
-# ==================================================================================
-# lpage_info
-# ==================================================================================
-
-def lpage_info_slot(gfn: int, slot: KvmMemorySlot, level: int) -> tuple[np.ndarray, int]:
-    """``lpage_info_slot``: ``(array, index)`` of gfn's frame at ``level`` (2 or 3)."""
-    return slot.arch.lpage_info[level - 2], gfn_to_index(gfn, slot.base_gfn, level)
-
-
-def _update_gfn_disallow_lpage_count(vm, slot, gfn, count):
-    for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        arr, i = lpage_info_slot(gfn, slot, level)
-        old = int(arr[i])
-        new = (old + count) & 0xFFFFFFFF
-        if (old ^ new) & KVM_LPAGE_MIXED_FLAG:
-            vm.notifier._warn(f"disallow_lpage count flipped MIXED at gfn {gfn:#x} level {level}")
-        arr[i] = new
-
-
-def kvm_mmu_gfn_disallow_lpage(vm, slot: KvmMemorySlot, gfn: int) -> None:
-    """One more reason not to map gfn's 2M and 1G frames huge (shadowed gPTE
-    table at 4K, ``account_shadowed``)."""
-    _update_gfn_disallow_lpage_count(vm, slot, gfn, 1)
-
-
-def kvm_mmu_gfn_allow_lpage(vm, slot: KvmMemorySlot, gfn: int) -> None:
-    _update_gfn_disallow_lpage_count(vm, slot, gfn, -1)
-
-
-def _test_mixed(slot, gfn, level):
-    arr, i = lpage_info_slot(gfn, slot, level)
-    return bool(arr[i] & KVM_LPAGE_MIXED_FLAG)
-
-
-def _set_mixed(slot, gfn, level, mixed):
-    arr, i = lpage_info_slot(gfn, slot, level)
-    if mixed:
-        arr[i] |= np.uint32(KVM_LPAGE_MIXED_FLAG)
-    else:
-        arr[i] &= np.uint32(~KVM_LPAGE_MIXED_FLAG & 0xFFFFFFFF)
-
-
-def hugepage_has_attrs(vm, slot: KvmMemorySlot, gfn: int, level: int, attrs: int) -> bool:
-    """Every gfn of the frame at ``gfn`` has exactly ``attrs``: at 2M a range
-    check of the attributes; at 1G every 2M sub-frame must be non-MIXED and
-    start with ``attrs``."""
-    p = KVM_PAGES_PER_HPAGE(level)
-    if level == 2:
-        return vm.mem_attrs.range_has(gfn, gfn + p, _U64, attrs, vm.supported_mem_attributes)
-    sub = KVM_PAGES_PER_HPAGE(level - 1)
-    for g in range(gfn, gfn + p, sub):
-        if _test_mixed(slot, g, level - 1) or attrs != vm.mem_attrs.get(g):
-            return False
-    return True
-
-
-def _frames_has_attrs(vm, slot, frames, level, attrs=None):
-    """Vectorized ``hugepage_has_attrs`` for many frame starts (attrs None: each
-    frame's own first-gfn attribute)."""
-    frames = np.asarray(frames, dtype=np.uint64)
-    p = KVM_PAGES_PER_HPAGE(level)
-    if level == 2:
-        uni, val = vm.mem_attrs.uniform_frames(frames, p)
-        if attrs is not None:
-            uni &= val == np.uint64(attrs)
-        return uni
-    sub = KVM_PAGES_PER_HPAGE(level - 1)
-    subs = (frames[:, None] + np.arange(0, p, sub, dtype=np.uint64)).ravel()
-    li = slot.arch.lpage_info[level - 3]
-    idx = (subs >> np.uint64(9)).astype(np.int64) - (slot.base_gfn >> 9)
-    mixed = (li[idx] & np.uint32(KVM_LPAGE_MIXED_FLAG)) != 0
-    val = vm.mem_attrs.get_array(subs)
-    want = val.reshape(len(frames), -1)[:, 0] if attrs is None else np.full(len(frames), attrs, np.uint64)
-    ok = ~mixed.reshape(len(frames), -1) & (val.reshape(len(frames), -1) == want[:, None])
-    return ok.all(axis=1)
-
-
-def kvm_mmu_init_memslot_memory_attributes(vm, slot: KvmMemorySlot) -> None:
-    """Set MIXED on every huge frame wholly inside a new slot whose attributes
-    are not uniform (frames straddling the slot edges are skipped: their
-    misalignment already forbids huge pages).  Levels 2M, then 1G."""
-    if not vm.has_private_mem:
-        return
-    for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        p = KVM_PAGES_PER_HPAGE(level)
-        end = (slot.base_gfn + slot.npages) & ~(p - 1)
-        start = slot.base_gfn & ~(p - 1)
-        if start < slot.base_gfn:
-            start += p
-        if start >= end:
-            continue
-        frames = np.arange(start, end, p, dtype=np.uint64)
-        ok = _frames_has_attrs(vm, slot, frames, level)
-        arr = slot.arch.lpage_info[level - 2]
-        idx = (frames >> np.uint64((level - 1) * 9)).astype(np.int64) - (slot.base_gfn >> ((level - 1) * 9))
-        arr[idx[ok]] &= np.uint32(~KVM_LPAGE_MIXED_FLAG & 0xFFFFFFFF)
-        arr[idx[~ok]] |= np.uint32(KVM_LPAGE_MIXED_FLAG)
-
-
-def kvm_arch_pre_set_memory_attributes(vm, rng) -> bool:
-    """Before attributes change over ``rng`` (one slot): add straddled huge
-    frames that may currently be mapped huge (inside the slot, not MIXED) to the
-    in-progress invalidation, then unmap the old attribute's mappings.
-    Returns whether a TLB flush is needed."""
-    from kvmmmu.notifiers import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED, kvm_unmap_gfn_range
-    from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
-    if not vm.has_private_mem:
-        vm.notifier._warn("pre_set_memory_attributes on a VM without private memory")
-        return False
-    if rng.end <= rng.start:
-        vm.notifier._warn("pre_set_memory_attributes: empty range")
-        return False
-    slot = rng.slot
-    send = slot.base_gfn + slot.npages
-    for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        p = KVM_PAGES_PER_HPAGE(level)
-        start = rng.start & ~(p - 1)
-        end = (rng.end - 1) & ~(p - 1)
-        if (start != rng.start or start + p > rng.end) and start >= slot.base_gfn and \
-                start + p <= send and not _test_mixed(slot, start, level):
-            vm.notifier.kvm_mmu_invalidate_range_add(start, start + p)
-        if end == start:
-            continue
-        if end + p > rng.end and end + p <= send and not _test_mixed(slot, end, level):
-            vm.notifier.kvm_mmu_invalidate_range_add(end, end + p)
-    rng.attr_filter = KVM_FILTER_SHARED if rng.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE \
-        else KVM_FILTER_PRIVATE
-    return kvm_unmap_gfn_range(vm, rng)
-
-
-def kvm_arch_post_set_memory_attributes(vm, rng) -> bool:
-    """After attributes were stored: recompute MIXED for the straddled head and
-    tail frames (when inside the slot) and clear it for frames wholly inside
-    the range (they now have exactly the new value).  2M before 1G: the 1G
-    answer reads the 2M flags."""
-    if not vm.has_private_mem:
-        vm.notifier._warn("post_set_memory_attributes on a VM without private memory")
-        return False
-    attrs = rng.attributes
-    slot = rng.slot
-    send = slot.base_gfn + slot.npages
-    for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        p = KVM_PAGES_PER_HPAGE(level)
-        gfn = rng.start & ~(p - 1)
-        if gfn != rng.start or gfn + p > rng.end:
-            if gfn >= slot.base_gfn and gfn + p <= send:
-                _set_mixed(slot, gfn, level, not hugepage_has_attrs(vm, slot, gfn, level, attrs))
-            gfn += p
-        if gfn + p <= rng.end:
-            last = ((rng.end - gfn) // p) * p + gfn
-            arr = slot.arch.lpage_info[level - 2]
-            s = (level - 1) * 9
-            i0, i1 = (gfn >> s) - (slot.base_gfn >> s), (last >> s) - (slot.base_gfn >> s)
-            arr[i0:i1] &= np.uint32(~KVM_LPAGE_MIXED_FLAG & 0xFFFFFFFF)
-            gfn = last
-        if gfn < rng.end and gfn + p <= send:
-            _set_mixed(slot, gfn, level, not hugepage_has_attrs(vm, slot, gfn, level, attrs))
-    return False
-
-
-def kvm_mmu_max_mapping_level(vm, slot: KvmMemorySlot, gfn: int, max_level: int = 5,
-                              is_private: bool = False) -> int:
-    """``__kvm_mmu_max_mapping_level``: from ``min(max_level,
-    max_huge_page_level)`` go down while the frame's ``disallow_lpage`` is
-    non-zero; private faults stop there (guest_memfd folios are 4K here), shared
-    ones are capped by the host mapping level of the hva."""
-    level = min(max_level, vm.max_huge_page_level)
-    while level > 1:
-        arr, i = lpage_info_slot(gfn, slot, level)
-        if not arr[i]:
-            break
-        level -= 1
-    if is_private:
-        return min(level, 1)
-    if level == 1:
-        return 1
-    return min(level, vm.host.host_pfn_mapping_level(slot.gfn_to_hva(gfn)))
-
-
-_CHUNK = 1 << 18
-
-
-def kvm_mmu_max_mapping_level_array(vm, slot: KvmMemorySlot, gfns, max_level: int = 5,
-                                    out=None) -> np.ndarray:
-    """Batch ``kvm_mmu_max_mapping_level`` (shared memory) for many gfns of one
-    slot; ``out`` (uint8, same length) may be given.  Works in chunks of 256K
-    gfns so that temporaries stay small and are reused."""
-    g_all = np.asarray(gfns)
-    n = g_all.shape[0]
-    if out is None:
-        out = np.empty(n, dtype=np.uint8)
-    top = min(max_level, vm.max_huge_page_level)
-    for c0 in range(0, n, _CHUNK):
-        g = g_all[c0:c0 + _CHUNK]
-        if g.dtype != np.int64:
-            g = g.astype(np.int64)
-        lvl = out[c0:c0 + _CHUNK]
-        lvl[:] = top
-        for level in range(top, 1, -1):
-            s = (level - 1) * 9
-            dis = slot.arch.lpage_info[level - 2].take((g >> s) - (slot.base_gfn >> s)) != 0
-            lvl[(lvl == level) & dis] = level - 1
-        huge = np.flatnonzero(lvl > 1)
-        if huge.size:
-            hva = slot.userspace_addr + ((g[huge] - slot.base_gfn) << PAGE_SHIFT)
-            lvl[huge] = np.minimum(lvl[huge], vm.host.host_pfn_mapping_level_array(hva))
-    return out
 
 
 # ==================================================================================
@@ -1024,8 +779,7 @@ def kvm_get_dirty_log_protect(vm, slot_arg: int) -> np.ndarray:
         with vm.mmu_lock.write():
             bm[nz] = 0
             for i in nz:
-                for mmu in vm.mmus:
-                    mmu.kvm_arch_mmu_enable_log_dirty_pt_masked(slot, int(i) * 64, int(out[i]))
+                vm.kvm_arch_mmu_enable_log_dirty_pt_masked(slot, int(i) * 64, int(out[i]))
         vm.kvm_flush_remote_tlbs()
     return out
 
@@ -1057,8 +811,7 @@ def kvm_clear_dirty_log_protect(vm, slot_arg: int, first_page: int, num_pages: i
             bm[i0 + k] &= np.uint64(~mask & _U64)
             if cleared:
                 flush = True
-                for mmu in vm.mmus:
-                    mmu.kvm_arch_mmu_enable_log_dirty_pt_masked(slot, (i0 + k) * 64, cleared)
+                vm.kvm_arch_mmu_enable_log_dirty_pt_masked(slot, (i0 + k) * 64, cleared)
     if flush:
         vm.kvm_flush_remote_tlbs()
 

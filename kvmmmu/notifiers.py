@@ -20,7 +20,7 @@ Two sides meet here (shadow-mmu.md §18):
 * **Faults.**  A fault snapshots ``mmu_seq = mmu_invalidate_seq`` before it
   resolves the pfn.  :func:`mmu_invalidate_retry_gfn_unsafe` (no lock) and,
   under ``mmu_lock``, :func:`mmu_invalidate_retry_gfn` /
-  :func:`is_page_fault_stale` tell it to retry if an invalidation covering the
+  :func:`kvmmmu.mmu.is_page_fault_stale` tell it to retry if an invalidation covering the
   gfn is in progress or if any invalidation ended since the snapshot.
 
 So a fault whose snapshot was taken while an invalidation of its gfn was
@@ -38,7 +38,7 @@ Invariants (checked by :meth:`MmuInvalidateState.audit`):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from kvmmmu.host import MmuNotifier, MmuNotifierRange, PAGE_SHIFT, PAGE_SIZE
@@ -46,9 +46,7 @@ from kvmmmu.host import MmuNotifier, MmuNotifierRange, PAGE_SHIFT, PAGE_SIZE
 __all__ = [
     "INVALID_GPA", "KVM_FILTER_SHARED", "KVM_FILTER_PRIVATE", "KvmGfnRange",
     "MmuInvalidateState", "KvmMmuNotifier", "kvm_handle_hva_range", "hva_to_gfn_memslot",
-    "kvm_unmap_gfn_range", "kvm_age_gfn", "kvm_test_age_gfn", "kvm_zap_gfn_range",
     "mmu_invalidate_retry", "mmu_invalidate_retry_gfn", "mmu_invalidate_retry_gfn_unsafe",
-    "is_page_fault_stale",
 ]
 
 INVALID_GPA = (1 << 64) - 1
@@ -189,79 +187,6 @@ def mmu_invalidate_retry_gfn_unsafe(vm, mmu_seq: int, gfn: int) -> bool:
     return n.mmu_invalidate_seq != mmu_seq
 
 
-def is_page_fault_stale(vm, mmu_seq: int, gfn: int, slot, *, root_obsolete: bool = False,
-                        root_has_sp: bool = True, free_obsolete_roots_pending: bool = False) -> bool:
-    """``is_page_fault_stale`` (mmu.c), with ``mmu_lock`` held.
-
-    Parameters
-    ----------
-    mmu_seq : int
-        The fault's snapshot of ``mmu_invalidate_seq``.
-    gfn, slot :
-        The fault's gfn and memslot (None for MMIO: no notifier check).
-    root_obsolete : bool
-        The vCPU's root shadow page is obsolete (``role.invalid`` or an old
-        ``mmu_valid_gen``).
-    root_has_sp, free_obsolete_roots_pending : bool
-        For a root without a shadow page (PAE roots), a pending
-        ``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS`` makes the fault stale.
-    """
-    if root_has_sp and root_obsolete:
-        return True
-    if not root_has_sp and free_obsolete_roots_pending:
-        return True
-    return slot is not None and mmu_invalidate_retry_gfn(vm, mmu_seq, gfn)
-
-
-# ==================================================================================
-# Dispatch to the MMUs
-# ==================================================================================
-
-def kvm_unmap_gfn_range(vm, rng: KvmGfnRange) -> bool:
-    """x86 ``kvm_unmap_gfn_range``: every MMU zaps the range; returns whether a
-    TLB flush is needed.  Outside memslot deletion it must run inside an
-    invalidation (the kernel's lockdep assertion)."""
-    if not vm.notifier.mmu_invalidate_in_progress and not vm.slots_lock_held:
-        vm.notifier._warn("kvm_unmap_gfn_range outside an invalidation")
-    flush = False
-    for mmu in vm.mmus:
-        flush |= bool(mmu.kvm_unmap_gfn_range(rng))
-    return flush
-
-
-def kvm_age_gfn(vm, rng: KvmGfnRange) -> bool:
-    young = False
-    for mmu in vm.mmus:
-        young |= bool(mmu.kvm_age_gfn(rng))
-    return young
-
-
-def kvm_test_age_gfn(vm, rng: KvmGfnRange) -> bool:
-    for mmu in vm.mmus:
-        if mmu.kvm_test_age_gfn(rng):
-            return True
-    return False
-
-
-def kvm_zap_gfn_range(vm, gfn_start: int, gfn_end: int) -> bool:
-    """x86 ``kvm_zap_gfn_range`` (MTRR/CR0.CD/APIC changes): an invalidation of
-    ``[gfn_start, gfn_end)`` across all address spaces, under ``mmu_lock``."""
-    if gfn_end <= gfn_start:
-        vm.notifier._warn("kvm_zap_gfn_range: empty range")
-        return False
-    with vm.mmu_lock.write():
-        n = vm.notifier
-        n.kvm_mmu_invalidate_begin()
-        n.kvm_mmu_invalidate_range_add(gfn_start, gfn_end)
-        flush = False
-        for mmu in vm.mmus:
-            flush |= bool(mmu.kvm_zap_gfn_range(gfn_start, gfn_end))
-        if flush:
-            vm.kvm_flush_remote_tlbs()
-        n.kvm_mmu_invalidate_end()
-    return flush
-
-
 def hva_to_gfn_memslot(hva: int, slot) -> int:
     return slot.base_gfn + ((hva - slot.userspace_addr) >> PAGE_SHIFT)
 
@@ -346,7 +271,7 @@ class KvmMmuNotifier(MmuNotifier):
 
         def handler(r):
             st.kvm_mmu_invalidate_range_add(r.start, r.end)
-            return kvm_unmap_gfn_range(vm, r)
+            return vm.kvm_unmap_gfn_range(r)
 
         kvm_handle_hva_range(vm, rng.start, rng.end, handler=handler,
                              on_lock=st.kvm_mmu_invalidate_begin, flush_on_ret=True,
@@ -373,18 +298,17 @@ class KvmMmuNotifier(MmuNotifier):
 
     def clear_flush_young(self, mm, start, end) -> bool:
         self._record("clear_flush_young", start, end)
-        return self._age(start, end, lambda r: kvm_age_gfn(self.vm, r),
+        return self._age(start, end, self.vm.kvm_age_gfn,
                          not self.elide_flush_if_young)
 
     def clear_young(self, mm, start, end) -> bool:
         self._record("clear_young", start, end)
-        return self._age(start, end, lambda r: kvm_age_gfn(self.vm, r), False)
+        return self._age(start, end, self.vm.kvm_age_gfn, False)
 
     def test_young(self, mm, address) -> bool:
         self._record("test_young", address, address + 1)
-        return self._age(address, address + 1, lambda r: kvm_test_age_gfn(self.vm, r), False)
+        return self._age(address, address + 1, self.vm.kvm_test_age_gfn, False)
 
     def release(self, mm) -> None:
         self._record("release", 0, 0)
-        for mmu in self.vm.mmus:
-            mmu.kvm_arch_flush_shadow_all()
+        self.vm.kvm_arch_flush_shadow_all()

@@ -50,7 +50,7 @@ True
 from __future__ import annotations
 
 import errno as E
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,18 +60,16 @@ from kvmmmu._core.rmap import PteListDescCache, PteListDescPool
 from kvmmmu._core.spte import MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import (
-    KVM_PFN_ERR_FAULT, KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
-    KVM_PFN_NOSLOT, PAGE_SHIFT, HostConfig, HostMm, hva_to_pfn, is_error_pfn,
+    PAGE_SHIFT, HostConfig, HostMm,
 )
 from kvmmmu import memslots as M
+from kvmmmu import mmu as _mmu
+from kvmmmu.mmu import FaultinResult, MmuBackend, RecordingMmu  # noqa: F401  (re-exported)
 from kvmmmu.memattrs import (
     KVM_MEMORY_ATTRIBUTE_PRIVATE, MemoryAttributes, kvm_supported_mem_attributes,
     kvm_vm_ioctl_set_mem_attributes,
 )
-from kvmmmu.notifiers import (
-    KvmMmuNotifier, MmuInvalidateState, is_page_fault_stale, kvm_zap_gfn_range,
-    mmu_invalidate_retry_gfn_unsafe,
-)
+from kvmmmu.notifiers import KvmMmuNotifier, MmuInvalidateState
 from kvmmmu.stats import VcpuStat, VmStat
 
 __all__ = [
@@ -238,108 +236,6 @@ class MmuLock:
             raise RuntimeError("mmu_lock must be held")
 
 
-class MmuBackend:
-    """What the VM layer calls in an MMU (the kernel's ``mmu.c`` / ``tdp_mmu.c``
-    entry points used by generic and memslot code).  Every hook defaults to
-    "nothing to do"; boolean hooks return whether a TLB flush is needed (or,
-    for aging, whether anything was young)."""
-
-    def kvm_unmap_gfn_range(self, rng) -> bool:
-        return False
-
-    def kvm_age_gfn(self, rng) -> bool:
-        return False
-
-    def kvm_test_age_gfn(self, rng) -> bool:
-        return False
-
-    def kvm_zap_gfn_range(self, gfn_start, gfn_end) -> bool:
-        return False
-
-    def kvm_arch_flush_shadow_memslot(self, slot) -> None:
-        pass
-
-    def kvm_arch_flush_shadow_all(self) -> None:
-        pass
-
-    def kvm_mmu_zap_all_fast(self) -> None:
-        pass
-
-    def kvm_mmu_change_mmu_pages(self, nr_mmu_pages) -> None:
-        pass
-
-    def kvm_mmu_recover_huge_pages(self, slot) -> None:
-        pass
-
-    def kvm_mmu_slot_try_split_huge_pages(self, slot, target_level) -> None:
-        pass
-
-    def kvm_mmu_slot_leaf_clear_dirty(self, slot) -> None:
-        pass
-
-    def kvm_mmu_slot_remove_write_access(self, slot, start_level) -> None:
-        pass
-
-    def kvm_arch_mmu_enable_log_dirty_pt_masked(self, slot, gfn_offset, mask) -> None:
-        pass
-
-
-class RecordingMmu(MmuBackend):
-    """An :class:`MmuBackend` that records every call as ``(name, args)`` in
-    :attr:`calls`; boolean hooks return ``returns.get(name, False)``."""
-
-    def __init__(self, **returns):
-        self.calls: list[tuple] = []
-        self.returns = returns
-
-    def _rec(self, name, *args):
-        self.calls.append((name,) + args)
-        return self.returns.get(name, False)
-
-    def names(self) -> list[str]:
-        return [c[0] for c in self.calls]
-
-    def kvm_unmap_gfn_range(self, rng):
-        return self._rec("kvm_unmap_gfn_range", rng.slot.as_id, rng.slot.id, rng.start, rng.end,
-                         rng.attr_filter)
-
-    def kvm_age_gfn(self, rng):
-        return self._rec("kvm_age_gfn", rng.slot.as_id, rng.slot.id, rng.start, rng.end)
-
-    def kvm_test_age_gfn(self, rng):
-        return self._rec("kvm_test_age_gfn", rng.slot.as_id, rng.slot.id, rng.start, rng.end)
-
-    def kvm_zap_gfn_range(self, gfn_start, gfn_end):
-        return self._rec("kvm_zap_gfn_range", gfn_start, gfn_end)
-
-    def kvm_arch_flush_shadow_memslot(self, slot):
-        self._rec("kvm_arch_flush_shadow_memslot", slot.as_id, slot.id, slot.base_gfn, slot.npages)
-
-    def kvm_arch_flush_shadow_all(self):
-        self._rec("kvm_arch_flush_shadow_all")
-
-    def kvm_mmu_zap_all_fast(self):
-        self._rec("kvm_mmu_zap_all_fast")
-
-    def kvm_mmu_change_mmu_pages(self, nr_mmu_pages):
-        self._rec("kvm_mmu_change_mmu_pages", nr_mmu_pages)
-
-    def kvm_mmu_recover_huge_pages(self, slot):
-        self._rec("kvm_mmu_recover_huge_pages", slot.id)
-
-    def kvm_mmu_slot_try_split_huge_pages(self, slot, target_level):
-        self._rec("kvm_mmu_slot_try_split_huge_pages", slot.id, target_level)
-
-    def kvm_mmu_slot_leaf_clear_dirty(self, slot):
-        self._rec("kvm_mmu_slot_leaf_clear_dirty", slot.id)
-
-    def kvm_mmu_slot_remove_write_access(self, slot, start_level):
-        self._rec("kvm_mmu_slot_remove_write_access", slot.id, start_level)
-
-    def kvm_arch_mmu_enable_log_dirty_pt_masked(self, slot, gfn_offset, mask):
-        self._rec("kvm_arch_mmu_enable_log_dirty_pt_masked", slot.id, gfn_offset, mask)
-
-
 class _ExternalSptCache:
     """``vcpu->arch.mmu_external_spt_cache`` (mirrored TDP / TDX): plain pages
     handed to the TDX module, taken from host physical memory, with the
@@ -375,22 +271,6 @@ class _ExternalSptCache:
 
     def __repr__(self):
         return f"ExternalSptCache(nobjs={self.nobjs}, capacity={self.capacity})"
-
-
-@dataclass
-class FaultinResult:
-    """What ``kvm_mmu_faultin_pfn`` leaves in ``struct kvm_page_fault``."""
-    ret: int
-    gfn: int
-    slot: object = None
-    pfn: int = 0
-    map_writable: bool = False
-    mmu_seq: int = 0
-    is_private: bool = False
-    #: largest level the guest_memfd backing allows (4K here) for private faults
-    max_level: int = 5
-    #: the fault ends in a KVM_EXIT_MEMORY_FAULT (private/shared mismatch)
-    memory_fault_exit: bool = False
 
 
 class Vcpu:
@@ -625,7 +505,7 @@ class VM:
         #: KVM_CAP_VM_DISABLE_NX_HUGE_PAGES
         self.disable_nx_huge_pages = False
         self.mmio_gen_wraps = 0
-        self._fail_next_metadata_alloc = False
+        self.fail_next_metadata_alloc = False
         self.mmu_notifier = KvmMmuNotifier(self)
         self.host.mmu_notifier_register(self.mmu_notifier)
         for i in range(nr_vcpus):
@@ -759,17 +639,9 @@ class VM:
         """``kvm_flush_remote_tlbs`` (counted in ``stat.remote_tlb_flush*``)."""
         self.arena.kvm_flush_remote_tlbs()
 
-    def kvm_mmu_change_mmu_pages(self, nr_mmu_pages: int) -> None:
-        self.n_max_mmu_pages = nr_mmu_pages
-        for mmu in self.mmus:
-            mmu.kvm_mmu_change_mmu_pages(nr_mmu_pages)
-
     def kvm_bug(self, msg: str) -> None:
         """KVM_BUG_ON: the VM is marked bugged (no further runs)."""
         self.bugged.append(msg)
-
-    def kvm_zap_gfn_range(self, gfn_start: int, gfn_end: int) -> bool:
-        return kvm_zap_gfn_range(self, gfn_start, gfn_end)
 
     def mmu_first_shadow_root_alloc(self) -> None:
         """``mmu_first_shadow_root_alloc``: the first shadow root of a TDP-MMU VM
@@ -786,7 +658,7 @@ class VM:
         self.shadow_root_allocated = True
 
     # -- memslots ----------------------------------------------------------------
-    def _swap_active_memslots(self, as_id: int) -> None:
+    def kvm_swap_active_memslots(self, as_id: int) -> None:
         """``kvm_swap_active_memslots``: publish, then generation += nr_as (with the
         update-in-progress bit set in between) and ``kvm_arch_memslots_updated``."""
         slots = self.memslots[as_id]
@@ -805,8 +677,7 @@ class VM:
         g &= ~(self.nr_memslot_as_ids - 1)
         if g == 0:
             self.mmio_gen_wraps += 1
-            for mmu in self.mmus:
-                mmu.kvm_mmu_zap_all_fast()
+            _mmu.kvm_mmu_zap_all_fast(self)
 
     def set_user_memory_region(self, slot, flags=0, guest_phys_addr=0, memory_size=0,
                                userspace_addr=0, guest_memfd_offset=0, guest_memfd=0, *,
@@ -862,7 +733,7 @@ class VM:
         self.guest_memfds[fd] = M.GuestMemfd(self, size, flags, fd)
         return fd
 
-    def _lookup_gmem(self, fd):
+    def kvm_gmem_get_file(self, fd):
         if isinstance(fd, M.GuestMemfd):
             g = fd
         else:
@@ -896,98 +767,26 @@ class VM:
         g0 = int(np.asarray(gfn).ravel()[0]) if np.ndim(gfn) else int(gfn)
         M.mark_page_dirty_in_slot(self, self.memslots[as_id].gfn_to_memslot(g0), gfn)
 
-    def kvm_mmu_max_mapping_level(self, slot, gfn: int, max_level: int = 5,
-                                  is_private: bool = False) -> int:
-        return M.kvm_mmu_max_mapping_level(self, slot, gfn, max_level, is_private)
-
-    def kvm_mmu_gfn_disallow_lpage(self, slot, gfn: int) -> None:
-        M.kvm_mmu_gfn_disallow_lpage(self, slot, gfn)
-
-    def kvm_mmu_gfn_allow_lpage(self, slot, gfn: int) -> None:
-        M.kvm_mmu_gfn_allow_lpage(self, slot, gfn)
-
-    # -- the fault side -----------------------------------------------------------
-    def kvm_mmu_faultin_pfn(self, vcpu: Vcpu, gfn: int, *, write: bool = False,
-                            is_private: bool = False, prefetch: bool = False,
-                            addr: int | None = None, access: int = 7) -> FaultinResult:
-        """``kvm_mmu_faultin_pfn`` up to (not including) taking ``mmu_lock``.
-
-        1. ``mmu_seq = mmu_invalidate_seq`` (the snapshot the staleness checks use);
-        2. private/shared mismatch with the gfn's attribute: memory-fault exit
-           (``-EFAULT``);
-        3. no memslot: ``kvm_handle_noslot_fault`` (cache MMIO info; emulate when
-           MMIO caching is off or the gfn is above ``kvm_mmu_max_gfn``; else
-           CONTINUE with ``KVM_PFN_NOSLOT`` so the MMU installs an MMIO SPTE);
-        4. INVALID memslot (being deleted/moved): RETRY (``-EAGAIN`` for prefetch);
-        5. the lockless notifier pre-check: RETRY;
-        6. the pfn: guest_memfd for private faults (4K), else ``hva_to_pfn``
-           through the memslot (READONLY slot + write: ``KVM_PFN_ERR_RO_FAULT``);
-           error pfns become EMULATE (read-only slot), RETRY (hwpoison),
-           ``-EINTR`` (signal) or ``-EFAULT``;
-        7. the pre-check again: RETRY.
-        Otherwise ``ret = RET_PF_CONTINUE``; the caller takes ``mmu_lock`` and
-        calls :meth:`is_page_fault_stale` with ``result.mmu_seq``.
-        """
-        r = FaultinResult(ret=RET_PF_CONTINUE, gfn=gfn, is_private=is_private)
-        if self.gfn_direct_bits and gfn & self.gfn_direct_bits:
-            self.kvm_bug("fault gfn has the alias bit")
-            r.ret = -E.EFAULT
-            return r
-        r.slot = slot = vcpu.gfn_to_memslot(gfn)
-        r.mmu_seq = self.notifier.mmu_invalidate_seq
-        if is_private != self.kvm_mem_is_private(gfn):
-            r.ret, r.memory_fault_exit = -E.EFAULT, True
-            return r
-        if slot is None:
-            return self._handle_noslot_fault(vcpu, r, addr, access)
-        if slot.flags & M.KVM_MEMSLOT_INVALID:
-            r.ret = -E.EAGAIN if prefetch else RET_PF_RETRY
-            return r
-        if mmu_invalidate_retry_gfn_unsafe(self, r.mmu_seq, gfn):
-            r.ret = RET_PF_RETRY
-            return r
-        if is_private:
-            if not slot.kvm_slot_has_gmem():
-                r.ret, r.memory_fault_exit = -E.EFAULT, True
-                return r
-            r.pfn = slot.gmem.get_pfn(slot, gfn)
-            r.map_writable = not slot.flags & M.KVM_MEM_READONLY
-            r.max_level = 1
-        else:
-            readonly = bool(slot.flags & M.KVM_MEM_READONLY)
-            if readonly and write:
-                r.pfn = KVM_PFN_ERR_RO_FAULT
-            else:
-                r.pfn, r.map_writable = hva_to_pfn(self.host, slot.gfn_to_hva(gfn), write_fault=write,
-                                                   want_writable=not readonly)
-        if is_error_pfn(r.pfn):
-            if r.pfn == KVM_PFN_ERR_SIGPENDING:
-                r.ret = -E.EINTR
-            elif r.pfn == KVM_PFN_ERR_RO_FAULT:
-                r.ret = RET_PF_EMULATE
-            elif r.pfn == KVM_PFN_ERR_HWPOISON:
-                r.ret = RET_PF_RETRY
-            else:
-                r.ret = -E.EFAULT
-            return r
-        if mmu_invalidate_retry_gfn_unsafe(self, r.mmu_seq, gfn):
-            r.ret = RET_PF_RETRY
-        return r
-
-    def _handle_noslot_fault(self, vcpu, r, addr, access):
-        if r.is_private:
-            r.ret, r.memory_fault_exit = -E.EFAULT, True
-            return r
-        gva = 0 if (self.tdp_enabled or addr is None) else addr
-        vcpu.vcpu_cache_mmio_info(gva, r.gfn, access & self.fmt.shadow_mmio_access_mask)
-        r.slot, r.pfn, r.map_writable = None, KVM_PFN_NOSLOT, False
-        if not self.enable_mmio_caching or r.gfn > M.kvm_mmu_max_gfn(self):
-            r.ret = RET_PF_EMULATE
-        return r
-
-    def is_page_fault_stale(self, mmu_seq: int, gfn: int, slot, **kw) -> bool:
-        """:func:`kvmmmu.notifiers.is_page_fault_stale` (``mmu_lock`` must be held)."""
-        return is_page_fault_stale(self, mmu_seq, gfn, slot, **kw)
+    # -- the MMU seam (kvmmmu.mmu): the kernel's kvm_arch_* / kvm_mmu_* entry ------
+    # points, bound as methods so a caller pays one Python call.
+    kvm_mmu_faultin_pfn = _mmu.kvm_mmu_faultin_pfn
+    is_page_fault_stale = _mmu.is_page_fault_stale
+    kvm_mmu_max_mapping_level = _mmu.kvm_mmu_max_mapping_level
+    kvm_mmu_max_mapping_level_array = _mmu.kvm_mmu_max_mapping_level_array
+    kvm_mmu_gfn_disallow_lpage = _mmu.kvm_mmu_gfn_disallow_lpage
+    kvm_mmu_gfn_allow_lpage = _mmu.kvm_mmu_gfn_allow_lpage
+    kvm_mmu_init_memslot_memory_attributes = _mmu.kvm_mmu_init_memslot_memory_attributes
+    kvm_arch_pre_set_memory_attributes = _mmu.kvm_arch_pre_set_memory_attributes
+    kvm_arch_post_set_memory_attributes = _mmu.kvm_arch_post_set_memory_attributes
+    kvm_mmu_slot_apply_flags = _mmu.kvm_mmu_slot_apply_flags
+    kvm_unmap_gfn_range = _mmu.kvm_unmap_gfn_range
+    kvm_age_gfn = _mmu.kvm_age_gfn
+    kvm_test_age_gfn = _mmu.kvm_test_age_gfn
+    kvm_zap_gfn_range = _mmu.kvm_zap_gfn_range
+    kvm_arch_flush_shadow_all = _mmu.kvm_arch_flush_shadow_all
+    kvm_arch_flush_shadow_memslot = _mmu.kvm_arch_flush_shadow_memslot
+    kvm_arch_mmu_enable_log_dirty_pt_masked = _mmu.kvm_arch_mmu_enable_log_dirty_pt_masked
+    kvm_mmu_change_mmu_pages = _mmu.kvm_mmu_change_mmu_pages
 
     def mmio_generation(self, as_id: int = 0) -> int:
         return self.memslots[as_id].generation & MMIO_SPTE_GEN_MASK
