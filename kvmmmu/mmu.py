@@ -227,6 +227,8 @@ def kvm_mmu_faultin_pfn(vm, vcpu, gfn: int, *, write: bool = False,
     Otherwise ``ret = RET_PF_CONTINUE``; the caller takes ``mmu_lock`` and
     calls :meth:`is_page_fault_stale` with ``result.mmu_seq``.
     """
+    if vm.warn_sink.bugged:                  # the vCPU ioctl of a bugged VM: -EIO
+        vm.warn_sink.check()
     r = FaultinResult(ret=RET_PF_CONTINUE, gfn=gfn, is_private=is_private)
     if vm.gfn_direct_bits and gfn & vm.gfn_direct_bits:
         vm.kvm_bug("fault gfn has the alias bit")

@@ -84,7 +84,8 @@ class MmuInvalidateState:
         self.mn_active_invalidate_count = 0
         self.nr_begin = 0
         self.nr_end = 0
-        self.warnings: list[str] = []
+        #: the VM's one WARN/KVM_BUG record (kvmmmu.warn)
+        self.sink = vm.warn_sink
 
     def __repr__(self):
         r = ("none" if self.mmu_invalidate_range_start == INVALID_GPA else
@@ -99,7 +100,15 @@ class MmuInvalidateState:
                 self.mn_active_invalidate_count)
 
     def _warn(self, msg):
-        self.warnings.append(msg)
+        """WARN_ON: reported to the VM's sink under the kernel function that
+        warns (the message's prefix), and the caller goes on."""
+        site, _, _ = msg.partition(":")
+        self.sink.warn(site if _ else "kvm_main", msg)
+
+    @property
+    def warnings(self) -> list[str]:
+        """The VM's WARN messages so far (the sink's), oldest first."""
+        return self.sink.warnings
 
     def kvm_mmu_invalidate_begin(self) -> None:
         """Count one more invalidation in progress; the first one resets the range."""

@@ -59,6 +59,7 @@ from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
 from kvmmmu._core.rmap import PteListDescCache, PteListDescPool
 from kvmmmu._core.spte import MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
 from kvmmmu.errors import KvmNoMemoryError
+from kvmmmu.warn import KvmBugError, WarnSink  # noqa: F401  (KvmBugError re-exported)
 from kvmmmu.host import (
     PAGE_SHIFT, HostConfig, HostMm,
 )
@@ -477,8 +478,13 @@ class VM:
         self.fmt = hc.spte_format_for(hc.tdp if self.tdp_enabled else None,
                                       mmio_caching=self.params.mmio_caching)
         self.host = host_mm if host_mm is not None else HostMm(hc)
+        #: The one WARN / KVM_BUG record of this VM (kvmmmu.warn): every layer
+        #: reports here; once bugged, every ioctl raises KvmBugError (-EIO).
+        self.warn_sink = WarnSink()
         self.arena = PtArena(self.fmt, nr_vcpus=max_vcpus, era=era)
+        self.arena.warn_sink = self.warn_sink
         self.rmap_pool = PteListDescPool()
+        self.rmap_pool.warn_sink = self.warn_sink
         self.mmu_lock = MmuLock()
         self.notifier = MmuInvalidateState(self)
         self.mem_attrs = MemoryAttributes()
@@ -501,7 +507,6 @@ class VM:
         self.mmus: list[MmuBackend] = []
         self.vcpus: list[Vcpu] = []
         self.max_vcpus = max_vcpus
-        self.bugged: list[str] = []
         #: KVM_CAP_VM_DISABLE_NX_HUGE_PAGES
         self.disable_nx_huge_pages = False
         self.mmio_gen_wraps = 0
@@ -617,6 +622,7 @@ class VM:
     # -- vCPUs, MMUs, requests, flushes -----------------------------------------------
     def create_vcpu(self, vcpu_id: int | None = None) -> Vcpu:
         """``KVM_CREATE_VCPU``."""
+        self.warn_sink.check()
         if len(self.vcpus) >= self.max_vcpus:
             raise ValueError(f"already {self.max_vcpus} vCPUs")
         if vcpu_id is None:
@@ -639,9 +645,15 @@ class VM:
         """``kvm_flush_remote_tlbs`` (counted in ``stat.remote_tlb_flush*``)."""
         self.arena.kvm_flush_remote_tlbs()
 
-    def kvm_bug(self, msg: str) -> None:
-        """KVM_BUG_ON: the VM is marked bugged (no further runs)."""
-        self.bugged.append(msg)
+    def kvm_bug(self, msg: str, site: str = "KVM_BUG_ON") -> None:
+        """KVM_BUG_ON: the VM is marked bugged; every later ioctl fails with
+        :class:`~kvmmmu.warn.KvmBugError` (-EIO)."""
+        self.warn_sink.bug(site, msg)
+
+    @property
+    def bugged(self) -> list[str]:
+        """The KVM_BUG messages (empty while the VM is healthy)."""
+        return self.warn_sink.bugs
 
     def mmu_first_shadow_root_alloc(self) -> None:
         """``mmu_first_shadow_root_alloc``: the first shadow root of a TDP-MMU VM
@@ -685,6 +697,7 @@ class VM:
         """``KVM_SET_USER_MEMORY_REGION2`` (``v1=True``: the V1 ioctl).  ``slot`` is the
         packed ``as_id << 16 | id`` or a :class:`~kvmmmu.memslots.UserspaceMemoryRegion`.
         Returns the :class:`~kvmmmu.memslots.KvmMrChange` made (None: no change)."""
+        self.warn_sink.check()
         if isinstance(slot, M.UserspaceMemoryRegion):
             mem = slot
         else:
@@ -700,6 +713,7 @@ class VM:
         The host mapping is read-only for READONLY slots unless ``writable``.
         Returns the new :class:`~kvmmmu.memslots.KvmMemorySlot`.
         """
+        self.warn_sink.check()
         if writable is None:
             writable = not flags & M.KVM_MEM_READONLY
         if slot is None:
@@ -715,6 +729,7 @@ class VM:
         return self.memslots[as_id].id_to_memslot(slot)
 
     def delete_memslot(self, slot_id: int, as_id: int = 0) -> None:
+        self.warn_sink.check()
         self.set_user_memory_region((as_id << 16) | slot_id, 0, 0, 0, 0)
 
     def gfn_to_memslot(self, gfn: int, as_id: int = 0):
@@ -722,6 +737,7 @@ class VM:
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         """``KVM_CREATE_GUEST_MEMFD``: returns a file descriptor number."""
+        self.warn_sink.check()
         if not self.host_config.guest_memfd:
             raise M.GuestMemfdError("CONFIG_KVM_GUEST_MEMFD is off")
         if flags:
@@ -746,10 +762,12 @@ class VM:
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         """``KVM_SET_MEMORY_ATTRIBUTES`` (see :mod:`kvmmmu.memattrs`)."""
+        self.warn_sink.check()
         kvm_vm_ioctl_set_mem_attributes(self, address, size, attributes, flags)
 
     def enable_manual_dirty_log_protect(self, flags: int) -> None:
         """``KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)``."""
+        self.warn_sink.check()
         if flags & ~(M.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | M.KVM_DIRTY_LOG_INITIALLY_SET):
             raise M.DirtyLogError(f"bad flags {flags:#x}")
         if flags and not flags & M.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
@@ -757,9 +775,11 @@ class VM:
         self.manual_dirty_log_protect = flags
 
     def get_dirty_log(self, slot: int) -> np.ndarray:
+        self.warn_sink.check()
         return M.kvm_get_dirty_log_protect(self, slot)
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap) -> None:
+        self.warn_sink.check()
         M.kvm_clear_dirty_log_protect(self, slot, first_page, num_pages, bitmap)
 
     def mark_page_dirty(self, gfn, as_id: int = 0) -> None:

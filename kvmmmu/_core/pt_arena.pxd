@@ -670,6 +670,7 @@ cdef class PtArena:
     cdef void *_vcpus_raw       # malloc'd, unaligned base of a.vcpus
     cdef list _walk_owner       # thread ident inside a Python-level walk, per vCPU
     cdef object _host_ad        # default host accessed/dirty callback
+    cdef public object warn_sink  # kvmmmu.warn.WarnSink (or None): where WARNs are reported too
     cdef uint64_t _dir_bytes
     cdef int _check_sptep(self, sptep_t sptep) except -1
     cdef int _check_sp(self, uint64_t sp, bint allow_pending) except -1

@@ -843,6 +843,8 @@ cdef class PtArena:
         cdef int i
         for i in range(PT_NR_WARN):
             if self.a.warn[i] != before[i]:
+                if self.warn_sink is not None:      # the VM's one WARN record
+                    self.warn_sink.warn(_WARN_TEXT[i].split(":")[0], _WARN_TEXT[i], once=True)
                 warnings.warn(_WARN_TEXT[i], KvmMmuWarning, stacklevel=3)
         return 0
 

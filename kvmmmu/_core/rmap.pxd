@@ -332,6 +332,7 @@ cdef int mmu_page_remove_parent_pte(pte_list_desc_pool *kvm, kvm_rmap_head *pare
 
 cdef class PteListDescPool:
     cdef pte_list_desc_pool c            # the pool itself (address is stable)
+    cdef public object warn_sink         # kvmmmu.warn.WarnSink (or None): KVM_BUG reports go there too
     cdef int desc_state(self, uint64_t addr, set free) except -2
 
 

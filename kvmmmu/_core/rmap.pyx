@@ -81,6 +81,14 @@ cdef extern from *:
 
 # ------------------------------------------------------------------ exceptions
 
+def _data_corruption(PteListDescPool pool, str msg, **kw):
+    """KVM_BUG_ON_DATA_CORRUPTION: report to the VM's sink (the VM becomes
+    bugged) and return the exception for the caller to raise."""
+    if pool is not None and pool.warn_sink is not None:
+        pool.warn_sink.bug("pte_list_remove", msg)
+    return RmapDataCorruptionError(msg, **kw)
+
+
 class RmapDataCorruptionError(RuntimeError):
     """The kernel's KVM_BUG_ON_DATA_CORRUPTION in ``pte_list_remove``: the
     entry is not in the list.  The list is unchanged; the pool's ``nr_bugs``
@@ -1022,7 +1030,7 @@ def _py_pte_list_remove(uint64_t sptep, RmapHead head not None):
     r = __pte_list_remove(&head.pool.c, sptep, &v)
     kvm_rmap_unlock(head.head, v)
     if r < 0:
-        raise RmapDataCorruptionError(f"sptep={sptep:#x} is not in rmap head {<uintptr_t>head.head:#x}")
+        raise _data_corruption(head.pool, f"sptep={sptep:#x} is not in rmap head {<uintptr_t>head.head:#x}")
 
 
 @_export("pte_list_count")
@@ -1224,7 +1232,7 @@ cdef class RmapLock:
         """pte_list_remove's body under this (writer) lock."""
         self._check_writer()
         if __pte_list_remove(&self.head.pool.c, sptep, &self.val) < 0:
-            raise RmapDataCorruptionError(f"sptep={sptep:#x} is not in the locked rmap")
+            raise _data_corruption(self.head.pool, f"sptep={sptep:#x} is not in the locked rmap")
 
     def unlock(self):
         """Release (writers publish ``val``).  Raises RmapLockError if a
@@ -1307,7 +1315,7 @@ def _py_rmap_remove(RmapSlot slot not None, uint64_t gfn, uint64_t sptep, int le
     r = __pte_list_remove(&slot.pool.c, sptep, &v)
     kvm_rmap_unlock(head, v)
     if r < 0:
-        raise RmapDataCorruptionError(f"sptep={sptep:#x} is not in the level-{level} rmap of gfn={gfn:#x}")
+        raise _data_corruption(slot.pool, f"sptep={sptep:#x} is not in the level-{level} rmap of gfn={gfn:#x}")
 
 
 def rmap_count(RmapSlot slot not None, uint64_t gfn, int level=1):
@@ -1519,7 +1527,7 @@ def rmap_remove_batch(RmapSlot slot not None, gfns, sptes, int level=1):
     with nogil:
         done = _rmap_remove_batch(&slot.pool.c, &slot.c, level, &g[0], &s[0], n)
     if done != n:
-        raise RmapDataCorruptionError(
+        raise _data_corruption(slot.pool,
             f"sptes[{done}]={int(sptes[done]):#x} is not in the level-{level} rmap of "
             f"gfns[{done}]={int(gfns[done]):#x}; the {done} entries before it were removed",
             index=done)
