@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvmmmu._core._checks import check_uint_array
+
 __all__ = ["KVM_MEMORY_ATTRIBUTE_PRIVATE", "MemoryAttributes", "InvalidMemoryAttributesError",
            "MemoryAttributesNotSupportedError",
            "kvm_supported_mem_attributes", "kvm_vm_ioctl_set_mem_attributes",
@@ -85,7 +87,7 @@ class MemoryAttributes:
 
     def get_array(self, gfns) -> np.ndarray:
         """Attribute words of many gfns (uint64)."""
-        g = np.asarray(gfns, dtype=np.uint64)
+        g = check_uint_array("gfns", gfns)
         i = np.searchsorted(self.starts, g, side="right").astype(np.int64) - 1
         out = np.zeros(g.shape, dtype=np.uint64)
         ok = i >= 0
@@ -123,7 +125,7 @@ class MemoryAttributes:
         means every gfn of the frame has the same attribute word (one value
         change = one interval boundary strictly inside the frame, since the
         map is coalesced)."""
-        f = np.asarray(frame_starts, dtype=np.uint64)
+        f = check_uint_array("frame_starts", frame_starts)
         bounds = np.union1d(self.starts, self.ends)
         lo = np.searchsorted(bounds, f, side="right")
         hi = np.searchsorted(bounds, f + np.uint64(npages), side="left")

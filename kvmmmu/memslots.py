@@ -52,6 +52,7 @@ import numpy as np
 from kvmmmu._core.defs import (
     KVM_MAX_HUGEPAGE_LEVEL, KVM_NR_PAGE_SIZES, KVM_PAGES_PER_HPAGE, gfn_to_index, kvm_mmu_slot_lpages,
 )
+from kvmmmu._core._checks import check_array, int_arg
 from kvmmmu._core.rmap import RmapSlot, audit as rmap_audit
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import PAGE_SHIFT, PAGE_SIZE
@@ -357,7 +358,8 @@ class KvmMemorySlot:
         return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)
 
     def gfn_to_hva_array(self, gfns) -> np.ndarray:
-        g = np.asarray(gfns, dtype=np.uint64)
+        """Batch ``__gfn_to_hva_memslot`` (``gfns``: 1-d uint64, checked, not converted)."""
+        g = check_array("gfns", gfns)
         return np.uint64(self.userspace_addr) + ((g - np.uint64(self.base_gfn)) << np.uint64(PAGE_SHIFT))
 
     def hva_to_gfn(self, hva: int) -> int:
@@ -449,8 +451,8 @@ class KvmMemslots:
         return s
 
     def gfn_to_memslot_array(self, gfns) -> np.ndarray:
-        """Batch: slot id of each gfn (int32), -1 where no slot."""
-        g = np.asarray(gfns, dtype=np.uint64)
+        """Batch: slot id of each gfn (int32), -1 where no slot (``gfns``: 1-d uint64)."""
+        g = check_array("gfns", gfns)
         i = np.searchsorted(self._bases, g, side="right").astype(np.int64) - 1
         out = np.full(g.shape, -1, dtype=np.int32)
         if not self._sorted:
@@ -743,7 +745,10 @@ def mark_page_dirty_in_slot(vm, slot: KvmMemorySlot | None, gfn) -> None:
     """Set the dirty bit of ``gfn`` (an int or an array of gfns) if the slot logs."""
     if slot is None or not slot.kvm_slot_dirty_track_enabled() or slot.dirty_bitmap is None:
         return
-    rel = np.asarray(gfn, dtype=np.uint64) - np.uint64(slot.base_gfn)
+    if isinstance(gfn, np.ndarray):
+        rel = check_array("gfn", gfn) - np.uint64(slot.base_gfn)
+    else:
+        rel = np.uint64(int_arg("gfn", gfn)) - np.uint64(slot.base_gfn)
     if (rel >= np.uint64(slot.npages)).any():
         raise ValueError("gfn outside the slot")
     rel = np.atleast_1d(rel)
@@ -788,6 +793,12 @@ def kvm_clear_dirty_log_protect(vm, slot_arg: int, first_page: int, num_pages: i
                                 bitmap) -> None:
     """``KVM_CLEAR_DIRTY_LOG``: clear the bits set in ``bitmap`` (relative to
     ``first_page``) and have the MMUs re-protect exactly the bits that were set."""
+    # struct kvm_clear_dirty_log: __u32 slot, __u32 num_pages, __u64 first_page.
+    # Checked as integers first: a negative first_page must not index the
+    # bitmap from its end.
+    first_page = int_arg("first_page", first_page)
+    num_pages = int_arg("num_pages", num_pages, 0, 0xFFFFFFFF)
+    user = check_array("bitmap", bitmap)
     slot = _log_slot(vm, slot_arg)
     if first_page & 63:
         raise DirtyLogError("first_page must be a multiple of 64")
@@ -795,7 +806,6 @@ def kvm_clear_dirty_log_protect(vm, slot_arg: int, first_page: int, num_pages: i
     if first_page > n or num_pages > n - first_page or \
             (num_pages < n - first_page and num_pages & 63):
         raise DirtyLogError("bad first_page/num_pages")
-    user = np.asarray(bitmap, dtype=np.uint64).ravel()
     nwords = (num_pages + 63) // 64
     if user.size < nwords:
         raise DirtyLogError("bitmap too short", E.EFAULT)
