@@ -95,10 +95,11 @@ def int_arg(name, value, lo=0, hi=U64_MAX):
 
 def readonly(arr):
     """A zero-copy read-only view of the C-contiguous `arr` that cannot be
-    flipped back to writable: its memory comes from a read-only memoryview,
-    so ``setflags(write=True)`` raises."""
-    ro = memoryview(arr).toreadonly()
-    return np.frombuffer(ro, dtype=arr.dtype).reshape(arr.shape)
+    flipped back to writable: its memory comes from a read-only memoryview
+    (of the raw bytes, so structured dtypes work too), so
+    ``setflags(write=True)`` raises."""
+    raw = arr.reshape(-1).view(np.uint8)
+    return np.frombuffer(memoryview(raw).toreadonly(), dtype=arr.dtype).reshape(arr.shape)
 
 
 def export(namespace, name):

@@ -1490,7 +1490,7 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
     n = gfns.shape[0]
     if sptes.shape[0] != n:
         raise ValueError(f"gfns and sptes differ in length ({n} vs {sptes.shape[0]})")
-    out = _out_array("out", out, n, np.uint32)
+    out = _out_array("out", out, n, np.uint32, inputs=(gfns, sptes))
     _check_same_pool(cache, slot.pool)
     _check_no_lock_held_by_me()
     if n == 0:
@@ -1580,7 +1580,7 @@ def rmap_count_batch(RmapSlot slot not None, gfns, int level=1, out=None):
     _check_level(level)
     _check_array("gfns", gfns)
     n = gfns.shape[0]
-    out = _out_array("out", out, n, np.uint32)
+    out = _out_array("out", out, n, np.uint32, inputs=(gfns,))
     if n == 0:
         return out
     cdef const uint64_t[::1] g = gfns

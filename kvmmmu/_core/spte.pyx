@@ -624,7 +624,7 @@ cdef class SpteFormat:
         _check_array("sptes", sptes)
         cdef const uint64_t[::1] s = sptes
         cdef Py_ssize_t n = s.shape[0], i
-        res = _out_array("out", out, n, np.uint64)
+        res = _out_array("out", out, n, np.uint64, inputs=(sptes,))
         cdef uint64_t[::1] o = res
         with nogil:
             for i in range(n):
@@ -655,7 +655,7 @@ cdef class SpteFormat:
                     bad |= p[i]
             if bad >= _PFN_LIMIT:
                 _raise_bad_pfn(pfns)
-        res = _out_array("out", out, n, np.uint64)
+        res = _out_array("out", out, n, np.uint64, inputs=(pfns,))
         cdef uint64_t[::1] o = res
         with nogil:
             _make_spte_loop(&self.fmt, lvl, acc, &p[0] if n else NULL, old, flags,
@@ -811,7 +811,7 @@ cdef object _predicate(int kind, const spte_fmt_t *f, sptes, int level, out):
     _check_array("sptes", sptes)
     cdef const uint64_t[::1] s = sptes
     cdef Py_ssize_t n = s.shape[0]
-    res = _out_array("out", out, n, np.bool_)
+    res = _out_array("out", out, n, np.bool_, inputs=(sptes,))
     if n == 0:
         return res
     cdef uint8_t[::1] o = res.view(np.uint8)
@@ -1073,7 +1073,7 @@ cdef class RsvdBitsValidate:
         cdef int lvl = _level(level)
         cdef const uint64_t[::1] s = sptes
         cdef Py_ssize_t n = s.shape[0], i
-        res = _out_array("out", out, n, np.bool_)
+        res = _out_array("out", out, n, np.bool_, inputs=(sptes,))
         cdef uint8_t[::1] o = res.view(np.uint8)
         with nogil:
             for i in range(n):
