@@ -685,8 +685,20 @@ class HostMm:
         rng = MmuNotifierRange(start, end, MmuNotifyEvent(event), blockable)
         self._open.append(rng)
         self.events["invalidations"] += 1
-        for sub in list(self.notifiers):
-            sub.invalidate_range_start(self, rng)
+        started = []
+        try:
+            for sub in list(self.notifiers):
+                sub.invalidate_range_start(self, rng)
+                started.append(sub)
+        except BaseException:
+            # A subscriber failed: end the range for those that started it
+            # (the failing one cleaned up after itself) and close it, so no
+            # invalidation stays open; the caller changes no PTE.
+            for sub in started:
+                sub.invalidate_range_end(self, rng)
+            rng.ended = True
+            self._open.remove(rng)
+            raise
         return rng
 
     def invalidate_end(self, rng: MmuNotifierRange) -> None:

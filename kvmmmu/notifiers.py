@@ -282,9 +282,17 @@ class KvmMmuNotifier(MmuNotifier):
             st.kvm_mmu_invalidate_range_add(r.start, r.end)
             return vm.kvm_unmap_gfn_range(r)
 
-        kvm_handle_hva_range(vm, rng.start, rng.end, handler=handler,
-                             on_lock=st.kvm_mmu_invalidate_begin, flush_on_ret=True,
-                             may_block=rng.blockable)
+        try:
+            kvm_handle_hva_range(vm, rng.start, rng.end, handler=handler,
+                                 on_lock=st.kvm_mmu_invalidate_begin, flush_on_ret=True,
+                                 may_block=rng.blockable)
+        except BaseException:
+            # An MMU hook raised (a bug in that MMU): close what was opened, as
+            # the matching invalidate_range_end would, so that the invalidation
+            # is not left in progress for good (every later fault would retry).
+            # The sequence still moves, so faults that raced with it retry.
+            self.invalidate_range_end(mm, rng)
+            raise
         return 0
 
     def invalidate_range_end(self, mm, rng: MmuNotifierRange) -> None:
