@@ -347,16 +347,20 @@ def kvm_zap_gfn_range(vm, gfn_start: int, gfn_end: int) -> bool:
     if gfn_end <= gfn_start:
         vm.notifier._warn("kvm_zap_gfn_range: empty range")
         return False
+    flush = False
     with vm.mmu_lock.write():
         n = vm.notifier
         n.kvm_mmu_invalidate_begin()
         n.kvm_mmu_invalidate_range_add(gfn_start, gfn_end)
-        flush = False
-        for mmu in vm.mmus:
-            flush |= bool(mmu.kvm_zap_gfn_range(gfn_start, gfn_end))
-        if flush:
-            vm.kvm_flush_remote_tlbs()
-        n.kvm_mmu_invalidate_end()
+        try:
+            for mmu in vm.mmus:
+                flush |= bool(mmu.kvm_zap_gfn_range(gfn_start, gfn_end))
+        finally:
+            # the invalidation ends even if an MMU raised: the zap is the whole
+            # operation, and what was zapped must make racing faults retry
+            if flush:
+                vm.kvm_flush_remote_tlbs()
+            n.kvm_mmu_invalidate_end()
     return flush
 
 
@@ -490,7 +494,7 @@ def hugepage_has_attrs(vm, slot: KvmMemorySlot, gfn: int, level: int, attrs: int
 def _frames_has_attrs(vm, slot, frames, level, attrs=None):
     """Vectorized ``hugepage_has_attrs`` for many frame starts (attrs None: each
     frame's own first-gfn attribute)."""
-    frames = np.asarray(frames, dtype=np.uint64)
+    frames = check_array("frames", frames)
     p = KVM_PAGES_PER_HPAGE(level)
     if level == 2:
         uni, val = vm.mem_attrs.uniform_frames(frames, p)

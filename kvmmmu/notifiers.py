@@ -99,6 +99,22 @@ class MmuInvalidateState:
                 self.mmu_invalidate_range_start, self.mmu_invalidate_range_end,
                 self.mn_active_invalidate_count)
 
+    def snapshot_invalidate(self):
+        """The bookkeeping an aborted invalidation must give back
+        (see :meth:`restore_invalidate`)."""
+        return (self.mmu_invalidate_in_progress, self.mmu_invalidate_range_start,
+                self.mmu_invalidate_range_end, self.nr_begin)
+
+    def restore_invalidate(self, saved) -> None:
+        """Take back an invalidation whose MMU callee raised before the
+        primary MMU changed anything: ``mmu_invalidate_in_progress``, the
+        range and the begin count return to ``saved``, the sequence is not
+        bumped (nothing a racing fault could have seen has changed).  Without
+        this the invalidation would stay open for good and every later fault
+        on the range would retry forever."""
+        (self.mmu_invalidate_in_progress, self.mmu_invalidate_range_start,
+         self.mmu_invalidate_range_end, self.nr_begin) = saved
+
     def _warn(self, msg):
         """WARN_ON: reported to the VM's sink under the kernel function that
         warns (the message's prefix), and the caller goes on."""
@@ -267,42 +283,65 @@ class KvmMmuNotifier(MmuNotifier):
         self.lockless_aging = lockless_aging
         self.elide_flush_if_young = elide_flush_if_young
         self.log: list | None = None
+        #: ranges whose start raised and was taken back (their end is a no-op)
+        self._aborted: list[MmuNotifierRange] = []
 
     def _record(self, what, start, end):
         if self.log is not None:
             self.log.append((what, start, end))
 
     def invalidate_range_start(self, mm, rng: MmuNotifierRange) -> int:
+        """If an MMU raises, the start is taken back whole (the notifier
+        count, ``mmu_invalidate_in_progress``, the range: see
+        :meth:`MmuInvalidateState.restore_invalidate`) before the exception
+        propagates, and a later ``invalidate_range_end`` of the same range is
+        ignored: an aborted start never leaves the invalidation open."""
         vm = self.vm
         st = vm.notifier
-        st.mn_active_invalidate_count += 1
-        self._record("invalidate_range_start", rng.start, rng.end)
+        with vm.api_lock:
+            saved = st.snapshot_invalidate()
+            st.mn_active_invalidate_count += 1
+            self._record("invalidate_range_start", rng.start, rng.end)
 
-        def handler(r):
-            st.kvm_mmu_invalidate_range_add(r.start, r.end)
-            return vm.kvm_unmap_gfn_range(r)
+            def handler(r):
+                st.kvm_mmu_invalidate_range_add(r.start, r.end)
+                return vm.kvm_unmap_gfn_range(r)
 
-        kvm_handle_hva_range(vm, rng.start, rng.end, handler=handler,
-                             on_lock=st.kvm_mmu_invalidate_begin, flush_on_ret=True,
-                             may_block=rng.blockable)
+            try:
+                kvm_handle_hva_range(vm, rng.start, rng.end, handler=handler,
+                                     on_lock=st.kvm_mmu_invalidate_begin, flush_on_ret=True,
+                                     may_block=rng.blockable)
+            except BaseException:
+                with vm.mmu_lock.write():
+                    st.restore_invalidate(saved)
+                    st.mn_active_invalidate_count -= 1
+                vm.kvm_flush_remote_tlbs()      # for what an MMU zapped before raising
+                self._aborted.append(rng)
+                raise
         return 0
 
     def invalidate_range_end(self, mm, rng: MmuNotifierRange) -> None:
         vm = self.vm
         st = vm.notifier
-        self._record("invalidate_range_end", rng.start, rng.end)
-        kvm_handle_hva_range(vm, rng.start, rng.end, handler=None,
-                             on_lock=st.kvm_mmu_invalidate_end, flush_on_ret=False,
-                             may_block=rng.blockable)
-        if st.mn_active_invalidate_count == 0:
-            st._warn("invalidate_range_end without a matching start")
-        else:
-            st.mn_active_invalidate_count -= 1
+        with vm.api_lock:
+            for i, r in enumerate(self._aborted):
+                if r is rng:                    # its start was taken back
+                    del self._aborted[i]
+                    return
+            self._record("invalidate_range_end", rng.start, rng.end)
+            kvm_handle_hva_range(vm, rng.start, rng.end, handler=None,
+                                 on_lock=st.kvm_mmu_invalidate_end, flush_on_ret=False,
+                                 may_block=rng.blockable)
+            if st.mn_active_invalidate_count == 0:
+                st._warn("invalidate_range_end without a matching start")
+            else:
+                st.mn_active_invalidate_count -= 1
 
     def _age(self, start, end, handler, flush):
-        ret, _ = kvm_handle_hva_range(self.vm, start, end, handler=handler, on_lock=None,
-                                      flush_on_ret=flush, may_block=False,
-                                      lockless=self.lockless_aging)
+        with self.vm.api_lock:
+            ret, _ = kvm_handle_hva_range(self.vm, start, end, handler=handler, on_lock=None,
+                                          flush_on_ret=flush, may_block=False,
+                                          lockless=self.lockless_aging)
         return ret
 
     def clear_flush_young(self, mm, start, end) -> bool:
@@ -319,5 +358,6 @@ class KvmMmuNotifier(MmuNotifier):
         return self._age(address, address + 1, self.vm.kvm_test_age_gfn, False)
 
     def release(self, mm) -> None:
-        self._record("release", 0, 0)
-        self.vm.kvm_arch_flush_shadow_all()
+        with self.vm.api_lock:
+            self._record("release", 0, 0)
+            self.vm.kvm_arch_flush_shadow_all()
