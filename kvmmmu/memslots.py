@@ -286,6 +286,10 @@ class KvmArchMemorySlot:
         self.lpage_info: list[np.ndarray] = []
         #: ``gfn_write_track``: uint16 per gfn, or None (not allocated)
         self.gfn_write_track: np.ndarray | None = None
+        #: The model's ledger of ``kvm_mmu_gfn_{dis,}allow_lpage`` calls
+        #: (gfn -> net count), so the audit can tell the runtime counts in
+        #: ``lpage_info`` from a corrupted counter.
+        self.disallow_lpage_ledger: dict[int, int] = {}
 
     @property
     def nbytes(self) -> int:
@@ -962,6 +966,23 @@ def audit_memslots(vm) -> list[str]:
                                f"creation baseline {int(base[k][i])}")
                 if (cnt >= np.uint32(1 << 30)).any():
                     bad.append(f"{tag}: level {level}: implausible disallow_lpage count")
+                want = base[k].astype(np.int64)
+                ledger = getattr(a, "disallow_lpage_ledger", {})
+                if ledger:
+                    g = np.fromiter(ledger.keys(), dtype=np.uint64, count=len(ledger))
+                    n = np.fromiter(ledger.values(), dtype=np.int64, count=len(ledger))
+                    idx = (g >> np.uint64((level - 1) * 9)).astype(np.int64) - \
+                        (s.base_gfn >> ((level - 1) * 9))
+                    if ((idx < 0) | (idx >= len(want))).any():
+                        bad.append(f"{tag}: disallow_lpage ledger names a gfn outside the slot")
+                    else:
+                        np.add.at(want, idx, n)
+                off = np.flatnonzero(cnt.astype(np.int64) != (want & 0x7FFFFFFF))
+                if off.size:
+                    i = int(off[0])
+                    bad.append(f"{tag}: level {level} frame {i}: disallow_lpage count "
+                               f"{int(cnt[i])} != creation baseline {int(base[k][i])} + "
+                               f"{int(want[i] - base[k][i])} from kvm_mmu_gfn_disallow_lpage")
                 got = (li & np.uint32(KVM_LPAGE_MIXED_FLAG)) != 0
                 if not np.array_equal(got, mixed[k]):
                     i = int(np.flatnonzero(got != mixed[k])[0])

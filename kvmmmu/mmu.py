@@ -229,6 +229,9 @@ def kvm_mmu_faultin_pfn(vm, vcpu, gfn: int, *, write: bool = False,
     """
     if vm.warn_sink.bugged:                  # the vCPU ioctl of a bugged VM: -EIO
         vm.warn_sink.check()
+    # inline (no call on the common path): a real integer gfn in u64 range
+    if type(gfn) is not int or not 0 <= gfn <= _U64:
+        gfn = int_arg("gfn", gfn)
     r = FaultinResult(ret=RET_PF_CONTINUE, gfn=gfn, is_private=is_private)
     if vm.gfn_direct_bits and gfn & vm.gfn_direct_bits:
         vm.kvm_bug("fault gfn has the alias bit")
@@ -452,6 +455,12 @@ def _update_gfn_disallow_lpage_count(vm, slot, gfn, count):
         if (old ^ new) & KVM_LPAGE_MIXED_FLAG:
             vm.notifier._warn(f"disallow_lpage count flipped MIXED at gfn {gfn:#x} level {level}")
         arr[i] = new
+    ledger = slot.arch.disallow_lpage_ledger
+    n = ledger.get(gfn, 0) + count
+    if n:
+        ledger[gfn] = n
+    else:
+        ledger.pop(gfn, None)
 
 
 def kvm_mmu_gfn_disallow_lpage(vm, slot: KvmMemorySlot, gfn: int) -> None:
@@ -598,7 +607,14 @@ def kvm_mmu_max_mapping_level(vm, slot: KvmMemorySlot, gfn: int, max_level: int 
     """``__kvm_mmu_max_mapping_level``: from ``min(max_level,
     max_huge_page_level)`` go down while the frame's ``disallow_lpage`` is
     non-zero; private faults stop there (guest_memfd folios are 4K here), shared
-    ones are capped by the host mapping level of the hva."""
+    ones are capped by the host mapping level of the hva.  ``gfn`` must lie
+    in ``slot`` (ValueError: it would index another frame's counter)."""
+    # inline checks, no extra call on the common path (ints in range)
+    if type(gfn) is not int or type(max_level) is not int:
+        gfn, max_level = int_arg("gfn", gfn), int_arg("max_level", max_level, 1, 5)
+    if not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+        raise ValueError(f"gfn={gfn:#x} is outside the slot [{slot.base_gfn:#x}, "
+                         f"{slot.base_gfn + slot.npages:#x})")
     level = min(max_level, vm.max_huge_page_level)
     while level > 1:
         arr, i = lpage_info_slot(gfn, slot, level)
@@ -621,6 +637,7 @@ def kvm_mmu_max_mapping_level_array(vm, slot: KvmMemorySlot, gfns, max_level: in
     slot; ``out`` (uint8, same length) may be given.  Works in chunks of 256K
     gfns so that temporaries stay small and are reused."""
     g_all = check_array("gfns", gfns)
+    max_level = int_arg("max_level", max_level, 1, 5)
     n = g_all.shape[0]
     out = out_array("out", out, n, np.uint8, inputs=(g_all,))
     if n and (int(g_all.min()) < slot.base_gfn or int(g_all.max()) >= slot.base_gfn + slot.npages):
