@@ -783,7 +783,11 @@ class VM:
         try:
             self.set_user_memory_region((as_id << 16) | slot, flags, gpa, size, addr)
         except BaseException:
-            self.host.munmap(addr, size)
+            # an MMU hook that raised past the commit point leaves the slot
+            # created: its host mapping stays (unmapping it would zap the slot)
+            s = self.memslots[as_id].id_to_memslot(slot)
+            if s is None or s.userspace_addr != addr:
+                self.host.munmap(addr, size)
             raise
         return self.memslots[as_id].id_to_memslot(slot)
 
