@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvmmmu._core._checks import check_array, int_arg
+from kvmmmu._core._checks import check_uint_array, int_arg
 
 __all__ = ["KVM_MEMORY_ATTRIBUTE_PRIVATE", "MemoryAttributes", "InvalidMemoryAttributesError",
            "MemoryAttributesNotSupportedError",
@@ -42,17 +42,6 @@ __all__ = ["KVM_MEMORY_ATTRIBUTE_PRIVATE", "MemoryAttributes", "InvalidMemoryAtt
 #: include/uapi/linux/kvm.h
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
 _U64 = (1 << 64) - 1
-
-
-def _gfn_array(name, arr):
-    """A 1-d uint64 view of a gfn array: uint64 as is, a signed integer array
-    only once every value is checked >= 0; floats, lists, 2-d arrays are refused
-    by ``_checks.check_array``."""
-    if isinstance(arr, np.ndarray) and arr.dtype.kind == "i" and arr.ndim == 1:
-        if arr.size and int(arr.min()) < 0:
-            raise ValueError(f"{name}: negative gfn {int(arr.min())}")
-        arr = np.ascontiguousarray(arr).astype(np.uint64)
-    return check_array(name, arr)
 
 
 class InvalidMemoryAttributesError(ValueError):
@@ -100,7 +89,7 @@ class MemoryAttributes:
         """Attribute words of many gfns (uint64).  ``gfns`` is a 1-d integer
         array: uint64, or a signed one whose values are all >= 0 (checked,
         never wrapped); anything else is a TypeError/ValueError."""
-        g = _gfn_array("gfns", gfns)
+        g = check_uint_array("gfns", gfns)
         i = np.searchsorted(self.starts, g, side="right").astype(np.int64) - 1
         out = np.zeros(g.shape, dtype=np.uint64)
         ok = i >= 0
@@ -138,7 +127,7 @@ class MemoryAttributes:
         means every gfn of the frame has the same attribute word (one value
         change = one interval boundary strictly inside the frame, since the
         map is coalesced)."""
-        f = _gfn_array("frame_starts", frame_starts)
+        f = check_uint_array("frame_starts", frame_starts)
         bounds = np.union1d(self.starts, self.ends)
         lo = np.searchsorted(bounds, f, side="right")
         hi = np.searchsorted(bounds, f + np.uint64(npages), side="left")

@@ -835,11 +835,12 @@ def kvm_clear_dirty_log_protect(vm, slot_arg: int, first_page: int, num_pages: i
                                 bitmap) -> None:
     """``KVM_CLEAR_DIRTY_LOG``: clear the bits set in ``bitmap`` (relative to
     ``first_page``) and have the MMUs re-protect exactly the bits that were set."""
-    slot = _log_slot(vm, slot_arg)
-    # u64 in the UAPI struct: a negative value is refused, never wrapped
-    # through numpy's negative indices
-    first_page = int_arg("first_page", first_page, 0, _U64)
+    # struct kvm_clear_dirty_log: __u32 slot, __u32 num_pages, __u64 first_page.
+    # Checked as integers first: a negative first_page must not index the
+    # bitmap from its end (numpy's negative indices).
+    first_page = int_arg("first_page", first_page)
     num_pages = int_arg("num_pages", num_pages, 0, 0xFFFFFFFF)
+    slot = _log_slot(vm, slot_arg)
     if first_page & 63:
         raise DirtyLogError("first_page must be a multiple of 64")
     n = slot.npages

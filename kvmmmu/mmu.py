@@ -656,6 +656,6 @@ def kvm_mmu_max_mapping_level_array(vm, slot: KvmMemorySlot, gfns, max_level: in
             lvl[(lvl == level) & dis] = level - 1
         huge = np.flatnonzero(lvl > 1)
         if huge.size:
-            hva = slot.userspace_addr + ((g[huge] - slot.base_gfn) << PAGE_SHIFT)
+            hva = (slot.userspace_addr + ((g[huge] - slot.base_gfn) << PAGE_SHIFT)).astype(np.uint64)
             lvl[huge] = np.minimum(lvl[huge], vm.host.host_pfn_mapping_level_array(hva))
     return out

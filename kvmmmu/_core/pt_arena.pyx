@@ -124,6 +124,8 @@ ACCESS_EVENTS = {
 
 DEFAULT_TABLES_PER_CHUNK = 512          # 2 MiB of SPTEs per chunk
 DEFAULT_MAX_TABLES = 1 << 22            # 16 GiB of page tables
+#: Most events an access log may hold (16 bytes each: 4 GiB).
+ACCESS_LOG_MAX = 1 << 28
 SPTES_PER_PAGE = SPTE_ENT_PER_PAGE    # the arena's historical name
 
 _WARN_TEXT = (
@@ -735,7 +737,7 @@ cdef class PtArena:
 
     def grow(self, uint64_t n_chunks=1):
         """Allocate `n_chunks` more chunks now (caches grow the arena on demand)."""
-        if self.a.n_chunks + n_chunks > self.a.max_chunks:
+        if n_chunks > self.a.max_chunks - self.a.n_chunks:      # no wrap-around
             raise KvmNoMemoryError(f"page-table arena is full ({self.a.n_chunks} of "
                                    f"{self.a.max_chunks} chunks)")
         cdef uint64_t T = self.a.tables_per_chunk
@@ -1263,13 +1265,12 @@ cdef class PtArena:
         access of the low-level accessors, in program order, until
         :meth:`stop_access_log` (at most `capacity` events).  For tests and
         teaching; not thread-safe (use from one thread)."""
-        if capacity <= 0:
-            raise ValueError("capacity must be positive")
-        free(self.a.log)
-        self.a.log = NULL
+        if not 0 < capacity <= ACCESS_LOG_MAX:
+            raise ValueError(f"capacity={capacity} is outside 1..{ACCESS_LOG_MAX}")
         cdef uint64_t *buf = <uint64_t *>malloc(2 * capacity * sizeof(uint64_t))
         if buf == NULL:
-            raise MemoryError()
+            raise MemoryError(f"access log of {capacity} events")
+        free(self.a.log)                    # only once the new one exists
         self.a.log_len = 0
         self.a.log_cap = capacity
         self.a.log = buf
