@@ -84,7 +84,52 @@ class MmuBackend:
     """What the VM layer calls in an MMU (the kernel's ``mmu.c`` / ``tdp_mmu.c``
     entry points used by generic and memslot code).  Every hook defaults to
     "nothing to do"; boolean hooks return whether a TLB flush is needed (or,
-    for aging, whether anything was young)."""
+    for aging, whether anything was young).
+
+    The hooks, who calls them (through the fan-out functions of this module)
+    and under which locks:
+
+    ==========================================  ======================================  ==========
+    hook                                        called from (kernel path)               locks held
+    ==========================================  ======================================  ==========
+    ``kvm_unmap_gfn_range(rng)``                MMU-notifier ``invalidate_range_start``  mmu_lock W
+                                                (inside begin/end), memslot DELETE,
+                                                ``kvm_arch_pre_set_memory_attributes``
+    ``kvm_age_gfn(rng)``                        ``clear(_flush)_young`` (lockless aging) none
+    ``kvm_test_age_gfn(rng)``                   ``test_young`` (lockless aging)         none
+    ``kvm_zap_gfn_range(start, end)``           ``kvm_zap_gfn_range`` (MTRR, CR0.CD,    mmu_lock W
+                                                APICv), inside its own begin/end
+    ``kvm_arch_flush_shadow_memslot(slot)``     ``kvm_set_memslot`` DELETE / MOVE,      slots_lock
+                                                after the INVALID slot is published
+    ``kvm_arch_flush_shadow_all()``             notifier ``release`` (mm exit)          none
+    ``kvm_mmu_zap_all_fast()``                  MMIO generation wrap in                 slots_lock
+                                                ``kvm_swap_active_memslots``
+    ``kvm_mmu_change_mmu_pages(n)``             commit of CREATE / DELETE (default      slots_lock
+                                                shadow-page budget)
+    ``kvm_mmu_recover_huge_pages(slot)``        commit: dirty logging turned off        slots_lock
+    ``kvm_mmu_slot_try_split_huge_pages``       commit: dirty logging on (eager split)  slots_lock
+    ``kvm_mmu_slot_leaf_clear_dirty(slot)``     commit: dirty logging on, with PML      slots_lock
+    ``kvm_mmu_slot_remove_write_access``        commit: dirty logging on (level 1, or   slots_lock
+                                                2 with PML)
+    ``kvm_arch_mmu_enable_log_dirty_pt_masked`` ``KVM_GET/CLEAR_DIRTY_LOG``, per        mmu_lock W
+                                                non-zero 64-bit word
+    ==========================================  ======================================  ==========
+
+    Entry points with no hook of their own: ``kvm_arch_{pre,post}_set_memory_attributes``
+    (the MIXED/lpage bookkeeping is here; the MMU sees only the unmap), and
+    ``kvm_mmu_invalidate_{begin,end}`` (generic bookkeeping in
+    :mod:`kvmmmu.notifiers`; x86 has no arch hook there).
+
+    Failure contract: a hook may raise.  Before the point of no return the
+    VM takes its operation back (an aborted notifier start, an attribute
+    change, a memslot flush before publication, a dirty-log re-protect);
+    after it (commit hooks, zaps) the VM completes its own bookkeeping; in
+    both cases the exception propagates and the VM's audit stays clean
+    (tests/test_vm_flaky_backend.py).  The VM's ioctls, its notifier
+    callbacks and ``kvm_zap_gfn_range`` call hooks with ``vm.api_lock`` held,
+    so those calls come from one thread at a time; an MMU's own fault path
+    (faultin, lpage counters) runs without it.
+    """
 
     def kvm_unmap_gfn_range(self, rng) -> bool:
         return False
@@ -323,7 +368,7 @@ def kvm_unmap_gfn_range(vm, rng: KvmGfnRange) -> bool:
     TLB flush is needed.  Outside memslot deletion it must run inside an
     invalidation (the kernel's lockdep assertion)."""
     if not vm.notifier.mmu_invalidate_in_progress and not vm.slots_lock_held:
-        vm.notifier._warn("kvm_unmap_gfn_range outside an invalidation")
+        vm.warn_sink.warn("kvm_unmap_gfn_range", "kvm_unmap_gfn_range outside an invalidation")
     flush = False
     for mmu in vm.mmus:
         flush |= bool(mmu.kvm_unmap_gfn_range(rng))
@@ -348,10 +393,10 @@ def kvm_zap_gfn_range(vm, gfn_start: int, gfn_end: int) -> bool:
     """x86 ``kvm_zap_gfn_range`` (MTRR/CR0.CD/APIC changes): an invalidation of
     ``[gfn_start, gfn_end)`` across all address spaces, under ``mmu_lock``."""
     if gfn_end <= gfn_start:
-        vm.notifier._warn("kvm_zap_gfn_range: empty range")
+        vm.warn_sink.warn("kvm_zap_gfn_range", "kvm_zap_gfn_range: empty range")
         return False
     flush = False
-    with vm.mmu_lock.write():
+    with vm.api_lock, vm.mmu_lock.write():
         n = vm.notifier
         n.kvm_mmu_invalidate_begin()
         n.kvm_mmu_invalidate_range_add(gfn_start, gfn_end)
@@ -412,7 +457,8 @@ def kvm_mmu_slot_apply_flags(vm, old, new, change) -> None:
     if change is not KvmMrChange.KVM_MR_FLAGS_ONLY or new_flags & KVM_MEM_READONLY:
         return
     if not (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
-        vm.notifier._warn("FLAGS_ONLY change without a dirty-logging toggle")
+        vm.warn_sink.warn("kvm_mmu_slot_apply_flags",
+                          "FLAGS_ONLY change without a dirty-logging toggle")
         return
     if not log:
         for mmu in vm.mmus:
@@ -453,7 +499,8 @@ def _update_gfn_disallow_lpage_count(vm, slot, gfn, count):
         old = int(arr[i])
         new = (old + count) & 0xFFFFFFFF
         if (old ^ new) & KVM_LPAGE_MIXED_FLAG:
-            vm.notifier._warn(f"disallow_lpage count flipped MIXED at gfn {gfn:#x} level {level}")
+            vm.warn_sink.warn("update_gfn_disallow_lpage_count",
+                              f"disallow_lpage count flipped MIXED at gfn {gfn:#x} level {level}")
         arr[i] = new
     ledger = slot.arch.disallow_lpage_ledger
     n = ledger.get(gfn, 0) + count
@@ -549,10 +596,12 @@ def kvm_arch_pre_set_memory_attributes(vm, rng) -> bool:
     in-progress invalidation, then unmap the old attribute's mappings.
     Returns whether a TLB flush is needed."""
     if not vm.has_private_mem:
-        vm.notifier._warn("pre_set_memory_attributes on a VM without private memory")
+        vm.warn_sink.warn("kvm_arch_pre_set_memory_attributes",
+                          "pre_set_memory_attributes on a VM without private memory")
         return False
     if rng.end <= rng.start:
-        vm.notifier._warn("pre_set_memory_attributes: empty range")
+        vm.warn_sink.warn("kvm_arch_pre_set_memory_attributes",
+                          "pre_set_memory_attributes: empty range")
         return False
     slot = rng.slot
     send = slot.base_gfn + slot.npages
@@ -578,7 +627,8 @@ def kvm_arch_post_set_memory_attributes(vm, rng) -> bool:
     the range (they now have exactly the new value).  2M before 1G: the 1G
     answer reads the 2M flags."""
     if not vm.has_private_mem:
-        vm.notifier._warn("post_set_memory_attributes on a VM without private memory")
+        vm.warn_sink.warn("kvm_arch_post_set_memory_attributes",
+                          "post_set_memory_attributes on a VM without private memory")
         return False
     attrs = rng.attributes
     slot = rng.slot

@@ -115,12 +115,6 @@ class MmuInvalidateState:
         (self.mmu_invalidate_in_progress, self.mmu_invalidate_range_start,
          self.mmu_invalidate_range_end, self.nr_begin) = saved
 
-    def _warn(self, msg):
-        """WARN_ON: reported to the VM's sink under the kernel function that
-        warns (the message's prefix), and the caller goes on."""
-        site, _, _ = msg.partition(":")
-        self.sink.warn(site if _ else "kvm_main", msg)
-
     @property
     def warnings(self) -> list[str]:
         """The VM's WARN messages so far (the sink's), oldest first."""
@@ -139,7 +133,8 @@ class MmuInvalidateState:
         """Widen the in-progress range to include ``[start, end)``."""
         self.vm.mmu_lock.lockdep_assert_held_write()
         if not self.mmu_invalidate_in_progress:
-            self._warn("kvm_mmu_invalidate_range_add without an invalidation in progress")
+            self.sink.warn("kvm_mmu_invalidate_range_add",
+                           "kvm_mmu_invalidate_range_add without an invalidation in progress")
         if self.mmu_invalidate_range_start == INVALID_GPA:
             self.mmu_invalidate_range_start = start
             self.mmu_invalidate_range_end = end
@@ -157,7 +152,8 @@ class MmuInvalidateState:
         if self.mmu_invalidate_in_progress < 0:
             self.vm.kvm_bug("mmu_invalidate_in_progress went negative")
         if self.mmu_invalidate_range_start == INVALID_GPA:
-            self._warn("kvm_mmu_invalidate_end without any range added")
+            self.sink.warn("kvm_mmu_invalidate_end",
+                           "kvm_mmu_invalidate_end without any range added")
 
     def audit(self) -> list[str]:
         bad = []
@@ -195,7 +191,8 @@ def mmu_invalidate_retry_gfn(vm, mmu_seq: int, gfn: int) -> bool:
     n = vm.notifier
     if n.mmu_invalidate_in_progress:
         if n.mmu_invalidate_range_start == INVALID_GPA:
-            n._warn("mmu_invalidate_retry_gfn: invalidation in progress without a range")
+            n.sink.warn("mmu_invalidate_retry_gfn",
+                        "mmu_invalidate_retry_gfn: invalidation in progress without a range")
             return True
         if n.mmu_invalidate_range_start <= gfn < n.mmu_invalidate_range_end:
             return True
@@ -227,7 +224,7 @@ def kvm_handle_hva_range(vm, start: int, end: int, *,
     first memslot is found (never for lockless walks); with no handler only
     ``on_lock`` runs.  Returns ``(OR of handler results, found_memslot)``."""
     if end <= start:
-        vm.notifier._warn("kvm_handle_hva_range: empty range")
+        vm.warn_sink.warn("kvm_handle_hva_range", "kvm_handle_hva_range: empty range")
         return False, False
     ret = found = False
     try:
@@ -333,7 +330,8 @@ class KvmMmuNotifier(MmuNotifier):
                                  on_lock=st.kvm_mmu_invalidate_end, flush_on_ret=False,
                                  may_block=rng.blockable)
             if st.mn_active_invalidate_count == 0:
-                st._warn("invalidate_range_end without a matching start")
+                st.sink.warn("kvm_mmu_notifier_invalidate_range_end",
+                             "invalidate_range_end without a matching start")
             else:
                 st.mn_active_invalidate_count -= 1
 
