@@ -32,6 +32,7 @@ from kvmmmu._core.spte cimport (
 )
 
 cdef extern from "pt_arena_defs.h" nogil:
+    const int KVMMMU_DEBUG      # 1 in KVMMMU_DEBUG_CYTHON builds, else 0
     const int PT_POISON_BYTE
     const uint64_t PT_POISON
     const int OUTSIDE_GUEST_MODE
@@ -44,10 +45,10 @@ cdef extern from "pt_arena_defs.h" nogil:
 
     # Layout and the kernel's field widths: pt_arena_defs.h.
     ctypedef struct kvm_mmu_page:
-        uint32_t link_prev
-        uint32_t link_next
-        uint32_t hash_next
-        uint32_t hash_pprev
+        uint64_t link_next
+        uint64_t link_prev
+        uint64_t hash_next
+        uint64_t hash_pprev
         uint8_t tdp_mmu_page
         uint8_t unsync
         uint8_t mmu_valid_gen
@@ -66,10 +67,10 @@ cdef extern from "pt_arena_defs.h" nogil:
         uint64_t parent_ptes
         uint64_t ptep
         uint64_t unsync_child_bitmap[8]
-        uint32_t nx_link_prev
-        uint32_t nx_link_next
+        uint64_t nx_link_next
+        uint64_t nx_link_prev
+        uint64_t rcu_next
         int32_t clear_spte_count
-        uint32_t rcu_next
         uint64_t rcu_gp
 
     ctypedef struct kvm_vcpu_lockless:
@@ -136,6 +137,12 @@ cdef enum:
     PT_WARN_COMMIT_ZAP = 5          # freeing an sp that is not invalid or still a root
     PT_WARN_BAD_LEVEL = 6           # page stats for a level outside 4K..1G (model only)
     PT_NR_WARN = 7
+    # MMU_WARN_ON sites, counted only in KVMMMU_DEBUG builds.
+    PT_DBG_FREE_NOT_EMPTY = 0       # kvm_mmu_free_shadow_page: a present SPTE left (shadow MMU)
+    PT_DBG_FREE_PARENTS = 1         # freeing an sp with parent_ptes or unsync children
+    PT_DBG_WRITE_NOT_LIVE = 2       # SPTE write into a page that is not a live table
+    PT_DBG_WRONG_LEVEL = 3          # a huge (PS) SPTE written into a level-1 table
+    PT_NR_DBG = 4
     # SPTE access log events (PtArena.start_access_log), in program order.
     PT_EV_WRITE64 = 1       # WRITE_ONCE(*sptep)
     PT_EV_XCHG64 = 2        # xchg(sptep), value = new
@@ -229,6 +236,7 @@ ctypedef struct pt_arena_t:
     uint64_t nr_sps_freed
     uint64_t lockless_retries   # 32-bit rereads of get_sptes_lockless (atomic add)
     uint32_t warn[7]            # PT_NR_WARN
+    uint32_t debug_warn[4]      # PT_NR_DBG (KVMMMU_DEBUG builds only)
     pt_pool pools[3]
     kvm_mmu_page no_sp          # stands in for a page without an owner
     # SPTE access log: (event, value) pairs, off when NULL (single writer).
@@ -290,10 +298,14 @@ cdef inline uint64_t spte_to_child_sp(const pt_arena_t *a, uint64_t spte) noexce
 # ---------------------------------------------------------------------------
 
 cdef inline void _log(pt_arena_t *a, uint64_t ev, uint64_t val) noexcept nogil:
-    if a.log != NULL and a.log_len < a.log_cap:
-        a.log[2 * a.log_len] = ev
-        a.log[2 * a.log_len + 1] = val
-        a.log_len += 1
+    # Pointer and length are read once: a reader on another thread may log
+    # at the same time (the log is for one thread, but must never overflow).
+    cdef uint64_t *log = a.log
+    cdef uint64_t n = a.log_len
+    if log != NULL and n < a.log_cap:
+        log[2 * n] = ev
+        log[2 * n + 1] = val
+        a.log_len = n + 1
 
 cdef inline void _prove_ve(pt_arena_t *a, uint64_t spte) noexcept nogil:
     if a.prove_mmu and is_ept_ve_possible(&a.fmt, spte):
@@ -317,6 +329,17 @@ cdef inline void count_spte_clear(pt_arena_t *a, sptep_t sptep, uint64_t spte) n
     _log(a, PT_EV_INC_COUNT, <uint32_t>sp.clear_spte_count)
     a.nr_count_spte_clear += 1
 
+cdef inline void _debug_check_write(pt_arena_t *a, sptep_t sptep, uint64_t spte) noexcept nogil:
+    """MMU_WARN_ON-style checks of an SPTE store (KVMMMU_DEBUG builds only):
+    the page must be a live table, and a PS (huge) SPTE never goes into a
+    level-1 table."""
+    cdef pt_slot_meta *m = pt_slot(a, pt_table_index(a, sptep))
+    if m.table_state != PT_PAGE_SPT:
+        a.debug_warn[PT_DBG_WRITE_NOT_LIVE] += 1
+    elif (is_shadow_present_pte(spte) and (spte & (<uint64_t>1 << 7)) and m.table_sp != 0 and
+          (pt_sp_ptr(a, m.table_sp).role & PT_ROLE_LEVEL_MASK) == 1):
+        a.debug_warn[PT_DBG_WRONG_LEVEL] += 1
+
 cdef inline void _set_spte(pt_arena_t *a, sptep_t sptep, uint64_t spte) noexcept nogil:
     """__set_spte: install a value over a non-present SPTE.
 
@@ -324,6 +347,8 @@ cdef inline void _set_spte(pt_arena_t *a, sptep_t sptep, uint64_t spte) noexcept
     the low store, when its PFN-high and NX bits are already in place.
     """
     cdef uint64_t *p = pt_sptep_ptr(a, sptep)
+    if KVMMMU_DEBUG:
+        _debug_check_write(a, sptep, spte)
     a.nr_set += 1
     if a.host_64bit:
         _prove_ve(a, spte)
@@ -344,6 +369,8 @@ cdef inline void _update_clear_spte_fast(pt_arena_t *a, sptep_t sptep, uint64_t 
     changes), smp_wmb, high half, then count_spte_clear.
     """
     cdef uint64_t *p = pt_sptep_ptr(a, sptep)
+    if KVMMMU_DEBUG:
+        _debug_check_write(a, sptep, spte)
     a.nr_update_fast += 1
     if a.host_64bit:
         _prove_ve(a, spte)
@@ -369,6 +396,8 @@ cdef inline uint64_t _update_clear_spte_slow(pt_arena_t *a, sptep_t sptep, uint6
     cdef uint64_t *p = pt_sptep_ptr(a, sptep)
     cdef uint32_t lo, hi
     cdef uint64_t old
+    if KVMMMU_DEBUG:
+        _debug_check_write(a, sptep, spte)
     a.nr_update_slow += 1
     if a.host_64bit:
         _prove_ve(a, spte)
@@ -669,6 +698,11 @@ cdef class PtArena:
     cdef list _meta_views       # (tables_per_chunk,) META_DTYPE view per chunk
     cdef void *_vcpus_raw       # malloc'd, unaligned base of a.vcpus
     cdef list _walk_owner       # thread ident inside a Python-level walk, per vCPU
+    cdef list _walk_token       # weakref to the walking thread's token (dies with the thread)
+    cdef object _tls            # threading.local holding each walking thread's token
+    cdef int _readers           # Python-level nogil reader batches in flight (GIL-protected)
+    cdef object _busy           # what a nogil writer section of another thread is doing, or None
+    cdef uint32_t _debug_seen[4]  # debug_warn values already reported to warn_sink
     cdef object _host_ad        # default host accessed/dirty callback
     cdef public object warn_sink  # kvmmmu.warn.WarnSink (or None): where WARNs are reported too
     cdef uint64_t _dir_bytes
@@ -678,6 +712,10 @@ cdef class PtArena:
     cdef int _warn_since(self, uint32_t *before) except -1
     cdef uint64_t _available(self, int kind)
     cdef int _vcpu(self, int vcpu) except -1
+    cdef int _writer(self, str what) except -1
+    cdef int _check_walker(self, int vcpu, str what) except -1
+    cdef int _flush_bounded(self, object deadline, str what) except -1
+    cdef int _rcu_wait(self, object deadline, str what) except -1
     cdef _report_ad(self, pt_ad_out *ad, host_ad)
 
 
@@ -685,3 +723,4 @@ cdef class MmuMemoryCache:
     cdef kvm_mmu_memory_cache mc
     cdef readonly PtArena arena
     cdef readonly int kind
+    cdef int _ready(self, str what) except -1

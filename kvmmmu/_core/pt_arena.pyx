@@ -67,14 +67,19 @@ cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
+from cpython.exc cimport PyErr_CheckSignals
 
 import threading
 import time
 import warnings
+import weakref
 
 import numpy as np
 
-from kvmmmu._core._checks import check_array as _check_array, out_array as _out_array
+from kvmmmu._core._checks import (
+    check_array as _check_array, int_arg as _int_arg, out_array as _out_array,
+    readonly as _readonly,
+)
 from kvmmmu.errors import KvmNoMemoryError
 
 from kvmmmu._core.defs import PAGE_SIZE, SPTE_ENT_PER_PAGE
@@ -147,6 +152,25 @@ class KvmMmuWarning(RuntimeWarning):
     """A WARN_ON_ONCE of the kernel fired; the model, like the kernel, went on."""
 
 
+class KvmDeadWalkerError(RuntimeError):
+    """A wait for a vCPU's lockless walk (remote TLB flush) or RCU read-side
+    section (grace period) can never end: the thread that began it has exited
+    without ending it."""
+
+
+#: True in KVMMMU_DEBUG_CYTHON builds: the MMU_WARN_ON checks are compiled in.
+DEBUG_CHECKS = bool(KVMMMU_DEBUG)
+_DEBUG_TEXT = (
+    ("kvm_mmu_free_shadow_page", "MMU_WARN_ON(!is_empty_shadow_page(sp->spt)): freeing a "
+     "shadow page that still holds a present SPTE"),
+    ("kvm_mmu_free_shadow_page", "freeing a shadow page with parent_ptes or unsync children"),
+    ("mmu_spte_set", "SPTE store into a page that is not a live table"),
+    ("mmu_spte_set", "huge (PS) SPTE stored into a level-1 table"),
+)
+# Waits that may never end are done in slices of this many ns without the GIL.
+cdef uint64_t _WAIT_SLICE_NS = 20000000
+
+
 class PtArenaAuditError(AssertionError):
     """:meth:`PtArena.audit` found broken arena invariants (one per line)."""
 
@@ -161,10 +185,10 @@ cdef inline Py_ssize_t _off(void *field) noexcept:
 #: (name, numpy type, kernel type) of every header field, in kernel order.
 #: Names sharing a union share bytes.
 KVM_MMU_PAGE_FIELDS = (
-    ("link_prev", "u4", "struct list_head link (sp handle)", _off(&_H.link_prev)),
-    ("link_next", "u4", "struct list_head link (sp handle)", _off(&_H.link_next)),
-    ("hash_next", "u4", "struct hlist_node hash_link (sp handle)", _off(&_H.hash_next)),
-    ("hash_pprev", "u4", "struct hlist_node hash_link (sp handle)", _off(&_H.hash_pprev)),
+    ("link_next", "u8", "struct list_head link (sp handle)", _off(&_H.link_next)),
+    ("link_prev", "u8", "struct list_head link (sp handle)", _off(&_H.link_prev)),
+    ("hash_next", "u8", "struct hlist_node hash_link (sp handle)", _off(&_H.hash_next)),
+    ("hash_pprev", "u8", "struct hlist_node hash_link (sp handle)", _off(&_H.hash_pprev)),
     ("tdp_mmu_page", "?", "bool", _off(&_H.tdp_mmu_page)),
     ("unsync", "?", "bool", _off(&_H.unsync)),
     ("mmu_valid_gen", "u1", "u8", _off(&_H.mmu_valid_gen)),
@@ -183,11 +207,11 @@ KVM_MMU_PAGE_FIELDS = (
     ("parent_ptes", "u8", "struct kvm_rmap_head", _off(&_H.parent_ptes)),
     ("ptep", "u8", "tdp_ptep_t (sptep)", _off(&_H.ptep)),
     ("unsync_child_bitmap", ("u8", 8), "DECLARE_BITMAP(, 512)", _off(&_H.unsync_child_bitmap[0])),
-    ("nx_link_prev", "u4", "struct list_head possible_nx_huge_page_link", _off(&_H.nx_link_prev)),
-    ("nx_link_next", "u4", "struct list_head possible_nx_huge_page_link", _off(&_H.nx_link_next)),
-    ("clear_spte_count", "i4", "int (CONFIG_X86_32)", _off(&_H.clear_spte_count)),
-    ("rcu_next", "u4", "struct rcu_head (sp handle)", _off(&_H.rcu_next)),
-    ("rcu_gp", "u8", "struct rcu_head (grace period)", _off(&_H.rcu_gp)),
+    ("nx_link_next", "u8", "struct list_head possible_nx_huge_page_link", _off(&_H.nx_link_next)),
+    ("nx_link_prev", "u8", "struct list_head possible_nx_huge_page_link", _off(&_H.nx_link_prev)),
+    ("rcu_next", "u8", "struct rcu_head next (sp handle), CONFIG_X86_64", _off(&_H.rcu_next)),
+    ("clear_spte_count", "i4", "int (CONFIG_X86_32, shares rcu_head)", _off(&_H.clear_spte_count)),
+    ("rcu_gp", "u8", "struct rcu_head func slot (grace period), CONFIG_X86_64", _off(&_H.rcu_gp)),
 )
 
 HEADER_DTYPE = np.dtype({
@@ -344,6 +368,16 @@ cdef void pt_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil:
     # The page's back-pointer is left behind, stale, as page->private is.
     cdef kvm_mmu_page *h = pt_sp_ptr(a, sp)
     cdef pt_slot_meta *hm = pt_slot(a, sp - 1)
+    cdef const uint64_t *t
+    cdef int i
+    if KVMMMU_DEBUG and not h.tdp_mmu_page:
+        if h.parent_ptes != 0 or h.unsync_children != 0:
+            a.debug_warn[PT_DBG_FREE_PARENTS] += 1
+        t = pt_table_ptr(a, h.spt - a.base_pfn)
+        for i in range(512):
+            if is_shadow_present_pte(t[i]):
+                a.debug_warn[PT_DBG_FREE_NOT_EMPTY] += 1
+                break
     if hm.sp_state == PT_SP_RCU_PENDING:
         a.n_rcu_pending -= 1
     else:
@@ -398,11 +432,36 @@ cdef int kvm_flush_remote_tlbs(pt_arena_t *a) noexcept nogil:
 
 
 cdef void kvm_mmu_commit_zap_page(pt_arena_t *a, const uint64_t *sps, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef kvm_mmu_page *h
     if n == 0:
         return
     kvm_flush_remote_tlbs(a)
+    _free_zapped(a, sps, n)
+
+
+cdef inline bint _wait_word_change(const uint64_t *p, uint64_t w, uint64_t ns) noexcept nogil:
+    """Spin until *p != w (True) or `ns` nanoseconds passed (False)."""
+    cdef uint64_t spins = 0, end = pt_now_ns() + ns
+    while pt_load_acquire64(p) == w:
+        _spin(&spins)
+        if (spins & 255) == 0 and pt_now_ns() >= end:
+            return False
+    return True
+
+
+cdef inline bint _rcu_finish_within(pt_arena_t *a, uint64_t ns) noexcept nogil:
+    """Try to finish the grace period in progress for up to `ns` ns."""
+    cdef uint64_t spins = 0, end = pt_now_ns() + ns
+    while not _rcu_try_finish_gp(a):
+        _spin(&spins)
+        if (spins & 255) == 0 and pt_now_ns() >= end:
+            return False
+    return True
+
+
+cdef void _free_zapped(pt_arena_t *a, const uint64_t *sps, Py_ssize_t n) noexcept nogil:
+    """The freeing half of kvm_mmu_commit_zap_page (after the flush)."""
+    cdef Py_ssize_t i
+    cdef kvm_mmu_page *h
     for i in range(n):
         h = pt_sp_ptr(a, sps[i])
         if not (h.role & PT_ROLE_INVALID) or h.root_count:
@@ -418,7 +477,7 @@ cdef void call_rcu_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil:
     a.n_sps -= 1
     a.n_rcu_pending += 1
     if a.rcu_tail:
-        pt_sp_ptr(a, a.rcu_tail).rcu_next = <uint32_t>sp
+        pt_sp_ptr(a, a.rcu_tail).rcu_next = sp
     else:
         a.rcu_head = sp
     a.rcu_tail = sp
@@ -504,6 +563,42 @@ cdef object _cache_kind(object kind):
     raise ValueError(f"kind must be one of {sorted(CACHE_KINDS)}, not {kind!r}")
 
 
+class _WalkerToken:
+    """Held in a thread-local slot by each thread inside a lockless walk;
+    it dies with the thread, which tells a waiter the walk can never end."""
+    __slots__ = ("__weakref__",)
+
+
+def _deadline(timeout):
+    if timeout is None:
+        return None
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}") from None
+    if not t >= 0:
+        raise ValueError(f"timeout={timeout!r} must be >= 0")
+    return time.monotonic() + t
+
+
+def _u64_like(name, x):
+    """Integers (array-like, any integer dtype, broadcastable) as uint64;
+    floats and negative values are refused, not truncated or wrapped."""
+    arr = np.asarray(x)
+    if arr.size == 0:
+        return arr.astype(np.uint64)
+    if arr.dtype.kind not in "ui":
+        raise TypeError(f"{name} must hold integers, not {arr.dtype}")
+    if arr.dtype.kind == "i" and int(arr.min()) < 0:
+        raise ValueError(f"{name} holds a negative value")
+    return arr.astype(np.uint64, copy=False)
+
+
+def _check_deadline(deadline, what, vcpu):
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TimeoutError(f"{what}: vCPU {vcpu} did not leave its lockless walk in time")
+
+
 class _LocklessWalk:
     """Context manager for :meth:`PtArena.lockless_walk`."""
     __slots__ = ("arena", "vcpu")
@@ -560,6 +655,8 @@ cdef class PtArena:
     def __cinit__(self):
         self.a.chunk_base = NULL
         self._vcpus_raw = NULL
+        self._readers = 0
+        self._busy = None
 
     def __init__(self, SpteFormat fmt not None, *, int nr_vcpus=1, base_pfn=None,
                  uint64_t max_tables=DEFAULT_MAX_TABLES,
@@ -629,6 +726,8 @@ cdef class PtArena:
         self._header_views = []
         self._meta_views = []
         self._walk_owner = [None] * nr_vcpus
+        self._walk_token = [None] * nr_vcpus
+        self._tls = threading.local()
         self._host_ad = host_ad
 
     def __repr__(self):
@@ -733,13 +832,15 @@ cdef class PtArena:
             pt_store_release64(&a.n_chunks, c + 1)
         return 0
 
-    def grow(self, uint64_t n_chunks=1):
+    def grow(self, n_chunks=1):
         """Allocate `n_chunks` more chunks now (caches grow the arena on demand)."""
-        if self.a.n_chunks + n_chunks > self.a.max_chunks:
-            raise KvmNoMemoryError(f"page-table arena is full ({self.a.n_chunks} of "
-                                   f"{self.a.max_chunks} chunks)")
+        cdef uint64_t n = _int_arg("n_chunks", n_chunks)
         cdef uint64_t T = self.a.tables_per_chunk
-        self._grow_for(self.a.n_free_tables + (self.a.n_chunks + n_chunks) * T - self.a.tables_hw, 0)
+        self._writer("grow")
+        if n > self.a.max_chunks - self.a.n_chunks:
+            raise KvmNoMemoryError(f"page-table arena is full ({self.a.n_chunks} of "
+                                   f"{self.a.max_chunks} chunks, n_chunks={n})")
+        self._grow_for(self.a.n_free_tables + (self.a.n_chunks + n) * T - self.a.tables_hw, 0)
 
     cdef uint64_t _available(self, int kind):
         cdef uint64_t total = self.a.max_chunks * self.a.tables_per_chunk
@@ -775,8 +876,8 @@ cdef class PtArena:
 
     def make_spteps(self, table_indices, indices):
         """Batch :meth:`make_sptep`: uint64 arrays (broadcast) -> uint64 sptep array."""
-        t = np.asarray(table_indices, dtype=np.uint64)
-        i = np.asarray(indices, dtype=np.uint64)
+        t = _u64_like("table_indices", table_indices)
+        i = _u64_like("indices", indices)
         if t.size and int(t.max()) >= self.max_tables:
             raise ValueError("table index outside the arena")
         if i.size and int(i.max()) >= SPTES_PER_PAGE_C:
@@ -785,7 +886,7 @@ cdef class PtArena:
 
     def sptep_locations(self, spteps):
         """Batch :meth:`sptep_location`: -> (table_indices, indices) uint64 arrays."""
-        s = np.asarray(spteps, dtype=np.uint64)
+        s = _u64_like("spteps", spteps)
         pfn = s >> np.uint64(12)
         if s.size and (np.any(s & np.uint64(7)) or int(pfn.min()) < self.a.base_pfn or
                        int(pfn.max()) >= self.a.base_pfn + self.max_tables):
@@ -841,6 +942,14 @@ cdef class PtArena:
 
     cdef int _warn_since(self, uint32_t *before) except -1:
         cdef int i
+        if KVMMMU_DEBUG:
+            for i in range(PT_NR_DBG):
+                if self.a.debug_warn[i] != self._debug_seen[i]:
+                    self._debug_seen[i] = self.a.debug_warn[i]
+                    if self.warn_sink is not None:
+                        self.warn_sink.warn(_DEBUG_TEXT[i][0], _DEBUG_TEXT[i][1])
+        if before == NULL:
+            return 0
         for i in range(PT_NR_WARN):
             if self.a.warn[i] != before[i]:
                 if self.warn_sink is not None:      # the VM's one WARN record
@@ -873,17 +982,30 @@ cdef class PtArena:
 
     def chunk_tables(self, uint64_t chunk):
         """``(tables_per_chunk, 512)`` uint64 view of a chunk's pages."""
+        if chunk >= self.a.n_chunks:
+            raise ValueError(f"chunk={chunk} is outside 0..{self.a.n_chunks - 1}")
         return self._table_views[chunk]
 
     def chunk_headers(self, uint64_t chunk):
-        """``(tables_per_chunk,)`` :data:`HEADER_DTYPE` view of a chunk's headers."""
-        return self._header_views[chunk]
+        """``(tables_per_chunk,)`` :data:`HEADER_DTYPE` read-only view of a
+        chunk's headers (C follows the handles in them: change fields with
+        :meth:`set_sp`)."""
+        if chunk >= self.a.n_chunks:
+            raise ValueError(f"chunk={chunk} is outside 0..{self.a.n_chunks - 1}")
+        return _readonly(self._header_views[chunk].view(np.uint8)).view(HEADER_DTYPE)
+
+    def _hdr_view(self, uint64_t sp):
+        # The writable record, for set_sp only (its values are checked first).
+        return self._header_views[(sp - 1) >> self.a.chunk_shift][(sp - 1) & self.a.chunk_mask, ...]
 
     def sp_header(self, uint64_t sp):
-        """0-d :data:`HEADER_DTYPE` view of `sp`'s header (any state)."""
+        """0-d :data:`HEADER_DTYPE` read-only view of `sp`'s header (any
+        state).  It cannot be made writable: C follows the handles in it."""
         if sp == 0 or sp > self.a.n_chunks * self.a.tables_per_chunk:
             raise ValueError(f"sp {sp} is not a header slot of this arena")
-        return self._header_views[(sp - 1) >> self.a.chunk_shift][(sp - 1) & self.a.chunk_mask, ...]
+        cdef uint64_t k = (sp - 1) & self.a.chunk_mask
+        hv = self._header_views[(sp - 1) >> self.a.chunk_shift]
+        return _readonly(hv[k:k + 1].view(np.uint8)).view(HEADER_DTYPE).reshape(())
 
     def table_states(self):
         """uint8 array (copy): PT state of every page slot handed out (:data:`PAGE_STATES`)."""
@@ -922,6 +1044,7 @@ cdef class PtArena:
         before anything is written.  ``spt``, ``shadowed_translation`` and the
         RCU fields belong to the arena and cannot be set.
         """
+        self._writer("set_sp")
         self._check_sp(sp, True)
         names = {f[0]: f for f in KVM_MMU_PAGE_FIELDS}
         staged = []
@@ -930,6 +1053,8 @@ cdef class PtArena:
                 raise AttributeError(f"struct kvm_mmu_page has no field {name!r}")
             if name in _ARENA_OWNED:
                 raise ValueError(f"{name} is owned by the arena")
+            if name == "clear_spte_count" and pt_slot(&self.a, sp - 1).sp_state == PT_SP_RCU_PENDING:
+                raise ValueError("clear_spte_count shares the rcu_head of an RCU-pending sp")
             if name == "unsync_child_bitmap":
                 if not isinstance(value, int) or not 0 <= value < (1 << 512):
                     raise ValueError("unsync_child_bitmap must be an int in [0, 2**512)")
@@ -947,7 +1072,7 @@ cdef class PtArena:
                     raise OverflowError(f"{name}={value} does not fit {names[name][2]} "
                                         f"({np.dtype(names[name][1]).itemsize * 8}-bit)")
             staged.append((name, value))
-        v = self.sp_header(sp)
+        v = self._hdr_view(sp)
         for name, value in staged:
             v[name] = value
 
@@ -964,6 +1089,7 @@ cdef class PtArena:
         """
         cdef uint64_t sp
         cdef int rc
+        self._writer("alloc_sp")
         for c, kind, name in ((page_cache, PT_CACHE_SHADOW_PAGE, "page_cache"),
                               (header_cache, PT_CACHE_PAGE_HEADER, "header_cache"),
                               (info_cache, PT_CACHE_SHADOWED_INFO, "info_cache")):
@@ -992,63 +1118,159 @@ cdef class PtArena:
         reach it: after kvm_flush_remote_tlbs(), after a grace period, or at
         teardown.  Normal paths use :meth:`kvm_mmu_commit_zap_page` or
         :meth:`call_rcu_free_sp`."""
+        self._writer("kvm_mmu_free_shadow_page")
         self._check_sp(sp, False)
         pt_free_sp(&self.a, sp)
+        self._warn_since(NULL)
 
-    def kvm_mmu_commit_zap_page(self, sps):
+    def kvm_mmu_commit_zap_page(self, sps, *, timeout=None):
         """Free the zapped pages `sps` (a sequence of sp handles): flush
         remote TLBs, which waits for every vCPU inside a shadow-MMU lockless
         walk, then poison and free each.  WARNs (KvmMmuWarning) for a page
         that is not ``role.invalid`` or still has ``root_count``, and frees
         it anyway, as the kernel does."""
-        arr = np.array(list(sps), dtype=np.uint64)
+        self._writer("kvm_mmu_commit_zap_page")
+        handles = [_int_arg(f"sps[{i}]", sp) for i, sp in enumerate(sps)]
         seen = set()
-        for sp in arr.tolist():
+        for sp in handles:
             self._check_sp(sp, False)
             if sp in seen:
                 raise ValueError(f"sp {sp} listed twice")
             seen.add(sp)
+        arr = np.array(handles, dtype=np.uint64)
         self._no_walk_in_this_thread("kvm_mmu_commit_zap_page", rcu=False)
         cdef uint32_t before[PT_NR_WARN]
         memcpy(before, self.a.warn, sizeof(before))
         cdef const uint64_t[::1] v = arr
         cdef Py_ssize_t n = arr.shape[0]
-        with nogil:
-            kvm_mmu_commit_zap_page(&self.a, &v[0] if n else NULL, n)
+        if n == 0:
+            return
+        # Bounded flush (a walker whose thread died raises), then free.
+        self._flush_bounded(_deadline(timeout), "kvm_mmu_commit_zap_page")
+        _free_zapped(&self.a, &v[0], n)
         self._warn_since(before)
 
-    def kvm_flush_remote_tlbs(self):
+    def kvm_flush_remote_tlbs(self, *, timeout=None):
         """Flush every vCPU's TLB, waiting for vCPUs in
         READING_SHADOW_PAGE_TABLES to end their walk (IN_GUEST_MODE vCPUs are
-        kicked to EXITING_GUEST_MODE).  Returns the number of vCPUs waited for."""
-        cdef int waited
+        kicked to EXITING_GUEST_MODE).  Returns the number of vCPUs waited for.
+
+        The wait runs without the GIL in slices; between slices it raises
+        :class:`KvmDeadWalkerError` if the walk was begun on a thread that has
+        exited, TimeoutError after `timeout` seconds (None: no limit), and
+        KeyboardInterrupt on Ctrl-C."""
+        self._writer("kvm_flush_remote_tlbs")
         self._no_walk_in_this_thread("kvm_flush_remote_tlbs", rcu=False)
-        with nogil:
-            waited = kvm_flush_remote_tlbs(&self.a)
+        return self._flush_bounded(_deadline(timeout), "kvm_flush_remote_tlbs")
+
+    cdef int _flush_bounded(self, object deadline, str what) except -1:
+        # kvm_flush_remote_tlbs() of pt_arena.pxd, with the wait for each
+        # walker cut into GIL-released slices.
+        cdef pt_arena_t *a = &self.a
+        cdef int i, waited = 0
+        cdef uint64_t w
+        cdef bint done
+        a.remote_tlb_flush_requests += 1
+        pt_smp_mb()
+        for i in range(a.nr_vcpus):
+            w = pt_load_acquire64(&a.vcpus[i].mode)
+            if (w & 3) == OUTSIDE_GUEST_MODE or (w & 3) == EXITING_GUEST_MODE:
+                continue
+            if (w & 3) == IN_GUEST_MODE:
+                pt_try_cmpxchg64(&a.vcpus[i].mode, &w, (w & ~(<uint64_t>3)) | EXITING_GUEST_MODE)
+                continue
+            waited += 1
+            self._busy = what
+            try:
+                while True:
+                    with nogil:
+                        done = _wait_word_change(&a.vcpus[i].mode, w, _WAIT_SLICE_NS)
+                    if done:
+                        break
+                    self._check_walker(i, what)
+                    _check_deadline(deadline, what, i)
+            finally:
+                self._busy = None
+        a.remote_tlb_flush += 1
+        a.flush_ipis_waited += waited
         return waited
+
+    cdef int _rcu_wait(self, object deadline, str what) except -1:
+        # Finish the grace period in progress, in GIL-released slices.
+        cdef pt_arena_t *a = &self.a
+        cdef bint done
+        cdef int i
+        self._busy = what
+        try:
+            while True:
+                with nogil:
+                    done = _rcu_finish_within(a, _WAIT_SLICE_NS)
+                if done:
+                    return 0
+                for i in range(a.nr_vcpus):
+                    if a.vcpus[i].rcu_gp != 0 and a.vcpus[i].rcu_gp <= a.rcu_gp_target:
+                        self._check_walker(i, what)
+                        _check_deadline(deadline, what, i)
+        finally:
+            self._busy = None
+
+    cdef int _check_walker(self, int vcpu, str what) except -1:
+        PyErr_CheckSignals()
+        ref = self._walk_token[vcpu]
+        if ref is not None and ref() is None:
+            raise KvmDeadWalkerError(
+                f"{what}: vCPU {vcpu}'s lockless walk was begun on a thread that has exited "
+                "without ending it; the wait could never finish")
+        return 0
+
+    cdef int _writer(self, str what) except -1:
+        """Writers are serialized by the caller (mmu_lock); a writer entry point
+        called while another thread's writer waits without the GIL raises."""
+        if self._busy is not None:
+            raise RuntimeError(f"{what}: the arena is in use by another thread "
+                               f"({self._busy} is waiting); writers need mmu_lock")
+        if self.a.chunk_base == NULL:
+            raise RuntimeError(f"{what}: PtArena.__init__ has not run")
+        return 0
 
     def call_rcu_free_sp(self, uint64_t sp):
         """TDP MMU: free `sp` after a grace period (``call_rcu(&sp->rcu_head,
-        tdp_mmu_free_sp_rcu_callback)``).  The page stays intact until then."""
+        tdp_mmu_free_sp_rcu_callback)``).  The page stays intact until then.
+        64-bit hosts only: the kernel has no rcu_head under CONFIG_X86_32 (its
+        bytes hold clear_spte_count there)."""
+        self._writer("call_rcu_free_sp")
+        if not self.a.host_64bit:
+            raise ValueError("call_rcu_free_sp: a 32-bit host has no rcu_head (TDP MMU is 64-bit only)")
         self._check_sp(sp, False)
         call_rcu_free_sp(&self.a, sp)
 
     def rcu_poll(self):
         """Advance the model's RCU without blocking; returns the sps freed."""
+        self._writer("rcu_poll")
         return rcu_poll(&self.a)
 
-    def synchronize_rcu(self):
+    def synchronize_rcu(self, *, timeout=None):
         """Wait for a grace period (every RCU reader that started earlier has
-        left), then free the callbacks that became due."""
+        left), then free the callbacks that became due.  Bounded like
+        :meth:`kvm_flush_remote_tlbs` (dead reader thread, `timeout`, Ctrl-C)."""
+        self._writer("synchronize_rcu")
         self._no_walk_in_this_thread("synchronize_rcu", rcu=True)
-        with nogil:
-            synchronize_rcu(&self.a)
+        deadline = _deadline(timeout)
+        if self.a.rcu_gp_in_progress:
+            self._rcu_wait(deadline, "synchronize_rcu")
+        _rcu_start_gp(&self.a)
+        self._rcu_wait(deadline, "synchronize_rcu")
+        _rcu_do_callbacks(&self.a)
 
-    def rcu_barrier(self):
-        """Wait until every pending RCU free has run."""
+    def rcu_barrier(self, *, timeout=None):
+        """Wait until every pending RCU free has run (bounded like
+        :meth:`synchronize_rcu`)."""
+        self._writer("rcu_barrier")
         self._no_walk_in_this_thread("rcu_barrier", rcu=True)
-        with nogil:
-            rcu_barrier(&self.a)
+        deadline = _deadline(timeout)
+        while self.a.rcu_head != 0:
+            if rcu_poll(&self.a) == 0 and self.a.rcu_head != 0 and self.a.rcu_gp_in_progress:
+                self._rcu_wait(deadline, "rcu_barrier")
 
     def _no_walk_in_this_thread(self, what, bint rcu):
         me = threading.get_ident()
@@ -1100,7 +1322,11 @@ cdef class PtArena:
             raise RuntimeError(f"vCPU {vcpu} is already inside a lockless walk")
         if not self.a.vcpus[vcpu].tdp_mmu_active and (self.a.vcpus[vcpu].mode & 3) != OUTSIDE_GUEST_MODE:
             raise RuntimeError(f"vCPU {vcpu} is not OUTSIDE_GUEST_MODE")
+        token = getattr(self._tls, "token", None)
+        if token is None:
+            token = self._tls.token = _WalkerToken()
         self._walk_owner[vcpu] = threading.get_ident()
+        self._walk_token[vcpu] = weakref.ref(token)
         walk_shadow_page_lockless_begin(&self.a, vcpu)
 
     def walk_shadow_page_lockless_end(self, int vcpu):
@@ -1109,6 +1335,7 @@ cdef class PtArena:
             raise RuntimeError(f"vCPU {vcpu} is not inside a lockless walk")
         walk_shadow_page_lockless_end(&self.a, vcpu)
         self._walk_owner[vcpu] = None
+        self._walk_token[vcpu] = None
 
     def kvm_tdp_mmu_walk_lockless_begin(self, int vcpu):
         """rcu_read_lock() on behalf of `vcpu` (the vCPU must be TDP MMU active)."""
@@ -1131,6 +1358,7 @@ cdef class PtArena:
 
     def mmu_spte_set(self, uint64_t sptep, uint64_t new_spte):
         """Non-present -> present (or MMIO).  KvmMmuWarning if it was present."""
+        self._writer("mmu_spte_set")
         self._check_sptep(sptep)
         cdef uint32_t before[PT_NR_WARN]
         memcpy(before, self.a.warn, sizeof(before))
@@ -1141,6 +1369,7 @@ cdef class PtArena:
         """Update a present SPTE's state bits; returns True if remote TLBs must
         be flushed.  See pt_arena.pxd for the rules of each era; v6.12 passes
         lost A/D to ``host_ad(pfn, accessed, dirty)`` (default: the arena's)."""
+        self._writer("mmu_spte_update")
         self._check_sptep(sptep)
         cdef uint32_t before[PT_NR_WARN]
         cdef pt_ad_out ad
@@ -1154,6 +1383,7 @@ cdef class PtArena:
         """Zap a leaf SPTE; returns the old SPTE.  Drops the page count of the
         table's level if it was present; v6.12 passes its A/D state to
         ``host_ad(pfn, accessed, dirty)``."""
+        self._writer("mmu_spte_clear_track_bits")
         self._check_sptep(sptep)
         cdef uint32_t before[PT_NR_WARN]
         cdef pt_ad_out ad
@@ -1165,6 +1395,7 @@ cdef class PtArena:
 
     def mmu_spte_clear_no_track(self, uint64_t sptep):
         """Clear an upper-level or MMIO SPTE."""
+        self._writer("mmu_spte_clear_no_track")
         self._check_sptep(sptep)
         mmu_spte_clear_no_track(&self.a, sptep)
 
@@ -1222,7 +1453,9 @@ cdef class PtArena:
         """
         _check_array("spteps", spteps)
         cdef Py_ssize_t n = spteps.shape[0], i, bad = -1, poisoned = -1
-        out = _out_array("out", out, n, np.uint64)
+        out = _out_array("out", out, n, np.uint64, inputs=(spteps,))
+        if self.a.chunk_base == NULL:
+            raise RuntimeError("get_sptes_lockless: PtArena.__init__ has not run")
         if n == 0:
             return out
         cdef const uint64_t[::1] s = spteps
@@ -1231,8 +1464,9 @@ cdef class PtArena:
         cdef uint64_t retries = 0, v
         cdef int cpu = -1
         if vcpu is not None:
-            cpu = self._vcpu(vcpu)
+            cpu = self._vcpu(_int_arg("vcpu", vcpu, 0, self.a.nr_vcpus - 1))
             self.walk_shadow_page_lockless_begin(cpu)
+        self._readers += 1
         try:
             with nogil:
                 for i in range(n):
@@ -1244,6 +1478,7 @@ cdef class PtArena:
                     if v == PT_POISON and poisoned < 0:
                         poisoned = i
         finally:
+            self._readers -= 1
             if cpu >= 0:
                 self.walk_shadow_page_lockless_end(cpu)
             if retries:
@@ -1258,21 +1493,29 @@ cdef class PtArena:
 
     # -- access log -------------------------------------------------------------------
 
-    def start_access_log(self, Py_ssize_t capacity=4096):
+    def start_access_log(self, capacity=4096):
         """Record every SPTE half/whole access, barrier and clear_spte_count
         access of the low-level accessors, in program order, until
-        :meth:`stop_access_log` (at most `capacity` events).  For tests and
-        teaching; not thread-safe (use from one thread)."""
-        if capacity <= 0:
-            raise ValueError("capacity must be positive")
+        :meth:`stop_access_log` (at most `capacity` events, 1..2**32).  For
+        tests and teaching: the order is only meaningful from one thread, and
+        the log cannot be started or stopped while a batch read runs."""
+        cdef uint64_t cap = _int_arg("capacity", capacity, 1, 1 << 32)
+        self._log_guard("start_access_log")
+        cdef uint64_t *buf = <uint64_t *>malloc(2 * cap * sizeof(uint64_t))
+        if buf == NULL:
+            raise MemoryError(f"start_access_log: no memory for capacity={cap}")
         free(self.a.log)
         self.a.log = NULL
-        cdef uint64_t *buf = <uint64_t *>malloc(2 * capacity * sizeof(uint64_t))
         if buf == NULL:
             raise MemoryError()
         self.a.log_len = 0
-        self.a.log_cap = capacity
+        self.a.log_cap = cap
         self.a.log = buf
+
+    def _log_guard(self, what):
+        self._writer(what)
+        if self._readers:
+            raise RuntimeError(f"{what}: a batch read of another thread is using the log")
 
     def stop_access_log(self):
         """Stop recording; returns ``[(event, value), ...]`` where event is one
@@ -1281,6 +1524,7 @@ cdef class PtArena:
         cdef uint64_t i
         if self.a.log == NULL:
             return out
+        self._log_guard("stop_access_log")
         for i in range(self.a.log_len):
             out.append((ACCESS_EVENTS[self.a.log[2 * i]], self.a.log[2 * i + 1]))
         free(self.a.log)
@@ -1289,6 +1533,13 @@ cdef class PtArena:
         return out
 
     # -- statistics -----------------------------------------------------------------
+
+    @property
+    def debug_warn_counts(self):
+        """MMU_WARN_ON checks that fired (name -> count); always 0 unless
+        :data:`DEBUG_CHECKS` (a KVMMMU_DEBUG_CYTHON=1 build)."""
+        names = ("free_not_empty", "free_with_parents", "write_not_live", "wrong_level")
+        return {n: self.a.debug_warn[i] for i, n in enumerate(names)}
 
     @property
     def warn_counts(self):
@@ -1446,7 +1697,8 @@ cdef class PtArena:
                     if m.table_state != want_st or m.table_sp != sp:
                         bad(f"sp {sp}: {what} page {pfn - a.base_pfn} is "
                             f"{PAGE_STATES.get(m.table_state)} owned by sp {m.table_sp}")
-                if a.host_64bit and h.clear_spte_count != 0:
+                # An RCU-pending header's rcu_head shares these bytes.
+                if a.host_64bit and st == PT_SP_IN_USE and h.clear_spte_count != 0:
                     bad(f"sp {sp}: clear_spte_count={h.clear_spte_count} on a 64-bit host")
             elif contents:
                 b = <uint8_t *>h
@@ -1554,6 +1806,8 @@ cdef class MmuMemoryCache:
                  int capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE):
         if self.arena is not None:
             raise RuntimeError("MmuMemoryCache.__init__ called twice")
+        if arena.a.chunk_base == NULL:
+            raise ValueError("arena: PtArena.__init__ has not run")
         if not 1 <= capacity <= KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE:
             raise ValueError(f"capacity={capacity} is outside 1..{KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE}")
         self.kind = _cache_kind(kind)
@@ -1561,8 +1815,20 @@ cdef class MmuMemoryCache:
         kvm_mmu_memory_cache_init(&self.mc, capacity)
 
     def __dealloc__(self):
-        if self.arena is not None:
+        # The arena outlives its caches (this reference), but in a garbage
+        # cycle the collector may already have cleared the arena's chunk list,
+        # i.e. released the memory the cached objects live in: then there is
+        # nothing left to give back.
+        if self.arena is not None and self.arena._chunks is not None:
             kvm_mmu_free_memory_cache(&self.mc, pt_pool_free, &self.arena.a.pools[self.kind])
+
+    cdef int _ready(self, str what) except -1:
+        if self.arena is None:
+            raise RuntimeError(f"MmuMemoryCache.{what}: __init__ has not run")
+        if self.arena._chunks is None:
+            raise RuntimeError(f"MmuMemoryCache.{what}: the arena has been torn down")
+        self.arena._writer(f"MmuMemoryCache.{what}")
+        return 0
 
     @property
     def kind_name(self):
@@ -1581,7 +1847,7 @@ cdef class MmuMemoryCache:
         """Handles held (pfns for page caches, sp handles for header caches)."""
         return [self.mc.objects[i] for i in range(self.mc.nobjs)]
 
-    def topup(self, int min_objs):
+    def topup(self, min_objs):
         """kvm_mmu_topup_memory_cache(cache, min_objs).
 
         Nothing happens if the cache holds at least `min_objs`.  Otherwise it
@@ -1594,8 +1860,8 @@ cdef class MmuMemoryCache:
         cdef PtArena arena = self.arena
         cdef uint64_t need, take, avail
         cdef int rc
-        if not 0 <= min_objs <= self.mc.capacity:
-            raise ValueError(f"min_objs={min_objs} is outside 0..capacity={self.mc.capacity}")
+        self._ready("topup")
+        min_objs = _int_arg("min_objs", min_objs, 0, self.mc.capacity)
         if self.mc.nobjs >= min_objs:
             return
         need = min_objs - self.mc.nobjs
@@ -1615,6 +1881,7 @@ cdef class MmuMemoryCache:
 
     def free(self):
         """kvm_mmu_free_memory_cache: give every cached object back (poisoned)."""
+        self._ready("free")
         kvm_mmu_free_memory_cache(&self.mc, pt_pool_free, &self.arena.a.pools[self.kind])
 
     def __repr__(self):
