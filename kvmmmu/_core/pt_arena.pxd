@@ -420,41 +420,13 @@ cdef inline void walk_shadow_page_lockless_end(pt_arena_t *a, int vcpu) noexcept
     v.nr_walks += 1
 
 
-# ---------------------------------------------------------------------------
-# Pools, allocation, freeing, grace periods (pt_arena.pyx).  All require the
-# writer side (mmu_lock) except where noted.
-# ---------------------------------------------------------------------------
-
-# memcache.pxd pool callbacks: one page or header from the arena's free lists
-# or unused slots of existing chunks (never grows: growth needs the GIL).
-cdef int pt_pool_alloc(void *pool, uint64_t *obj) noexcept nogil
-cdef void pt_pool_free(void *pool, uint64_t obj) noexcept nogil
-
-# kvm_mmu_alloc_shadow_page / tdp_mmu_alloc_sp: a header and a page from the
-# caches (and a shadowed_translation page if info_cache is not NULL).
-# 0, or -12 (-ENOMEM) with nothing taken if a cache is empty.
-cdef int pt_alloc_sp(pt_arena_t *a, kvm_mmu_memory_cache *page_cache,
-                     kvm_mmu_memory_cache *header_cache,
-                     kvm_mmu_memory_cache *info_cache, uint64_t *sp) noexcept nogil
-# kvm_mmu_free_shadow_page / tdp_mmu_free_sp: poison and free at once.  Only
-# safe when no lockless walker can reach the page (after a flush or a grace
-# period, or at teardown).
-cdef void pt_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil
-# kvm_flush_remote_tlbs (KVM_REQ_TLB_FLUSH carries KVM_REQUEST_WAIT): returns
-# how many vCPUs it had to wait for.
-cdef int kvm_flush_remote_tlbs(pt_arena_t *a) noexcept nogil
-# kvm_mmu_commit_zap_page: flush (waiting out every shadow-MMU walker), then free.
-cdef void kvm_mmu_commit_zap_page(pt_arena_t *a, const uint64_t *sps, Py_ssize_t n) noexcept nogil
-# call_rcu(&sp->rcu_head, tdp_mmu_free_sp_rcu_callback).
-cdef void call_rcu_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil
-# One non-blocking step of the model's RCU: start a grace period if callbacks
-# wait, finish it if every reader that predates it has left; returns the
-# number of sps freed.
-cdef int64_t rcu_poll(pt_arena_t *a) noexcept nogil
-# synchronize_rcu(): wait for a full grace period, then run due callbacks.
-cdef void synchronize_rcu(pt_arena_t *a) noexcept nogil
-# rcu_barrier(): wait until every pending callback has run.
-cdef void rcu_barrier(pt_arena_t *a) noexcept nogil
+# Pools, allocation, freeing (pt_pool.pyx) and grace periods / remote TLB
+# flushes (mmu_lockless.pyx): declared there, re-exported here.
+from kvmmmu._core.pt_pool cimport pt_pool_alloc, pt_pool_free, pt_alloc_sp, pt_free_sp
+from kvmmmu._core.mmu_lockless cimport (
+    kvm_flush_remote_tlbs, kvm_mmu_commit_zap_page, call_rcu_free_sp, rcu_poll,
+    synchronize_rcu, rcu_barrier,
+)
 
 
 cdef class PtArena:
