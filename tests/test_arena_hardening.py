@@ -298,3 +298,39 @@ def test_lockless_batch_readers_with_a_concurrent_writer_do_not_crash():
     assert not errors, errors
     a.audit()
     """, timeout=30)
+
+
+# --- MMU_WARN_ON checks (KVMMMU_DEBUG builds) and the WARN sink -------------------------
+
+def test_debug_checks_fire_only_in_debug_builds():
+    probe("""
+    from kvmmmu.warn import WarnSink
+    a = small(); pc, hc = caches(a)
+    sink = WarnSink(); a.warn_sink = sink
+    sp = a.alloc_sp(pc, hc, role=1)
+    a.mmu_spte_set(a.sp_sptep(sp, 0), leaf())
+    huge = F.make_spte(level=2, pte_access=7, pfn=0x200)[0]
+    a.mmu_spte_set(a.sp_sptep(sp, 1), huge)          # a PS SPTE in a level-1 table
+    a.kvm_mmu_free_shadow_page(sp)                   # still holds present SPTEs
+    c = a.debug_warn_counts
+    if P.DEBUG_CHECKS:
+        assert c["wrong_level"] == 1 and c["free_not_empty"] == 1, c
+        assert any("kvm_mmu_free_shadow_page" in w for w in sink.warnings), sink.warnings
+    else:
+        assert not any(c.values()), c                # compiled away
+    """)
+
+
+def test_warns_go_to_the_warn_sink():
+    probe("""
+    from kvmmmu.warn import WarnSink
+    import warnings
+    warnings.simplefilter("ignore")
+    a = small(); pc, hc = caches(a)
+    sink = WarnSink(); a.warn_sink = sink
+    sp = a.alloc_sp(pc, hc, role=1)
+    s = a.sp_sptep(sp, 0)
+    a.mmu_spte_set(s, leaf()); a.mmu_spte_set(s, leaf())   # WARN: already present
+    assert a.warn_counts["set_present"] == 1
+    assert any("mmu_spte_set" in w for w in sink.warnings), sink.warnings
+    """)

@@ -57,9 +57,26 @@ Invariants (checked by :meth:`PtArena.audit`):
   at level >= 2 points at a page of the arena that is not a live table;
 * on 64-bit hosts clear_spte_count stays 0.
 
-Concurrency: writers (everything that changes SPTEs, headers or pools) are
-serialized by the caller, as mmu_lock does.  Lockless readers may run on
-other threads at any time; see the protocols in pt_arena.pxd.
+Thread-safety contract (the kernel's mmu_lock, made safe for Python):
+
+* **PtArena** may be shared between threads.  Writers (everything that
+  changes SPTEs, headers, pools, RCU or the access log) must be serialized by
+  the caller, as mmu_lock does; the GIL makes each scalar Python call atomic,
+  and a writer entry point called while another thread's writer waits
+  without the GIL (flush, commit_zap, synchronize_rcu, rcu_barrier) raises
+  RuntimeError instead of racing it.  Lockless readers
+  (:meth:`PtArena.get_sptes_lockless`, :meth:`PtArena.mmu_spte_get_lockless`,
+  walks begun with :meth:`PtArena.walk_shadow_page_lockless_begin`) may run
+  on any number of threads at once, also against a writer: chunks never move
+  or go away before the arena, every location is range-checked in the nogil
+  loop, and a freed page reads as poison (KvmUseAfterFreeError).
+* Waits for walkers are bounded: a flush or grace period whose walker thread
+  exited raises :class:`KvmDeadWalkerError`; ``timeout=`` gives up with
+  TimeoutError; Ctrl-C interrupts.
+* **MmuMemoryCache** belongs to one vCPU: use it from one thread at a time
+  (it is a writer of the arena's pools and obeys the writer rule above).
+* The views (:meth:`PtArena.table`, :meth:`PtArena.spt`) are shared memory
+  without protocol; header views are read-only.
 """
 
 cimport cython
@@ -1271,6 +1288,10 @@ cdef class PtArena:
 @cython.no_gc_clear
 cdef class MmuMemoryCache:
     """``struct kvm_mmu_memory_cache`` over a :class:`PtArena`.
+
+    One vCPU's cache: use it from one thread at a time.  It keeps its arena
+    alive; if both die in one garbage cycle, the cached objects are simply
+    dropped with the arena's chunks.
 
     Parameters
     ----------
