@@ -315,7 +315,7 @@ def test_debug_checks_fire_only_in_debug_builds():
     c = a.debug_warn_counts
     if P.DEBUG_CHECKS:
         assert c["wrong_level"] == 1 and c["free_not_empty"] == 1, c
-        assert any("kvm_mmu_free_shadow_page" in w for w in sink.warnings), sink.warnings
+        assert any("is_empty_shadow_page" in w for w in sink.warnings), sink.warnings
     else:
         assert not any(c.values()), c                # compiled away
     """)
