@@ -95,7 +95,7 @@ finally:
 import threading
 t = threading.Thread(target=lambda: a.walk_shadow_page_lockless_begin(1)); t.start(); t.join()
 a.kvm_flush_remote_tlbs()
-""", "KvmDeadWalkerError", "exited inside a lockless walk"),
+""", "KvmDeadWalkerError", "exited"),
 }
 
 

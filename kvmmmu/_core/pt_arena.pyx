@@ -57,9 +57,26 @@ Invariants (checked by :meth:`PtArena.audit`):
   at level >= 2 points at a page of the arena that is not a live table;
 * on 64-bit hosts clear_spte_count stays 0.
 
-Concurrency: writers (everything that changes SPTEs, headers or pools) are
-serialized by the caller, as mmu_lock does.  Lockless readers may run on
-other threads at any time; see the protocols in pt_arena.pxd.
+Thread-safety contract (the kernel's mmu_lock, made safe for Python):
+
+* **PtArena** may be shared between threads.  Writers (everything that
+  changes SPTEs, headers, pools, RCU or the access log) must be serialized by
+  the caller, as mmu_lock does; the GIL makes each scalar Python call atomic,
+  and a writer entry point called while another thread's writer waits
+  without the GIL (flush, commit_zap, synchronize_rcu, rcu_barrier) raises
+  RuntimeError instead of racing it.  Lockless readers
+  (:meth:`PtArena.get_sptes_lockless`, :meth:`PtArena.mmu_spte_get_lockless`,
+  walks begun with :meth:`PtArena.walk_shadow_page_lockless_begin`) may run
+  on any number of threads at once, also against a writer: chunks never move
+  or go away before the arena, every location is range-checked in the nogil
+  loop, and a freed page reads as poison (KvmUseAfterFreeError).
+* Waits for walkers are bounded: a flush or grace period whose walker thread
+  exited raises :class:`KvmDeadWalkerError`; ``timeout=`` gives up with
+  TimeoutError; Ctrl-C interrupts.
+* **MmuMemoryCache** belongs to one vCPU: use it from one thread at a time
+  (it is a writer of the arena's pools and obeys the writer rule above).
+* The views (:meth:`PtArena.table`, :meth:`PtArena.spt`) are shared memory
+  without protocol; header views are read-only.
 """
 
 cimport cython
@@ -72,15 +89,22 @@ from cpython.exc cimport PyErr_CheckSignals
 import threading
 import time
 import warnings
+import weakref
 
 import numpy as np
 
-from kvmmmu._core._checks import (check_array as _check_array, out_array as _out_array,
-                                  readonly as _readonly)
+from kvmmmu._core._checks import (
+    check_array as _check_array, int_arg as _int_arg, out_array as _out_array,
+    readonly as _readonly,
+)
 from kvmmmu.errors import KvmNoMemoryError
 
 from kvmmmu._core.defs import PAGE_SIZE, SPTE_ENT_PER_PAGE
 from kvmmmu._core.mmu_defs cimport PAGE_SIZE as PAGE_SIZE_C, SPTE_ENT_PER_PAGE as SPTES_PER_PAGE_C
+from kvmmmu._core.pt_audit cimport audit_arena
+from kvmmmu._core.mmu_lockless cimport (
+    _free_zapped, _rcu_do_callbacks, _rcu_finish_within, _rcu_start_gp, _wait_word_change,
+)
 from kvmmmu._core.memcache cimport (
     KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE, KVMMMU_ENOMEM, kvm_mmu_free_memory_cache,
     kvm_mmu_memory_cache, kvm_mmu_memory_cache_alloc, kvm_mmu_memory_cache_init,
@@ -106,11 +130,9 @@ globals().update(
     KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE,
     PT_ROLE_INVALID=PT_ROLE_INVALID, PT_ROLE_LEVEL_MASK=PT_ROLE_LEVEL_MASK,
 )
-#: Page and header slot states (see :meth:`PtArena.table_states`).
-PAGE_STATES = {PT_PAGE_FREE: "free", PT_PAGE_CACHED: "cached", PT_PAGE_SPT: "spt",
-               PT_PAGE_INFO: "info", PT_PAGE_CACHED_INFO: "cached_info"}
-SP_STATES = {PT_SP_FREE: "free", PT_SP_CACHED: "cached", PT_SP_IN_USE: "in_use",
-             PT_SP_RCU_PENDING: "rcu_pending"}
+# Page and header slot states (see :meth:`PtArena.table_states`), and the
+# auditor's exception: pt_audit.pyx, re-exported here.
+from kvmmmu._core.pt_audit import PAGE_STATES, SP_STATES, PtArenaAuditError
 #: Memory cache kinds, named after the vCPU fields.
 CACHE_KINDS = {"shadow_page": PT_CACHE_SHADOW_PAGE, "page_header": PT_CACHE_PAGE_HEADER,
                "shadowed_info": PT_CACHE_SHADOWED_INFO}
@@ -126,8 +148,6 @@ ACCESS_EVENTS = {
 
 DEFAULT_TABLES_PER_CHUNK = 512          # 2 MiB of SPTEs per chunk
 DEFAULT_MAX_TABLES = 1 << 22            # 16 GiB of page tables
-#: Most events an access log may hold (16 bytes each: 4 GiB).
-ACCESS_LOG_MAX = 1 << 28
 SPTES_PER_PAGE = SPTE_ENT_PER_PAGE    # the arena's historical name
 
 _WARN_TEXT = (
@@ -143,11 +163,6 @@ _WARN_TEXT = (
 )
 
 
-class KvmDeadWalkerError(RuntimeError):
-    """A wait for lockless walkers (remote TLB flush, grace period) would never
-    end: the thread inside the walk has exited without ending it."""
-
-
 class KvmUseAfterFreeError(RuntimeError):
     """An SPTE or header of a page that has been freed (poisoned) was used."""
 
@@ -156,8 +171,23 @@ class KvmMmuWarning(RuntimeWarning):
     """A WARN_ON_ONCE of the kernel fired; the model, like the kernel, went on."""
 
 
-class PtArenaAuditError(AssertionError):
-    """:meth:`PtArena.audit` found broken arena invariants (one per line)."""
+class KvmDeadWalkerError(RuntimeError):
+    """A wait for a vCPU's lockless walk (remote TLB flush) or RCU read-side
+    section (grace period) can never end: the thread that began it has exited
+    without ending it."""
+
+
+#: True in KVMMMU_DEBUG_CYTHON builds: the MMU_WARN_ON checks are compiled in.
+DEBUG_CHECKS = bool(KVMMMU_DEBUG)
+_DEBUG_TEXT = (
+    ("kvm_mmu_free_shadow_page", "MMU_WARN_ON(!is_empty_shadow_page(sp->spt)): freeing a "
+     "shadow page that still holds a present SPTE"),
+    ("kvm_mmu_free_shadow_page", "freeing a shadow page with parent_ptes or unsync children"),
+    ("mmu_spte_set", "SPTE store into a page that is not a live table"),
+    ("mmu_spte_set", "huge (PS) SPTE stored into a level-1 table"),
+)
+# Waits that may never end are done in slices of this many ns without the GIL.
+cdef uint64_t _WAIT_SLICE_NS = 20000000
 
 
 # --- struct kvm_mmu_page as a numpy dtype -----------------------------------
@@ -170,10 +200,10 @@ cdef inline Py_ssize_t _off(void *field) noexcept:
 #: (name, numpy type, kernel type) of every header field, in kernel order.
 #: Names sharing a union share bytes.
 KVM_MMU_PAGE_FIELDS = (
-    ("link_prev", "u4", "struct list_head link (sp handle)", _off(&_H.link_prev)),
-    ("link_next", "u4", "struct list_head link (sp handle)", _off(&_H.link_next)),
-    ("hash_next", "u4", "struct hlist_node hash_link (sp handle)", _off(&_H.hash_next)),
-    ("hash_pprev", "u4", "struct hlist_node hash_link (sp handle)", _off(&_H.hash_pprev)),
+    ("link_next", "u8", "struct list_head link (sp handle)", _off(&_H.link_next)),
+    ("link_prev", "u8", "struct list_head link (sp handle)", _off(&_H.link_prev)),
+    ("hash_next", "u8", "struct hlist_node hash_link (sp handle)", _off(&_H.hash_next)),
+    ("hash_pprev", "u8", "struct hlist_node hash_link (sp handle)", _off(&_H.hash_pprev)),
     ("tdp_mmu_page", "?", "bool", _off(&_H.tdp_mmu_page)),
     ("unsync", "?", "bool", _off(&_H.unsync)),
     ("mmu_valid_gen", "u1", "u8", _off(&_H.mmu_valid_gen)),
@@ -192,11 +222,11 @@ KVM_MMU_PAGE_FIELDS = (
     ("parent_ptes", "u8", "struct kvm_rmap_head", _off(&_H.parent_ptes)),
     ("ptep", "u8", "tdp_ptep_t (sptep)", _off(&_H.ptep)),
     ("unsync_child_bitmap", ("u8", 8), "DECLARE_BITMAP(, 512)", _off(&_H.unsync_child_bitmap[0])),
-    ("nx_link_prev", "u4", "struct list_head possible_nx_huge_page_link", _off(&_H.nx_link_prev)),
-    ("nx_link_next", "u4", "struct list_head possible_nx_huge_page_link", _off(&_H.nx_link_next)),
-    ("clear_spte_count", "i4", "int (CONFIG_X86_32)", _off(&_H.clear_spte_count)),
-    ("rcu_next", "u4", "struct rcu_head (sp handle)", _off(&_H.rcu_next)),
-    ("rcu_gp", "u8", "struct rcu_head (grace period)", _off(&_H.rcu_gp)),
+    ("nx_link_next", "u8", "struct list_head possible_nx_huge_page_link", _off(&_H.nx_link_next)),
+    ("nx_link_prev", "u8", "struct list_head possible_nx_huge_page_link", _off(&_H.nx_link_prev)),
+    ("rcu_next", "u8", "struct rcu_head next (sp handle), CONFIG_X86_64", _off(&_H.rcu_next)),
+    ("clear_spte_count", "i4", "int (CONFIG_X86_32, shares rcu_head)", _off(&_H.clear_spte_count)),
+    ("rcu_gp", "u8", "struct rcu_head func slot (grace period), CONFIG_X86_64", _off(&_H.rcu_gp)),
 )
 
 HEADER_DTYPE = np.dtype({
@@ -221,311 +251,6 @@ _ARENA_OWNED = frozenset(("spt", "shadowed_translation", "rcu_next", "rcu_gp"))
 _BOOL_FIELDS = frozenset(f[0] for f in KVM_MMU_PAGE_FIELDS if f[1] == "?")
 
 
-# --- pools ------------------------------------------------------------------
-
-cdef inline void _push_free_page(pt_arena_t *a, uint64_t tidx) noexcept nogil:
-    """Poison page `tidx` and append it to the FIFO free list."""
-    cdef pt_slot_meta *m = pt_slot(a, tidx)
-    memset(pt_table_ptr(a, tidx), PT_POISON_BYTE, PAGE_SIZE_C)
-    m.table_next = 0
-    m.table_state = PT_PAGE_FREE
-    if a.table_free_tail:
-        pt_slot(a, a.table_free_tail - 1).table_next = <uint32_t>(tidx + 1)
-    else:
-        a.table_free_head = tidx + 1
-    a.table_free_tail = tidx + 1
-    a.n_free_tables += 1
-
-cdef inline void _push_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil:
-    cdef pt_slot_meta *m = pt_slot(a, sp - 1)
-    memset(pt_sp_ptr(a, sp), PT_POISON_BYTE, sizeof(kvm_mmu_page))
-    m.sp_next = 0
-    m.sp_state = PT_SP_FREE
-    if a.sp_free_tail:
-        pt_slot(a, a.sp_free_tail - 1).sp_next = <uint32_t>sp
-    else:
-        a.sp_free_head = sp
-    a.sp_free_tail = sp
-    a.n_free_sps += 1
-
-cdef int pt_pool_alloc(void *pool, uint64_t *obj) noexcept nogil:
-    cdef pt_pool *p = <pt_pool *>pool
-    cdef pt_arena_t *a = <pt_arena_t *>p.arena
-    cdef uint64_t idx, i, fill
-    cdef uint64_t *t
-    cdef pt_slot_meta *m
-    if p.kind == PT_CACHE_PAGE_HEADER:
-        if a.n_free_sps:
-            idx = a.sp_free_head - 1
-            m = pt_slot(a, idx)
-            a.sp_free_head = m.sp_next
-            if a.sp_free_head == 0:
-                a.sp_free_tail = 0
-            m.sp_next = 0
-            a.n_free_sps -= 1
-        elif a.headers_hw < a.n_chunks * a.tables_per_chunk:
-            idx = a.headers_hw
-            a.headers_hw += 1
-            m = pt_slot(a, idx)
-        else:
-            return -KVMMMU_ENOMEM
-        memset(pt_sp_ptr(a, idx + 1), 0, sizeof(kvm_mmu_page))
-        m.sp_state = PT_SP_CACHED
-        a.n_cached_sps += 1
-        obj[0] = idx + 1
-        return 0
-    if a.n_free_tables:
-        idx = a.table_free_head - 1
-        m = pt_slot(a, idx)
-        a.table_free_head = m.table_next
-        if a.table_free_head == 0:
-            a.table_free_tail = 0
-        m.table_next = 0
-        a.n_free_tables -= 1
-    elif a.tables_hw < a.n_chunks * a.tables_per_chunk:
-        idx = a.tables_hw
-        m = pt_slot(a, idx)
-    else:
-        return -KVMMMU_ENOMEM
-    t = pt_table_ptr(a, idx)
-    pt_write_once_u32(&m.table_sp, 0)
-    if p.kind == PT_CACHE_SHADOW_PAGE:
-        fill = a.fmt.nonpresent_value
-        for i in range(512):
-            t[i] = fill
-        m.table_state = PT_PAGE_CACHED
-    else:
-        memset(t, 0, PAGE_SIZE_C)
-        m.table_state = PT_PAGE_CACHED_INFO
-    if idx == a.tables_hw:
-        # Publish a fresh slot only once it holds its fill value.
-        pt_store_release64(&a.tables_hw, idx + 1)
-    a.n_cached_tables += 1
-    obj[0] = a.base_pfn + idx
-    return 0
-
-cdef void pt_pool_free(void *pool, uint64_t obj) noexcept nogil:
-    cdef pt_pool *p = <pt_pool *>pool
-    cdef pt_arena_t *a = <pt_arena_t *>p.arena
-    if p.kind == PT_CACHE_PAGE_HEADER:
-        a.n_cached_sps -= 1
-        _push_free_sp(a, obj)
-    else:
-        a.n_cached_tables -= 1
-        _push_free_page(a, obj - a.base_pfn)
-
-
-cdef int pt_alloc_sp(pt_arena_t *a, kvm_mmu_memory_cache *page_cache,
-                     kvm_mmu_memory_cache *header_cache,
-                     kvm_mmu_memory_cache *info_cache, uint64_t *sp) noexcept nogil:
-    cdef uint64_t h_sp = 0, pfn = 0, info_pfn = 0
-    cdef kvm_mmu_page *h
-    cdef pt_slot_meta *m
-    if header_cache.nobjs == 0 or page_cache.nobjs == 0:
-        return -KVMMMU_ENOMEM
-    if info_cache != NULL and info_cache.nobjs == 0:
-        return -KVMMMU_ENOMEM
-    kvm_mmu_memory_cache_alloc(header_cache, &h_sp)
-    kvm_mmu_memory_cache_alloc(page_cache, &pfn)
-    h = pt_sp_ptr(a, h_sp)
-    h.spt = pfn
-    m = pt_slot(a, pfn - a.base_pfn)
-    pt_write_once_u32(&m.table_sp, <uint32_t>h_sp)
-    m.table_state = PT_PAGE_SPT
-    a.n_cached_tables -= 1
-    a.n_spt += 1
-    pt_slot(a, h_sp - 1).sp_state = PT_SP_IN_USE
-    a.n_cached_sps -= 1
-    a.n_sps += 1
-    if info_cache != NULL:
-        kvm_mmu_memory_cache_alloc(info_cache, &info_pfn)
-        h.shadowed_translation = info_pfn
-        m = pt_slot(a, info_pfn - a.base_pfn)
-        pt_write_once_u32(&m.table_sp, <uint32_t>h_sp)
-        m.table_state = PT_PAGE_INFO
-        a.n_cached_tables -= 1
-        a.n_info += 1
-    sp[0] = h_sp
-    return 0
-
-
-cdef void pt_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil:
-    # The page's back-pointer is left behind, stale, as page->private is.
-    cdef kvm_mmu_page *h = pt_sp_ptr(a, sp)
-    cdef pt_slot_meta *hm = pt_slot(a, sp - 1)
-    if hm.sp_state == PT_SP_RCU_PENDING:
-        a.n_rcu_pending -= 1
-    else:
-        a.n_sps -= 1
-    _push_free_page(a, h.spt - a.base_pfn)
-    a.n_spt -= 1
-    if h.shadowed_translation:
-        _push_free_page(a, h.shadowed_translation - a.base_pfn)
-        a.n_info -= 1
-    _push_free_sp(a, sp)
-    a.nr_sps_freed += 1
-
-
-# --- remote TLB flush and RCU -----------------------------------------------
-
-cdef inline void _spin(uint64_t *spins) noexcept nogil:
-    spins[0] += 1
-    if (spins[0] & 1023) == 0:
-        pt_yield()
-    else:
-        pt_cpu_relax()
-
-
-cdef int kvm_flush_remote_tlbs(pt_arena_t *a) noexcept nogil:
-    cdef int i, waited = 0
-    cdef uint64_t w, spins = 0
-    cdef kvm_vcpu_lockless *v
-    a.remote_tlb_flush_requests += 1
-    # Pairs with the walker's smp_store_mb(): either we see its mode, or it
-    # sees every unlink we did before this flush.
-    pt_smp_mb()
-    for i in range(a.nr_vcpus):
-        v = &a.vcpus[i]
-        w = pt_load_acquire64(&v.mode)
-        if (w & 3) == OUTSIDE_GUEST_MODE:
-            continue
-        if (w & 3) == IN_GUEST_MODE:
-            # kvm_vcpu_exiting_guest_mode(); the IPI makes the guest exit at
-            # once, so the model does not wait for it.
-            pt_try_cmpxchg64(&v.mode, &w, (w & ~(<uint64_t>3)) | EXITING_GUEST_MODE)
-            continue
-        if (w & 3) == EXITING_GUEST_MODE:
-            continue
-        # READING_SHADOW_PAGE_TABLES: IRQs are off on that CPU; the IPI is
-        # acknowledged only at walk_shadow_page_lockless_end().
-        waited += 1
-        while pt_load_acquire64(&v.mode) == w:
-            _spin(&spins)
-    a.remote_tlb_flush += 1
-    a.flush_ipis_waited += waited
-    return waited
-
-
-cdef int _flush_remote_tlbs_slice(pt_arena_t *a, int *nxt, int *waited,
-                                  uint64_t max_spins) noexcept nogil:
-    """The vCPU loop of kvm_flush_remote_tlbs from vCPU ``*nxt`` on, spinning
-    at most ``max_spins`` times: 1 when every vCPU was handled, 0 when the
-    budget ran out waiting for vCPU ``*nxt`` (call again to go on)."""
-    cdef uint64_t w, spins = 0
-    cdef kvm_vcpu_lockless *v
-    while nxt[0] < a.nr_vcpus:
-        v = &a.vcpus[nxt[0]]
-        w = pt_load_acquire64(&v.mode)
-        if (w & 3) == IN_GUEST_MODE:
-            pt_try_cmpxchg64(&v.mode, &w, (w & ~(<uint64_t>3)) | EXITING_GUEST_MODE)
-        elif (w & 3) == READING_SHADOW_PAGE_TABLES:
-            if spins == 0:
-                waited[0] += 1
-            while pt_load_acquire64(&v.mode) == w:
-                if spins >= max_spins:
-                    if spins:
-                        waited[0] -= 1          # counted again when resumed
-                    return 0
-                _spin(&spins)
-        nxt[0] += 1
-        spins = 0
-    return 1
-
-
-cdef void kvm_mmu_commit_zap_page(pt_arena_t *a, const uint64_t *sps, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef kvm_mmu_page *h
-    if n == 0:
-        return
-    kvm_flush_remote_tlbs(a)
-    for i in range(n):
-        h = pt_sp_ptr(a, sps[i])
-        if not (h.role & PT_ROLE_INVALID) or h.root_count:
-            a.warn[PT_WARN_COMMIT_ZAP] += 1
-        pt_free_sp(a, sps[i])
-
-
-cdef void call_rcu_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil:
-    cdef kvm_mmu_page *h = pt_sp_ptr(a, sp)
-    h.rcu_gp = a.rcu_gp_seq
-    h.rcu_next = 0
-    pt_slot(a, sp - 1).sp_state = PT_SP_RCU_PENDING
-    a.n_sps -= 1
-    a.n_rcu_pending += 1
-    if a.rcu_tail:
-        pt_sp_ptr(a, a.rcu_tail).rcu_next = <uint32_t>sp
-    else:
-        a.rcu_head = sp
-    a.rcu_tail = sp
-
-
-cdef inline void _rcu_start_gp(pt_arena_t *a) noexcept nogil:
-    # Callbacks queued so far carry cookies <= target; readers that start
-    # after this store see target + 1 and are not waited for.
-    a.rcu_gp_target = a.rcu_gp_seq
-    pt_store_mb64(&a.rcu_gp_seq, a.rcu_gp_target + 1)
-    a.rcu_gp_in_progress = True
-
-
-cdef inline int64_t _rcu_do_callbacks(pt_arena_t *a) noexcept nogil:
-    cdef int64_t freed = 0
-    cdef uint64_t sp
-    cdef kvm_mmu_page *h
-    while a.rcu_head != 0:
-        sp = a.rcu_head
-        h = pt_sp_ptr(a, sp)
-        if h.rcu_gp > a.rcu_completed:
-            break
-        a.rcu_head = h.rcu_next
-        if a.rcu_head == 0:
-            a.rcu_tail = 0
-        pt_free_sp(a, sp)           # tdp_mmu_free_sp_rcu_callback
-        freed += 1
-    return freed
-
-
-cdef inline bint _rcu_try_finish_gp(pt_arena_t *a) noexcept nogil:
-    cdef int i
-    cdef uint64_t c
-    pt_smp_mb()
-    for i in range(a.nr_vcpus):
-        c = pt_load_acquire64(&a.vcpus[i].rcu_gp)
-        if c != 0 and c <= a.rcu_gp_target:
-            return False
-    a.rcu_completed = a.rcu_gp_target
-    a.rcu_gp_in_progress = False
-    a.rcu_gps += 1
-    return True
-
-
-cdef int64_t rcu_poll(pt_arena_t *a) noexcept nogil:
-    if not a.rcu_gp_in_progress:
-        if a.rcu_head == 0:
-            return 0
-        if pt_sp_ptr(a, a.rcu_head).rcu_gp > a.rcu_completed:
-            _rcu_start_gp(a)
-    if a.rcu_gp_in_progress and not _rcu_try_finish_gp(a):
-        return 0
-    return _rcu_do_callbacks(a)
-
-
-cdef void synchronize_rcu(pt_arena_t *a) noexcept nogil:
-    cdef uint64_t spins = 0
-    while a.rcu_gp_in_progress and not _rcu_try_finish_gp(a):
-        _spin(&spins)
-    _rcu_start_gp(a)
-    while not _rcu_try_finish_gp(a):
-        _spin(&spins)
-    _rcu_do_callbacks(a)
-
-
-cdef void rcu_barrier(pt_arena_t *a) noexcept nogil:
-    cdef uint64_t spins = 0
-    while a.rcu_head != 0:
-        if rcu_poll(a) == 0 and a.rcu_head != 0:
-            _spin(&spins)
-
-
 # --- argument helpers ----------------------------------------------------------
 
 cdef object _cache_kind(object kind):
@@ -537,6 +262,42 @@ cdef object _cache_kind(object kind):
     if kind in CACHE_KINDS.values():
         return int(kind)
     raise ValueError(f"kind must be one of {sorted(CACHE_KINDS)}, not {kind!r}")
+
+
+class _WalkerToken:
+    """Held in a thread-local slot by each thread inside a lockless walk;
+    it dies with the thread, which tells a waiter the walk can never end."""
+    __slots__ = ("__weakref__",)
+
+
+def _deadline(timeout):
+    if timeout is None:
+        return None
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}") from None
+    if not t >= 0:
+        raise ValueError(f"timeout={timeout!r} must be >= 0")
+    return time.monotonic() + t
+
+
+def _u64_like(name, x):
+    """Integers (array-like, any integer dtype, broadcastable) as uint64;
+    floats and negative values are refused, not truncated or wrapped."""
+    arr = np.asarray(x)
+    if arr.size == 0:
+        return arr.astype(np.uint64)
+    if arr.dtype.kind not in "ui":
+        raise TypeError(f"{name} must hold integers, not {arr.dtype}")
+    if arr.dtype.kind == "i" and int(arr.min()) < 0:
+        raise ValueError(f"{name} holds a negative value")
+    return arr.astype(np.uint64, copy=False)
+
+
+def _check_deadline(deadline, what, vcpu):
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TimeoutError(f"{what}: vCPU {vcpu} did not leave its lockless walk in time")
 
 
 class _LocklessWalk:
@@ -558,7 +319,6 @@ class _LocklessWalk:
 
 # --- the arena -------------------------------------------------------------------
 
-@cython.no_gc_clear              # MmuMemoryCache.__dealloc__ may still use the chunks
 cdef class PtArena:
     """All page-table pages and ``kvm_mmu_page`` headers of one VM.
 
@@ -596,6 +356,8 @@ cdef class PtArena:
     def __cinit__(self):
         self.a.chunk_base = NULL
         self._vcpus_raw = NULL
+        self._readers = 0
+        self._busy = None
 
     def __init__(self, SpteFormat fmt not None, *, int nr_vcpus=1, base_pfn=None,
                  uint64_t max_tables=DEFAULT_MAX_TABLES,
@@ -660,11 +422,13 @@ cdef class PtArena:
         for i in range(3):
             self.a.pools[i].arena = &self.a
             self.a.pools[i].kind = i
-        self._chunks = ()
-        self._table_views = ()
-        self._header_views = ()
-        self._meta_views = ()
+        self._chunks = []
+        self._table_views = []
+        self._header_views = []
+        self._meta_views = []
         self._walk_owner = [None] * nr_vcpus
+        self._walk_token = [None] * nr_vcpus
+        self._tls = threading.local()
         self._host_ad = host_ad
 
     def __repr__(self):
@@ -762,22 +526,22 @@ cdef class PtArena:
             pad = (PAGE_SIZE_C - (addr & (PAGE_SIZE_C - 1))) & (PAGE_SIZE_C - 1)
             c = a.n_chunks
             a.chunk_base[c] = <uint8_t *>(addr + pad)
-            # Tuples, not lists: the garbage collector never clears a tuple,
-            # so a reference cycle cannot free chunk memory C still uses.
-            self._chunks += (buf,)
-            self._table_views += (buf[pad:pad + T * PAGE_SIZE_C].view(np.uint64).reshape(T, SPTES_PER_PAGE_C),)
-            self._header_views += (buf[pad + a.hdr_off:pad + a.meta_off].view(HEADER_DTYPE),)
-            self._meta_views += (buf[pad + a.meta_off:pad + a.meta_off + T * sizeof(pt_slot_meta)].view(META_DTYPE),)
+            self._chunks.append(buf)
+            self._table_views.append(buf[pad:pad + T * PAGE_SIZE_C].view(np.uint64).reshape(T, SPTES_PER_PAGE_C))
+            self._header_views.append(buf[pad + a.hdr_off:pad + a.meta_off].view(HEADER_DTYPE))
+            self._meta_views.append(buf[pad + a.meta_off:pad + a.meta_off + T * sizeof(pt_slot_meta)].view(META_DTYPE))
             pt_store_release64(&a.n_chunks, c + 1)
         return 0
 
-    def grow(self, uint64_t n_chunks=1):
+    def grow(self, n_chunks=1):
         """Allocate `n_chunks` more chunks now (caches grow the arena on demand)."""
-        if n_chunks > self.a.max_chunks - self.a.n_chunks:      # no wrap-around
-            raise KvmNoMemoryError(f"page-table arena is full ({self.a.n_chunks} of "
-                                   f"{self.a.max_chunks} chunks)")
+        cdef uint64_t n = _int_arg("n_chunks", n_chunks)
         cdef uint64_t T = self.a.tables_per_chunk
-        self._grow_for(self.a.n_free_tables + (self.a.n_chunks + n_chunks) * T - self.a.tables_hw, 0)
+        self._writer("grow")
+        if n > self.a.max_chunks - self.a.n_chunks:
+            raise KvmNoMemoryError(f"page-table arena is full ({self.a.n_chunks} of "
+                                   f"{self.a.max_chunks} chunks, n_chunks={n})")
+        self._grow_for(self.a.n_free_tables + (self.a.n_chunks + n) * T - self.a.tables_hw, 0)
 
     cdef uint64_t _available(self, int kind):
         cdef uint64_t total = self.a.max_chunks * self.a.tables_per_chunk
@@ -813,8 +577,8 @@ cdef class PtArena:
 
     def make_spteps(self, table_indices, indices):
         """Batch :meth:`make_sptep`: uint64 arrays (broadcast) -> uint64 sptep array."""
-        t = np.asarray(table_indices, dtype=np.uint64)
-        i = np.asarray(indices, dtype=np.uint64)
+        t = _u64_like("table_indices", table_indices)
+        i = _u64_like("indices", indices)
         if t.size and int(t.max()) >= self.max_tables:
             raise ValueError("table index outside the arena")
         if i.size and int(i.max()) >= SPTES_PER_PAGE_C:
@@ -823,7 +587,7 @@ cdef class PtArena:
 
     def sptep_locations(self, spteps):
         """Batch :meth:`sptep_location`: -> (table_indices, indices) uint64 arrays."""
-        s = np.asarray(spteps, dtype=np.uint64)
+        s = _u64_like("spteps", spteps)
         pfn = s >> np.uint64(12)
         if s.size and (np.any(s & np.uint64(7)) or int(pfn.min()) < self.a.base_pfn or
                        int(pfn.max()) >= self.a.base_pfn + self.max_tables):
@@ -879,6 +643,14 @@ cdef class PtArena:
 
     cdef int _warn_since(self, uint32_t *before) except -1:
         cdef int i
+        if KVMMMU_DEBUG:
+            for i in range(PT_NR_DBG):
+                if self.a.debug_warn[i] != self._debug_seen[i]:
+                    self._debug_seen[i] = self.a.debug_warn[i]
+                    if self.warn_sink is not None:
+                        self.warn_sink.warn(_DEBUG_TEXT[i][0], _DEBUG_TEXT[i][1])
+        if before == NULL:
+            return 0
         for i in range(PT_NR_WARN):
             if self.a.warn[i] != before[i]:
                 if self.warn_sink is not None:      # the VM's one WARN record
@@ -911,25 +683,30 @@ cdef class PtArena:
 
     def chunk_tables(self, uint64_t chunk):
         """``(tables_per_chunk, 512)`` uint64 view of a chunk's pages."""
+        if chunk >= self.a.n_chunks:
+            raise ValueError(f"chunk={chunk} is outside 0..{self.a.n_chunks - 1}")
         return self._table_views[chunk]
 
     def chunk_headers(self, uint64_t chunk):
-        """``(tables_per_chunk,)`` :data:`HEADER_DTYPE` view of a chunk's headers
-        (read-only, like :meth:`sp_header`)."""
-        return _readonly(self._header_views[chunk])
+        """``(tables_per_chunk,)`` :data:`HEADER_DTYPE` read-only view of a
+        chunk's headers (C follows the handles in them: change fields with
+        :meth:`set_sp`)."""
+        if chunk >= self.a.n_chunks:
+            raise ValueError(f"chunk={chunk} is outside 0..{self.a.n_chunks - 1}")
+        return _readonly(self._header_views[chunk].view(np.uint8)).view(HEADER_DTYPE)
+
+    def _hdr_view(self, uint64_t sp):
+        # The writable record, for set_sp only (its values are checked first).
+        return self._header_views[(sp - 1) >> self.a.chunk_shift][(sp - 1) & self.a.chunk_mask, ...]
 
     def sp_header(self, uint64_t sp):
-        """0-d :data:`HEADER_DTYPE` view of `sp`'s header (any state), read-only
-        and not re-flippable: C follows several of its fields (spt,
-        parent_ptes, shadowed_translation); change fields with :meth:`set_sp`."""
-        return _readonly(self._sp_header_rw(sp))
-
-    def _sp_header_rw(self, uint64_t sp):
-        """The writable header view, for tests that plant corruption for the
-        auditor to find.  Not API: what is planted here, C will follow."""
+        """0-d :data:`HEADER_DTYPE` read-only view of `sp`'s header (any
+        state).  It cannot be made writable: C follows the handles in it."""
         if sp == 0 or sp > self.a.n_chunks * self.a.tables_per_chunk:
             raise ValueError(f"sp {sp} is not a header slot of this arena")
-        return self._header_views[(sp - 1) >> self.a.chunk_shift][(sp - 1) & self.a.chunk_mask, ...]
+        cdef uint64_t k = (sp - 1) & self.a.chunk_mask
+        hv = self._header_views[(sp - 1) >> self.a.chunk_shift]
+        return _readonly(hv[k:k + 1].view(np.uint8)).view(HEADER_DTYPE).reshape(())
 
     def table_states(self):
         """uint8 array (copy): PT state of every page slot handed out (:data:`PAGE_STATES`)."""
@@ -968,6 +745,7 @@ cdef class PtArena:
         before anything is written.  ``spt``, ``shadowed_translation`` and the
         RCU fields belong to the arena and cannot be set.
         """
+        self._writer("set_sp")
         self._check_sp(sp, True)
         names = {f[0]: f for f in KVM_MMU_PAGE_FIELDS}
         staged = []
@@ -976,6 +754,8 @@ cdef class PtArena:
                 raise AttributeError(f"struct kvm_mmu_page has no field {name!r}")
             if name in _ARENA_OWNED:
                 raise ValueError(f"{name} is owned by the arena")
+            if name == "clear_spte_count" and pt_slot(&self.a, sp - 1).sp_state == PT_SP_RCU_PENDING:
+                raise ValueError("clear_spte_count shares the rcu_head of an RCU-pending sp")
             if name == "unsync_child_bitmap":
                 if not isinstance(value, int) or not 0 <= value < (1 << 512):
                     raise ValueError("unsync_child_bitmap must be an int in [0, 2**512)")
@@ -993,7 +773,7 @@ cdef class PtArena:
                     raise OverflowError(f"{name}={value} does not fit {names[name][2]} "
                                         f"({np.dtype(names[name][1]).itemsize * 8}-bit)")
             staged.append((name, value))
-        v = self._sp_header_rw(sp)
+        v = self._hdr_view(sp)
         for name, value in staged:
             v[name] = value
 
@@ -1010,6 +790,7 @@ cdef class PtArena:
         """
         cdef uint64_t sp
         cdef int rc
+        self._writer("alloc_sp")
         for c, kind, name in ((page_cache, PT_CACHE_SHADOW_PAGE, "page_cache"),
                               (header_cache, PT_CACHE_PAGE_HEADER, "header_cache"),
                               (info_cache, PT_CACHE_SHADOWED_INFO, "info_cache")):
@@ -1038,92 +819,166 @@ cdef class PtArena:
         reach it: after kvm_flush_remote_tlbs(), after a grace period, or at
         teardown.  Normal paths use :meth:`kvm_mmu_commit_zap_page` or
         :meth:`call_rcu_free_sp`."""
+        self._writer("kvm_mmu_free_shadow_page")
         self._check_sp(sp, False)
         pt_free_sp(&self.a, sp)
+        self._warn_since(NULL)
 
-    def kvm_mmu_commit_zap_page(self, sps):
+    def kvm_mmu_commit_zap_page(self, sps, *, timeout=None):
         """Free the zapped pages `sps` (a sequence of sp handles): flush
         remote TLBs, which waits for every vCPU inside a shadow-MMU lockless
         walk, then poison and free each.  WARNs (KvmMmuWarning) for a page
         that is not ``role.invalid`` or still has ``root_count``, and frees
         it anyway, as the kernel does."""
-        arr = np.array(list(sps), dtype=np.uint64)
+        self._writer("kvm_mmu_commit_zap_page")
+        handles = [_int_arg(f"sps[{i}]", sp) for i, sp in enumerate(sps)]
         seen = set()
-        for sp in arr.tolist():
+        for sp in handles:
             self._check_sp(sp, False)
             if sp in seen:
                 raise ValueError(f"sp {sp} listed twice")
             seen.add(sp)
+        arr = np.array(handles, dtype=np.uint64)
         self._no_walk_in_this_thread("kvm_mmu_commit_zap_page", rcu=False)
         cdef uint32_t before[PT_NR_WARN]
         memcpy(before, self.a.warn, sizeof(before))
         cdef const uint64_t[::1] v = arr
         cdef Py_ssize_t n = arr.shape[0]
-        with nogil:
-            kvm_mmu_commit_zap_page(&self.a, &v[0] if n else NULL, n)
+        if n == 0:
+            return
+        # Bounded flush (a walker whose thread died raises), then free.
+        self._flush_bounded(_deadline(timeout), "kvm_mmu_commit_zap_page")
+        _free_zapped(&self.a, &v[0], n)
         self._warn_since(before)
 
-    def kvm_flush_remote_tlbs(self):
+    def kvm_flush_remote_tlbs(self, *, timeout=None):
         """Flush every vCPU's TLB, waiting for vCPUs in
         READING_SHADOW_PAGE_TABLES to end their walk (IN_GUEST_MODE vCPUs are
-        kicked to EXITING_GUEST_MODE).  Returns the number of vCPUs waited for."""
-        cdef int waited = 0, nxt = 0, done = 0
+        kicked to EXITING_GUEST_MODE).  Returns the number of vCPUs waited for.
+
+        The wait runs without the GIL in slices; between slices it raises
+        :class:`KvmDeadWalkerError` if the walk was begun on a thread that has
+        exited, TimeoutError after `timeout` seconds (None: no limit), and
+        KeyboardInterrupt on Ctrl-C."""
+        self._writer("kvm_flush_remote_tlbs")
         self._no_walk_in_this_thread("kvm_flush_remote_tlbs", rcu=False)
-        self.a.remote_tlb_flush_requests += 1
+        return self._flush_bounded(_deadline(timeout), "kvm_flush_remote_tlbs")
+
+    cdef int _flush_bounded(self, object deadline, str what) except -1:
+        # kvm_flush_remote_tlbs() of pt_arena.pxd, with the wait for each
+        # walker cut into GIL-released slices.
+        cdef pt_arena_t *a = &self.a
+        cdef int i, waited = 0
+        cdef uint64_t w
+        cdef bint done
+        a.remote_tlb_flush_requests += 1
         pt_smp_mb()
-        # Wait in GIL-released slices; between them, a walker thread that
-        # died inside its walk raises instead of hanging, and Ctrl-C works.
-        while True:
-            with nogil:
-                done = _flush_remote_tlbs_slice(&self.a, &nxt, &waited, 1 << 16)
-            if done:
-                break
-            self._no_walk_in_this_thread("kvm_flush_remote_tlbs", rcu=False)
-            PyErr_CheckSignals()
-        self.a.remote_tlb_flush += 1
-        self.a.flush_ipis_waited += waited
+        for i in range(a.nr_vcpus):
+            w = pt_load_acquire64(&a.vcpus[i].mode)
+            if (w & 3) == OUTSIDE_GUEST_MODE or (w & 3) == EXITING_GUEST_MODE:
+                continue
+            if (w & 3) == IN_GUEST_MODE:
+                pt_try_cmpxchg64(&a.vcpus[i].mode, &w, (w & ~(<uint64_t>3)) | EXITING_GUEST_MODE)
+                continue
+            waited += 1
+            self._busy = what
+            try:
+                while True:
+                    with nogil:
+                        done = _wait_word_change(&a.vcpus[i].mode, w, _WAIT_SLICE_NS)
+                    if done:
+                        break
+                    self._check_walker(i, what)
+                    _check_deadline(deadline, what, i)
+            finally:
+                self._busy = None
+        a.remote_tlb_flush += 1
+        a.flush_ipis_waited += waited
         return waited
+
+    cdef int _rcu_wait(self, object deadline, str what) except -1:
+        # Finish the grace period in progress, in GIL-released slices.
+        cdef pt_arena_t *a = &self.a
+        cdef bint done
+        cdef int i
+        self._busy = what
+        try:
+            while True:
+                with nogil:
+                    done = _rcu_finish_within(a, _WAIT_SLICE_NS)
+                if done:
+                    return 0
+                for i in range(a.nr_vcpus):
+                    if a.vcpus[i].rcu_gp != 0 and a.vcpus[i].rcu_gp <= a.rcu_gp_target:
+                        self._check_walker(i, what)
+                        _check_deadline(deadline, what, i)
+        finally:
+            self._busy = None
+
+    cdef int _check_walker(self, int vcpu, str what) except -1:
+        PyErr_CheckSignals()
+        ref = self._walk_token[vcpu]
+        if ref is not None and ref() is None:
+            raise KvmDeadWalkerError(
+                f"{what}: vCPU {vcpu}'s lockless walk was begun on a thread that has exited "
+                "without ending it; the wait could never finish")
+        return 0
+
+    cdef int _writer(self, str what) except -1:
+        """Writers are serialized by the caller (mmu_lock); a writer entry point
+        called while another thread's writer waits without the GIL raises."""
+        if self._busy is not None:
+            raise RuntimeError(f"{what}: the arena is in use by another thread "
+                               f"({self._busy} is waiting); writers need mmu_lock")
+        if self.a.chunk_base == NULL:
+            raise RuntimeError(f"{what}: PtArena.__init__ has not run")
+        return 0
 
     def call_rcu_free_sp(self, uint64_t sp):
         """TDP MMU: free `sp` after a grace period (``call_rcu(&sp->rcu_head,
-        tdp_mmu_free_sp_rcu_callback)``).  The page stays intact until then."""
+        tdp_mmu_free_sp_rcu_callback)``).  The page stays intact until then.
+        64-bit hosts only: the kernel has no rcu_head under CONFIG_X86_32 (its
+        bytes hold clear_spte_count there)."""
+        self._writer("call_rcu_free_sp")
+        if not self.a.host_64bit:
+            raise ValueError("call_rcu_free_sp: a 32-bit host has no rcu_head (TDP MMU is 64-bit only)")
         self._check_sp(sp, False)
         call_rcu_free_sp(&self.a, sp)
 
     def rcu_poll(self):
         """Advance the model's RCU without blocking; returns the sps freed."""
+        self._writer("rcu_poll")
         return rcu_poll(&self.a)
 
-    def synchronize_rcu(self):
+    def synchronize_rcu(self, *, timeout=None):
         """Wait for a grace period (every RCU reader that started earlier has
-        left), then free the callbacks that became due."""
+        left), then free the callbacks that became due.  Bounded like
+        :meth:`kvm_flush_remote_tlbs` (dead reader thread, `timeout`, Ctrl-C)."""
+        self._writer("synchronize_rcu")
         self._no_walk_in_this_thread("synchronize_rcu", rcu=True)
-        with nogil:
-            synchronize_rcu(&self.a)
+        deadline = _deadline(timeout)
+        if self.a.rcu_gp_in_progress:
+            self._rcu_wait(deadline, "synchronize_rcu")
+        _rcu_start_gp(&self.a)
+        self._rcu_wait(deadline, "synchronize_rcu")
+        _rcu_do_callbacks(&self.a)
 
-    def rcu_barrier(self):
-        """Wait until every pending RCU free has run."""
+    def rcu_barrier(self, *, timeout=None):
+        """Wait until every pending RCU free has run (bounded like
+        :meth:`synchronize_rcu`)."""
+        self._writer("rcu_barrier")
         self._no_walk_in_this_thread("rcu_barrier", rcu=True)
-        with nogil:
-            rcu_barrier(&self.a)
+        deadline = _deadline(timeout)
+        while self.a.rcu_head != 0:
+            if rcu_poll(&self.a) == 0 and self.a.rcu_head != 0 and self.a.rcu_gp_in_progress:
+                self._rcu_wait(deadline, "rcu_barrier")
 
     def _no_walk_in_this_thread(self, what, bint rcu):
-        """Refuse a wait that could never end: this thread, or a thread that
-        has exited, is inside a lockless walk the wait would wait for."""
         me = threading.get_ident()
-        alive = None
         for v, owner in enumerate(self._walk_owner):
-            if owner is None or rcu != bool(self.a.vcpus[v].tdp_mmu_active):
-                continue
-            if owner == me:
+            if owner == me and (rcu == bool(self.a.vcpus[v].tdp_mmu_active)):
                 raise RuntimeError(f"{what} would wait forever: this thread is inside a "
                                    f"lockless walk of vCPU {v}")
-            if alive is None:
-                alive = {t.ident for t in threading.enumerate()}
-            if owner not in alive:
-                raise KvmDeadWalkerError(
-                    f"{what} would wait forever: thread {owner} exited inside a lockless "
-                    f"walk of vCPU {v} (end the walk with walk_shadow_page_lockless_end)")
 
     # -- lockless walks --------------------------------------------------------------
 
@@ -1168,7 +1023,11 @@ cdef class PtArena:
             raise RuntimeError(f"vCPU {vcpu} is already inside a lockless walk")
         if not self.a.vcpus[vcpu].tdp_mmu_active and (self.a.vcpus[vcpu].mode & 3) != OUTSIDE_GUEST_MODE:
             raise RuntimeError(f"vCPU {vcpu} is not OUTSIDE_GUEST_MODE")
+        token = getattr(self._tls, "token", None)
+        if token is None:
+            token = self._tls.token = _WalkerToken()
         self._walk_owner[vcpu] = threading.get_ident()
+        self._walk_token[vcpu] = weakref.ref(token)
         walk_shadow_page_lockless_begin(&self.a, vcpu)
 
     def walk_shadow_page_lockless_end(self, int vcpu):
@@ -1177,6 +1036,7 @@ cdef class PtArena:
             raise RuntimeError(f"vCPU {vcpu} is not inside a lockless walk")
         walk_shadow_page_lockless_end(&self.a, vcpu)
         self._walk_owner[vcpu] = None
+        self._walk_token[vcpu] = None
 
     def kvm_tdp_mmu_walk_lockless_begin(self, int vcpu):
         """rcu_read_lock() on behalf of `vcpu` (the vCPU must be TDP MMU active)."""
@@ -1199,6 +1059,7 @@ cdef class PtArena:
 
     def mmu_spte_set(self, uint64_t sptep, uint64_t new_spte):
         """Non-present -> present (or MMIO).  KvmMmuWarning if it was present."""
+        self._writer("mmu_spte_set")
         self._check_sptep(sptep)
         cdef uint32_t before[PT_NR_WARN]
         memcpy(before, self.a.warn, sizeof(before))
@@ -1209,6 +1070,7 @@ cdef class PtArena:
         """Update a present SPTE's state bits; returns True if remote TLBs must
         be flushed.  See pt_arena.pxd for the rules of each era; v6.12 passes
         lost A/D to ``host_ad(pfn, accessed, dirty)`` (default: the arena's)."""
+        self._writer("mmu_spte_update")
         self._check_sptep(sptep)
         cdef uint32_t before[PT_NR_WARN]
         cdef pt_ad_out ad
@@ -1222,6 +1084,7 @@ cdef class PtArena:
         """Zap a leaf SPTE; returns the old SPTE.  Drops the page count of the
         table's level if it was present; v6.12 passes its A/D state to
         ``host_ad(pfn, accessed, dirty)``."""
+        self._writer("mmu_spte_clear_track_bits")
         self._check_sptep(sptep)
         cdef uint32_t before[PT_NR_WARN]
         cdef pt_ad_out ad
@@ -1233,6 +1096,7 @@ cdef class PtArena:
 
     def mmu_spte_clear_no_track(self, uint64_t sptep):
         """Clear an upper-level or MMIO SPTE."""
+        self._writer("mmu_spte_clear_no_track")
         self._check_sptep(sptep)
         mmu_spte_clear_no_track(&self.a, sptep)
 
@@ -1291,6 +1155,8 @@ cdef class PtArena:
         _check_array("spteps", spteps)
         cdef Py_ssize_t n = spteps.shape[0], i, bad = -1, poisoned = -1
         out = _out_array("out", out, n, np.uint64, inputs=(spteps,))
+        if self.a.chunk_base == NULL:
+            raise RuntimeError("get_sptes_lockless: PtArena.__init__ has not run")
         if n == 0:
             return out
         cdef const uint64_t[::1] s = spteps
@@ -1299,8 +1165,9 @@ cdef class PtArena:
         cdef uint64_t retries = 0, v
         cdef int cpu = -1
         if vcpu is not None:
-            cpu = self._vcpu(vcpu)
+            cpu = self._vcpu(_int_arg("vcpu", vcpu, 0, self.a.nr_vcpus - 1))
             self.walk_shadow_page_lockless_begin(cpu)
+        self._readers += 1
         try:
             with nogil:
                 for i in range(n):
@@ -1312,6 +1179,7 @@ cdef class PtArena:
                     if v == PT_POISON and poisoned < 0:
                         poisoned = i
         finally:
+            self._readers -= 1
             if cpu >= 0:
                 self.walk_shadow_page_lockless_end(cpu)
             if retries:
@@ -1326,20 +1194,29 @@ cdef class PtArena:
 
     # -- access log -------------------------------------------------------------------
 
-    def start_access_log(self, Py_ssize_t capacity=4096):
+    def start_access_log(self, capacity=4096):
         """Record every SPTE half/whole access, barrier and clear_spte_count
         access of the low-level accessors, in program order, until
-        :meth:`stop_access_log` (at most `capacity` events).  For tests and
-        teaching; not thread-safe (use from one thread)."""
-        if not 0 < capacity <= ACCESS_LOG_MAX:
-            raise ValueError(f"capacity={capacity} is outside 1..{ACCESS_LOG_MAX}")
-        cdef uint64_t *buf = <uint64_t *>malloc(2 * capacity * sizeof(uint64_t))
+        :meth:`stop_access_log` (at most `capacity` events, 1..2**32).  For
+        tests and teaching: the order is only meaningful from one thread, and
+        the log cannot be started or stopped while a batch read runs."""
+        cdef uint64_t cap = _int_arg("capacity", capacity, 1, 1 << 32)
+        self._log_guard("start_access_log")
+        cdef uint64_t *buf = <uint64_t *>malloc(2 * cap * sizeof(uint64_t))
         if buf == NULL:
-            raise MemoryError(f"access log of {capacity} events")
-        free(self.a.log)                    # only once the new one exists
+            raise MemoryError(f"start_access_log: no memory for capacity={cap}")
+        free(self.a.log)
+        self.a.log = NULL
+        if buf == NULL:
+            raise MemoryError()
         self.a.log_len = 0
-        self.a.log_cap = capacity
+        self.a.log_cap = cap
         self.a.log = buf
+
+    def _log_guard(self, what):
+        self._writer(what)
+        if self._readers:
+            raise RuntimeError(f"{what}: a batch read of another thread is using the log")
 
     def stop_access_log(self):
         """Stop recording; returns ``[(event, value), ...]`` where event is one
@@ -1348,6 +1225,7 @@ cdef class PtArena:
         cdef uint64_t i
         if self.a.log == NULL:
             return out
+        self._log_guard("stop_access_log")
         for i in range(self.a.log_len):
             out.append((ACCESS_EVENTS[self.a.log[2 * i]], self.a.log[2 * i + 1]))
         free(self.a.log)
@@ -1356,6 +1234,13 @@ cdef class PtArena:
         return out
 
     # -- statistics -----------------------------------------------------------------
+
+    @property
+    def debug_warn_counts(self):
+        """MMU_WARN_ON checks that fired (name -> count); always 0 unless
+        :data:`DEBUG_CHECKS` (a KVMMMU_DEBUG_CYTHON=1 build)."""
+        names = ("free_not_empty", "free_with_parents", "write_not_live", "wrong_level")
+        return {n: self.a.debug_warn[i] for i, n in enumerate(names)}
 
     @property
     def warn_counts(self):
@@ -1391,212 +1276,11 @@ cdef class PtArena:
         `contents` also scans page and header bytes (poison in free slots,
         fill values in cached ones, no poison and no link to a dead page in
         live tables).  Call it with no lockless writer running.  Returns the
-        recounted states as a dict.
+        recounted states as a dict.  The auditor lives in pt_audit.pyx.
         """
-        cdef pt_arena_t *a = &self.a
-        cdef uint64_t T = a.tables_per_chunk, cap = a.n_chunks * T
-        cdef uint64_t i, j, k, n, sp, pfn, tidx, prev_gp, target, lvl
-        cdef uint64_t cnt_page[6]
-        cdef uint64_t cnt_sp[5]
-        cdef uint64_t *t
-        cdef uint64_t e
-        cdef uint8_t *b
-        cdef pt_slot_meta *m
-        cdef kvm_mmu_page *h
-        cdef uint8_t st
-        problems = []
-
-        def bad(msg):
-            if len(problems) < 64:
-                problems.append(msg)
-
-        memset(cnt_page, 0, sizeof(cnt_page))
-        memset(cnt_sp, 0, sizeof(cnt_sp))
-        if a.n_chunks > a.max_chunks or <uint64_t>len(self._chunks) != a.n_chunks:
-            bad(f"n_chunks={a.n_chunks} (max {a.max_chunks}, {len(self._chunks)} buffers)")
-        for i in range(a.max_chunks):
-            if (a.chunk_base[i] != NULL) != (i < a.n_chunks):
-                bad(f"chunk directory entry {i} is {'set' if a.chunk_base[i] else 'NULL'}")
-        if a.tables_hw > cap or a.headers_hw > cap:
-            bad(f"high-water marks {a.tables_hw}/{a.headers_hw} beyond capacity {cap}")
-            raise PtArenaAuditError("\n".join(problems))
-        # Page slots.
-        for i in range(a.tables_hw):
-            st = pt_slot(a, i).table_state
-            if 1 <= st <= 5:
-                cnt_page[st] += 1
-            else:
-                bad(f"page {i}: bad state {st}")
-        for name, idx, want in (("free", PT_PAGE_FREE, a.n_free_tables),
-                                ("cached", -1, a.n_cached_tables),
-                                ("spt", PT_PAGE_SPT, a.n_spt), ("info", PT_PAGE_INFO, a.n_info)):
-            have = cnt_page[PT_PAGE_CACHED] + cnt_page[PT_PAGE_CACHED_INFO] if idx < 0 else cnt_page[idx]
-            if have != want:
-                bad(f"{have} {name} pages, counter says {want}")
-        # Page free list: FIFO, exactly the free pages.
-        n = 0
-        k = a.table_free_head
-        j = 0
-        while k != 0 and n <= a.tables_hw:
-            if k > a.tables_hw:
-                bad(f"page free list links to {k - 1}, beyond the high-water mark")
-                break
-            if pt_slot(a, k - 1).table_state != PT_PAGE_FREE:
-                bad(f"page {k - 1} on the free list is {PAGE_STATES.get(pt_slot(a, k - 1).table_state)}")
-            n += 1
-            j = k
-            k = pt_slot(a, k - 1).table_next
-        if n != a.n_free_tables or j != a.table_free_tail:
-            bad(f"page free list: {n} entries ending at {j}, expected {a.n_free_tables} "
-                f"ending at {a.table_free_tail}")
-        # Header slots.
-        for i in range(a.headers_hw):
-            st = pt_slot(a, i).sp_state
-            if 1 <= st <= 4:
-                cnt_sp[st] += 1
-            else:
-                bad(f"header {i + 1}: bad state {st}")
-        for name, idx, want in (("free", PT_SP_FREE, a.n_free_sps),
-                                ("cached", PT_SP_CACHED, a.n_cached_sps),
-                                ("in-use", PT_SP_IN_USE, a.n_sps),
-                                ("rcu-pending", PT_SP_RCU_PENDING, a.n_rcu_pending)):
-            if cnt_sp[idx] != want:
-                bad(f"{cnt_sp[idx]} {name} headers, counter says {want}")
-        n = 0
-        k = a.sp_free_head
-        j = 0
-        while k != 0 and n <= a.headers_hw:
-            if k > a.headers_hw:
-                bad(f"header free list links to {k}, beyond the high-water mark")
-                break
-            if pt_slot(a, k - 1).sp_state != PT_SP_FREE:
-                bad(f"header {k} on the free list is {SP_STATES.get(pt_slot(a, k - 1).sp_state)}")
-            n += 1
-            j = k
-            k = pt_slot(a, k - 1).sp_next
-        if n != a.n_free_sps or j != a.sp_free_tail:
-            bad(f"header free list: {n} entries ending at {j}, expected {a.n_free_sps} "
-                f"ending at {a.sp_free_tail}")
-        # RCU list: pending headers in grace-period order.
-        n = 0
-        k = a.rcu_head
-        j = 0
-        prev_gp = 0
-        while k != 0 and n <= a.headers_hw:
-            if k > a.headers_hw or pt_slot(a, k - 1).sp_state != PT_SP_RCU_PENDING:
-                bad(f"RCU list holds sp {k}, which is not RCU-pending")
-                break
-            h = pt_sp_ptr(a, k)
-            if h.rcu_gp < prev_gp or h.rcu_gp > a.rcu_gp_seq:
-                bad(f"RCU list out of order at sp {k} (gp {h.rcu_gp} after {prev_gp})")
-            prev_gp = h.rcu_gp
-            n += 1
-            j = k
-            k = h.rcu_next
-        if n != a.n_rcu_pending or j != a.rcu_tail:
-            bad(f"RCU list: {n} entries ending at {j}, expected {a.n_rcu_pending} "
-                f"ending at {a.rcu_tail}")
-        # Live headers <-> their pages.
-        for sp in range(1, a.headers_hw + 1):
-            st = pt_slot(a, sp - 1).sp_state
-            h = pt_sp_ptr(a, sp)
-            if st == PT_SP_IN_USE or st == PT_SP_RCU_PENDING:
-                for what, pfn, want_st in (("spt", h.spt, PT_PAGE_SPT),
-                                           ("shadowed_translation", h.shadowed_translation,
-                                            PT_PAGE_INFO)):
-                    if pfn == 0 and what == "shadowed_translation":
-                        continue
-                    if pfn < a.base_pfn or pfn - a.base_pfn >= a.tables_hw:
-                        bad(f"sp {sp}: {what} pfn {pfn:#x} is not an arena page")
-                        continue
-                    m = pt_slot(a, pfn - a.base_pfn)
-                    if m.table_state != want_st or m.table_sp != sp:
-                        bad(f"sp {sp}: {what} page {pfn - a.base_pfn} is "
-                            f"{PAGE_STATES.get(m.table_state)} owned by sp {m.table_sp}")
-                if a.host_64bit and h.clear_spte_count != 0:
-                    bad(f"sp {sp}: clear_spte_count={h.clear_spte_count} on a 64-bit host")
-            elif contents:
-                b = <uint8_t *>h
-                for k in range(sizeof(kvm_mmu_page)):
-                    if b[k] != (PT_POISON_BYTE if st == PT_SP_FREE else 0):
-                        bad(f"sp {sp}: {SP_STATES.get(st)} header is not "
-                            f"{'poisoned' if st == PT_SP_FREE else 'zeroed'}")
-                        break
-        for i in range(a.tables_hw):
-            m = pt_slot(a, i)
-            if m.table_state == PT_PAGE_SPT or m.table_state == PT_PAGE_INFO:
-                sp = m.table_sp
-                if sp == 0 or sp > a.headers_hw:
-                    bad(f"page {i}: owner sp {sp} is not a header")
-                    continue
-                st = pt_slot(a, sp - 1).sp_state
-                h = pt_sp_ptr(a, sp)
-                pfn = a.base_pfn + i
-                if st not in (PT_SP_IN_USE, PT_SP_RCU_PENDING) or \
-                        (h.spt if m.table_state == PT_PAGE_SPT else h.shadowed_translation) != pfn:
-                    bad(f"page {i}: owner sp {sp} ({SP_STATES.get(st)}) does not point back")
-        if contents:
-            self._audit_contents(bad)
-        # vCPUs.
-        for i in range(<uint64_t>a.nr_vcpus):
-            if (a.vcpus[i].rcu_nesting == 0) != (a.vcpus[i].rcu_gp == 0):
-                bad(f"vCPU {i}: rcu_nesting={a.vcpus[i].rcu_nesting} but rcu_gp={a.vcpus[i].rcu_gp}")
-        if problems:
-            raise PtArenaAuditError("\n".join(problems))
-        return dict(free_tables=cnt_page[PT_PAGE_FREE],
-                    cached_tables=cnt_page[PT_PAGE_CACHED] + cnt_page[PT_PAGE_CACHED_INFO],
-                    spt_tables=cnt_page[PT_PAGE_SPT], info_tables=cnt_page[PT_PAGE_INFO],
-                    free_sps=cnt_sp[PT_SP_FREE], cached_sps=cnt_sp[PT_SP_CACHED],
-                    sps=cnt_sp[PT_SP_IN_USE], rcu_pending=cnt_sp[PT_SP_RCU_PENDING])
-
-    def _audit_contents(self, bad):
-        cdef pt_arena_t *a = &self.a
-        cdef uint64_t i, j, e, pfn, lvl, np_val = a.fmt.nonpresent_value, child
-        cdef uint64_t *t
-        cdef uint8_t st, cst
-        cdef int reported
-        for i in range(a.tables_hw):
-            st = pt_slot(a, i).table_state
-            t = pt_table_ptr(a, i)
-            reported = 0
-            if st == PT_PAGE_FREE:
-                for j in range(512):
-                    if t[j] != PT_POISON:
-                        bad(f"free page {i} entry {j} = {t[j]:#x}: written after free")
-                        break
-            elif st == PT_PAGE_CACHED:
-                for j in range(512):
-                    if t[j] != np_val:
-                        bad(f"cached page {i} entry {j} = {t[j]:#x}, not SHADOW_NONPRESENT_VALUE")
-                        break
-            elif st == PT_PAGE_CACHED_INFO:
-                for j in range(512):
-                    if t[j] != 0:
-                        bad(f"cached shadowed-info page {i} entry {j} = {t[j]:#x}, not 0")
-                        break
-            elif st == PT_PAGE_SPT:
-                lvl = pt_sp_ptr(a, pt_slot(a, i).table_sp).role & PT_ROLE_LEVEL_MASK \
-                    if pt_slot(a, i).table_sp else 0
-                for j in range(512):
-                    e = t[j]
-                    if e == PT_POISON:
-                        bad(f"live table {i} entry {j} holds poison")
-                        break
-                    if lvl < 2 or lvl > PT64_ROOT_MAX_LEVEL or not is_shadow_present_pte(e) \
-                            or is_large_pte(e):
-                        continue
-                    pfn = spte_to_pfn(e)
-                    if pfn < a.base_pfn or pfn - a.base_pfn >= a.max_chunks * a.tables_per_chunk:
-                        continue
-                    if pfn - a.base_pfn >= a.tables_hw:
-                        bad(f"table {i} entry {j} links to page {pfn - a.base_pfn}, never allocated")
-                        continue
-                    cst = pt_slot(a, pfn - a.base_pfn).table_state
-                    child = pt_slot(a, pfn - a.base_pfn).table_sp
-                    if cst != PT_PAGE_SPT or pt_slot(a, child - 1).sp_state != PT_SP_IN_USE:
-                        bad(f"table {i} entry {j} links to page {pfn - a.base_pfn}, which is "
-                            f"{PAGE_STATES.get(cst)} (sp {child} "
-                            f"{SP_STATES.get(pt_slot(a, child - 1).sp_state) if child else '-'})")
+        if self.a.chunk_base == NULL:
+            raise RuntimeError("audit: PtArena.__init__ has not run")
+        return audit_arena(&self.a, len(self._chunks), contents)
 
 
 # --- memory caches ---------------------------------------------------------------------
@@ -1604,6 +1288,10 @@ cdef class PtArena:
 @cython.no_gc_clear
 cdef class MmuMemoryCache:
     """``struct kvm_mmu_memory_cache`` over a :class:`PtArena`.
+
+    One vCPU's cache: use it from one thread at a time.  It keeps its arena
+    alive; if both die in one garbage cycle, the cached objects are simply
+    dropped with the arena's chunks.
 
     Parameters
     ----------
@@ -1621,6 +1309,8 @@ cdef class MmuMemoryCache:
                  int capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE):
         if self.arena is not None:
             raise RuntimeError("MmuMemoryCache.__init__ called twice")
+        if arena.a.chunk_base == NULL:
+            raise ValueError("arena: PtArena.__init__ has not run")
         if not 1 <= capacity <= KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE:
             raise ValueError(f"capacity={capacity} is outside 1..{KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE}")
         self.kind = _cache_kind(kind)
@@ -1628,8 +1318,20 @@ cdef class MmuMemoryCache:
         kvm_mmu_memory_cache_init(&self.mc, capacity)
 
     def __dealloc__(self):
-        if self.arena is not None:
+        # The arena outlives its caches (this reference), but in a garbage
+        # cycle the collector may already have cleared the arena's chunk list,
+        # i.e. released the memory the cached objects live in: then there is
+        # nothing left to give back.
+        if self.arena is not None and self.arena._chunks is not None:
             kvm_mmu_free_memory_cache(&self.mc, pt_pool_free, &self.arena.a.pools[self.kind])
+
+    cdef int _ready(self, str what) except -1:
+        if self.arena is None:
+            raise RuntimeError(f"MmuMemoryCache.{what}: __init__ has not run")
+        if self.arena._chunks is None:
+            raise RuntimeError(f"MmuMemoryCache.{what}: the arena has been torn down")
+        self.arena._writer(f"MmuMemoryCache.{what}")
+        return 0
 
     @property
     def kind_name(self):
@@ -1648,7 +1350,7 @@ cdef class MmuMemoryCache:
         """Handles held (pfns for page caches, sp handles for header caches)."""
         return [self.mc.objects[i] for i in range(self.mc.nobjs)]
 
-    def topup(self, int min_objs):
+    def topup(self, min_objs):
         """kvm_mmu_topup_memory_cache(cache, min_objs).
 
         Nothing happens if the cache holds at least `min_objs`.  Otherwise it
@@ -1661,8 +1363,8 @@ cdef class MmuMemoryCache:
         cdef PtArena arena = self.arena
         cdef uint64_t need, take, avail
         cdef int rc
-        if not 0 <= min_objs <= self.mc.capacity:
-            raise ValueError(f"min_objs={min_objs} is outside 0..capacity={self.mc.capacity}")
+        self._ready("topup")
+        min_objs = _int_arg("min_objs", min_objs, 0, self.mc.capacity)
         if self.mc.nobjs >= min_objs:
             return
         need = min_objs - self.mc.nobjs
@@ -1682,6 +1384,7 @@ cdef class MmuMemoryCache:
 
     def free(self):
         """kvm_mmu_free_memory_cache: give every cached object back (poisoned)."""
+        self._ready("free")
         kvm_mmu_free_memory_cache(&self.mc, pt_pool_free, &self.arena.a.pools[self.kind])
 
     def __repr__(self):

@@ -27,6 +27,14 @@
 
 #include "mmu_defs.h"
 
+/* Debug-only invariant checks (the kernel's MMU_WARN_ON under
+ * CONFIG_KVM_PROVE_MMU): setup.py defines KVMMMU_DEBUG=1 for
+ * KVMMMU_DEBUG_CYTHON=1 builds; release builds see 0 and the compiler drops
+ * every `if KVMMMU_DEBUG and ...` branch. */
+#ifndef KVMMMU_DEBUG
+#define KVMMMU_DEBUG 0
+#endif
+
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "kvmmmu models x86: union split_spte puts spte_low at the lower address"
 #endif
@@ -52,24 +60,29 @@
 
 /*
  * struct kvm_mmu_page (arch/x86/kvm/mmu/mmu_internal.h, v6.18), one per
- * page-table page.  Kernel pointers become model handles:
+ * page-table page, at the x86-64 kernel's own byte layout (184 bytes; the
+ * live test tests/test_btf_live.py compares every offset and size with the
+ * running kernel's BTF).  Kernel pointers become model handles of the same
+ * 64-bit width:
  *   - a header ("sp") is named by sp = header index + 1 (0 = NULL);
  *   - a page (spt, shadowed_translation) by its pfn in the model's host
  *     physical space (0 = NULL; pfn 0 is never handed out);
  *   - an SPTE by its sptep (types.pxd): (table_pfn << 12) | (index << 3).
- * Every field keeps the kernel's width and signedness (bool = 1 byte,
- * int / atomic_t / refcount_t = 32-bit signed, unsigned int = 32-bit,
- * gfn_t / pointers = 64-bit).  list_head and hlist_node become pairs of
- * 32-bit sp handles.  Field order follows the kernel's; the byte offsets are
- * the model's own (the kernel's x86-64 struct is 184 bytes).
+ * Every other field keeps the kernel's width and signedness (bool = 1 byte,
+ * int / atomic_t / refcount_t = 32-bit signed, unsigned int = 32-bit).
+ * list_head / hlist_node become pairs of 64-bit sp handles (next first, as in
+ * the kernel).  The kernel has clear_spte_count only with CONFIG_X86_32 and
+ * rcu_head only with CONFIG_X86_64; the model builds both kinds of host from
+ * one struct, so they share the rcu_head bytes: a 32-bit-host arena never
+ * queues RCU callbacks (the TDP MMU is 64-bit only).
  */
 typedef struct kvm_mmu_page {
     /* struct list_head link: active_mmu_pages (shadow) / tdp_mmu_roots. */
-    uint32_t link_prev;
-    uint32_t link_next;
+    uint64_t link_next;
+    uint64_t link_prev;
     /* struct hlist_node hash_link: mmu_page_hash bucket (shadow MMU only). */
-    uint32_t hash_next;
-    uint32_t hash_pprev;
+    uint64_t hash_next;
+    uint64_t hash_pprev;
     uint8_t  tdp_mmu_page;                 /* bool */
     uint8_t  unsync;                       /* bool */
     union {
@@ -100,21 +113,45 @@ typedef struct kvm_mmu_page {
     };
     uint64_t unsync_child_bitmap[8];       /* DECLARE_BITMAP(, 512) */
     /* struct list_head possible_nx_huge_page_link. */
-    uint32_t nx_link_prev;
-    uint32_t nx_link_next;
-    int32_t  clear_spte_count;             /* int, 32-bit hosts only */
-    /* struct rcu_head: next pending sp and the grace period it waits for. */
-    uint32_t rcu_next;
-    uint64_t rcu_gp;
+    uint64_t nx_link_next;
+    uint64_t nx_link_prev;
+    union {
+        /* struct rcu_head (CONFIG_X86_64): next pending sp, and in place of
+         * the callback pointer the grace period it waits for. */
+        struct {
+            uint64_t rcu_next;
+            uint64_t rcu_gp;
+        };
+        int32_t clear_spte_count;          /* int, CONFIG_X86_32 only */
+    };
 } kvm_mmu_page;
 
-_Static_assert(sizeof(kvm_mmu_page) == 160, "kvm_mmu_page layout changed");
-_Static_assert(offsetof(kvm_mmu_page, role) == 20, "role offset");
-_Static_assert(offsetof(kvm_mmu_page, gfn) == 24, "gfn offset");
-_Static_assert(offsetof(kvm_mmu_page, unsync_children) == 56, "union offset");
-_Static_assert(offsetof(kvm_mmu_page, external_spt) == 56, "union offset");
-_Static_assert(offsetof(kvm_mmu_page, unsync_child_bitmap) == 72, "bitmap offset");
-_Static_assert(offsetof(kvm_mmu_page, clear_spte_count) == 144, "count offset");
+/* The x86-64 v6.18 layout (pahole / BTF of struct kvm_mmu_page). */
+_Static_assert(sizeof(kvm_mmu_page) == 184, "kvm_mmu_page layout changed");
+_Static_assert(offsetof(kvm_mmu_page, link_next) == 0, "link offset");
+_Static_assert(offsetof(kvm_mmu_page, hash_next) == 16, "hash_link offset");
+_Static_assert(offsetof(kvm_mmu_page, tdp_mmu_page) == 32, "tdp_mmu_page offset");
+_Static_assert(offsetof(kvm_mmu_page, unsync) == 33, "unsync offset");
+_Static_assert(offsetof(kvm_mmu_page, mmu_valid_gen) == 34, "union offset");
+_Static_assert(offsetof(kvm_mmu_page, tdp_mmu_scheduled_root_to_zap) == 34, "union offset");
+_Static_assert(offsetof(kvm_mmu_page, nx_huge_page_disallowed) == 35, "nx offset");
+_Static_assert(offsetof(kvm_mmu_page, role) == 36, "role offset");
+_Static_assert(offsetof(kvm_mmu_page, gfn) == 40, "gfn offset");
+_Static_assert(offsetof(kvm_mmu_page, spt) == 48, "spt offset");
+_Static_assert(offsetof(kvm_mmu_page, shadowed_translation) == 56, "info offset");
+_Static_assert(offsetof(kvm_mmu_page, root_count) == 64, "root_count offset");
+_Static_assert(offsetof(kvm_mmu_page, tdp_mmu_root_count) == 64, "union offset");
+_Static_assert(offsetof(kvm_mmu_page, has_mapped_host_mmio) == 68, "mmio offset");
+_Static_assert(offsetof(kvm_mmu_page, unsync_children) == 72, "union offset");
+_Static_assert(offsetof(kvm_mmu_page, write_flooding_count) == 76, "union offset");
+_Static_assert(offsetof(kvm_mmu_page, external_spt) == 72, "union offset");
+_Static_assert(offsetof(kvm_mmu_page, parent_ptes) == 80, "union offset");
+_Static_assert(offsetof(kvm_mmu_page, ptep) == 80, "union offset");
+_Static_assert(offsetof(kvm_mmu_page, unsync_child_bitmap) == 88, "bitmap offset");
+_Static_assert(offsetof(kvm_mmu_page, nx_link_next) == 152, "nx link offset");
+_Static_assert(offsetof(kvm_mmu_page, rcu_next) == 168, "rcu_head offset");
+_Static_assert(offsetof(kvm_mmu_page, rcu_gp) == 176, "rcu_head.func offset");
+_Static_assert(offsetof(kvm_mmu_page, clear_spte_count) == 168, "count offset");
 
 /*
  * Per-vCPU state of the lockless walk protocols, one cache line each so that

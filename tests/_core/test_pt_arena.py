@@ -276,7 +276,7 @@ def test_header_dtype_matches_the_kernel():
     for name, t in KERNEL_TYPES.items():
         assert HEADER_DTYPE.fields[name][0] == np.dtype(t), name
     assert HEADER_DTYPE.fields["unsync_child_bitmap"][0] == np.dtype(("u8", (8,)))
-    assert HEADER_DTYPE.itemsize == 160
+    assert HEADER_DTYPE.itemsize == 184     # the x86-64 v6.18 layout (was 160: model-own layout)
     for a_, b_ in UNIONS:
         oa, ob = HEADER_DTYPE.fields[a_][1], HEADER_DTYPE.fields[b_][1]
         assert ob <= oa < ob + HEADER_DTYPE.fields[b_][0].itemsize, (a_, b_)
@@ -543,6 +543,14 @@ def _healthy():
     return a, pc, hc, root, child, (gone, gone_page)
 
 
+def _poke_header(a, sp, field, value):
+    # sp_header() is read-only (C follows its handles): corrupt the header
+    # behind the API's back, as a stray kernel write would.
+    import ctypes
+    addr = a.sp_header(sp).__array_interface__["data"][0] + HEADER_DTYPE.fields[field][1]
+    ctypes.c_uint64.from_address(addr).value = value
+
+
 BREAKAGES = {
     "poison in a live table": (lambda a, pc, hc, r, c, g: a.spt(c).__setitem__(7, P.POISON),
                                "holds poison"),
@@ -551,12 +559,12 @@ BREAKAGES = {
     "cached page touched": (lambda a, pc, hc, r, c, g: a.table(pc.objects[0] - a.base_pfn)
                             .__setitem__(3, 5), "not SHADOW_NONPRESENT_VALUE"),
     "link to a freed table": (lambda a, pc, hc, r, c, g: zap(a, [c]), "links to page"),
-    "header does not own its page": (lambda a, pc, hc, r, c, g: a._sp_header_rw(c)
-                                     .__setitem__("spt", a.get_sp(r)["spt"]), "does not point back"),
-    "freed header written": (lambda a, pc, hc, r, c, g: a._sp_header_rw(g[0]).__setitem__("gfn", 1),
+    "header does not own its page": (lambda a, pc, hc, r, c, g: _poke_header(
+                                     a, c, "spt", a.get_sp(r)["spt"]), "does not point back"),
+    "freed header written": (lambda a, pc, hc, r, c, g: _poke_header(a, g[0], "gfn", 1),
                              "not poisoned"),
-    "cached header written": (lambda a, pc, hc, r, c, g: a._sp_header_rw(hc.objects[0])
-                              .__setitem__("gfn", 1), "not zeroed"),
+    "cached header written": (lambda a, pc, hc, r, c, g: _poke_header(a, hc.objects[0], "gfn", 1),
+                              "not zeroed"),
     "clear_spte_count on a 64-bit host": (lambda a, pc, hc, r, c, g: a.set_sp(c, clear_spte_count=1),
                                           "64-bit host"),
 }

@@ -1,0 +1,31 @@
+# Remote TLB flush and RCU (mmu_lockless.pyx).  All require the writer side
+# (mmu_lock) except where noted.
+from libc.stdint cimport uint64_t, int64_t
+from kvmmmu._core.pt_arena_defs cimport pt_arena_t
+
+# kvm_flush_remote_tlbs (KVM_REQ_TLB_FLUSH carries KVM_REQUEST_WAIT): returns
+# how many vCPUs it had to wait for.
+cdef int kvm_flush_remote_tlbs(pt_arena_t *a) noexcept nogil
+# kvm_mmu_commit_zap_page: flush (waiting out every shadow-MMU walker), then free.
+cdef void kvm_mmu_commit_zap_page(pt_arena_t *a, const uint64_t *sps, Py_ssize_t n) noexcept nogil
+# call_rcu(&sp->rcu_head, tdp_mmu_free_sp_rcu_callback).
+cdef void call_rcu_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil
+# One non-blocking step of the model's RCU: start a grace period if callbacks
+# wait, finish it if every reader that predates it has left; returns the
+# number of sps freed.
+cdef int64_t rcu_poll(pt_arena_t *a) noexcept nogil
+# synchronize_rcu(): wait for a full grace period, then run due callbacks.
+cdef void synchronize_rcu(pt_arena_t *a) noexcept nogil
+# rcu_barrier(): wait until every pending callback has run.
+cdef void rcu_barrier(pt_arena_t *a) noexcept nogil
+
+# Building blocks of PtArena's bounded waits.
+# The freeing half of kvm_mmu_commit_zap_page (after the flush).
+cdef void _free_zapped(pt_arena_t *a, const uint64_t *sps, Py_ssize_t n) noexcept nogil
+# Spin until *p != w (True) or `ns` nanoseconds passed (False).
+cdef bint _wait_word_change(const uint64_t *p, uint64_t w, uint64_t ns) noexcept nogil
+# Try to finish the grace period in progress for up to `ns` nanoseconds.
+cdef bint _rcu_finish_within(pt_arena_t *a, uint64_t ns) noexcept nogil
+# Start a grace period / run the callbacks that are due.
+cdef void _rcu_start_gp(pt_arena_t *a) noexcept nogil
+cdef int64_t _rcu_do_callbacks(pt_arena_t *a) noexcept nogil
