@@ -5,7 +5,8 @@ A probe is a snippet of Python source.  :func:`run_probe` runs it in a child
 process (with ``-X faulthandler``, so a fatal signal prints the Python stack)
 that imports the same kvmmmu as the parent, and reports how it ended:
 
-* killed by a signal (SIGSEGV, SIGABRT, ...): ``result.signal`` is set;
+* killed by a signal (SIGSEGV, SIGABRT, ...), or stopped by an
+  AddressSanitizer report: ``result.signal`` is set;
 * did not end within ``timeout`` seconds: ``result.hung`` is true (the child
   is killed);
 * ended: ``result.raised`` is the name of the exception the snippet raised
@@ -59,9 +60,14 @@ class ProbeResult:
 
     @property
     def signal(self):
-        """The signal that killed the child, or None."""
+        """The signal that killed the child, or None.  Under AddressSanitizer
+        a fatal signal is caught and reported instead (the child exits with
+        status 1): that counts as ``"ASAN-SEGV"`` (or ``"ASAN"`` for another
+        report)."""
         if self.returncode is not None and self.returncode < 0:
             return signal.Signals(-self.returncode).name
+        if self.returncode and "AddressSanitizer" in self.stderr:
+            return "ASAN-SEGV" if "SEGV" in self.stderr else "ASAN"
         return None
 
     def describe(self):
