@@ -185,10 +185,6 @@ cdef inline uint64_t generation_mmio_spte_mask(uint64_t gen) noexcept nogil:
     return (((gen << MMIO_SPTE_GEN_LOW_SHIFT) & MMIO_SPTE_GEN_LOW_MASK) |
             ((gen << MMIO_SPTE_GEN_HIGH_SHIFT) & MMIO_SPTE_GEN_HIGH_MASK))
 
-cdef inline uint64_t kvm_pages_per_hpage(int level) noexcept nogil:
-    """KVM_PAGES_PER_HPAGE: 4 KiB pages mapped by one SPTE at `level`."""
-    return (<uint64_t>1) << ((level - 1) * SPTE_LEVEL_BITS)
-
 cdef inline int spte_index_of(uint64_t gfn, int level) noexcept nogil:
     """SPTE_INDEX(gfn << 12, level): the entry that maps `gfn` at `level`."""
     return <int>((gfn >> ((level - 1) * SPTE_LEVEL_BITS)) & (SPTE_ENT_PER_PAGE - 1))

@@ -88,7 +88,7 @@ cdef uint64_t _PFN_LIMIT = (<uint64_t>1) << 40
 # KVMMMU_DEBUG_ON is a compile-time 0 in release builds, so every debug check
 # below is dead code there.
 
-from kvmmmu._core.mmu_defs cimport kvmmmu_count_warn
+from kvmmmu._core.mmu_defs cimport KVM_PAGES_PER_HPAGE, kvmmmu_count_warn
 
 cdef uint64_t[SPTE_WARN_NR_SITES] _mmu_warn_count
 
@@ -224,7 +224,7 @@ cdef uint64_t make_small_spte(const spte_fmt_t *f, uint64_t huge_spte, int child
     before v6.13."""
     if KVMMMU_DEBUG_ON and not (is_shadow_present_pte(huge_spte) and is_large_pte(huge_spte)):
         spte_mmu_warn(SPTE_WARN_SMALL_NOT_HUGE)
-    cdef uint64_t child = huge_spte | ((<uint64_t>index * kvm_pages_per_hpage(child_level)) << PAGE_SHIFT)
+    cdef uint64_t child = huge_spte | ((<uint64_t>index * KVM_PAGES_PER_HPAGE(child_level)) << PAGE_SHIFT)
     if child_level == PG_LEVEL_4K:
         child &= ~PT_PAGE_SIZE_MASK
         if (child_access & ACC_EXEC_MASK) and nx_huge_pages:
@@ -237,7 +237,7 @@ cdef uint64_t make_huge_spte(const spte_fmt_t *f, uint64_t small_spte, int level
     if KVMMMU_DEBUG_ON and (not is_shadow_present_pte(small_spte) or level == PG_LEVEL_4K):
         spte_mmu_warn(SPTE_WARN_HUGE_NOT_PRESENT)
     cdef uint64_t huge = small_spte | PT_PAGE_SIZE_MASK
-    huge &= ~((kvm_pages_per_hpage(level) - 1) << PAGE_SHIFT)
+    huge &= ~((KVM_PAGES_PER_HPAGE(level) - 1) << PAGE_SHIFT)
     if nx_huge_pages:
         huge = make_spte_nonexecutable(f, huge)
     return huge
@@ -336,6 +336,8 @@ cdef inline bint _bool(object value, str name) except -1:
     """A flag: bool, or an int 0/1 (not truthiness: "no" is refused)."""
     if value is True or value is False:
         return value
+    if isinstance(value, np.bool_):
+        return bool(value)
     return <bint>_int_in(value, name, 0, 1)
 
 
@@ -885,7 +887,7 @@ cdef class SpteFormat:
         _check_array("sptes", sptes)
         cdef const uint64_t[::1] s = sptes
         cdef Py_ssize_t n = s.shape[0], i
-        res = _out_array("out", out, n, np.uint64)
+        res = _out_array("out", out, n, np.uint64, inputs=(sptes,))
         cdef uint64_t[::1] o = res
         with nogil:
             for i in range(n):
@@ -916,7 +918,7 @@ cdef class SpteFormat:
                     bad |= p[i]
             if bad >= _PFN_LIMIT:
                 _raise_bad_pfn(pfns)
-        res = _out_array("out", out, n, np.uint64)
+        res = _out_array("out", out, n, np.uint64, inputs=(pfns,))
         cdef uint64_t[::1] o = res
         with nogil:
             _make_spte_loop(&self.fmt, lvl, acc, &p[0] if n else NULL, old, flags,
@@ -1072,7 +1074,7 @@ cdef object _predicate(int kind, const spte_fmt_t *f, sptes, int level, out):
     _check_array("sptes", sptes)
     cdef const uint64_t[::1] s = sptes
     cdef Py_ssize_t n = s.shape[0]
-    res = _out_array("out", out, n, np.bool_)
+    res = _out_array("out", out, n, np.bool_, inputs=(sptes,))
     if n == 0:
         return res
     cdef uint8_t[::1] o = res.view(np.uint8)
@@ -1341,7 +1343,7 @@ cdef class RsvdBitsValidate:
         cdef int lvl = _level(level)
         cdef const uint64_t[::1] s = sptes
         cdef Py_ssize_t n = s.shape[0], i
-        res = _out_array("out", out, n, np.bool_)
+        res = _out_array("out", out, n, np.bool_, inputs=(sptes,))
         cdef uint8_t[::1] o = res.view(np.uint8)
         with nogil:
             for i in range(n):
