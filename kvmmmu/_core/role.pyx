@@ -32,7 +32,9 @@ cr4_smap 4, cr4_smep 5, cr4_la57 6, efer_lma 7.  ``kvm_cpu_role``: base in
 bits 31:0, ext in bits 63:32 of ``as_u64``.
 
 The Python classes are immutable and hashable (roles are hash keys); they
-compare and hash by their word.  Cython modules use the inline helpers in
+compare and hash by their word.  Every constructor path (including a bare
+``__new__``, which gives the all-zero role) validates, and ``__init__`` cannot
+change a built role, so roles may be shared freely between threads.  Cython modules use the inline helpers in
 role.pxd on bare ``uint32_t`` words instead.
 """
 

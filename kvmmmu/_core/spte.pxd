@@ -9,7 +9,10 @@
 # Algorithms (make_spte, make_mmio_spte, the access-tracking and split/huge
 # builders) are defined once in spte.pyx and reached by other modules through
 # spte's C-API capsule; the one-line predicates stay `cdef inline` here
-# because the arena's and walkers' inner loops call them per SPTE.
+# because the arena's and walkers' inner loops call them per SPTE
+# (spte_needs_atomic_update and is_ept_ve_possible on every arena SPTE write,
+# is_rsvd_spte at every level of a guest walk): a call through the capsule
+# there would cost more than the test itself.
 #
 # The kernel keeps its masks in globals (shadow_present_mask, ...).  We keep
 # them in a `spte_fmt_t` that every mask-reading helper takes as its first

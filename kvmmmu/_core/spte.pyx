@@ -508,6 +508,14 @@ cdef class SpteFormat:
     Methods named like kernel helpers behave like them; their ``*_array``
     twins apply the same rule to every element of a uint64 array in one
     nogil pass.
+
+    Only the factories build one (``SpteFormat()`` and a bare
+    ``SpteFormat.__new__`` raise TypeError).  Immutable once built, so one
+    format may be shared by any number of threads; the bulk forms release
+    the GIL and read each input element once.  An array written by another
+    thread during a call gives unspecified (but in-range) results, never a
+    crash; in-place forms on one array from two threads race like any numpy
+    in-place update.
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -1292,7 +1300,8 @@ cdef RsvdBitsValidate _rsvd_ept(int maxphyaddr, bint execonly, int huge_level):
 cdef class RsvdBitsValidate:
     """``struct rsvd_bits_validate``: reserved-bit masks per (bit 7, level)
     plus EPT's bad memtype/XWR bitmap.  Build with :meth:`legacy` or
-    :meth:`ept`; check with :meth:`is_rsvd_spte`.
+    :meth:`ept`; check with :meth:`is_rsvd_spte`.  Only the factories
+    build one; immutable once built and safe to share between threads.
     """
 
     def __cinit__(self, *args, **kwargs):
