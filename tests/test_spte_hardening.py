@@ -360,3 +360,17 @@ def test_debug_role_child_check():
     R.kvm_mmu_child_role(R.KvmMmuPageRole(level=3, has_4_byte_gpte=1), 3, direct=0, access=7)
     assert R.mmu_warnings() == {
         ("kvm_mmu_child_role", "has_4_byte_gpte child is not a PG_LEVEL_4K page"): 1}
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda v: R.kvm_mmu_child_role(R.KvmMmuPageRole(level=4), v, direct=1, access=7),
+     "sptep_index"),
+    (lambda v: R.kvm_mmu_child_role(R.KvmMmuPageRole(level=4), 1, direct=1, access=v), "access"),
+    (lambda v: R.kvm_mmu_child_role(R.KvmMmuPageRole(level=4), 1, direct=v, access=7), "direct"),
+    (lambda v: R.kvm_calc_cpu_role(cr0=v), "cr0"),
+    (lambda v: R.KvmCpuRole.from_u64(v), "as_u64"),
+    (lambda v: R.KvmMmuPageRole(level=v), "level"),
+])
+def test_role_entry_points_refuse_floats(call, name):
+    with pytest.raises(TypeError, match=name):
+        call(1.0)

@@ -782,7 +782,8 @@ def kvm_mmu_child_role(parent_role, sptep_index, direct, access):
         passthrough=0, and -- for a guest with 4-byte PTEs -- quadrant =
         ``sptep_index & 1`` (which 2 MiB half of the guest's 4 MiB page table
         the child shadows).  The kernel WARNs if a 4-byte-gpte child is not a
-        4K SP; that case is returned unchanged here.
+        4K SP; that case is returned as computed, and counted by
+        :func:`mmu_warnings` in a debug build.
 
     Raises
     ------
