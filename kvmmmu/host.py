@@ -73,6 +73,7 @@ __all__ = [
     "MmuNotifyEvent", "MmuNotifierRange", "MmuNotifier", "Vma", "HostMm", "hva_to_pfn",
 ]
 
+from kvmmmu._core._checks import check_array  # noqa: E402
 from kvmmmu._core.defs import PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G  # noqa: E402
 PMD_SHIFT = 21
 PMD_SIZE = 1 << PMD_SHIFT
@@ -424,7 +425,7 @@ class HostPhysMem:
         return out
 
     def free_kernel_pages(self, pfns) -> None:
-        pfns = np.asarray(pfns, dtype=np.uint64)
+        pfns = check_array("pfns", pfns)
         self.nr_kernel -= pfns.size
         self.free_pages(pfns)
 
@@ -450,7 +451,7 @@ class HostPhysMem:
         return out
 
     def free_pages(self, pfns, *, _uncharge=True) -> None:
-        pfns = np.asarray(pfns, dtype=np.uint64)
+        pfns = check_array("pfns", pfns)
         if pfns.size:
             self._free0.append(pfns.copy())
             self._nfree0 += pfns.size
@@ -684,8 +685,20 @@ class HostMm:
         rng = MmuNotifierRange(start, end, MmuNotifyEvent(event), blockable)
         self._open.append(rng)
         self.events["invalidations"] += 1
-        for sub in list(self.notifiers):
-            sub.invalidate_range_start(self, rng)
+        started = []
+        try:
+            for sub in list(self.notifiers):
+                sub.invalidate_range_start(self, rng)
+                started.append(sub)
+        except BaseException:
+            # A subscriber failed: end the range for those that started it
+            # (the failing one cleaned up after itself) and close it, so no
+            # invalidation stays open; the caller changes no PTE.
+            for sub in started:
+                sub.invalidate_range_end(self, rng)
+            rng.ended = True
+            self._open.remove(rng)
+            raise
         return rng
 
     def invalidate_end(self, rng: MmuNotifierRange) -> None:
@@ -817,9 +830,7 @@ class HostMm:
     def host_pfn_mapping_level_array(self, hvas) -> np.ndarray:
         """Batch form: ``uint8`` levels for an array of hvas.  A huge leaf is
         always present, so only the per-frame leaf flags are read."""
-        h = np.asarray(hvas)
-        if h.dtype != np.int64:
-            h = h.astype(np.int64)
+        h = check_array("hvas", hvas).astype(np.int64)
         out = np.ones(h.shape, dtype=np.uint8)
         if not h.size:
             return out
@@ -842,7 +853,7 @@ class HostMm:
 
     def hva_to_pfn_array(self, hvas) -> tuple[np.ndarray, np.ndarray]:
         """Batch lookup without faulting: ``(pfn, pte flags)``; pfn 0 where not present."""
-        hvas = np.asarray(hvas, dtype=np.uint64)
+        hvas = check_array("hvas", hvas)
         pfn = np.zeros(hvas.shape, dtype=np.uint64)
         fl = np.zeros(hvas.shape, dtype=np.uint8)
         for v in self.vmas:

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvmmmu._core._checks import check_uint_array, int_arg
+
 __all__ = ["KVM_MEMORY_ATTRIBUTE_PRIVATE", "MemoryAttributes", "InvalidMemoryAttributesError",
            "MemoryAttributesNotSupportedError",
            "kvm_supported_mem_attributes", "kvm_vm_ioctl_set_mem_attributes",
@@ -84,8 +86,10 @@ class MemoryAttributes:
         return 0
 
     def get_array(self, gfns) -> np.ndarray:
-        """Attribute words of many gfns (uint64)."""
-        g = np.asarray(gfns, dtype=np.uint64)
+        """Attribute words of many gfns (uint64).  ``gfns`` is a 1-d integer
+        array: uint64, or a signed one whose values are all >= 0 (checked,
+        never wrapped); anything else is a TypeError/ValueError."""
+        g = check_uint_array("gfns", gfns)
         i = np.searchsorted(self.starts, g, side="right").astype(np.int64) - 1
         out = np.zeros(g.shape, dtype=np.uint64)
         ok = i >= 0
@@ -123,7 +127,7 @@ class MemoryAttributes:
         means every gfn of the frame has the same attribute word (one value
         change = one interval boundary strictly inside the frame, since the
         map is coalesced)."""
-        f = np.asarray(frame_starts, dtype=np.uint64)
+        f = check_uint_array("frame_starts", frame_starts)
         bounds = np.union1d(self.starts, self.ends)
         lo = np.searchsorted(bounds, f, side="right")
         hi = np.searchsorted(bounds, f + np.uint64(npages), side="left")
@@ -198,6 +202,10 @@ def kvm_vm_ioctl_set_mem_attributes(vm, address: int, size: int, attributes: int
     address or size, MemoryAttributesNotSupportedError (ENOTTY) when the
     host kernel lacks the ioctl.  The VM is unchanged on error.
     """
+    address = int_arg("address", address)
+    size = int_arg("size", size)
+    attributes = int_arg("attributes", attributes)
+    flags = int_arg("flags", flags)
     if not vm.host_config.memory_attributes:
         raise MemoryAttributesNotSupportedError("KVM_SET_MEMORY_ATTRIBUTES: no such ioctl here")
     if flags:
@@ -233,11 +241,20 @@ def kvm_vm_set_mem_attributes(vm, start: int, end: int, attributes: int) -> None
     if ranges:
         vm.mmu_lock.acquire_write()
         try:
+            saved = notifier.snapshot_invalidate()
             notifier.kvm_mmu_invalidate_begin()
-            for r in ranges:
-                # kvm_pre_set_memory_attributes: the range itself, unconditionally
-                notifier.kvm_mmu_invalidate_range_add(r.start, r.end)
-                flush |= vm.kvm_arch_pre_set_memory_attributes(r)
+            try:
+                for r in ranges:
+                    # kvm_pre_set_memory_attributes: the range itself, unconditionally
+                    notifier.kvm_mmu_invalidate_range_add(r.start, r.end)
+                    flush |= vm.kvm_arch_pre_set_memory_attributes(r)
+            except BaseException:
+                # An MMU raised before anything was stored: the invalidation
+                # is taken back (what an MMU zapped stays zapped: always safe)
+                # and the attributes stay as they were.
+                notifier.restore_invalidate(saved)
+                vm.kvm_flush_remote_tlbs()
+                raise
             if flush:
                 vm.kvm_flush_remote_tlbs()
         finally:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import enum
 import errno as E
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -52,6 +53,7 @@ import numpy as np
 from kvmmmu._core.defs import (
     KVM_MAX_HUGEPAGE_LEVEL, KVM_NR_PAGE_SIZES, KVM_PAGES_PER_HPAGE, gfn_to_index, kvm_mmu_slot_lpages,
 )
+from kvmmmu._core._checks import check_array, int_arg
 from kvmmmu._core.rmap import RmapSlot, audit as rmap_audit
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import PAGE_SHIFT, PAGE_SIZE
@@ -284,6 +286,10 @@ class KvmArchMemorySlot:
         self.lpage_info: list[np.ndarray] = []
         #: ``gfn_write_track``: uint16 per gfn, or None (not allocated)
         self.gfn_write_track: np.ndarray | None = None
+        #: The model's ledger of ``kvm_mmu_gfn_{dis,}allow_lpage`` calls
+        #: (gfn -> net count), so the audit can tell the runtime counts in
+        #: ``lpage_info`` from a corrupted counter.
+        self.disallow_lpage_ledger: dict[int, int] = {}
 
     @property
     def nbytes(self) -> int:
@@ -357,7 +363,13 @@ class KvmMemorySlot:
         return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)
 
     def gfn_to_hva_array(self, gfns) -> np.ndarray:
-        g = np.asarray(gfns, dtype=np.uint64)
+        """Batch ``__gfn_to_hva_memslot``: ``gfns`` a 1-d uint64 array of gfns
+        inside the slot (ValueError naming the first one outside)."""
+        g = check_array("gfns", gfns)
+        if g.size and ((g < np.uint64(self.base_gfn)).any()
+                       or (g - np.uint64(self.base_gfn) >= np.uint64(self.npages)).any()):
+            raise ValueError(f"gfns: not every gfn is inside the slot "
+                             f"[{self.base_gfn:#x}, {self.base_gfn + self.npages:#x})")
         return np.uint64(self.userspace_addr) + ((g - np.uint64(self.base_gfn)) << np.uint64(PAGE_SHIFT))
 
     def hva_to_gfn(self, hva: int) -> int:
@@ -449,8 +461,9 @@ class KvmMemslots:
         return s
 
     def gfn_to_memslot_array(self, gfns) -> np.ndarray:
-        """Batch: slot id of each gfn (int32), -1 where no slot."""
-        g = np.asarray(gfns, dtype=np.uint64)
+        """Batch: slot id of each gfn (int32), -1 where no slot.  ``gfns`` is a
+        1-d uint64 array (checked by ``_checks.check_array``, never converted)."""
+        g = check_array("gfns", gfns)
         i = np.searchsorted(self._bases, g, side="right").astype(np.int64) - 1
         out = np.full(g.shape, -1, dtype=np.int32)
         if not self._sorted:
@@ -512,6 +525,15 @@ def kvm_set_memory_region(vm, mem: UserspaceMemoryRegion, *, v1: bool = False,
     fails.  ``internal`` is ``kvm_set_internal_memslot`` (x86's private
     APIC/TSS/identity slots).
     """
+    # Every field is a u32/u64 of the UAPI struct: real integers in range,
+    # checked before anything changes (a float is a TypeError, not truncated).
+    mem = UserspaceMemoryRegion(
+        int_arg("slot", mem.slot, 0, 0xFFFFFFFF), int_arg("flags", mem.flags, 0, 0xFFFFFFFF),
+        int_arg("guest_phys_addr", mem.guest_phys_addr), int_arg("memory_size", mem.memory_size),
+        int_arg("userspace_addr", mem.userspace_addr),
+        int_arg("guest_memfd_offset", mem.guest_memfd_offset),
+        mem.guest_memfd if isinstance(mem.guest_memfd, GuestMemfd)
+        else int_arg("guest_memfd", mem.guest_memfd, 0, 0xFFFFFFFF))
     flags = mem.flags
     if v1 and flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS:
         raise MemslotFlagsError(f"KVM_SET_USER_MEMORY_REGION takes only LOG_DIRTY_PAGES|READONLY, "
@@ -605,8 +627,9 @@ def _kvm_set_memslot(vm, old, new, change):
             invalid.flags |= KVM_MEMSLOT_INVALID
             slots._replace(old, invalid)
             vm.kvm_swap_active_memslots(as_id)
-            vm.kvm_arch_flush_shadow_memslot(old)
         try:
+            if invalid is not None:
+                vm.kvm_arch_flush_shadow_memslot(old)     # an MMU may raise: undo below
             _kvm_prepare_memory_region(vm, old, new, change)
         except BaseException:
             if invalid is not None:
@@ -714,9 +737,20 @@ def _kvm_commit_memory_region(vm, old, new, change):
     if change is KvmMrChange.KVM_MR_DELETE:
         for t in vm.page_track_external_users:
             t.track_remove_region(old.base_gfn, old.npages)
-    if not vm.n_requested_mmu_pages and change in (KvmMrChange.KVM_MR_CREATE, KvmMrChange.KVM_MR_DELETE):
-        vm.kvm_mmu_change_mmu_pages(max(vm.nr_memslot_pages // 50, 64))
-    vm.kvm_mmu_slot_apply_flags(old, new, change)
+    # The memslots are published: past the point of no return (the kernel's
+    # commit cannot fail).  If an MMU hook raises, the VM's own bookkeeping
+    # below still completes, so the VM is as if the update succeeded, and
+    # the MMU's exception propagates.
+    try:
+        if not vm.n_requested_mmu_pages and change in (KvmMrChange.KVM_MR_CREATE,
+                                                       KvmMrChange.KVM_MR_DELETE):
+            vm.kvm_mmu_change_mmu_pages(max(vm.nr_memslot_pages // 50, 64))
+        vm.kvm_mmu_slot_apply_flags(old, new, change)
+    finally:
+        _kvm_free_old_memslot(old, new, change)
+
+
+def _kvm_free_old_memslot(old, new, change):
     if change is KvmMrChange.KVM_MR_MOVE:
         old.arch = KvmArchMemorySlot()                   # kvm_arch_free_memslot(old)
     if change is KvmMrChange.KVM_MR_DELETE:
@@ -741,18 +775,24 @@ def _bitmap_set(bm, start, n):
 
 def mark_page_dirty_in_slot(vm, slot: KvmMemorySlot | None, gfn) -> None:
     """Set the dirty bit of ``gfn`` (an int or an array of gfns) if the slot logs."""
+    if isinstance(gfn, np.ndarray):
+        g = check_array("gfn", gfn)
+    else:
+        g = np.array([int_arg("gfn", gfn)], dtype=np.uint64)
     if slot is None or not slot.kvm_slot_dirty_track_enabled() or slot.dirty_bitmap is None:
         return
-    rel = np.asarray(gfn, dtype=np.uint64) - np.uint64(slot.base_gfn)
+    # below the slot wraps to a huge offset in uint64, so one compare refuses both sides
+    rel = g - np.uint64(slot.base_gfn)
     if (rel >= np.uint64(slot.npages)).any():
-        raise ValueError("gfn outside the slot")
-    rel = np.atleast_1d(rel)
+        raise ValueError(f"gfn: outside the slot [{slot.base_gfn:#x}, "
+                         f"{slot.base_gfn + slot.npages:#x})")
     words = (rel >> np.uint64(6)).astype(np.int64)
     bits = np.left_shift(np.uint64(1), rel & np.uint64(63))
     np.bitwise_or.at(slot.dirty_bitmap, words, bits)
 
 
 def _log_slot(vm, slot_arg):
+    slot_arg = int_arg("slot", slot_arg, 0, 0xFFFFFFFF)
     as_id, id = slot_arg >> 16, slot_arg & 0xFFFF
     if not vm.kvm_use_dirty_bitmap:
         raise DirtyLogError("dirty ring in use", E.ENXIO)
@@ -778,8 +818,15 @@ def kvm_get_dirty_log_protect(vm, slot_arg: int) -> np.ndarray:
     if nz.size:
         with vm.mmu_lock.write():
             bm[nz] = 0
-            for i in nz:
-                vm.kvm_arch_mmu_enable_log_dirty_pt_masked(slot, int(i) * 64, int(out[i]))
+            try:
+                for i in nz:
+                    vm.kvm_arch_mmu_enable_log_dirty_pt_masked(slot, int(i) * 64, int(out[i]))
+            except BaseException:
+                # An MMU failed to re-protect: the bits go back (a dirty bit
+                # set again is always safe; a lost one would lose the page).
+                bm[nz] |= out[nz]
+                vm.kvm_flush_remote_tlbs()
+                raise
         vm.kvm_flush_remote_tlbs()
     return out
 
@@ -788,6 +835,11 @@ def kvm_clear_dirty_log_protect(vm, slot_arg: int, first_page: int, num_pages: i
                                 bitmap) -> None:
     """``KVM_CLEAR_DIRTY_LOG``: clear the bits set in ``bitmap`` (relative to
     ``first_page``) and have the MMUs re-protect exactly the bits that were set."""
+    # struct kvm_clear_dirty_log: __u32 slot, __u32 num_pages, __u64 first_page.
+    # Checked as integers first: a negative first_page must not index the
+    # bitmap from its end (numpy's negative indices).
+    first_page = int_arg("first_page", first_page)
+    num_pages = int_arg("num_pages", num_pages, 0, 0xFFFFFFFF)
     slot = _log_slot(vm, slot_arg)
     if first_page & 63:
         raise DirtyLogError("first_page must be a multiple of 64")
@@ -795,23 +847,33 @@ def kvm_clear_dirty_log_protect(vm, slot_arg: int, first_page: int, num_pages: i
     if first_page > n or num_pages > n - first_page or \
             (num_pages < n - first_page and num_pages & 63):
         raise DirtyLogError("bad first_page/num_pages")
-    user = np.asarray(bitmap, dtype=np.uint64).ravel()
+    user = check_array("bitmap", bitmap)
     nwords = (num_pages + 63) // 64
     if user.size < nwords:
         raise DirtyLogError("bitmap too short", E.EFAULT)
+    user = user[:nwords].copy()          # read once: a concurrent writer cannot change it
     bm = slot.dirty_bitmap
     flush = False
+    done = []
     with vm.mmu_lock.write():
         i0 = first_page // 64
-        for k in range(nwords):
-            mask = int(user[k])
-            if not mask:
-                continue
-            cleared = int(bm[i0 + k]) & mask
-            bm[i0 + k] &= np.uint64(~mask & _U64)
-            if cleared:
-                flush = True
-                vm.kvm_arch_mmu_enable_log_dirty_pt_masked(slot, (i0 + k) * 64, cleared)
+        try:
+            for k in range(nwords):
+                mask = int(user[k])
+                if not mask:
+                    continue
+                cleared = int(bm[i0 + k]) & mask
+                bm[i0 + k] &= np.uint64(~mask & _U64)
+                done.append((i0 + k, cleared))
+                if cleared:
+                    flush = True
+                    vm.kvm_arch_mmu_enable_log_dirty_pt_masked(slot, (i0 + k) * 64, cleared)
+        except BaseException:
+            for i, cleared in done:                  # the bits go back (see get)
+                bm[i] |= np.uint64(cleared)
+            if flush:
+                vm.kvm_flush_remote_tlbs()           # for what was write-protected already
+            raise
     if flush:
         vm.kvm_flush_remote_tlbs()
 
@@ -905,6 +967,23 @@ def audit_memslots(vm) -> list[str]:
                                f"creation baseline {int(base[k][i])}")
                 if (cnt >= np.uint32(1 << 30)).any():
                     bad.append(f"{tag}: level {level}: implausible disallow_lpage count")
+                want = base[k].astype(np.int64)
+                ledger = getattr(a, "disallow_lpage_ledger", {})
+                if ledger:
+                    g = np.fromiter(ledger.keys(), dtype=np.uint64, count=len(ledger))
+                    n = np.fromiter(ledger.values(), dtype=np.int64, count=len(ledger))
+                    idx = (g >> np.uint64((level - 1) * 9)).astype(np.int64) - \
+                        (s.base_gfn >> ((level - 1) * 9))
+                    if ((idx < 0) | (idx >= len(want))).any():
+                        bad.append(f"{tag}: disallow_lpage ledger names a gfn outside the slot")
+                    else:
+                        np.add.at(want, idx, n)
+                off = np.flatnonzero(cnt.astype(np.int64) != (want & 0x7FFFFFFF))
+                if off.size:
+                    i = int(off[0])
+                    bad.append(f"{tag}: level {level} frame {i}: disallow_lpage count "
+                               f"{int(cnt[i])} != creation baseline {int(base[k][i])} + "
+                               f"{int(want[i] - base[k][i])} from kvm_mmu_gfn_disallow_lpage")
                 got = (li & np.uint32(KVM_LPAGE_MIXED_FLAG)) != 0
                 if not np.array_equal(got, mixed[k]):
                     i = int(np.flatnonzero(got != mixed[k])[0])
@@ -930,3 +1009,25 @@ def audit_memslots(vm) -> list[str]:
     if logging != vm.nr_memslots_dirty_logging:
         bad.append(f"nr_memslots_dirty_logging {vm.nr_memslots_dirty_logging} != {logging}")
     return bad
+
+
+# The lpage_info / attribute / max-mapping-level code of mmu.c moved to
+# kvmmmu.mmu (the MMU seam).  Their old names here keep working for callers
+# that hold a VM (which has loaded kvmmmu.mmu); this module itself never
+# imports kvmmmu.mmu, so the import graph keeps no cycle.
+_MOVED_TO_MMU = frozenset((
+    "lpage_info_slot", "kvm_mmu_gfn_disallow_lpage", "kvm_mmu_gfn_allow_lpage",
+    "hugepage_has_attrs", "kvm_mmu_init_memslot_memory_attributes",
+    "kvm_arch_pre_set_memory_attributes", "kvm_arch_post_set_memory_attributes",
+    "kvm_mmu_max_mapping_level", "kvm_mmu_max_mapping_level_array",
+))
+
+
+def __getattr__(name):
+    if name in _MOVED_TO_MMU:
+        mmu = sys.modules.get("kvmmmu.mmu")
+        if mmu is not None:
+            return getattr(mmu, name)
+        raise AttributeError(f"kvmmmu.memslots.{name} moved to kvmmmu.mmu.{name} "
+                             f"(import kvmmmu.mmu or kvmmmu.vm first)")
+    raise AttributeError(f"module 'kvmmmu.memslots' has no attribute {name!r}")

@@ -84,7 +84,52 @@ class MmuBackend:
     """What the VM layer calls in an MMU (the kernel's ``mmu.c`` / ``tdp_mmu.c``
     entry points used by generic and memslot code).  Every hook defaults to
     "nothing to do"; boolean hooks return whether a TLB flush is needed (or,
-    for aging, whether anything was young)."""
+    for aging, whether anything was young).
+
+    The hooks, who calls them (through the fan-out functions of this module)
+    and under which locks:
+
+    ==========================================  ======================================  ==========
+    hook                                        called from (kernel path)               locks held
+    ==========================================  ======================================  ==========
+    ``kvm_unmap_gfn_range(rng)``                MMU-notifier ``invalidate_range_start``  mmu_lock W
+                                                (inside begin/end), memslot DELETE,
+                                                ``kvm_arch_pre_set_memory_attributes``
+    ``kvm_age_gfn(rng)``                        ``clear(_flush)_young`` (lockless aging) none
+    ``kvm_test_age_gfn(rng)``                   ``test_young`` (lockless aging)         none
+    ``kvm_zap_gfn_range(start, end)``           ``kvm_zap_gfn_range`` (MTRR, CR0.CD,    mmu_lock W
+                                                APICv), inside its own begin/end
+    ``kvm_arch_flush_shadow_memslot(slot)``     ``kvm_set_memslot`` DELETE / MOVE,      slots_lock
+                                                after the INVALID slot is published
+    ``kvm_arch_flush_shadow_all()``             notifier ``release`` (mm exit)          none
+    ``kvm_mmu_zap_all_fast()``                  MMIO generation wrap in                 slots_lock
+                                                ``kvm_swap_active_memslots``
+    ``kvm_mmu_change_mmu_pages(n)``             commit of CREATE / DELETE (default      slots_lock
+                                                shadow-page budget)
+    ``kvm_mmu_recover_huge_pages(slot)``        commit: dirty logging turned off        slots_lock
+    ``kvm_mmu_slot_try_split_huge_pages``       commit: dirty logging on (eager split)  slots_lock
+    ``kvm_mmu_slot_leaf_clear_dirty(slot)``     commit: dirty logging on, with PML      slots_lock
+    ``kvm_mmu_slot_remove_write_access``        commit: dirty logging on (level 1, or   slots_lock
+                                                2 with PML)
+    ``kvm_arch_mmu_enable_log_dirty_pt_masked`` ``KVM_GET/CLEAR_DIRTY_LOG``, per        mmu_lock W
+                                                non-zero 64-bit word
+    ==========================================  ======================================  ==========
+
+    Entry points with no hook of their own: ``kvm_arch_{pre,post}_set_memory_attributes``
+    (the MIXED/lpage bookkeeping is here; the MMU sees only the unmap), and
+    ``kvm_mmu_invalidate_{begin,end}`` (generic bookkeeping in
+    :mod:`kvmmmu.notifiers`; x86 has no arch hook there).
+
+    Failure contract: a hook may raise.  Before the point of no return the
+    VM takes its operation back (an aborted notifier start, an attribute
+    change, a memslot flush before publication, a dirty-log re-protect);
+    after it (commit hooks, zaps) the VM completes its own bookkeeping; in
+    both cases the exception propagates and the VM's audit stays clean
+    (tests/test_vm_flaky_backend.py).  The VM's ioctls, its notifier
+    callbacks and ``kvm_zap_gfn_range`` call hooks with ``vm.api_lock`` held,
+    so those calls come from one thread at a time; an MMU's own fault path
+    (faultin, lpage counters) runs without it.
+    """
 
     def kvm_unmap_gfn_range(self, rng) -> bool:
         return False
@@ -229,6 +274,9 @@ def kvm_mmu_faultin_pfn(vm, vcpu, gfn: int, *, write: bool = False,
     """
     if vm.warn_sink.bugged:                  # the vCPU ioctl of a bugged VM: -EIO
         vm.warn_sink.check()
+    # inline (no call on the common path): a real integer gfn in u64 range
+    if type(gfn) is not int or not 0 <= gfn <= _U64:
+        gfn = int_arg("gfn", gfn)
     r = FaultinResult(ret=RET_PF_CONTINUE, gfn=gfn, is_private=is_private)
     if vm.gfn_direct_bits and gfn & vm.gfn_direct_bits:
         vm.kvm_bug("fault gfn has the alias bit")
@@ -320,7 +368,7 @@ def kvm_unmap_gfn_range(vm, rng: KvmGfnRange) -> bool:
     TLB flush is needed.  Outside memslot deletion it must run inside an
     invalidation (the kernel's lockdep assertion)."""
     if not vm.notifier.mmu_invalidate_in_progress and not vm.slots_lock_held:
-        vm.notifier._warn("kvm_unmap_gfn_range outside an invalidation")
+        vm.warn_sink.warn("kvm_unmap_gfn_range", "kvm_unmap_gfn_range outside an invalidation")
     flush = False
     for mmu in vm.mmus:
         flush |= bool(mmu.kvm_unmap_gfn_range(rng))
@@ -345,18 +393,22 @@ def kvm_zap_gfn_range(vm, gfn_start: int, gfn_end: int) -> bool:
     """x86 ``kvm_zap_gfn_range`` (MTRR/CR0.CD/APIC changes): an invalidation of
     ``[gfn_start, gfn_end)`` across all address spaces, under ``mmu_lock``."""
     if gfn_end <= gfn_start:
-        vm.notifier._warn("kvm_zap_gfn_range: empty range")
+        vm.warn_sink.warn("kvm_zap_gfn_range", "kvm_zap_gfn_range: empty range")
         return False
-    with vm.mmu_lock.write():
+    flush = False
+    with vm.api_lock, vm.mmu_lock.write():
         n = vm.notifier
         n.kvm_mmu_invalidate_begin()
         n.kvm_mmu_invalidate_range_add(gfn_start, gfn_end)
-        flush = False
-        for mmu in vm.mmus:
-            flush |= bool(mmu.kvm_zap_gfn_range(gfn_start, gfn_end))
-        if flush:
-            vm.kvm_flush_remote_tlbs()
-        n.kvm_mmu_invalidate_end()
+        try:
+            for mmu in vm.mmus:
+                flush |= bool(mmu.kvm_zap_gfn_range(gfn_start, gfn_end))
+        finally:
+            # the invalidation ends even if an MMU raised: the zap is the whole
+            # operation, and what was zapped must make racing faults retry
+            if flush:
+                vm.kvm_flush_remote_tlbs()
+            n.kvm_mmu_invalidate_end()
     return flush
 
 
@@ -405,7 +457,8 @@ def kvm_mmu_slot_apply_flags(vm, old, new, change) -> None:
     if change is not KvmMrChange.KVM_MR_FLAGS_ONLY or new_flags & KVM_MEM_READONLY:
         return
     if not (old_flags ^ new_flags) & KVM_MEM_LOG_DIRTY_PAGES:
-        vm.notifier._warn("FLAGS_ONLY change without a dirty-logging toggle")
+        vm.warn_sink.warn("kvm_mmu_slot_apply_flags",
+                          "FLAGS_ONLY change without a dirty-logging toggle")
         return
     if not log:
         for mmu in vm.mmus:
@@ -446,8 +499,15 @@ def _update_gfn_disallow_lpage_count(vm, slot, gfn, count):
         old = int(arr[i])
         new = (old + count) & 0xFFFFFFFF
         if (old ^ new) & KVM_LPAGE_MIXED_FLAG:
-            vm.notifier._warn(f"disallow_lpage count flipped MIXED at gfn {gfn:#x} level {level}")
+            vm.warn_sink.warn("update_gfn_disallow_lpage_count",
+                              f"disallow_lpage count flipped MIXED at gfn {gfn:#x} level {level}")
         arr[i] = new
+    ledger = slot.arch.disallow_lpage_ledger
+    n = ledger.get(gfn, 0) + count
+    if n:
+        ledger[gfn] = n
+    else:
+        ledger.pop(gfn, None)
 
 
 def kvm_mmu_gfn_disallow_lpage(vm, slot: KvmMemorySlot, gfn: int) -> None:
@@ -490,7 +550,7 @@ def hugepage_has_attrs(vm, slot: KvmMemorySlot, gfn: int, level: int, attrs: int
 def _frames_has_attrs(vm, slot, frames, level, attrs=None):
     """Vectorized ``hugepage_has_attrs`` for many frame starts (attrs None: each
     frame's own first-gfn attribute)."""
-    frames = np.asarray(frames, dtype=np.uint64)
+    frames = check_array("frames", frames)
     p = KVM_PAGES_PER_HPAGE(level)
     if level == 2:
         uni, val = vm.mem_attrs.uniform_frames(frames, p)
@@ -536,10 +596,12 @@ def kvm_arch_pre_set_memory_attributes(vm, rng) -> bool:
     in-progress invalidation, then unmap the old attribute's mappings.
     Returns whether a TLB flush is needed."""
     if not vm.has_private_mem:
-        vm.notifier._warn("pre_set_memory_attributes on a VM without private memory")
+        vm.warn_sink.warn("kvm_arch_pre_set_memory_attributes",
+                          "pre_set_memory_attributes on a VM without private memory")
         return False
     if rng.end <= rng.start:
-        vm.notifier._warn("pre_set_memory_attributes: empty range")
+        vm.warn_sink.warn("kvm_arch_pre_set_memory_attributes",
+                          "pre_set_memory_attributes: empty range")
         return False
     slot = rng.slot
     send = slot.base_gfn + slot.npages
@@ -565,7 +627,8 @@ def kvm_arch_post_set_memory_attributes(vm, rng) -> bool:
     the range (they now have exactly the new value).  2M before 1G: the 1G
     answer reads the 2M flags."""
     if not vm.has_private_mem:
-        vm.notifier._warn("post_set_memory_attributes on a VM without private memory")
+        vm.warn_sink.warn("kvm_arch_post_set_memory_attributes",
+                          "post_set_memory_attributes on a VM without private memory")
         return False
     attrs = rng.attributes
     slot = rng.slot
@@ -594,7 +657,14 @@ def kvm_mmu_max_mapping_level(vm, slot: KvmMemorySlot, gfn: int, max_level: int 
     """``__kvm_mmu_max_mapping_level``: from ``min(max_level,
     max_huge_page_level)`` go down while the frame's ``disallow_lpage`` is
     non-zero; private faults stop there (guest_memfd folios are 4K here), shared
-    ones are capped by the host mapping level of the hva."""
+    ones are capped by the host mapping level of the hva.  ``gfn`` must lie
+    in ``slot`` (ValueError: it would index another frame's counter)."""
+    # inline checks, no extra call on the common path (ints in range)
+    if type(gfn) is not int or type(max_level) is not int:
+        gfn, max_level = int_arg("gfn", gfn), int_arg("max_level", max_level, 1, 5)
+    if not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+        raise ValueError(f"gfn={gfn:#x} is outside the slot [{slot.base_gfn:#x}, "
+                         f"{slot.base_gfn + slot.npages:#x})")
     level = min(max_level, vm.max_huge_page_level)
     while level > 1:
         arr, i = lpage_info_slot(gfn, slot, level)
@@ -617,6 +687,7 @@ def kvm_mmu_max_mapping_level_array(vm, slot: KvmMemorySlot, gfns, max_level: in
     slot; ``out`` (uint8, same length) may be given.  Works in chunks of 256K
     gfns so that temporaries stay small and are reused."""
     g_all = check_array("gfns", gfns)
+    max_level = int_arg("max_level", max_level, 1, 5)
     n = g_all.shape[0]
     out = out_array("out", out, n, np.uint8, inputs=(g_all,))
     if n and (int(g_all.min()) < slot.base_gfn or int(g_all.max()) >= slot.base_gfn + slot.npages):
@@ -635,6 +706,6 @@ def kvm_mmu_max_mapping_level_array(vm, slot: KvmMemorySlot, gfns, max_level: in
             lvl[(lvl == level) & dis] = level - 1
         huge = np.flatnonzero(lvl > 1)
         if huge.size:
-            hva = slot.userspace_addr + ((g[huge] - slot.base_gfn) << PAGE_SHIFT)
+            hva = (slot.userspace_addr + ((g[huge] - slot.base_gfn) << PAGE_SHIFT)).astype(np.uint64)
             lvl[huge] = np.minimum(lvl[huge], vm.host.host_pfn_mapping_level_array(hva))
     return out

@@ -99,11 +99,21 @@ class MmuInvalidateState:
                 self.mmu_invalidate_range_start, self.mmu_invalidate_range_end,
                 self.mn_active_invalidate_count)
 
-    def _warn(self, msg):
-        """WARN_ON: reported to the VM's sink under the kernel function that
-        warns (the message's prefix), and the caller goes on."""
-        site, _, _ = msg.partition(":")
-        self.sink.warn(site if _ else "kvm_main", msg)
+    def snapshot_invalidate(self):
+        """The bookkeeping an aborted invalidation must give back
+        (see :meth:`restore_invalidate`)."""
+        return (self.mmu_invalidate_in_progress, self.mmu_invalidate_range_start,
+                self.mmu_invalidate_range_end, self.nr_begin)
+
+    def restore_invalidate(self, saved) -> None:
+        """Take back an invalidation whose MMU callee raised before the
+        primary MMU changed anything: ``mmu_invalidate_in_progress``, the
+        range and the begin count return to ``saved``, the sequence is not
+        bumped (nothing a racing fault could have seen has changed).  Without
+        this the invalidation would stay open for good and every later fault
+        on the range would retry forever."""
+        (self.mmu_invalidate_in_progress, self.mmu_invalidate_range_start,
+         self.mmu_invalidate_range_end, self.nr_begin) = saved
 
     @property
     def warnings(self) -> list[str]:
@@ -123,7 +133,8 @@ class MmuInvalidateState:
         """Widen the in-progress range to include ``[start, end)``."""
         self.vm.mmu_lock.lockdep_assert_held_write()
         if not self.mmu_invalidate_in_progress:
-            self._warn("kvm_mmu_invalidate_range_add without an invalidation in progress")
+            self.sink.warn("kvm_mmu_invalidate_range_add",
+                           "kvm_mmu_invalidate_range_add without an invalidation in progress")
         if self.mmu_invalidate_range_start == INVALID_GPA:
             self.mmu_invalidate_range_start = start
             self.mmu_invalidate_range_end = end
@@ -141,7 +152,8 @@ class MmuInvalidateState:
         if self.mmu_invalidate_in_progress < 0:
             self.vm.kvm_bug("mmu_invalidate_in_progress went negative")
         if self.mmu_invalidate_range_start == INVALID_GPA:
-            self._warn("kvm_mmu_invalidate_end without any range added")
+            self.sink.warn("kvm_mmu_invalidate_end",
+                           "kvm_mmu_invalidate_end without any range added")
 
     def audit(self) -> list[str]:
         bad = []
@@ -179,7 +191,8 @@ def mmu_invalidate_retry_gfn(vm, mmu_seq: int, gfn: int) -> bool:
     n = vm.notifier
     if n.mmu_invalidate_in_progress:
         if n.mmu_invalidate_range_start == INVALID_GPA:
-            n._warn("mmu_invalidate_retry_gfn: invalidation in progress without a range")
+            n.sink.warn("mmu_invalidate_retry_gfn",
+                        "mmu_invalidate_retry_gfn: invalidation in progress without a range")
             return True
         if n.mmu_invalidate_range_start <= gfn < n.mmu_invalidate_range_end:
             return True
@@ -211,7 +224,7 @@ def kvm_handle_hva_range(vm, start: int, end: int, *,
     first memslot is found (never for lockless walks); with no handler only
     ``on_lock`` runs.  Returns ``(OR of handler results, found_memslot)``."""
     if end <= start:
-        vm.notifier._warn("kvm_handle_hva_range: empty range")
+        vm.warn_sink.warn("kvm_handle_hva_range", "kvm_handle_hva_range: empty range")
         return False, False
     ret = found = False
     try:
@@ -267,42 +280,66 @@ class KvmMmuNotifier(MmuNotifier):
         self.lockless_aging = lockless_aging
         self.elide_flush_if_young = elide_flush_if_young
         self.log: list | None = None
+        #: ranges whose start raised and was taken back (their end is a no-op)
+        self._aborted: list[MmuNotifierRange] = []
 
     def _record(self, what, start, end):
         if self.log is not None:
             self.log.append((what, start, end))
 
     def invalidate_range_start(self, mm, rng: MmuNotifierRange) -> int:
+        """If an MMU raises, the start is taken back whole (the notifier
+        count, ``mmu_invalidate_in_progress``, the range: see
+        :meth:`MmuInvalidateState.restore_invalidate`) before the exception
+        propagates, and a later ``invalidate_range_end`` of the same range is
+        ignored: an aborted start never leaves the invalidation open."""
         vm = self.vm
         st = vm.notifier
-        st.mn_active_invalidate_count += 1
-        self._record("invalidate_range_start", rng.start, rng.end)
+        with vm.api_lock:
+            saved = st.snapshot_invalidate()
+            st.mn_active_invalidate_count += 1
+            self._record("invalidate_range_start", rng.start, rng.end)
 
-        def handler(r):
-            st.kvm_mmu_invalidate_range_add(r.start, r.end)
-            return vm.kvm_unmap_gfn_range(r)
+            def handler(r):
+                st.kvm_mmu_invalidate_range_add(r.start, r.end)
+                return vm.kvm_unmap_gfn_range(r)
 
-        kvm_handle_hva_range(vm, rng.start, rng.end, handler=handler,
-                             on_lock=st.kvm_mmu_invalidate_begin, flush_on_ret=True,
-                             may_block=rng.blockable)
+            try:
+                kvm_handle_hva_range(vm, rng.start, rng.end, handler=handler,
+                                     on_lock=st.kvm_mmu_invalidate_begin, flush_on_ret=True,
+                                     may_block=rng.blockable)
+            except BaseException:
+                with vm.mmu_lock.write():
+                    st.restore_invalidate(saved)
+                    st.mn_active_invalidate_count -= 1
+                vm.kvm_flush_remote_tlbs()      # for what an MMU zapped before raising
+                self._aborted.append(rng)
+                raise
         return 0
 
     def invalidate_range_end(self, mm, rng: MmuNotifierRange) -> None:
         vm = self.vm
         st = vm.notifier
-        self._record("invalidate_range_end", rng.start, rng.end)
-        kvm_handle_hva_range(vm, rng.start, rng.end, handler=None,
-                             on_lock=st.kvm_mmu_invalidate_end, flush_on_ret=False,
-                             may_block=rng.blockable)
-        if st.mn_active_invalidate_count == 0:
-            st._warn("invalidate_range_end without a matching start")
-        else:
-            st.mn_active_invalidate_count -= 1
+        with vm.api_lock:
+            for i, r in enumerate(self._aborted):
+                if r is rng:                    # its start was taken back
+                    del self._aborted[i]
+                    return
+            self._record("invalidate_range_end", rng.start, rng.end)
+            kvm_handle_hva_range(vm, rng.start, rng.end, handler=None,
+                                 on_lock=st.kvm_mmu_invalidate_end, flush_on_ret=False,
+                                 may_block=rng.blockable)
+            if st.mn_active_invalidate_count == 0:
+                st.sink.warn("kvm_mmu_notifier_invalidate_range_end",
+                             "invalidate_range_end without a matching start")
+            else:
+                st.mn_active_invalidate_count -= 1
 
     def _age(self, start, end, handler, flush):
-        ret, _ = kvm_handle_hva_range(self.vm, start, end, handler=handler, on_lock=None,
-                                      flush_on_ret=flush, may_block=False,
-                                      lockless=self.lockless_aging)
+        with self.vm.api_lock:
+            ret, _ = kvm_handle_hva_range(self.vm, start, end, handler=handler, on_lock=None,
+                                          flush_on_ret=flush, may_block=False,
+                                          lockless=self.lockless_aging)
         return ret
 
     def clear_flush_young(self, mm, start, end) -> bool:
@@ -319,5 +356,6 @@ class KvmMmuNotifier(MmuNotifier):
         return self._age(address, address + 1, self.vm.kvm_test_age_gfn, False)
 
     def release(self, mm) -> None:
-        self._record("release", 0, 0)
-        self.vm.kvm_arch_flush_shadow_all()
+        with self.vm.api_lock:
+            self._record("release", 0, 0)
+            self.vm.kvm_arch_flush_shadow_all()

@@ -50,6 +50,8 @@ True
 from __future__ import annotations
 
 import errno as E
+import functools
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -58,6 +60,7 @@ import numpy as np
 from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
 from kvmmmu._core.rmap import PteListDescCache, PteListDescPool
 from kvmmmu._core.spte import MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
+from kvmmmu._core._checks import check_array, int_arg
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.warn import KvmBugError, WarnSink  # noqa: F401  (KvmBugError re-exported)
 from kvmmmu.host import (
@@ -175,26 +178,48 @@ class KvmParams:
         return cls(**kw)
 
 
+def _vm_ioctl(fn):
+    """A VM ioctl: serialized with every other ioctl and notifier callback
+    of the VM (``vm.api_lock``), and -EIO (:class:`KvmBugError`) once the VM
+    is bugged."""
+    @functools.wraps(fn)
+    def ioctl(self, *args, **kw):
+        with self.api_lock:
+            self.warn_sink.check()
+            return fn(self, *args, **kw)
+    return ioctl
+
+
 class MmuLock:
     """``kvm->mmu_lock`` (an rwlock on x86) as checked state, like lockdep.
 
-    Single-threaded model: taking it while it is held for write is a
-    deadlock and raises; ``lockdep_assert_*`` raise when the lock is not held.
+    A checked lock, not a waiting one: taking it while it is held for write
+    (by this thread: a deadlock; by another: concurrent use the model does not
+    allow) raises RuntimeError instead of blocking; ``lockdep_assert_*``
+    raise when the lock is not held.  The write side is taken atomically
+    (a non-blocking ``threading.Lock``), so two threads can never both hold
+    it.  The VM's ioctls and notifier callbacks take it under
+    ``VM.api_lock``, which serializes them; readers (fault paths) must run
+    under the same discipline.
     """
 
     def __init__(self):
         self.writers = 0
         self.readers = 0
+        self._wlock = threading.Lock()
 
     def acquire_write(self):
         if self.writers or self.readers:
             raise RuntimeError("mmu_lock: write_lock while held (deadlock)")
+        if not self._wlock.acquire(False):
+            raise RuntimeError("mmu_lock: taken for write by another thread at the same time")
         self.writers = 1
 
     def release_write(self):
         if not self.writers:
             raise RuntimeError("mmu_lock: write_unlock without the lock")
         self.writers = 0
+        self._wlock.release()
 
     def acquire_read(self):
         if self.writers:
@@ -299,6 +324,8 @@ class Vcpu:
         self.mmu_shadowed_info_cache = MmuMemoryCache(vm.arena, "shadowed_info")
         self.mmu_page_header_cache = MmuMemoryCache(vm.arena, "page_header")
         self.mmu_external_spt_cache = _ExternalSptCache(vm)
+        vm._set_warn_sink(self.mmu_pte_list_desc_cache, self.mmu_shadow_page_cache,
+                          self.mmu_shadowed_info_cache, self.mmu_page_header_cache)
         self.requests: set[str] = set()
         self.last_used_slot = None
         self.last_used_slot_gen = None
@@ -481,10 +508,13 @@ class VM:
         #: The one WARN / KVM_BUG record of this VM (kvmmmu.warn): every layer
         #: reports here; once bugged, every ioctl raises KvmBugError (-EIO).
         self.warn_sink = WarnSink()
+        #: Serializes the VM's ioctls and the MMU-notifier callbacks (the
+        #: kernel's slots_lock / mmu_lock discipline); re-entrant, so a host
+        #: event raised inside an ioctl is handled in the same thread.
+        self.api_lock = threading.RLock()
         self.arena = PtArena(self.fmt, nr_vcpus=max_vcpus, era=era)
-        self.arena.warn_sink = self.warn_sink
         self.rmap_pool = PteListDescPool()
-        self.rmap_pool.warn_sink = self.warn_sink
+        self._set_warn_sink(self.arena, self.rmap_pool)
         self.mmu_lock = MmuLock()
         self.notifier = MmuInvalidateState(self)
         self.mem_attrs = MemoryAttributes()
@@ -515,6 +545,26 @@ class VM:
         self.host.mmu_notifier_register(self.mmu_notifier)
         for i in range(nr_vcpus):
             self.create_vcpu(i)
+
+    def _set_warn_sink(self, *objs):
+        """Route the WARN/BUG reports of core objects the VM owns to its sink.
+        Guarded by ``hasattr``: core classes gain the ``warn_sink`` attribute
+        one by one, and a class without it keeps its local counters."""
+        for o in objs:
+            if hasattr(o, "warn_sink"):
+                o.warn_sink = self.warn_sink
+
+    @property
+    def _fail_next_metadata_alloc(self) -> bool:
+        """Old name of :attr:`fail_next_metadata_alloc` (fault injection)."""
+        return self.fail_next_metadata_alloc
+
+    @_fail_next_metadata_alloc.setter
+    def _fail_next_metadata_alloc(self, v: bool) -> None:
+        self.fail_next_metadata_alloc = bool(v)
+
+    def _as_id(self, as_id) -> int:
+        return int_arg("as_id", as_id, 0, self.nr_memslot_as_ids - 1)
 
     def _check_vm_type(self):
         t, hc = self.vm_type, self.host_config
@@ -620,13 +670,14 @@ class VM:
         return self.has_private_mem and bool(self.mem_attrs.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
 
     # -- vCPUs, MMUs, requests, flushes -----------------------------------------------
+    @_vm_ioctl
     def create_vcpu(self, vcpu_id: int | None = None) -> Vcpu:
         """``KVM_CREATE_VCPU``."""
-        self.warn_sink.check()
         if len(self.vcpus) >= self.max_vcpus:
             raise ValueError(f"already {self.max_vcpus} vCPUs")
         if vcpu_id is None:
             vcpu_id = len(self.vcpus)
+        vcpu_id = int_arg("vcpu_id", vcpu_id, 0, 0xFFFFFFFF)
         if any(v.vcpu_id == vcpu_id for v in self.vcpus):
             raise ValueError(f"vCPU {vcpu_id} exists")
         v = Vcpu(self, vcpu_id, len(self.vcpus))
@@ -634,7 +685,13 @@ class VM:
         return v
 
     def register_mmu(self, mmu: MmuBackend) -> MmuBackend:
-        self.mmus.append(mmu)
+        """Register an MMU (an :class:`MmuBackend`: every hook of
+        :data:`~kvmmmu.mmu.MMU_BACKEND_HOOKS` callable) to receive the hooks."""
+        missing = [h for h in _mmu.MMU_BACKEND_HOOKS if not callable(getattr(mmu, h, None))]
+        if missing:
+            raise TypeError(f"mmu lacks the MmuBackend hooks {', '.join(missing)}")
+        with self.api_lock:
+            self.mmus.append(mmu)
         return mmu
 
     def kvm_make_all_cpus_request(self, req: str) -> None:
@@ -676,11 +733,13 @@ class VM:
         slots = self.memslots[as_id]
         gen = slots.generation
         if gen & M.KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
-            self.notifier._warn("memslot generation already in progress")
+            self.warn_sink.warn("kvm_swap_active_memslots", "memslot generation already in progress")
         slots.generation = gen | M.KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
         gen = (slots.generation & ~M.KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + self.nr_memslot_as_ids
-        self.kvm_mmu_invalidate_mmio_sptes(gen)
-        slots.generation = gen
+        try:
+            self.kvm_mmu_invalidate_mmio_sptes(gen)
+        finally:
+            slots.generation = gen          # published even if an MMU's zap raised
 
     def kvm_mmu_invalidate_mmio_sptes(self, gen: int) -> None:
         """If the MMIO generation wrapped (ignoring the address-space bits), fast-zap
@@ -691,13 +750,13 @@ class VM:
             self.mmio_gen_wraps += 1
             _mmu.kvm_mmu_zap_all_fast(self)
 
+    @_vm_ioctl
     def set_user_memory_region(self, slot, flags=0, guest_phys_addr=0, memory_size=0,
                                userspace_addr=0, guest_memfd_offset=0, guest_memfd=0, *,
                                v1: bool = False):
         """``KVM_SET_USER_MEMORY_REGION2`` (``v1=True``: the V1 ioctl).  ``slot`` is the
         packed ``as_id << 16 | id`` or a :class:`~kvmmmu.memslots.UserspaceMemoryRegion`.
         Returns the :class:`~kvmmmu.memslots.KvmMrChange` made (None: no change)."""
-        self.warn_sink.check()
         if isinstance(slot, M.UserspaceMemoryRegion):
             mem = slot
         else:
@@ -705,6 +764,7 @@ class VM:
                                           guest_memfd_offset, guest_memfd)
         return M.kvm_set_memory_region(self, mem, v1=v1)
 
+    @_vm_ioctl
     def add_memory(self, gpa: int, size: int, *, slot: int | None = None, as_id: int = 0,
                    flags: int = 0, writable: bool | None = None, thp: bool = False,
                    hugetlb=None, populate: bool = False, hva: int | None = None):
@@ -713,7 +773,6 @@ class VM:
         The host mapping is read-only for READONLY slots unless ``writable``.
         Returns the new :class:`~kvmmmu.memslots.KvmMemorySlot`.
         """
-        self.warn_sink.check()
         if writable is None:
             writable = not flags & M.KVM_MEM_READONLY
         if slot is None:
@@ -724,20 +783,27 @@ class VM:
         try:
             self.set_user_memory_region((as_id << 16) | slot, flags, gpa, size, addr)
         except BaseException:
-            self.host.munmap(addr, size)
+            # an MMU hook that raised past the commit point leaves the slot
+            # created: its host mapping stays (unmapping it would zap the slot)
+            s = self.memslots[as_id].id_to_memslot(slot)
+            if s is None or s.userspace_addr != addr:
+                self.host.munmap(addr, size)
             raise
         return self.memslots[as_id].id_to_memslot(slot)
 
+    @_vm_ioctl
     def delete_memslot(self, slot_id: int, as_id: int = 0) -> None:
-        self.warn_sink.check()
-        self.set_user_memory_region((as_id << 16) | slot_id, 0, 0, 0, 0)
+        slot_id = int_arg("slot_id", slot_id, 0, 0xFFFF)
+        self.set_user_memory_region((self._as_id(as_id) << 16) | slot_id, 0, 0, 0, 0)
 
     def gfn_to_memslot(self, gfn: int, as_id: int = 0):
-        return self.memslots[as_id].gfn_to_memslot(gfn)
+        return self.memslots[self._as_id(as_id)].gfn_to_memslot(int_arg("gfn", gfn))
 
+    @_vm_ioctl
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         """``KVM_CREATE_GUEST_MEMFD``: returns a file descriptor number."""
-        self.warn_sink.check()
+        size = int_arg("size", size, 0, (1 << 64) - 1)
+        flags = int_arg("flags", flags, 0, (1 << 64) - 1)
         if not self.host_config.guest_memfd:
             raise M.GuestMemfdError("CONFIG_KVM_GUEST_MEMFD is off")
         if flags:
@@ -760,32 +826,40 @@ class VM:
             raise M.GuestMemfdBindError("guest_memfd belongs to another VM")
         return g
 
+    @_vm_ioctl
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         """``KVM_SET_MEMORY_ATTRIBUTES`` (see :mod:`kvmmmu.memattrs`)."""
-        self.warn_sink.check()
         kvm_vm_ioctl_set_mem_attributes(self, address, size, attributes, flags)
 
+    @_vm_ioctl
     def enable_manual_dirty_log_protect(self, flags: int) -> None:
         """``KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)``."""
-        self.warn_sink.check()
+        flags = int_arg("flags", flags)
         if flags & ~(M.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | M.KVM_DIRTY_LOG_INITIALLY_SET):
             raise M.DirtyLogError(f"bad flags {flags:#x}")
         if flags and not flags & M.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
             raise M.DirtyLogError("INITIALLY_SET needs MANUAL_PROTECT_ENABLE")
         self.manual_dirty_log_protect = flags
 
+    @_vm_ioctl
     def get_dirty_log(self, slot: int) -> np.ndarray:
-        self.warn_sink.check()
         return M.kvm_get_dirty_log_protect(self, slot)
 
+    @_vm_ioctl
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap) -> None:
-        self.warn_sink.check()
         M.kvm_clear_dirty_log_protect(self, slot, first_page, num_pages, bitmap)
 
     def mark_page_dirty(self, gfn, as_id: int = 0) -> None:
         """``mark_page_dirty`` for an int gfn or an array of gfns of one slot."""
-        g0 = int(np.asarray(gfn).ravel()[0]) if np.ndim(gfn) else int(gfn)
-        M.mark_page_dirty_in_slot(self, self.memslots[as_id].gfn_to_memslot(g0), gfn)
+        slots = self.memslots[self._as_id(as_id)]
+        if isinstance(gfn, np.ndarray):
+            gfn = check_array("gfn", gfn)
+            if not gfn.size:
+                return
+            g0 = int(gfn[0])
+        else:
+            gfn = g0 = int_arg("gfn", gfn)
+        M.mark_page_dirty_in_slot(self, slots.gfn_to_memslot(g0), gfn)
 
     # -- the MMU seam (kvmmmu.mmu): the kernel's kvm_arch_* / kvm_mmu_* entry ------
     # points, bound as methods so a caller pays one Python call.
@@ -809,7 +883,7 @@ class VM:
     kvm_mmu_change_mmu_pages = _mmu.kvm_mmu_change_mmu_pages
 
     def mmio_generation(self, as_id: int = 0) -> int:
-        return self.memslots[as_id].generation & MMIO_SPTE_GEN_MASK
+        return self.memslots[self._as_id(as_id)].generation & MMIO_SPTE_GEN_MASK
 
     # -- snapshots and audit ---------------------------------------------------------
     def snapshot(self):

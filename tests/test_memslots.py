@@ -154,7 +154,7 @@ def test_lpage_runtime_counts_and_max_mapping_level():
     assert s.lpage_info[0].tolist() == [0, 1] and s.lpage_info[1].tolist() == [2]
     assert vm.kvm_mmu_max_mapping_level(s, 0x205) == 1
     assert vm.kvm_mmu_max_mapping_level(s, 0x5) == 2
-    lv = vm.kvm_mmu_max_mapping_level_array(s, np.arange(0, 0x400, dtype=np.uint64))
+    lv = M.kvm_mmu_max_mapping_level_array(vm, s, np.arange(0, 0x400, dtype=np.uint64))
     assert (lv[:0x200] == 2).all() and (lv[0x200:] == 1).all()
     vm.audit()
     vm.kvm_mmu_gfn_allow_lpage(s, 0x205)
@@ -351,7 +351,7 @@ def test_metadata_enomem_leaves_vm_unchanged():
     vm = VM("tdp")
     vm.set_user_memory_region(0, M.KVM_MEM_LOG_DIRTY_PAGES, 0, 2 * MiB, H)
     before = vm.snapshot()
-    vm.fail_next_metadata_alloc = True
+    vm._fail_next_metadata_alloc = True
     with pytest.raises(KvmNoMemoryError):
         vm.set_user_memory_region(1, M.KVM_MEM_LOG_DIRTY_PAGES, 4 * MiB, 2 * MiB, H)
     assert vm.snapshot() == before

@@ -137,3 +137,30 @@ def test_below_vm_layers_do_not_reach_into_the_vm():
         assert "kvmmmu.vm" not in sys.modules
         raise LookupError("done")
     """, LookupError, match="done")
+
+
+class _FailingMmu(RecordingMmu):
+    def kvm_unmap_gfn_range(self, rng):
+        super().kvm_unmap_gfn_range(rng)
+        raise RuntimeError("MMU bug in kvm_unmap_gfn_range")
+
+
+def test_a_backend_that_raises_in_an_invalidation_leaves_no_invalidation_open():
+    vm = VM("tdp", host=HostConfig(tdp="ept"))
+    slot = vm.add_memory(0, 4 * MiB, populate=True)
+    hva = slot.userspace_addr
+    ok = vm.register_mmu(RecordingMmu())
+    vm.register_mmu(_FailingMmu())
+    seq = vm.notifier.mmu_invalidate_seq
+    with pytest.raises(RuntimeError, match="MMU bug"):
+        vm.host.munmap(hva, 4096)
+    n = vm.notifier
+    assert n.mmu_invalidate_in_progress == 0 and n.mn_active_invalidate_count == 0
+    assert n.mmu_invalidate_seq > seq                # racing faults still retry
+    assert vm.host.open_invalidations == ()
+    assert ok.names()[0] == "kvm_unmap_gfn_range"
+    assert vm.audit(raise_=False) == []
+    # and the next invalidation works normally
+    vm.mmus.pop()
+    vm.host.munmap(hva, 4096)
+    assert n.mmu_invalidate_in_progress == 0 and vm.audit(raise_=False) == []

@@ -19,6 +19,9 @@ page-table-arena cores).  The target size is a 64 GiB guest (16M gfns).
   of 1 GiB.
 * ``MaxMappingLevel``: ``kvm_mmu_max_mapping_level`` for all 16M gfns of a
   64 GiB THP-backed slot in one batch call, and 100k scalar calls.
+* ``FaultinPfn``: 10k scalar ``kvm_mmu_faultin_pfn`` calls (the fault path's
+  Python part: memslot lookup, notifier pre-checks, hva_to_pfn) on a 1 GiB
+  THP-backed slot, and 10k ``is_page_fault_stale`` checks.
 
 Operations that change the VM set ``number = 1`` (``setup`` runs before each
 sample and builds a fresh VM, untimed).
@@ -26,6 +29,7 @@ sample and builds a fresh VM, untimed).
 import numpy as np
 
 from kvmmmu import memslots as M
+from kvmmmu import mmu as MMU
 from kvmmmu.host import HostConfig
 from kvmmmu.vm import VM
 
@@ -144,9 +148,30 @@ class MaxMappingLevel:
         self.sample = [int(x) for x in rng.integers(0, 16 << 20, 100_000)]
 
     def time_batch_16M_gfns(self):
-        M.kvm_mmu_max_mapping_level_array(self.vm, self.slot, self.gfns)
+        MMU.kvm_mmu_max_mapping_level_array(self.vm, self.slot, self.gfns)
 
     def time_scalar_100k_gfns(self):
-        f, vm, s = M.kvm_mmu_max_mapping_level, self.vm, self.slot
+        f, vm, s = MMU.kvm_mmu_max_mapping_level, self.vm, self.slot
         for g in self.sample:
             f(vm, s, g)
+
+
+class FaultinPfn:
+    def setup(self):
+        self.vm = VM("tdp_mmu", host=HostConfig(tdp="ept"))
+        self.slot = self.vm.add_memory(0, GiB, thp=True, populate=True)
+        self.vcpu = self.vm.vcpus[0]
+        rng = np.random.default_rng(1234)
+        self.sample = [int(x) for x in rng.integers(0, GiB >> 12, 10_000)]
+
+    def time_faultin_pfn_10k(self):
+        f, v = self.vm.kvm_mmu_faultin_pfn, self.vcpu
+        for g in self.sample:
+            f(v, g, write=True)
+
+    def time_is_page_fault_stale_10k(self):
+        vm, s = self.vm, self.slot
+        f, seq = vm.is_page_fault_stale, vm.notifier.mmu_invalidate_seq
+        with vm.mmu_lock.write():
+            for g in self.sample:
+                f(seq, g, s)

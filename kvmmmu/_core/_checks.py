@@ -14,6 +14,12 @@ import numpy as np
 U64_MAX = (1 << 64) - 1
 
 
+class ArgumentRangeError(ValueError, OverflowError):
+    """An integer argument outside its range.  Both a ValueError (a bad
+    value) and an OverflowError (what a C-typed argument raises for a value
+    that does not fit), so callers may catch either."""
+
+
 def check_array(name, arr, dtype=np.uint64, writable=False):
     """Return `arr` if it is a 1-d, C-contiguous ndarray of `dtype`
     (and writable, if asked); raise TypeError/ValueError naming `name` if not."""
@@ -29,6 +35,21 @@ def check_array(name, arr, dtype=np.uint64, writable=False):
     if writable and not arr.flags.writeable:
         raise ValueError(f"{name} must be writable")
     return arr
+
+
+def check_uint_array(name, arr):
+    """`arr` (a 1-d ndarray of any integer dtype) as uint64.  A signed array
+    is accepted only if no element is negative (checked, never wrapped);
+    floats, bools and non-arrays are refused with a TypeError naming `name`."""
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of integers, not {type(arr).__name__}")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype, not {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, not {arr.ndim}-d")
+    if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+        raise ArgumentRangeError(f"{name} holds a negative value ({int(arr.min())})")
+    return arr if arr.dtype == np.uint64 else arr.astype(np.uint64)
 
 
 def out_array(name, out, n, dtype, inputs=()):
@@ -68,16 +89,17 @@ def int_arg(name, value, lo=0, hi=U64_MAX):
     except TypeError:
         raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
     if not lo <= v <= hi:
-        raise ValueError(f"{name}={v:#x} is outside {lo:#x}..{hi:#x}")
+        raise ArgumentRangeError(f"{name}={v:#x} is outside {lo:#x}..{hi:#x}")
     return v
 
 
 def readonly(arr):
     """A zero-copy read-only view of the C-contiguous `arr` that cannot be
-    flipped back to writable: its memory comes from a read-only memoryview,
-    so ``setflags(write=True)`` raises."""
-    ro = memoryview(arr).toreadonly()
-    return np.frombuffer(ro, dtype=arr.dtype).reshape(arr.shape)
+    flipped back to writable: its memory comes from a read-only memoryview
+    (of the raw bytes, so structured dtypes work too), so
+    ``setflags(write=True)`` raises."""
+    raw = arr.reshape(-1).view(np.uint8)
+    return np.frombuffer(memoryview(raw).toreadonly(), dtype=arr.dtype).reshape(arr.shape)
 
 
 def export(namespace, name):

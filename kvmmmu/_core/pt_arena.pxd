@@ -663,10 +663,10 @@ cdef void rcu_barrier(pt_arena_t *a) noexcept nogil
 cdef class PtArena:
     cdef pt_arena_t a
     cdef readonly SpteFormat fmt
-    cdef list _chunks           # numpy uint8 buffer per chunk (owns the memory)
-    cdef list _table_views      # (tables_per_chunk, 512) uint64 view per chunk
-    cdef list _header_views     # (tables_per_chunk,) HEADER_DTYPE view per chunk
-    cdef list _meta_views       # (tables_per_chunk,) META_DTYPE view per chunk
+    cdef tuple _chunks           # numpy uint8 buffer per chunk (owns the memory)
+    cdef tuple _table_views      # (tables_per_chunk, 512) uint64 view per chunk
+    cdef tuple _header_views     # (tables_per_chunk,) HEADER_DTYPE view per chunk
+    cdef tuple _meta_views       # (tables_per_chunk,) META_DTYPE view per chunk
     cdef void *_vcpus_raw       # malloc'd, unaligned base of a.vcpus
     cdef list _walk_owner       # thread ident inside a Python-level walk, per vCPU
     cdef object _host_ad        # default host accessed/dirty callback

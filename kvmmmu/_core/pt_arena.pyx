@@ -67,6 +67,7 @@ cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
+from cpython.exc cimport PyErr_CheckSignals
 
 import threading
 import time
@@ -74,7 +75,8 @@ import warnings
 
 import numpy as np
 
-from kvmmmu._core._checks import check_array as _check_array, out_array as _out_array
+from kvmmmu._core._checks import (check_array as _check_array, out_array as _out_array,
+                                  readonly as _readonly)
 from kvmmmu.errors import KvmNoMemoryError
 
 from kvmmmu._core.defs import PAGE_SIZE, SPTE_ENT_PER_PAGE
@@ -124,6 +126,8 @@ ACCESS_EVENTS = {
 
 DEFAULT_TABLES_PER_CHUNK = 512          # 2 MiB of SPTEs per chunk
 DEFAULT_MAX_TABLES = 1 << 22            # 16 GiB of page tables
+#: Most events an access log may hold (16 bytes each: 4 GiB).
+ACCESS_LOG_MAX = 1 << 28
 SPTES_PER_PAGE = SPTE_ENT_PER_PAGE    # the arena's historical name
 
 _WARN_TEXT = (
@@ -137,6 +141,11 @@ _WARN_TEXT = (
     "(WARN_ON_ONCE)",
     "kvm_update_page_stats: level outside 4K..1G (model check)",
 )
+
+
+class KvmDeadWalkerError(RuntimeError):
+    """A wait for lockless walkers (remote TLB flush, grace period) would never
+    end: the thread inside the walk has exited without ending it."""
 
 
 class KvmUseAfterFreeError(RuntimeError):
@@ -397,6 +406,32 @@ cdef int kvm_flush_remote_tlbs(pt_arena_t *a) noexcept nogil:
     return waited
 
 
+cdef int _flush_remote_tlbs_slice(pt_arena_t *a, int *nxt, int *waited,
+                                  uint64_t max_spins) noexcept nogil:
+    """The vCPU loop of kvm_flush_remote_tlbs from vCPU ``*nxt`` on, spinning
+    at most ``max_spins`` times: 1 when every vCPU was handled, 0 when the
+    budget ran out waiting for vCPU ``*nxt`` (call again to go on)."""
+    cdef uint64_t w, spins = 0
+    cdef kvm_vcpu_lockless *v
+    while nxt[0] < a.nr_vcpus:
+        v = &a.vcpus[nxt[0]]
+        w = pt_load_acquire64(&v.mode)
+        if (w & 3) == IN_GUEST_MODE:
+            pt_try_cmpxchg64(&v.mode, &w, (w & ~(<uint64_t>3)) | EXITING_GUEST_MODE)
+        elif (w & 3) == READING_SHADOW_PAGE_TABLES:
+            if spins == 0:
+                waited[0] += 1
+            while pt_load_acquire64(&v.mode) == w:
+                if spins >= max_spins:
+                    if spins:
+                        waited[0] -= 1          # counted again when resumed
+                    return 0
+                _spin(&spins)
+        nxt[0] += 1
+        spins = 0
+    return 1
+
+
 cdef void kvm_mmu_commit_zap_page(pt_arena_t *a, const uint64_t *sps, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     cdef kvm_mmu_page *h
@@ -523,6 +558,7 @@ class _LocklessWalk:
 
 # --- the arena -------------------------------------------------------------------
 
+@cython.no_gc_clear              # MmuMemoryCache.__dealloc__ may still use the chunks
 cdef class PtArena:
     """All page-table pages and ``kvm_mmu_page`` headers of one VM.
 
@@ -624,10 +660,10 @@ cdef class PtArena:
         for i in range(3):
             self.a.pools[i].arena = &self.a
             self.a.pools[i].kind = i
-        self._chunks = []
-        self._table_views = []
-        self._header_views = []
-        self._meta_views = []
+        self._chunks = ()
+        self._table_views = ()
+        self._header_views = ()
+        self._meta_views = ()
         self._walk_owner = [None] * nr_vcpus
         self._host_ad = host_ad
 
@@ -726,16 +762,18 @@ cdef class PtArena:
             pad = (PAGE_SIZE_C - (addr & (PAGE_SIZE_C - 1))) & (PAGE_SIZE_C - 1)
             c = a.n_chunks
             a.chunk_base[c] = <uint8_t *>(addr + pad)
-            self._chunks.append(buf)
-            self._table_views.append(buf[pad:pad + T * PAGE_SIZE_C].view(np.uint64).reshape(T, SPTES_PER_PAGE_C))
-            self._header_views.append(buf[pad + a.hdr_off:pad + a.meta_off].view(HEADER_DTYPE))
-            self._meta_views.append(buf[pad + a.meta_off:pad + a.meta_off + T * sizeof(pt_slot_meta)].view(META_DTYPE))
+            # Tuples, not lists: the garbage collector never clears a tuple,
+            # so a reference cycle cannot free chunk memory C still uses.
+            self._chunks += (buf,)
+            self._table_views += (buf[pad:pad + T * PAGE_SIZE_C].view(np.uint64).reshape(T, SPTES_PER_PAGE_C),)
+            self._header_views += (buf[pad + a.hdr_off:pad + a.meta_off].view(HEADER_DTYPE),)
+            self._meta_views += (buf[pad + a.meta_off:pad + a.meta_off + T * sizeof(pt_slot_meta)].view(META_DTYPE),)
             pt_store_release64(&a.n_chunks, c + 1)
         return 0
 
     def grow(self, uint64_t n_chunks=1):
         """Allocate `n_chunks` more chunks now (caches grow the arena on demand)."""
-        if self.a.n_chunks + n_chunks > self.a.max_chunks:
+        if n_chunks > self.a.max_chunks - self.a.n_chunks:      # no wrap-around
             raise KvmNoMemoryError(f"page-table arena is full ({self.a.n_chunks} of "
                                    f"{self.a.max_chunks} chunks)")
         cdef uint64_t T = self.a.tables_per_chunk
@@ -876,11 +914,19 @@ cdef class PtArena:
         return self._table_views[chunk]
 
     def chunk_headers(self, uint64_t chunk):
-        """``(tables_per_chunk,)`` :data:`HEADER_DTYPE` view of a chunk's headers."""
-        return self._header_views[chunk]
+        """``(tables_per_chunk,)`` :data:`HEADER_DTYPE` view of a chunk's headers
+        (read-only, like :meth:`sp_header`)."""
+        return _readonly(self._header_views[chunk])
 
     def sp_header(self, uint64_t sp):
-        """0-d :data:`HEADER_DTYPE` view of `sp`'s header (any state)."""
+        """0-d :data:`HEADER_DTYPE` view of `sp`'s header (any state), read-only
+        and not re-flippable: C follows several of its fields (spt,
+        parent_ptes, shadowed_translation); change fields with :meth:`set_sp`."""
+        return _readonly(self._sp_header_rw(sp))
+
+    def _sp_header_rw(self, uint64_t sp):
+        """The writable header view, for tests that plant corruption for the
+        auditor to find.  Not API: what is planted here, C will follow."""
         if sp == 0 or sp > self.a.n_chunks * self.a.tables_per_chunk:
             raise ValueError(f"sp {sp} is not a header slot of this arena")
         return self._header_views[(sp - 1) >> self.a.chunk_shift][(sp - 1) & self.a.chunk_mask, ...]
@@ -947,7 +993,7 @@ cdef class PtArena:
                     raise OverflowError(f"{name}={value} does not fit {names[name][2]} "
                                         f"({np.dtype(names[name][1]).itemsize * 8}-bit)")
             staged.append((name, value))
-        v = self.sp_header(sp)
+        v = self._sp_header_rw(sp)
         for name, value in staged:
             v[name] = value
 
@@ -1021,10 +1067,21 @@ cdef class PtArena:
         """Flush every vCPU's TLB, waiting for vCPUs in
         READING_SHADOW_PAGE_TABLES to end their walk (IN_GUEST_MODE vCPUs are
         kicked to EXITING_GUEST_MODE).  Returns the number of vCPUs waited for."""
-        cdef int waited
+        cdef int waited = 0, nxt = 0, done = 0
         self._no_walk_in_this_thread("kvm_flush_remote_tlbs", rcu=False)
-        with nogil:
-            waited = kvm_flush_remote_tlbs(&self.a)
+        self.a.remote_tlb_flush_requests += 1
+        pt_smp_mb()
+        # Wait in GIL-released slices; between them, a walker thread that
+        # died inside its walk raises instead of hanging, and Ctrl-C works.
+        while True:
+            with nogil:
+                done = _flush_remote_tlbs_slice(&self.a, &nxt, &waited, 1 << 16)
+            if done:
+                break
+            self._no_walk_in_this_thread("kvm_flush_remote_tlbs", rcu=False)
+            PyErr_CheckSignals()
+        self.a.remote_tlb_flush += 1
+        self.a.flush_ipis_waited += waited
         return waited
 
     def call_rcu_free_sp(self, uint64_t sp):
@@ -1051,11 +1108,22 @@ cdef class PtArena:
             rcu_barrier(&self.a)
 
     def _no_walk_in_this_thread(self, what, bint rcu):
+        """Refuse a wait that could never end: this thread, or a thread that
+        has exited, is inside a lockless walk the wait would wait for."""
         me = threading.get_ident()
+        alive = None
         for v, owner in enumerate(self._walk_owner):
-            if owner == me and (rcu == bool(self.a.vcpus[v].tdp_mmu_active)):
+            if owner is None or rcu != bool(self.a.vcpus[v].tdp_mmu_active):
+                continue
+            if owner == me:
                 raise RuntimeError(f"{what} would wait forever: this thread is inside a "
                                    f"lockless walk of vCPU {v}")
+            if alive is None:
+                alive = {t.ident for t in threading.enumerate()}
+            if owner not in alive:
+                raise KvmDeadWalkerError(
+                    f"{what} would wait forever: thread {owner} exited inside a lockless "
+                    f"walk of vCPU {v} (end the walk with walk_shadow_page_lockless_end)")
 
     # -- lockless walks --------------------------------------------------------------
 
@@ -1222,7 +1290,7 @@ cdef class PtArena:
         """
         _check_array("spteps", spteps)
         cdef Py_ssize_t n = spteps.shape[0], i, bad = -1, poisoned = -1
-        out = _out_array("out", out, n, np.uint64)
+        out = _out_array("out", out, n, np.uint64, inputs=(spteps,))
         if n == 0:
             return out
         cdef const uint64_t[::1] s = spteps
@@ -1263,13 +1331,12 @@ cdef class PtArena:
         access of the low-level accessors, in program order, until
         :meth:`stop_access_log` (at most `capacity` events).  For tests and
         teaching; not thread-safe (use from one thread)."""
-        if capacity <= 0:
-            raise ValueError("capacity must be positive")
-        free(self.a.log)
-        self.a.log = NULL
+        if not 0 < capacity <= ACCESS_LOG_MAX:
+            raise ValueError(f"capacity={capacity} is outside 1..{ACCESS_LOG_MAX}")
         cdef uint64_t *buf = <uint64_t *>malloc(2 * capacity * sizeof(uint64_t))
         if buf == NULL:
-            raise MemoryError()
+            raise MemoryError(f"access log of {capacity} events")
+        free(self.a.log)                    # only once the new one exists
         self.a.log_len = 0
         self.a.log_cap = capacity
         self.a.log = buf

@@ -344,11 +344,13 @@ cdef class PteListDescCache:
 cdef class RmapSlot:
     cdef kvm_rmap_slot c                 # geometry + head pointers (into `rmap` arrays)
     cdef readonly PteListDescPool pool   # descriptors of every chain in this slot
-    cdef readonly tuple rmap             # numpy uint64 arrays, rmap[level - 1]
+    cdef readonly tuple rmap             # read-only views of the heads, rmap[level - 1]
+    cdef tuple _owners                   # the arrays that own the head words
 
 
 cdef class RmapHead:
-    cdef kvm_rmap_head *head             # the word (inside `owner`)
+    cdef kvm_rmap_head _own              # the word of a head made outside a factory (empty)
+    cdef kvm_rmap_head *head             # the word (inside `owner`, or &_own)
     cdef object owner                    # keeps the word's memory alive
     cdef readonly PteListDescPool pool   # descriptors of this chain
 

@@ -66,7 +66,8 @@ from threading import get_ident as _get_ident
 
 import numpy as np
 
-from kvmmmu._core._checks import check_array as _check_array, export, out_array as _out_array
+from kvmmmu._core._checks import (check_array as _check_array, export, int_arg as _int_arg,
+                                  out_array as _out_array, readonly as _readonly)
 from kvmmmu.errors import KvmNoMemoryError
 
 cdef extern from "<stdlib.h>" nogil:
@@ -707,6 +708,17 @@ cdef class PteListDescCache:
         return f"PteListDescCache(nobjs={self.mc.nobjs}, capacity={self.mc.capacity})"
 
 
+cdef PteListDescPool _ORPHAN_POOL = None
+
+
+cdef PteListDescPool _orphan_pool():
+    """The pool of heads made by ``RmapHead.__new__`` outside a factory."""
+    global _ORPHAN_POOL
+    if _ORPHAN_POOL is None:
+        _ORPHAN_POOL = PteListDescPool()
+    return _ORPHAN_POOL
+
+
 cdef inline RmapHead _make_head(kvm_rmap_head *h, object owner, PteListDescPool pool):
     cdef RmapHead r = RmapHead.__new__(RmapHead)
     r.head = h
@@ -760,19 +772,21 @@ cdef class RmapSlot:
         if base_gfn < 0 or npages < 1 or base_gfn + npages > MAX_GFN:
             raise ValueError(f"slot [base_gfn={base_gfn:#x}, +npages={npages:#x}) must be non-empty "
                              f"and below MAX_GFN={MAX_GFN:#x}")
-        self.pool = pool
+        # Every array is allocated before C sees any of it: a MemoryError
+        # half-way leaves no pointer for __dealloc__ to walk.
+        arrays = [np.zeros(kvm_mmu_slot_lpages(base_gfn, npages, level), dtype=np.uint64)
+                  for level in range(1, KVM_NR_PAGE_SIZES + 1)]
+        self._owners = tuple(arrays)
         self.c.base_gfn = base_gfn
         self.c.npages = npages
-        arrays = []
         for level in range(1, KVM_NR_PAGE_SIZES + 1):
-            lp = kvm_mmu_slot_lpages(self.c.base_gfn, self.c.npages, level)
-            arr = np.zeros(lp, dtype=np.uint64)
-            mv = arr
+            mv = arrays[level - 1]
             self.c.rmap[level - 1] = <kvm_rmap_head *>&mv[0]
-            self.c.lpages[level - 1] = lp
-            arr.flags.writeable = False
-            arrays.append(arr)
-        self.rmap = tuple(arrays)
+            self.c.lpages[level - 1] = mv.shape[0]
+        self.pool = pool
+        # What Python sees: read-only views that cannot be flipped back to
+        # writable (the heads are words C follows as pointers).
+        self.rmap = tuple(_readonly(a) for a in arrays)
 
     def __dealloc__(self):
         cdef int i
@@ -800,20 +814,24 @@ cdef class RmapSlot:
         """Bytes of rmap heads, all levels (descriptors are in the pool)."""
         return 8 * sum(self.lpages)
 
-    def gfn_to_rmap(self, uint64_t gfn, int level=1):
+    def gfn_to_rmap(self, gfn, level=1):
         """Same as :func:`gfn_to_rmap`."""
-        _check_level(level)
-        _check_gfn(&self.c, gfn)
-        return _make_head(gfn_to_rmap(gfn, level, &self.c), self, self.pool)
+        cdef uint64_t g = _int_arg("gfn", gfn, 0, 0xFFFFFFFFFFFFFFFF)
+        cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+        _check_level(lv)
+        _check_gfn(&self.c, g)
+        return _make_head(gfn_to_rmap(g, lv, &self.c), self, self.pool)
 
-    def index_to_gfn(self, uint64_t index, int level=1):
+    def index_to_gfn(self, index, level=1):
         """First gfn of head ``index`` at ``level`` (may lie below base_gfn
         for the partial first frame; the slot's own gfns start at base_gfn)."""
-        _check_level(level)
-        if index >= self.c.lpages[level - 1]:
-            raise IndexError(f"index={index} is outside 0..{self.c.lpages[level - 1] - 1}")
-        shift = (level - 1) * KVM_HPAGE_GFN_SHIFT_PER_LEVEL
-        return ((self.c.base_gfn >> shift) + index) << shift
+        cdef uint64_t idx = _int_arg("index", index, 0, 0xFFFFFFFFFFFFFFFF)
+        cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+        _check_level(lv)
+        if idx >= self.c.lpages[lv - 1]:
+            raise IndexError(f"index={idx} is outside 0..{self.c.lpages[lv - 1] - 1}")
+        shift = (lv - 1) * KVM_HPAGE_GFN_SHIFT_PER_LEVEL
+        return ((self.c.base_gfn >> shift) + idx) << shift
 
     def snapshot(self):
         """A comparable picture of every non-empty head and its exact chain:
@@ -858,6 +876,14 @@ cdef class RmapHead:
     entries (sptep ints) in the kernel's walk order; ``len()`` is
     ``pte_list_count``.  Heads compare equal when they name the same word.
     """
+
+    def __cinit__(self, *args, **kwargs):
+        # Until a factory points it at a real word, a head is its own empty
+        # word in a private pool: RmapHead.__new__(RmapHead) is harmless.
+        self._own.val = 0
+        self.head = &self._own
+        self.owner = None
+        self.pool = _orphan_pool()
 
     def __init__(self, *args, **kwargs):
         raise TypeError("RmapHead objects come from gfn_to_rmap() or ParentPtes()")
@@ -975,14 +1001,16 @@ cdef class ParentPtes(RmapHead):
 # ------------------------------------------------------------------ kernel-named head API
 
 @_export("gfn_to_rmap")
-def _py_gfn_to_rmap(uint64_t gfn, int level, RmapSlot slot not None):
+def _py_gfn_to_rmap(gfn, level, RmapSlot slot not None):
     """The rmap head of ``gfn`` at ``level`` in ``slot``.
 
     Raises InvalidLevelError (level not 1..3) or GfnOutOfSlotError.
     """
-    _check_level(level)
-    _check_gfn(&slot.c, gfn)
-    return _make_head(gfn_to_rmap(gfn, level, &slot.c), slot, slot.pool)
+    cdef uint64_t g = _int_arg("gfn", gfn, 0, 0xFFFFFFFFFFFFFFFF)
+    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+    _check_level(lv)
+    _check_gfn(&slot.c, g)
+    return _make_head(gfn_to_rmap(g, lv, &slot.c), slot, slot.pool)
 
 
 # gfn_to_index and kvm_mmu_slot_lpages have their Python home in kvmmmu._core.defs.
@@ -992,7 +1020,7 @@ globals()["kvm_mmu_slot_lpages"] = _defs.kvm_mmu_slot_lpages
 
 
 @_export("pte_list_add")
-def _py_pte_list_add(PteListDescCache cache not None, uint64_t sptep, RmapHead head not None):
+def _py_pte_list_add(PteListDescCache cache not None, sptep, RmapHead head not None):
     """pte_list_add: add ``sptep`` to ``head``'s list under the rmap lock.
 
     Returns
@@ -1004,12 +1032,13 @@ def _py_pte_list_add(PteListDescCache cache not None, uint64_t sptep, RmapHead h
     (the list is unchanged), InvalidSptepError, ValueError (cache of another
     pool), RmapLockError (this thread holds the head's lock).
     """
+    cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
     cdef uint64_t v
     cdef int r
-    _check_sptep(sptep)
+    _check_sptep(sp)
     _check_same_pool(cache, head.pool)
     v = _lock_py(head.head)
-    r = __pte_list_add(&cache.mc, sptep, &v)
+    r = __pte_list_add(&cache.mc, sp, &v)
     kvm_rmap_unlock(head.head, v)
     if r < 0:
         raise KvmNoMemoryError("vCPU pte_list_desc cache is empty: topup() before the fault")
@@ -1017,20 +1046,21 @@ def _py_pte_list_add(PteListDescCache cache not None, uint64_t sptep, RmapHead h
 
 
 @_export("pte_list_remove")
-def _py_pte_list_remove(uint64_t sptep, RmapHead head not None):
+def _py_pte_list_remove(sptep, RmapHead head not None):
     """pte_list_remove: remove one occurrence of ``sptep``.  The head
     descriptor's last entry fills the hole; an emptied head descriptor is freed.
 
     Raises RmapDataCorruptionError if ``sptep`` is not in the list (the
     kernel's KVM_BUG_ON_DATA_CORRUPTION; the list is unchanged).
     """
+    cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
     cdef uint64_t v
     cdef int r
     v = _lock_py(head.head)
-    r = __pte_list_remove(&head.pool.c, sptep, &v)
+    r = __pte_list_remove(&head.pool.c, sp, &v)
     kvm_rmap_unlock(head.head, v)
     if r < 0:
-        raise _data_corruption(head.pool, f"sptep={sptep:#x} is not in rmap head {<uintptr_t>head.head:#x}")
+        raise _data_corruption(head.pool, f"sptep={sp:#x} is not in rmap head {<uintptr_t>head.head:#x}")
 
 
 @_export("pte_list_count")
@@ -1217,22 +1247,24 @@ cdef class RmapLock:
     def __iter__(self):
         return iter(self.sptes().tolist())
 
-    def add(self, PteListDescCache cache not None, uint64_t sptep):
+    def add(self, PteListDescCache cache not None, sptep):
         """pte_list_add's body under this (writer) lock; returns the count before."""
+        cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
         cdef int r
         self._check_writer()
-        _check_sptep(sptep)
+        _check_sptep(sp)
         _check_same_pool(cache, self.head.pool)
-        r = __pte_list_add(&cache.mc, sptep, &self.val)
+        r = __pte_list_add(&cache.mc, sp, &self.val)
         if r < 0:
             raise KvmNoMemoryError("vCPU pte_list_desc cache is empty: topup() before the fault")
         return r
 
-    def remove(self, uint64_t sptep):
+    def remove(self, sptep):
         """pte_list_remove's body under this (writer) lock."""
+        cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
         self._check_writer()
-        if __pte_list_remove(&self.head.pool.c, sptep, &self.val) < 0:
-            raise _data_corruption(self.head.pool, f"sptep={sptep:#x} is not in the locked rmap")
+        if __pte_list_remove(&self.head.pool.c, sp, &self.val) < 0:
+            raise _data_corruption(self.head.pool, f"sptep={sp:#x} is not in the locked rmap")
 
     def unlock(self):
         """Release (writers publish ``val``).  Raises RmapLockError if a
@@ -1265,8 +1297,8 @@ cdef class RmapLock:
 # ------------------------------------------------------------------ scalar rmap API (slot, gfn, level)
 
 @_export("rmap_add")
-def _py_rmap_add(PteListDescCache cache not None, RmapSlot slot not None, uint64_t gfn,
-                uint64_t sptep, int level=1, zap=None):
+def _py_rmap_add(PteListDescCache cache not None, RmapSlot slot not None, gfn,
+                sptep, level=1, zap=None):
     """__rmap_add's list part: pte_list_add on ``gfn_to_rmap(gfn, level,
     slot)``, then the ``max_mmu_rmap_size`` stat, then recycling.
 
@@ -1281,17 +1313,20 @@ def _py_rmap_add(PteListDescCache cache not None, RmapSlot slot not None, uint64
     Raises InvalidLevelError, GfnOutOfSlotError, InvalidSptepError, ValueError
     (cache of another pool), KvmNoMemoryError (empty cache; nothing changed).
     """
+    cdef uint64_t g = _int_arg("gfn", gfn, 0, 0xFFFFFFFFFFFFFFFF)
+    cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
+    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
     cdef kvm_rmap_head *head
     cdef uint64_t v
     cdef int n
     cdef _zap_collector col
-    _check_level(level)
-    _check_gfn(&slot.c, gfn)
-    _check_sptep(sptep)
+    _check_level(lv)
+    _check_gfn(&slot.c, g)
+    _check_sptep(sp)
     _check_same_pool(cache, slot.pool)
-    head = gfn_to_rmap(gfn, level, &slot.c)
+    head = gfn_to_rmap(g, lv, &slot.c)
     v = _lock_py(head)
-    n = __pte_list_add(&cache.mc, sptep, &v)
+    n = __pte_list_add(&cache.mc, sp, &v)
     kvm_rmap_unlock(head, v)
     if n < 0:
         raise KvmNoMemoryError("vCPU pte_list_desc cache is empty: topup() before the fault")
@@ -1302,27 +1337,32 @@ def _py_rmap_add(PteListDescCache cache not None, RmapSlot slot not None, uint64
 
 
 @_export("rmap_remove")
-def _py_rmap_remove(RmapSlot slot not None, uint64_t gfn, uint64_t sptep, int level=1):
+def _py_rmap_remove(RmapSlot slot not None, gfn, sptep, level=1):
     """pte_list_remove on ``gfn_to_rmap(gfn, level, slot)`` (the list part of
     the kernel's rmap_remove).  Raises RmapDataCorruptionError when absent."""
+    cdef uint64_t g = _int_arg("gfn", gfn, 0, 0xFFFFFFFFFFFFFFFF)
+    cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
+    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
     cdef kvm_rmap_head *head
     cdef uint64_t v
     cdef int r
-    _check_level(level)
-    _check_gfn(&slot.c, gfn)
-    head = gfn_to_rmap(gfn, level, &slot.c)
+    _check_level(lv)
+    _check_gfn(&slot.c, g)
+    head = gfn_to_rmap(g, lv, &slot.c)
     v = _lock_py(head)
-    r = __pte_list_remove(&slot.pool.c, sptep, &v)
+    r = __pte_list_remove(&slot.pool.c, sp, &v)
     kvm_rmap_unlock(head, v)
     if r < 0:
-        raise _data_corruption(slot.pool, f"sptep={sptep:#x} is not in the level-{level} rmap of gfn={gfn:#x}")
+        raise _data_corruption(slot.pool, f"sptep={sp:#x} is not in the level-{lv} rmap of gfn={g:#x}")
 
 
-def rmap_count(RmapSlot slot not None, uint64_t gfn, int level=1):
+def rmap_count(RmapSlot slot not None, gfn, level=1):
     """pte_list_count of ``gfn_to_rmap(gfn, level, slot)``."""
-    _check_level(level)
-    _check_gfn(&slot.c, gfn)
-    return pte_list_count(gfn_to_rmap(gfn, level, &slot.c))
+    cdef uint64_t g = _int_arg("gfn", gfn, 0, 0xFFFFFFFFFFFFFFFF)
+    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+    _check_level(lv)
+    _check_gfn(&slot.c, g)
+    return pte_list_count(gfn_to_rmap(g, lv, &slot.c))
 
 
 # ------------------------------------------------------------------ batch API (nogil loops)
@@ -1450,7 +1490,7 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
     n = gfns.shape[0]
     if sptes.shape[0] != n:
         raise ValueError(f"gfns and sptes differ in length ({n} vs {sptes.shape[0]})")
-    out = _out_array("out", out, n, np.uint32)
+    out = _out_array("out", out, n, np.uint32, inputs=(gfns, sptes))
     _check_same_pool(cache, slot.pool)
     _check_no_lock_held_by_me()
     if n == 0:
@@ -1540,7 +1580,7 @@ def rmap_count_batch(RmapSlot slot not None, gfns, int level=1, out=None):
     _check_level(level)
     _check_array("gfns", gfns)
     n = gfns.shape[0]
-    out = _out_array("out", out, n, np.uint32)
+    out = _out_array("out", out, n, np.uint32, inputs=(gfns,))
     if n == 0:
         return out
     cdef const uint64_t[::1] g = gfns
@@ -1696,6 +1736,10 @@ def audit(obj, *, bint unique=True, bint allow_locked=False):
     Raises RmapAuditError listing every violation found.
     """
     objs = list(obj) if isinstance(obj, (list, tuple)) else [obj]
+    for o in objs:
+        if not isinstance(o, (RmapSlot, RmapHead)):
+            raise TypeError(f"audit() takes RmapSlot or RmapHead objects (or a list of them), "
+                            f"not {type(o).__name__}")
     if not objs:
         return dict(heads=0, entries=0, descriptors=0, max_count=0)
     pools = {id((<RmapSlot>o).pool if isinstance(o, RmapSlot) else (<RmapHead>o).pool) for o in objs}

@@ -35,12 +35,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvmmmu.live.kvm import Kvm, KvmError, Vcpu, Vm
+from kvmmmu.live.kvm import Kvm, KvmClosedError, KvmError, Vcpu, Vm
 from kvmmmu.live.stats import read_stats
 from kvmmmu.live.tracefs import TRACEFS, TraceInstance, mount_tracefs, tracefs_problem
 from kvmmmu.live.x86 import MODES, asm, setup_guest, write_tables
 
-__all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "TraceInstance", "TRACEFS", "read_stats",
+__all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmClosedError", "TraceInstance", "TRACEFS", "read_stats",
            "MODES", "asm", "setup_guest", "write_tables", "problem", "kvm_problem",
            "tracefs_problem", "mount_tracefs", "kvm_params", "host_guest_model"]
 

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import mmap
 import os
+import weakref
 
 import numpy as np
 
@@ -30,6 +31,39 @@ __all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "CpuidEntry"]
 
 class KvmError(OSError):
     """An ioctl failed; ``errno`` is the kernel's."""
+
+
+class KvmClosedError(KvmError):
+    """Use of a Kvm / Vm / Vcpu after close(): refused before any syscall, so a
+    recycled descriptor number is never used by mistake."""
+
+    def __init__(self, what):
+        super().__init__(errno.EBADF, f"{what} is closed")
+
+
+class _Fd:
+    """A descriptor owned by one object: closed by close(), or by a finalizer
+    when the owner is collected without it (so nothing leaks)."""
+
+    def __init__(self, owner, fd, *extra):
+        self.num = fd
+        self._fin = weakref.finalize(owner, _close_all, fd, *extra)
+
+    @property
+    def open(self):
+        return self._fin.alive
+
+    def close(self):
+        self._fin()          # runs at most once
+
+
+def _close_all(fd, *extra):
+    for x in extra:          # mmaps of the descriptor go first
+        try:
+            x.close()
+        except BufferError:
+            pass             # a caller still holds a view: unmapped when it is collected
+    os.close(fd)
 
 
 def _ioctl(fd, request, arg=0, what=""):
@@ -58,7 +92,7 @@ class Kvm:
     """
 
     def __init__(self, path="/dev/kvm"):
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._fd = _Fd(self, os.open(path, os.O_RDWR | os.O_CLOEXEC))
         self.api_version = _ioctl(self.fd, U.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
         self.vcpu_mmap_size = _ioctl(self.fd, U.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
 
@@ -86,10 +120,21 @@ class Kvm:
         """``KVM_CREATE_VM``."""
         return Vm(self, _ioctl(self.fd, U.KVM_CREATE_VM, vm_type, "KVM_CREATE_VM"))
 
+    @property
+    def fd(self) -> int:
+        """The descriptor; KvmClosedError once closed."""
+        if not self._fd.open:
+            raise KvmClosedError("/dev/kvm")
+        return self._fd.num
+
+    @property
+    def closed(self) -> bool:
+        return not self._fd.open
+
     def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close ``/dev/kvm``.  VMs created from it stay usable, as in the
+        kernel (a VM file holds its own reference to KVM)."""
+        self._fd.close()
 
     def __enter__(self):
         return self
@@ -110,7 +155,8 @@ class Vm:
 
     def __init__(self, kvm: Kvm, fd: int):
         self.kvm = kvm
-        self.fd = fd
+        self.vcpu_mmap_size = kvm.vcpu_mmap_size
+        self._fd = _Fd(self, fd)
         self.memory = []
         self._maps = []
         self.vcpus = []
@@ -150,13 +196,23 @@ class Vm:
         """The VM's binary stats (``KVM_GET_STATS_FD``) as ``{name: value}``."""
         return read_stats_of(self.fd)
 
+    @property
+    def fd(self) -> int:
+        """The VM descriptor; KvmClosedError once closed."""
+        if not self._fd.open:
+            raise KvmClosedError("the VM")
+        return self._fd.num
+
+    @property
+    def closed(self) -> bool:
+        return not self._fd.open
+
     def close(self):
+        """Close the vCPUs, the VM descriptor and the guest memory mappings."""
         for cpu in self.vcpus:
             cpu.close()
         self.vcpus = []
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._fd.close()
         self.memory = []
         for m in self._maps:
             try:
@@ -177,9 +233,13 @@ class Vcpu:
 
     def __init__(self, vm: Vm, fd: int, vcpu_id: int):
         self.vm = vm
-        self.fd = fd
         self.id = vcpu_id
-        self.run_area = mmap.mmap(fd, vm.kvm.vcpu_mmap_size)
+        try:
+            self.run_area = mmap.mmap(fd, vm.vcpu_mmap_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = _Fd(self, fd, self.run_area)
 
     # registers -------------------------------------------------------------
     def get_regs(self) -> U.kvm_regs:
@@ -255,8 +315,17 @@ class Vcpu:
         """The vCPU's binary stats (``KVM_GET_STATS_FD``) as ``{name: value}``."""
         return read_stats_of(self.fd)
 
+    @property
+    def fd(self) -> int:
+        """The vCPU descriptor; KvmClosedError once closed."""
+        if not self._fd.open:
+            raise KvmClosedError(f"vCPU {self.id}")
+        return self._fd.num
+
+    @property
+    def closed(self) -> bool:
+        return not self._fd.open
+
     def close(self):
-        if self.fd >= 0:
-            self.run_area.close()
-            os.close(self.fd)
-            self.fd = -1
+        """Unmap ``kvm_run`` and close the descriptor (idempotent)."""
+        self._fd.close()

@@ -551,11 +551,11 @@ BREAKAGES = {
     "cached page touched": (lambda a, pc, hc, r, c, g: a.table(pc.objects[0] - a.base_pfn)
                             .__setitem__(3, 5), "not SHADOW_NONPRESENT_VALUE"),
     "link to a freed table": (lambda a, pc, hc, r, c, g: zap(a, [c]), "links to page"),
-    "header does not own its page": (lambda a, pc, hc, r, c, g: a.sp_header(c)
+    "header does not own its page": (lambda a, pc, hc, r, c, g: a._sp_header_rw(c)
                                      .__setitem__("spt", a.get_sp(r)["spt"]), "does not point back"),
-    "freed header written": (lambda a, pc, hc, r, c, g: a.sp_header(g[0]).__setitem__("gfn", 1),
+    "freed header written": (lambda a, pc, hc, r, c, g: a._sp_header_rw(g[0]).__setitem__("gfn", 1),
                              "not poisoned"),
-    "cached header written": (lambda a, pc, hc, r, c, g: a.sp_header(hc.objects[0])
+    "cached header written": (lambda a, pc, hc, r, c, g: a._sp_header_rw(hc.objects[0])
                               .__setitem__("gfn", 1), "not zeroed"),
     "clear_spte_count on a 64-bit host": (lambda a, pc, hc, r, c, g: a.set_sp(c, clear_spte_count=1),
                                           "64-bit host"),
