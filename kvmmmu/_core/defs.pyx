@@ -68,15 +68,22 @@ RET_PF_NAMES = {
 cdef uint64_t _U64_MAX = 0xFFFFFFFFFFFFFFFF
 
 
+cdef object _int(str name, object v):
+    try:
+        return _index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(v).__name__}") from None
+
+
 cdef int _level(object level, int top=_KVM_MAX_HUGEPAGE_LEVEL) except -1:
-    cdef object lv = _index(level)
+    cdef object lv = _int("level", level)
     if not 1 <= lv <= top:
         raise ValueError(f"level {lv} is outside 1..{top}")
     return <int>lv
 
 
 cdef uint64_t _u64(str name, object v) except? 0xFFFFFFFFFFFFFFFF:
-    cdef object n = _index(v)
+    cdef object n = _int(name, v)
     if not 0 <= n <= _U64_MAX:
         raise ValueError(f"{name} {n:#x} is not a 64-bit frame number")
     return <uint64_t>n

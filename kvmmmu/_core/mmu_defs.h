@@ -76,4 +76,23 @@ static inline uint64_t kvmmmu_slot_lpages(uint64_t base_gfn, uint64_t npages, in
     return kvmmmu_gfn_to_index(base_gfn + npages - 1, base_gfn, level) + 1;
 }
 
+
+/*
+ * Debug-only invariant checks (where the kernel has KVM_MMU_WARN_ON, or a
+ * WARN_ON_ONCE/KVM_BUG_ON on a condition only a caller bug can cause).
+ * setup.py defines KVMMMU_DEBUG to 1 with KVMMMU_DEBUG_CYTHON=1 and to 0
+ * otherwise; a module built without setup.py gets 0.  With 0,
+ * `if (KVMMMU_DEBUG_ON && ...)` is dead code the compiler drops.
+ */
+#ifndef KVMMMU_DEBUG
+#define KVMMMU_DEBUG 0
+#endif
+#define KVMMMU_DEBUG_ON (KVMMMU_DEBUG != 0)
+
+/* Count one failed debug check (relaxed atomic: nogil callers on any thread). */
+static inline void kvmmmu_count_warn(uint64_t *counter)
+{
+	__atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+}
+
 #endif /* KVMMMU_MMU_DEFS_H */

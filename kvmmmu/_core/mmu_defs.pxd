@@ -33,3 +33,7 @@ cdef extern from "mmu_defs.h" nogil:
     uint64_t KVM_PAGES_PER_HPAGE "kvmmmu_pages_per_hpage"(int level)
     uint64_t gfn_to_index "kvmmmu_gfn_to_index"(uint64_t gfn, uint64_t base_gfn, int level)
     uint64_t kvm_mmu_slot_lpages "kvmmmu_slot_lpages"(uint64_t base_gfn, uint64_t npages, int level)
+
+    # Debug-only checks (mmu_defs.h): a compile-time 0 in release builds.
+    const bint KVMMMU_DEBUG_ON
+    void kvmmmu_count_warn(uint64_t *counter)

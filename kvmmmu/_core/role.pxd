@@ -11,18 +11,19 @@
 #
 #     from kvmmmu._core.role cimport role_level, role_set_invalid
 #
+# The one-line extractors, setters and comparisons are `cdef inline` here;
+# derived roles (mmu_child_role_word, calc_cpu_role) are defined in role.pyx.
+#
 # Setters take an already validated value: they mask it to the field width
 # and never fail (the Python classes in role.pyx do the range checks).
 
 from libc.stdint cimport uint32_t, uint64_t
 
-cdef extern from "spte_defs.h" nogil:
-    const unsigned int ACC_EXEC_MASK
-    const unsigned int ACC_WRITE_MASK
-    const unsigned int ACC_USER_MASK
-    const unsigned int ACC_ALL
-    const int PG_LEVEL_4K
-    const int SPTE_ENT_PER_PAGE
+# The MMU-wide constants have one home, mmu_defs.h (re-exported here so that
+# `from kvmmmu._core.role cimport ACC_ALL` keeps working).
+from kvmmmu._core.mmu_defs cimport (
+    ACC_EXEC_MASK, ACC_WRITE_MASK, ACC_USER_MASK, ACC_ALL, PG_LEVEL_4K, SPTE_ENT_PER_PAGE,
+)
 
 cdef extern from "role_defs.h" nogil:
     # union kvm_mmu_page_role: shift, width and in-place mask of every field.
@@ -228,27 +229,10 @@ cdef inline uint32_t role_set_smm(uint32_t word, uint32_t v) noexcept nogil:
 # Derived roles and comparisons.
 # ---------------------------------------------------------------------------
 
-cdef inline uint32_t mmu_child_role_word(uint32_t parent, int sptep_index, bint direct,
-                                         uint32_t access) noexcept nogil:
-    """kvm_mmu_child_role(): role of the SP linked from entry `sptep_index`
-    of a parent SP with role `parent`.
-
-    Copies the parent, one level down, with the caller's `direct` and
-    `access`, passthrough cleared.  For 4-byte guest PTEs (32-bit non-PAE
-    guest, whose 4 KiB page tables are shadowed by two 2 MiB-wide SPs) the
-    quadrant becomes the low bit of the parent entry index.
-
-    Preconditions: role_level(parent) >= 2, 0 <= sptep_index < 512,
-    access <= ACC_ALL.  (The kernel WARNs when a 4-byte-gpte child is not
-    a 4K SP; this helper does not check.)
-    """
-    cdef uint32_t role = role_set_level(parent, role_level(parent) - 1)
-    role = role_set_access(role, access)
-    role = role_set_direct(role, direct)
-    role = role_set_passthrough(role, False)
-    if role_has_4_byte_gpte(role):
-        role = role_set_quadrant(role, <uint32_t>(sptep_index & 1))
-    return role
+cdef uint32_t mmu_child_role_word(uint32_t parent, int sptep_index, bint direct,
+                                  uint32_t access) noexcept nogil
+    # kvm_mmu_child_role() (defined in role.pyx; reached through the C-API
+    # capsule): see its docstring there.
 
 cdef inline bint role_sync_mismatch_word(uint32_t sp_word, uint32_t root_word) noexcept nogil:
     """True when an unsync SP cannot be synced under an MMU whose root role is

@@ -23,6 +23,11 @@ PT64_ROOT_4LEVEL: Final[int]
 PT64_ROOT_5LEVEL: Final[int]
 SYNC_ROLE_IGN_WORD: Final[int]
 
+#: Built with KVMMMU_DEBUG (debug-only invariant checks compiled in).
+DEBUG_BUILD: bool
+def mmu_warnings() -> dict[tuple[str, str], int]: ...
+def reset_mmu_warnings() -> None: ...
+
 
 class KvmMmuPageRole:
     @property

@@ -32,12 +32,16 @@ cr4_smap 4, cr4_smep 5, cr4_la57 6, efer_lma 7.  ``kvm_cpu_role``: base in
 bits 31:0, ext in bits 63:32 of ``as_u64``.
 
 The Python classes are immutable and hashable (roles are hash keys); they
-compare and hash by their word.  Cython modules use the inline helpers in
+compare and hash by their word.  Every constructor path (including a bare
+``__new__``, which gives the all-zero role) validates, and ``__init__`` cannot
+change a built role, so roles may be shared freely between threads.  Cython modules use the inline helpers in
 role.pxd on bare ``uint32_t`` words instead.
 """
 
 from libc.stdint cimport uint32_t, uint64_t
 from operator import index as _index
+
+from kvmmmu._core.mmu_defs cimport KVMMMU_DEBUG_ON, kvmmmu_count_warn
 
 __all__ = [
     "KvmMmuPageRole", "KvmMmuExtendedRole", "KvmCpuRole",
@@ -47,6 +51,7 @@ __all__ = [
     "kvm_calc_tdp_mmu_root_page_role", "kvm_calc_shadow_mmu_root_page_role",
     "kvm_calc_shadow_npt_roles", "kvm_calc_shadow_ept_root_page_role",
     "kvm_mmu_child_role", "role_sync_mismatch", "role_trace_text",
+    "DEBUG_BUILD", "mmu_warnings", "reset_mmu_warnings",
     "X86_CR0_WP", "X86_CR0_PG", "X86_CR4_PSE", "X86_CR4_PAE", "X86_CR4_LA57",
     "X86_CR4_SMEP", "X86_CR4_SMAP", "X86_CR4_PKE", "EFER_LMA", "EFER_NX",
     "PT32_ROOT_LEVEL", "PT32E_ROOT_LEVEL", "PT64_ROOT_4LEVEL", "PT64_ROOT_5LEVEL",
@@ -459,6 +464,73 @@ SYNC_ROLE_IGN = page_role_from_word(SYNC_ROLE_IGN_WORD)
 
 
 # ---------------------------------------------------------------------------
+# Debug-only checks (KVMMMU_DEBUG builds; compiled away otherwise).
+# ---------------------------------------------------------------------------
+
+cdef enum:
+    ROLE_WARN_CHILD_4_BYTE_GPTE_NOT_4K
+    ROLE_WARN_CHILD_OF_LEAF_LEVEL
+    ROLE_WARN_NR_SITES
+
+cdef uint64_t[ROLE_WARN_NR_SITES] _mmu_warn_count
+
+#: True when this module was built with KVMMMU_DEBUG (debug-only checks on).
+DEBUG_BUILD = bool(KVMMMU_DEBUG_ON)
+
+_WARN_SITES = {
+    ROLE_WARN_CHILD_4_BYTE_GPTE_NOT_4K:
+        ("kvm_mmu_child_role", "has_4_byte_gpte child is not a PG_LEVEL_4K page"),
+    ROLE_WARN_CHILD_OF_LEAF_LEVEL:
+        ("kvm_mmu_child_role", "parent role level is below 2"),
+}
+
+
+def mmu_warnings():
+    """Counts of the failed debug-only checks since :func:`reset_mmu_warnings`,
+    as ``{(kernel function, condition): count}``; empty in a release build."""
+    cdef int i
+    cdef dict res = {}
+    for i in range(<int>ROLE_WARN_NR_SITES):
+        if _mmu_warn_count[i]:
+            res[_WARN_SITES[i]] = int(_mmu_warn_count[i])
+    return res
+
+
+def reset_mmu_warnings():
+    """Zero the counters of :func:`mmu_warnings`."""
+    cdef int i
+    for i in range(<int>ROLE_WARN_NR_SITES):
+        _mmu_warn_count[i] = 0
+
+
+cdef uint32_t mmu_child_role_word(uint32_t parent, int sptep_index, bint direct,
+                                  uint32_t access) noexcept nogil:
+    """kvm_mmu_child_role(): role of the SP linked from entry `sptep_index`
+    of a parent SP with role `parent`.
+
+    Copies the parent, one level down, with the caller's `direct` and
+    `access`, passthrough cleared.  For 4-byte guest PTEs (32-bit non-PAE
+    guest, whose 4 KiB page tables are shadowed by two 2 MiB-wide SPs) the
+    quadrant becomes the low bit of the parent entry index.
+
+    Preconditions: role_level(parent) >= 2, 0 <= sptep_index < 512,
+    access <= ACC_ALL.  The kernel WARNs when a 4-byte-gpte child is not a
+    4K SP; debug builds count that (:func:`mmu_warnings`).
+    """
+    if KVMMMU_DEBUG_ON and role_level(parent) < 2:
+        kvmmmu_count_warn(&_mmu_warn_count[ROLE_WARN_CHILD_OF_LEAF_LEVEL])
+    cdef uint32_t role = role_set_level(parent, role_level(parent) - 1)
+    role = role_set_access(role, access)
+    role = role_set_direct(role, direct)
+    role = role_set_passthrough(role, False)
+    if role_has_4_byte_gpte(role):
+        if KVMMMU_DEBUG_ON and role_level(role) != PG_LEVEL_4K:
+            kvmmmu_count_warn(&_mmu_warn_count[ROLE_WARN_CHILD_4_BYTE_GPTE_NOT_4K])
+        role = role_set_quadrant(role, <uint32_t>(sptep_index & 1))
+    return role
+
+
+# ---------------------------------------------------------------------------
 # Derivations (mmu.c).
 # ---------------------------------------------------------------------------
 
@@ -710,7 +782,8 @@ def kvm_mmu_child_role(parent_role, sptep_index, direct, access):
         passthrough=0, and -- for a guest with 4-byte PTEs -- quadrant =
         ``sptep_index & 1`` (which 2 MiB half of the guest's 4 MiB page table
         the child shadows).  The kernel WARNs if a 4-byte-gpte child is not a
-        4K SP; that case is returned unchanged here.
+        4K SP; that case is returned as computed, and counted by
+        :func:`mmu_warnings` in a debug build.
 
     Raises
     ------

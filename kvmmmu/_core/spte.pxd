@@ -6,6 +6,14 @@
 #
 #     from kvmmmu._core.spte cimport spte_fmt_t, is_shadow_present_pte
 #
+# Algorithms (make_spte, make_mmio_spte, the access-tracking and split/huge
+# builders) are defined once in spte.pyx and reached by other modules through
+# spte's C-API capsule; the one-line predicates stay `cdef inline` here
+# because the arena's and walkers' inner loops call them per SPTE
+# (spte_needs_atomic_update and is_ept_ve_possible on every arena SPTE write,
+# is_rsvd_spte at every level of a guest walk): a call through the capsule
+# there would cost more than the test itself.
+#
 # The kernel keeps its masks in globals (shadow_present_mask, ...).  We keep
 # them in a `spte_fmt_t` that every mask-reading helper takes as its first
 # argument, so that legacy/NPT and EPT formats can live side by side.
@@ -17,7 +25,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from kvmmmu._core.mmu_defs cimport (
     PAGE_SHIFT, SPTE_LEVEL_BITS, SPTE_ENT_PER_PAGE, PG_LEVEL_NONE, PG_LEVEL_4K,
     PG_LEVEL_2M, PG_LEVEL_1G, PG_LEVEL_512G, PG_LEVEL_256T, PT64_ROOT_MAX_LEVEL,
-    ACC_EXEC_MASK, ACC_WRITE_MASK, ACC_USER_MASK, ACC_ALL,
+    ACC_EXEC_MASK, ACC_WRITE_MASK, ACC_USER_MASK, ACC_ALL, KVMMMU_DEBUG_ON,
 )
 
 cdef extern from "spte_defs.h" nogil:
@@ -77,6 +85,23 @@ cdef extern from "spte_defs.h" nogil:
 
     const uint64_t SHADOW_NONPRESENT_VALUE_64
     const uint64_t FROZEN_SPTE_LOW_BITS
+
+    # Debug-only check sites (counters of spte.mmu_warnings()).
+    enum spte_warn_site:
+        SPTE_WARN_MAKE_SPTE_NO_PRESENT_BIT
+        SPTE_WARN_MAKE_SPTE_WRITABLE_INVARIANT
+        SPTE_WARN_ACC_TRACK_WRITABLE_INVARIANT
+        SPTE_WARN_ACC_TRACK_SAVED_BITS
+        SPTE_WARN_MMIO_NO_VALUE
+        SPTE_WARN_SMALL_NOT_HUGE
+        SPTE_WARN_HUGE_NOT_PRESENT
+        SPTE_WARN_MMIO_AMBIGUOUS
+        SPTE_WARN_NR_SITES
+
+
+# Count one failed debug check at `site` (spte.mmu_warnings() reads the
+# counters).  Only reached when KVMMMU_DEBUG_ON.
+cdef void spte_mmu_warn(int site) noexcept nogil
 
 
 # Flags for make_spte(): the kernel passes these as separate bools or reads
@@ -163,10 +188,6 @@ cdef inline uint64_t generation_mmio_spte_mask(uint64_t gen) noexcept nogil:
     return (((gen << MMIO_SPTE_GEN_LOW_SHIFT) & MMIO_SPTE_GEN_LOW_MASK) |
             ((gen << MMIO_SPTE_GEN_HIGH_SHIFT) & MMIO_SPTE_GEN_HIGH_MASK))
 
-cdef inline uint64_t kvm_pages_per_hpage(int level) noexcept nogil:
-    """KVM_PAGES_PER_HPAGE: 4 KiB pages mapped by one SPTE at `level`."""
-    return (<uint64_t>1) << ((level - 1) * SPTE_LEVEL_BITS)
-
 cdef inline int spte_index_of(uint64_t gfn, int level) noexcept nogil:
     """SPTE_INDEX(gfn << 12, level): the entry that maps `gfn` at `level`."""
     return <int>((gfn >> ((level - 1) * SPTE_LEVEL_BITS)) & (SPTE_ENT_PER_PAGE - 1))
@@ -201,7 +222,13 @@ cdef inline bint is_dirty_spte(const spte_fmt_t *f, uint64_t spte) noexcept nogi
     return (spte & f.dirty_mask) != 0
 
 cdef inline bint is_mmio_spte(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
-    return (spte & f.mmio_mask) == f.mmio_value and f.mmio_caching
+    """MMIO SPTE: the MMIO value under the MMIO mask, with caching on.  The
+    format guarantees an MMIO SPTE is never MMU-present (debug builds count
+    an SPTE that is both)."""
+    cdef bint mmio = (spte & f.mmio_mask) == f.mmio_value and f.mmio_caching
+    if KVMMMU_DEBUG_ON and mmio and is_shadow_present_pte(spte):
+        spte_mmu_warn(SPTE_WARN_MMIO_AMBIGUOUS)
+    return mmio
 
 cdef inline bint is_frozen_spte(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
     return spte == f.frozen_spte
@@ -213,41 +240,17 @@ cdef inline bint is_ept_ve_possible(const spte_fmt_t *f, uint64_t spte) noexcept
             (spte & VMX_EPT_SUPPRESS_VE_BIT) == 0 and
             (spte & VMX_EPT_RWX_MASK) != VMX_EPT_MISCONFIG_WX_VALUE)
 
-cdef inline uint64_t get_mmio_spte_gfn(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
-    cdef uint64_t gpa = spte & f.nonpresent_or_rsvd_lower_gfn_mask
-    gpa |= (spte >> SHADOW_NONPRESENT_OR_RSVD_MASK_LEN) & f.nonpresent_or_rsvd_mask
-    return gpa >> PAGE_SHIFT
+cdef uint64_t get_mmio_spte_gfn(const spte_fmt_t *f, uint64_t spte) noexcept nogil
 
 cdef inline unsigned int get_mmio_spte_access(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
     return <unsigned int>(spte & f.mmio_access_mask)
 
-cdef inline uint64_t make_mmio_spte(const spte_fmt_t *f, uint64_t gfn, unsigned int access,
-                                    uint64_t gen) noexcept nogil:
-    """MMIO SPTE for `gfn` with MMIO generation `gen` (already <= MMIO_SPTE_GEN_MASK)."""
-    cdef uint64_t gpa = gfn << PAGE_SHIFT
-    cdef uint64_t spte = generation_mmio_spte_mask(gen & MMIO_SPTE_GEN_MASK)
-    spte |= f.mmio_value | (access & f.mmio_access_mask)
-    spte |= gpa | f.nonpresent_or_rsvd_mask
-    spte |= (gpa & f.nonpresent_or_rsvd_mask) << SHADOW_NONPRESENT_OR_RSVD_MASK_LEN
-    return spte
+cdef uint64_t make_mmio_spte(const spte_fmt_t *f, uint64_t gfn, unsigned int access,
+                             uint64_t gen) noexcept nogil
 
-cdef inline uint64_t mark_spte_for_access_track(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
-    """A/D enabled: clear Accessed.  A/D disabled: save R/X in bits 54/56 and
-    clear R/W/X and the software Accessed bit (W is not saved)."""
-    if spte_ad_enabled(spte):
-        return spte & ~f.accessed_mask
-    if is_access_track_spte(f, spte):
-        return spte
-    spte |= (spte & SHADOW_ACC_TRACK_SAVED_BITS_MASK) << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT
-    spte &= ~(f.acc_track_mask | f.accessed_mask)
-    return spte
+cdef uint64_t mark_spte_for_access_track(const spte_fmt_t *f, uint64_t spte) noexcept nogil
 
-cdef inline uint64_t restore_acc_track_spte(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
-    """Undo access tracking: R and X come back from bits 54/56, W stays clear."""
-    cdef uint64_t saved = (spte >> SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & SHADOW_ACC_TRACK_SAVED_BITS_MASK
-    spte &= ~f.acc_track_mask
-    spte &= ~(SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)
-    return spte | saved
+cdef uint64_t restore_acc_track_spte(const spte_fmt_t *f, uint64_t spte) noexcept nogil
 
 cdef inline bint spte_needs_atomic_update(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
     """Can someone else change this present SPTE without holding mmu_lock?
@@ -263,106 +266,29 @@ cdef inline bint spte_needs_atomic_update(const spte_fmt_t *f, uint64_t spte) no
         return True
     return is_writable_pte(spte) and (spte & f.dirty_mask) == 0
 
-cdef inline uint64_t modify_spte_protections(const spte_fmt_t *f, uint64_t spte,
-                                             uint64_t set_mask, uint64_t clear_mask) noexcept nogil:
-    cdef bint tracked = is_access_track_spte(f, spte)
-    if tracked:
-        spte = restore_acc_track_spte(f, spte)
-    spte = (spte | set_mask) & ~clear_mask
-    if tracked:
-        spte = mark_spte_for_access_track(f, spte)
-    return spte
+cdef uint64_t modify_spte_protections(const spte_fmt_t *f, uint64_t spte,
+                                      uint64_t set_mask, uint64_t clear_mask) noexcept nogil
 
-cdef inline uint64_t make_spte_executable(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
-    return modify_spte_protections(f, spte, f.x_mask, f.nx_mask)
+cdef uint64_t make_spte_executable(const spte_fmt_t *f, uint64_t spte) noexcept nogil
 
-cdef inline uint64_t make_spte_nonexecutable(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
-    return modify_spte_protections(f, spte, f.nx_mask, f.x_mask)
+cdef uint64_t make_spte_nonexecutable(const spte_fmt_t *f, uint64_t spte) noexcept nogil
 
-cdef inline uint64_t make_nonleaf_spte(const spte_fmt_t *f, uint64_t child_pa,
-                                       bint ad_disabled) noexcept nogil:
-    """Link to a child table at physical address `child_pa`: always RWX/P+W+U."""
-    cdef uint64_t spte = SPTE_MMU_PRESENT_MASK
-    spte |= (child_pa & SPTE_BASE_ADDR_MASK) | f.present_mask | PT_WRITABLE_MASK
-    spte |= f.user_mask | f.x_mask
-    if ad_disabled:
-        spte |= SPTE_TDP_AD_DISABLED
-    else:
-        spte |= f.accessed_mask
-    return spte
+cdef uint64_t make_nonleaf_spte(const spte_fmt_t *f, uint64_t child_pa,
+                                bint ad_disabled) noexcept nogil
 
-cdef inline uint64_t make_small_spte(const spte_fmt_t *f, uint64_t huge_spte, int child_level,
-                                     int index, unsigned int child_access,
-                                     bint nx_huge_pages) noexcept nogil:
-    """Entry `index` of the table that replaces `huge_spte` (child level
-    `child_level`); every other bit is inherited.  make_huge_page_split_spte()
-    before v6.13."""
-    cdef uint64_t child = huge_spte | ((<uint64_t>index * kvm_pages_per_hpage(child_level)) << PAGE_SHIFT)
-    if child_level == PG_LEVEL_4K:
-        child &= ~PT_PAGE_SIZE_MASK
-        if (child_access & ACC_EXEC_MASK) and nx_huge_pages:
-            child = make_spte_executable(f, child)
-    return child
+cdef uint64_t make_small_spte(const spte_fmt_t *f, uint64_t huge_spte, int child_level,
+                              int index, unsigned int child_access,
+                              bint nx_huge_pages) noexcept nogil
 
-cdef inline uint64_t make_huge_spte(const spte_fmt_t *f, uint64_t small_spte, int level,
-                                    bint nx_huge_pages) noexcept nogil:
-    """Huge SPTE at `level` covering the page `small_spte` maps (in-place recovery)."""
-    cdef uint64_t huge = small_spte | PT_PAGE_SIZE_MASK
-    huge &= ~((kvm_pages_per_hpage(level) - 1) << PAGE_SHIFT)
-    if nx_huge_pages:
-        huge = make_spte_nonexecutable(f, huge)
-    return huge
+cdef uint64_t make_huge_spte(const spte_fmt_t *f, uint64_t small_spte, int level,
+                             bint nx_huge_pages) noexcept nogil
 
-cdef inline uint64_t make_spte(const spte_fmt_t *f, int level, unsigned int pte_access,
-                               uint64_t pfn, uint64_t old_spte, unsigned int flags,
-                               bint *wrprot) noexcept nogil:
-    """Leaf SPTE (v6.18 make_spte).  `flags` is a MKSPTE_* mask; `*wrprot` is
-    set when the write was refused because the gfn is shadowed (the caller
-    evaluated mmu_try_to_unsync_pages into MKSPTE_UNSYNC_REFUSED)."""
-    cdef uint64_t spte = SPTE_MMU_PRESENT_MASK
-    cdef bint prefetch = (flags & MKSPTE_PREFETCH) != 0
-    cdef bint synchronizing = (flags & MKSPTE_SYNCHRONIZING) != 0
-    wrprot[0] = False
-    if flags & MKSPTE_AD_DISABLED:
-        spte |= SPTE_TDP_AD_DISABLED
-    elif flags & MKSPTE_AD_WRPROT_ONLY:
-        spte |= SPTE_TDP_AD_WRPROT_ONLY
-    spte |= f.present_mask
-    if (not prefetch) or synchronizing:
-        spte |= f.accessed_mask
-    if level > PG_LEVEL_4K and (pte_access & ACC_EXEC_MASK) and (flags & MKSPTE_NX_HUGE_PAGES):
-        pte_access &= ~ACC_EXEC_MASK
-    if pte_access & ACC_EXEC_MASK:
-        spte |= f.x_mask
-    else:
-        spte |= f.nx_mask
-    if pte_access & ACC_USER_MASK:
-        spte |= f.user_mask
-    if level > PG_LEVEL_4K:
-        spte |= PT_PAGE_SIZE_MASK
-    if f.is_ept:
-        spte |= f.mmio_memtype if (flags & MKSPTE_HOST_MMIO) else f.ram_memtype
-    if flags & MKSPTE_HOST_WRITABLE:
-        spte |= f.host_writable_mask
-    else:
-        pte_access &= ~ACC_WRITE_MASK
-    spte |= pfn << PAGE_SHIFT
-    if pte_access & ACC_WRITE_MASK:
-        if ((not is_last_spte(old_spte, level) or not is_writable_pte(old_spte))
-                and (flags & MKSPTE_UNSYNC_REFUSED)):
-            wrprot[0] = True
-        else:
-            spte |= PT_WRITABLE_MASK | f.mmu_writable_mask | f.dirty_mask
-    if prefetch and not synchronizing:
-        spte = mark_spte_for_access_track(f, spte)
-    return spte
+cdef uint64_t make_spte(const spte_fmt_t *f, int level, unsigned int pte_access,
+                        uint64_t pfn, uint64_t old_spte, unsigned int flags,
+                        bint *wrprot) noexcept nogil
 
-cdef inline bint make_spte_wants_unsync(int level, unsigned int pte_access, uint64_t old_spte,
-                                        unsigned int flags) noexcept nogil:
-    """Would make_spte() call mmu_try_to_unsync_pages() for these inputs?"""
-    if not (flags & MKSPTE_HOST_WRITABLE) or not (pte_access & ACC_WRITE_MASK):
-        return False
-    return not is_last_spte(old_spte, level) or not is_writable_pte(old_spte)
+cdef bint make_spte_wants_unsync(int level, unsigned int pte_access, uint64_t old_spte,
+                                 unsigned int flags) noexcept nogil
 
 
 # ---------------------------------------------------------------------------

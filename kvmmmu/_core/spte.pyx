@@ -7,9 +7,17 @@ load (``kvm_mmu_reset_all_pte_masks`` for legacy/NPT, ``kvm_mmu_set_ept_masks``
 for EPT).  Here that block is a :class:`SpteFormat`; helpers that read the
 kernel's globals are methods of the format, the others are module functions.
 
-Every helper is a ``cdef inline ... noexcept nogil`` function in spte.pxd
-(for the other Cython modules), wrapped here for Python, and the bulk forms
-are single-pass loops over contiguous ``uint64`` numpy arrays.
+Every helper is a ``noexcept nogil`` C function for the other Cython
+modules: the one-line predicates ``cdef inline`` in spte.pxd, the builders
+(make_spte, make_mmio_spte, access tracking, split/huge SPTEs) defined here
+and declared in spte.pxd (other modules reach them through the C-API
+capsule).  Each is wrapped here for Python, and the bulk forms are
+single-pass loops over contiguous ``uint64`` numpy arrays.
+
+Debug builds (``KVMMMU_DEBUG_CYTHON=1``, C macro ``KVMMMU_DEBUG``) count the
+kernel's WARN_ON_ONCE / KVM_MMU_WARN_ON / KVM_BUG_ON conditions of
+spte.c/spte.h that these helpers can see (:func:`mmu_warnings`); release
+builds compile the checks away (:data:`DEBUG_BUILD` says which).
 
 Invariants (the kernel's, checked by :meth:`SpteFormat.check_spte_writable_invariants`):
 
@@ -21,6 +29,8 @@ Invariants (the kernel's, checked by :meth:`SpteFormat.check_spte_writable_invar
 
 cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint64_t
+
+from operator import index as _index
 
 import numpy as np
 
@@ -73,37 +83,276 @@ PFN_BITS = 40
 cdef uint64_t _PFN_LIMIT = (<uint64_t>1) << 40
 
 
+# --- SPTE builders (declared in spte.pxd, exported through the C-API capsule) --
+#
+# KVMMMU_DEBUG_ON is a compile-time 0 in release builds, so every debug check
+# below is dead code there.
+
+from kvmmmu._core.mmu_defs cimport KVM_PAGES_PER_HPAGE, kvmmmu_count_warn
+
+cdef uint64_t[SPTE_WARN_NR_SITES] _mmu_warn_count
+
+#: True when this module was built with KVMMMU_DEBUG (debug-only checks on).
+DEBUG_BUILD = bool(KVMMMU_DEBUG_ON)
+
+#: Debug check sites: counter index -> (kernel function, condition).
+_WARN_SITES = {
+    SPTE_WARN_MAKE_SPTE_NO_PRESENT_BIT:
+        ("make_spte", "(pte_access | shadow_present_mask) == SHADOW_NONPRESENT_VALUE"),
+    SPTE_WARN_MAKE_SPTE_WRITABLE_INVARIANT:
+        ("make_spte", "new SPTE fails check_spte_writable_invariants()"),
+    SPTE_WARN_ACC_TRACK_WRITABLE_INVARIANT:
+        ("mark_spte_for_access_track", "SPTE fails check_spte_writable_invariants()"),
+    SPTE_WARN_ACC_TRACK_SAVED_BITS:
+        ("mark_spte_for_access_track", "Access Tracking saved bit locations are not zero"),
+    SPTE_WARN_MMIO_NO_VALUE:
+        ("make_mmio_spte", "shadow_mmio_value is 0 (MMIO caching off)"),
+    SPTE_WARN_SMALL_NOT_HUGE:
+        ("make_small_spte", "huge_spte is not a present huge SPTE"),
+    SPTE_WARN_HUGE_NOT_PRESENT:
+        ("make_huge_spte", "small_spte is not present, or level is PG_LEVEL_4K"),
+    SPTE_WARN_MMIO_AMBIGUOUS:
+        ("is_mmio_spte", "an MMU-present SPTE matches the MMIO value"),
+}
+
+
+def mmu_warnings():
+    """Counts of the debug-only checks that failed since the last
+    :func:`reset_mmu_warnings`, as ``{(kernel function, condition): count}``
+    (failed sites only).  Every failure counts, where the kernel WARNs once.
+    Always empty in a release build (:data:`DEBUG_BUILD` False)."""
+    cdef int i
+    cdef dict res = {}
+    for i in range(<int>SPTE_WARN_NR_SITES):
+        if _mmu_warn_count[i]:
+            res[_WARN_SITES[i]] = int(_mmu_warn_count[i])
+    return res
+
+
+def reset_mmu_warnings():
+    """Zero the debug-check counters of :func:`mmu_warnings`."""
+    cdef int i
+    for i in range(<int>SPTE_WARN_NR_SITES):
+        _mmu_warn_count[i] = 0
+
+cdef void spte_mmu_warn(int site) noexcept nogil:
+    if 0 <= site < SPTE_WARN_NR_SITES:
+        kvmmmu_count_warn(&_mmu_warn_count[site])
+
+
+cdef inline bint _writable_invariants_broken(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
+    """check_spte_writable_invariants() would WARN: MMU-writable without
+    Host-writable, or W without MMU-writable."""
+    if spte & f.mmu_writable_mask:
+        return (spte & f.host_writable_mask) == 0
+    return is_writable_pte(spte)
+
+
+cdef uint64_t get_mmio_spte_gfn(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
+    cdef uint64_t gpa = spte & f.nonpresent_or_rsvd_lower_gfn_mask
+    gpa |= (spte >> SHADOW_NONPRESENT_OR_RSVD_MASK_LEN) & f.nonpresent_or_rsvd_mask
+    return gpa >> PAGE_SHIFT
+
+cdef uint64_t make_mmio_spte(const spte_fmt_t *f, uint64_t gfn, unsigned int access,
+                             uint64_t gen) noexcept nogil:
+    """MMIO SPTE for `gfn` with MMIO generation `gen` (already <= MMIO_SPTE_GEN_MASK)."""
+    cdef uint64_t gpa = gfn << PAGE_SHIFT
+    if KVMMMU_DEBUG_ON and f.mmio_value == 0:
+        spte_mmu_warn(SPTE_WARN_MMIO_NO_VALUE)
+    cdef uint64_t spte = generation_mmio_spte_mask(gen & MMIO_SPTE_GEN_MASK)
+    spte |= f.mmio_value | (access & f.mmio_access_mask)
+    spte |= gpa | f.nonpresent_or_rsvd_mask
+    spte |= (gpa & f.nonpresent_or_rsvd_mask) << SHADOW_NONPRESENT_OR_RSVD_MASK_LEN
+    return spte
+
+cdef uint64_t mark_spte_for_access_track(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
+    """A/D enabled: clear Accessed.  A/D disabled: save R/X in bits 54/56 and
+    clear R/W/X and the software Accessed bit (W is not saved)."""
+    if spte_ad_enabled(spte):
+        return spte & ~f.accessed_mask
+    if is_access_track_spte(f, spte):
+        return spte
+    if KVMMMU_DEBUG_ON:
+        if _writable_invariants_broken(f, spte):
+            spte_mmu_warn(SPTE_WARN_ACC_TRACK_WRITABLE_INVARIANT)
+        if spte & (SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT):
+            spte_mmu_warn(SPTE_WARN_ACC_TRACK_SAVED_BITS)
+    spte |= (spte & SHADOW_ACC_TRACK_SAVED_BITS_MASK) << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT
+    spte &= ~(f.acc_track_mask | f.accessed_mask)
+    return spte
+
+cdef uint64_t restore_acc_track_spte(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
+    """Undo access tracking: R and X come back from bits 54/56, W stays clear."""
+    cdef uint64_t saved = (spte >> SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & SHADOW_ACC_TRACK_SAVED_BITS_MASK
+    spte &= ~f.acc_track_mask
+    spte &= ~(SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)
+    return spte | saved
+
+cdef uint64_t modify_spte_protections(const spte_fmt_t *f, uint64_t spte,
+                                      uint64_t set_mask, uint64_t clear_mask) noexcept nogil:
+    cdef bint tracked = is_access_track_spte(f, spte)
+    if tracked:
+        spte = restore_acc_track_spte(f, spte)
+    spte = (spte | set_mask) & ~clear_mask
+    if tracked:
+        spte = mark_spte_for_access_track(f, spte)
+    return spte
+
+cdef uint64_t make_spte_executable(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
+    return modify_spte_protections(f, spte, f.x_mask, f.nx_mask)
+
+cdef uint64_t make_spte_nonexecutable(const spte_fmt_t *f, uint64_t spte) noexcept nogil:
+    return modify_spte_protections(f, spte, f.nx_mask, f.x_mask)
+
+cdef uint64_t make_nonleaf_spte(const spte_fmt_t *f, uint64_t child_pa,
+                                bint ad_disabled) noexcept nogil:
+    """Link to a child table at physical address `child_pa`: always RWX/P+W+U."""
+    cdef uint64_t spte = SPTE_MMU_PRESENT_MASK
+    spte |= (child_pa & SPTE_BASE_ADDR_MASK) | f.present_mask | PT_WRITABLE_MASK
+    spte |= f.user_mask | f.x_mask
+    if ad_disabled:
+        spte |= SPTE_TDP_AD_DISABLED
+    else:
+        spte |= f.accessed_mask
+    return spte
+
+cdef uint64_t make_small_spte(const spte_fmt_t *f, uint64_t huge_spte, int child_level,
+                              int index, unsigned int child_access,
+                              bint nx_huge_pages) noexcept nogil:
+    """Entry `index` of the table that replaces `huge_spte` (child level
+    `child_level`); every other bit is inherited.  make_huge_page_split_spte()
+    before v6.13."""
+    if KVMMMU_DEBUG_ON and not (is_shadow_present_pte(huge_spte) and is_large_pte(huge_spte)):
+        spte_mmu_warn(SPTE_WARN_SMALL_NOT_HUGE)
+    cdef uint64_t child = huge_spte | ((<uint64_t>index * KVM_PAGES_PER_HPAGE(child_level)) << PAGE_SHIFT)
+    if child_level == PG_LEVEL_4K:
+        child &= ~PT_PAGE_SIZE_MASK
+        if (child_access & ACC_EXEC_MASK) and nx_huge_pages:
+            child = make_spte_executable(f, child)
+    return child
+
+cdef uint64_t make_huge_spte(const spte_fmt_t *f, uint64_t small_spte, int level,
+                             bint nx_huge_pages) noexcept nogil:
+    """Huge SPTE at `level` covering the page `small_spte` maps (in-place recovery)."""
+    if KVMMMU_DEBUG_ON and (not is_shadow_present_pte(small_spte) or level == PG_LEVEL_4K):
+        spte_mmu_warn(SPTE_WARN_HUGE_NOT_PRESENT)
+    cdef uint64_t huge = small_spte | PT_PAGE_SIZE_MASK
+    huge &= ~((KVM_PAGES_PER_HPAGE(level) - 1) << PAGE_SHIFT)
+    if nx_huge_pages:
+        huge = make_spte_nonexecutable(f, huge)
+    return huge
+
+cdef uint64_t make_spte(const spte_fmt_t *f, int level, unsigned int pte_access,
+                        uint64_t pfn, uint64_t old_spte, unsigned int flags,
+                        bint *wrprot) noexcept nogil:
+    """Leaf SPTE (v6.18 make_spte).  `flags` is a MKSPTE_* mask; `*wrprot` is
+    set when the write was refused because the gfn is shadowed (the caller
+    evaluated mmu_try_to_unsync_pages into MKSPTE_UNSYNC_REFUSED)."""
+    cdef uint64_t spte = SPTE_MMU_PRESENT_MASK
+    cdef bint prefetch = (flags & MKSPTE_PREFETCH) != 0
+    cdef bint synchronizing = (flags & MKSPTE_SYNCHRONIZING) != 0
+    wrprot[0] = False
+    if KVMMMU_DEBUG_ON and (pte_access | f.present_mask) == f.nonpresent_value:
+        spte_mmu_warn(SPTE_WARN_MAKE_SPTE_NO_PRESENT_BIT)
+    if flags & MKSPTE_AD_DISABLED:
+        spte |= SPTE_TDP_AD_DISABLED
+    elif flags & MKSPTE_AD_WRPROT_ONLY:
+        spte |= SPTE_TDP_AD_WRPROT_ONLY
+    spte |= f.present_mask
+    if (not prefetch) or synchronizing:
+        spte |= f.accessed_mask
+    if level > PG_LEVEL_4K and (pte_access & ACC_EXEC_MASK) and (flags & MKSPTE_NX_HUGE_PAGES):
+        pte_access &= ~ACC_EXEC_MASK
+    if pte_access & ACC_EXEC_MASK:
+        spte |= f.x_mask
+    else:
+        spte |= f.nx_mask
+    if pte_access & ACC_USER_MASK:
+        spte |= f.user_mask
+    if level > PG_LEVEL_4K:
+        spte |= PT_PAGE_SIZE_MASK
+    if f.is_ept:
+        spte |= f.mmio_memtype if (flags & MKSPTE_HOST_MMIO) else f.ram_memtype
+    if flags & MKSPTE_HOST_WRITABLE:
+        spte |= f.host_writable_mask
+    else:
+        pte_access &= ~ACC_WRITE_MASK
+    spte |= pfn << PAGE_SHIFT
+    if pte_access & ACC_WRITE_MASK:
+        if ((not is_last_spte(old_spte, level) or not is_writable_pte(old_spte))
+                and (flags & MKSPTE_UNSYNC_REFUSED)):
+            wrprot[0] = True
+        else:
+            spte |= PT_WRITABLE_MASK | f.mmu_writable_mask | f.dirty_mask
+    if prefetch and not synchronizing:
+        spte = mark_spte_for_access_track(f, spte)
+    if KVMMMU_DEBUG_ON and _writable_invariants_broken(f, spte):
+        spte_mmu_warn(SPTE_WARN_MAKE_SPTE_WRITABLE_INVARIANT)
+    return spte
+
+cdef bint make_spte_wants_unsync(int level, unsigned int pte_access, uint64_t old_spte,
+                                 unsigned int flags) noexcept nogil:
+    """Would make_spte() call mmu_try_to_unsync_pages() for these inputs?"""
+    if not (flags & MKSPTE_HOST_WRITABLE) or not (pte_access & ACC_WRITE_MASK):
+        return False
+    return not is_last_spte(old_spte, level) or not is_writable_pte(old_spte)
+
+
 # --- argument checking (Python level, before any state is touched) ---------
 
+# Integers are taken as operator.index takes them (int, bool, numpy
+# integers); a float or a string is a TypeError naming the argument, never
+# truncated.  Exact ints skip the index call.
+
+cdef inline object _int(object value, str name):
+    if type(value) is int:
+        return value
+    try:
+        return _index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+
+
+cdef inline object _int_in(object value, str name, object lo, object hi):
+    """`value` as an int in lo..hi, or TypeError/ValueError naming `name`."""
+    cdef object v = _int(value, name)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}={v} is outside {lo}..{hi}")
+    return v
+
+
 cdef inline uint64_t _u64(object value, str name) except? 0:
-    if not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0 or value > 0xFFFFFFFFFFFFFFFF:
-        raise ValueError(f"{name}={value:#x} does not fit in 64 bits")
-    return <uint64_t>value
+    cdef object v = _int(value, name)
+    if v < 0 or v > 0xFFFFFFFFFFFFFFFF:
+        raise ValueError(f"{name}={v:#x} does not fit in 64 bits")
+    return <uint64_t>v
 
 
 cdef inline int _level(object level, str name="level") except -1:
-    if not isinstance(level, int):
-        raise TypeError(f"{name} must be an int, not {type(level).__name__}")
-    if not PG_LEVEL_4K <= level <= PT64_ROOT_MAX_LEVEL:
-        raise ValueError(f"{name}={level} is outside {PG_LEVEL_4K}..{PT64_ROOT_MAX_LEVEL}")
-    return <int>level
+    return <int>_int_in(level, name, PG_LEVEL_4K, PT64_ROOT_MAX_LEVEL)
+
+
+cdef inline bint _bool(object value, str name) except -1:
+    """A flag: bool, or an int 0/1 (not truthiness: "no" is refused)."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return <bint>_int_in(value, name, 0, 1)
 
 
 cdef inline uint64_t _pfn(object pfn, str name="pfn") except? 0:
     cdef uint64_t v = _u64(pfn, name)
     if v >= _PFN_LIMIT:
-        raise ValueError(f"{name}={pfn:#x} is wider than the 40-bit PFN field (bits 51:12)")
+        raise ValueError(f"{name}={v:#x} is wider than the 40-bit PFN field (bits 51:12)")
     return v
 
 
 cdef inline unsigned int _access(object access, str name="pte_access") except? 0:
-    if not isinstance(access, int):
-        raise TypeError(f"{name} must be an int, not {type(access).__name__}")
-    if not 0 <= access <= ACC_ALL:
-        raise ValueError(f"{name}={access} is not an ACC_* mask (0..7)")
-    return <unsigned int>access
+    cdef object a = _int(access, name)
+    if not 0 <= a <= ACC_ALL:
+        raise ValueError(f"{name}={a} is not an ACC_* mask (0..7)")
+    return <unsigned int>a
 
 
 # --- format-independent helpers --------------------------------------------
@@ -197,10 +446,15 @@ cdef inline uint64_t _genmask(int h, int l) noexcept:
     return ((~(<uint64_t>0)) << l) & ((~(<uint64_t>0)) >> (63 - h))
 
 
+# Passed by the factories to __cinit__: a bare SpteFormat.__new__() or
+# RsvdBitsValidate.__new__() (an object with all-zero masks) is refused.
+cdef object _CONSTRUCT = object()
+
+
 cdef SpteFormat _new_format(str name, int maxphyaddr, bint host_64bit, object l1tf_cache_bits):
-    if not isinstance(maxphyaddr, int) or not 32 <= maxphyaddr <= 52:
+    if not 32 <= maxphyaddr <= 52:
         raise ValueError(f"maxphyaddr={maxphyaddr!r} is outside 32..52")
-    cdef SpteFormat self = SpteFormat.__new__(SpteFormat)
+    cdef SpteFormat self = SpteFormat.__new__(SpteFormat, _CONSTRUCT)
     self.name = name
     self.fmt.maxphyaddr = maxphyaddr
     self.fmt.host_64bit = host_64bit
@@ -211,8 +465,8 @@ cdef SpteFormat _new_format(str name, int maxphyaddr, bint host_64bit, object l1
     # cache's physical-address width are forced to 1 in non-present SPTEs.
     cdef int low_phys_bits = maxphyaddr
     if l1tf_cache_bits is not None:
-        if not isinstance(l1tf_cache_bits, int) or not (
-                SHADOW_NONPRESENT_OR_RSVD_MASK_LEN + 13 <= l1tf_cache_bits
+        l1tf_cache_bits = _int(l1tf_cache_bits, "l1tf_cache_bits")
+        if not (SHADOW_NONPRESENT_OR_RSVD_MASK_LEN + 13 <= l1tf_cache_bits
                 < 52 - SHADOW_NONPRESENT_OR_RSVD_MASK_LEN):
             raise ValueError(
                 f"l1tf_cache_bits={l1tf_cache_bits!r}: the L1TF guard needs 18..46 "
@@ -254,16 +508,28 @@ cdef class SpteFormat:
     Methods named like kernel helpers behave like them; their ``*_array``
     twins apply the same rule to every element of a uint64 array in one
     nogil pass.
+
+    Only the factories build one (``SpteFormat()`` and a bare
+    ``SpteFormat.__new__`` raise TypeError).  Immutable once built, so one
+    format may be shared by any number of threads; the bulk forms release
+    the GIL and read each input element once.  An array written by another
+    thread during a call gives unspecified (but in-range) results, never a
+    crash; in-place forms on one array from two threads race like any numpy
+    in-place update.
     """
 
-    def __init__(self):
+    def __cinit__(self, *args, **kwargs):
+        if len(args) != 1 or args[0] is not _CONSTRUCT or kwargs:
+            raise TypeError("use SpteFormat.legacy(...) or SpteFormat.ept(...)")
+
+    def __init__(self, *args, **kwargs):
+        # Only reached through SpteFormat(...), which __cinit__ refuses.
         raise TypeError("use SpteFormat.legacy(...) or SpteFormat.ept(...)")
 
     # -- construction --------------------------------------------------------
 
     @staticmethod
-    def legacy(*, int maxphyaddr=46, bint mmio_caching=True, bint host_64bit=True,
-               l1tf_cache_bits=None):
+    def legacy(*, maxphyaddr=46, mmio_caching=True, host_64bit=True, l1tf_cache_bits=None):
         """Legacy shadow paging / AMD NPT format (``kvm_mmu_reset_all_pte_masks``).
 
         Parameters
@@ -279,7 +545,10 @@ cdef class SpteFormat:
         l1tf_cache_bits : int or None
             ``x86_cache_bits`` of a host with X86_BUG_L1TF, or None.
         """
-        cdef SpteFormat self = _new_format("legacy", maxphyaddr, host_64bit, l1tf_cache_bits)
+        cdef int phys = _int_in(maxphyaddr, "maxphyaddr", 32, 52)
+        cdef bint caching = _bool(mmio_caching, "mmio_caching")
+        cdef SpteFormat self = _new_format("legacy", phys, _bool(host_64bit, "host_64bit"),
+                                           l1tf_cache_bits)
         self.fmt.present_mask = PT_PRESENT_MASK
         self.fmt.user_mask = PT_USER_MASK
         self.fmt.x_mask = 0
@@ -290,13 +559,13 @@ cdef class SpteFormat:
         self.fmt.host_writable_mask = DEFAULT_SPTE_HOST_WRITABLE
         self.fmt.mmu_writable_mask = DEFAULT_SPTE_MMU_WRITABLE
         self.fmt.is_ept = False
-        cdef uint64_t mask = ((<uint64_t>1) << 51 | PT_PRESENT_MASK) if maxphyaddr < 52 else 0
-        _set_mmio_spte_mask(self, mask, mask, ACC_WRITE_MASK | ACC_USER_MASK, mmio_caching)
+        cdef uint64_t mask = ((<uint64_t>1) << 51 | PT_PRESENT_MASK) if phys < 52 else 0
+        _set_mmio_spte_mask(self, mask, mask, ACC_WRITE_MASK | ACC_USER_MASK, caching)
         return self
 
     @staticmethod
-    def ept(*, bint ad_bits=True, bint exec_only=True, int maxphyaddr=46,
-            bint mmio_caching=True, bint host_64bit=True, l1tf_cache_bits=None):
+    def ept(*, ad_bits=True, exec_only=True, maxphyaddr=46, mmio_caching=True, host_64bit=True,
+            l1tf_cache_bits=None):
         """Intel EPT format (``kvm_mmu_set_ept_masks(ad_bits, exec_only)``).
 
         EPT's Accessed/Dirty bits (8/9) are in the masks even without
@@ -306,10 +575,13 @@ cdef class SpteFormat:
         cannot do execute-only.  RAM gets memtype WB with IPAT (0x70), host
         MMIO UC (0) — vmx_get_mt_mask for a VM without non-coherent DMA.
         """
-        cdef SpteFormat self = _new_format("ept" if ad_bits else "ept-noad", maxphyaddr,
-                                               host_64bit, l1tf_cache_bits)
-        self.fmt.ad_enabled = ad_bits
-        self.fmt.present_mask = VMX_EPT_SUPPRESS_VE_BIT | (0 if exec_only else VMX_EPT_READABLE_MASK)
+        cdef bint ad = _bool(ad_bits, "ad_bits"), execonly = _bool(exec_only, "exec_only")
+        cdef int phys = _int_in(maxphyaddr, "maxphyaddr", 32, 52)
+        cdef bint caching = _bool(mmio_caching, "mmio_caching")
+        cdef SpteFormat self = _new_format("ept" if ad else "ept-noad", phys,
+                                           _bool(host_64bit, "host_64bit"), l1tf_cache_bits)
+        self.fmt.ad_enabled = ad
+        self.fmt.present_mask = VMX_EPT_SUPPRESS_VE_BIT | (0 if execonly else VMX_EPT_READABLE_MASK)
         self.fmt.user_mask = VMX_EPT_READABLE_MASK
         self.fmt.x_mask = VMX_EPT_EXECUTABLE_MASK
         self.fmt.nx_mask = 0
@@ -322,7 +594,7 @@ cdef class SpteFormat:
         self.fmt.ram_memtype = (MTRR_TYPE_WRBACK << VMX_EPT_MT_EPTE_SHIFT) | VMX_EPT_IPAT_BIT
         self.fmt.mmio_memtype = MTRR_TYPE_UNCACHABLE << VMX_EPT_MT_EPTE_SHIFT
         _set_mmio_spte_mask(self, VMX_EPT_MISCONFIG_WX_VALUE,
-                                 VMX_EPT_RWX_MASK | VMX_EPT_SUPPRESS_VE_BIT, 0, mmio_caching)
+                                 VMX_EPT_RWX_MASK | VMX_EPT_SUPPRESS_VE_BIT, 0, caching)
         return self
 
     # -- introspection -------------------------------------------------------
@@ -498,7 +770,7 @@ cdef class SpteFormat:
     def make_spte_wants_unsync(self, *, level, pte_access, old_spte=None, host_writable=True):
         """Would make_spte() ask mmu_try_to_unsync_pages() for these inputs?"""
         cdef uint64_t old = self.fmt.nonpresent_value if old_spte is None else _u64(old_spte, "old_spte")
-        cdef unsigned int flags = MKSPTE_HOST_WRITABLE if host_writable else 0
+        cdef unsigned int flags = MKSPTE_HOST_WRITABLE if _bool(host_writable, "host_writable") else 0
         return make_spte_wants_unsync(_level(level), _access(pte_access), old, flags)
 
     def make_nonleaf_spte(self, child_pa, ad_disabled=False):
@@ -506,7 +778,7 @@ cdef class SpteFormat:
         cdef uint64_t pa = _u64(child_pa, "child_pa")
         if pa & ~SPTE_BASE_ADDR_MASK:
             raise ValueError(f"child_pa={child_pa:#x} is not a page-aligned address below 2**52")
-        return make_nonleaf_spte(&self.fmt, pa, ad_disabled)
+        return make_nonleaf_spte(&self.fmt, pa, _bool(ad_disabled, "ad_disabled"))
 
     def make_small_spte(self, huge_spte, child_level, index, child_access=ACC_ALL,
                         nx_huge_pages=False):
@@ -522,10 +794,9 @@ cdef class SpteFormat:
             raise ValueError(f"child_level={child_level} cannot be split into (huge pages are 2M/1G)")
         if not (is_shadow_present_pte(huge) and is_large_pte(huge)):
             raise ValueError(f"huge_spte={huge:#x} is not a present huge SPTE")
-        if not isinstance(index, int) or not 0 <= index < SPTE_ENT_PER_PAGE:
-            raise ValueError(f"index={index!r} is outside 0..511")
-        return make_small_spte(&self.fmt, huge, lvl, index, _access(child_access, "child_access"),
-                               nx_huge_pages)
+        cdef int idx = _int_in(index, "index", 0, SPTE_ENT_PER_PAGE - 1)
+        return make_small_spte(&self.fmt, huge, lvl, idx, _access(child_access, "child_access"),
+                               _bool(nx_huge_pages, "nx_huge_pages"))
 
     make_huge_page_split_spte = make_small_spte
 
@@ -537,7 +808,7 @@ cdef class SpteFormat:
             raise ValueError(f"level={level} is not a huge-page level (2 or 3)")
         if not is_shadow_present_pte(small):
             raise ValueError(f"small_spte={small:#x} is not present")
-        return make_huge_spte(&self.fmt, small, lvl, nx_huge_pages)
+        return make_huge_spte(&self.fmt, small, lvl, _bool(nx_huge_pages, "nx_huge_pages"))
 
     def mark_spte_for_access_track(self, spte):
         """Age a present SPTE: clear A, or (A/D disabled) make it access-tracked."""
@@ -670,7 +941,7 @@ cdef class SpteFormat:
         Clears W; with `pt_protect` (shadowing a guest page table) also
         MMU-writable.  Returns how many SPTEs changed.
         """
-        return _mutate(M_WRPROT_PT if pt_protect else M_WRPROT, &self.fmt, sptes, _level(level))
+        return _mutate(M_WRPROT_PT if _bool(pt_protect, "pt_protect") else M_WRPROT, &self.fmt, sptes, _level(level))
 
     def clear_dirty_array(self, sptes, level=PG_LEVEL_4K):
         """__rmap_clear_dirty() on every present leaf (at `level`), in place:
@@ -684,17 +955,17 @@ cdef class SpteFormat:
         return _mutate(M_ACC_TRACK, &self.fmt, sptes, _level(level))
 
 
-cdef unsigned int _mkspte_flags(bint prefetch, bint synchronizing, bint host_writable,
-                                bint ad_disabled, bint ad_wrprot_only, bint nx_huge_pages,
-                                bint host_mmio, bint unsync_refused):
-    return ((MKSPTE_PREFETCH if prefetch else 0) |
-            (MKSPTE_SYNCHRONIZING if synchronizing else 0) |
-            (MKSPTE_HOST_WRITABLE if host_writable else 0) |
-            (MKSPTE_AD_DISABLED if ad_disabled else 0) |
-            (MKSPTE_AD_WRPROT_ONLY if ad_wrprot_only else 0) |
-            (MKSPTE_NX_HUGE_PAGES if nx_huge_pages else 0) |
-            (MKSPTE_HOST_MMIO if host_mmio else 0) |
-            (MKSPTE_UNSYNC_REFUSED if unsync_refused else 0))
+cdef unsigned int _mkspte_flags(object prefetch, object synchronizing, object host_writable,
+                                object ad_disabled, object ad_wrprot_only, object nx_huge_pages,
+                                object host_mmio, object unsync_refused) except? 0:
+    return ((MKSPTE_PREFETCH if _bool(prefetch, "prefetch") else 0) |
+            (MKSPTE_SYNCHRONIZING if _bool(synchronizing, "synchronizing") else 0) |
+            (MKSPTE_HOST_WRITABLE if _bool(host_writable, "host_writable") else 0) |
+            (MKSPTE_AD_DISABLED if _bool(ad_disabled, "ad_disabled") else 0) |
+            (MKSPTE_AD_WRPROT_ONLY if _bool(ad_wrprot_only, "ad_wrprot_only") else 0) |
+            (MKSPTE_NX_HUGE_PAGES if _bool(nx_huge_pages, "nx_huge_pages") else 0) |
+            (MKSPTE_HOST_MMIO if _bool(host_mmio, "host_mmio") else 0) |
+            (MKSPTE_UNSYNC_REFUSED if _bool(unsync_refused, "unsync_refused") else 0))
 
 
 def _raise_bad_pfn(pfns):
@@ -956,99 +1227,107 @@ cdef inline uint64_t _rsvd_bits(int s, int e):
     return _genmask(e, s)
 
 
+cdef RsvdBitsValidate _rsvd_legacy(int maxphyaddr, int level, bint nx, bint gbpages, bint pse,
+                                   bint amd):
+    cdef RsvdBitsValidate self = RsvdBitsValidate.__new__(RsvdBitsValidate, _CONSTRUCT)
+    cdef uint64_t (*m)[5]
+    m = self.chk.rsvd_bits_mask
+    cdef uint64_t pa_rsvd = _rsvd_bits(maxphyaddr, 63)
+    cdef uint64_t high = pa_rsvd & _rsvd_bits(0, 51)
+    cdef uint64_t nonleaf_bit8 = PT_GLOBAL_MASK if amd else 0
+    cdef uint64_t gb = 0 if gbpages else PT_PAGE_SIZE_MASK
+    if not nx:
+        high |= PT64_NX_MASK
+    if level == 2:
+        m[0][1] = 0
+        m[0][0] = 0
+        m[1][0] = 0
+        m[1][1] = _rsvd_bits(17, 21) if pse else 0
+    elif level == 3:
+        high = pa_rsvd & _rsvd_bits(0, 62)
+        if not nx:
+            high |= PT64_NX_MASK
+        m[0][2] = PT64_NX_MASK | high | _rsvd_bits(5, 8) | _rsvd_bits(1, 2)
+        m[0][1] = high
+        m[0][0] = high
+        m[1][1] = high | _rsvd_bits(13, 20)
+        m[1][0] = m[0][0]
+    else:
+        m[0][4] = high | nonleaf_bit8 | PT_PAGE_SIZE_MASK
+        m[1][4] = m[0][4]
+        m[0][3] = high | nonleaf_bit8 | PT_PAGE_SIZE_MASK
+        m[1][3] = m[0][3]
+        m[0][2] = high | gb
+        m[1][2] = high | gb | _rsvd_bits(13, 29)
+        m[0][1] = high
+        m[1][1] = high | _rsvd_bits(13, 20)
+        m[0][0] = high
+        m[1][0] = m[0][0]
+    self.chk.bad_mt_xwr = 0
+    return self
+
+
+cdef RsvdBitsValidate _rsvd_ept(int maxphyaddr, bint execonly, int huge_level):
+    cdef RsvdBitsValidate self = RsvdBitsValidate.__new__(RsvdBitsValidate, _CONSTRUCT)
+    cdef uint64_t (*m)[5]
+    m = self.chk.rsvd_bits_mask
+    cdef uint64_t high = _rsvd_bits(maxphyaddr, 63) & _rsvd_bits(0, 51)
+    cdef uint64_t large_1g = PT_PAGE_SIZE_MASK if huge_level < PG_LEVEL_1G else 0
+    cdef uint64_t large_2m = PT_PAGE_SIZE_MASK if huge_level < PG_LEVEL_2M else 0
+    m[0][4] = high | _rsvd_bits(3, 7)
+    m[0][3] = high | _rsvd_bits(3, 7)
+    m[0][2] = high | _rsvd_bits(3, 6) | large_1g
+    m[0][1] = high | _rsvd_bits(3, 6) | large_2m
+    m[0][0] = high
+    m[1][4] = m[0][4]
+    m[1][3] = m[0][3]
+    m[1][2] = high | _rsvd_bits(12, 29) | large_1g
+    m[1][1] = high | _rsvd_bits(12, 20) | large_2m
+    m[1][0] = m[0][0]
+    cdef uint64_t bad = 0
+    cdef int memtype, xwr
+    for memtype in range(8):
+        for xwr in range(8):
+            # UC-/reserved memtypes 2, 3, 7; write-only; write+exec without
+            # read; exec-only when the CPU cannot do it.
+            if (memtype in (2, 3, 7) or xwr == 0b010 or xwr == 0b110 or
+                    (not execonly and xwr == 0b100)):
+                bad |= (<uint64_t>1) << (memtype * 8 + xwr)
+    self.chk.bad_mt_xwr = bad
+    return self
+
+
 cdef class RsvdBitsValidate:
     """``struct rsvd_bits_validate``: reserved-bit masks per (bit 7, level)
     plus EPT's bad memtype/XWR bitmap.  Build with :meth:`legacy` or
-    :meth:`ept`; check with :meth:`is_rsvd_spte`.
+    :meth:`ept`; check with :meth:`is_rsvd_spte`.  Only the factories
+    build one; immutable once built and safe to share between threads.
     """
 
-    def __init__(self):
+    def __cinit__(self, *args, **kwargs):
+        if len(args) != 1 or args[0] is not _CONSTRUCT or kwargs:
+            raise TypeError("use RsvdBitsValidate.legacy(...) or RsvdBitsValidate.ept(...)")
+
+    def __init__(self, *args, **kwargs):
         raise TypeError("use RsvdBitsValidate.legacy(...) or RsvdBitsValidate.ept(...)")
 
     @staticmethod
-    def legacy(*, int maxphyaddr, int level, bint nx, bint gbpages, bint pse=False,
-               bint amd=False):
+    def legacy(*, maxphyaddr, level, nx, gbpages, pse=False, amd=False):
         """__reset_rsvds_bits_mask() for a legacy/PAE/NPT table walk.
 
         `level` is the root level: 2 (32-bit), 3 (PAE), 4 or 5.  With 2-level
         PSE the 4 MiB page's reserved bits are those of PSE-36 (bits 21:17).
         """
-        if not 32 <= maxphyaddr <= 52:
-            raise ValueError(f"maxphyaddr={maxphyaddr} is outside 32..52")
-        if not 2 <= level <= PT64_ROOT_MAX_LEVEL:
-            raise ValueError(f"level={level} is outside 2..5")
-        cdef RsvdBitsValidate self = RsvdBitsValidate.__new__(RsvdBitsValidate)
-        cdef uint64_t (*m)[5]
-        m = self.chk.rsvd_bits_mask
-        cdef uint64_t pa_rsvd = _rsvd_bits(maxphyaddr, 63)
-        cdef uint64_t high = pa_rsvd & _rsvd_bits(0, 51)
-        cdef uint64_t nonleaf_bit8 = PT_GLOBAL_MASK if amd else 0
-        cdef uint64_t gb = 0 if gbpages else PT_PAGE_SIZE_MASK
-        if not nx:
-            high |= PT64_NX_MASK
-        if level == 2:
-            m[0][1] = 0
-            m[0][0] = 0
-            m[1][0] = 0
-            m[1][1] = _rsvd_bits(17, 21) if pse else 0
-        elif level == 3:
-            high = pa_rsvd & _rsvd_bits(0, 62)
-            if not nx:
-                high |= PT64_NX_MASK
-            m[0][2] = PT64_NX_MASK | high | _rsvd_bits(5, 8) | _rsvd_bits(1, 2)
-            m[0][1] = high
-            m[0][0] = high
-            m[1][1] = high | _rsvd_bits(13, 20)
-            m[1][0] = m[0][0]
-        else:
-            m[0][4] = high | nonleaf_bit8 | PT_PAGE_SIZE_MASK
-            m[1][4] = m[0][4]
-            m[0][3] = high | nonleaf_bit8 | PT_PAGE_SIZE_MASK
-            m[1][3] = m[0][3]
-            m[0][2] = high | gb
-            m[1][2] = high | gb | _rsvd_bits(13, 29)
-            m[0][1] = high
-            m[1][1] = high | _rsvd_bits(13, 20)
-            m[0][0] = high
-            m[1][0] = m[0][0]
-        self.chk.bad_mt_xwr = 0
-        return self
+        return _rsvd_legacy(_int_in(maxphyaddr, "maxphyaddr", 32, 52),
+                            _int_in(level, "level", 2, PT64_ROOT_MAX_LEVEL), _bool(nx, "nx"),
+                            _bool(gbpages, "gbpages"), _bool(pse, "pse"), _bool(amd, "amd"))
 
     @staticmethod
-    def ept(*, int maxphyaddr, bint execonly, int huge_level=PG_LEVEL_1G):
+    def ept(*, maxphyaddr, execonly, huge_level=PG_LEVEL_1G):
         """__reset_rsvds_bits_mask_ept(); `huge_level` is the largest huge
         page level allowed (1 none, 2 for 2M, 3 for 1G)."""
-        if not 32 <= maxphyaddr <= 52:
-            raise ValueError(f"maxphyaddr={maxphyaddr} is outside 32..52")
-        if not PG_LEVEL_4K <= huge_level <= PG_LEVEL_1G:
-            raise ValueError(f"huge_level={huge_level} is outside 1..3")
-        cdef RsvdBitsValidate self = RsvdBitsValidate.__new__(RsvdBitsValidate)
-        cdef uint64_t (*m)[5]
-        m = self.chk.rsvd_bits_mask
-        cdef uint64_t high = _rsvd_bits(maxphyaddr, 63) & _rsvd_bits(0, 51)
-        cdef uint64_t large_1g = PT_PAGE_SIZE_MASK if huge_level < PG_LEVEL_1G else 0
-        cdef uint64_t large_2m = PT_PAGE_SIZE_MASK if huge_level < PG_LEVEL_2M else 0
-        m[0][4] = high | _rsvd_bits(3, 7)
-        m[0][3] = high | _rsvd_bits(3, 7)
-        m[0][2] = high | _rsvd_bits(3, 6) | large_1g
-        m[0][1] = high | _rsvd_bits(3, 6) | large_2m
-        m[0][0] = high
-        m[1][4] = m[0][4]
-        m[1][3] = m[0][3]
-        m[1][2] = high | _rsvd_bits(12, 29) | large_1g
-        m[1][1] = high | _rsvd_bits(12, 20) | large_2m
-        m[1][0] = m[0][0]
-        cdef uint64_t bad = 0
-        cdef int memtype, xwr
-        for memtype in range(8):
-            for xwr in range(8):
-                # UC-/reserved memtypes 2, 3, 7; write-only; write+exec without
-                # read; exec-only when the CPU cannot do it.
-                if (memtype in (2, 3, 7) or xwr == 0b010 or xwr == 0b110 or
-                        (not execonly and xwr == 0b100)):
-                    bad |= (<uint64_t>1) << (memtype * 8 + xwr)
-        self.chk.bad_mt_xwr = bad
-        return self
+        return _rsvd_ept(_int_in(maxphyaddr, "maxphyaddr", 32, 52), _bool(execonly, "execonly"),
+                         _int_in(huge_level, "huge_level", PG_LEVEL_4K, PG_LEVEL_1G))
 
     @property
     def rsvd_bits_mask(self):

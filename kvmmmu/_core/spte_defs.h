@@ -94,4 +94,19 @@ _Static_assert(!((SHADOW_NONPRESENT_VALUE_64 | FROZEN_SPTE_LOW_BITS) & SPTE_MMU_
 	       "frozen SPTE must not look present");
 _Static_assert(!(SHADOW_NONPRESENT_VALUE_64 & SPTE_MMU_PRESENT_MASK), "nonpresent value");
 
+/* Debug-only checks: KVMMMU_DEBUG_ON and kvmmmu_count_warn() come from mmu_defs.h. */
+/* One counter per check site, bumped from nogil code (relaxed atomics). */
+enum spte_warn_site {
+	SPTE_WARN_MAKE_SPTE_NO_PRESENT_BIT,	/* make_spte: pte_access | present mask == 0 */
+	SPTE_WARN_MAKE_SPTE_WRITABLE_INVARIANT,	/* make_spte: result breaks W/MMU-W/Host-W */
+	SPTE_WARN_ACC_TRACK_WRITABLE_INVARIANT,	/* mark_spte_for_access_track */
+	SPTE_WARN_ACC_TRACK_SAVED_BITS,		/* mark_spte_for_access_track */
+	SPTE_WARN_MMIO_NO_VALUE,		/* make_mmio_spte with caching off */
+	SPTE_WARN_SMALL_NOT_HUGE,		/* make_small_spte: not a present huge SPTE */
+	SPTE_WARN_HUGE_NOT_PRESENT,		/* make_huge_spte: not present, or level 4K */
+	SPTE_WARN_MMIO_AMBIGUOUS,		/* is_mmio_spte on an MMU-present SPTE */
+	SPTE_WARN_NR_SITES
+};
+
+
 #endif
