@@ -447,7 +447,25 @@ def load_pdptrs(memory: GuestMemory, cr3: int, model: GuestCpuModel, nested: "Gu
     Raises
     ------
     PdptrLoadError
+        Also for a `cr3` outside ``[0, 2**64)``.
+    TypeError
+        `memory`, `model`, `nested` or `cr3` of the wrong type (floats and
+        bools are not addresses).
     """
+    if not isinstance(memory, GuestMemory):
+        raise TypeError(f"memory must be a GuestMemory, not {type(memory).__name__}")
+    if not isinstance(model, GuestCpuModel):
+        raise TypeError(f"model must be a GuestCpuModel, not {type(model).__name__}")
+    if nested is not None and not isinstance(nested, GuestMmu):
+        raise TypeError(f"nested must be a GuestMmu or None, not {type(nested).__name__}")
+    if isinstance(cr3, bool):
+        raise TypeError("cr3 must be an int, not bool")
+    try:
+        cr3 = _index(cr3)
+    except TypeError:
+        raise TypeError(f"cr3 must be an int, not {type(cr3).__name__}") from None
+    if not 0 <= cr3 <= _U64:
+        raise PdptrLoadError(f"cr3={cr3:#x} is not a 64-bit value")
     gpa = cr3 & 0xffffffe0
     if nested is not None:
         w = nested.walk_addr(gpa, PFERR_USER_MASK | PFERR_WRITE_MASK)

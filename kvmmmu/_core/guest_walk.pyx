@@ -323,6 +323,12 @@ cdef class GuestWalker:
                 f"gfn={self.gfn:#x}, pte_access={self.access_str}, fault={self.fault!r})")
 
 
+cdef inline void _unpin(tuple pinned):
+    (<GuestMemory>pinned[0]).walkers -= 1
+    if pinned[1] is not None:
+        (<GuestMemory>pinned[1]).walkers -= 1
+
+
 cdef GuestWalker make_walker(guest_walker_t *w, int r, uint64_t gva, uint64_t access, int pttype):
     """The Python view of one finished walk: one allocation (two on a fault)."""
     cdef GuestWalker res = GuestWalker.__new__(GuestWalker)
@@ -403,6 +409,7 @@ cdef class GuestMemory:
     this object lives (it stays exported).
     """
     cdef gw_mem_t mem
+    cdef Py_ssize_t walkers    # walks running on this memory (changed under the GIL)
     cdef list _views           # the exported memoryviews, one per slot
     cdef list _info            # (base_gpa, size, readonly) per slot
 
@@ -410,6 +417,7 @@ cdef class GuestMemory:
         self.mem.slots = NULL
         self.mem.nslots = 0
         self.mem.last = 0
+        self.walkers = 0
         self._views = []
         self._info = []
 
@@ -454,8 +462,9 @@ cdef class GuestMemory:
         Raises
         ------
         GuestMemoryError
-            Misaligned, empty, overlapping or unsuitable buffer; nothing is
-            added.
+            Misaligned, empty, overlapping or unsuitable buffer, or a walk
+            is running on this memory in another thread (the slot table
+            cannot be reallocated under it); nothing is added.
         """
         cdef uint8_t[::1] wview
         cdef const uint8_t[::1] rview
@@ -484,6 +493,9 @@ cdef class GuestMemory:
             if base_gpa < b + s and b < base_gpa + size:
                 raise GuestMemoryError(
                     f"slot [{base_gpa:#x}, {base_gpa + size:#x}) overlaps [{b:#x}, {b + s:#x})")
+        if self.walkers:
+            raise GuestMemoryError(
+                f"add_slot while {self.walkers} walk(s) run on this GuestMemory in other threads")
         slots = <gw_slot_t *>PyMem_Realloc(self.mem.slots, (self.mem.nslots + 1) * sizeof(gw_slot_t))
         if slots == NULL:
             raise MemoryError()
@@ -950,6 +962,19 @@ cdef class WalkContext:
         self.mmu = m
         self.ready = True
 
+    cdef tuple _pin(self):
+        """Count a walk in on the memories it reads, so that
+        ``GuestMemory.add_slot`` refuses to move their slot tables under it;
+        the returned references also keep them alive should another thread
+        re-``__init__`` this context meanwhile.  Called with the GIL held
+        (the counters change only under the GIL)."""
+        cdef GuestMemory mem = self.memory
+        cdef GuestMemory nmem = self.nested.memory if self.nested is not None else None
+        mem.walkers += 1
+        if nmem is not None:
+            nmem.walkers += 1
+        return (mem, nmem)
+
     cdef int _prepare(self, gw_mmu_t *m, gw_mmu_t *outer, trace_buf_t *tb) except -1:
         """Copy this MMU (and its outer MMU) for one call, with the call's own
         trace buffer: threads walking one context never share a buffer."""
@@ -971,8 +996,10 @@ cdef class WalkContext:
         cdef gw_mmu_t m, outer
         cdef trace_buf_t tb
         self._prepare(&m, &outer, &tb)
+        pinned = self._pin()
         with nogil:
             r = walk_addr_generic(&m, &w, a, acc)
+        _unpin(pinned)
         try:
             if r == GW_ENOMEM:
                 raise MemoryError("no memory for a trace record")
@@ -1040,6 +1067,7 @@ cdef class WalkContext:
         cdef gw_mmu_t m, outer
         cdef trace_buf_t tb
         self._prepare(&m, &outer, &tb)
+        pinned = self._pin()
         with nogil:
             for i in range(n):
                 r = walk_addr_generic(&m, &w, av[i], acc)
@@ -1062,6 +1090,7 @@ cdef class WalkContext:
                     res[i].flags = WALK_FAULT | (WALK_NESTED_FAULT if w.nested_page_fault else 0)
                     res[i].exit_qualification = <uint8_t>w.exit_qualification
                 res[i].retries = w.retries if w.retries < 0xffff else 0xffff
+        _unpin(pinned)
         try:
             if r == GW_ENOMEM:
                 raise MemoryError("no memory for a trace record")
