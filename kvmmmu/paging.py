@@ -534,6 +534,10 @@ class GuestMmu:
 
     Invariants: the walk context is immutable; walks change only guest
     memory (A/D bits) and emit trace events.
+
+    Threads: a GuestMmu may be walked from several threads at once (results
+    and trace records are per call); see :class:`GuestMemory` for adding
+    slots meanwhile.
     """
 
     def __init__(self, memory: GuestMemory, cpu: CpuState, model: GuestCpuModel, *,

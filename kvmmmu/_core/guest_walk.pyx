@@ -407,6 +407,13 @@ cdef class GuestMemory:
 
     Invariants: slots do not overlap; a slot's buffer cannot be resized while
     this object lives (it stays exported).
+
+    Threads: may be shared.  Walks from any number of threads run at once
+    (each pins the memory for its duration); ``add_slot`` while a walk runs
+    in another thread raises :class:`GuestMemoryError` instead of moving
+    the slot table under it.  ``read``/``write`` take the GIL and see whole
+    values; concurrent A/D write-backs to one entry race as in hardware
+    (the walker re-reads and restarts, it never reads outside a slot).
     """
     cdef gw_mem_t mem
     cdef Py_ssize_t walkers    # walks running on this memory (changed under the GIL)
@@ -911,6 +918,12 @@ cdef class WalkContext:
     rsvd : RsvdBitsValidate
     nested : WalkContext or None
         The MMU that translates this one's gpas (L1's EPT for an L2 walk).
+
+    Threads: may be shared; every walk copies the MMU and gets its own trace
+    buffer.  A failed re-``__init__`` leaves the context unchanged; a
+    successful one during another thread's walk does not affect that walk
+    (it keeps the memories it pinned alive).  A context whose ``__init__``
+    never completed refuses to walk (ValueError).
     """
     cdef gw_mmu_t mmu
     cdef bint ready            # __init__ completed: mmu.mem points into self.memory
