@@ -92,17 +92,9 @@ TRACEFS = Path("/sys/kernel/tracing")
 #: ``fast_page_fault`` prints ``spurious``/``fixed`` as ``ret == 6``/``ret == 5``.
 from kvmmmu._core.defs import RET_PF_FIXED, RET_PF_SPURIOUS  # noqa: E402
 
-#: ``kvm_mmu_trace_pferr_flags``: (mask, name) in the order the format lists them.
-PFERR_FLAGS = (
-    (1 << 0, "P"),
-    (1 << 1, "W"),
-    (1 << 2, "U"),
-    (1 << 5, "PK"),
-    (1 << 6, "SS"),
-    (1 << 15, "SGX"),
-    (1 << 3, "RSVD"),
-    (1 << 4, "F"),
-)
+# ``kvm_mmu_trace_pferr_flags`` and ``__print_flags`` live in the core (the walker's
+# PageFault prints with them); re-exported here.
+from kvmmmu._core.trace_buf import PFERR_FLAGS, print_flags  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------
@@ -308,36 +300,6 @@ class Event:
 # ---------------------------------------------------------------------------
 # Printing helpers (the kernel's rules)
 # ---------------------------------------------------------------------------
-
-def print_flags(value: int, delim: str = "|", flags=PFERR_FLAGS) -> str:
-    """``__print_flags`` as the kernel's ``trace_print_flags_seq`` prints it.
-
-    Walks `flags` in order while bits remain; a flag is printed (and its
-    bits cleared) when all bits of its mask are set.  Remaining unknown bits
-    are printed as ``0x%lx``, preceded by `delim` if a name came before.
-    ``0`` prints as the empty string.
-
-    Examples
-    --------
-    >>> print_flags(0x7)
-    'P|W|U'
-    >>> print_flags(0x1 | 1 << 32)
-    'P|0x100000000'
-    >>> print_flags(0)
-    ''
-    """
-    out = []
-    for mask, name in flags:
-        if not value:
-            break
-        if value & mask == mask:
-            value &= ~mask
-            out.append(name)
-    text = delim.join(out)
-    if value:
-        text += (delim if out else "") + f"0x{value:x}"
-    return text
-
 
 def format_pointer(value: int) -> str:
     """``%p`` as tracefs prints it when not hashed (``%px``): 16 hex digits.

@@ -51,7 +51,6 @@ is read or written.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from operator import index as _index
@@ -65,7 +64,7 @@ from kvmmmu._core.guest_walk import (
 )
 from kvmmmu._core.role import KvmCpuRole, kvm_calc_cpu_role, kvm_calc_shadow_ept_root_page_role
 from kvmmmu._core.spte import RsvdBitsValidate
-from kvmmmu.mmutrace import print_flags
+from kvmmmu._core.trace_buf import print_flags
 
 __all__ = [
     "GuestMemory", "GuestCpuModel", "CpuState", "GuestMmu", "GuestWalker", "PageFault",
@@ -113,7 +112,6 @@ EPT_VIOLATION_ACC_READ = _gw.EPT_VIOLATION_ACC_READ
 EPT_VIOLATION_ACC_WRITE = _gw.EPT_VIOLATION_ACC_WRITE
 EPT_VIOLATION_ACC_INSTR = _gw.EPT_VIOLATION_ACC_INSTR
 
-_ACCESS_STR = ("---", "--x", "w--", "w-x", "-u-", "-ux", "wu-", "wux")
 _U64 = (1 << 64) - 1
 
 
@@ -449,7 +447,25 @@ def load_pdptrs(memory: GuestMemory, cr3: int, model: GuestCpuModel, nested: "Gu
     Raises
     ------
     PdptrLoadError
+        Also for a `cr3` outside ``[0, 2**64)``.
+    TypeError
+        `memory`, `model`, `nested` or `cr3` of the wrong type (floats and
+        bools are not addresses).
     """
+    if not isinstance(memory, GuestMemory):
+        raise TypeError(f"memory must be a GuestMemory, not {type(memory).__name__}")
+    if not isinstance(model, GuestCpuModel):
+        raise TypeError(f"model must be a GuestCpuModel, not {type(model).__name__}")
+    if nested is not None and not isinstance(nested, GuestMmu):
+        raise TypeError(f"nested must be a GuestMmu or None, not {type(nested).__name__}")
+    if isinstance(cr3, bool):
+        raise TypeError("cr3 must be an int, not bool")
+    try:
+        cr3 = _index(cr3)
+    except TypeError:
+        raise TypeError(f"cr3 must be an int, not {type(cr3).__name__}") from None
+    if not 0 <= cr3 <= _U64:
+        raise PdptrLoadError(f"cr3={cr3:#x} is not a 64-bit value")
     gpa = cr3 & 0xffffffe0
     if nested is not None:
         w = nested.walk_addr(gpa, PFERR_USER_MASK | PFERR_WRITE_MASK)
@@ -469,102 +485,11 @@ def load_pdptrs(memory: GuestMemory, cr3: int, model: GuestCpuModel, nested: "Gu
 
 
 # --- results -----------------------------------------------------------------
+# PageFault (``struct x86_exception``) and GuestWalker (``struct guest_walker``)
+# are extension types the C walker fills directly (kvmmmu._core.guest_walk).
 
-@dataclass(frozen=True)
-class PageFault:
-    """``struct x86_exception`` of a failed walk.
-
-    Attributes
-    ----------
-    error_code : int
-        PFERR bits: P, W, U, RSVD, F, PK.  For EPT, RSVD means "EPT
-        misconfiguration".
-    address : int
-        The faulting address (the gva; for a nested fault, the L2 gpa).
-    nested_page_fault : bool
-        Raised by the outer MMU (EPT), not by this walk's own tables.
-    exit_qualification : int
-        EPT only (0 otherwise and for misconfigurations): access bits 2:0
-        (read, write, fetch) and the accumulated R/W/X of the walked entries
-        in bits 5:3.
-    """
-
-    error_code: int
-    address: int
-    nested_page_fault: bool = False
-    exit_qualification: int = 0
-
-    def __str__(self):
-        return (f"#PF error_code={self.error_code:#x} ({pferr_str(self.error_code)}) "
-                f"address={self.address:#x}" + (" nested" if self.nested_page_fault else ""))
-
-
-@dataclass(frozen=True)
-class GuestWalker:
-    """One walk (``struct guest_walker``).
-
-    Tuples are indexed ``[level - 1]``; only levels ``level..max_level`` were
-    walked (on a fault, only those read before it).
-
-    Attributes
-    ----------
-    gva, access : int
-        What was walked.
-    level : int
-        Level of the leaf (1 = 4 KiB), or where the walk stopped; 0 with
-        paging off.
-    max_level : int
-        First level read from memory (2 for PAE).
-    table_gfn, pte_gpa, ptes : tuple of int
-        The table, the entry's gpa and its value (after A/D write-back).
-    pt_access : tuple of int
-        ACC_* bits granted by the levels above each level.
-    pte_access : int
-        Effective ACC_* bits of the translation (a read of a clean page has
-        no ACC_WRITE: ``protect_clean_gpte``).
-    gfn : int
-        Translated frame (success only).
-    fault : PageFault or None
-    retries : int
-        Walk restarts because an A/D write-back found an entry changed (a
-        table that maps itself).
-    """
-
-    gva: int
-    access: int
-    pttype: int
-    level: int
-    max_level: int
-    table_gfn: tuple
-    pte_gpa: tuple
-    ptes: tuple
-    pt_access: tuple
-    pte_access: int
-    gfn: int
-    fault: PageFault | None
-    retries: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.fault is None
-
-    @property
-    def gpa(self) -> int:
-        """The translated gpa (``gva_to_gpa``), or INVALID_GPA after a fault."""
-        return INVALID_GPA if self.fault else (self.gfn << 12) | (self.gva & 0xfff)
-
-    @property
-    def page_size(self) -> int:
-        """Bytes mapped by the leaf (4 KiB with paging off)."""
-        if self.level <= 1:
-            return 4096
-        bits = 10 if self.pttype == PTTYPE_32 else 9
-        return 4096 << (bits * (self.level - 1))
-
-    @property
-    def access_str(self) -> str:
-        """``pte_access`` as w/u/x letters (``"wux"``, ``"-u-"``...)."""
-        return _ACCESS_STR[self.pte_access & 7]
+PageFault = _gw.PageFault
+GuestWalker = _gw.GuestWalker
 
 
 # --- the MMU -----------------------------------------------------------------
@@ -609,6 +534,10 @@ class GuestMmu:
 
     Invariants: the walk context is immutable; walks change only guest
     memory (A/D bits) and emit trace events.
+
+    Threads: a GuestMmu may be walked from several threads at once (results
+    and trace records are per call); see :class:`GuestMemory` for adding
+    slots meanwhile.
     """
 
     def __init__(self, memory: GuestMemory, cpu: CpuState, model: GuestCpuModel, *,
@@ -766,16 +695,10 @@ class GuestMmu:
         GuestWalker
             Check ``.ok``; A/D bits are already written back.
         """
-        gva = self._check_gva(gva)
-        acc = _check_access(access)
-        r = self._ctx.walk(gva, acc)
-        fault = None
-        if not r["ok"]:
-            fault = PageFault(r["error_code"], r["address"], r["nested_page_fault"],
-                              r["exit_qualification"])
-        return GuestWalker(gva, acc, self.pttype, r["level"], r["max_level"], r["table_gfn"],
-                           r["pte_gpa"], r["ptes"], r["pt_access"], r["pte_access"], r["gfn"],
-                           fault, r["retries"])
+        w = self._ctx.walk_fast(gva, access, self._gva_limit)
+        if w is None:       # not plain in-range ints: check them and say why
+            w = self._ctx.walk(self._check_gva(gva), _check_access(access))
+        return w
 
     def gva_to_gpa(self, gva: int, access: int = 0) -> int:
         """The gpa of `gva` (``FNAME(gva_to_gpa)``).

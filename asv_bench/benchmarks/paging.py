@@ -69,3 +69,32 @@ class WalkAddr:
         walk = self.mmu.walk_addr
         for g in self.gvas:
             walk(g, P.PFERR_WRITE_MASK)
+
+
+class WalkAddrTraced:
+    """``WalkAddr`` with the five walker tracepoints on and one subscriber
+    (records drained from the call's own buffer to :mod:`kvmmmu.mmutrace`)."""
+    params = [[4], [1 << 12]]
+    param_names = ["levels", "n_gvas"]
+
+    def setup(self, levels, n_gvas):
+        from kvmmmu import mmutrace as T
+        self.T = T
+        rng = np.random.default_rng(1234)
+        self.mem, self.mmu = make_guest(levels)
+        self.gvas = [int(g) << 12 for g in rng.integers(0, GIB_PAGES, n_gvas)]
+        self.events = ("kvm_mmu_pagetable_walk", "kvm_mmu_paging_element",
+                       "kvm_mmu_set_accessed_bit", "kvm_mmu_set_dirty_bit", "kvm_mmu_walker_error")
+        self.seen = []
+        T.enable(*self.events)
+        T.subscribe(self.seen.append)
+
+    def teardown(self, levels, n_gvas):
+        self.T.unsubscribe(self.seen.append)
+        self.T.disable(*self.events)
+
+    def time_walk_addr_traced(self, levels, n_gvas):
+        walk = self.mmu.walk_addr
+        for g in self.gvas:
+            walk(g, P.PFERR_WRITE_MASK)
+        self.seen.clear()

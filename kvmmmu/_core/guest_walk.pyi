@@ -1,5 +1,5 @@
 # Type stubs for kvmmmu._core.guest_walk (see guest_walk.pyx).
-from typing import Any, Iterable, TypedDict
+from typing import Any, Iterable
 
 import numpy as np
 import numpy.typing as npt
@@ -44,22 +44,37 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None: ...
     def write_u32(self, gpa: int, value: int) -> None: ...
 
-class WalkDict(TypedDict):
-    ok: bool
-    level: int
-    max_level: int
-    table_gfn: tuple[int, ...]
-    ptes: tuple[int, ...]
-    pte_gpa: tuple[int, ...]
-    pte_writable: tuple[bool, ...]
-    pt_access: tuple[int, ...]
-    pte_access: int
-    gfn: int
-    retries: int
+class PageFault:
     error_code: int
     address: int
     nested_page_fault: bool
     exit_qualification: int
+    def __init__(self, error_code: int, address: int, nested_page_fault: bool = ...,
+                 exit_qualification: int = ...) -> None: ...
+
+class GuestWalker:
+    gva: int
+    access: int
+    pttype: int
+    level: int
+    max_level: int
+    table_gfn: tuple[int, ...]
+    pte_gpa: tuple[int, ...]
+    ptes: tuple[int, ...]
+    pte_writable: tuple[bool, ...]
+    pt_access: tuple[int, ...]
+    pte_access: int
+    gfn: int
+    fault: PageFault | None
+    retries: int
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def gpa(self) -> int: ...
+    @property
+    def page_size(self) -> int: ...
+    @property
+    def access_str(self) -> str: ...
 
 class WalkContext:
     memory: GuestMemory
@@ -69,6 +84,7 @@ class WalkContext:
                  cr4_pse: bool, rflags_ac: bool, is_walk_mmu: bool, pkru: int, pkru_mask: int,
                  permissions: Iterable[int], rsvd: RsvdBitsValidate,
                  nested: WalkContext | None = ...) -> None: ...
-    def walk(self, addr: int, access: int) -> WalkDict: ...
+    def walk(self, addr: int, access: int) -> GuestWalker: ...
+    def walk_fast(self, addr: object, access: object, addr_limit: int) -> GuestWalker | None: ...
     def walk_array(self, addrs: npt.NDArray[np.uint64],  # const uint64_t[::1]
                    access: int, out: npt.NDArray[np.void] | None = ...) -> npt.NDArray[np.void]: ...

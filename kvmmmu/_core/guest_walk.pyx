@@ -52,6 +52,7 @@ import numpy as np
 
 from kvmmmu._core._checks import (check_array as _check_array, int_arg as _int_arg,
                                   out_array as _out_array)
+from kvmmmu._core.trace_buf import print_flags as _print_flags
 
 from kvmmmu._core.trace_buf cimport (
     trace_buf_t, trace_buf_init, trace_on, trace_push, trace_drain,
@@ -141,6 +142,214 @@ class GpaReadOnlyError(PermissionError):
 
 
 # ---------------------------------------------------------------------------
+# Walk results: built once, from C
+# ---------------------------------------------------------------------------
+
+_ACCESS_STR = ("---", "--x", "w--", "w-x", "-u-", "-ux", "wu-", "wux")
+
+
+@cython.final
+cdef class PageFault:
+    """``struct x86_exception`` of a failed walk (immutable).
+
+    Attributes
+    ----------
+    error_code : int
+        PFERR bits: P, W, U, RSVD, F, PK.  For EPT, RSVD means "EPT
+        misconfiguration".
+    address : int
+        The faulting address (the gva; for a nested fault, the L2 gpa).
+    nested_page_fault : bool
+        Raised by the outer MMU (EPT), not by this walk's own tables.
+    exit_qualification : int
+        EPT only (0 otherwise and for misconfigurations): access bits 2:0
+        (read, write, fetch) and the accumulated R/W/X of the walked entries
+        in bits 5:3.
+    """
+    cdef readonly uint64_t error_code
+    cdef readonly uint64_t address
+    cdef readonly bint nested_page_fault
+    cdef readonly uint64_t exit_qualification
+
+    def __init__(self, error_code, address, nested_page_fault=False, exit_qualification=0):
+        self.error_code = _u64(error_code, "error_code")
+        self.address = _u64(address, "address")
+        if not isinstance(nested_page_fault, (bool, int)):
+            raise TypeError("nested_page_fault must be a bool")
+        self.nested_page_fault = nested_page_fault
+        self.exit_qualification = _u64(exit_qualification, "exit_qualification")
+
+    def _key(self):
+        return (self.error_code, self.address, self.nested_page_fault, self.exit_qualification)
+
+    def __eq__(self, other):
+        if not isinstance(other, PageFault):
+            return NotImplemented
+        return self._key() == (<PageFault>other)._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return (f"PageFault(error_code={self.error_code}, address={self.address}, "
+                f"nested_page_fault={bool(self.nested_page_fault)}, "
+                f"exit_qualification={self.exit_qualification})")
+
+    def __str__(self):
+        return (f"#PF error_code={self.error_code:#x} ({_print_flags(self.error_code)}) "
+                f"address={self.address:#x}" + (" nested" if self.nested_page_fault else ""))
+
+    def __reduce__(self):
+        return (PageFault, self._key())
+
+
+@cython.final
+cdef class GuestWalker:
+    """One walk (``struct guest_walker``), filled by the C walker (immutable).
+
+    Tuples are indexed ``[level - 1]``; only levels ``level..max_level`` were
+    walked (on a fault, only those read before it).  Made only by
+    :meth:`WalkContext.walk` (``GuestWalker()`` gives an empty record).
+
+    Attributes
+    ----------
+    gva, access : int
+        What was walked.
+    pttype : int
+    level : int
+        Level of the leaf (1 = 4 KiB), or where the walk stopped; 0 with
+        paging off.
+    max_level : int
+        First level read from memory (2 for PAE).
+    table_gfn, pte_gpa, ptes : tuple of int
+        The table, the entry's gpa and its value (after A/D write-back).
+    pt_access : tuple of int
+        ACC_* bits granted by the levels above each level.
+    pte_access : int
+        Effective ACC_* bits of the translation (a read of a clean page has
+        no ACC_WRITE: ``protect_clean_gpte``).
+    gfn : int
+        Translated frame (success only).
+    fault : PageFault or None
+    retries : int
+        Walk restarts because an A/D write-back found an entry changed (a
+        table that maps itself).
+    """
+    cdef guest_walker_t w
+    cdef readonly uint64_t gva
+    cdef readonly uint64_t access
+    cdef readonly int pttype
+    cdef readonly object fault
+
+    @property
+    def level(self):
+        return self.w.level
+
+    @property
+    def max_level(self):
+        return self.w.max_level
+
+    @property
+    def table_gfn(self):
+        return tuple([self.w.table_gfn[i] for i in range(5)])
+
+    @property
+    def pte_gpa(self):
+        return tuple([self.w.pte_gpa[i] for i in range(5)])
+
+    @property
+    def ptes(self):
+        return tuple([self.w.ptes[i] for i in range(5)])
+
+    @property
+    def pte_writable(self):
+        return tuple([bool(self.w.pte_writable[i]) for i in range(5)])
+
+    @property
+    def pt_access(self):
+        return tuple([self.w.pt_access[i] for i in range(5)])
+
+    @property
+    def pte_access(self):
+        return self.w.pte_access
+
+    @property
+    def gfn(self):
+        return self.w.gfn
+
+    @property
+    def retries(self):
+        return self.w.retries
+
+    @property
+    def ok(self):
+        return self.fault is None
+
+    @property
+    def gpa(self):
+        """The translated gpa (``gva_to_gpa``), or INVALID_GPA after a fault."""
+        if self.fault is not None:
+            return GW_INVALID_GPA
+        return (self.w.gfn << 12) | (self.gva & 0xfff)
+
+    @property
+    def page_size(self):
+        """Bytes mapped by the leaf (4 KiB with paging off)."""
+        if self.w.level <= 1:
+            return 4096
+        bits = 10 if self.pttype == PTTYPE_32 else 9
+        return 4096 << (bits * (self.w.level - 1))
+
+    @property
+    def access_str(self):
+        """``pte_access`` as w/u/x letters (``"wux"``, ``"-u-"``...)."""
+        return _ACCESS_STR[self.w.pte_access & 7]
+
+    def _key(self):
+        return (self.gva, self.access, self.pttype, self.level, self.max_level, self.table_gfn,
+                self.pte_gpa, self.ptes, self.pt_access, self.pte_access, self.gfn, self.fault,
+                self.retries)
+
+    def __eq__(self, other):
+        if not isinstance(other, GuestWalker):
+            return NotImplemented
+        return self._key() == (<GuestWalker>other)._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return (f"GuestWalker(gva={self.gva:#x}, access={self.access:#x}, level={self.level}, "
+                f"gfn={self.gfn:#x}, pte_access={self.access_str}, fault={self.fault!r})")
+
+
+cdef inline void _unpin(tuple pinned):
+    (<GuestMemory>pinned[0]).walkers -= 1
+    if pinned[1] is not None:
+        (<GuestMemory>pinned[1]).walkers -= 1
+
+
+cdef GuestWalker make_walker(guest_walker_t *w, int r, uint64_t gva, uint64_t access, int pttype):
+    """The Python view of one finished walk: one allocation (two on a fault)."""
+    cdef GuestWalker res = GuestWalker.__new__(GuestWalker)
+    cdef PageFault f
+    res.w = w[0]
+    res.gva = gva
+    res.access = access
+    res.pttype = pttype
+    if r != GW_OK:
+        f = PageFault.__new__(PageFault)
+        f.error_code = w.error_code
+        f.address = w.address
+        f.nested_page_fault = w.nested_page_fault
+        f.exit_qualification = w.exit_qualification
+        res.fault = f
+    else:
+        res.fault = None
+    return res
+
+
+# ---------------------------------------------------------------------------
 # Trace records
 # ---------------------------------------------------------------------------
 
@@ -198,8 +407,16 @@ cdef class GuestMemory:
 
     Invariants: slots do not overlap; a slot's buffer cannot be resized while
     this object lives (it stays exported).
+
+    Threads: may be shared.  Walks from any number of threads run at once
+    (each pins the memory for its duration); ``add_slot`` while a walk runs
+    in another thread raises :class:`GuestMemoryError` instead of moving
+    the slot table under it.  ``read``/``write`` take the GIL and see whole
+    values; concurrent A/D write-backs to one entry race as in hardware
+    (the walker re-reads and restarts, it never reads outside a slot).
     """
     cdef gw_mem_t mem
+    cdef Py_ssize_t walkers    # walks running on this memory (changed under the GIL)
     cdef list _views           # the exported memoryviews, one per slot
     cdef list _info            # (base_gpa, size, readonly) per slot
 
@@ -207,6 +424,7 @@ cdef class GuestMemory:
         self.mem.slots = NULL
         self.mem.nslots = 0
         self.mem.last = 0
+        self.walkers = 0
         self._views = []
         self._info = []
 
@@ -251,8 +469,9 @@ cdef class GuestMemory:
         Raises
         ------
         GuestMemoryError
-            Misaligned, empty, overlapping or unsuitable buffer; nothing is
-            added.
+            Misaligned, empty, overlapping or unsuitable buffer, or a walk
+            is running on this memory in another thread (the slot table
+            cannot be reallocated under it); nothing is added.
         """
         cdef uint8_t[::1] wview
         cdef const uint8_t[::1] rview
@@ -281,6 +500,9 @@ cdef class GuestMemory:
             if base_gpa < b + s and b < base_gpa + size:
                 raise GuestMemoryError(
                     f"slot [{base_gpa:#x}, {base_gpa + size:#x}) overlaps [{b:#x}, {b + s:#x})")
+        if self.walkers:
+            raise GuestMemoryError(
+                f"add_slot while {self.walkers} walk(s) run on this GuestMemory in other threads")
         slots = <gw_slot_t *>PyMem_Realloc(self.mem.slots, (self.mem.nslots + 1) * sizeof(gw_slot_t))
         if slots == NULL:
             raise MemoryError()
@@ -696,6 +918,12 @@ cdef class WalkContext:
     rsvd : RsvdBitsValidate
     nested : WalkContext or None
         The MMU that translates this one's gpas (L1's EPT for an L2 walk).
+
+    Threads: may be shared; every walk copies the MMU and gets its own trace
+    buffer.  A failed re-``__init__`` leaves the context unchanged; a
+    successful one during another thread's walk does not affect that walk
+    (it keeps the memories it pinned alive).  A context whose ``__init__``
+    never completed refuses to walk (ValueError).
     """
     cdef gw_mmu_t mmu
     cdef bint ready            # __init__ completed: mmu.mem points into self.memory
@@ -747,6 +975,19 @@ cdef class WalkContext:
         self.mmu = m
         self.ready = True
 
+    cdef tuple _pin(self):
+        """Count a walk in on the memories it reads, so that
+        ``GuestMemory.add_slot`` refuses to move their slot tables under it;
+        the returned references also keep them alive should another thread
+        re-``__init__`` this context meanwhile.  Called with the GIL held
+        (the counters change only under the GIL)."""
+        cdef GuestMemory mem = self.memory
+        cdef GuestMemory nmem = self.nested.memory if self.nested is not None else None
+        mem.walkers += 1
+        if nmem is not None:
+            nmem.walkers += 1
+        return (mem, nmem)
+
     cdef int _prepare(self, gw_mmu_t *m, gw_mmu_t *outer, trace_buf_t *tb) except -1:
         """Copy this MMU (and its outer MMU) for one call, with the call's own
         trace buffer: threads walking one context never share a buffer."""
@@ -762,43 +1003,48 @@ cdef class WalkContext:
             m.nested = outer
         return 0
 
-    def walk(self, addr, access):
-        """Walk one address; returns a dict of the ``struct guest_walker``.
-
-        Keys: ``ok``, ``level``, ``max_level``, ``table_gfn``, ``ptes``,
-        ``pte_gpa``, ``pte_writable``, ``pt_access`` (tuples indexed
-        ``[level - 1]``, only the walked levels meaningful), ``pte_access``,
-        ``gfn``, ``retries``, and for a fault ``error_code``, ``address``,
-        ``nested_page_fault``, ``exit_qualification``.
-        """
+    cdef GuestWalker _walk(self, uint64_t a, uint64_t acc):
         cdef guest_walker_t w
-        cdef uint64_t a = _u64(addr, "addr")
-        cdef uint64_t acc = _u64(access, "access")
         cdef int r
         cdef gw_mmu_t m, outer
         cdef trace_buf_t tb
-        if acc & ~GW_ACCESS_ALLOWED:
-            raise ValueError(f"access={acc:#x} has bits outside W|U|F|P|IMPLICIT_ACCESS")
         self._prepare(&m, &outer, &tb)
+        pinned = self._pin()
         with nogil:
             r = walk_addr_generic(&m, &w, a, acc)
+        _unpin(pinned)
         try:
             if r == GW_ENOMEM:
                 raise MemoryError("no memory for a trace record")
         finally:
             trace_drain(&tb)
-        n = 5
-        return dict(
-            ok=r == GW_OK, level=w.level, max_level=w.max_level,
-            table_gfn=tuple(w.table_gfn[i] for i in range(n)),
-            ptes=tuple(w.ptes[i] for i in range(n)),
-            pte_gpa=tuple(w.pte_gpa[i] for i in range(n)),
-            pte_writable=tuple(bool(w.pte_writable[i]) for i in range(n)),
-            pt_access=tuple(w.pt_access[i] for i in range(n)),
-            pte_access=w.pte_access, gfn=w.gfn, retries=w.retries,
-            error_code=w.error_code, address=w.address,
-            nested_page_fault=bool(w.nested_page_fault),
-            exit_qualification=w.exit_qualification)
+        return make_walker(&w, r, a, acc, m.pttype)
+
+    def walk(self, addr, access):
+        """Walk one address; returns its :class:`GuestWalker` (built from C)."""
+        cdef uint64_t a = _u64(addr, "addr")
+        cdef uint64_t acc = _u64(access, "access")
+        if acc & ~GW_ACCESS_ALLOWED:
+            raise ValueError(f"access={acc:#x} has bits outside W|U|F|P|IMPLICIT_ACCESS")
+        return self._walk(a, acc)
+
+    def walk_fast(self, addr, access, uint64_t addr_limit):
+        """:meth:`walk` for the common call, or None when `addr`/`access` are
+        not exact ints in range (the caller then checks them and says why).
+
+        Only ``int`` objects that fit: ``addr <= addr_limit`` and `access`
+        within ``ACCESS_ALLOWED``.  Never converts anything else.
+        """
+        cdef unsigned long long a, acc
+        if type(addr) is not int or type(access) is not int:
+            return None
+        if addr < 0 or access < 0 or addr > addr_limit or access > <unsigned long long>GW_ACCESS_ALLOWED:
+            return None
+        a = addr
+        acc = access
+        if acc & ~GW_ACCESS_ALLOWED:
+            return None
+        return self._walk(a, acc)
 
     def walk_array(self, addrs, access, out=None):
         """Walk every address of `addrs` in order, with one access and one CPU state.
@@ -834,6 +1080,7 @@ cdef class WalkContext:
         cdef gw_mmu_t m, outer
         cdef trace_buf_t tb
         self._prepare(&m, &outer, &tb)
+        pinned = self._pin()
         with nogil:
             for i in range(n):
                 r = walk_addr_generic(&m, &w, av[i], acc)
@@ -856,6 +1103,7 @@ cdef class WalkContext:
                     res[i].flags = WALK_FAULT | (WALK_NESTED_FAULT if w.nested_page_fault else 0)
                     res[i].exit_qualification = <uint8_t>w.exit_qualification
                 res[i].retries = w.retries if w.retries < 0xffff else 0xffff
+        _unpin(pinned)
         try:
             if r == GW_ENOMEM:
                 raise MemoryError("no memory for a trace record")

@@ -167,3 +167,46 @@ def push_records(event, values, repeat=1):
     d = tb.dropped
     trace_drain(&tb)
     return d
+
+
+#: ``kvm_mmu_trace_pferr_flags``: (mask, name) in the order the format lists them.
+PFERR_FLAGS = (
+    (1 << 0, "P"),
+    (1 << 1, "W"),
+    (1 << 2, "U"),
+    (1 << 5, "PK"),
+    (1 << 6, "SS"),
+    (1 << 15, "SGX"),
+    (1 << 3, "RSVD"),
+    (1 << 4, "F"),
+)
+
+
+def print_flags(value: int, delim: str = "|", flags=PFERR_FLAGS) -> str:
+    """``__print_flags`` as the kernel's ``trace_print_flags_seq`` prints it.
+
+    Walks `flags` in order while bits remain; a flag is printed (and its
+    bits cleared) when all bits of its mask are set.  Remaining unknown bits
+    are printed as ``0x%lx``, preceded by `delim` if a name came before.
+    ``0`` prints as the empty string.
+
+    Examples
+    --------
+    >>> print_flags(0x7)
+    'P|W|U'
+    >>> print_flags(0x1 | 1 << 32)
+    'P|0x100000000'
+    >>> print_flags(0)
+    ''
+    """
+    out = []
+    for mask, name in flags:
+        if not value:
+            break
+        if value & mask == mask:
+            value &= ~mask
+            out.append(name)
+    text = delim.join(out)
+    if value:
+        text += (delim if out else "") + f"0x{value:x}"
+    return text
