@@ -113,6 +113,9 @@ cdef struct pte_list_desc_pool:
     uint64_t max_mmu_rmap_size           # kvm->stat.max_mmu_rmap_size (pre-add high-water)
     uint64_t nr_bugs                     # KVM_BUG_ON_DATA_CORRUPTION hits (vm_bugged if > 0)
     unsigned char lock                   # protects the allocator fields above
+    uint64_t gen                         # bumped (GIL held) by every Python-level change of a
+                                         # chain in this pool; rmap_iter compares it, like a
+                                         # dict's version, to detect a modification
 
 
 # The rmap part of a memslot (kernel: slot->base_gfn, slot->npages and

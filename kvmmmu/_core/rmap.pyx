@@ -1038,6 +1038,7 @@ def _py_pte_list_add(PteListDescCache cache not None, sptep, RmapHead head not N
     _check_sptep(sp)
     _check_same_pool(cache, head.pool)
     v = _lock_py(head.head)
+    head.pool.c.gen += 1
     r = __pte_list_add(&cache.mc, sp, &v)
     kvm_rmap_unlock(head.head, v)
     if r < 0:
@@ -1057,6 +1058,7 @@ def _py_pte_list_remove(sptep, RmapHead head not None):
     cdef uint64_t v
     cdef int r
     v = _lock_py(head.head)
+    head.pool.c.gen += 1
     r = __pte_list_remove(&head.pool.c, sp, &v)
     kvm_rmap_unlock(head.head, v)
     if r < 0:
@@ -1079,16 +1081,19 @@ def rmap_iter(RmapHead head not None):
     """Generator over the entries (sptep ints): the kernel's
     ``__for_each_rmap_spte`` (no SPTE-present filter: SPTE values live in the
     page-table arena).  Takes no lock, like the kernel's walks under mmu_lock.
-    Raises RuntimeError if the list is modified during the iteration (any add
-    or remove changes the head word or the head descriptor's count).
+    Raises RuntimeError if the list is modified during the iteration: any add,
+    remove or zap made through this module bumps the pool's generation (a
+    remove followed by an add restores the head word and count, but not the
+    generation), and the head word / head descriptor count are compared too.
     """
     cdef rmap_iterator it
+    cdef uint64_t gen0 = head.pool.c.gen
     cdef uint64_t v0 = kvm_rmap_get(head.head)
     cdef uint32_t c0 = rmap_val_desc(v0).spte_count if v0 & KVM_RMAP_MANY else 0
     cdef sptep_t s = rmap_get_first_val(v0, &it)
     while s != 0:
         yield s
-        if kvm_rmap_get(head.head) != v0 or (
+        if head.pool.c.gen != gen0 or kvm_rmap_get(head.head) != v0 or (
                 v0 & KVM_RMAP_MANY and rmap_val_desc(v0).spte_count != c0):
             raise RuntimeError("rmap changed during iteration")
         s = rmap_get_next(&it)
@@ -1120,6 +1125,7 @@ cdef int _call_zaps(object zap, sptep_t *buf, size_t n, uintptr_t addr, bint und
 cdef bint _zap_all_py(kvm_rmap_head *head, PteListDescPool pool, object zap) except -1:
     cdef uint64_t v = _lock_py(head)
     cdef _zap_collector col
+    pool.c.gen += 1
     if v == 0:
         return False
     if zap is None:
@@ -1254,6 +1260,7 @@ cdef class RmapLock:
         self._check_writer()
         _check_sptep(sp)
         _check_same_pool(cache, self.head.pool)
+        self.head.pool.c.gen += 1
         r = __pte_list_add(&cache.mc, sp, &self.val)
         if r < 0:
             raise KvmNoMemoryError("vCPU pte_list_desc cache is empty: topup() before the fault")
@@ -1263,6 +1270,7 @@ cdef class RmapLock:
         """pte_list_remove's body under this (writer) lock."""
         cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
         self._check_writer()
+        self.head.pool.c.gen += 1
         if __pte_list_remove(&self.head.pool.c, sp, &self.val) < 0:
             raise _data_corruption(self.head.pool, f"sptep={sp:#x} is not in the locked rmap")
 
@@ -1326,6 +1334,7 @@ def _py_rmap_add(PteListDescCache cache not None, RmapSlot slot not None, gfn,
     _check_same_pool(cache, slot.pool)
     head = gfn_to_rmap(g, lv, &slot.c)
     v = _lock_py(head)
+    slot.pool.c.gen += 1
     n = __pte_list_add(&cache.mc, sp, &v)
     kvm_rmap_unlock(head, v)
     if n < 0:
@@ -1350,6 +1359,7 @@ def _py_rmap_remove(RmapSlot slot not None, gfn, sptep, level=1):
     _check_gfn(&slot.c, g)
     head = gfn_to_rmap(g, lv, &slot.c)
     v = _lock_py(head)
+    slot.pool.c.gen += 1
     r = __pte_list_remove(&slot.pool.c, sp, &v)
     kvm_rmap_unlock(head, v)
     if r < 0:
@@ -1453,7 +1463,7 @@ cdef Py_ssize_t _rmap_add_batch(pte_list_desc_pool *kvm, kvm_mmu_memory_cache *c
 
 
 def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns, sptes,
-                   int level=1, out=None, zap=None):
+                   level=1, out=None, zap=None):
     """rmap_add for every ``(gfns[i], sptes[i])``, in order, in one nogil loop.
 
     Each element is treated as one fault: when an add needs a descriptor and
@@ -1481,10 +1491,11 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
     GfnOutOfSlotError, InvalidSptepError -- all before any change -- and
     KvmNoMemoryError (``done`` = elements applied) when the pool runs dry.
     """
+    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
     cdef Py_ssize_t n, done, bad
     cdef int why = 0, err = 0
     cdef _zap_collector col
-    _check_level(level)
+    _check_level(lv)
     _check_array("gfns", gfns)
     _check_array("sptes", sptes)
     n = gfns.shape[0]
@@ -1503,9 +1514,11 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
     if bad >= 0:
         _raise_bad_pair(slot, gfns, sptes, bad, why)
     memset(&col, 0, sizeof(col))
+    slot.pool.c.gen += 1
     with nogil:
-        done = _rmap_add_batch(&slot.pool.c, &cache.mc, &slot.c, level, &g[0], &s[0], n,
+        done = _rmap_add_batch(&slot.pool.c, &cache.mc, &slot.c, lv, &g[0], &s[0], n,
                                &o[0], &col, &err)
+    slot.pool.c.gen += 1
     try:
         if col.oom:
             raise MemoryError("out of memory collecting recycled entries")
@@ -1540,16 +1553,17 @@ cdef Py_ssize_t _rmap_remove_batch(pte_list_desc_pool *kvm, const kvm_rmap_slot 
     return n
 
 
-def rmap_remove_batch(RmapSlot slot not None, gfns, sptes, int level=1):
+def rmap_remove_batch(RmapSlot slot not None, gfns, sptes, level=1):
     """pte_list_remove for every ``(gfns[i], sptes[i])``, in order, nogil.
 
     Parameters as :func:`rmap_add_batch`.  Validation runs first (bad input
     changes nothing).  An absent entry raises RmapDataCorruptionError with
     ``index`` set; elements before it were removed, the rest untouched.
     """
+    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
     cdef Py_ssize_t n, done, bad
     cdef int why = 0
-    _check_level(level)
+    _check_level(lv)
     _check_array("gfns", gfns)
     _check_array("sptes", sptes)
     n = gfns.shape[0]
@@ -1564,20 +1578,23 @@ def rmap_remove_batch(RmapSlot slot not None, gfns, sptes, int level=1):
         bad = _validate_pairs(&slot.c, &g[0], &s[0], n, &why)
     if bad >= 0:
         _raise_bad_pair(slot, gfns, sptes, bad, why)
+    slot.pool.c.gen += 1
     with nogil:
-        done = _rmap_remove_batch(&slot.pool.c, &slot.c, level, &g[0], &s[0], n)
+        done = _rmap_remove_batch(&slot.pool.c, &slot.c, lv, &g[0], &s[0], n)
+    slot.pool.c.gen += 1
     if done != n:
         raise _data_corruption(slot.pool,
-            f"sptes[{done}]={int(sptes[done]):#x} is not in the level-{level} rmap of "
+            f"sptes[{done}]={int(sptes[done]):#x} is not in the level-{lv} rmap of "
             f"gfns[{done}]={int(gfns[done]):#x}; the {done} entries before it were removed",
             index=done)
 
 
-def rmap_count_batch(RmapSlot slot not None, gfns, int level=1, out=None):
+def rmap_count_batch(RmapSlot slot not None, gfns, level=1, out=None):
     """pte_list_count for every gfn (nogil).  Returns ndarray[uint32] (n,)."""
+    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
     cdef Py_ssize_t n, i, bad
     cdef int why = 0
-    _check_level(level)
+    _check_level(lv)
     _check_array("gfns", gfns)
     n = gfns.shape[0]
     out = _out_array("out", out, n, np.uint32, inputs=(gfns,))
@@ -1591,19 +1608,20 @@ def rmap_count_batch(RmapSlot slot not None, gfns, int level=1, out=None):
         _raise_bad_pair(slot, gfns, None, bad, why)
     with nogil:
         for i in range(n):
-            o[i] = pte_list_count(gfn_to_rmap(g[i], level, &slot.c))
+            o[i] = pte_list_count(gfn_to_rmap(g[i], lv, &slot.c))
     return out
 
 
-def rmap_count_all(RmapSlot slot not None, int level=1, out=None):
+def rmap_count_all(RmapSlot slot not None, level=1, out=None):
     """pte_list_count of every head of one level, index order (nogil).
     Returns ndarray[uint32] of shape (slot.lpages[level - 1],)."""
+    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
     cdef Py_ssize_t n, i
-    _check_level(level)
-    n = slot.c.lpages[level - 1]
+    _check_level(lv)
+    n = slot.c.lpages[lv - 1]
     out = _out_array("out", out, n, np.uint32)
     cdef uint32_t[::1] o = out
-    cdef kvm_rmap_head *heads = slot.c.rmap[level - 1]
+    cdef kvm_rmap_head *heads = slot.c.rmap[lv - 1]
     with nogil:
         for i in range(n):
             o[i] = pte_list_count(&heads[i])
@@ -1782,6 +1800,7 @@ def audit(obj, *, bint unique=True, bint allow_locked=False):
 
 def _debug_store_head(RmapHead head not None, uint64_t value):
     """Tests only: overwrite a head word (release store), bypassing every rule."""
+    head.pool.c.gen += 1
     kvm_rmap_set_release(&head.head.val, value)
 
 

@@ -1,0 +1,92 @@
+"""Hostile probes of kvmmmu._core.rmap, each in a subprocess (tests/_probe.py):
+a crash is a test failure; bad input must raise a specific exception."""
+import pytest
+
+from _probe import assert_raises_in_child, assert_no_crash
+
+SETUP = """
+import numpy as np
+from kvmmmu._core import rmap as R
+pool = R.PteListDescPool()
+slot = R.RmapSlot(0, 64, pool)
+cache = R.PteListDescCache(pool)
+cache.topup()
+"""
+
+
+def test_add_batch_out_overlapping_gfns_is_refused():
+    assert_raises_in_child(SETUP + """
+g = np.zeros(8, dtype=np.uint64)
+s = np.arange(8, dtype=np.uint64) * 8 + 8
+R.rmap_add_batch(cache, slot, g, s, out=g.view(np.uint32)[:8])
+""", ValueError, match="out overlaps")
+
+
+def test_audit_none_is_type_error():
+    assert_raises_in_child(SETUP + "R.audit(None)\n", TypeError, match="audit")
+
+
+def test_rmap_head_new_is_an_empty_word():
+    assert_no_crash(SETUP + """
+h = R.RmapHead.__new__(R.RmapHead)
+assert h.val == 0 and len(h) == 0 and list(h) == []
+""")
+
+
+def test_remove_float_sptep_is_type_error_and_changes_nothing():
+    assert_no_crash(SETUP + """
+R.rmap_add(cache, slot, 1, 8)
+try:
+    R.rmap_remove(slot, 1, 8.9)
+except TypeError as e:
+    assert "sptep" in str(e)
+else:
+    raise AssertionError("float sptep accepted")
+assert R.rmap_count(slot, 1) == 1
+""")
+
+
+@pytest.mark.parametrize("call", [
+    "R.rmap_add_batch(cache, slot, np.zeros(1, np.uint64), np.array([8], np.uint64), level=1.5)",
+    "R.rmap_remove_batch(slot, np.zeros(1, np.uint64), np.array([8], np.uint64), level=1.0)",
+    "R.rmap_count_batch(slot, np.zeros(1, np.uint64), level=2.0)",
+    "R.rmap_count_all(slot, level=1.0)",
+])
+def test_batch_level_float_is_type_error(call):
+    assert_raises_in_child(SETUP + call + "\n", TypeError, match="level")
+
+
+def test_batch_level_out_of_range_is_refused():
+    assert_raises_in_child(SETUP + "R.rmap_count_all(slot, level=2**40)\n",
+                           ValueError, match="level")
+
+
+def test_iterator_detects_remove_then_add():
+    # remove + add restores the head word and the descriptor count; the pool
+    # generation still tells the iterator the list changed.
+    assert_raises_in_child(SETUP + """
+R.rmap_add(cache, slot, 1, 8); R.rmap_add(cache, slot, 1, 16)
+h = R.gfn_to_rmap(1, 1, slot)
+it = iter(h); next(it)
+R.rmap_remove(slot, 1, 16); R.rmap_add(cache, slot, 1, 24)
+list(it)
+""", RuntimeError, match="changed during iteration")
+
+
+def test_iterator_detects_batch_modification():
+    assert_raises_in_child(SETUP + """
+R.rmap_add(cache, slot, 1, 8); R.rmap_add(cache, slot, 1, 16)
+h = R.gfn_to_rmap(1, 1, slot)
+it = iter(h); next(it)
+R.rmap_remove_batch(slot, np.array([1], np.uint64), np.array([16], np.uint64))
+R.rmap_add_batch(cache, slot, np.array([1], np.uint64), np.array([24], np.uint64))
+list(it)
+""", RuntimeError, match="changed during iteration")
+
+
+def test_iterator_unmodified_yields_all():
+    assert_no_crash(SETUP + """
+for k in range(1, 6):
+    R.rmap_add(cache, slot, 3, 8 * k)
+assert sorted(R.gfn_to_rmap(3, 1, slot)) == [8, 16, 24, 32, 40]
+""")
