@@ -73,7 +73,9 @@ __all__ = [
     "MmuNotifyEvent", "MmuNotifierRange", "MmuNotifier", "Vma", "HostMm", "hva_to_pfn",
 ]
 
-from kvmmmu._core._checks import check_array  # noqa: E402
+from kvmmmu._core._checks import check_array, int_arg, ArgumentRangeError, U64_MAX  # noqa: E402
+import functools  # noqa: E402
+import threading  # noqa: E402
 from kvmmmu._core.defs import PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G  # noqa: E402
 PMD_SHIFT = 21
 PMD_SIZE = 1 << PMD_SHIFT
@@ -329,6 +331,40 @@ def _probe_caps(path):
 # Physical memory
 # ==================================================================================
 
+def _range_args(hva, size, *, hva_name="hva", size_name="size", min_size=0):
+    """``(hva, size)`` as Python ints: ``hva`` in [0, 2**64), ``size`` in
+    [min_size, 2**64), and ``hva + size`` (page rounded) no higher than 2**64:
+    a range that would wrap is refused, not truncated."""
+    hva = int_arg(hva_name, hva)
+    size = int_arg(size_name, size, min_size)
+    if hva + size + PAGE_SIZE - 1 > U64_MAX + PAGE_SIZE:
+        raise ArgumentRangeError(f"{hva_name}={hva:#x} + {size_name}={size:#x} wraps past 2**64")
+    return hva, size
+
+
+def _exclusive(method):
+    """Run ``method`` as the one thread using the mm: a second thread calling
+    in while another is inside gets RuntimeError (the mm is not shared between
+    threads, see HostMm); re-entry from the same thread (a notifier calling
+    back) is allowed."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        me = threading.get_ident()
+        with self._guard:
+            if self._owner is not None and self._owner != me:
+                raise RuntimeError(f"HostMm.{method.__name__}: the mm is in use by another thread")
+            self._owner = me
+            self._depth += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            with self._guard:
+                self._depth -= 1
+                if not self._depth:
+                    self._owner = None
+    return wrapper
+
+
 class HostPhysMem:
     """Host physical memory as pfns: a bump allocator with per-order free lists.
 
@@ -392,7 +428,9 @@ class HostPhysMem:
         self.nr_allocated += n
 
     def alloc_pages(self, n: int) -> np.ndarray:
-        """``n`` order-0 pages (uint64 pfns; contiguous when carved fresh)."""
+        """``n`` order-0 pages (uint64 pfns; contiguous when carved fresh).
+        ``n`` is an integer (``operator.index``); n <= 0 allocates nothing."""
+        n = int_arg("n", n, -U64_MAX)
         if n <= 0:
             return np.empty(0, dtype=np.uint64)
         self._charge(n)
@@ -420,6 +458,7 @@ class HostPhysMem:
 
     def alloc_kernel_pages(self, n: int) -> np.ndarray:
         """Pages for the kernel's own use (not mapped in any mm)."""
+        n = int_arg("n", n, 0)
         out = self.alloc_pages(n)
         self.nr_kernel += n
         return out
@@ -432,6 +471,8 @@ class HostPhysMem:
     def alloc_huge(self, order: int, count: int = 1) -> np.ndarray:
         """``count`` naturally aligned blocks of ``2**order`` pfns (order 9 or 18);
         returns their base pfns."""
+        order = int_arg("order", order)
+        count = int_arg("count", count)
         if order not in self._free_huge:
             raise ValueError(f"order {order} is not 9 or 18")
         self._charge(count << order)
@@ -459,7 +500,10 @@ class HostPhysMem:
                 self.nr_allocated -= pfns.size
 
     def free_huge(self, order: int, bases) -> None:
-        bases = np.asarray(bases, dtype=np.uint64).ravel()
+        order = int_arg("order", order)
+        if order not in self._free_huge:
+            raise ValueError(f"order {order} is not 9 or 18")
+        bases = check_array("bases", bases)
         self._free_huge[order].extend(int(b) for b in bases)
         self.nr_allocated -= bases.size << order
 
@@ -655,19 +699,29 @@ class HostMm:
                            migrated=0, thp_split=0, thp_collapse=0, hwpoison=0,
                            invalidations=0)
         self.dead = False
+        self._guard = threading.Lock()
+        self._owner = None
+        self._depth = 0
 
     def __repr__(self):
         return f"HostMm({len(self.vmas)} vmas, {len(self.notifiers)} notifiers, {self.phys!r})"
 
     # -- notifier plumbing -----------------------------------------------------
+    @_exclusive
     def mmu_notifier_register(self, sub: MmuNotifier) -> None:
+        if not isinstance(sub, MmuNotifier):
+            raise TypeError(f"sub must be an MmuNotifier, not {type(sub).__name__}")
         if sub in self.notifiers:
             raise ValueError("notifier already registered")
         self.notifiers.append(sub)
 
+    @_exclusive
     def mmu_notifier_unregister(self, sub: MmuNotifier) -> None:
+        if sub not in self.notifiers:
+            raise ValueError("sub is not a registered notifier")
         self.notifiers.remove(sub)
 
+    @_exclusive
     def invalidate_begin(self, start: int, end: int,
                          event: MmuNotifyEvent = MmuNotifyEvent.MMU_NOTIFY_CLEAR,
                          blockable: bool = True) -> MmuNotifierRange:
@@ -677,7 +731,15 @@ class HostMm:
         Returns the range; pass it to :meth:`invalidate_end`.  Between the two
         the host may change the PTEs in the range.  Exposed so tests can
         interleave a KVM fault with an invalidation.
+
+        ``start``/``end`` are integers below 2**64 (``operator.index``).  If a
+        subscriber raises, the subscribers that started are ended and the
+        range is closed before the exception propagates: no invalidation
+        stays open, and the invalidation count is unchanged.
         """
+        start = int_arg("start", start)
+        end = int_arg("end", end, 0, U64_MAX + 1 - PAGE_SIZE)
+        event = MmuNotifyEvent(event)
         start &= ~(PAGE_SIZE - 1)
         end = (end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         if end <= start:
@@ -694,21 +756,37 @@ class HostMm:
             # A subscriber failed: end the range for those that started it
             # (the failing one cleaned up after itself) and close it, so no
             # invalidation stays open; the caller changes no PTE.
-            for sub in started:
-                sub.invalidate_range_end(self, rng)
-            rng.ended = True
-            self._open.remove(rng)
+            try:
+                for sub in started:
+                    sub.invalidate_range_end(self, rng)
+            finally:
+                rng.ended = True
+                self._open.remove(rng)
+                self.events["invalidations"] -= 1
             raise
         return rng
 
+    @_exclusive
     def invalidate_end(self, rng: MmuNotifierRange) -> None:
         """``mmu_notifier_invalidate_range_end`` for a range from :meth:`invalidate_begin`."""
+        if not isinstance(rng, MmuNotifierRange):
+            raise TypeError(f"rng must be an MmuNotifierRange, not {type(rng).__name__}")
         if rng.ended or rng not in self._open:
             raise HostMmError("invalidate_end on a range that is not open")
+        # Every subscriber is told and the range is closed even if one of
+        # them raises (the first exception propagates afterwards): an
+        # invalidation never stays open because of a failing subscriber.
+        err = None
         for sub in list(self.notifiers):
-            sub.invalidate_range_end(self, rng)
+            try:
+                sub.invalidate_range_end(self, rng)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                if err is None:
+                    err = e
         rng.ended = True
         self._open.remove(rng)
+        if err is not None:
+            raise err
 
     @property
     def open_invalidations(self) -> tuple[MmuNotifierRange, ...]:
@@ -733,6 +811,7 @@ class HostMm:
     # -- VMAs ------------------------------------------------------------------
     def find_vma(self, hva: int) -> Vma | None:
         """The VMA containing hva, or None."""
+        hva = int_arg("hva", hva)
         vmas = self.vmas
         if len(vmas) == 1:
             v = vmas[0]
@@ -749,6 +828,7 @@ class HostMm:
         if self.dead:
             raise HostMmError("the mm has exited")
 
+    @_exclusive
     def mmap(self, size: int, *, hva: int | None = None, writable: bool = True,
              shared: bool = False, thp: bool = False, hugetlb: int | str | None = None,
              populate: bool = False) -> int:
@@ -772,6 +852,9 @@ class HostMm:
             for write).
         """
         self._check_alive()
+        size = int_arg("size", size, 1)
+        if hva is not None:
+            hva, size = _range_args(hva, size, min_size=1)
         if isinstance(hugetlb, str):
             hugetlb = {"2M": PG_LEVEL_2M, "1G": PG_LEVEL_1G}.get(hugetlb.upper(), hugetlb)
         if hugetlb not in (None, PG_LEVEL_2M, PG_LEVEL_1G):
@@ -781,8 +864,6 @@ class HostMm:
         if hugetlb and thp:
             raise HostMmError("a hugetlb mapping is not a THP mapping")
         gran = 1 << _LEVEL_SHIFT[hugetlb] if hugetlb else PAGE_SIZE
-        if size <= 0:
-            raise HostMmError(f"size={size} must be positive")
         size = (size + gran - 1) & ~(gran - 1)
         if hva is None:
             align = PUD_SIZE if hugetlb == PG_LEVEL_1G else (PMD_SIZE if (hugetlb or size >= PMD_SIZE) else PAGE_SIZE)
@@ -806,6 +887,7 @@ class HostMm:
     # -- page-table queries ------------------------------------------------------
     def follow_pte(self, hva: int) -> tuple[int, int, int] | None:
         """``(pfn of this 4K page, mapping level, PTE flags)`` or None if no VMA."""
+        hva = int_arg("hva", hva)
         vma = self.find_vma(hva)
         if vma is None:
             return None
@@ -818,6 +900,7 @@ class HostMm:
         """``host_pfn_mapping_level``: PG_LEVEL_1G if a PUD leaf maps hva,
         PG_LEVEL_2M for a PMD leaf, else PG_LEVEL_4K (also when nothing is
         mapped).  Callers must be tied into the notifiers (shadow-mmu.md §16.2)."""
+        hva = int_arg("hva", hva)
         v = self.find_vma(hva)
         if v is None:
             return PG_LEVEL_4K
@@ -891,6 +974,7 @@ class HostMm:
             f |= PTE_DIRTY
         return f
 
+    @_exclusive
     def handle_mm_fault(self, hva: int, write: bool) -> None:
         """Fault one page in (``handle_mm_fault``), as GUP's slow path does.
 
@@ -905,6 +989,7 @@ class HostMm:
           one is never seen here).
         """
         self._check_alive()
+        hva = int_arg("hva", hva)
         vma = self.find_vma(hva)
         if vma is None:
             raise HostFaultError(f"no VMA at {hva:#x}", "efault")
@@ -958,12 +1043,14 @@ class HostMm:
             vma.pfn[i] = self.phys.alloc_pages(1)[0]
             vma.pte[i] = PTE_PRESENT | PTE_WRITE | PTE_YOUNG | PTE_DIRTY
 
+    @_exclusive
     def populate(self, hva: int, size: int, *, write: bool = True) -> None:
         """Fault in every page of ``[hva, hva + size)`` (MAP_POPULATE / MADV_POPULATE_*),
         vectorized: huge pages where the VMA allows them, 4 KiB pages elsewhere.
         Pages already present are left alone (a write populate still copies
         zero pages)."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         end = (hva + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         hva &= ~(PAGE_SIZE - 1)
         for vma in self.vmas_in(hva, end):
@@ -1078,11 +1165,13 @@ class HostMm:
         else:
             do()
 
+    @_exclusive
     def munmap(self, hva: int, size: int) -> None:
         """``munmap``: split huge pages straddling the edges (each with its own
         notifier range), then one ``MMU_NOTIFY_UNMAP`` invalidation of the
         whole range while the pages are freed; VMAs are trimmed or split."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         if hva % PAGE_SIZE or size <= 0:
             raise HostMmError(f"munmap({hva:#x}, {size:#x}): bad range")
         end = (hva + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
@@ -1121,12 +1210,14 @@ class HostMm:
             # a frame that is no longer wholly inside cannot be a leaf (split above)
         return n
 
+    @_exclusive
     def mprotect(self, hva: int, size: int, writable: bool) -> None:
         """``mprotect``: change VM_WRITE of whole VMAs in the range.  Removing
         write access write-protects the PTEs under an
         ``MMU_NOTIFY_PROTECTION_VMA`` invalidation; adding it changes only
         the VMA (PTEs become writable on the next write fault)."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         end = (hva + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         vmas = self.vmas_in(hva, end)
         for v in vmas:
@@ -1141,12 +1232,14 @@ class HostMm:
             for v in vmas:
                 v.writable = writable
 
+    @_exclusive
     def split_huge_pmd(self, hva: int, size: int = PMD_SIZE) -> int:
         """Split every THP leaf in ``[hva, hva + size)`` into 4 KiB PTEs of the
         same pfns (``__split_huge_pmd``; one ``MMU_NOTIFY_CLEAR`` range per
         huge page).  1 GiB leaves split into 2 MiB leaves.  Returns how many
         leaves were split.  hugetlb pages cannot be split."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         n = 0
         end = hva + size
         for vma in self.vmas_in(hva, end):
@@ -1161,6 +1254,7 @@ class HostMm:
                     n += 1
         return n
 
+    @_exclusive
     def collapse_huge_page(self, hva: int, *, max_ptes_none: int = 511) -> bool:
         """khugepaged ``collapse_huge_page`` for the 2 MiB frame containing hva.
 
@@ -1172,6 +1266,8 @@ class HostMm:
         whether it collapsed.
         """
         self._check_alive()
+        hva = int_arg("hva", hva)
+        max_ptes_none = int_arg("max_ptes_none", max_ptes_none, 0, 512)
         vma = self.find_vma(hva)
         if vma is None or not vma.thp or vma.hugetlb:
             return False
@@ -1220,6 +1316,7 @@ class HostMm:
         small = np.flatnonzero((f & PTE_PRESENT != 0) & (f & PTE_ZERO == 0) & ~covered) + i0
         return units, small
 
+    @_exclusive
     def migrate_pages(self, hva: int, size: int) -> int:
         """Migrate every mapped page (or whole huge page) of the range to newly
         allocated memory.  The new pages are allocated first; then one
@@ -1229,6 +1326,7 @@ class HostMm:
         Huge pages move to new aligned huge pages; huge leaves that stick out
         of the range stay.  Returns the number of 4 KiB pages moved."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         end = hva + size
         plan = []
         for vma in self.vmas_in(hva, end):
@@ -1253,7 +1351,7 @@ class HostMm:
                 f_units = []
                 for j0, j1, L in units:
                     f_units.append(int(vma.pte[j0]))
-                    self.phys.free_huge(9 if L == PG_LEVEL_2M else 18, [vma.pfn[j0]])
+                    self.phys.free_huge(9 if L == PG_LEVEL_2M else 18, vma.pfn[j0:j0 + 1])
                     vma.pfn[j0:j1] = 0
                     vma.pte[j0:j1] = PTE_MIGRATION
                 saved.append((vma, units, small, f_small, f_units, new_small, new_bases))
@@ -1268,6 +1366,7 @@ class HostMm:
         self.events["migrated"] += moved
         return moved
 
+    @_exclusive
     def swap_out(self, hva: int, size: int) -> int:
         """Reclaim the anonymous pages of the range to swap (``try_to_unmap``):
         THP leaves in the range are split first; one ``MMU_NOTIFY_CLEAR``
@@ -1275,6 +1374,7 @@ class HostMm:
         are freed; zero-page PTEs are simply dropped.  hugetlb and shared
         mappings are skipped.  Returns the number of pages swapped out."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         end = hva + size
         vmas = [v for v in self.vmas_in(hva, end) if not v.hugetlb and not v.shared]
         if not vmas:
@@ -1299,12 +1399,14 @@ class HostMm:
         self.events["swap_out"] += n
         return n
 
+    @_exclusive
     def memory_failure(self, hva: int) -> bool:
         """A memory error on the page at hva (``memory_failure``): the page
         (the whole huge page for hugetlb; a THP is split first) is unmapped
         under an ``MMU_NOTIFY_CLEAR`` invalidation and its PTE becomes a
         hwpoison entry; later faults on it fail with hwpoison."""
         self._check_alive()
+        hva = int_arg("hva", hva)
         vma = self.find_vma(hva)
         if vma is None:
             return False
@@ -1332,12 +1434,14 @@ class HostMm:
         self.events["hwpoison"] += 1
         return True
 
+    @_exclusive
     def age(self, hva: int, size: int, *, flush: bool = True) -> bool:
         """Page aging (``folio_referenced``): clear the host Accessed bits of
         the mapped pages in the range and ask every notifier
         (``clear_flush_young``, or ``clear_young`` when ``flush`` is false)
         about the same range.  Returns whether anything was young."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         end = hva + size
         young = False
         for v in self.vmas_in(hva, end):
@@ -1351,15 +1455,18 @@ class HostMm:
                           else sub.clear_young(self, hva, end))
         return young
 
+    @_exclusive
     def test_young(self, hva: int) -> bool:
         """``mmu_notifier_test_young`` plus the host's own Accessed bit."""
         self._check_alive()
+        hva = int_arg("hva", hva)
         vma = self.find_vma(hva)
         young = bool(vma is not None and vma.pte[vma.idx(hva)] & PTE_YOUNG)
         for sub in list(self.notifiers):
             young |= bool(sub.test_young(self, hva))
         return young
 
+    @_exclusive
     def exit_mmap(self) -> None:
         """Process exit: ``mmu_notifier_release`` (KVM zaps everything), then
         the mappings are torn down without further notification."""
