@@ -1053,9 +1053,12 @@ class HostMm:
         hva, size = _range_args(hva, size)
         end = (hva + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         hva &= ~(PAGE_SIZE - 1)
+        # refuse before faulting anything in: a read-only VMA late in the
+        # range must not leave the earlier ones populated
         for vma in self.vmas_in(hva, end):
             if write and not vma.writable:
                 raise HostFaultError(f"write populate of read-only VMA at {vma.start:#x}", "efault")
+        for vma in self.vmas_in(hva, end):
             a, b = max(hva, vma.start), min(end, vma.end)
             i0, i1 = vma.idx(a), vma.idx(b)
             flags = self._fault_flags(vma, write)
@@ -1334,9 +1337,21 @@ class HostMm:
             units, small = self._present_units(vma, a, b)
             units = [u for u in units if u[0] >= vma.idx(a) and u[1] <= vma.idx(b)]
             if units or small.size:
-                new_small = self.phys.alloc_pages(len(small))
-                new_bases = [int(self.phys.alloc_huge(9 if L == PG_LEVEL_2M else 18, 1)[0])
-                             for _, _, L in units]
+                new_small, new_bases = np.empty(0, np.uint64), []
+                try:
+                    new_small = self.phys.alloc_pages(len(small))
+                    for _, _, L in units:
+                        o = 9 if L == PG_LEVEL_2M else 18
+                        new_bases.append((o, self.phys.alloc_huge(o, 1)))
+                except HostOutOfMemoryError:
+                    # out of memory part-way: give back what the plan holds,
+                    # nothing was unmapped yet
+                    plan.append((vma, units, small, new_small, new_bases))
+                    for _, _, _, ns, nb in plan:
+                        self.phys.free_pages(ns)
+                        for o, b in nb:
+                            self.phys.free_huge(o, b)
+                    raise
                 plan.append((vma, units, small, new_small, new_bases))
         if not plan:
             return 0
@@ -1359,7 +1374,8 @@ class HostMm:
             vma.pfn[small] = new_small
             vma.pte[small] = f_small
             moved += len(small)
-            for (j0, j1, L), f, base in zip(units, f_units, new_bases):
+            for (j0, j1, L), f, (_, base) in zip(units, f_units, new_bases):
+                base = int(base[0])
                 vma.pfn[j0:j1] = np.arange(base, base + (j1 - j0), dtype=np.uint64)
                 vma.pte[j0:j1] = f
                 moved += j1 - j0
@@ -1479,6 +1495,23 @@ class HostMm:
         self.dead = True
 
     # -- audit ---------------------------------------------------------------------
+    def snapshot(self) -> tuple:
+        """A comparable, hashable record of the whole host state: every VMA
+        (range, flags, pfns, PTEs, huge leaves), the physical allocator's
+        counters and free lists, the notifier list, the open invalidations and
+        the event counters.  Two snapshots are equal iff nothing observable
+        changed; tests take one before a call that must fail and compare."""
+        ph = self.phys
+        vmas = tuple((v.start, v.end, v.writable, v.shared, v.thp, v.hugetlb,
+                      v.pfn.tobytes(), v.pte.tobytes(), v.pmd_leaf.tobytes(),
+                      v.pud_leaf.tobytes()) for v in self.vmas)
+        phys = (ph._bump, ph.nr_allocated, ph.nr_kernel, ph._nfree0,
+                tuple(a.tobytes() for a in ph._free0),
+                tuple((o, tuple(v)) for o, v in sorted(ph._free_huge.items())))
+        return (vmas, phys, tuple(id(n) for n in self.notifiers),
+                tuple((r.start, r.end, int(r.event)) for r in self._open),
+                tuple(sorted(self.events.items())), self._poisoned, self.dead)
+
     def audit(self) -> list[str]:
         """Check the module invariants; returns every violation found."""
         bad = []
