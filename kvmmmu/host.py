@@ -76,6 +76,7 @@ __all__ = [
 from kvmmmu._core._checks import check_array, int_arg, ArgumentRangeError, U64_MAX  # noqa: E402
 import functools  # noqa: E402
 import threading  # noqa: E402
+from threading import get_ident  # noqa: E402
 from kvmmmu._core.defs import PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G  # noqa: E402
 PMD_SHIFT = 21
 PMD_SIZE = 1 << PMD_SHIFT
@@ -342,6 +343,13 @@ def _range_args(hva, size, *, hva_name="hva", size_name="size", min_size=0):
     return hva, size
 
 
+def _hva_arg(hva, name="hva"):
+    """``int_arg(name, hva)`` with a fast path for the common plain int."""
+    if type(hva) is int and 0 <= hva <= U64_MAX:
+        return hva
+    return int_arg(name, hva)
+
+
 def _exclusive(method):
     """Run ``method`` as the one thread using the mm: a second thread calling
     in while another is inside gets RuntimeError (the mm is not shared between
@@ -349,19 +357,17 @@ def _exclusive(method):
     back) is allowed."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        me = threading.get_ident()
-        with self._guard:
-            if self._owner is not None and self._owner != me:
-                raise RuntimeError(f"HostMm.{method.__name__}: the mm is in use by another thread")
+        me = get_ident()
+        if self._guard.acquire(False):
             self._owner = me
-            self._depth += 1
-        try:
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._owner = None
+                self._guard.release()
+        if self._owner == me:
             return method(self, *args, **kwargs)
-        finally:
-            with self._guard:
-                self._depth -= 1
-                if not self._depth:
-                    self._owner = None
+        raise RuntimeError(f"HostMm.{method.__name__}: the mm is in use by another thread")
     return wrapper
 
 
@@ -701,7 +707,6 @@ class HostMm:
         self.dead = False
         self._guard = threading.Lock()
         self._owner = None
-        self._depth = 0
 
     def __repr__(self):
         return f"HostMm({len(self.vmas)} vmas, {len(self.notifiers)} notifiers, {self.phys!r})"
@@ -811,7 +816,7 @@ class HostMm:
     # -- VMAs ------------------------------------------------------------------
     def find_vma(self, hva: int) -> Vma | None:
         """The VMA containing hva, or None."""
-        hva = int_arg("hva", hva)
+        hva = _hva_arg(hva)
         vmas = self.vmas
         if len(vmas) == 1:
             v = vmas[0]
@@ -887,7 +892,7 @@ class HostMm:
     # -- page-table queries ------------------------------------------------------
     def follow_pte(self, hva: int) -> tuple[int, int, int] | None:
         """``(pfn of this 4K page, mapping level, PTE flags)`` or None if no VMA."""
-        hva = int_arg("hva", hva)
+        hva = _hva_arg(hva)
         vma = self.find_vma(hva)
         if vma is None:
             return None
@@ -900,7 +905,7 @@ class HostMm:
         """``host_pfn_mapping_level``: PG_LEVEL_1G if a PUD leaf maps hva,
         PG_LEVEL_2M for a PMD leaf, else PG_LEVEL_4K (also when nothing is
         mapped).  Callers must be tied into the notifiers (shadow-mmu.md §16.2)."""
-        hva = int_arg("hva", hva)
+        hva = _hva_arg(hva)
         v = self.find_vma(hva)
         if v is None:
             return PG_LEVEL_4K
@@ -989,7 +994,7 @@ class HostMm:
           one is never seen here).
         """
         self._check_alive()
-        hva = int_arg("hva", hva)
+        hva = _hva_arg(hva)
         vma = self.find_vma(hva)
         if vma is None:
             raise HostFaultError(f"no VMA at {hva:#x}", "efault")
@@ -1055,10 +1060,12 @@ class HostMm:
         hva &= ~(PAGE_SIZE - 1)
         # refuse before faulting anything in: a read-only VMA late in the
         # range must not leave the earlier ones populated
-        for vma in self.vmas_in(hva, end):
-            if write and not vma.writable:
-                raise HostFaultError(f"write populate of read-only VMA at {vma.start:#x}", "efault")
-        for vma in self.vmas_in(hva, end):
+        vmas = self.vmas_in(hva, end)
+        if write:
+            for vma in vmas:
+                if not vma.writable:
+                    raise HostFaultError(f"write populate of read-only VMA at {vma.start:#x}", "efault")
+        for vma in vmas:
             a, b = max(hva, vma.start), min(end, vma.end)
             i0, i1 = vma.idx(a), vma.idx(b)
             flags = self._fault_flags(vma, write)
@@ -1269,7 +1276,7 @@ class HostMm:
         whether it collapsed.
         """
         self._check_alive()
-        hva = int_arg("hva", hva)
+        hva = _hva_arg(hva)
         max_ptes_none = int_arg("max_ptes_none", max_ptes_none, 0, 512)
         vma = self.find_vma(hva)
         if vma is None or not vma.thp or vma.hugetlb:
@@ -1422,7 +1429,7 @@ class HostMm:
         under an ``MMU_NOTIFY_CLEAR`` invalidation and its PTE becomes a
         hwpoison entry; later faults on it fail with hwpoison."""
         self._check_alive()
-        hva = int_arg("hva", hva)
+        hva = _hva_arg(hva)
         vma = self.find_vma(hva)
         if vma is None:
             return False
@@ -1475,7 +1482,7 @@ class HostMm:
     def test_young(self, hva: int) -> bool:
         """``mmu_notifier_test_young`` plus the host's own Accessed bit."""
         self._check_alive()
-        hva = int_arg("hva", hva)
+        hva = _hva_arg(hva)
         vma = self.find_vma(hva)
         young = bool(vma is not None and vma.pte[vma.idx(hva)] & PTE_YOUNG)
         for sub in list(self.notifiers):
