@@ -350,6 +350,15 @@ def _hva_arg(hva, name="hva"):
     return int_arg(name, hva)
 
 
+def _locked(method):
+    """Run ``method`` under the object's ``_lock`` (an RLock)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 def _exclusive(method):
     """Run ``method`` as the one thread using the mm: a second thread calling
     in while another is inside gets RuntimeError (the mm is not shared between
@@ -393,7 +402,13 @@ class HostPhysMem:
         At most this much memory is live at once (``HostOutOfMemoryError``).
 
     Invariants: ``nr_allocated + nr_free == pages carved``; every free pfn
-    is below the bump pointer and on exactly one free list.
+    is below the bump pointer and on exactly one free list.  Arguments are
+    checked (``operator.index`` integers, uint64 pfn arrays) before any
+    counter or list changes; a failed allocation gives back what it took.
+
+    Thread safety: may be shared between threads (several ``HostMm`` on one
+    physical memory); allocation and freeing are serialised by an internal
+    lock.
     """
 
     def __init__(self, *, base_pfn=0x100, limit_pfn=None, maxphyaddr=46, mem_bytes=1 << 40):
@@ -412,6 +427,7 @@ class HostPhysMem:
         #: pages held by the kernel itself (guest_memfd, TDX external page
         #: tables), not mapped by any process
         self.nr_kernel = 0
+        self._lock = threading.RLock()
 
     @property
     def nr_free(self) -> int:
@@ -433,6 +449,7 @@ class HostPhysMem:
                 f"host out of memory: {self.nr_allocated} + {n} pages > {self.max_pages}")
         self.nr_allocated += n
 
+    @_locked
     def alloc_pages(self, n: int) -> np.ndarray:
         """``n`` order-0 pages (uint64 pfns; contiguous when carved fresh).
         ``n`` is an integer (``operator.index``); n <= 0 allocates nothing."""
@@ -462,6 +479,7 @@ class HostPhysMem:
             parts.append(np.arange(start, start + need, dtype=np.uint64))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    @_locked
     def alloc_kernel_pages(self, n: int) -> np.ndarray:
         """Pages for the kernel's own use (not mapped in any mm)."""
         n = int_arg("n", n, 0)
@@ -469,11 +487,13 @@ class HostPhysMem:
         self.nr_kernel += n
         return out
 
+    @_locked
     def free_kernel_pages(self, pfns) -> None:
         pfns = check_array("pfns", pfns)
         self.nr_kernel -= pfns.size
         self.free_pages(pfns)
 
+    @_locked
     def alloc_huge(self, order: int, count: int = 1) -> np.ndarray:
         """``count`` naturally aligned blocks of ``2**order`` pfns (order 9 or 18);
         returns their base pfns."""
@@ -497,6 +517,7 @@ class HostPhysMem:
             out[k:] = start + (np.arange(count - k, dtype=np.uint64) << np.uint64(order))
         return out
 
+    @_locked
     def free_pages(self, pfns, *, _uncharge=True) -> None:
         pfns = check_array("pfns", pfns)
         if pfns.size:
@@ -505,6 +526,7 @@ class HostPhysMem:
             if _uncharge:
                 self.nr_allocated -= pfns.size
 
+    @_locked
     def free_huge(self, order: int, bases) -> None:
         order = int_arg("order", order)
         if order not in self._free_huge:
@@ -513,6 +535,7 @@ class HostPhysMem:
         self._free_huge[order].extend(int(b) for b in bases)
         self.nr_allocated -= bases.size << order
 
+    @_locked
     def free_pfn_array(self) -> np.ndarray:
         """Every free pfn (for audits)."""
         parts = list(self._free0)
@@ -610,9 +633,21 @@ class Vma:
     pmd_leaf, pud_leaf : ndarray of bool
         Per 2 MiB / 1 GiB hva frame overlapping the VMA (index
         ``(hva >> shift) - (start >> shift)``): mapped by a huge leaf.
+
+    ``start < end``, both page aligned integers no higher than 2**64
+    (checked).  Thread safety: a Vma belongs to its ``HostMm`` and is changed
+    only through it; it is not shared between threads (it has no guard of
+    its own: it is covered by its mm's).
     """
 
     def __init__(self, start, end, *, writable=True, shared=False, thp=False, hugetlb=None):
+        start = int_arg("start", start)
+        end = int_arg("end", end, 0, U64_MAX + 1)
+        if start >= end or (start | end) & (PAGE_SIZE - 1):
+            raise ArgumentRangeError(f"Vma [{start:#x}, {end:#x}) must be a non-empty, "
+                                     f"page aligned range")
+        if hugetlb not in (None, PG_LEVEL_2M, PG_LEVEL_1G):
+            raise ValueError(f"hugetlb must be None, PG_LEVEL_2M or PG_LEVEL_1G, not {hugetlb!r}")
         self.start, self.end = start, end
         self.writable, self.shared, self.thp, self.hugetlb = writable, shared, thp, hugetlb
         n = (end - start) >> PAGE_SHIFT
@@ -686,6 +721,19 @@ class HostMm:
     ``invalidate_range_start`` / ``invalidate_range_end`` of all registered
     notifiers, as Linux does; installing a PTE where none was present needs no
     notification.  Counters of what happened are in :attr:`events`.
+
+    Every public call checks its arguments (``operator.index`` integers below
+    2**64, ranges that do not wrap past 2**64) before it changes anything; a
+    failing call leaves :meth:`snapshot` unchanged.  A notifier that raises
+    never leaves an invalidation open (:meth:`invalidate_begin`,
+    :meth:`invalidate_end`).
+
+    Thread safety: not shared between threads.  One thread at a time may be
+    inside a mutating call; a second thread calling in meanwhile gets
+    ``RuntimeError`` (the state is never corrupted); re-entry from the same
+    thread (a notifier calling back into the mm) is allowed.  Read-only
+    queries (``find_vma``, ``follow_pte``, the ``*_array`` lookups) take no
+    guard: call them from the owning thread.
     """
 
     def __init__(self, config: HostConfig | None = None, *, phys: HostPhysMem | None = None,

@@ -259,3 +259,37 @@ def test_stats_peak_checks_name_and_value():
             st.peak(peak, 2.5)
         st.peak(peak, np.int64(5))
         assert getattr(st, peak) == 5
+
+
+@pytest.mark.parametrize("args,exc", [((0.0, 4096), TypeError), ((4096, 4096), ValueError),
+                                      ((1, 4097), ValueError), ((0, 2**64 + 4096), ValueError)])
+def test_vma_refuses_bad_ranges(args, exc):
+    from kvmmmu.host import Vma
+    with pytest.raises(exc):
+        Vma(*args)
+
+
+def test_host_phys_mem_shared_between_threads_stays_consistent():
+    phys = HostPhysMem(mem_bytes=1 << 32)
+    mms = [HostMm(phys=phys) for _ in range(4)]
+    errors = []
+
+    def work(mm):
+        try:
+            for _ in range(30):
+                a = mm.mmap(1 << 18, populate=True)
+                mm.munmap(a, 1 << 18)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, args=(m,)) for m in mms]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors
+    assert phys.nr_allocated == len(mms)            # one zero page each
+    free = phys.free_pfn_array()
+    assert len(np.unique(free)) == len(free)        # no pfn freed twice
+    assert len(free) + phys.nr_allocated == phys.carved
+    assert all(not mm.vmas for mm in mms)
