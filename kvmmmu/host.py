@@ -73,7 +73,10 @@ __all__ = [
     "MmuNotifyEvent", "MmuNotifierRange", "MmuNotifier", "Vma", "HostMm", "hva_to_pfn",
 ]
 
-from kvmmmu._core._checks import check_array  # noqa: E402
+from kvmmmu._core._checks import check_array, int_arg, ArgumentRangeError, U64_MAX  # noqa: E402
+import functools  # noqa: E402
+import threading  # noqa: E402
+from threading import get_ident  # noqa: E402
 from kvmmmu._core.defs import PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G  # noqa: E402
 PMD_SHIFT = 21
 PMD_SIZE = 1 << PMD_SHIFT
@@ -329,6 +332,54 @@ def _probe_caps(path):
 # Physical memory
 # ==================================================================================
 
+def _range_args(hva, size, *, hva_name="hva", size_name="size", min_size=0):
+    """``(hva, size)`` as Python ints: ``hva`` in [0, 2**64), ``size`` in
+    [min_size, 2**64), and ``hva + size`` (page rounded) no higher than 2**64:
+    a range that would wrap is refused, not truncated."""
+    hva = int_arg(hva_name, hva)
+    size = int_arg(size_name, size, min_size)
+    if hva + size + PAGE_SIZE - 1 > U64_MAX + PAGE_SIZE:
+        raise ArgumentRangeError(f"{hva_name}={hva:#x} + {size_name}={size:#x} wraps past 2**64")
+    return hva, size
+
+
+def _hva_arg(hva, name="hva"):
+    """``int_arg(name, hva)`` with a fast path for the common plain int."""
+    if type(hva) is int and 0 <= hva <= U64_MAX:
+        return hva
+    return int_arg(name, hva)
+
+
+def _locked(method):
+    """Run ``method`` under the object's ``_lock`` (an RLock)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _exclusive(method):
+    """Run ``method`` as the one thread using the mm: a second thread calling
+    in while another is inside gets RuntimeError (the mm is not shared between
+    threads, see HostMm); re-entry from the same thread (a notifier calling
+    back) is allowed."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        me = get_ident()
+        if self._guard.acquire(False):
+            self._owner = me
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._owner = None
+                self._guard.release()
+        if self._owner == me:
+            return method(self, *args, **kwargs)
+        raise RuntimeError(f"HostMm.{method.__name__}: the mm is in use by another thread")
+    return wrapper
+
+
 class HostPhysMem:
     """Host physical memory as pfns: a bump allocator with per-order free lists.
 
@@ -351,7 +402,13 @@ class HostPhysMem:
         At most this much memory is live at once (``HostOutOfMemoryError``).
 
     Invariants: ``nr_allocated + nr_free == pages carved``; every free pfn
-    is below the bump pointer and on exactly one free list.
+    is below the bump pointer and on exactly one free list.  Arguments are
+    checked (``operator.index`` integers, uint64 pfn arrays) before any
+    counter or list changes; a failed allocation gives back what it took.
+
+    Thread safety: may be shared between threads (several ``HostMm`` on one
+    physical memory); allocation and freeing are serialised by an internal
+    lock.
     """
 
     def __init__(self, *, base_pfn=0x100, limit_pfn=None, maxphyaddr=46, mem_bytes=1 << 40):
@@ -370,6 +427,7 @@ class HostPhysMem:
         #: pages held by the kernel itself (guest_memfd, TDX external page
         #: tables), not mapped by any process
         self.nr_kernel = 0
+        self._lock = threading.RLock()
 
     @property
     def nr_free(self) -> int:
@@ -391,8 +449,11 @@ class HostPhysMem:
                 f"host out of memory: {self.nr_allocated} + {n} pages > {self.max_pages}")
         self.nr_allocated += n
 
+    @_locked
     def alloc_pages(self, n: int) -> np.ndarray:
-        """``n`` order-0 pages (uint64 pfns; contiguous when carved fresh)."""
+        """``n`` order-0 pages (uint64 pfns; contiguous when carved fresh).
+        ``n`` is an integer (``operator.index``); n <= 0 allocates nothing."""
+        n = int_arg("n", n, -U64_MAX)
         if n <= 0:
             return np.empty(0, dtype=np.uint64)
         self._charge(n)
@@ -418,20 +479,26 @@ class HostPhysMem:
             parts.append(np.arange(start, start + need, dtype=np.uint64))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    @_locked
     def alloc_kernel_pages(self, n: int) -> np.ndarray:
         """Pages for the kernel's own use (not mapped in any mm)."""
+        n = int_arg("n", n, 0)
         out = self.alloc_pages(n)
         self.nr_kernel += n
         return out
 
+    @_locked
     def free_kernel_pages(self, pfns) -> None:
         pfns = check_array("pfns", pfns)
         self.nr_kernel -= pfns.size
         self.free_pages(pfns)
 
+    @_locked
     def alloc_huge(self, order: int, count: int = 1) -> np.ndarray:
         """``count`` naturally aligned blocks of ``2**order`` pfns (order 9 or 18);
         returns their base pfns."""
+        order = int_arg("order", order)
+        count = int_arg("count", count)
         if order not in self._free_huge:
             raise ValueError(f"order {order} is not 9 or 18")
         self._charge(count << order)
@@ -450,6 +517,7 @@ class HostPhysMem:
             out[k:] = start + (np.arange(count - k, dtype=np.uint64) << np.uint64(order))
         return out
 
+    @_locked
     def free_pages(self, pfns, *, _uncharge=True) -> None:
         pfns = check_array("pfns", pfns)
         if pfns.size:
@@ -458,11 +526,16 @@ class HostPhysMem:
             if _uncharge:
                 self.nr_allocated -= pfns.size
 
+    @_locked
     def free_huge(self, order: int, bases) -> None:
-        bases = np.asarray(bases, dtype=np.uint64).ravel()
+        order = int_arg("order", order)
+        if order not in self._free_huge:
+            raise ValueError(f"order {order} is not 9 or 18")
+        bases = check_array("bases", bases)
         self._free_huge[order].extend(int(b) for b in bases)
         self.nr_allocated -= bases.size << order
 
+    @_locked
     def free_pfn_array(self) -> np.ndarray:
         """Every free pfn (for audits)."""
         parts = list(self._free0)
@@ -560,9 +633,21 @@ class Vma:
     pmd_leaf, pud_leaf : ndarray of bool
         Per 2 MiB / 1 GiB hva frame overlapping the VMA (index
         ``(hva >> shift) - (start >> shift)``): mapped by a huge leaf.
+
+    ``start < end``, both page aligned integers no higher than 2**64
+    (checked).  Thread safety: a Vma belongs to its ``HostMm`` and is changed
+    only through it; it is not shared between threads (it has no guard of
+    its own: it is covered by its mm's).
     """
 
     def __init__(self, start, end, *, writable=True, shared=False, thp=False, hugetlb=None):
+        start = int_arg("start", start)
+        end = int_arg("end", end, 0, U64_MAX + 1)
+        if start >= end or (start | end) & (PAGE_SIZE - 1):
+            raise ArgumentRangeError(f"Vma [{start:#x}, {end:#x}) must be a non-empty, "
+                                     f"page aligned range")
+        if hugetlb not in (None, PG_LEVEL_2M, PG_LEVEL_1G):
+            raise ValueError(f"hugetlb must be None, PG_LEVEL_2M or PG_LEVEL_1G, not {hugetlb!r}")
         self.start, self.end = start, end
         self.writable, self.shared, self.thp, self.hugetlb = writable, shared, thp, hugetlb
         n = (end - start) >> PAGE_SHIFT
@@ -636,6 +721,19 @@ class HostMm:
     ``invalidate_range_start`` / ``invalidate_range_end`` of all registered
     notifiers, as Linux does; installing a PTE where none was present needs no
     notification.  Counters of what happened are in :attr:`events`.
+
+    Every public call checks its arguments (``operator.index`` integers below
+    2**64, ranges that do not wrap past 2**64) before it changes anything; a
+    failing call leaves :meth:`snapshot` unchanged.  A notifier that raises
+    never leaves an invalidation open (:meth:`invalidate_begin`,
+    :meth:`invalidate_end`).
+
+    Thread safety: not shared between threads.  One thread at a time may be
+    inside a mutating call; a second thread calling in meanwhile gets
+    ``RuntimeError`` (the state is never corrupted); re-entry from the same
+    thread (a notifier calling back into the mm) is allowed.  Read-only
+    queries (``find_vma``, ``follow_pte``, the ``*_array`` lookups) take no
+    guard: call them from the owning thread.
     """
 
     def __init__(self, config: HostConfig | None = None, *, phys: HostPhysMem | None = None,
@@ -655,19 +753,28 @@ class HostMm:
                            migrated=0, thp_split=0, thp_collapse=0, hwpoison=0,
                            invalidations=0)
         self.dead = False
+        self._guard = threading.Lock()
+        self._owner = None
 
     def __repr__(self):
         return f"HostMm({len(self.vmas)} vmas, {len(self.notifiers)} notifiers, {self.phys!r})"
 
     # -- notifier plumbing -----------------------------------------------------
+    @_exclusive
     def mmu_notifier_register(self, sub: MmuNotifier) -> None:
+        if not isinstance(sub, MmuNotifier):
+            raise TypeError(f"sub must be an MmuNotifier, not {type(sub).__name__}")
         if sub in self.notifiers:
             raise ValueError("notifier already registered")
         self.notifiers.append(sub)
 
+    @_exclusive
     def mmu_notifier_unregister(self, sub: MmuNotifier) -> None:
+        if sub not in self.notifiers:
+            raise ValueError("sub is not a registered notifier")
         self.notifiers.remove(sub)
 
+    @_exclusive
     def invalidate_begin(self, start: int, end: int,
                          event: MmuNotifyEvent = MmuNotifyEvent.MMU_NOTIFY_CLEAR,
                          blockable: bool = True) -> MmuNotifierRange:
@@ -677,7 +784,15 @@ class HostMm:
         Returns the range; pass it to :meth:`invalidate_end`.  Between the two
         the host may change the PTEs in the range.  Exposed so tests can
         interleave a KVM fault with an invalidation.
+
+        ``start``/``end`` are integers below 2**64 (``operator.index``).  If a
+        subscriber raises, the subscribers that started are ended and the
+        range is closed before the exception propagates: no invalidation
+        stays open, and the invalidation count is unchanged.
         """
+        start = int_arg("start", start)
+        end = int_arg("end", end, 0, U64_MAX + 1 - PAGE_SIZE)
+        event = MmuNotifyEvent(event)
         start &= ~(PAGE_SIZE - 1)
         end = (end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         if end <= start:
@@ -694,21 +809,37 @@ class HostMm:
             # A subscriber failed: end the range for those that started it
             # (the failing one cleaned up after itself) and close it, so no
             # invalidation stays open; the caller changes no PTE.
-            for sub in started:
-                sub.invalidate_range_end(self, rng)
-            rng.ended = True
-            self._open.remove(rng)
+            try:
+                for sub in started:
+                    sub.invalidate_range_end(self, rng)
+            finally:
+                rng.ended = True
+                self._open.remove(rng)
+                self.events["invalidations"] -= 1
             raise
         return rng
 
+    @_exclusive
     def invalidate_end(self, rng: MmuNotifierRange) -> None:
         """``mmu_notifier_invalidate_range_end`` for a range from :meth:`invalidate_begin`."""
+        if not isinstance(rng, MmuNotifierRange):
+            raise TypeError(f"rng must be an MmuNotifierRange, not {type(rng).__name__}")
         if rng.ended or rng not in self._open:
             raise HostMmError("invalidate_end on a range that is not open")
+        # Every subscriber is told and the range is closed even if one of
+        # them raises (the first exception propagates afterwards): an
+        # invalidation never stays open because of a failing subscriber.
+        err = None
         for sub in list(self.notifiers):
-            sub.invalidate_range_end(self, rng)
+            try:
+                sub.invalidate_range_end(self, rng)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                if err is None:
+                    err = e
         rng.ended = True
         self._open.remove(rng)
+        if err is not None:
+            raise err
 
     @property
     def open_invalidations(self) -> tuple[MmuNotifierRange, ...]:
@@ -733,6 +864,7 @@ class HostMm:
     # -- VMAs ------------------------------------------------------------------
     def find_vma(self, hva: int) -> Vma | None:
         """The VMA containing hva, or None."""
+        hva = _hva_arg(hva)
         vmas = self.vmas
         if len(vmas) == 1:
             v = vmas[0]
@@ -749,6 +881,7 @@ class HostMm:
         if self.dead:
             raise HostMmError("the mm has exited")
 
+    @_exclusive
     def mmap(self, size: int, *, hva: int | None = None, writable: bool = True,
              shared: bool = False, thp: bool = False, hugetlb: int | str | None = None,
              populate: bool = False) -> int:
@@ -772,6 +905,9 @@ class HostMm:
             for write).
         """
         self._check_alive()
+        size = int_arg("size", size, 1)
+        if hva is not None:
+            hva, size = _range_args(hva, size, min_size=1)
         if isinstance(hugetlb, str):
             hugetlb = {"2M": PG_LEVEL_2M, "1G": PG_LEVEL_1G}.get(hugetlb.upper(), hugetlb)
         if hugetlb not in (None, PG_LEVEL_2M, PG_LEVEL_1G):
@@ -781,8 +917,6 @@ class HostMm:
         if hugetlb and thp:
             raise HostMmError("a hugetlb mapping is not a THP mapping")
         gran = 1 << _LEVEL_SHIFT[hugetlb] if hugetlb else PAGE_SIZE
-        if size <= 0:
-            raise HostMmError(f"size={size} must be positive")
         size = (size + gran - 1) & ~(gran - 1)
         if hva is None:
             align = PUD_SIZE if hugetlb == PG_LEVEL_1G else (PMD_SIZE if (hugetlb or size >= PMD_SIZE) else PAGE_SIZE)
@@ -806,6 +940,7 @@ class HostMm:
     # -- page-table queries ------------------------------------------------------
     def follow_pte(self, hva: int) -> tuple[int, int, int] | None:
         """``(pfn of this 4K page, mapping level, PTE flags)`` or None if no VMA."""
+        hva = _hva_arg(hva)
         vma = self.find_vma(hva)
         if vma is None:
             return None
@@ -818,6 +953,7 @@ class HostMm:
         """``host_pfn_mapping_level``: PG_LEVEL_1G if a PUD leaf maps hva,
         PG_LEVEL_2M for a PMD leaf, else PG_LEVEL_4K (also when nothing is
         mapped).  Callers must be tied into the notifiers (shadow-mmu.md §16.2)."""
+        hva = _hva_arg(hva)
         v = self.find_vma(hva)
         if v is None:
             return PG_LEVEL_4K
@@ -891,6 +1027,7 @@ class HostMm:
             f |= PTE_DIRTY
         return f
 
+    @_exclusive
     def handle_mm_fault(self, hva: int, write: bool) -> None:
         """Fault one page in (``handle_mm_fault``), as GUP's slow path does.
 
@@ -905,6 +1042,7 @@ class HostMm:
           one is never seen here).
         """
         self._check_alive()
+        hva = _hva_arg(hva)
         vma = self.find_vma(hva)
         if vma is None:
             raise HostFaultError(f"no VMA at {hva:#x}", "efault")
@@ -958,17 +1096,24 @@ class HostMm:
             vma.pfn[i] = self.phys.alloc_pages(1)[0]
             vma.pte[i] = PTE_PRESENT | PTE_WRITE | PTE_YOUNG | PTE_DIRTY
 
+    @_exclusive
     def populate(self, hva: int, size: int, *, write: bool = True) -> None:
         """Fault in every page of ``[hva, hva + size)`` (MAP_POPULATE / MADV_POPULATE_*),
         vectorized: huge pages where the VMA allows them, 4 KiB pages elsewhere.
         Pages already present are left alone (a write populate still copies
         zero pages)."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         end = (hva + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         hva &= ~(PAGE_SIZE - 1)
-        for vma in self.vmas_in(hva, end):
-            if write and not vma.writable:
-                raise HostFaultError(f"write populate of read-only VMA at {vma.start:#x}", "efault")
+        # refuse before faulting anything in: a read-only VMA late in the
+        # range must not leave the earlier ones populated
+        vmas = self.vmas_in(hva, end)
+        if write:
+            for vma in vmas:
+                if not vma.writable:
+                    raise HostFaultError(f"write populate of read-only VMA at {vma.start:#x}", "efault")
+        for vma in vmas:
             a, b = max(hva, vma.start), min(end, vma.end)
             i0, i1 = vma.idx(a), vma.idx(b)
             flags = self._fault_flags(vma, write)
@@ -1078,11 +1223,13 @@ class HostMm:
         else:
             do()
 
+    @_exclusive
     def munmap(self, hva: int, size: int) -> None:
         """``munmap``: split huge pages straddling the edges (each with its own
         notifier range), then one ``MMU_NOTIFY_UNMAP`` invalidation of the
         whole range while the pages are freed; VMAs are trimmed or split."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         if hva % PAGE_SIZE or size <= 0:
             raise HostMmError(f"munmap({hva:#x}, {size:#x}): bad range")
         end = (hva + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
@@ -1121,12 +1268,14 @@ class HostMm:
             # a frame that is no longer wholly inside cannot be a leaf (split above)
         return n
 
+    @_exclusive
     def mprotect(self, hva: int, size: int, writable: bool) -> None:
         """``mprotect``: change VM_WRITE of whole VMAs in the range.  Removing
         write access write-protects the PTEs under an
         ``MMU_NOTIFY_PROTECTION_VMA`` invalidation; adding it changes only
         the VMA (PTEs become writable on the next write fault)."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         end = (hva + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         vmas = self.vmas_in(hva, end)
         for v in vmas:
@@ -1141,12 +1290,14 @@ class HostMm:
             for v in vmas:
                 v.writable = writable
 
+    @_exclusive
     def split_huge_pmd(self, hva: int, size: int = PMD_SIZE) -> int:
         """Split every THP leaf in ``[hva, hva + size)`` into 4 KiB PTEs of the
         same pfns (``__split_huge_pmd``; one ``MMU_NOTIFY_CLEAR`` range per
         huge page).  1 GiB leaves split into 2 MiB leaves.  Returns how many
         leaves were split.  hugetlb pages cannot be split."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         n = 0
         end = hva + size
         for vma in self.vmas_in(hva, end):
@@ -1161,6 +1312,7 @@ class HostMm:
                     n += 1
         return n
 
+    @_exclusive
     def collapse_huge_page(self, hva: int, *, max_ptes_none: int = 511) -> bool:
         """khugepaged ``collapse_huge_page`` for the 2 MiB frame containing hva.
 
@@ -1172,6 +1324,8 @@ class HostMm:
         whether it collapsed.
         """
         self._check_alive()
+        hva = _hva_arg(hva)
+        max_ptes_none = int_arg("max_ptes_none", max_ptes_none, 0, 512)
         vma = self.find_vma(hva)
         if vma is None or not vma.thp or vma.hugetlb:
             return False
@@ -1220,6 +1374,7 @@ class HostMm:
         small = np.flatnonzero((f & PTE_PRESENT != 0) & (f & PTE_ZERO == 0) & ~covered) + i0
         return units, small
 
+    @_exclusive
     def migrate_pages(self, hva: int, size: int) -> int:
         """Migrate every mapped page (or whole huge page) of the range to newly
         allocated memory.  The new pages are allocated first; then one
@@ -1229,6 +1384,7 @@ class HostMm:
         Huge pages move to new aligned huge pages; huge leaves that stick out
         of the range stay.  Returns the number of 4 KiB pages moved."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         end = hva + size
         plan = []
         for vma in self.vmas_in(hva, end):
@@ -1236,9 +1392,21 @@ class HostMm:
             units, small = self._present_units(vma, a, b)
             units = [u for u in units if u[0] >= vma.idx(a) and u[1] <= vma.idx(b)]
             if units or small.size:
-                new_small = self.phys.alloc_pages(len(small))
-                new_bases = [int(self.phys.alloc_huge(9 if L == PG_LEVEL_2M else 18, 1)[0])
-                             for _, _, L in units]
+                new_small, new_bases = np.empty(0, np.uint64), []
+                try:
+                    new_small = self.phys.alloc_pages(len(small))
+                    for _, _, L in units:
+                        o = 9 if L == PG_LEVEL_2M else 18
+                        new_bases.append((o, self.phys.alloc_huge(o, 1)))
+                except HostOutOfMemoryError:
+                    # out of memory part-way: give back what the plan holds,
+                    # nothing was unmapped yet
+                    plan.append((vma, units, small, new_small, new_bases))
+                    for _, _, _, ns, nb in plan:
+                        self.phys.free_pages(ns)
+                        for o, b in nb:
+                            self.phys.free_huge(o, b)
+                    raise
                 plan.append((vma, units, small, new_small, new_bases))
         if not plan:
             return 0
@@ -1253,7 +1421,7 @@ class HostMm:
                 f_units = []
                 for j0, j1, L in units:
                     f_units.append(int(vma.pte[j0]))
-                    self.phys.free_huge(9 if L == PG_LEVEL_2M else 18, [vma.pfn[j0]])
+                    self.phys.free_huge(9 if L == PG_LEVEL_2M else 18, vma.pfn[j0:j0 + 1])
                     vma.pfn[j0:j1] = 0
                     vma.pte[j0:j1] = PTE_MIGRATION
                 saved.append((vma, units, small, f_small, f_units, new_small, new_bases))
@@ -1261,13 +1429,15 @@ class HostMm:
             vma.pfn[small] = new_small
             vma.pte[small] = f_small
             moved += len(small)
-            for (j0, j1, L), f, base in zip(units, f_units, new_bases):
+            for (j0, j1, L), f, (_, base) in zip(units, f_units, new_bases):
+                base = int(base[0])
                 vma.pfn[j0:j1] = np.arange(base, base + (j1 - j0), dtype=np.uint64)
                 vma.pte[j0:j1] = f
                 moved += j1 - j0
         self.events["migrated"] += moved
         return moved
 
+    @_exclusive
     def swap_out(self, hva: int, size: int) -> int:
         """Reclaim the anonymous pages of the range to swap (``try_to_unmap``):
         THP leaves in the range are split first; one ``MMU_NOTIFY_CLEAR``
@@ -1275,6 +1445,7 @@ class HostMm:
         are freed; zero-page PTEs are simply dropped.  hugetlb and shared
         mappings are skipped.  Returns the number of pages swapped out."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         end = hva + size
         vmas = [v for v in self.vmas_in(hva, end) if not v.hugetlb and not v.shared]
         if not vmas:
@@ -1299,12 +1470,14 @@ class HostMm:
         self.events["swap_out"] += n
         return n
 
+    @_exclusive
     def memory_failure(self, hva: int) -> bool:
         """A memory error on the page at hva (``memory_failure``): the page
         (the whole huge page for hugetlb; a THP is split first) is unmapped
         under an ``MMU_NOTIFY_CLEAR`` invalidation and its PTE becomes a
         hwpoison entry; later faults on it fail with hwpoison."""
         self._check_alive()
+        hva = _hva_arg(hva)
         vma = self.find_vma(hva)
         if vma is None:
             return False
@@ -1332,12 +1505,14 @@ class HostMm:
         self.events["hwpoison"] += 1
         return True
 
+    @_exclusive
     def age(self, hva: int, size: int, *, flush: bool = True) -> bool:
         """Page aging (``folio_referenced``): clear the host Accessed bits of
         the mapped pages in the range and ask every notifier
         (``clear_flush_young``, or ``clear_young`` when ``flush`` is false)
         about the same range.  Returns whether anything was young."""
         self._check_alive()
+        hva, size = _range_args(hva, size)
         end = hva + size
         young = False
         for v in self.vmas_in(hva, end):
@@ -1351,15 +1526,18 @@ class HostMm:
                           else sub.clear_young(self, hva, end))
         return young
 
+    @_exclusive
     def test_young(self, hva: int) -> bool:
         """``mmu_notifier_test_young`` plus the host's own Accessed bit."""
         self._check_alive()
+        hva = _hva_arg(hva)
         vma = self.find_vma(hva)
         young = bool(vma is not None and vma.pte[vma.idx(hva)] & PTE_YOUNG)
         for sub in list(self.notifiers):
             young |= bool(sub.test_young(self, hva))
         return young
 
+    @_exclusive
     def exit_mmap(self) -> None:
         """Process exit: ``mmu_notifier_release`` (KVM zaps everything), then
         the mappings are torn down without further notification."""
@@ -1372,6 +1550,23 @@ class HostMm:
         self.dead = True
 
     # -- audit ---------------------------------------------------------------------
+    def snapshot(self) -> tuple:
+        """A comparable, hashable record of the whole host state: every VMA
+        (range, flags, pfns, PTEs, huge leaves), the physical allocator's
+        counters and free lists, the notifier list, the open invalidations and
+        the event counters.  Two snapshots are equal iff nothing observable
+        changed; tests take one before a call that must fail and compare."""
+        ph = self.phys
+        vmas = tuple((v.start, v.end, v.writable, v.shared, v.thp, v.hugetlb,
+                      v.pfn.tobytes(), v.pte.tobytes(), v.pmd_leaf.tobytes(),
+                      v.pud_leaf.tobytes()) for v in self.vmas)
+        phys = (ph._bump, ph.nr_allocated, ph.nr_kernel, ph._nfree0,
+                tuple(a.tobytes() for a in ph._free0),
+                tuple((o, tuple(v)) for o, v in sorted(ph._free_huge.items())))
+        return (vmas, phys, tuple(id(n) for n in self.notifiers),
+                tuple((r.start, r.end, int(r.event)) for r in self._open),
+                tuple(sorted(self.events.items())), self._poisoned, self.dead)
+
     def audit(self) -> list[str]:
         """Check the module invariants; returns every violation found."""
         bad = []

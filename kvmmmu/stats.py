@@ -38,6 +38,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from kvmmmu._core._checks import int_arg
+
 from kvmmmu.live import _uapi
 from kvmmmu.live.stats import read_stats as read_stats_fd, read_stats_descriptors, read_stats_of
 
@@ -119,6 +121,10 @@ class KvmStats:
     binary data block (each statistic at its offset, histograms inline).
 
     Read and write counters as attributes; histograms are ``uint64`` views.
+    A counter holds an integer in [0, 2**64) (``operator.index``: a float
+    is a TypeError, not truncated; out of range is a ValueError naming the
+    statistic, the block unchanged).  Not shared between threads: a block
+    belongs to its VM or vCPU, which serialise their writers.
     """
 
     def __init__(self, descs: Iterable[StatDesc]):
@@ -135,7 +141,10 @@ class KvmStats:
         return tuple(d.name for d in self.descs)
 
     def kind(self, name) -> str:
-        return {d.name: d.kind for d in self.descs}[name]
+        for d in self.descs:
+            if d.name == name:
+                return d.kind
+        raise AttributeError(f"no statistic {name!r}")
 
     def __getattr__(self, name):
         try:
@@ -150,14 +159,19 @@ class KvmStats:
         o, n = self._off[name]
         if n != 1:
             raise AttributeError(f"{name} is a histogram; write its buckets")
-        if value < 0:
-            raise ValueError(f"{name} would become negative ({value})")
+        try:
+            value = int_arg(name, value)
+        except ValueError:
+            raise ValueError(f"{name} would become negative or overflow ({value})") from None
         self.data[o] = value
 
     def peak(self, name, value) -> None:
         """Raise a peak counter to ``value`` if that is larger."""
+        if name not in self._off:
+            raise AttributeError(f"no statistic {name!r}")
         if self.kind(name) != "peak":
             raise ValueError(f"{name} is not a peak counter")
+        value = int_arg("value", value)
         o, _ = self._off[name]
         if value > self.data[o]:
             self.data[o] = value
