@@ -199,8 +199,10 @@ class GuestMemfdBindError(GuestMemfdError):
 class MemslotUpdateWouldBlockError(RuntimeError):
     """A memslot update while an MMU-notifier invalidation is open: the kernel
     waits in ``kvm_swap_active_memslots`` until ``mn_active_invalidate_count``
-    is 0.  The single-threaded model cannot wait; it refuses before changing
-    anything."""
+    is 0.  The model waits too (``vm.memslot_wait_timeout`` seconds) when
+    other threads opened the invalidations; it refuses before changing
+    anything when the calling thread opened one (it would wait for itself)
+    or the wait times out."""
 
 
 class DirtyLogError(KvmMemslotError):
@@ -614,7 +616,8 @@ def kvm_set_memory_region(vm, mem: UserspaceMemoryRegion, *, v1: bool = False,
 
 def _kvm_set_memslot(vm, old, new, change):
     """``kvm_set_memslot``."""
-    if vm.notifier.mn_active_invalidate_count:
+    if vm.notifier.mn_active_invalidate_count and \
+            not vm.notifier.wait_for_no_invalidation(vm.memslot_wait_timeout):
         raise MemslotUpdateWouldBlockError(
             f"{vm.notifier.mn_active_invalidate_count} MMU-notifier invalidation(s) open")
     as_id = (old or new).as_id

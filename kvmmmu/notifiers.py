@@ -38,6 +38,7 @@ Invariants (checked by :meth:`MmuInvalidateState.audit`):
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,6 +83,10 @@ class MmuInvalidateState:
         self.mmu_invalidate_range_start = INVALID_GPA
         self.mmu_invalidate_range_end = INVALID_GPA
         self.mn_active_invalidate_count = 0
+        #: open starts of this VM's notifier: id(range) -> (range, thread id)
+        #: (the thread that opened it; a memslot update in that thread cannot
+        #: wait for it, see :meth:`wait_for_no_invalidation`)
+        self.open_ranges: dict[int, tuple] = {}
         self.nr_begin = 0
         self.nr_end = 0
         #: the VM's one WARN/KVM_BUG record (kvmmmu.warn)
@@ -93,6 +98,17 @@ class MmuInvalidateState:
         return (f"MmuInvalidateState(seq={self.mmu_invalidate_seq}, "
                 f"in_progress={self.mmu_invalidate_in_progress}, range={r}, "
                 f"mn_active={self.mn_active_invalidate_count})")
+
+    def wait_for_no_invalidation(self, timeout: float) -> bool:
+        """``kvm_swap_active_memslots``'s wait: block until
+        ``mn_active_invalidate_count`` is 0 (``vm.api_lock`` is a condition,
+        released while waiting).  False at once if the calling thread opened
+        one of them (it would wait for itself), or after ``timeout`` seconds.
+        Call with ``vm.api_lock`` held."""
+        me = threading.get_ident()
+        if any(t == me for _, t in self.open_ranges.values()):
+            return False
+        return self.vm.api_lock.wait_for(lambda: not self.mn_active_invalidate_count, timeout)
 
     def snapshot(self):
         return (self.mmu_invalidate_seq, self.mmu_invalidate_in_progress,
@@ -280,8 +296,6 @@ class KvmMmuNotifier(MmuNotifier):
         self.lockless_aging = lockless_aging
         self.elide_flush_if_young = elide_flush_if_young
         self.log: list | None = None
-        #: ranges whose start raised and was taken back (their end is a no-op)
-        self._aborted: list[MmuNotifierRange] = []
 
     def _record(self, what, start, end):
         if self.log is not None:
@@ -291,8 +305,9 @@ class KvmMmuNotifier(MmuNotifier):
         """If an MMU raises, the start is taken back whole (the notifier
         count, ``mmu_invalidate_in_progress``, the range: see
         :meth:`MmuInvalidateState.restore_invalidate`) before the exception
-        propagates, and a later ``invalidate_range_end`` of the same range is
-        ignored: an aborted start never leaves the invalidation open."""
+        propagates; the host does not end a start that raised (see
+        :meth:`~kvmmmu.host.HostMm.invalidate_begin`), so an aborted start
+        never leaves the invalidation open."""
         vm = self.vm
         st = vm.notifier
         with vm.api_lock:
@@ -313,27 +328,24 @@ class KvmMmuNotifier(MmuNotifier):
                     st.restore_invalidate(saved)
                     st.mn_active_invalidate_count -= 1
                 vm.kvm_flush_remote_tlbs()      # for what an MMU zapped before raising
-                self._aborted.append(rng)
                 raise
+            st.open_ranges[id(rng)] = (rng, threading.get_ident())
         return 0
 
     def invalidate_range_end(self, mm, rng: MmuNotifierRange) -> None:
         vm = self.vm
         st = vm.notifier
         with vm.api_lock:
-            for i, r in enumerate(self._aborted):
-                if r is rng:                    # its start was taken back
-                    del self._aborted[i]
-                    return
+            if st.open_ranges.pop(id(rng), None) is None:
+                st.sink.warn("kvm_mmu_notifier_invalidate_range_end",
+                             "invalidate_range_end without a matching start")
+                return
             self._record("invalidate_range_end", rng.start, rng.end)
             kvm_handle_hva_range(vm, rng.start, rng.end, handler=None,
                                  on_lock=st.kvm_mmu_invalidate_end, flush_on_ret=False,
                                  may_block=rng.blockable)
-            if st.mn_active_invalidate_count == 0:
-                st.sink.warn("kvm_mmu_notifier_invalidate_range_end",
-                             "invalidate_range_end without a matching start")
-            else:
-                st.mn_active_invalidate_count -= 1
+            st.mn_active_invalidate_count -= 1
+            vm.api_lock.notify_all()            # a memslot update may be waiting
 
     def _age(self, start, end, handler, flush):
         with self.vm.api_lock:

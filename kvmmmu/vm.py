@@ -510,8 +510,12 @@ class VM:
         self.warn_sink = WarnSink()
         #: Serializes the VM's ioctls and the MMU-notifier callbacks (the
         #: kernel's slots_lock / mmu_lock discipline); re-entrant, so a host
-        #: event raised inside an ioctl is handled in the same thread.
-        self.api_lock = threading.RLock()
+        #: event raised inside an ioctl is handled in the same thread.  A
+        #: condition: a memslot update waits on it for open invalidations of
+        #: other threads (``kvm_swap_active_memslots``).
+        self.api_lock = threading.Condition(threading.RLock())
+        #: seconds a memslot update waits for other threads' invalidations
+        self.memslot_wait_timeout = 30.0
         self.arena = PtArena(self.fmt, nr_vcpus=max_vcpus, era=era)
         self.rmap_pool = PteListDescPool()
         self._set_warn_sink(self.arena, self.rmap_pool)

@@ -217,6 +217,57 @@ def test_ioctls_wait_for_the_api_lock():
     assert vm.audit(raise_=False) == []
 
 
+def test_a_memslot_update_waits_for_another_threads_invalidation():
+    """kvm_swap_active_memslots waits until mn_active_invalidate_count is 0:
+    an invalidation opened by another thread delays the update until it ends;
+    one opened by the calling thread (it would wait for itself) or a wait
+    past ``memslot_wait_timeout`` refuses before changing anything."""
+    vm, s = _vm()
+    rng = vm.host.invalidate_begin(s.userspace_addr, s.userspace_addr + MiB)
+    before = vm.snapshot()
+    with pytest.raises(M.MemslotUpdateWouldBlockError, match="1 MMU-notifier"):
+        vm.set_user_memory_region(5, 0, 64 * MiB, 2 * MiB, 0x7E00_0000_0000)
+    assert vm.snapshot() == before
+    vm.host.invalidate_end(rng)
+
+    opened, done = threading.Event(), []
+    release = threading.Event()
+
+    def host():
+        r = vm.host.invalidate_begin(s.userspace_addr, s.userspace_addr + MiB)
+        opened.set()
+        release.wait(10)
+        vm.host.invalidate_end(r)
+
+    t = threading.Thread(target=host)
+    t.start()
+    opened.wait(10)
+    u = threading.Thread(target=lambda: done.append(
+        vm.set_user_memory_region(5, 0, 64 * MiB, 2 * MiB, 0x7E00_0000_0000)))
+    u.start()
+    time.sleep(0.2)
+    assert not done and vm.memslots[0].id_to_memslot(5) is None       # waiting
+    release.set()
+    t.join(10)
+    u.join(10)
+    assert done == [M.KvmMrChange.KVM_MR_CREATE] and vm.memslots[0].id_to_memslot(5)
+    assert vm.notifier.mn_active_invalidate_count == 0 and vm.audit(raise_=False) == []
+
+    # a wait that times out refuses and changes nothing
+    opened.clear()
+    release.clear()
+    t = threading.Thread(target=host)
+    t.start()
+    opened.wait(10)
+    vm.memslot_wait_timeout = 0.05
+    before = vm.snapshot()
+    with pytest.raises(M.MemslotUpdateWouldBlockError):
+        vm.delete_memslot(5)
+    assert vm.snapshot() == before
+    release.set()
+    t.join(10)
+
+
 def test_mmu_lock_refuses_a_second_thread():
     vm, _ = _vm()
     got = []
