@@ -23,6 +23,7 @@ import weakref
 
 import numpy as np
 
+from kvmmmu._core._checks import int_arg
 from kvmmmu.live import _uapi as U
 from kvmmmu.live.stats import read_stats_of
 
@@ -55,6 +56,19 @@ class _Fd:
 
     def close(self):
         self._fin()          # runs at most once
+
+
+class _Unopened:
+    """The descriptor of an object made with ``__new__`` but never
+    initialised: closed from the start, so every use raises KvmClosedError."""
+    open = False
+    num = -1
+
+    def close(self):
+        pass
+
+
+_UNOPENED = _Unopened()
 
 
 def _close_all(fd, *extra):
@@ -90,6 +104,8 @@ class Kvm:
     OSError
         The device cannot be opened (not present, no permission).
     """
+
+    _fd = _UNOPENED
 
     def __init__(self, path="/dev/kvm"):
         self._fd = _Fd(self, os.open(path, os.O_RDWR | os.O_CLOEXEC))
@@ -152,6 +168,8 @@ class Vm:
     memory : list of (gpa, ndarray)
         The memslots added with :meth:`add_memory`, in slot order.
     """
+
+    _fd = _UNOPENED
 
     def __init__(self, kvm: Kvm, fd: int):
         self.kvm = kvm
@@ -231,6 +249,9 @@ class Vm:
 class Vcpu:
     """A vCPU file descriptor and its ``kvm_run`` area."""
 
+    _fd = _UNOPENED
+    id = None
+
     def __init__(self, vm: Vm, fd: int, vcpu_id: int):
         self.vm = vm
         self.id = vcpu_id
@@ -284,6 +305,7 @@ class Vcpu:
     # running ---------------------------------------------------------------
     @property
     def exit_reason(self) -> int:
+        self.fd                  # KvmClosedError once closed: the mapping went with it
         return int.from_bytes(self.run_area[U.KVM_RUN_EXIT_REASON:U.KVM_RUN_EXIT_REASON + 4], "little")
 
     @property
@@ -292,6 +314,8 @@ class Vcpu:
 
     def exit_data(self, size=64) -> bytes:
         """Raw bytes of the ``kvm_run`` exit union (its meaning depends on the exit)."""
+        size = int_arg("size", size, 0, U.KVM_RUN_EXIT_UNION_SIZE)
+        self.fd
         return bytes(self.run_area[U.KVM_RUN_EXIT_UNION:U.KVM_RUN_EXIT_UNION + size])
 
     def run(self) -> int:
