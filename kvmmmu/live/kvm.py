@@ -71,6 +71,14 @@ class _Unopened:
 _UNOPENED = _Unopened()
 
 
+def _fresh(obj):
+    """__init__ may run once: a second call would drop (and leak) the open
+    descriptor the object owns."""
+    if obj._fd is not _UNOPENED:
+        raise KvmError(errno.EBUSY, f"{type(obj).__name__}.__init__ called on an object "
+                                    "that already owns a descriptor")
+
+
 def _close_all(fd, *extra):
     for x in extra:          # mmaps of the descriptor go first
         try:
@@ -108,6 +116,7 @@ class Kvm:
     _fd = _UNOPENED
 
     def __init__(self, path="/dev/kvm"):
+        _fresh(self)
         self._fd = _Fd(self, os.open(path, os.O_RDWR | os.O_CLOEXEC))
         self.api_version = _ioctl(self.fd, U.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
         self.vcpu_mmap_size = _ioctl(self.fd, U.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
@@ -171,7 +180,15 @@ class Vm:
 
     _fd = _UNOPENED
 
+    vcpus = ()
+    _maps = ()
+    memory = ()
+
     def __init__(self, kvm: Kvm, fd: int):
+        _fresh(self)
+        if not isinstance(kvm, Kvm):
+            raise TypeError(f"kvm must be a Kvm, not {type(kvm).__name__}")
+        fd = int_arg("fd", fd, 0, 2**31 - 1)
         self.kvm = kvm
         self.vcpu_mmap_size = kvm.vcpu_mmap_size
         self._fd = _Fd(self, fd)
@@ -253,6 +270,11 @@ class Vcpu:
     id = None
 
     def __init__(self, vm: Vm, fd: int, vcpu_id: int):
+        _fresh(self)
+        if not isinstance(vm, Vm):
+            raise TypeError(f"vm must be a Vm, not {type(vm).__name__}")
+        fd = int_arg("fd", fd, 0, 2**31 - 1)
+        vcpu_id = int_arg("vcpu_id", vcpu_id, 0, 2**32 - 1)
         self.vm = vm
         self.id = vcpu_id
         try:
