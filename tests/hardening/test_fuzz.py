@@ -83,6 +83,8 @@ def test_fuzz_harness_catches_crashes_and_stray_exceptions():
     r = run_probe(S.batch_source("kvmmmu._core.defs", ["object().nope"]))
     assert r.raised == "AssertionError" and "AttributeError" in r.msg, r.describe()
     r = run_probe(S.batch_source("kvmmmu._core.defs", ["0", "__import__('ctypes').string_at(0)"]))
-    assert r.signal == "SIGSEGV" and S.last_call(r.stderr) == "__import__('ctypes').string_at(0)"
+    # SIGSEGV; under AddressSanitizer its handler reports and exits with status 1
+    assert r.signal == "SIGSEGV" or (r.returncode != 0 and r.raised is None), r.describe()
+    assert S.last_call(r.stderr) == "__import__('ctypes').string_at(0)"
     r = run_probe(S.batch_source("kvmmmu._core.defs", ["__import__('time').sleep(30)"], per_call=1))
     assert r.returncode != 0 and "Timeout" in r.stderr, r.describe()
