@@ -74,3 +74,31 @@ def test_closing_kvm_leaves_its_vms_usable_as_in_the_kernel():
     kvm.close()
     assert isinstance(vm.stats(), dict) and isinstance(cpu.stats(), dict)
     vm.close()
+
+
+def test_init_called_again_is_refused_and_keeps_the_descriptor():
+    from kvmmmu.live import KvmError, Vcpu, Vm
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        fd, n = vm.fd, _nfds()
+        with pytest.raises(KvmError) as e:
+            vm.__init__(kvm, 3)
+        assert e.value.errno == errno.EBUSY
+        with pytest.raises(KvmError):
+            kvm.__init__()
+        assert vm.fd == fd and not vm.closed and _nfds() == n
+        with pytest.raises(TypeError, match="kvm must be a Kvm"):
+            Vm(None, 3)
+        with pytest.raises(TypeError, match="vm must be a Vm"):
+            Vcpu(kvm, 3, 0)
+    assert _nfds() == n - 2
+
+
+@pytest.mark.parametrize("cls", ["Kvm", "Vm", "Vcpu"])
+def test_half_built_object_is_closed(cls):
+    import kvmmmu.live as L
+    C = getattr(L, cls)
+    o = C.__new__(C)
+    assert o.closed
+    with pytest.raises(KvmClosedError):
+        o.fd
+    o.close()                       # nothing to close: no error, no fd touched

@@ -81,5 +81,7 @@ def kvm_params(path=KVM_PARAMS) -> dict[str, str]:
 def host_guest_model(vcpu: Vcpu):
     """The :class:`kvmmmu.paging.GuestCpuModel` of `vcpu`'s effective CPUID."""
     from kvmmmu.paging import GuestCpuModel
+    if not isinstance(vcpu, Vcpu):
+        raise TypeError(f"vcpu must be a live Vcpu, not {type(vcpu).__name__}")
     entries = vcpu.get_cpuid()
     return GuestCpuModel.from_cpuid([(fn, idx, a, b, c, d) for fn, idx, _, a, b, c, d in entries])

@@ -115,6 +115,8 @@ KVM_MEM_READONLY = 1 << 1
 # struct kvm_run: exit_reason at offset 8; the exit union starts at 32.
 KVM_RUN_EXIT_REASON = 8
 KVM_RUN_EXIT_UNION = 32
+#: Size of the exit union of ``struct kvm_run`` (its padding is 256 bytes).
+KVM_RUN_EXIT_UNION_SIZE = 256
 EXIT_REASONS = {
     0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
     7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 11: "SET_TPR",

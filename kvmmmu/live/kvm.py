@@ -23,6 +23,7 @@ import weakref
 
 import numpy as np
 
+from kvmmmu._core._checks import int_arg
 from kvmmmu.live import _uapi as U
 from kvmmmu.live.stats import read_stats_of
 
@@ -55,6 +56,27 @@ class _Fd:
 
     def close(self):
         self._fin()          # runs at most once
+
+
+class _Unopened:
+    """The descriptor of an object made with ``__new__`` but never
+    initialised: closed from the start, so every use raises KvmClosedError."""
+    open = False
+    num = -1
+
+    def close(self):
+        pass
+
+
+_UNOPENED = _Unopened()
+
+
+def _fresh(obj):
+    """__init__ may run once: a second call would drop (and leak) the open
+    descriptor the object owns."""
+    if obj._fd is not _UNOPENED:
+        raise KvmError(errno.EBUSY, f"{type(obj).__name__}.__init__ called on an object "
+                                    "that already owns a descriptor")
 
 
 def _close_all(fd, *extra):
@@ -91,7 +113,10 @@ class Kvm:
         The device cannot be opened (not present, no permission).
     """
 
+    _fd = _UNOPENED
+
     def __init__(self, path="/dev/kvm"):
+        _fresh(self)
         self._fd = _Fd(self, os.open(path, os.O_RDWR | os.O_CLOEXEC))
         self.api_version = _ioctl(self.fd, U.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
         self.vcpu_mmap_size = _ioctl(self.fd, U.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
@@ -153,7 +178,17 @@ class Vm:
         The memslots added with :meth:`add_memory`, in slot order.
     """
 
+    _fd = _UNOPENED
+
+    vcpus = ()
+    _maps = ()
+    memory = ()
+
     def __init__(self, kvm: Kvm, fd: int):
+        _fresh(self)
+        if not isinstance(kvm, Kvm):
+            raise TypeError(f"kvm must be a Kvm, not {type(kvm).__name__}")
+        fd = int_arg("fd", fd, 0, 2**31 - 1)
         self.kvm = kvm
         self.vcpu_mmap_size = kvm.vcpu_mmap_size
         self._fd = _Fd(self, fd)
@@ -231,7 +266,15 @@ class Vm:
 class Vcpu:
     """A vCPU file descriptor and its ``kvm_run`` area."""
 
+    _fd = _UNOPENED
+    id = None
+
     def __init__(self, vm: Vm, fd: int, vcpu_id: int):
+        _fresh(self)
+        if not isinstance(vm, Vm):
+            raise TypeError(f"vm must be a Vm, not {type(vm).__name__}")
+        fd = int_arg("fd", fd, 0, 2**31 - 1)
+        vcpu_id = int_arg("vcpu_id", vcpu_id, 0, 2**32 - 1)
         self.vm = vm
         self.id = vcpu_id
         try:
@@ -284,6 +327,7 @@ class Vcpu:
     # running ---------------------------------------------------------------
     @property
     def exit_reason(self) -> int:
+        self.fd                  # KvmClosedError once closed: the mapping went with it
         return int.from_bytes(self.run_area[U.KVM_RUN_EXIT_REASON:U.KVM_RUN_EXIT_REASON + 4], "little")
 
     @property
@@ -292,6 +336,8 @@ class Vcpu:
 
     def exit_data(self, size=64) -> bytes:
         """Raw bytes of the ``kvm_run`` exit union (its meaning depends on the exit)."""
+        size = int_arg("size", size, 0, U.KVM_RUN_EXIT_UNION_SIZE)
+        self.fd
         return bytes(self.run_area[U.KVM_RUN_EXIT_UNION:U.KVM_RUN_EXIT_UNION + size])
 
     def run(self) -> int:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import struct
 
+from kvmmmu._core._checks import int_arg
+
 from kvmmmu import paging as P
 from kvmmmu.live import _uapi as U
 
@@ -150,12 +152,12 @@ class asm:
     @staticmethod
     def movabs_rax(imm: int) -> bytes:
         """``mov rax, imm64``"""
-        return b"\x48\xb8" + struct.pack("<Q", imm)
+        return b"\x48\xb8" + struct.pack("<Q", int_arg("imm", imm))
 
     @staticmethod
     def movabs_rbx(imm: int) -> bytes:
         """``mov rbx, imm64``"""
-        return b"\x48\xbb" + struct.pack("<Q", imm)
+        return b"\x48\xbb" + struct.pack("<Q", int_arg("imm", imm))
 
     #: ``mov rax, [rax]``
     load_rax = b"\x48\x8b\x00"

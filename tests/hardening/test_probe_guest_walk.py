@@ -1,0 +1,4 @@
+"""Probe campaign for kvmmmu._core.guest_walk (see _attacks.py)."""
+from _attacks import make_test
+
+test_probe = make_test("kvmmmu._core.guest_walk")
