@@ -19,3 +19,22 @@ class KvmNoMemoryError(MemoryError):
     def __init__(self, msg, done=None):
         super().__init__(msg)
         self.done = done
+
+
+class ObjectInitError(RuntimeError):
+    """A method of an object whose ``__init__`` never ran or did not
+    complete (made with ``Cls.__new__(Cls)``, or ``__init__`` raised), or an
+    ``__init__`` called a second time on an object that owns C memory."""
+
+
+class LockNotHeldError(RuntimeError):
+    """A call that needs a lock (``mmu_lock``, ``slots_lock``) the caller
+    does not hold: the kernel's lockdep assertion, refused before anything
+    changes."""
+
+
+class ConcurrentUseError(RuntimeError):
+    """An object that one thread at a time may use (a ``HostMm``, the
+    model's ``mmu_lock``) used by a second thread at the same time, or a lock
+    taken again by its holder (a deadlock in the kernel): refused before
+    anything changes."""

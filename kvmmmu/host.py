@@ -74,6 +74,7 @@ __all__ = [
 ]
 
 from kvmmmu._core._checks import check_array, int_arg, ArgumentRangeError, U64_MAX  # noqa: E402
+from kvmmmu.errors import ConcurrentUseError  # noqa: E402
 import functools  # noqa: E402
 import threading  # noqa: E402
 from threading import get_ident  # noqa: E402
@@ -376,7 +377,7 @@ def _exclusive(method):
                 self._guard.release()
         if self._owner == me:
             return method(self, *args, **kwargs)
-        raise RuntimeError(f"HostMm.{method.__name__}: the mm is in use by another thread")
+        raise ConcurrentUseError(f"HostMm.{method.__name__}: the mm is in use by another thread")
     return wrapper
 
 
@@ -738,6 +739,10 @@ class HostMm:
 
     def __init__(self, config: HostConfig | None = None, *, phys: HostPhysMem | None = None,
                  zero_page: bool = True):
+        if config is not None and not isinstance(config, HostConfig):
+            raise TypeError(f"config must be a HostConfig, not {type(config).__name__}")
+        if phys is not None and not isinstance(phys, HostPhysMem):
+            raise TypeError(f"phys must be a HostPhysMem, not {type(phys).__name__}")
         self.config = config or HostConfig()
         self.phys = phys or HostPhysMem(maxphyaddr=self.config.maxphyaddr,
                                         mem_bytes=self.config.mem_bytes)

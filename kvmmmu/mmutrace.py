@@ -807,6 +807,8 @@ def split_trace_line(line: str) -> tuple[str, str] | None:
     ...                  "kvm_mmu_walker_error: pferr 0 \\n")
     ('kvm_mmu_walker_error', 'pferr 0 ')
     """
+    if not isinstance(line, str):
+        raise TypeError(f"line must be a str, not {type(line).__name__}")
     line = line.rstrip("\r\n")
     if not line or line.lstrip().startswith("#"):
         return None

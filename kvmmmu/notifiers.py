@@ -77,6 +77,9 @@ class MmuInvalidateState:
     """``kvm->mmu_invalidate_*`` and ``kvm->mn_active_invalidate_count``."""
 
     def __init__(self, vm):
+        sink = getattr(vm, "warn_sink", None)
+        if sink is None:
+            raise TypeError(f"vm must be a VM (with a warn_sink), not {type(vm).__name__}")
         self.vm = vm
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
@@ -90,7 +93,7 @@ class MmuInvalidateState:
         self.nr_begin = 0
         self.nr_end = 0
         #: the VM's one WARN/KVM_BUG record (kvmmmu.warn)
-        self.sink = vm.warn_sink
+        self.sink = sink
 
     def __repr__(self):
         r = ("none" if self.mmu_invalidate_range_start == INVALID_GPA else

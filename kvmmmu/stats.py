@@ -128,7 +128,11 @@ class KvmStats:
     """
 
     def __init__(self, descs: Iterable[StatDesc]):
-        object.__setattr__(self, "descs", tuple(descs))
+        descs = tuple(descs)
+        for d in descs:
+            if not isinstance(d, StatDesc):
+                raise TypeError(f"descs must be StatDesc, not {type(d).__name__}")
+        object.__setattr__(self, "descs", descs)
         off, offsets = 0, {}
         for d in self.descs:
             offsets[d.name] = (off, d.size)
@@ -147,6 +151,8 @@ class KvmStats:
         raise AttributeError(f"no statistic {name!r}")
 
     def __getattr__(self, name):
+        if name.startswith("_"):         # a half-built instance has no _off
+            raise AttributeError(name)
         try:
             o, n = self._off[name]
         except KeyError:

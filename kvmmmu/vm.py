@@ -61,7 +61,7 @@ from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
 from kvmmmu._core.rmap import PteListDescCache, PteListDescPool
 from kvmmmu._core.spte import MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
 from kvmmmu._core._checks import check_array, int_arg
-from kvmmmu.errors import KvmNoMemoryError
+from kvmmmu.errors import ConcurrentUseError, KvmNoMemoryError, LockNotHeldError
 from kvmmmu.warn import KvmBugError, WarnSink  # noqa: F401  (KvmBugError re-exported)
 from kvmmmu.host import (
     PAGE_SHIFT, HostConfig, HostMm,
@@ -210,25 +210,25 @@ class MmuLock:
 
     def acquire_write(self):
         if self.writers or self.readers:
-            raise RuntimeError("mmu_lock: write_lock while held (deadlock)")
+            raise ConcurrentUseError("mmu_lock: write_lock while held (deadlock)")
         if not self._wlock.acquire(False):
-            raise RuntimeError("mmu_lock: taken for write by another thread at the same time")
+            raise ConcurrentUseError("mmu_lock: taken for write by another thread at the same time")
         self.writers = 1
 
     def release_write(self):
         if not self.writers:
-            raise RuntimeError("mmu_lock: write_unlock without the lock")
+            raise LockNotHeldError("mmu_lock: write_unlock without the lock")
         self.writers = 0
         self._wlock.release()
 
     def acquire_read(self):
         if self.writers:
-            raise RuntimeError("mmu_lock: read_lock while held for write (deadlock)")
+            raise ConcurrentUseError("mmu_lock: read_lock while held for write (deadlock)")
         self.readers += 1
 
     def release_read(self):
         if not self.readers:
-            raise RuntimeError("mmu_lock: read_unlock without the lock")
+            raise LockNotHeldError("mmu_lock: read_unlock without the lock")
         self.readers -= 1
 
     class _Ctx:
@@ -255,11 +255,11 @@ class MmuLock:
 
     def lockdep_assert_held_write(self):
         if not self.writers:
-            raise RuntimeError("mmu_lock must be held for write")
+            raise LockNotHeldError("mmu_lock must be held for write")
 
     def lockdep_assert_held(self):
         if not self.held:
-            raise RuntimeError("mmu_lock must be held")
+            raise LockNotHeldError("mmu_lock must be held")
 
 
 class _ExternalSptCache:

@@ -173,6 +173,57 @@ def test_float_and_negative_ints_are_refused():
     """)
 
 
+def test_no_scalar_integer_argument_truncates_a_float():
+    """Every method taking scalar integers refuses 1.5 with a TypeError that
+    names the argument (a C-typed parameter would have used 1), and leaves
+    the arena as it was."""
+    from kvmmmu._core.pt_arena import PtArena, MmuMemoryCache
+    from kvmmmu._core.rmap import PteListDescPool, PteListDescCache
+    from kvmmmu._core.spte import SpteFormat
+    a = PtArena(SpteFormat.ept(), nr_vcpus=2)
+    pc = MmuMemoryCache(a, "shadow_page")
+    pc.topup(4)
+    hc = MmuMemoryCache(a, "page_header")
+    hc.topup(1)
+    before = (a.table_states().tolist(), a.sp_states().tolist(), [a.vcpu_mode(v) for v in (0, 1)])
+    calls = {
+        "owns_pfn": ("pfn",), "table_pfn": ("table_index",), "table_index": ("pfn",),
+        "make_sptep": ("table_index", "index"), "sptep_location": ("sptep",),
+        "sp_sptep": ("sp", "index"), "sp_pa": ("sp",), "sptep_to_sp": ("sptep",),
+        "spte_to_child_sp": ("spte",), "table": ("table_index",), "spt": ("sp",),
+        "shadowed_translation": ("sp",), "chunk_tables": ("chunk",), "chunk_headers": ("chunk",),
+        "sp_header": ("sp",), "get_sp": ("sp",), "set_sp": ("sp",),
+        "kvm_mmu_free_shadow_page": ("sp",), "call_rcu_free_sp": ("sp",),
+        "set_tdp_mmu_active": ("vcpu", "active"), "is_tdp_mmu_active": ("vcpu",),
+        "vcpu_mode": ("vcpu",), "set_vcpu_mode": ("vcpu", "mode"),
+        "walk_shadow_page_lockless_begin": ("vcpu",), "walk_shadow_page_lockless_end": ("vcpu",),
+        "kvm_tdp_mmu_walk_lockless_begin": ("vcpu",), "kvm_tdp_mmu_walk_lockless_end": ("vcpu",),
+        "mmu_spte_set": ("sptep", "new_spte"), "mmu_spte_update": ("sptep", "new_spte"),
+        "mmu_spte_clear_track_bits": ("sptep",), "mmu_spte_clear_no_track": ("sptep",),
+        "mmu_spte_get_lockless": ("sptep",), "kvm_update_page_stats": ("level", "count"),
+    }
+    for name, params in calls.items():
+        for k, p in enumerate(params):
+            if p == "active":
+                continue
+            args = [1] * len(params)
+            args[k] = 1.5
+            with pytest.raises(TypeError, match=p):
+                getattr(a, name)(*args)
+    for ctor, kw in ((lambda **k: PtArena(SpteFormat.ept(), **k), "nr_vcpus"),
+                     (lambda **k: PtArena(SpteFormat.ept(), **k), "max_tables"),
+                     (lambda **k: MmuMemoryCache(a, "shadow_page", **k), "capacity"),
+                     (lambda **k: PteListDescPool(**k), "descs_per_chunk"),
+                     (lambda **k: PteListDescCache(PteListDescPool(), **k), "capacity")):
+        with pytest.raises(TypeError, match=kw):
+            ctor(**{kw: 1.5})
+    for kw in ("role", "gfn"):
+        with pytest.raises(TypeError, match=kw):
+            a.alloc_sp(pc, hc, **{kw: 1.5})
+    assert (a.table_states().tolist(), a.sp_states().tolist(),
+            [a.vcpu_mode(v) for v in (0, 1)]) == before
+
+
 def test_out_overlapping_spteps_is_refused():
     probe("""
     a = small(); pc, hc = caches(a)

@@ -46,7 +46,7 @@ f.spte_to_pfn_array(s, out=s)
     "half-built WalkContext": ("""
 from kvmmmu._core.guest_walk import WalkContext
 WalkContext.__new__(WalkContext).walk(0x1000, 0)
-""", "ValueError", "not initialised"),
+""", "ObjectInitError", "not initialised"),
     # writable views behind the checks
     "rmap head array flipped writable": (RMAP_SETUP + """
 try:

@@ -169,11 +169,11 @@ import numpy as np
 from kvmmmu._core.guest_walk import WalkContext
 c = WalkContext.__new__(WalkContext)
 c.walk_array(np.zeros(4, np.uint64), 0)
-""", "ValueError", "not initialised")
+""", "ObjectInitError", "not initialised")
     assert_raises_in_child("""
 from kvmmmu._core.guest_walk import WalkContext
 WalkContext.__new__(WalkContext).walk_fast(0x1000, 0, 1 << 32)
-""", "ValueError", "not initialised")
+""", "ObjectInitError", "not initialised")
 
 
 def test_reinit_on_another_memory_during_a_walk_keeps_the_old_memory_alive():

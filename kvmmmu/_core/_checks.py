@@ -11,6 +11,8 @@ from operator import index as _index
 
 import numpy as np
 
+from kvmmmu.errors import ObjectInitError  # noqa: F401  (the core raises it from here)
+
 U64_MAX = (1 << 64) - 1
 
 

@@ -41,6 +41,7 @@ Invariants:
   ``GW_ACCESS_ALLOWED`` (so the index stays below 16).
 """
 
+from kvmmmu._core.argcheck cimport u64_arg
 cimport cython
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -51,7 +52,7 @@ from libc.string cimport memcpy
 import numpy as np
 
 from kvmmmu._core._checks import (check_array as _check_array, int_arg as _int_arg,
-                                  out_array as _out_array)
+                                  out_array as _out_array, ObjectInitError)
 from kvmmmu._core.trace_buf import print_flags as _print_flags
 
 from kvmmmu._core.trace_buf cimport (
@@ -930,7 +931,7 @@ cdef class WalkContext:
     cdef readonly GuestMemory memory
     cdef readonly WalkContext nested
 
-    def __init__(self, GuestMemory memory not None, int pttype, int root_level, pgd, pdptrs,
+    def __init__(self, GuestMemory memory not None, pttype, root_level, pgd, pdptrs,
                  bint have_ad, bint efer_nx, bint cr4_smep, bint cr4_pse, bint rflags_ac,
                  bint is_walk_mmu, pkru, pkru_mask, permissions, RsvdBitsValidate rsvd not None,
                  WalkContext nested=None):
@@ -939,6 +940,8 @@ cdef class WalkContext:
         # it was (never pointing at memory or a nested MMU it no longer holds).
         cdef int i
         cdef gw_mmu_t m
+        pttype = _int_arg("pttype", pttype, 0, 255)
+        root_level = _int_arg("root_level", root_level, 0, 255)
         if pttype not in (PTTYPE_32, PTTYPE_64, PTTYPE_EPT):
             raise ValueError(f"pttype={pttype} is not 32, 64 or {PTTYPE_EPT} (EPT)")
         allowed = {PTTYPE_32: (0, 2), PTTYPE_64: (0, 3, 4, 5), PTTYPE_EPT: (4, 5)}[pttype]
@@ -992,7 +995,7 @@ cdef class WalkContext:
         """Copy this MMU (and its outer MMU) for one call, with the call's own
         trace buffer: threads walking one context never share a buffer."""
         if not self.ready:
-            raise ValueError("WalkContext was not initialised (__init__ did not complete)")
+            raise ObjectInitError("WalkContext was not initialised (__init__ did not complete)")
         trace_buf_init(tb)
         m[0] = self.mmu
         m.trace = tb
@@ -1028,17 +1031,18 @@ cdef class WalkContext:
             raise ValueError(f"access={acc:#x} has bits outside W|U|F|P|IMPLICIT_ACCESS")
         return self._walk(a, acc)
 
-    def walk_fast(self, addr, access, uint64_t addr_limit):
+    def walk_fast(self, addr, access, addr_limit):
         """:meth:`walk` for the common call, or None when `addr`/`access` are
         not exact ints in range (the caller then checks them and says why).
 
         Only ``int`` objects that fit: ``addr <= addr_limit`` and `access`
         within ``ACCESS_ALLOWED``.  Never converts anything else.
         """
+        cdef uint64_t c_addr_limit = u64_arg(addr_limit, "addr_limit")
         cdef unsigned long long a, acc
         if type(addr) is not int or type(access) is not int:
             return None
-        if addr < 0 or access < 0 or addr > addr_limit or access > <unsigned long long>GW_ACCESS_ALLOWED:
+        if addr < 0 or access < 0 or addr > c_addr_limit or access > <unsigned long long>GW_ACCESS_ALLOWED:
             return None
         a = addr
         acc = access

@@ -19,6 +19,7 @@ Every thread runs a C loop inside ``with nogil:``, started from Python
 start barrier lines them up.  This module uses only the pt_arena.pxd contract.
 """
 
+from kvmmmu._core.argcheck cimport s32_arg
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memset
 
@@ -217,9 +218,10 @@ cdef class _SpteTorture:
         with nogil:
             _spte_writer(&self.t)
 
-    def reader(self, int r):
+    def reader(self, r):
+        cdef int c_r = s32_arg(r, "r")
         with nogil:
-            _spte_reader(&self.t, r)
+            _spte_reader(&self.t, c_r)
 
 
 def spte_torture(PtArena arena not None, n_reads, *, str read="lockless", int n_sptes=4,

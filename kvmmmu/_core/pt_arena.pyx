@@ -79,6 +79,7 @@ Thread-safety contract (the kernel's mmu_lock, made safe for Python):
   without protocol; header views are read-only.
 """
 
+from kvmmmu._core.argcheck cimport s32_arg, s64_arg, u32_arg, u64_arg
 cimport cython
 cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
@@ -95,9 +96,9 @@ import numpy as np
 
 from kvmmmu._core._checks import (
     check_array as _check_array, int_arg as _int_arg, out_array as _out_array,
-    readonly as _readonly,
+    readonly as _readonly, ObjectInitError,
 )
-from kvmmmu.errors import KvmNoMemoryError
+from kvmmmu.errors import ConcurrentUseError, KvmNoMemoryError
 
 from kvmmmu._core.defs import PAGE_SIZE, SPTE_ENT_PER_PAGE
 from kvmmmu._core.mmu_defs cimport PAGE_SIZE as PAGE_SIZE_C, SPTE_ENT_PER_PAGE as SPTES_PER_PAGE_C
@@ -169,6 +170,12 @@ class KvmUseAfterFreeError(RuntimeError):
 
 class KvmMmuWarning(RuntimeWarning):
     """A WARN_ON_ONCE of the kernel fired; the model, like the kernel, went on."""
+
+
+class LocklessWalkError(RuntimeError):
+    """A lockless-walk or vCPU-mode step out of order: begin inside a walk,
+    end outside one, a mode change or a TDP-MMU switch during a walk, a TDP
+    MMU walk on a vCPU not using the TDP MMU.  Refused before any change."""
 
 
 class KvmDeadWalkerError(RuntimeError):
@@ -359,14 +366,17 @@ cdef class PtArena:
         self._readers = 0
         self._busy = None
 
-    def __init__(self, SpteFormat fmt not None, *, int nr_vcpus=1, base_pfn=None,
-                 uint64_t max_tables=DEFAULT_MAX_TABLES,
-                 uint64_t tables_per_chunk=DEFAULT_TABLES_PER_CHUNK,
+    def __init__(self, SpteFormat fmt not None, *, nr_vcpus=1, base_pfn=None,
+                 max_tables=DEFAULT_MAX_TABLES,
+                 tables_per_chunk=DEFAULT_TABLES_PER_CHUNK,
                  str era="v6.18", bint prove_mmu=False, host_ad=None):
         cdef uint64_t limit, base, shift
         cdef int i
         if self.a.chunk_base != NULL:
-            raise RuntimeError("PtArena.__init__ called twice")
+            raise ObjectInitError("PtArena.__init__ called twice")
+        nr_vcpus = _int_arg("nr_vcpus", nr_vcpus, -0x80000000, 0x7FFFFFFF)
+        max_tables = _int_arg("max_tables", max_tables)
+        tables_per_chunk = _int_arg("tables_per_chunk", tables_per_chunk)
         if tables_per_chunk == 0 or (tables_per_chunk & (tables_per_chunk - 1)):
             raise ValueError(f"tables_per_chunk={tables_per_chunk} is not a power of two")
         if max_tables == 0 or max_tables % tables_per_chunk:
@@ -496,9 +506,10 @@ cdef class PtArena:
         """:attr:`nbytes` divided by the page slots allocated (chunks x pages)."""
         return self.nbytes / self.capacity if self.a.n_chunks else float("nan")
 
-    def owns_pfn(self, uint64_t pfn):
+    def owns_pfn(self, pfn):
         """Is `pfn` inside the range reserved for this arena's pages?"""
-        return self.a.base_pfn <= pfn < self.a.base_pfn + self.max_tables
+        cdef uint64_t c_pfn = u64_arg(pfn, "pfn")
+        return self.a.base_pfn <= c_pfn < self.a.base_pfn + self.max_tables
 
     # -- growth ---------------------------------------------------------------
 
@@ -551,29 +562,34 @@ cdef class PtArena:
 
     # -- locations ------------------------------------------------------------
 
-    def table_pfn(self, uint64_t table_index):
+    def table_pfn(self, table_index):
         """pfn of page `table_index` (``base_pfn + table_index``)."""
-        if table_index >= self.max_tables:
+        cdef uint64_t c_table_index = u64_arg(table_index, "table_index")
+        if c_table_index >= self.max_tables:
             raise ValueError(f"table index {table_index} is outside 0..{self.max_tables - 1}")
-        return self.a.base_pfn + table_index
+        return self.a.base_pfn + c_table_index
 
-    def table_index(self, uint64_t pfn):
+    def table_index(self, pfn):
         """Table index of page `pfn`."""
-        if not self.owns_pfn(pfn):
+        cdef uint64_t c_pfn = u64_arg(pfn, "pfn")
+        if not self.owns_pfn(c_pfn):
             raise ValueError(f"pfn {pfn:#x} is not a page of this arena")
-        return pfn - self.a.base_pfn
+        return c_pfn - self.a.base_pfn
 
-    def make_sptep(self, uint64_t table_index, unsigned int index):
+    def make_sptep(self, table_index, index):
         """sptep of entry `index` (0..511) of page `table_index`."""
-        if index >= SPTES_PER_PAGE_C:
+        cdef uint64_t c_table_index = u64_arg(table_index, "table_index")
+        cdef unsigned int c_index = u32_arg(index, "index")
+        if c_index >= SPTES_PER_PAGE_C:
             raise ValueError(f"SPTE index {index} is outside 0..511")
-        return make_sptep(self.table_pfn(table_index), index)
+        return make_sptep(self.table_pfn(c_table_index), c_index)
 
-    def sptep_location(self, uint64_t sptep):
+    def sptep_location(self, sptep):
         """``(table_index, index)`` of `sptep`."""
-        if (sptep & 7) or not self.owns_pfn(sptep_table_pfn(sptep)):
+        cdef uint64_t c_sptep = u64_arg(sptep, "sptep")
+        if (c_sptep & 7) or not self.owns_pfn(sptep_table_pfn(c_sptep)):
             raise ValueError(f"sptep {sptep:#x} is not an SPTE address of this arena")
-        return sptep_table_pfn(sptep) - self.a.base_pfn, spte_index(sptep)
+        return sptep_table_pfn(c_sptep) - self.a.base_pfn, spte_index(c_sptep)
 
     def make_spteps(self, table_indices, indices):
         """Batch :meth:`make_sptep`: uint64 arrays (broadcast) -> uint64 sptep array."""
@@ -594,27 +610,32 @@ cdef class PtArena:
             raise ValueError("sptep outside the arena")
         return pfn - np.uint64(self.a.base_pfn), (s >> np.uint64(3)) & np.uint64(511)
 
-    def sp_sptep(self, uint64_t sp, unsigned int index):
+    def sp_sptep(self, sp, index):
         """sptep of entry `index` of `sp`'s table."""
-        self._check_sp(sp, True)
-        if index >= SPTES_PER_PAGE_C:
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
+        cdef unsigned int c_index = u32_arg(index, "index")
+        self._check_sp(c_sp, True)
+        if c_index >= SPTES_PER_PAGE_C:
             raise ValueError(f"SPTE index {index} is outside 0..511")
-        return make_sptep(pt_sp_ptr(&self.a, sp).spt, index)
+        return make_sptep(pt_sp_ptr(&self.a, c_sp).spt, c_index)
 
-    def sp_pa(self, uint64_t sp):
+    def sp_pa(self, sp):
         """Host physical address of `sp`'s table (``__pa(sp->spt)``), what
         make_nonleaf_spte() takes."""
-        self._check_sp(sp, True)
-        return pt_sp_ptr(&self.a, sp).spt << 12
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
+        self._check_sp(c_sp, True)
+        return pt_sp_ptr(&self.a, c_sp).spt << 12
 
-    def sptep_to_sp(self, uint64_t sptep):
+    def sptep_to_sp(self, sptep):
         """sp handle of the table holding `sptep`."""
-        self._check_sptep(sptep)
-        return pt_page_sp(&self.a, sptep_table_pfn(sptep))
+        cdef uint64_t c_sptep = u64_arg(sptep, "sptep")
+        self._check_sptep(c_sptep)
+        return pt_page_sp(&self.a, sptep_table_pfn(c_sptep))
 
-    def spte_to_child_sp(self, uint64_t spte):
+    def spte_to_child_sp(self, spte):
         """sp handle of the table a non-leaf SPTE points to (0: not an arena page)."""
-        return spte_to_child_sp(&self.a, spte)
+        cdef uint64_t c_spte = u64_arg(spte, "spte")
+        return spte_to_child_sp(&self.a, c_spte)
 
     # -- checks ---------------------------------------------------------------
 
@@ -660,52 +681,59 @@ cdef class PtArena:
 
     # -- views ----------------------------------------------------------------
 
-    def table(self, uint64_t table_index):
+    def table(self, table_index):
         """Zero-copy ``uint64[512]`` view of page `table_index` (any state).
 
         Writing through a view bypasses the SPTE protocols: use the helpers
         for anything a lockless reader may see.
         """
-        if table_index >= self.a.n_chunks * self.a.tables_per_chunk:
+        cdef uint64_t c_table_index = u64_arg(table_index, "table_index")
+        if c_table_index >= self.a.n_chunks * self.a.tables_per_chunk:
             raise ValueError(f"table index {table_index} is not in an allocated chunk")
-        return self._table_views[table_index >> self.a.chunk_shift][table_index & self.a.chunk_mask]
+        return self._table_views[c_table_index >> self.a.chunk_shift][c_table_index & self.a.chunk_mask]
 
-    def spt(self, uint64_t sp):
+    def spt(self, sp):
         """Zero-copy ``uint64[512]`` view of `sp`'s table (``sp->spt``)."""
-        self._check_sp(sp, True)
-        return self.table(pt_sp_ptr(&self.a, sp).spt - self.a.base_pfn)
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
+        self._check_sp(c_sp, True)
+        return self.table(pt_sp_ptr(&self.a, c_sp).spt - self.a.base_pfn)
 
-    def shadowed_translation(self, uint64_t sp):
+    def shadowed_translation(self, sp):
         """View of `sp`'s ``shadowed_translation`` page, or None (direct sp)."""
-        self._check_sp(sp, True)
-        cdef uint64_t pfn = pt_sp_ptr(&self.a, sp).shadowed_translation
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
+        self._check_sp(c_sp, True)
+        cdef uint64_t pfn = pt_sp_ptr(&self.a, c_sp).shadowed_translation
         return None if pfn == 0 else self.table(pfn - self.a.base_pfn)
 
-    def chunk_tables(self, uint64_t chunk):
+    def chunk_tables(self, chunk):
         """``(tables_per_chunk, 512)`` uint64 view of a chunk's pages."""
-        if chunk >= self.a.n_chunks:
+        cdef uint64_t c_chunk = u64_arg(chunk, "chunk")
+        if c_chunk >= self.a.n_chunks:
             raise ValueError(f"chunk={chunk} is outside 0..{self.a.n_chunks - 1}")
-        return self._table_views[chunk]
+        return self._table_views[c_chunk]
 
-    def chunk_headers(self, uint64_t chunk):
+    def chunk_headers(self, chunk):
         """``(tables_per_chunk,)`` :data:`HEADER_DTYPE` read-only view of a
         chunk's headers (C follows the handles in them: change fields with
         :meth:`set_sp`)."""
-        if chunk >= self.a.n_chunks:
+        cdef uint64_t c_chunk = u64_arg(chunk, "chunk")
+        if c_chunk >= self.a.n_chunks:
             raise ValueError(f"chunk={chunk} is outside 0..{self.a.n_chunks - 1}")
-        return _readonly(self._header_views[chunk].view(np.uint8)).view(HEADER_DTYPE)
+        return _readonly(self._header_views[c_chunk].view(np.uint8)).view(HEADER_DTYPE)
 
-    def _hdr_view(self, uint64_t sp):
+    def _hdr_view(self, sp):
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
         # The writable record, for set_sp only (its values are checked first).
-        return self._header_views[(sp - 1) >> self.a.chunk_shift][(sp - 1) & self.a.chunk_mask, ...]
+        return self._header_views[(c_sp - 1) >> self.a.chunk_shift][(c_sp - 1) & self.a.chunk_mask, ...]
 
-    def sp_header(self, uint64_t sp):
+    def sp_header(self, sp):
         """0-d :data:`HEADER_DTYPE` read-only view of `sp`'s header (any
         state).  It cannot be made writable: C follows the handles in it."""
-        if sp == 0 or sp > self.a.n_chunks * self.a.tables_per_chunk:
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
+        if c_sp == 0 or c_sp > self.a.n_chunks * self.a.tables_per_chunk:
             raise ValueError(f"sp {sp} is not a header slot of this arena")
-        cdef uint64_t k = (sp - 1) & self.a.chunk_mask
-        hv = self._header_views[(sp - 1) >> self.a.chunk_shift]
+        cdef uint64_t k = (c_sp - 1) & self.a.chunk_mask
+        hv = self._header_views[(c_sp - 1) >> self.a.chunk_shift]
         return _readonly(hv[k:k + 1].view(np.uint8)).view(HEADER_DTYPE).reshape(())
 
     def table_states(self):
@@ -716,18 +744,20 @@ cdef class PtArena:
         """uint8 array (copy): state of every header slot handed out (:data:`SP_STATES`)."""
         return self._meta_column("sp_state", self.a.headers_hw)
 
-    def _meta_column(self, name, uint64_t n):
+    def _meta_column(self, name, n):
+        cdef uint64_t c_n = u64_arg(n, "n")
         if self.a.n_chunks == 0:
             return np.zeros(0, np.uint8)
-        return np.concatenate([m[name] for m in self._meta_views])[:n].copy()
+        return np.concatenate([m[name] for m in self._meta_views])[:c_n].copy()
 
     # -- header fields ----------------------------------------------------------
 
-    def get_sp(self, uint64_t sp):
+    def get_sp(self, sp):
         """Every header field of `sp` as a dict (``unsync_child_bitmap`` as a
         512-bit int)."""
-        self._check_sp(sp, True)
-        v = self.sp_header(sp)
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
+        self._check_sp(c_sp, True)
+        v = self.sp_header(c_sp)
         out = {}
         for name, *_ in KVM_MMU_PAGE_FIELDS:
             if name == "unsync_child_bitmap":
@@ -738,15 +768,16 @@ cdef class PtArena:
                 out[name] = int(v[name])
         return out
 
-    def set_sp(self, uint64_t sp, **fields):
+    def set_sp(self, sp, **fields):
         """Set header fields of `sp`, checked against the kernel's widths.
 
         Values that do not fit raise (OverflowError / ValueError / TypeError)
         before anything is written.  ``spt``, ``shadowed_translation`` and the
         RCU fields belong to the arena and cannot be set.
         """
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
         self._writer("set_sp")
-        self._check_sp(sp, True)
+        self._check_sp(c_sp, True)
         names = {f[0]: f for f in KVM_MMU_PAGE_FIELDS}
         staged = []
         for name, value in fields.items():
@@ -754,7 +785,7 @@ cdef class PtArena:
                 raise AttributeError(f"struct kvm_mmu_page has no field {name!r}")
             if name in _ARENA_OWNED:
                 raise ValueError(f"{name} is owned by the arena")
-            if name == "clear_spte_count" and pt_slot(&self.a, sp - 1).sp_state == PT_SP_RCU_PENDING:
+            if name == "clear_spte_count" and pt_slot(&self.a, c_sp - 1).sp_state == PT_SP_RCU_PENDING:
                 raise ValueError("clear_spte_count shares the rcu_head of an RCU-pending sp")
             if name == "unsync_child_bitmap":
                 if not isinstance(value, int) or not 0 <= value < (1 << 512):
@@ -773,14 +804,14 @@ cdef class PtArena:
                     raise OverflowError(f"{name}={value} does not fit {names[name][2]} "
                                         f"({np.dtype(names[name][1]).itemsize * 8}-bit)")
             staged.append((name, value))
-        v = self._hdr_view(sp)
+        v = self._hdr_view(c_sp)
         for name, value in staged:
             v[name] = value
 
     # -- allocation and freeing ----------------------------------------------------
 
     def alloc_sp(self, MmuMemoryCache page_cache not None, MmuMemoryCache header_cache not None,
-                 MmuMemoryCache info_cache=None, *, uint32_t role=0, uint64_t gfn=0,
+                 MmuMemoryCache info_cache=None, *, role=0, gfn=0,
                  bint tdp_mmu_page=False):
         """Take a header and a table (and, for indirect pages, a
         shadowed_translation page) from the caches: the allocation half of
@@ -788,6 +819,8 @@ cdef class PtArena:
 
         Raises KvmNoMemoryError, taking nothing, if a cache is empty.
         """
+        cdef uint32_t c_role = u32_arg(role, "role")
+        cdef uint64_t c_gfn = u64_arg(gfn, "gfn")
         cdef uint64_t sp
         cdef int rc
         self._writer("alloc_sp")
@@ -809,19 +842,20 @@ cdef class PtArena:
                      if c is not None and (<MmuMemoryCache>c).mc.nobjs == 0]
             raise KvmNoMemoryError(f"{', '.join(empty)} empty: top up before allocating")
         cdef kvm_mmu_page *h = pt_sp_ptr(&self.a, sp)
-        h.role = role
-        h.gfn = gfn
+        h.role = c_role
+        h.gfn = c_gfn
         h.tdp_mmu_page = tdp_mmu_page
         return sp
 
-    def kvm_mmu_free_shadow_page(self, uint64_t sp):
+    def kvm_mmu_free_shadow_page(self, sp):
         """Poison and free `sp` now.  Safe only when no lockless walker can
         reach it: after kvm_flush_remote_tlbs(), after a grace period, or at
         teardown.  Normal paths use :meth:`kvm_mmu_commit_zap_page` or
         :meth:`call_rcu_free_sp`."""
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
         self._writer("kvm_mmu_free_shadow_page")
-        self._check_sp(sp, False)
-        pt_free_sp(&self.a, sp)
+        self._check_sp(c_sp, False)
+        pt_free_sp(&self.a, c_sp)
         self._warn_since(NULL)
 
     def kvm_mmu_commit_zap_page(self, sps, *, timeout=None):
@@ -928,22 +962,23 @@ cdef class PtArena:
         """Writers are serialized by the caller (mmu_lock); a writer entry point
         called while another thread's writer waits without the GIL raises."""
         if self._busy is not None:
-            raise RuntimeError(f"{what}: the arena is in use by another thread "
+            raise ConcurrentUseError(f"{what}: the arena is in use by another thread "
                                f"({self._busy} is waiting); writers need mmu_lock")
         if self.a.chunk_base == NULL:
-            raise RuntimeError(f"{what}: PtArena.__init__ has not run")
+            raise ObjectInitError(f"{what}: PtArena.__init__ has not run")
         return 0
 
-    def call_rcu_free_sp(self, uint64_t sp):
+    def call_rcu_free_sp(self, sp):
         """TDP MMU: free `sp` after a grace period (``call_rcu(&sp->rcu_head,
         tdp_mmu_free_sp_rcu_callback)``).  The page stays intact until then.
         64-bit hosts only: the kernel has no rcu_head under CONFIG_X86_32 (its
         bytes hold clear_spte_count there)."""
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
         self._writer("call_rcu_free_sp")
         if not self.a.host_64bit:
             raise ValueError("call_rcu_free_sp: a 32-bit host has no rcu_head (TDP MMU is 64-bit only)")
-        self._check_sp(sp, False)
-        call_rcu_free_sp(&self.a, sp)
+        self._check_sp(c_sp, False)
+        call_rcu_free_sp(&self.a, c_sp)
 
     def rcu_poll(self):
         """Advance the model's RCU without blocking; returns the sps freed."""
@@ -977,8 +1012,8 @@ cdef class PtArena:
         me = threading.get_ident()
         for v, owner in enumerate(self._walk_owner):
             if owner == me and (rcu == bool(self.a.vcpus[v].tdp_mmu_active)):
-                raise RuntimeError(f"{what} would wait forever: this thread is inside a "
-                                   f"lockless walk of vCPU {v}")
+                raise LocklessWalkError(f"{what} would wait forever: this thread is inside a "
+                                        f"lockless walk of vCPU {v}")
 
     # -- lockless walks --------------------------------------------------------------
 
@@ -987,137 +1022,159 @@ cdef class PtArena:
             raise ValueError(f"vcpu {vcpu} is outside 0..{self.a.nr_vcpus - 1}")
         return vcpu
 
-    def set_tdp_mmu_active(self, int vcpu, bint active):
+    def set_tdp_mmu_active(self, vcpu, bint active):
         """Set ``is_tdp_mmu_active(vcpu)`` (tdp_mmu_enabled and a direct root):
         it picks RCU instead of vcpu->mode for the vCPU's lockless walks.  The
         TDP MMU exists only on 64-bit hosts."""
-        self._vcpu(vcpu)
+        cdef int c_vcpu = s32_arg(vcpu, "vcpu")
+        self._vcpu(c_vcpu)
         if active and not self.a.host_64bit:
             raise ValueError("the TDP MMU requires a 64-bit host")
-        if self._walk_owner[vcpu] is not None:
-            raise RuntimeError(f"vCPU {vcpu} is inside a lockless walk")
-        self.a.vcpus[vcpu].tdp_mmu_active = active
+        if self._walk_owner[c_vcpu] is not None:
+            raise LocklessWalkError(f"vCPU {vcpu} is inside a lockless walk")
+        self.a.vcpus[c_vcpu].tdp_mmu_active = active
 
-    def is_tdp_mmu_active(self, int vcpu):
-        return bool(self.a.vcpus[self._vcpu(vcpu)].tdp_mmu_active)
+    def is_tdp_mmu_active(self, vcpu):
+        cdef int c_vcpu = s32_arg(vcpu, "vcpu")
+        return bool(self.a.vcpus[self._vcpu(c_vcpu)].tdp_mmu_active)
 
-    def vcpu_mode(self, int vcpu):
+    def vcpu_mode(self, vcpu):
         """``vcpu->mode`` (OUTSIDE_GUEST_MODE ... READING_SHADOW_PAGE_TABLES)."""
-        return int(pt_read_once64(&self.a.vcpus[self._vcpu(vcpu)].mode) & 3)
+        cdef int c_vcpu = s32_arg(vcpu, "vcpu")
+        return int(pt_read_once64(&self.a.vcpus[self._vcpu(c_vcpu)].mode) & 3)
 
-    def set_vcpu_mode(self, int vcpu, int mode):
+    def set_vcpu_mode(self, vcpu, mode):
         """Model vcpu_enter_guest / guest exits: OUTSIDE, IN or EXITING_GUEST_MODE
         (READING_SHADOW_PAGE_TABLES is entered only by a lockless walk)."""
-        cdef kvm_vcpu_lockless *v = &self.a.vcpus[self._vcpu(vcpu)]
-        if mode not in (OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE):
+        cdef int c_vcpu = s32_arg(vcpu, "vcpu")
+        cdef int c_mode = s32_arg(mode, "mode")
+        cdef kvm_vcpu_lockless *v = &self.a.vcpus[self._vcpu(c_vcpu)]
+        if c_mode not in (OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE):
             raise ValueError(f"mode {mode} cannot be set directly")
-        if self._walk_owner[vcpu] is not None:
-            raise RuntimeError(f"vCPU {vcpu} is inside a lockless walk")
-        pt_store_mb64(&v.mode, (pt_read_once64(&v.mode) & ~(<uint64_t>3)) | <uint64_t>mode)
+        if self._walk_owner[c_vcpu] is not None:
+            raise LocklessWalkError(f"vCPU {vcpu} is inside a lockless walk")
+        pt_store_mb64(&v.mode, (pt_read_once64(&v.mode) & ~(<uint64_t>3)) | <uint64_t>c_mode)
 
-    def walk_shadow_page_lockless_begin(self, int vcpu):
+    def walk_shadow_page_lockless_begin(self, vcpu):
         """Start a lockless walk on `vcpu` (RCU read lock if the vCPU's MMU is
         the TDP MMU, else IRQs off + READING_SHADOW_PAGE_TABLES)."""
-        self._vcpu(vcpu)
-        if self._walk_owner[vcpu] is not None:
-            raise RuntimeError(f"vCPU {vcpu} is already inside a lockless walk")
-        if not self.a.vcpus[vcpu].tdp_mmu_active and (self.a.vcpus[vcpu].mode & 3) != OUTSIDE_GUEST_MODE:
-            raise RuntimeError(f"vCPU {vcpu} is not OUTSIDE_GUEST_MODE")
+        cdef int c_vcpu = s32_arg(vcpu, "vcpu")
+        self._vcpu(c_vcpu)
+        if self._walk_owner[c_vcpu] is not None:
+            raise LocklessWalkError(f"vCPU {vcpu} is already inside a lockless walk")
+        if not self.a.vcpus[c_vcpu].tdp_mmu_active and (self.a.vcpus[c_vcpu].mode & 3) != OUTSIDE_GUEST_MODE:
+            raise LocklessWalkError(f"vCPU {vcpu} is not OUTSIDE_GUEST_MODE")
         token = getattr(self._tls, "token", None)
         if token is None:
             token = self._tls.token = _WalkerToken()
-        self._walk_owner[vcpu] = threading.get_ident()
-        self._walk_token[vcpu] = weakref.ref(token)
-        walk_shadow_page_lockless_begin(&self.a, vcpu)
+        self._walk_owner[c_vcpu] = threading.get_ident()
+        self._walk_token[c_vcpu] = weakref.ref(token)
+        walk_shadow_page_lockless_begin(&self.a, c_vcpu)
 
-    def walk_shadow_page_lockless_end(self, int vcpu):
-        self._vcpu(vcpu)
-        if self._walk_owner[vcpu] is None:
-            raise RuntimeError(f"vCPU {vcpu} is not inside a lockless walk")
-        walk_shadow_page_lockless_end(&self.a, vcpu)
-        self._walk_owner[vcpu] = None
-        self._walk_token[vcpu] = None
+    def walk_shadow_page_lockless_end(self, vcpu):
+        cdef int c_vcpu = s32_arg(vcpu, "vcpu")
+        self._vcpu(c_vcpu)
+        if self._walk_owner[c_vcpu] is None:
+            raise LocklessWalkError(f"vCPU {vcpu} is not inside a lockless walk")
+        walk_shadow_page_lockless_end(&self.a, c_vcpu)
+        self._walk_owner[c_vcpu] = None
+        self._walk_token[c_vcpu] = None
 
-    def kvm_tdp_mmu_walk_lockless_begin(self, int vcpu):
+    def kvm_tdp_mmu_walk_lockless_begin(self, vcpu):
         """rcu_read_lock() on behalf of `vcpu` (the vCPU must be TDP MMU active)."""
-        if not self.is_tdp_mmu_active(vcpu):
-            raise RuntimeError(f"vCPU {vcpu} is not using the TDP MMU")
-        self.walk_shadow_page_lockless_begin(vcpu)
+        cdef int c_vcpu = s32_arg(vcpu, "vcpu")
+        if not self.is_tdp_mmu_active(c_vcpu):
+            raise LocklessWalkError(f"vCPU {vcpu} is not using the TDP MMU")
+        self.walk_shadow_page_lockless_begin(c_vcpu)
 
-    def kvm_tdp_mmu_walk_lockless_end(self, int vcpu):
-        if not self.is_tdp_mmu_active(vcpu):
-            raise RuntimeError(f"vCPU {vcpu} is not using the TDP MMU")
-        self.walk_shadow_page_lockless_end(vcpu)
+    def kvm_tdp_mmu_walk_lockless_end(self, vcpu):
+        cdef int c_vcpu = s32_arg(vcpu, "vcpu")
+        if not self.is_tdp_mmu_active(c_vcpu):
+            raise LocklessWalkError(f"vCPU {vcpu} is not using the TDP MMU")
+        self.walk_shadow_page_lockless_end(c_vcpu)
 
-    def lockless_walk(self, int vcpu):
+    def lockless_walk(self, vcpu):
         """``with arena.lockless_walk(vcpu): ...`` brackets a walk with
         walk_shadow_page_lockless_begin/end."""
-        self._vcpu(vcpu)
-        return _LocklessWalk(self, vcpu)
+        cdef int c_vcpu = s32_arg(vcpu, "vcpu")
+        self._vcpu(c_vcpu)
+        return _LocklessWalk(self, c_vcpu)
 
     # -- SPTE helpers ------------------------------------------------------------
 
-    def mmu_spte_set(self, uint64_t sptep, uint64_t new_spte):
+    def mmu_spte_set(self, sptep, new_spte):
         """Non-present -> present (or MMIO).  KvmMmuWarning if it was present."""
+        cdef uint64_t c_sptep = u64_arg(sptep, "sptep")
+        cdef uint64_t c_new_spte = u64_arg(new_spte, "new_spte")
         self._writer("mmu_spte_set")
-        self._check_sptep(sptep)
+        self._check_sptep(c_sptep)
         cdef uint32_t before[PT_NR_WARN]
         memcpy(before, self.a.warn, sizeof(before))
-        mmu_spte_set(&self.a, sptep, new_spte)
+        mmu_spte_set(&self.a, c_sptep, c_new_spte)
         self._warn_since(before)
 
-    def mmu_spte_update(self, uint64_t sptep, uint64_t new_spte, host_ad=None):
+    def mmu_spte_update(self, sptep, new_spte, host_ad=None):
         """Update a present SPTE's state bits; returns True if remote TLBs must
         be flushed.  See pt_arena.pxd for the rules of each era; v6.12 passes
         lost A/D to ``host_ad(pfn, accessed, dirty)`` (default: the arena's)."""
+        cdef uint64_t c_sptep = u64_arg(sptep, "sptep")
+        cdef uint64_t c_new_spte = u64_arg(new_spte, "new_spte")
         self._writer("mmu_spte_update")
-        self._check_sptep(sptep)
+        self._check_sptep(c_sptep)
         cdef uint32_t before[PT_NR_WARN]
         cdef pt_ad_out ad
         memcpy(before, self.a.warn, sizeof(before))
-        flush = mmu_spte_update(&self.a, sptep, new_spte, &ad)
+        flush = mmu_spte_update(&self.a, c_sptep, c_new_spte, &ad)
         self._report_ad(&ad, host_ad)
         self._warn_since(before)
         return flush
 
-    def mmu_spte_clear_track_bits(self, uint64_t sptep, host_ad=None):
+    def mmu_spte_clear_track_bits(self, sptep, host_ad=None):
         """Zap a leaf SPTE; returns the old SPTE.  Drops the page count of the
         table's level if it was present; v6.12 passes its A/D state to
         ``host_ad(pfn, accessed, dirty)``."""
+        cdef uint64_t c_sptep = u64_arg(sptep, "sptep")
         self._writer("mmu_spte_clear_track_bits")
-        self._check_sptep(sptep)
+        self._check_sptep(c_sptep)
         cdef uint32_t before[PT_NR_WARN]
         cdef pt_ad_out ad
         memcpy(before, self.a.warn, sizeof(before))
-        old = mmu_spte_clear_track_bits(&self.a, sptep, &ad)
+        old = mmu_spte_clear_track_bits(&self.a, c_sptep, &ad)
         self._report_ad(&ad, host_ad)
         self._warn_since(before)
         return old
 
-    def mmu_spte_clear_no_track(self, uint64_t sptep):
+    def mmu_spte_clear_no_track(self, sptep):
         """Clear an upper-level or MMIO SPTE."""
+        cdef uint64_t c_sptep = u64_arg(sptep, "sptep")
         self._writer("mmu_spte_clear_no_track")
-        self._check_sptep(sptep)
-        mmu_spte_clear_no_track(&self.a, sptep)
+        self._check_sptep(c_sptep)
+        mmu_spte_clear_no_track(&self.a, c_sptep)
 
-    def mmu_spte_get_lockless(self, uint64_t sptep):
+    def mmu_spte_get_lockless(self, sptep):
         """One lockless SPTE read (32-bit: the clear_spte_count retry loop)."""
-        self._check_sptep(sptep)
-        return mmu_spte_get_lockless(&self.a, sptep)
+        cdef uint64_t c_sptep = u64_arg(sptep, "sptep")
+        self._check_sptep(c_sptep)
+        return mmu_spte_get_lockless(&self.a, c_sptep)
 
-    def try_cmpxchg64(self, uint64_t sptep, uint64_t old_spte, uint64_t new_spte):
+    def try_cmpxchg64(self, sptep, old_spte, new_spte):
         """64-bit compare-and-exchange (fast page fault, lockless aging; atomic
         on 32-bit hosts too).  Returns ``(success, current value)``."""
-        self._check_sptep(sptep)
-        cdef uint64_t old = old_spte
-        ok = pt_try_cmpxchg64(pt_sptep_ptr(&self.a, sptep), &old, new_spte)
-        return bool(ok), (new_spte if ok else old)
+        cdef uint64_t c_sptep = u64_arg(sptep, "sptep")
+        cdef uint64_t c_old_spte = u64_arg(old_spte, "old_spte")
+        cdef uint64_t c_new_spte = u64_arg(new_spte, "new_spte")
+        self._check_sptep(c_sptep)
+        cdef uint64_t old = c_old_spte
+        ok = pt_try_cmpxchg64(pt_sptep_ptr(&self.a, c_sptep), &old, c_new_spte)
+        return bool(ok), (c_new_spte if ok else old)
 
-    def kvm_update_page_stats(self, int level, int64_t count):
+    def kvm_update_page_stats(self, level, count):
         """``kvm->stat.pages[level - 1] += count`` (leaf levels 1..3)."""
-        if not 1 <= level <= KVM_NR_PAGE_SIZES:
+        cdef int c_level = s32_arg(level, "level")
+        cdef int64_t c_count = s64_arg(count, "count")
+        if not 1 <= c_level <= KVM_NR_PAGE_SIZES:
             raise ValueError(f"level {level} is outside 1..{KVM_NR_PAGE_SIZES}")
-        kvm_update_page_stats(&self.a, level, count)
+        kvm_update_page_stats(&self.a, c_level, c_count)
 
     @property
     def page_stats(self):
@@ -1156,7 +1213,7 @@ cdef class PtArena:
         cdef Py_ssize_t n = spteps.shape[0], i, bad = -1, poisoned = -1
         out = _out_array("out", out, n, np.uint64, inputs=(spteps,))
         if self.a.chunk_base == NULL:
-            raise RuntimeError("get_sptes_lockless: PtArena.__init__ has not run")
+            raise ObjectInitError("get_sptes_lockless: PtArena.__init__ has not run")
         if n == 0:
             return out
         cdef const uint64_t[::1] s = spteps
@@ -1216,7 +1273,7 @@ cdef class PtArena:
     def _log_guard(self, what):
         self._writer(what)
         if self._readers:
-            raise RuntimeError(f"{what}: a batch read of another thread is using the log")
+            raise ConcurrentUseError(f"{what}: a batch read of another thread is using the log")
 
     def stop_access_log(self):
         """Stop recording; returns ``[(event, value), ...]`` where event is one
@@ -1279,7 +1336,7 @@ cdef class PtArena:
         recounted states as a dict.  The auditor lives in pt_audit.pyx.
         """
         if self.a.chunk_base == NULL:
-            raise RuntimeError("audit: PtArena.__init__ has not run")
+            raise ObjectInitError("audit: PtArena.__init__ has not run")
         return audit_arena(&self.a, len(self._chunks), contents)
 
 
@@ -1306,11 +1363,12 @@ cdef class MmuMemoryCache:
     """
 
     def __init__(self, PtArena arena not None, kind="shadow_page", *,
-                 int capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE):
+                 capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE):
+        capacity = _int_arg("capacity", capacity, -0x80000000, 0x7FFFFFFF)
         if self.arena is not None:
-            raise RuntimeError("MmuMemoryCache.__init__ called twice")
+            raise ObjectInitError("MmuMemoryCache.__init__ called twice")
         if arena.a.chunk_base == NULL:
-            raise ValueError("arena: PtArena.__init__ has not run")
+            raise ObjectInitError("arena: PtArena.__init__ has not run")
         if not 1 <= capacity <= KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE:
             raise ValueError(f"capacity={capacity} is outside 1..{KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE}")
         self.kind = _cache_kind(kind)
@@ -1327,9 +1385,9 @@ cdef class MmuMemoryCache:
 
     cdef int _ready(self, str what) except -1:
         if self.arena is None:
-            raise RuntimeError(f"MmuMemoryCache.{what}: __init__ has not run")
+            raise ObjectInitError(f"MmuMemoryCache.{what}: __init__ has not run")
         if self.arena._chunks is None:
-            raise RuntimeError(f"MmuMemoryCache.{what}: the arena has been torn down")
+            raise ObjectInitError(f"MmuMemoryCache.{what}: the arena has been torn down")
         self.arena._writer(f"MmuMemoryCache.{what}")
         return 0
 

@@ -51,6 +51,7 @@ Errors: :class:`KvmNoMemoryError` (-ENOMEM), :class:`RmapDataCorruptionError`
 Validation errors leave every rmap unchanged.
 """
 
+from kvmmmu._core.argcheck cimport s32_arg, s64_arg, u64_arg
 cimport cython
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, realloc
@@ -522,12 +523,13 @@ cdef class PteListDescPool:
     ``nr_active <= capacity`` when a capacity is set.
     """
 
-    def __cinit__(self, capacity=None, Py_ssize_t descs_per_chunk=PTE_LIST_DESC_CHUNK):
+    def __cinit__(self, capacity=None, descs_per_chunk=PTE_LIST_DESC_CHUNK):
+        cdef Py_ssize_t c_descs_per_chunk = s64_arg(descs_per_chunk, "descs_per_chunk")
         memset(&self.c, 0, sizeof(self.c))
         self.c.fail_after = -1
-        if descs_per_chunk < 1 or descs_per_chunk > (1 << 24):
+        if c_descs_per_chunk < 1 or c_descs_per_chunk > (1 << 24):
             raise ValueError(f"descs_per_chunk={descs_per_chunk} is outside 1..2**24")
-        self.c.descs_per_chunk = <size_t>descs_per_chunk
+        self.c.descs_per_chunk = <size_t>c_descs_per_chunk
         self.capacity = capacity
 
     def __dealloc__(self):
@@ -669,25 +671,27 @@ cdef class PteListDescCache:
         KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE = 40).
     """
 
-    def __cinit__(self, PteListDescPool pool not None, int capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE):
-        if capacity < 1 or capacity > KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE:
+    def __cinit__(self, PteListDescPool pool not None, capacity=KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE):
+        cdef int c_capacity = s32_arg(capacity, "capacity")
+        if c_capacity < 1 or c_capacity > KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE:
             raise ValueError(f"capacity={capacity} is outside 1..{KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE}")
         self.pool = pool
-        kvm_mmu_memory_cache_init(&self.mc, capacity)
+        kvm_mmu_memory_cache_init(&self.mc, c_capacity)
 
     def __dealloc__(self):
         if self.pool is not None:
             kvm_mmu_free_memory_cache(&self.mc, pte_list_desc_pool_free, &self.pool.c)
 
-    def topup(self, int min_objs=PTE_LIST_DESC_CACHE_MIN):
+    def topup(self, min_objs=PTE_LIST_DESC_CACHE_MIN):
         """kvm_mmu_topup_memory_cache: if fewer than ``min_objs`` are cached,
         fill to capacity.  Raises KvmNoMemoryError when the pool cannot supply
         ``min_objs`` (what was obtained stays cached, as in the kernel)."""
+        cdef int c_min_objs = s32_arg(min_objs, "min_objs")
         cdef int r
-        if min_objs < 0 or min_objs > self.mc.capacity:
+        if c_min_objs < 0 or c_min_objs > self.mc.capacity:
             raise ValueError(f"min_objs={min_objs} is outside 0..{self.mc.capacity}")
         with nogil:
-            r = kvm_mmu_topup_memory_cache(&self.mc, min_objs, pte_list_desc_pool_alloc, &self.pool.c)
+            r = kvm_mmu_topup_memory_cache(&self.mc, c_min_objs, pte_list_desc_pool_alloc, &self.pool.c)
         if r != 0:
             raise KvmNoMemoryError(f"pte_list_desc pool exhausted: cache holds {self.mc.nobjs}, "
                                    f"needed {min_objs} (pool capacity {self.pool.capacity})")
@@ -941,7 +945,7 @@ cdef class RmapHead:
             i += 1
             s = rmap_get_next(&it)
         if i != n:
-            raise RuntimeError("rmap changed during to_array(); take kvm_rmap_lock_readonly()")
+            raise RmapLockError("rmap changed during to_array(); take kvm_rmap_lock_readonly()")
         return out
 
     def __eq__(self, other):
@@ -1095,7 +1099,7 @@ def rmap_iter(RmapHead head not None):
         yield s
         if head.pool.c.gen != gen0 or kvm_rmap_get(head.head) != v0 or (
                 v0 & KVM_RMAP_MANY and rmap_val_desc(v0).spte_count != c0):
-            raise RuntimeError("rmap changed during iteration")
+            raise RmapLockError("rmap changed during iteration")
         s = rmap_get_next(&it)
 
 
@@ -1894,18 +1898,20 @@ cdef class _LockStress:
     cdef uint64_t base
     cdef int n_entries
 
-    def __cinit__(self, PteListDescPool pool not None, int n_entries=40, uint64_t base=0x1000):
-        if n_entries < 2 or n_entries > 64:
+    def __cinit__(self, PteListDescPool pool not None, n_entries=40, base=0x1000):
+        cdef int c_n_entries = s32_arg(n_entries, "n_entries")
+        cdef uint64_t c_base = u64_arg(base, "base")
+        if c_n_entries < 2 or c_n_entries > 64:
             raise ValueError("n_entries must be 2..64")
         memset(&self.s, 0, sizeof(self.s))
         self.pool = pool
         self.head = ParentPtes(pool)
-        self.base = base
-        self.n_entries = n_entries
+        self.base = c_base
+        self.n_entries = c_n_entries
         cache = PteListDescCache(pool)
         cache.topup(PTE_LIST_DESC_CACHE_MIN)
-        for i in range(n_entries):
-            _py_pte_list_add(cache, base + 8 * i, self.head)
+        for i in range(c_n_entries):
+            _py_pte_list_add(cache, c_base + 8 * i, self.head)
 
     def run_writer(self, PteListDescCache cache not None, long iters, int k=5,
                    long wait_spins=1000000, bint naive_reader=False, uint64_t seed=12345):

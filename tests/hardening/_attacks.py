@@ -5,11 +5,11 @@ _surface.batch_source): no signal, no hang, and only kvmmmu's own exceptions
 or the allowed built-in families.  The attacks:
 
 * ``half_built``  every method of ``Cls.__new__(Cls)`` (no ``__init__``), with
-  no argument and with 0;
+  no argument and with 0, for compiled classes (S.is_extension_type);
 * ``wrong_types`` every public callable given None, a float, NaN, a negative,
   a huge int, a string, a read-only array — alone and as a pair;
-* ``reinit``      ``__init__`` called again on a built object with bad
-  arguments, then the object's ``audit()`` (if it has one) must still pass;
+* ``reinit``      ``__init__`` called again on a built object of a compiled
+  class with bad arguments, then the object's ``audit()`` (if it has one) must still pass;
 * ``threads``     four threads calling every no-argument method of the
   built objects at once (a concurrent-use error is allowed, a crash is not);
 * ``cycles``      built objects put into reference cycles (through
@@ -26,10 +26,16 @@ from _probe import run_probe
 BAD = ["None", "1.5", "float('nan')", "-1", "2**200", "'x'", "_ro(np.arange(4, dtype=np.uint64))"]
 
 
-def _instances(modname):
-    """Names of the built objects (o_<Class>) the module's setup makes."""
+def _instances(modname, extension_only=False):
+    """Names of the built objects (o_<Class>) the module's setup makes
+    (only those of compiled classes, if asked: see S.is_extension_type)."""
+    import importlib
     import re
-    return sorted(set(re.findall(r"\bo_([A-Za-z]+)\s*=", S.MODULES[modname][1])))
+    names = sorted(set(re.findall(r"\bo_([A-Za-z]+)\s*=", S.MODULES[modname][1])))
+    if extension_only:
+        mod = importlib.import_module(modname)
+        names = [n for n in names if S.is_extension_type(getattr(mod, n, object))]
+    return names
 
 
 def generic(modname):
@@ -40,7 +46,7 @@ def generic(modname):
         "half_built": [f"{t}()" for t in half] + [f"{t}(0)" for t in half],
         "wrong_types": [f"{t}({b})" for t in tg for b in BAD]
                        + [f"{t}({b}, {b})" for t in tg for b in BAD[:4]],
-        "reinit": [c for o in objs for c in (f"_obj({o!r}).__init__(None)",
+        "reinit": [c for o in _instances(modname, True) for c in (f"_obj({o!r}).__init__(None)",
                                              f"_obj({o!r}).__init__(-1, 2**200)",
                                              f"getattr(_obj({o!r}), 'audit', lambda: None)()")],
         "threads": [f"_threads(_obj({o!r}))" for o in objs],

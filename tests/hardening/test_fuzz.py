@@ -21,21 +21,9 @@ import _surface as S
 EXAMPLES = 3          # batches per module
 CALLS = (25, 40)      # calls per batch
 
-# Modules whose fuzzing fails on today's main: owner and finding.
-XFAIL = {
-    "kvmmmu.paging": "owner walk: half-built GuestMmu (__new__ without __init__) raises "
-                     "AttributeError ('_gva_limit') from walk_addr/gva_to_gpa",
-    "kvmmmu.mmutrace": "owner walk: split_trace_line(-1) and Event.check(array) raise "
-                       "AttributeError; half-built Event.emit_array AttributeError",
-    "kvmmmu.host": "owner host: half-built HostMm (vmas_in, migrate_pages, ...) raises AttributeError",
-    "kvmmmu.stats": "owner host: half-built KvmStats.peak recurses (RecursionError)",
-    "kvmmmu.memslots": "owner vm: KvmMemslots.search_memslots/id_to_memslot/slots_in_hva_range/"
-                       "gfn_to_memslot_array raise AttributeError on bad arguments",
-    "kvmmmu.memattrs": "owner vm: kvm_vm_set_mem_attributes(non-VM) and half-built "
-                       "MemoryAttributes raise AttributeError",
-    "kvmmmu.notifiers": "owner vm: half-built MmuInvalidateState raises AttributeError",
-    "kvmmmu.vm": "owner vm: half-built VM methods raise AttributeError",
-}
+# Modules whose fuzzing fails on today's main: {module: "owner <who>: <finding>"}
+# (strict xfails; none today).
+XFAIL = {}
 
 
 def _call_line(target, args, out):

@@ -1,11 +1,4 @@
 """Probe campaign for kvmmmu.memattrs (see _attacks.py)."""
 from _attacks import make_test
 
-XFAIL = {
-    'half_built': "owner vm: half-built MemoryAttributes.audit raises AttributeError ('starts')",
-    'wrong_types': "owner vm: half-built MemoryAttributes.get(None) raises AttributeError",
-    'reinit': "owner vm: MmuInvalidateState.__init__(None) raises AttributeError ('warn_sink')",
-    'threads': "owner vm: MmuInvalidateState.kvm_mmu_invalidate_begin without mmu_lock raises a bare RuntimeError",
-}
-
-test_probe = make_test("kvmmmu.memattrs", xfail=XFAIL)
+test_probe = make_test("kvmmmu.memattrs")
