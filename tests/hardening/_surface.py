@@ -50,6 +50,17 @@ _hc = MmuMemoryCache(_a, "page_header"); _hc.topup(2)
 _root = _a.alloc_sp(_pc, _hc, role=0x3784, gfn=0, tdp_mmu_page=True)
 o_TdpIter = TdpIter(_a, _root, 0, 1 << 20)
 """),
+    "kvmmmu._core.tdp_mmu": ("tdp", """
+from kvmmmu._core.pt_arena import PtArena, MmuMemoryCache
+from kvmmmu._core.spte import SpteFormat
+_a = PtArena(SpteFormat.ept(), nr_vcpus=1)
+_pc = MmuMemoryCache(_a, "shadow_page"); _pc.topup(2)
+_hc = MmuMemoryCache(_a, "page_header"); _hc.topup(2)
+_root = _a.alloc_sp(_pc, _hc, role=0x3784, gfn=0, tdp_mmu_page=True)
+o_TdpMmuCore = TdpMmuCore(_a)
+o_TdpMmuCore.map(_root, np.arange(64, dtype=np.uint64), np.arange(64, dtype=np.uint64) + 4096,
+                 1, _pc, _hc)
+"""),
     "kvmmmu._core.guest_walk": ("walk", """
 import numpy as np
 o_GuestMemory = GuestMemory(np.zeros(0x4000, np.uint8))

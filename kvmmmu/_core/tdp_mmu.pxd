@@ -1,0 +1,60 @@
+# The C half of the TDP MMU (arch/x86/kvm/mmu/tdp_mmu.c): the SPTE setters and
+# the change handler every path goes through, the fault-time map, leaf and
+# root zaps, over a page-table arena and struct tdp_iter (tdp_iter.pxd).
+# Bodies in tdp_mmu.pyx.
+from libc.stdint cimport uint64_t, int64_t
+
+from kvmmmu._core.types cimport sptep_t
+from kvmmmu._core.pt_arena_defs cimport pt_arena_t
+from kvmmmu._core.memcache cimport kvm_mmu_memory_cache
+from kvmmmu._core.spte cimport spte_fmt_t
+from kvmmmu._core.tdp_iter cimport tdp_iter
+
+cdef enum:
+    # WARN_ON_ONCE / KVM_BUG_ON sites of tdp_mmu.c, counted per site.
+    TDP_WARN_BAD_LEVEL_OR_GFN = 0   # handle_changed_spte: level outside 1..5 or gfn unaligned
+    TDP_BUG_PFN_CHANGED = 1         # handle_changed_spte: a present leaf changed pfn (BUG())
+    TDP_WARN_NONPRESENT_CHANGE = 2  # non-present -> non-present that is neither MMIO nor FROZEN
+    TDP_WARN_SET_YIELDED = 3        # an atomic set on a yielded iterator or a FROZEN old value
+    TDP_WARN_SET_FROZEN = 4         # a non-atomic set from or to FROZEN
+    TDP_WARN_CHILD_NOT_TABLE = 5    # a non-leaf SPTE whose target is not a table of the arena
+    TDP_WARN_MAP_LEVEL = 6          # map: target entry not at goal_level / walk ended early
+    TDP_WARN_SPURIOUS_PFN = 7       # spurious fault on a leaf with another pfn
+    TDP_NR_WARN = 8
+
+
+# struct kvm's TDP MMU part, for one arena.
+ctypedef struct tdp_mmu_t:
+    pt_arena_t *a
+    const spte_fmt_t *f
+    int64_t tdp_mmu_pages           # kvm->arch.tdp_mmu_pages: linked non-root tables
+    uint64_t nr_flushes             # TLB flushes asked for by the map path (gfn-ranged)
+    uint64_t warn[TDP_NR_WARN]
+
+
+# The part of struct kvm_page_fault the map path reads.
+ctypedef struct tdp_fault:
+    uint64_t gfn
+    uint64_t pfn                    # aligned to goal_level by the caller
+    int goal_level
+    int req_level
+    bint write
+    bint exec
+    bint prefetch
+    bint map_writable
+    bint huge_page_disallowed
+    bint nx_huge_pages              # is_nx_huge_page_enabled(kvm)
+
+
+cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t old_spte,
+                              uint64_t new_spte, int level, bint shared) noexcept nogil
+cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nogil
+cdef int tdp_mmu_set_spte_atomic(tdp_mmu_t *m, tdp_iter *it, uint64_t new_spte) noexcept nogil
+cdef uint64_t tdp_mmu_set_spte(tdp_mmu_t *m, int as_id, sptep_t sptep, uint64_t old_spte,
+                               uint64_t new_spte, uint64_t gfn, int level) noexcept nogil
+cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
+                         kvm_mmu_memory_cache *page_cache,
+                         kvm_mmu_memory_cache *header_cache) noexcept nogil
+cdef bint tdp_mmu_zap_leafs(tdp_mmu_t *m, uint64_t root, uint64_t start, uint64_t end,
+                            bint flush) noexcept nogil
+cdef void tdp_mmu_zap_root(tdp_mmu_t *m, uint64_t root) noexcept nogil

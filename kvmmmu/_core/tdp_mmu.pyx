@@ -1,0 +1,524 @@
+"""The C half of the TDP MMU (arch/x86/kvm/mmu/tdp_mmu.c), over one arena.
+
+Every SPTE change goes through one of two setters and then through
+``handle_changed_spte``, as in the kernel:
+
+* ``tdp_mmu_set_spte_atomic`` (mmu_lock held for read): ``try_cmpxchg64``
+  against the iterator's ``old_spte``; a lost race returns -EBUSY and
+  refreshes ``old_spte`` with the current value;
+* ``tdp_mmu_set_spte`` (mmu_lock held for write): a plain store, or ``xchg``
+  when the old SPTE is a present leaf whose A/D or W bits others may set;
+* ``handle_changed_spte``: the page statistics (``pages_4k/2m/1g`` move only
+  when an entry stops or starts being a leaf), and, when a present non-leaf
+  goes away, ``handle_removed_pt`` on the table it pointed to: every entry
+  of that table is frozen (``FROZEN_SPTE``; under the read lock by ``xchg``,
+  waiting out another thread's freeze), handled recursively, and the table
+  is freed after an RCU grace period.  A present leaf never changes pfn
+  (the kernel BUG()s; the model counts ``TDP_BUG_PFN_CHANGED``).
+
+``kvm_tdp_mmu_map`` is the fault path's walk: down to ``goal_level``,
+linking a new table where an entry is empty and splitting a huge leaf in
+place where the goal is lower (``tdp_mmu_split_huge_page``); at the goal,
+the leaf from ``make_spte``, or RET_PF_SPURIOUS when the existing leaf
+already allows the access.  ``tdp_mmu_zap_leafs`` and ``tdp_mmu_zap_root``
+are the write-locked zaps.
+
+Not modelled yet in this module: the NX huge page list and
+``disallowed_hugepage_adjust``, MMIO SPTEs (no memslot), mirror roots, and
+concurrent writers (the model's RCU and page pools take one writer at a
+time: callers serialize map and zap calls on one arena).
+"""
+from libc.stdint cimport uint64_t, int64_t, uint32_t
+
+import numpy as np
+
+from kvmmmu._core.argcheck cimport u64_arg, s32_arg
+from kvmmmu._core.types cimport sptep_t, make_sptep, sptep_table_pfn
+from kvmmmu._core.pt_arena_defs cimport (
+    pt_arena_t, kvm_mmu_page, pt_pool, pt_sp_ptr, pt_slot, pt_sptep_ptr, pt_page_sp,
+    pt_read_once64, pt_write_once64, pt_xchg64, pt_try_cmpxchg64, pt_cpu_relax,
+    spte_to_child_sp, PT_SP_IN_USE, PT_CACHE_SHADOW_PAGE, PT_CACHE_PAGE_HEADER,
+)
+from kvmmmu._core.pt_arena cimport PtArena, MmuMemoryCache, kvm_update_page_stats
+from kvmmmu._core.pt_pool cimport pt_pool_alloc, pt_alloc_sp, pt_free_sp
+from kvmmmu._core.mmu_lockless cimport call_rcu_free_sp
+from kvmmmu._core.memcache cimport kvm_mmu_memory_cache, kvm_mmu_topup_memory_cache
+from kvmmmu._core.role cimport role_level, role_set_level, role_as_id, role_ad_disabled
+from kvmmmu._core.spte cimport (
+    spte_fmt_t, SpteFormat, SPTE_LEVEL_BITS, SPTE_ENT_PER_PAGE, PG_LEVEL_4K, PG_LEVEL_1G,
+    PT64_ROOT_MAX_LEVEL, PT_PRESENT_MASK, ACC_ALL,
+    is_shadow_present_pte, is_last_spte, is_large_pte, is_writable_pte, is_executable_pte,
+    is_mmio_spte, is_frozen_spte, is_mmu_writable_spte, spte_to_pfn, spte_needs_atomic_update,
+    make_spte, make_nonleaf_spte, make_small_spte,
+    MKSPTE_PREFETCH, MKSPTE_HOST_WRITABLE, MKSPTE_AD_DISABLED, MKSPTE_NX_HUGE_PAGES,
+)
+from kvmmmu._core.tdp_iter cimport (
+    tdp_iter, tdp_iter_start, tdp_iter_next, kvm_tdp_mmu_read_spte,
+)
+
+from kvmmmu._core._checks import check_array as _check_array, out_array as _out_array
+from kvmmmu.errors import KvmNoMemoryError
+
+cdef extern from "mmu_defs.h" nogil:
+    const int RET_PF_RETRY
+    const int RET_PF_WRITE_PROTECTED
+    const int RET_PF_FIXED
+    const int RET_PF_SPURIOUS
+
+cdef extern from *:
+    """
+    #define tdp_stat_add(p, v) __atomic_add_fetch((p), (v), __ATOMIC_RELAXED)
+    """
+    int64_t tdp_stat_add(int64_t *p, int64_t v) nogil
+
+cdef enum:
+    _EBUSY = 16
+    _ENOMEM = 12
+
+#: One text per TDP_* site (index = counter).
+WARN_SITES = (
+    "handle_changed_spte: level outside 1..5 or gfn not aligned to it (WARN_ON_ONCE)",
+    "handle_changed_spte: a present leaf changed its pfn (BUG)",
+    "handle_changed_spte: a non-present SPTE changed to another, neither MMIO nor FROZEN (WARN)",
+    "__tdp_mmu_set_spte_atomic: iterator yielded or old SPTE FROZEN (WARN_ON_ONCE)",
+    "tdp_mmu_set_spte: FROZEN old or new value under the write lock (WARN_ON_ONCE)",
+    "a non-leaf SPTE that points outside the arena's tables (model check)",
+    "kvm_tdp_mmu_map: the target entry is not at goal_level (WARN_ON_ONCE)",
+    "tdp_mmu_map_handle_target_level: spurious fault on a leaf with another pfn (WARN_ON_ONCE)",
+)
+
+
+# ---------------------------------------------------------------------------
+# Writes
+# ---------------------------------------------------------------------------
+
+cdef inline uint64_t _pages(int level) noexcept nogil:
+    return (<uint64_t>1) << ((level - 1) * SPTE_LEVEL_BITS)
+
+
+cdef inline uint64_t kvm_tdp_mmu_write_spte(tdp_mmu_t *m, sptep_t sptep, uint64_t old_spte,
+                                            uint64_t new_spte, int level) noexcept nogil:
+    """xchg when the old value is a present leaf with bits others may set
+    (A/D by the CPU, W by fast page fault); else a plain store.  Returns the
+    value really replaced."""
+    cdef uint64_t *p = pt_sptep_ptr(m.a, sptep)
+    if is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level) and \
+            spte_needs_atomic_update(m.f, old_spte):
+        return pt_xchg64(p, new_spte)
+    pt_write_once64(p, new_spte)
+    return old_spte
+
+
+cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nogil:
+    """A table is no longer reachable: freeze and handle each entry, then
+    free the table after a grace period (its entries stay FROZEN, so a
+    lockless walker still inside sees only non-present values)."""
+    cdef kvm_mmu_page *h = pt_sp_ptr(m.a, sp)
+    cdef int level = <int>role_level(h.role)
+    cdef int as_id = <int>role_as_id(h.role)
+    cdef uint64_t base = h.gfn, frozen = m.f.frozen_spte, old
+    cdef uint64_t *p
+    cdef int i
+    tdp_stat_add(&m.tdp_mmu_pages, -1)                  # tdp_unaccount_mmu_page
+    for i in range(SPTE_ENT_PER_PAGE):
+        p = pt_sptep_ptr(m.a, make_sptep(h.spt, i))
+        if shared:
+            # Another thread may be between its freeze and its final write:
+            # wait until the exchange captures a value that is not FROZEN.
+            while True:
+                old = pt_xchg64(p, frozen)
+                if not is_frozen_spte(m.f, old):
+                    break
+                pt_cpu_relax()
+        else:
+            old = pt_read_once64(p)
+            if not is_shadow_present_pte(old):
+                continue
+            old = kvm_tdp_mmu_write_spte(m, make_sptep(h.spt, i), old, frozen, level)
+        handle_changed_spte(m, as_id, base + <uint64_t>i * _pages(level), old, frozen, level, shared)
+    call_rcu_free_sp(m.a, sp)
+
+
+cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t old_spte,
+                              uint64_t new_spte, int level, bint shared) noexcept nogil:
+    """The bookkeeping of one SPTE change (see the module docstring)."""
+    cdef bint was_present = is_shadow_present_pte(old_spte)
+    cdef bint is_present = is_shadow_present_pte(new_spte)
+    cdef bint was_leaf = was_present and is_last_spte(old_spte, level)
+    cdef bint is_leaf = is_present and is_last_spte(new_spte, level)
+    cdef bint pfn_changed = spte_to_pfn(old_spte) != spte_to_pfn(new_spte)
+    cdef uint64_t child
+    if level < PG_LEVEL_4K or level > PT64_ROOT_MAX_LEVEL or (gfn & (_pages(level) - 1)):
+        m.warn[TDP_WARN_BAD_LEVEL_OR_GFN] += 1
+    if was_leaf and is_leaf and pfn_changed:
+        m.warn[TDP_BUG_PFN_CHANGED] += 1
+    if old_spte == new_spte:
+        return
+    if not was_present and not is_present:
+        if not (is_mmio_spte(m.f, old_spte) or is_mmio_spte(m.f, new_spte)
+                or is_frozen_spte(m.f, new_spte)):
+            m.warn[TDP_WARN_NONPRESENT_CHANGE] += 1
+        return
+    if was_leaf != is_leaf:
+        kvm_update_page_stats(m.a, level, 1 if is_leaf else -1)
+    if was_present and not was_leaf and (is_leaf or not is_present or pfn_changed):
+        child = spte_to_child_sp(m.a, old_spte)
+        if child == 0 or pt_slot(m.a, child - 1).sp_state != PT_SP_IN_USE:
+            m.warn[TDP_WARN_CHILD_NOT_TABLE] += 1
+            return
+        handle_removed_pt(m, child, shared)
+
+
+cdef int tdp_mmu_set_spte_atomic(tdp_mmu_t *m, tdp_iter *it, uint64_t new_spte) noexcept nogil:
+    """cmpxchg the iterator's SPTE from it.old_spte to `new_spte`: 0, or
+    -EBUSY (it.old_spte now holds the current value) if someone else changed
+    it first."""
+    if it.yielded or is_frozen_spte(m.f, it.old_spte):
+        m.warn[TDP_WARN_SET_YIELDED] += 1
+    if not pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte, new_spte):
+        return -_EBUSY
+    handle_changed_spte(m, it.as_id, it.gfn, it.old_spte, new_spte, it.level, True)
+    return 0
+
+
+cdef uint64_t tdp_mmu_set_spte(tdp_mmu_t *m, int as_id, sptep_t sptep, uint64_t old_spte,
+                               uint64_t new_spte, uint64_t gfn, int level) noexcept nogil:
+    """The write-locked setter; returns the value really replaced (it can
+    differ from `old_spte` only in bits others may set)."""
+    if is_frozen_spte(m.f, old_spte) or is_frozen_spte(m.f, new_spte):
+        m.warn[TDP_WARN_SET_FROZEN] += 1
+    old_spte = kvm_tdp_mmu_write_spte(m, sptep, old_spte, new_spte, level)
+    handle_changed_spte(m, as_id, gfn, old_spte, new_spte, level, False)
+    return old_spte
+
+
+# ---------------------------------------------------------------------------
+# The fault path
+# ---------------------------------------------------------------------------
+
+cdef inline int _link_sp(tdp_mmu_t *m, tdp_iter *it, uint64_t sp) noexcept nogil:
+    """tdp_mmu_link_sp(shared=true): publish `sp` at the iterator's entry,
+    and account it only once linked."""
+    cdef kvm_mmu_page *h = pt_sp_ptr(m.a, sp)
+    cdef int r = tdp_mmu_set_spte_atomic(
+        m, it, make_nonleaf_spte(m.f, h.spt << 12, not m.f.ad_enabled))
+    if r == 0:
+        tdp_stat_add(&m.tdp_mmu_pages, 1)               # tdp_account_mmu_page
+    return r
+
+
+cdef inline int _split_huge_page(tdp_mmu_t *m, tdp_iter *it, uint64_t sp,
+                                 bint nx_huge_pages) noexcept nogil:
+    """tdp_mmu_split_huge_page: fill `sp` with the small SPTEs of the huge
+    leaf at the iterator (before it is published, plain stores), then link
+    it in place of the leaf.  The leaf count of the lower level grows by
+    512: those entries never went through handle_changed_spte."""
+    cdef kvm_mmu_page *h = pt_sp_ptr(m.a, sp)
+    cdef uint64_t huge = it.old_spte
+    cdef int i, r
+    for i in range(SPTE_ENT_PER_PAGE):
+        pt_write_once64(pt_sptep_ptr(m.a, make_sptep(h.spt, i)),
+                        make_small_spte(m.f, huge, it.level - 1, i, ACC_ALL, nx_huge_pages))
+    r = _link_sp(m, it, sp)
+    if r == 0:
+        kvm_update_page_stats(m.a, it.level - 1, SPTE_ENT_PER_PAGE)
+    return r
+
+
+cdef inline bint _access_allowed(tdp_mmu_t *m, tdp_fault *fault, uint64_t spte) noexcept nogil:
+    if fault.exec:
+        return is_executable_pte(m.f, spte)
+    if fault.write:
+        return is_writable_pte(spte)
+    return (spte & PT_PRESENT_MASK) != 0
+
+
+cdef inline int _map_target_level(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault) noexcept nogil:
+    """tdp_mmu_map_handle_target_level (memslot present: no MMIO SPTE)."""
+    cdef uint64_t old = it.old_spte, new_spte
+    cdef bint wrprot = False
+    cdef unsigned int flags = 0
+    cdef kvm_mmu_page *sp = pt_sp_ptr(m.a, pt_page_sp(m.a, sptep_table_pfn(it.sptep)))
+    if <int>role_level(sp.role) != fault.goal_level:
+        m.warn[TDP_WARN_MAP_LEVEL] += 1
+        return RET_PF_RETRY
+    if is_shadow_present_pte(old) and (fault.prefetch or _access_allowed(m, fault, old)) and \
+            is_last_spte(old, it.level):
+        if spte_to_pfn(old) != fault.pfn:
+            m.warn[TDP_WARN_SPURIOUS_PFN] += 1
+        return RET_PF_SPURIOUS
+    if fault.prefetch:
+        flags |= MKSPTE_PREFETCH
+    if fault.map_writable:
+        flags |= MKSPTE_HOST_WRITABLE
+    if role_ad_disabled(sp.role):
+        flags |= MKSPTE_AD_DISABLED
+    if fault.nx_huge_pages:
+        flags |= MKSPTE_NX_HUGE_PAGES
+    new_spte = make_spte(m.f, it.level, ACC_ALL, fault.pfn, old, flags, &wrprot)
+    if new_spte == old:
+        return RET_PF_SPURIOUS
+    if tdp_mmu_set_spte_atomic(m, it, new_spte):
+        return RET_PF_RETRY
+    if is_shadow_present_pte(old) and (not is_last_spte(old, it.level) or
+                                       (is_mmu_writable_spte(m.f, old) and
+                                        not is_mmu_writable_spte(m.f, new_spte))):
+        m.nr_flushes += 1                # kvm_flush_remote_tlbs_gfn(gfn, level)
+    if wrprot and fault.write:
+        return RET_PF_WRITE_PROTECTED
+    return RET_PF_FIXED
+
+
+cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
+                         kvm_mmu_memory_cache *page_cache,
+                         kvm_mmu_memory_cache *header_cache) noexcept nogil:
+    """Map fault.gfn at fault.goal_level under `root`: RET_PF_*, or -ENOMEM
+    if a cache ran dry (the kernel topped them up before; nothing linked
+    stays half-built)."""
+    cdef tdp_iter it
+    cdef uint64_t sp
+    cdef kvm_mmu_page *h
+    cdef uint32_t parent_role
+    cdef int r
+    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, fault.gfn, 0)
+    while it.valid and it.gfn <= fault.gfn:
+        if is_frozen_spte(m.f, it.old_spte):
+            return RET_PF_RETRY                     # another thread owns this entry
+        if it.level == fault.goal_level:
+            return _map_target_level(m, &it, fault)
+        if is_shadow_present_pte(it.old_spte) and not is_large_pte(it.old_spte):
+            tdp_iter_next(&it, m.a)
+            continue
+        if pt_alloc_sp(m.a, page_cache, header_cache, NULL, &sp) != 0:
+            return -_ENOMEM
+        parent_role = pt_sp_ptr(m.a, pt_page_sp(m.a, sptep_table_pfn(it.sptep))).role
+        h = pt_sp_ptr(m.a, sp)
+        h.role = role_set_level(parent_role, <uint32_t>(it.level - 1))
+        h.gfn = it.gfn
+        h.tdp_mmu_page = 1
+        h.nx_huge_page_disallowed = fault.huge_page_disallowed
+        if is_shadow_present_pte(it.old_spte):
+            r = _split_huge_page(m, &it, sp, fault.nx_huge_pages)
+        else:
+            r = _link_sp(m, &it, sp)
+        if r:
+            pt_free_sp(m.a, sp)                     # never published: freed at once
+            return RET_PF_RETRY
+        tdp_iter_next(&it, m.a)
+    m.warn[TDP_WARN_MAP_LEVEL] += 1
+    return RET_PF_RETRY
+
+
+# ---------------------------------------------------------------------------
+# Zaps (mmu_lock held for write)
+# ---------------------------------------------------------------------------
+
+cdef bint tdp_mmu_zap_leafs(tdp_mmu_t *m, uint64_t root, uint64_t start, uint64_t end,
+                            bint flush) noexcept nogil:
+    """Zap every present leaf of `root` in [start, end); the tables stay.
+    Returns whether a TLB flush is owed (`flush`, or a leaf was zapped)."""
+    cdef tdp_iter it
+    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, start, 0)
+    while it.valid and it.gfn < end:
+        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+            it.old_spte = tdp_mmu_set_spte(m, it.as_id, it.sptep, it.old_spte,
+                                           m.f.nonpresent_value, it.gfn, it.level)
+            flush = True
+        tdp_iter_next(&it, m.a)
+    return flush
+
+
+cdef inline void _zap_root_at(tdp_mmu_t *m, uint64_t root, int zap_level) noexcept nogil:
+    cdef tdp_iter it
+    tdp_iter_start(&it, m.a, root, zap_level, 0, 0)
+    while it.valid:
+        if is_shadow_present_pte(it.old_spte) and it.level <= zap_level:
+            it.old_spte = tdp_mmu_set_spte(m, it.as_id, it.sptep, it.old_spte,
+                                           m.f.nonpresent_value, it.gfn, it.level)
+        tdp_iter_next(&it, m.a)
+
+
+cdef void tdp_mmu_zap_root(tdp_mmu_t *m, uint64_t root) noexcept nogil:
+    """Zap everything under `root` (the root's own table stays, empty): first
+    at 1G, so each removed subtree is small, then at the root's top level."""
+    cdef int top = <int>role_level(pt_sp_ptr(m.a, root).role)
+    _zap_root_at(m, root, PG_LEVEL_1G)
+    _zap_root_at(m, root, top)
+
+
+# ---------------------------------------------------------------------------
+# Python
+# ---------------------------------------------------------------------------
+
+cdef class TdpMmuCore:
+    """The TDP MMU's tables in one arena, driven from Python.
+
+    Holds ``kvm->arch.tdp_mmu_pages`` and the WARN counters of tdp_mmu.c.
+    Every method takes the arena's writer side (callers hold ``mmu_lock``):
+    one thread at a time per arena.  Page statistics are the arena's
+    (:meth:`PtArena.page_stats`).
+    """
+    cdef tdp_mmu_t m
+    cdef readonly PtArena arena
+    cdef readonly SpteFormat fmt
+
+    def __init__(self, PtArena arena not None):
+        if arena.a.chunk_base == NULL:
+            from kvmmmu.errors import ObjectInitError
+            raise ObjectInitError("arena: PtArena.__init__ has not run")
+        self.arena = arena
+        self.fmt = arena.fmt
+        self.m.a = &arena.a
+        self.m.f = &self.fmt.fmt
+
+    cdef int _ready(self, str what) except -1:
+        if self.arena is None:
+            from kvmmmu.errors import ObjectInitError
+            raise ObjectInitError(f"TdpMmuCore.{what}: __init__ has not run")
+        return 0
+
+    cdef int _enter(self, str what) except -1:
+        # The writer check and the claim, with no Python code in between (so
+        # no other thread runs in between): from here until _leave, another
+        # thread's writer call on the arena raises ConcurrentUseError.
+        self.arena._writer(what)
+        self.arena._busy = what
+        return 0
+
+    cdef void _leave(self):
+        self.arena._busy = None
+
+    cdef int _root(self, uint64_t root) except -1:
+        cdef pt_arena_t *a = self.m.a
+        if root == 0 or root > a.headers_hw or pt_slot(a, root - 1).sp_state != PT_SP_IN_USE:
+            raise ValueError(f"root {root} is not a live sp of this arena")
+        cdef kvm_mmu_page *h = pt_sp_ptr(a, root)
+        if role_level(h.role) < 4 or role_level(h.role) > PT64_ROOT_MAX_LEVEL or not h.tdp_mmu_page:
+            raise ValueError(f"root {root} is not a TDP MMU root (level 4 or 5, tdp_mmu_page)")
+        return <int>role_level(h.role)
+
+    @property
+    def tdp_mmu_pages(self):
+        """``kvm->arch.tdp_mmu_pages``: non-root tables linked and not yet removed."""
+        return self.m.tdp_mmu_pages
+
+    @property
+    def nr_flushes(self):
+        """gfn-ranged remote TLB flushes the map path asked for."""
+        return self.m.nr_flushes
+
+    def warnings(self):
+        """``{site text: count}`` of the WARNs/BUGs that fired (non-zero only)."""
+        return {WARN_SITES[i]: self.m.warn[i] for i in range(TDP_NR_WARN) if self.m.warn[i]}
+
+    def map(self, root, gfns, pfns, goal_level, MmuMemoryCache page_cache not None,
+            MmuMemoryCache header_cache not None, *, write=False, exec=False, prefetch=False,
+            map_writable=True, nx_huge_pages=False, out=None):
+        """``kvm_tdp_mmu_map`` for each ``(gfns[i], pfns[i])`` at `goal_level`,
+        in one nogil pass; returns the RET_PF_* codes (int8).
+
+        `gfns` and `pfns` (uint64) must be aligned to `goal_level`'s size
+        (the caller's ``kvm_mmu_hugepage_adjust``).  The caches are topped
+        up before each fault, as ``mmu_topup_memory_caches`` does, from the
+        arena's pool; the arena grows between passes when the pool runs
+        dry.  The inputs are copied first.
+        """
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef int goal = s32_arg(goal_level, "goal_level")
+        self._ready("map")
+        cdef int top = self._root(c_root)
+        if not PG_LEVEL_4K <= goal <= PG_LEVEL_1G:
+            raise ValueError(f"goal_level={goal} is outside 1..{PG_LEVEL_1G}")
+        for c, kind, name in ((page_cache, PT_CACHE_SHADOW_PAGE, "page_cache"),
+                              (header_cache, PT_CACHE_PAGE_HEADER, "header_cache")):
+            if (<MmuMemoryCache>c).arena is not self.arena or (<MmuMemoryCache>c).kind != kind:
+                raise ValueError(f"{name} is not this arena's "
+                                 f"{'shadow_page' if kind == PT_CACHE_SHADOW_PAGE else 'page_header'} cache")
+        _check_array("gfns", gfns)
+        _check_array("pfns", pfns)
+        cdef Py_ssize_t n = gfns.shape[0], i, done = 0
+        if pfns.shape[0] != n:
+            raise ValueError(f"pfns has {pfns.shape[0]} entries, gfns {n}")
+        out = _out_array("out", out, n, np.int8, inputs=(gfns, pfns))
+        g_arr = np.array(gfns, copy=True)
+        p_arr = np.array(pfns, copy=True)
+        cdef const uint64_t[::1] g = g_arr
+        cdef const uint64_t[::1] p = p_arr
+        cdef signed char[::1] o = out
+        cdef uint64_t mask = _pages(goal) - 1
+        cdef uint64_t limit = (<uint64_t>1) << (SPTE_LEVEL_BITS * top)
+        for i in range(n):
+            if (g[i] & mask) or (p[i] & mask) or g[i] >= limit or p[i] >> 40:
+                raise ValueError(f"gfns[{i}]={g[i]:#x} / pfns[{i}]={p[i]:#x}: not aligned to "
+                                 f"level {goal}, beyond the root, or pfn >= 2**40")
+        cdef tdp_fault fault
+        fault.goal_level = goal
+        fault.req_level = goal
+        fault.write, fault.exec, fault.prefetch = bool(write), bool(exec), bool(prefetch)
+        fault.map_writable, fault.nx_huge_pages = bool(map_writable), bool(nx_huge_pages)
+        fault.huge_page_disallowed = bool(exec) and bool(nx_huge_pages)
+        cdef pt_arena_t *a = self.m.a
+        cdef tdp_mmu_t *m = &self.m
+        cdef kvm_mmu_memory_cache *pc = &page_cache.mc
+        cdef kvm_mmu_memory_cache *hc = &header_cache.mc
+        cdef int r
+        cdef Py_ssize_t before
+        self._enter("TdpMmuCore.map")
+        try:
+            self._root(c_root)          # again, now that no other writer can run
+            while done < n:
+                before = done
+                with nogil:
+                    for i in range(done, n):
+                        if kvm_mmu_topup_memory_cache(pc, PT64_ROOT_MAX_LEVEL, pt_pool_alloc,
+                                                      &a.pools[PT_CACHE_SHADOW_PAGE]) or \
+                                kvm_mmu_topup_memory_cache(hc, PT64_ROOT_MAX_LEVEL, pt_pool_alloc,
+                                                           &a.pools[PT_CACHE_PAGE_HEADER]):
+                            break
+                        fault.gfn = g[i]
+                        fault.pfn = p[i]
+                        r = kvm_tdp_mmu_map(m, c_root, &fault, pc, hc)
+                        o[i] = r
+                        done = i + 1
+                if done < n:
+                    # The pool ran dry: grow the arena (with the GIL) and go on.
+                    if done == before and self.arena._available(PT_CACHE_SHADOW_PAGE) >= \
+                            PT64_ROOT_MAX_LEVEL and self.arena._available(PT_CACHE_PAGE_HEADER) \
+                            >= PT64_ROOT_MAX_LEVEL:
+                        raise KvmNoMemoryError("tdp map: the caches cannot be topped up")
+                    self.arena._grow_for(PT64_ROOT_MAX_LEVEL * 64, PT64_ROOT_MAX_LEVEL * 64)
+        except KvmNoMemoryError as e:
+            e.done = done
+            raise
+        finally:
+            self._leave()
+        return out
+
+    def zap_leafs(self, root, start, end, *, flush=False):
+        """``tdp_mmu_zap_leafs`` over [start, end): True if a flush is owed."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef uint64_t c_start = u64_arg(start, "start")
+        cdef uint64_t c_end = u64_arg(end, "end")
+        cdef bint f = bool(flush)
+        self._ready("zap_leafs")
+        self._enter("TdpMmuCore.zap_leafs")
+        try:
+            self._root(c_root)
+            with nogil:
+                f = tdp_mmu_zap_leafs(&self.m, c_root, c_start, c_end, f)
+        finally:
+            self._leave()
+        return bool(f)
+
+    def zap_root(self, root):
+        """``tdp_mmu_zap_root``: remove everything below `root` (the removed
+        tables are freed after a grace period: :meth:`PtArena.rcu_barrier`)."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        self._ready("zap_root")
+        self._enter("TdpMmuCore.zap_root")
+        try:
+            self._root(c_root)
+            with nogil:
+                tdp_mmu_zap_root(&self.m, c_root)
+        finally:
+            self._leave()

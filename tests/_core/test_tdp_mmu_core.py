@@ -1,0 +1,198 @@
+"""The C half of the TDP MMU against a brute-force model.
+
+The model is a dict of leaves {(level, first gfn): pfn} with the kernel's
+rules for a fault at a goal level (split a huge leaf in the way and find the
+target present: spurious; replace a table by a huge leaf; install into an
+empty entry), for leaf zaps (every leaf whose range meets the zap range)
+and for a root zap.  After every step the tables must translate every
+probed gfn as the model does, the arena's page statistics must equal the
+model's leaf counts, ``tdp_mmu_pages`` must equal the tables reachable from
+the root, and no entry may be left FROZEN."""
+import numpy as np
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, initialize
+
+from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
+from kvmmmu._core.role import KvmMmuPageRole
+from kvmmmu._core.spte import SpteFormat
+from kvmmmu._core.tdp_iter import TdpIter, kvm_tdp_mmu_get_walk
+from kvmmmu._core.tdp_mmu import TdpMmuCore
+
+RET_PF_FIXED, RET_PF_SPURIOUS = 5, 6
+SPAN = 1 << 21                      # gfns the machine plays in (8 GiB): 1G pages fit
+HOST = 1 << 24                      # the host maps gfn g at pfn HOST + g (1G aligned)
+
+
+def pages(level):
+    return 1 << (9 * (level - 1))
+
+
+class Setup:
+    def __init__(self, root_level=4, fmt=None):
+        self.fmt = fmt or SpteFormat.ept()
+        self.a = PtArena(self.fmt, nr_vcpus=1)
+        self.pc = MmuMemoryCache(self.a, "shadow_page")
+        self.hc = MmuMemoryCache(self.a, "page_header")
+        self.pc.topup(1)
+        self.hc.topup(1)
+        role = KvmMmuPageRole(level=root_level, direct=1, access=7).word
+        self.root = self.a.alloc_sp(self.pc, self.hc, role=role, gfn=0, tdp_mmu_page=True)
+        self.t = TdpMmuCore(self.a)
+
+    def map(self, gfns, pfns, level, **kw):
+        return self.t.map(self.root, np.asarray(gfns, np.uint64), np.asarray(pfns, np.uint64),
+                          level, self.pc, self.hc, **kw)
+
+
+class Model:
+    def __init__(self):
+        self.leaves = {}            # (level, base gfn) -> base pfn
+
+    def covering(self, gfn):
+        for lvl in (1, 2, 3):
+            base = gfn & ~(pages(lvl) - 1)
+            if (lvl, base) in self.leaves:
+                return lvl, base, self.leaves[(lvl, base)]
+        return None
+
+    def map(self, gfn, level, pfn):
+        c = self.covering(gfn)
+        if c is not None and c[0] >= level:
+            lvl, base, hpfn = c
+            while lvl > level:      # split one level at a time, as the walk does
+                del self.leaves[(lvl, base)]
+                for i in range(512):
+                    self.leaves[(lvl - 1, base + i * pages(lvl - 1))] = hpfn + i * pages(lvl - 1)
+                lvl -= 1
+                base = gfn & ~(pages(lvl) - 1)
+                hpfn = self.leaves[(lvl, base)]
+            return RET_PF_SPURIOUS
+        for key in [k for k in self.leaves if gfn <= k[1] < gfn + pages(level)]:
+            del self.leaves[key]    # a table replaced by a huge leaf
+        self.leaves[(level, gfn)] = pfn
+        return RET_PF_FIXED
+
+    def zap(self, start, end):
+        for key in [k for k in self.leaves if k[1] < end and k[1] + pages(k[0]) > start]:
+            del self.leaves[key]
+
+    def translate(self, gfn):
+        c = self.covering(gfn)
+        return None if c is None else (c[0], c[2] + gfn - c[1])
+
+
+def _check(s, model, probe):
+    sptes, levels = kvm_tdp_mmu_get_walk(s.a, s.root, probe)
+    present = s.fmt.is_shadow_present_pte_array(sptes)
+    pfn = s.fmt.spte_to_pfn_array(sptes)
+    for i, g in enumerate(probe.tolist()):
+        want = model.translate(g)
+        if want is None:
+            assert not present[i], (hex(g), int(levels[i]))   # the walk ends on a hole
+        else:
+            lvl, p = want
+            assert present[i] and levels[i] == lvl, (hex(g), int(levels[i]), lvl)
+            assert int(pfn[i]) + (g & (pages(lvl) - 1)) == p, hex(g)
+    counts = {f"pages_{n}": sum(1 for (lvl, _) in model.leaves if lvl == k)
+              for k, n in ((1, "4k"), (2, "2m"), (3, "1g"))}
+    assert s.a.page_stats == counts
+    tables, frozen = 0, s.fmt.masks()["frozen_spte"]
+    for g, lvl, _, spte in TdpIter(s.a, s.root, 0, SPAN):
+        if lvl > 1 and s.fmt.is_shadow_present_pte_array(np.array([spte], np.uint64))[0] \
+                and not (spte >> 7) & 1:
+            tables += 1
+        assert spte != frozen
+    assert s.t.tdp_mmu_pages == tables
+    assert s.t.warnings() == {}
+
+
+class TdpMachine(RuleBasedStateMachine):
+    @initialize(root_level=st.sampled_from([4, 5]))
+    def setup(self, root_level):
+        self.s = Setup(root_level)
+        self.model = Model()
+        self.rng = np.random.default_rng(0)
+
+    @rule(level=st.sampled_from([1, 1, 2, 2, 3]), gfn=st.integers(0, SPAN - 1),
+          n=st.integers(1, 40))
+    def map(self, level, gfn, n):
+        # A fault maps what the host maps: the pfn follows from the gfn (a
+        # leaf changing pfn without a zap first is the kernel's BUG()).
+        gfns = [((gfn + k * pages(level) * 3) % SPAN) & ~(pages(level) - 1) for k in range(n)]
+        gfns = list(dict.fromkeys(gfns))
+        pfns = [HOST + g for g in gfns]
+        got = self.s.map(gfns, pfns, level)
+        want = [self.model.map(g, level, p) for g, p in zip(gfns, pfns)]
+        assert got.tolist() == want
+
+    @rule(start=st.integers(0, SPAN), width=st.integers(1, 1 << 19))
+    def zap_leafs(self, start, width):
+        had = any(k[1] < start + width and k[1] + pages(k[0]) > start for k in self.model.leaves)
+        assert self.s.t.zap_leafs(self.s.root, start, start + width) == had
+        self.model.zap(start, start + width)
+
+    @rule()
+    def zap_root(self):
+        self.s.t.zap_root(self.s.root)
+        self.s.a.rcu_barrier()
+        self.model.zap(0, 1 << 45)
+
+    @invariant()
+    def same_translations(self):
+        keys = [b for (_, b) in self.model.leaves]
+        probe = np.array(keys[:50] + [int(x) for x in self.rng.integers(0, SPAN, 60)]
+                         + [b + pages(l) - 1 for (l, b) in list(self.model.leaves)[:20]],
+                         np.uint64)
+        _check(self.s, self.model, probe)
+
+
+TestTdpMachine = TdpMachine.TestCase
+TestTdpMachine.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+
+
+def test_a_root_zap_frees_every_table_after_a_grace_period():
+    s = Setup(4)
+    g = np.arange(0, 1 << 14, dtype=np.uint64)
+    s.map(g, g + (1 << 20), 1)
+    s.map(np.arange(1 << 16, 1 << 18, 512, dtype=np.uint64),
+          np.arange(1 << 16, 1 << 18, 512, dtype=np.uint64) + (1 << 22), 2)
+    in_use = int((s.a.sp_states() == 3).sum())
+    assert s.t.tdp_mmu_pages == in_use - 1 > 30         # every table but the root
+    s.t.zap_root(s.root)
+    assert s.t.tdp_mmu_pages == 0 and s.a.page_stats == {"pages_4k": 0, "pages_2m": 0,
+                                                            "pages_1g": 0}
+    assert int((s.a.sp_states() == 4).sum()) == in_use - 1     # RCU pending until a grace period
+    s.a.rcu_barrier()
+    assert int((s.a.sp_states() == 3).sum()) == 1
+    s.a.audit()                         # raises PtArenaAuditError if anything is off
+
+
+def test_a_huge_leaf_in_the_way_is_split_in_place_with_make_small_spte():
+    s = Setup(4)
+    assert s.map([0x200], [0x40200], 2).tolist() == [RET_PF_FIXED]
+    huge = int(kvm_tdp_mmu_get_walk(s.a, s.root, np.array([0x200], np.uint64))[0][0])
+    assert s.map([0x234], [0x40234], 1).tolist() == [RET_PF_SPURIOUS]
+    sptes, levels = kvm_tdp_mmu_get_walk(s.a, s.root, np.arange(0x200, 0x400, dtype=np.uint64))
+    assert set(levels.tolist()) == {1}
+    assert sptes.tolist() == [s.fmt.make_small_spte(huge, 1, i) for i in range(512)]
+    assert s.a.page_stats == {"pages_4k": 512, "pages_2m": 0, "pages_1g": 0}
+    assert s.t.tdp_mmu_pages == 3
+
+
+def test_map_refuses_bad_input_before_changing_anything():
+    s = Setup(4)
+    before = (s.a.page_stats, s.t.tdp_mmu_pages)
+    with pytest.raises(ValueError, match="aligned"):
+        s.map([1], [0x1000], 2)
+    with pytest.raises(ValueError, match="goal_level"):
+        s.map([0], [0x1000], 4)
+    with pytest.raises(ValueError, match="pfns has"):
+        s.map([0, 1], [0x1000], 1)
+    with pytest.raises(ValueError, match="root"):
+        s.t.map(12345, np.zeros(1, np.uint64), np.zeros(1, np.uint64), 1, s.pc, s.hc)
+    with pytest.raises(TypeError):
+        s.t.map(s.root, np.zeros(1), np.zeros(1, np.uint64), 1, s.pc, s.hc)
+    with pytest.raises(ValueError, match="cache"):
+        s.t.map(s.root, np.zeros(1, np.uint64), np.zeros(1, np.uint64), 1, s.hc, s.pc)
+    assert (s.a.page_stats, s.t.tdp_mmu_pages) == before
