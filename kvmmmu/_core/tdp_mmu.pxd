@@ -58,3 +58,9 @@ cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
 cdef bint tdp_mmu_zap_leafs(tdp_mmu_t *m, uint64_t root, uint64_t start, uint64_t end,
                             bint flush) noexcept nogil
 cdef void tdp_mmu_zap_root(tdp_mmu_t *m, uint64_t root) noexcept nogil
+cdef bint kvm_tdp_mmu_age_gfn_range(tdp_mmu_t *m, uint64_t root, uint64_t start, uint64_t end,
+                                    bint test_only) noexcept nogil
+cdef bint kvm_tdp_mmu_clear_bit_range(tdp_mmu_t *m, uint64_t root, uint64_t start, uint64_t end,
+                                      int min_level, uint64_t bit) noexcept nogil
+cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uint64_t gfn,
+                                                uint64_t mask, uint64_t dbit) noexcept nogil

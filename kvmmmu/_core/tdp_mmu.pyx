@@ -49,7 +49,8 @@ from kvmmmu._core.spte cimport (
     PT64_ROOT_MAX_LEVEL, PT_PRESENT_MASK, ACC_ALL,
     is_shadow_present_pte, is_last_spte, is_large_pte, is_writable_pte, is_executable_pte,
     is_mmio_spte, is_frozen_spte, is_mmu_writable_spte, spte_to_pfn, spte_needs_atomic_update,
-    make_spte, make_nonleaf_spte, make_small_spte,
+    is_accessed_spte, spte_ad_enabled, PT_WRITABLE_MASK,
+    make_spte, make_nonleaf_spte, make_small_spte, mark_spte_for_access_track,
     MKSPTE_PREFETCH, MKSPTE_HOST_WRITABLE, MKSPTE_AD_DISABLED, MKSPTE_NX_HUGE_PAGES,
 )
 from kvmmmu._core.tdp_iter cimport (
@@ -66,10 +67,15 @@ cdef extern from "mmu_defs.h" nogil:
     const int RET_PF_SPURIOUS
 
 cdef extern from *:
+    int __builtin_ctzll(unsigned long long x) nogil
+
+cdef extern from *:
     """
     #define tdp_stat_add(p, v) __atomic_add_fetch((p), (v), __ATOMIC_RELAXED)
+    #define tdp_fetch_and64(p, v) __atomic_fetch_and((p), (v), __ATOMIC_SEQ_CST)
     """
     int64_t tdp_stat_add(int64_t *p, int64_t v) nogil
+    uint64_t tdp_fetch_and64(uint64_t *p, uint64_t v) nogil
 
 cdef enum:
     _EBUSY = 16
@@ -347,6 +353,90 @@ cdef void tdp_mmu_zap_root(tdp_mmu_t *m, uint64_t root) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------
+# Aging and dirty logging
+# ---------------------------------------------------------------------------
+
+cdef inline uint64_t tdp_mmu_clear_spte_bits(tdp_mmu_t *m, sptep_t sptep, uint64_t old_spte,
+                                             uint64_t mask, int level) noexcept nogil:
+    """Clear `mask` in an SPTE: an atomic and when the old value is a present
+    leaf others may change, else a plain store.  Returns the old value."""
+    cdef uint64_t *p = pt_sptep_ptr(m.a, sptep)
+    if is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level) and \
+            spte_needs_atomic_update(m.f, old_spte):
+        return tdp_fetch_and64(p, ~mask)
+    pt_write_once64(p, old_spte & ~mask)
+    return old_spte
+
+
+cdef bint kvm_tdp_mmu_age_gfn_range(tdp_mmu_t *m, uint64_t root, uint64_t start, uint64_t end,
+                                    bint test_only) noexcept nogil:
+    """clear_young / test_young over [start, end) under RCU only: True if a
+    leaf was young.  With A/D bits the Accessed bit is cleared atomically;
+    without, the SPTE becomes access-tracked by one cmpxchg (losing it is
+    fine: the SPTE is changing, so it is young).  No handle_changed_spte, no
+    flush."""
+    cdef tdp_iter it
+    cdef bint young = False
+    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, start, 0)
+    while it.valid and it.gfn < end:
+        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
+                is_accessed_spte(m.f, it.old_spte):
+            if test_only:
+                return True
+            young = True
+            if spte_ad_enabled(it.old_spte):
+                it.old_spte = tdp_fetch_and64(pt_sptep_ptr(m.a, it.sptep), ~m.f.accessed_mask)
+            else:
+                pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte,
+                                 mark_spte_for_access_track(m.f, it.old_spte))
+        tdp_iter_next(&it, m.a)
+    return young
+
+
+cdef bint kvm_tdp_mmu_clear_bit_range(tdp_mmu_t *m, uint64_t root, uint64_t start, uint64_t end,
+                                      int min_level, uint64_t bit) noexcept nogil:
+    """The read-locked loops of dirty logging: clear `bit` in every present
+    leaf at or above `min_level` in [start, end) with the atomic setter,
+    retrying an entry whose cmpxchg lost.  ``bit = PT_WRITABLE_MASK`` is
+    wrprot_gfn_range (MMU-writable stays, so fast page fault can restore W and
+    log the page); the dirty bit or W at 4K is clear_dirty_gfn_range."""
+    cdef tdp_iter it
+    cdef bint changed = False
+    tdp_iter_start(&it, m.a, root, min_level, start, 0)
+    while it.valid and it.gfn < end:
+        while is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
+                (it.old_spte & bit):
+            if tdp_mmu_set_spte_atomic(m, &it, it.old_spte & ~bit) == 0:
+                changed = True
+                break
+        tdp_iter_next(&it, m.a)
+    return changed
+
+
+cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uint64_t gfn,
+                                                uint64_t mask, uint64_t dbit) noexcept nogil:
+    """KVM_CLEAR_DIRTY_LOG's step (mmu_lock held for write): for each set
+    bit i of `mask`, clear `dbit` in the 4K leaf of gfn + i.  Huge leaves and
+    holes are left alone.  Returns the bits whose 4K leaf was found."""
+    cdef tdp_iter it
+    cdef uint64_t bit, found = 0
+    if mask == 0:
+        return 0
+    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn + <uint64_t>__builtin_ctzll(mask), 0)
+    while it.valid and it.gfn < gfn + 64 and mask:
+        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
+                it.level == PG_LEVEL_4K:
+            bit = (<uint64_t>1) << (it.gfn - gfn)
+            if mask & bit:
+                mask &= ~bit
+                found |= bit
+                if it.old_spte & dbit:
+                    it.old_spte = tdp_mmu_clear_spte_bits(m, it.sptep, it.old_spte, dbit, it.level)
+        tdp_iter_next(&it, m.a)
+    return found
+
+
+# ---------------------------------------------------------------------------
 # Python
 # ---------------------------------------------------------------------------
 
@@ -395,6 +485,9 @@ cdef class TdpMmuCore:
         cdef kvm_mmu_page *h = pt_sp_ptr(a, root)
         if role_level(h.role) < 4 or role_level(h.role) > PT64_ROOT_MAX_LEVEL or not h.tdp_mmu_page:
             raise ValueError(f"root {root} is not a TDP MMU root (level 4 or 5, tdp_mmu_page)")
+        if role_ad_disabled(h.role) != (not self.m.f.ad_enabled):
+            raise ValueError(f"root {root}: role.ad_disabled must be !kvm_ad_enabled "
+                             f"({not self.m.f.ad_enabled}) for this SPTE format")
         return <int>role_level(h.role)
 
     @property
@@ -522,3 +615,84 @@ cdef class TdpMmuCore:
                 tdp_mmu_zap_root(&self.m, c_root)
         finally:
             self._leave()
+
+    cdef int _range(self, uint64_t root, object start, object end, uint64_t *s, uint64_t *e) except -1:
+        s[0] = u64_arg(start, "start")
+        e[0] = u64_arg(end, "end")
+        if e[0] < s[0]:
+            raise ValueError(f"end={e[0]:#x} is below start={s[0]:#x}")
+        return 0
+
+    def age_gfn_range(self, root, start, end, *, test_only=False):
+        """``kvm_tdp_mmu_age_gfn_range`` / ``kvm_tdp_mmu_test_age_gfn`` over
+        [start, end): True if a leaf was young (and, unless `test_only`,
+        it is old now).  The kernel runs this under RCU alone; the model
+        serializes it with the arena's writers."""
+        cdef uint64_t c_root = u64_arg(root, "root"), s, e
+        cdef bint t = bool(test_only), young
+        self._range(c_root, start, end, &s, &e)
+        self._ready("age_gfn_range")
+        self._enter("TdpMmuCore.age_gfn_range")
+        try:
+            self._root(c_root)
+            with nogil:
+                young = kvm_tdp_mmu_age_gfn_range(&self.m, c_root, s, e, t)
+        finally:
+            self._leave()
+        return bool(young)
+
+    def clear_bit_range(self, root, start, end, bit, *, min_level=PG_LEVEL_4K):
+        """Clear `bit` (``PT_WRITABLE_MASK`` for ``kvm_tdp_mmu_wrprot_slot``;
+        the format's dirty mask, or W, for ``kvm_tdp_mmu_clear_dirty_slot``)
+        in every present leaf at or above `min_level` in [start, end), with
+        the atomic setter.  True if anything changed (the caller flushes)."""
+        cdef uint64_t c_root = u64_arg(root, "root"), s, e
+        cdef uint64_t c_bit = u64_arg(bit, "bit")
+        cdef int c_min = s32_arg(min_level, "min_level")
+        cdef bint changed
+        self._range(c_root, start, end, &s, &e)
+        if not PG_LEVEL_4K <= c_min <= PG_LEVEL_1G:
+            raise ValueError(f"min_level={c_min} is outside 1..{PG_LEVEL_1G}")
+        if c_bit == 0 or c_bit & (c_bit - 1) or c_bit not in (PT_WRITABLE_MASK, self.m.f.dirty_mask):
+            raise ValueError(f"bit={c_bit:#x} is neither PT_WRITABLE_MASK nor the dirty bit")
+        self._ready("clear_bit_range")
+        self._enter("TdpMmuCore.clear_bit_range")
+        try:
+            self._root(c_root)
+            with nogil:
+                changed = kvm_tdp_mmu_clear_bit_range(&self.m, c_root, s, e, c_min, c_bit)
+        finally:
+            self._leave()
+        return bool(changed)
+
+    def clear_dirty_log(self, root, base_gfn, mask, *, wrprot=False, out=None):
+        """``kvm_tdp_mmu_clear_dirty_pt_masked`` for a dirty bitmap: word w
+        of `mask` (uint64) covers gfns ``base_gfn + 64*w ..``; clear W
+        (`wrprot`) or the dirty bit in the 4K leaf of every set bit, in one
+        nogil pass.  Returns, per word, the bits whose 4K leaf was found."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef uint64_t base = u64_arg(base_gfn, "base_gfn")
+        cdef uint64_t dbit = PT_WRITABLE_MASK if wrprot else self.m.f.dirty_mask
+        _check_array("mask", mask)
+        cdef Py_ssize_t n = mask.shape[0], w
+        if dbit == 0:
+            raise ValueError("this SPTE format has no dirty bit: pass wrprot=True")
+        if base & 63:
+            raise ValueError(f"base_gfn={base:#x} is not a multiple of 64")
+        if n and base + 64 * <uint64_t>n - 1 < base:
+            raise ValueError("base_gfn + 64 * len(mask) wraps")
+        out = _out_array("out", out, n, np.uint64, inputs=(mask,))
+        m_arr = np.array(mask, copy=True)
+        cdef const uint64_t[::1] mk = m_arr
+        cdef uint64_t[::1] o = out
+        self._ready("clear_dirty_log")
+        self._enter("TdpMmuCore.clear_dirty_log")
+        try:
+            self._root(c_root)
+            with nogil:
+                for w in range(n):
+                    o[w] = kvm_tdp_mmu_clear_dirty_pt_masked(&self.m, c_root, base + 64 * <uint64_t>w,
+                                                             mk[w], dbit)
+        finally:
+            self._leave()
+        return out

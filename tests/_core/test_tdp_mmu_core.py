@@ -36,7 +36,8 @@ class Setup:
         self.hc = MmuMemoryCache(self.a, "page_header")
         self.pc.topup(1)
         self.hc.topup(1)
-        role = KvmMmuPageRole(level=root_level, direct=1, access=7).word
+        role = KvmMmuPageRole(level=root_level, direct=1, access=7,
+                              ad_disabled=int(not self.fmt.masks()["ad_enabled"])).word
         self.root = self.a.alloc_sp(self.pc, self.hc, role=role, gfn=0, tdp_mmu_page=True)
         self.t = TdpMmuCore(self.a)
 
@@ -196,3 +197,86 @@ def test_map_refuses_bad_input_before_changing_anything():
     with pytest.raises(ValueError, match="cache"):
         s.t.map(s.root, np.zeros(1, np.uint64), np.zeros(1, np.uint64), 1, s.hc, s.pc)
     assert (s.a.page_stats, s.t.tdp_mmu_pages) == before
+
+
+# ---------------------------------------------------------------------------
+# aging and dirty logging
+# ---------------------------------------------------------------------------
+
+def _leaf(s, g):
+    sptes, levels = kvm_tdp_mmu_get_walk(s.a, s.root, np.array([g], np.uint64))
+    return int(sptes[0]), int(levels[0])
+
+
+@pytest.mark.parametrize("ad_bits", [True, False])
+def test_aging_clears_accessed_or_access_tracks_and_test_age_changes_nothing(ad_bits):
+    s = Setup(4, SpteFormat.ept(ad_bits=ad_bits))
+    g = np.arange(0x100, 0x140, dtype=np.uint64)
+    s.map(g, g + HOST, 1)
+    s.map([0x400], [HOST + 0x400], 2)
+    before = [_leaf(s, x)[0] for x in range(0x100, 0x140)]
+    assert all(s.fmt.is_accessed_spte(x) for x in before)
+    assert s.t.age_gfn_range(s.root, 0x120, 0x200, test_only=True)
+    assert [_leaf(s, x)[0] for x in range(0x100, 0x140)] == before      # test only: unchanged
+    assert not s.t.age_gfn_range(s.root, 0x200, 0x400)                    # a hole: not young
+    assert s.t.age_gfn_range(s.root, 0x120, 0x401)
+    for x in range(0x100, 0x140):
+        spte = _leaf(s, x)[0]
+        aged = 0x120 <= x
+        assert s.fmt.is_accessed_spte(spte) == (not aged), hex(x)
+        if aged and not ad_bits:
+            assert s.fmt.is_access_track_spte(spte)
+        elif aged:
+            assert spte == before[x - 0x100] & ~s.fmt.masks()["accessed_mask"]
+    assert not s.fmt.is_accessed_spte(_leaf(s, 0x400)[0])
+    assert not s.t.age_gfn_range(s.root, 0x120, 0x401, test_only=True)
+    assert s.a.page_stats == {"pages_4k": 64, "pages_2m": 1, "pages_1g": 0}
+    assert s.t.warnings() == {}
+
+
+def test_write_protect_and_clear_dirty_ranges():
+    s = Setup(4)
+    g = np.arange(0, 0x400, dtype=np.uint64)
+    s.map(g, g + HOST, 1, write=True)
+    s.map([0x800], [HOST + 0x800], 2, write=True)
+    W = 1 << 1
+    D = s.fmt.masks()["dirty_mask"]
+    # wrprot at 2M and above leaves the 4K leaves alone (the PML huge-page case)
+    assert s.t.clear_bit_range(s.root, 0, 0x1000, W, min_level=2)
+    assert all(_leaf(s, x)[0] & W for x in (0, 0x3ff))
+    huge = _leaf(s, 0x800)[0]
+    assert not huge & W and s.fmt.is_mmu_writable_spte(huge)      # MMU-writable stays
+    # clear D over a sub-range: exactly those leaves lose it
+    assert s.t.clear_bit_range(s.root, 0x10, 0x20, D)
+    for x in range(0, 0x40):
+        assert bool(_leaf(s, x)[0] & D) == (not 0x10 <= x < 0x20), hex(x)
+    assert not s.t.clear_bit_range(s.root, 0x10, 0x20, D)         # nothing left to clear
+    with pytest.raises(ValueError, match="bit"):
+        s.t.clear_bit_range(s.root, 0, 1, 1 << 5)
+    assert s.t.warnings() == {}
+
+
+def test_clear_dirty_log_bitmap_against_the_leaves():
+    s = Setup(4)
+    rng = np.random.default_rng(5)
+    mapped = np.unique(rng.integers(0, 1 << 12, 1500)).astype(np.uint64)
+    s.map(mapped, mapped + HOST, 1, write=True)
+    s.map([1 << 13], [HOST + (1 << 13)], 2, write=True)              # a huge leaf: left alone
+    words = (1 << 14) // 64 + 8
+    mask = rng.integers(0, 2**63, words, dtype=np.uint64) | rng.integers(0, 2, words, dtype=np.uint64)
+    D = s.fmt.masks()["dirty_mask"]
+    before = {int(x): _leaf(s, x) for x in range(0, words * 64, 7)}
+    found = s.t.clear_dirty_log(s.root, 0, mask)
+    is4k = set(mapped.tolist())
+    for w in range(words):
+        want = 0
+        for b in range(64):
+            if int(mask[w]) >> b & 1 and (64 * w + b) in is4k:
+                want |= 1 << b
+        assert int(found[w]) == want, w
+    for x, (spte, lvl) in before.items():
+        now, lvl2 = _leaf(s, x)
+        hit = int(mask[x // 64]) >> (x % 64) & 1 and x in is4k
+        assert lvl2 == lvl and now == (spte & ~D if hit else spte), hex(x)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        s.t.clear_dirty_log(s.root, 3, mask)
