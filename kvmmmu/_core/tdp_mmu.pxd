@@ -64,3 +64,12 @@ cdef bint kvm_tdp_mmu_clear_bit_range(tdp_mmu_t *m, uint64_t root, uint64_t star
                                       int min_level, uint64_t bit) noexcept nogil
 cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uint64_t gfn,
                                                 uint64_t mask, uint64_t dbit) noexcept nogil
+cdef int tdp_mmu_split_huge_pages_root(tdp_mmu_t *m, uint64_t root, uint64_t start,
+                                       uint64_t end, int target_level,
+                                       kvm_mmu_memory_cache *page_cache,
+                                       kvm_mmu_memory_cache *header_cache,
+                                       bint nx_huge_pages, uint64_t *resume,
+                                       int64_t *nr) noexcept nogil
+cdef int64_t kvm_tdp_mmu_recover_huge_pages(tdp_mmu_t *m, uint64_t root, uint64_t base_gfn,
+                                            uint64_t npages, const signed char *max_level,
+                                            bint nx_huge_pages) noexcept nogil

@@ -50,7 +50,7 @@ from kvmmmu._core.spte cimport (
     is_shadow_present_pte, is_last_spte, is_large_pte, is_writable_pte, is_executable_pte,
     is_mmio_spte, is_frozen_spte, is_mmu_writable_spte, spte_to_pfn, spte_needs_atomic_update,
     is_accessed_spte, spte_ad_enabled, PT_WRITABLE_MASK,
-    make_spte, make_nonleaf_spte, make_small_spte, mark_spte_for_access_track,
+    make_spte, make_nonleaf_spte, make_small_spte, make_huge_spte, mark_spte_for_access_track,
     MKSPTE_PREFETCH, MKSPTE_HOST_WRITABLE, MKSPTE_AD_DISABLED, MKSPTE_NX_HUGE_PAGES,
 )
 from kvmmmu._core.tdp_iter cimport (
@@ -437,6 +437,98 @@ cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uin
 
 
 # ---------------------------------------------------------------------------
+# Huge pages: eager split and recovery
+# ---------------------------------------------------------------------------
+
+cdef inline void _init_child(tdp_mmu_t *m, tdp_iter *it, uint64_t sp) noexcept nogil:
+    """The new table at the iterator's entry: the parent's role one level
+    down, the entry's gfn (tdp_mmu_init_child_sp)."""
+    cdef kvm_mmu_page *h = pt_sp_ptr(m.a, sp)
+    h.role = role_set_level(pt_sp_ptr(m.a, pt_page_sp(m.a, sptep_table_pfn(it.sptep))).role,
+                            <uint32_t>(it.level - 1))
+    h.gfn = it.gfn
+    h.tdp_mmu_page = 1
+
+
+cdef int tdp_mmu_split_huge_pages_root(tdp_mmu_t *m, uint64_t root, uint64_t start,
+                                       uint64_t end, int target_level,
+                                       kvm_mmu_memory_cache *page_cache,
+                                       kvm_mmu_memory_cache *header_cache,
+                                       bint nx_huge_pages, uint64_t *resume,
+                                       int64_t *nr) noexcept nogil:
+    """Split every huge leaf above `target_level` in [start, end) down to
+    it (pre-order: a 1G page becomes 2M pages, visited and split in turn).
+    Adds the pages split to `*nr`; returns 0, or -ENOMEM when the caches
+    ran dry: `*resume` is then the gfn to start again from (after a refill),
+    as the kernel restarts its walk after dropping the lock to allocate."""
+    cdef tdp_iter it
+    cdef uint64_t sp
+    tdp_iter_start(&it, m.a, root, target_level + 1, start, 0)
+    while it.valid and it.gfn < end:
+        if not is_shadow_present_pte(it.old_spte) or not is_large_pte(it.old_spte) or \
+                it.level <= target_level:
+            tdp_iter_next(&it, m.a)
+            continue
+        if pt_alloc_sp(m.a, page_cache, header_cache, NULL, &sp) != 0:
+            resume[0] = it.gfn
+            return -_ENOMEM
+        _init_child(m, &it, sp)
+        if _split_huge_page(m, &it, sp, nx_huge_pages):
+            pt_free_sp(m.a, sp)                 # lost a race: retry the same entry
+            continue
+        nr[0] += 1
+        tdp_iter_next(&it, m.a)
+    return 0
+
+
+cdef int _first_leaf_below(tdp_mmu_t *m, uint64_t root, uint64_t gfn, int level,
+                           uint64_t *leaf) noexcept nogil:
+    """The first present leaf in [gfn, gfn + pages(level)) below a non-leaf
+    entry at `level` (tdp_mmu_make_huge_spte's search): 0, or -ENOENT."""
+    cdef tdp_iter it
+    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn, 0)
+    while it.valid and it.gfn < gfn + _pages(level):
+        if it.level < level and is_shadow_present_pte(it.old_spte) and \
+                is_last_spte(it.old_spte, it.level):
+            leaf[0] = it.old_spte
+            return 0
+        tdp_iter_next(&it, m.a)
+    return -2
+
+
+cdef int64_t kvm_tdp_mmu_recover_huge_pages(tdp_mmu_t *m, uint64_t root, uint64_t base_gfn,
+                                            uint64_t npages, const signed char *max_level,
+                                            bint nx_huge_pages) noexcept nogil:
+    """recover_huge_pages_range over a memslot [base_gfn, base_gfn + npages):
+    each present non-leaf at 2M or 1G whose range lies in the slot and whose
+    gfn may be mapped at that level (`max_level[(gfn - base_gfn) >> 9]`,
+    kvm_mmu_max_mapping_level of the 2M frame's first gfn) becomes a huge
+    leaf built from the first leaf below it (make_huge_spte), by the atomic
+    setter, which tears the subtree down.  Returns the entries replaced
+    (the caller flushes the slot if any)."""
+    cdef tdp_iter it
+    cdef uint64_t leaf, huge
+    cdef int64_t nr = 0
+    tdp_iter_start(&it, m.a, root, 2, base_gfn, 0)
+    while it.valid and it.gfn < base_gfn + npages:
+        if it.level > PG_LEVEL_1G or not is_shadow_present_pte(it.old_spte) or \
+                is_last_spte(it.old_spte, it.level) or it.gfn < base_gfn or \
+                it.gfn + _pages(it.level) > base_gfn + npages or \
+                max_level[(it.gfn - base_gfn) >> SPTE_LEVEL_BITS] < it.level:
+            tdp_iter_next(&it, m.a)
+            continue
+        if _first_leaf_below(m, root, it.gfn, it.level, &leaf) != 0:
+            tdp_iter_next(&it, m.a)
+            continue
+        huge = make_huge_spte(m.f, leaf, it.level, nx_huge_pages)
+        if tdp_mmu_set_spte_atomic(m, &it, huge):
+            continue                            # lost a race: look at the entry again
+        nr += 1
+        tdp_iter_next(&it, m.a)
+    return nr
+
+
+# ---------------------------------------------------------------------------
 # Python
 # ---------------------------------------------------------------------------
 
@@ -477,6 +569,14 @@ cdef class TdpMmuCore:
 
     cdef void _leave(self):
         self.arena._busy = None
+
+    cdef int _check_caches(self, MmuMemoryCache page_cache, MmuMemoryCache header_cache) except -1:
+        for c, kind, name in ((page_cache, PT_CACHE_SHADOW_PAGE, "page_cache"),
+                              (header_cache, PT_CACHE_PAGE_HEADER, "header_cache")):
+            if (<MmuMemoryCache>c).arena is not self.arena or (<MmuMemoryCache>c).kind != kind:
+                raise ValueError(f"{name} is not this arena's "
+                                 f"{'shadow_page' if kind == PT_CACHE_SHADOW_PAGE else 'page_header'} cache")
+        return 0
 
     cdef int _root(self, uint64_t root) except -1:
         cdef pt_arena_t *a = self.m.a
@@ -522,11 +622,7 @@ cdef class TdpMmuCore:
         cdef int top = self._root(c_root)
         if not PG_LEVEL_4K <= goal <= PG_LEVEL_1G:
             raise ValueError(f"goal_level={goal} is outside 1..{PG_LEVEL_1G}")
-        for c, kind, name in ((page_cache, PT_CACHE_SHADOW_PAGE, "page_cache"),
-                              (header_cache, PT_CACHE_PAGE_HEADER, "header_cache")):
-            if (<MmuMemoryCache>c).arena is not self.arena or (<MmuMemoryCache>c).kind != kind:
-                raise ValueError(f"{name} is not this arena's "
-                                 f"{'shadow_page' if kind == PT_CACHE_SHADOW_PAGE else 'page_header'} cache")
+        self._check_caches(page_cache, header_cache)
         _check_array("gfns", gfns)
         _check_array("pfns", pfns)
         cdef Py_ssize_t n = gfns.shape[0], i, done = 0
@@ -696,3 +792,73 @@ cdef class TdpMmuCore:
         finally:
             self._leave()
         return out
+
+    def split_huge_pages(self, root, start, end, target_level, MmuMemoryCache page_cache not None,
+                         MmuMemoryCache header_cache not None, *, nx_huge_pages=False):
+        """``kvm_tdp_mmu_try_split_huge_pages`` over [start, end) down to
+        `target_level` (eager page splitting when dirty logging starts).
+        Returns the huge pages split.  Pages come from the caches, topped up
+        from the arena (which grows) whenever they run dry."""
+        cdef uint64_t c_root = u64_arg(root, "root"), s, e, resume = 0
+        cdef int target = s32_arg(target_level, "target_level")
+        cdef int64_t total = 0
+        cdef int r
+        cdef bint nx = bool(nx_huge_pages)
+        self._range(c_root, start, end, &s, &e)
+        if not PG_LEVEL_4K <= target < PG_LEVEL_1G:
+            raise ValueError(f"target_level={target} is outside 1..{PG_LEVEL_1G - 1}")
+        self._check_caches(page_cache, header_cache)
+        self._ready("split_huge_pages")
+        cdef pt_arena_t *a = self.m.a
+        self._enter("TdpMmuCore.split_huge_pages")
+        try:
+            self._root(c_root)
+            while True:
+                if kvm_mmu_topup_memory_cache(&page_cache.mc, 1, pt_pool_alloc,
+                                              &a.pools[PT_CACHE_SHADOW_PAGE]) or \
+                        kvm_mmu_topup_memory_cache(&header_cache.mc, 1, pt_pool_alloc,
+                                                   &a.pools[PT_CACHE_PAGE_HEADER]):
+                    self.arena._grow_for(64, 64)
+                    continue
+                with nogil:
+                    r = tdp_mmu_split_huge_pages_root(&self.m, c_root, s, e, target,
+                                                      &page_cache.mc, &header_cache.mc, nx, &resume,
+                                                      &total)
+                if r == 0:
+                    return total
+                s = resume                              # refill, then go on from there
+        finally:
+            self._leave()
+
+    def recover_huge_pages(self, root, base_gfn, npages, max_level, *, nx_huge_pages=False):
+        """``kvm_tdp_mmu_recover_huge_pages`` for the memslot [base_gfn,
+        base_gfn + npages): `max_level` (int8, one per 2M frame of the slot)
+        is ``kvm_mmu_max_mapping_level`` at each frame's first gfn.  Returns
+        the entries made huge again (flush the slot if any).  The torn-down
+        tables are freed after a grace period."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef uint64_t base = u64_arg(base_gfn, "base_gfn")
+        cdef uint64_t n = u64_arg(npages, "npages")
+        cdef int64_t r
+        _check_array("max_level", max_level, np.int8)
+        if base + n < base:
+            raise ValueError("base_gfn + npages wraps")
+        if max_level.shape[0] != ((base + n - 1) >> 9) - (base >> 9) + 1 and n:
+            raise ValueError(f"max_level needs one entry per 2M frame of the slot "
+                             f"({((base + n - 1) >> 9) - (base >> 9) + 1}), not {max_level.shape[0]}")
+        if base & 511:
+            raise ValueError(f"base_gfn={base:#x} is not 2M aligned (the frames would not match)")
+        ml_arr = np.array(max_level, copy=True)
+        cdef const signed char[::1] ml = ml_arr
+        cdef bint nx = bool(nx_huge_pages)
+        self._ready("recover_huge_pages")
+        self._enter("TdpMmuCore.recover_huge_pages")
+        try:
+            self._root(c_root)
+            if n == 0:
+                return 0
+            with nogil:
+                r = kvm_tdp_mmu_recover_huge_pages(&self.m, c_root, base, n, &ml[0], nx)
+        finally:
+            self._leave()
+        return r

@@ -74,6 +74,47 @@ class Model:
         self.leaves[(level, gfn)] = pfn
         return RET_PF_FIXED
 
+    def split(self, start, end, target):
+        while True:
+            big = [k for k in self.leaves
+                   if k[0] > target and k[1] < end and k[1] + pages(k[0]) > start]
+            if not big:
+                return
+            for lvl, base in big:
+                hpfn = self.leaves.pop((lvl, base))
+                for i in range(512):
+                    self.leaves[(lvl - 1, base + i * pages(lvl - 1))] = hpfn + i * pages(lvl - 1)
+
+    def recover(self, base, npages, max_level):
+        def below(b, lvl):
+            return [k for k in self.leaves if b <= k[1] < b + pages(lvl) and k[0] < lvl]
+
+        def merge(b, lvl):
+            if b < base or b + pages(lvl) > base + npages or max_level[(b - base) >> 9] < lvl:
+                return False
+            if (lvl, b) in self.leaves or any(k[0] > lvl and k[1] <= b < k[1] + pages(k[0])
+                                              for k in self.leaves):
+                return False
+            keys = below(b, lvl)
+            if not keys:
+                return False
+            first = min(keys, key=lambda k: k[1])
+            pfn = self.leaves[first] - (first[1] - b)
+            for k in keys:
+                del self.leaves[k]
+            self.leaves[(lvl, b)] = pfn
+            return True
+
+        n = 0
+        for b1 in range(base & ~(pages(3) - 1), base + npages, pages(3)):
+            if merge(b1, 3):
+                n += 1
+                continue
+            for b2 in range(b1, b1 + pages(3), pages(2)):
+                if b2 < base + npages and merge(b2, 2):
+                    n += 1
+        return n
+
     def zap(self, start, end):
         for key in [k for k in self.leaves if k[1] < end and k[1] + pages(k[0]) > start]:
             del self.leaves[key]
@@ -132,6 +173,27 @@ class TdpMachine(RuleBasedStateMachine):
         had = any(k[1] < start + width and k[1] + pages(k[0]) > start for k in self.model.leaves)
         assert self.s.t.zap_leafs(self.s.root, start, start + width) == had
         self.model.zap(start, start + width)
+
+    @rule(start=st.integers(0, SPAN), width=st.integers(1, 1 << 19), to=st.sampled_from([1, 2]))
+    def split(self, start, width, to):
+        target = to
+        before = sum(1 for k in self.model.leaves
+                     if k[0] > target and k[1] < start + width and k[1] + pages(k[0]) > start)
+        n = self.s.t.split_huge_pages(self.s.root, start, start + width, target, self.s.pc, self.s.hc)
+        self.model.split(start, start + width, target)
+        assert (n > 0) == (before > 0)
+
+    @rule(frame=st.integers(0, SPAN >> 9), frames=st.integers(1, 1024), data=st.data())
+    def recover(self, frame, frames, data):
+        if self.model.leaves and data.draw(st.booleans()):       # aim at mapped memory
+            frame = max(0, (data.draw(st.sampled_from(sorted(self.model.leaves)))[1] >> 9)
+                        - data.draw(st.integers(0, 600)))
+        base, npages = frame << 9, frames << 9
+        ml = np.array(data.draw(st.lists(st.sampled_from([1, 2, 3]), min_size=frames,
+                                         max_size=frames)), np.int8)
+        got = self.s.t.recover_huge_pages(self.s.root, base, npages, ml)
+        self.s.a.rcu_barrier()
+        assert got == self.model.recover(base, npages, ml)
 
     @rule()
     def zap_root(self):
