@@ -48,7 +48,9 @@ Errors: :class:`KvmNoMemoryError` (-ENOMEM), :class:`RmapDataCorruptionError`
 (the kernel's KVM_BUG_ON_DATA_CORRUPTION: removing an absent entry),
 :class:`RmapLockError`, :class:`GfnOutOfSlotError`, :class:`InvalidLevelError`,
 :class:`InvalidSptepError`, ``TypeError`` for arrays that are not uint64.
-Validation errors leave every rmap unchanged.
+Validation errors leave every rmap unchanged.  :class:`RmapInputChangedError`
+when another thread rewrote a batch call's input while its nogil loop ran
+(each element is re-checked as it is loaded; ``done`` says how many applied).
 """
 
 from kvmmmu._core.argcheck cimport s32_arg, s64_arg, u64_arg
@@ -69,7 +71,7 @@ import numpy as np
 
 from kvmmmu._core._checks import (check_array as _check_array, export, int_arg as _int_arg,
                                   out_array as _out_array, readonly as _readonly)
-from kvmmmu.errors import KvmNoMemoryError
+from kvmmmu.errors import ConcurrentUseError, KvmNoMemoryError
 
 cdef extern from "<stdlib.h>" nogil:
     void *aligned_alloc(size_t alignment, size_t size)
@@ -100,6 +102,17 @@ class RmapDataCorruptionError(RuntimeError):
     def __init__(self, msg, index=None):
         super().__init__(msg)
         self.index = index
+
+
+class RmapInputChangedError(ConcurrentUseError):
+    """A batch call's input array was rewritten (by another thread) while
+    the call ran without the GIL: an element that passed validation no
+    longer does.  The loop stops there; ``done`` elements before it were
+    applied (each is one complete operation), the rest are untouched."""
+
+    def __init__(self, msg, done=None):
+        super().__init__(msg)
+        self.done = done
 
 
 class RmapLockError(RuntimeError):
@@ -1424,6 +1437,34 @@ cdef int _raise_bad_pair(RmapSlot slot, gfns, sptes, Py_ssize_t i, int why) exce
                             f"(non-zero, 8-byte aligned); nothing was changed")
 
 
+# Batch loops.  The caller validated every (gfn, sptep) pair before the loop,
+# but the arrays belong to the caller and the loop runs without the GIL:
+# another thread may rewrite them meanwhile.  So each element is loaded once
+# (a relaxed load the compiler cannot repeat) and its gfn (and sptep) checked
+# again, a compare and a test, before it indexes anything; a changed element
+# stops the loop (-RMAP_BATCH_INPUT_CHANGED, elements before it are done).
+#
+# Memory-level parallelism: with random gfns nearly every head is a cache
+# miss, and each iteration's locked update waits for its own head.  The loops
+# prefetch the head of element i + RMAP_BATCH_PREFETCH, so the misses of
+# independent heads overlap as they do in a plain C loop with no per-element
+# call in it.
+
+cdef enum:
+    RMAP_BATCH_PREFETCH = 48             # elements the head prefetch runs ahead
+    RMAP_BATCH_INPUT_CHANGED = 1000      # -code: an input element failed its re-check
+
+
+cdef inline void _prefetch_head(kvm_rmap_head *heads, const uint64_t *gfns, Py_ssize_t i,
+                                Py_ssize_t n, int shift, uint64_t base_index) noexcept nogil:
+    # A hint only (never faults): the address is formed as an integer, so a
+    # gfn rewritten out of range is harmless here; the element is checked
+    # before it is used.
+    if i < n:
+        kvmmmu_prefetchw(<const void *>(<uintptr_t>heads + <uintptr_t>(
+            ((kvmmmu_load_relaxed_u64(&gfns[i]) >> shift) - base_index) * sizeof(kvm_rmap_head))))
+
+
 cdef Py_ssize_t _rmap_add_batch(pte_list_desc_pool *kvm, kvm_mmu_memory_cache *cache,
                                 const kvm_rmap_slot *slot, int level, const uint64_t *gfns,
                                 const uint64_t *sptes, Py_ssize_t n, uint32_t *counts,
@@ -1431,26 +1472,42 @@ cdef Py_ssize_t _rmap_add_batch(pte_list_desc_pool *kvm, kvm_mmu_memory_cache *c
     """rmap_add for each element.  An add that needs a descriptor and finds
     the cache empty drops the rmap lock, tops the cache up (to capacity) and
     retries, like a fault that goes back for memory.  Returns the number of
-    elements done; *err = -ENOMEM when the pool cannot supply one."""
+    elements done; *err = -ENOMEM when the pool cannot supply one, or
+    -RMAP_BATCH_INPUT_CHANGED when an element no longer passes validation."""
     cdef Py_ssize_t i
     cdef kvm_rmap_head *head
-    cdef uint64_t v
+    cdef uint64_t v, g, sp
     cdef int r
     cdef uint64_t high = 0
     cdef int shift = (level - 1) * KVM_HPAGE_GFN_SHIFT_PER_LEVEL
-    cdef uint64_t base_index = slot.base_gfn >> shift
+    cdef uint64_t base_gfn = slot.base_gfn, npages = slot.npages
+    cdef uint64_t base_index = base_gfn >> shift
     cdef kvm_rmap_head *heads = slot.rmap[level - 1]
     err[0] = 0
+    for i in range(RMAP_BATCH_PREFETCH):
+        _prefetch_head(heads, gfns, i, n, shift, base_index)
     for i in range(n):
-        head = &heads[(gfns[i] >> shift) - base_index]
+        _prefetch_head(heads, gfns, i + RMAP_BATCH_PREFETCH, n, shift, base_index)
+        g = kvmmmu_load_relaxed_u64(&gfns[i])
+        sp = kvmmmu_load_relaxed_u64(&sptes[i])
+        if g - base_gfn >= npages or not sptep_is_valid(sp):
+            err[0] = -RMAP_BATCH_INPUT_CHANGED
+            break
+        head = &heads[(g >> shift) - base_index]
         v = kvm_rmap_lock(head)
-        r = __pte_list_add(cache, sptes[i], &v)
+        if v == 0:
+            # An empty head takes the entry inline: nothing to allocate, no
+            # count to track (the kernel's first pte_list_add case).
+            kvm_rmap_unlock(head, sp)
+            counts[i] = 0
+            continue
+        r = __pte_list_add(cache, sp, &v)
         kvm_rmap_unlock(head, v)
         if r < 0:
             r = kvm_mmu_topup_memory_cache(cache, 1, pte_list_desc_pool_alloc, kvm)
             if r == 0:
                 v = kvm_rmap_lock(head)
-                r = __pte_list_add(cache, sptes[i], &v)
+                r = __pte_list_add(cache, sp, &v)
                 kvm_rmap_unlock(head, v)
             if r < 0:
                 err[0] = r
@@ -1493,7 +1550,9 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
 
     Raises TypeError (not uint64 arrays), ValueError (shapes), InvalidLevelError,
     GfnOutOfSlotError, InvalidSptepError -- all before any change -- and
-    KvmNoMemoryError (``done`` = elements applied) when the pool runs dry.
+    KvmNoMemoryError (``done`` = elements applied) when the pool runs dry, or
+    RmapInputChangedError (``done`` likewise) when another thread rewrote an
+    element of ``gfns``/``sptes`` during the loop.
     """
     cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
     cdef Py_ssize_t n, done, bad
@@ -1530,6 +1589,10 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
             _call_zaps(zap, col.buf, col.n, 0, False)
     finally:
         free(col.buf)
+    if err == -RMAP_BATCH_INPUT_CHANGED:
+        raise RmapInputChangedError(f"gfns/sptes element {done} changed during rmap_add_batch "
+                                    f"and is no longer valid; the {done} adds before it were "
+                                    f"applied", done=done)
     if err != 0:
         raise KvmNoMemoryError(f"pte_list_desc pool exhausted after {done} of {n} adds "
                                f"(capacity {slot.pool.capacity})", done=done)
@@ -1538,21 +1601,34 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
 
 cdef Py_ssize_t _rmap_remove_batch(pte_list_desc_pool *kvm, const kvm_rmap_slot *slot, int level,
                                    const uint64_t *gfns, const uint64_t *sptes,
-                                   Py_ssize_t n) noexcept nogil:
-    """Returns n, or the index of the first absent entry."""
+                                   Py_ssize_t n, int *err) noexcept nogil:
+    """Returns n, or the index of the first absent entry (*err = -ENOENT) or
+    of the first element whose gfn no longer passes validation (*err =
+    -RMAP_BATCH_INPUT_CHANGED).  A changed sptep needs no re-check: the
+    search compares it and never follows it."""
     cdef Py_ssize_t i
     cdef kvm_rmap_head *head
-    cdef uint64_t v
+    cdef uint64_t v, g
     cdef int r
     cdef int shift = (level - 1) * KVM_HPAGE_GFN_SHIFT_PER_LEVEL
-    cdef uint64_t base_index = slot.base_gfn >> shift
+    cdef uint64_t base_gfn = slot.base_gfn, npages = slot.npages
+    cdef uint64_t base_index = base_gfn >> shift
     cdef kvm_rmap_head *heads = slot.rmap[level - 1]
+    err[0] = 0
+    for i in range(RMAP_BATCH_PREFETCH):
+        _prefetch_head(heads, gfns, i, n, shift, base_index)
     for i in range(n):
-        head = &heads[(gfns[i] >> shift) - base_index]
+        _prefetch_head(heads, gfns, i + RMAP_BATCH_PREFETCH, n, shift, base_index)
+        g = kvmmmu_load_relaxed_u64(&gfns[i])
+        if g - base_gfn >= npages:
+            err[0] = -RMAP_BATCH_INPUT_CHANGED
+            return i
+        head = &heads[(g >> shift) - base_index]
         v = kvm_rmap_lock(head)
-        r = __pte_list_remove(kvm, sptes[i], &v)
+        r = __pte_list_remove(kvm, kvmmmu_load_relaxed_u64(&sptes[i]), &v)
         kvm_rmap_unlock(head, v)
         if r != 0:
+            err[0] = r
             return i
     return n
 
@@ -1566,7 +1642,7 @@ def rmap_remove_batch(RmapSlot slot not None, gfns, sptes, level=1):
     """
     cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
     cdef Py_ssize_t n, done, bad
-    cdef int why = 0
+    cdef int why = 0, err = 0
     _check_level(lv)
     _check_array("gfns", gfns)
     _check_array("sptes", sptes)
@@ -1584,8 +1660,12 @@ def rmap_remove_batch(RmapSlot slot not None, gfns, sptes, level=1):
         _raise_bad_pair(slot, gfns, sptes, bad, why)
     slot.pool.c.gen += 1
     with nogil:
-        done = _rmap_remove_batch(&slot.pool.c, &slot.c, lv, &g[0], &s[0], n)
+        done = _rmap_remove_batch(&slot.pool.c, &slot.c, lv, &g[0], &s[0], n, &err)
     slot.pool.c.gen += 1
+    if err == -RMAP_BATCH_INPUT_CHANGED:
+        raise RmapInputChangedError(f"gfns element {done} changed during rmap_remove_batch "
+                                    f"and is no longer in the slot; the {done} removes before "
+                                    f"it were applied", done=done)
     if done != n:
         raise _data_corruption(slot.pool,
             f"sptes[{done}]={int(sptes[done]):#x} is not in the level-{lv} rmap of "
@@ -1593,11 +1673,33 @@ def rmap_remove_batch(RmapSlot slot not None, gfns, sptes, level=1):
             index=done)
 
 
+cdef Py_ssize_t _rmap_count_batch(const kvm_rmap_slot *slot, int level, const uint64_t *gfns,
+                                  Py_ssize_t n, uint32_t *counts) noexcept nogil:
+    """pte_list_count for each (validated) gfn.  Returns -1, or the index of
+    the first gfn that no longer passes validation (nothing after it is
+    counted)."""
+    cdef Py_ssize_t i
+    cdef uint64_t g
+    cdef int shift = (level - 1) * KVM_HPAGE_GFN_SHIFT_PER_LEVEL
+    cdef uint64_t base_gfn = slot.base_gfn, npages = slot.npages
+    cdef uint64_t base_index = base_gfn >> shift
+    cdef kvm_rmap_head *heads = slot.rmap[level - 1]
+    for i in range(RMAP_BATCH_PREFETCH):
+        _prefetch_head(heads, gfns, i, n, shift, base_index)
+    for i in range(n):
+        _prefetch_head(heads, gfns, i + RMAP_BATCH_PREFETCH, n, shift, base_index)
+        g = kvmmmu_load_relaxed_u64(&gfns[i])
+        if g - base_gfn >= npages:
+            return i
+        counts[i] = pte_list_count(&heads[(g >> shift) - base_index])
+    return -1
+
+
 def rmap_count_batch(RmapSlot slot not None, gfns, level=1, out=None):
-    """pte_list_count for every gfn (nogil).  Returns ndarray[uint32] (n,)."""
+    """pte_list_count for every gfn (nogil).  Returns ndarray[uint32] (n,).
+    Raises GfnOutOfSlotError for a gfn outside the slot."""
     cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
-    cdef Py_ssize_t n, i, bad
-    cdef int why = 0
+    cdef Py_ssize_t n, bad
     _check_level(lv)
     _check_array("gfns", gfns)
     n = gfns.shape[0]
@@ -1606,13 +1708,16 @@ def rmap_count_batch(RmapSlot slot not None, gfns, level=1, out=None):
         return out
     cdef const uint64_t[::1] g = gfns
     cdef uint32_t[::1] o = out
+    cdef int why = 0
     with nogil:
         bad = _validate_pairs(&slot.c, &g[0], NULL, n, &why)
     if bad >= 0:
         _raise_bad_pair(slot, gfns, None, bad, why)
     with nogil:
-        for i in range(n):
-            o[i] = pte_list_count(gfn_to_rmap(g[i], lv, &slot.c))
+        bad = _rmap_count_batch(&slot.c, lv, &g[0], n, &o[0])
+    if bad >= 0:
+        raise RmapInputChangedError(f"gfns element {bad} changed during rmap_count_batch and "
+                                    f"is no longer in the slot", done=bad)
     return out
 
 
