@@ -147,3 +147,18 @@ for attempt in range(6):
 print("OUTCOMES", sorted(seen))
 """, timeout=300, allow_raise=False)
     assert "OUTCOMES" in r.stdout
+
+
+@pytest.mark.parametrize("call, name", [
+    ("R.rmap_add(cache, slot, 1.0, 8)", "gfn"),
+    ("R.rmap_count(slot, 1, level=1.0)", "level"),
+    ("R.gfn_to_rmap(2.5, 1, slot)", "gfn"),
+    ("slot.index_to_gfn(1.0)", "index"),
+    ("T.debug_store_head(R.gfn_to_rmap(1, 1, slot), 8.0)", "value"),
+    ("T.debug_poke_desc(R.gfn_to_rmap(1, 1, slot), 0.0, 'sptes', 8)", "k"),
+    ("T.concurrent_writer(cache, R.ParentPtes(pool), 0x1000, 4.0, 1)", "n"),
+    ("T.LockStress(pool).run_writer(cache, 1.5)", "iters"),
+])
+def test_scalar_float_is_type_error(call, name):
+    assert_raises_in_child(SETUP + "from kvmmmu._core import rmap_torture as T\n" + call + "\n",
+                           TypeError, match=name)
