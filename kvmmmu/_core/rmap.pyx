@@ -1451,7 +1451,7 @@ cdef int _raise_bad_pair(RmapSlot slot, gfns, sptes, Py_ssize_t i, int why) exce
 # call in it.
 
 cdef enum:
-    RMAP_BATCH_PREFETCH = 48             # elements the head prefetch runs ahead
+    RMAP_BATCH_PREFETCH = 64             # elements the head prefetch runs ahead
     RMAP_BATCH_INPUT_CHANGED = 1000      # -code: an input element failed its re-check
 
 
