@@ -90,3 +90,75 @@ for k in range(1, 6):
     R.rmap_add(cache, slot, 3, 8 * k)
 assert sorted(R.gfn_to_rmap(3, 1, slot)) == [8, 16, 24, 32, 40]
 """)
+
+
+@pytest.mark.parametrize("call", ["add", "remove", "count"])
+def test_batch_inputs_rewritten_by_another_thread(call):
+    # Another thread keeps rewriting the gfns with values far outside the slot
+    # while the nogil loop runs: the loop re-checks each element it loads, so
+    # the call either completes, refuses before any change (validation saw
+    # the bad value) or stops at the changed element (RmapInputChangedError,
+    # `done` elements applied); never an access outside the heads.
+    r = assert_no_crash(SETUP + f"""
+import threading
+from kvmmmu.errors import ConcurrentUseError
+n = 1 << 20
+pool = R.PteListDescPool(); cache = R.PteListDescCache(pool)
+slot = R.RmapSlot(0, n, pool)
+g = np.arange(n, dtype=np.uint64)
+s = (np.arange(n, dtype=np.uint64) + 1) * 8
+seen = set()
+for attempt in range(6):
+    if {call!r} != "add":
+        R.rmap_add_batch(cache, slot, g, s)
+    stop = []
+    def writer():
+        while not stop:
+            g[n // 2:] = np.uint64(1 << 60)
+            g[n // 2:] = np.arange(n // 2, n, dtype=np.uint64)
+    t = threading.Thread(target=writer); t.start()
+    try:
+        if {call!r} == "add":
+            R.rmap_add_batch(cache, slot, g, s)
+        elif {call!r} == "remove":
+            R.rmap_remove_batch(slot, g, s)
+        else:
+            R.rmap_count_batch(slot, g)
+        done = n if {call!r} != "count" else 0
+        seen.add("ok")
+    except R.GfnOutOfSlotError:
+        done = 0
+        seen.add("refused")
+    except R.RmapInputChangedError as e:
+        assert isinstance(e, ConcurrentUseError)
+        assert 0 <= e.done < n
+        done = e.done if {call!r} != "count" else 0
+        seen.add("changed")
+    finally:
+        stop.append(1); t.join()
+    g[:] = np.arange(n, dtype=np.uint64)
+    total = int(R.rmap_count_all(slot).sum())
+    if {call!r} == "add":
+        assert total == done, (total, done)
+    elif {call!r} == "remove":
+        assert total == n - done, (total, done)
+    R.audit(slot)
+    R.rmap_remove_batch(slot, g[R.rmap_count_all(slot) == 1], s[R.rmap_count_all(slot) == 1])
+print("OUTCOMES", sorted(seen))
+""", timeout=300, allow_raise=False)
+    assert "OUTCOMES" in r.stdout
+
+
+@pytest.mark.parametrize("call, name", [
+    ("R.rmap_add(cache, slot, 1.0, 8)", "gfn"),
+    ("R.rmap_count(slot, 1, level=1.0)", "level"),
+    ("R.gfn_to_rmap(2.5, 1, slot)", "gfn"),
+    ("slot.index_to_gfn(1.0)", "index"),
+    ("T.debug_store_head(R.gfn_to_rmap(1, 1, slot), 8.0)", "value"),
+    ("T.debug_poke_desc(R.gfn_to_rmap(1, 1, slot), 0.0, 'sptes', 8)", "k"),
+    ("T.concurrent_writer(cache, R.ParentPtes(pool), 0x1000, 4.0, 1)", "n"),
+    ("T.LockStress(pool).run_writer(cache, 1.5)", "iters"),
+])
+def test_scalar_float_is_type_error(call, name):
+    assert_raises_in_child(SETUP + "from kvmmmu._core import rmap_torture as T\n" + call + "\n",
+                           TypeError, match=name)

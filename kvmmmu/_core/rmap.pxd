@@ -64,6 +64,7 @@ cdef extern from "rmap_defs.h" nogil:
     bint kvm_rmap_try_cmpxchg_acquire(uint64_t *p, uint64_t *old, uint64_t new_val)
     void kvm_rmap_set_release(uint64_t *p, uint64_t v)
     void kvm_rmap_cpu_relax()
+    void kvmmmu_prefetchw(const void *p)
     uint64_t kvmmmu_load_relaxed_u64(const uint64_t *p)
     void kvmmmu_store_relaxed_u64(uint64_t *p, uint64_t v)
     uint32_t kvmmmu_load_relaxed_u32(const uint32_t *p)

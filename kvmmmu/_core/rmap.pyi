@@ -20,11 +20,16 @@ MAX_GFN: int                           # 1 << 40
 ZapCallback = Callable[[int], Any]
 
 
-from kvmmmu.errors import KvmNoMemoryError as KvmNoMemoryError
+from kvmmmu.errors import ConcurrentUseError, KvmNoMemoryError as KvmNoMemoryError
 
 class RmapDataCorruptionError(RuntimeError):
     index: int | None
     def __init__(self, msg: str, index: int | None = ...) -> None: ...
+
+
+class RmapInputChangedError(ConcurrentUseError):
+    done: int | None
+    def __init__(self, msg: str, done: int | None = ...) -> None: ...
 
 
 class RmapLockError(RuntimeError): ...

@@ -48,7 +48,9 @@ Errors: :class:`KvmNoMemoryError` (-ENOMEM), :class:`RmapDataCorruptionError`
 (the kernel's KVM_BUG_ON_DATA_CORRUPTION: removing an absent entry),
 :class:`RmapLockError`, :class:`GfnOutOfSlotError`, :class:`InvalidLevelError`,
 :class:`InvalidSptepError`, ``TypeError`` for arrays that are not uint64.
-Validation errors leave every rmap unchanged.
+Validation errors leave every rmap unchanged.  :class:`RmapInputChangedError`
+when another thread rewrote a batch call's input while its nogil loop ran
+(each element is re-checked as it is loaded; ``done`` says how many applied).
 """
 
 from kvmmmu._core.argcheck cimport s32_arg, s64_arg, u64_arg
@@ -67,9 +69,9 @@ from threading import get_ident as _get_ident
 
 import numpy as np
 
-from kvmmmu._core._checks import (check_array as _check_array, export, int_arg as _int_arg,
+from kvmmmu._core._checks import (check_array as _check_array, export,
                                   out_array as _out_array, readonly as _readonly)
-from kvmmmu.errors import KvmNoMemoryError
+from kvmmmu.errors import ConcurrentUseError, KvmNoMemoryError
 
 cdef extern from "<stdlib.h>" nogil:
     void *aligned_alloc(size_t alignment, size_t size)
@@ -100,6 +102,17 @@ class RmapDataCorruptionError(RuntimeError):
     def __init__(self, msg, index=None):
         super().__init__(msg)
         self.index = index
+
+
+class RmapInputChangedError(ConcurrentUseError):
+    """A batch call's input array was rewritten (by another thread) while
+    the call ran without the GIL: an element that passed validation no
+    longer does.  The loop stops there; ``done`` elements before it were
+    applied (each is one complete operation), the rest are untouched."""
+
+    def __init__(self, msg, done=None):
+        super().__init__(msg)
+        self.done = done
 
 
 class RmapLockError(RuntimeError):
@@ -820,8 +833,8 @@ cdef class RmapSlot:
 
     def gfn_to_rmap(self, gfn, level=1):
         """Same as :func:`gfn_to_rmap`."""
-        cdef uint64_t g = _int_arg("gfn", gfn, 0, 0xFFFFFFFFFFFFFFFF)
-        cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+        cdef uint64_t g = u64_arg(gfn, "gfn")
+        cdef int lv = s32_arg(level, "level")
         _check_level(lv)
         _check_gfn(&self.c, g)
         return _make_head(gfn_to_rmap(g, lv, &self.c), self, self.pool)
@@ -829,8 +842,8 @@ cdef class RmapSlot:
     def index_to_gfn(self, index, level=1):
         """First gfn of head ``index`` at ``level`` (may lie below base_gfn
         for the partial first frame; the slot's own gfns start at base_gfn)."""
-        cdef uint64_t idx = _int_arg("index", index, 0, 0xFFFFFFFFFFFFFFFF)
-        cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+        cdef uint64_t idx = u64_arg(index, "index")
+        cdef int lv = s32_arg(level, "level")
         _check_level(lv)
         if idx >= self.c.lpages[lv - 1]:
             raise IndexError(f"index={idx} is outside 0..{self.c.lpages[lv - 1] - 1}")
@@ -1010,8 +1023,8 @@ def _py_gfn_to_rmap(gfn, level, RmapSlot slot not None):
 
     Raises InvalidLevelError (level not 1..3) or GfnOutOfSlotError.
     """
-    cdef uint64_t g = _int_arg("gfn", gfn, 0, 0xFFFFFFFFFFFFFFFF)
-    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+    cdef uint64_t g = u64_arg(gfn, "gfn")
+    cdef int lv = s32_arg(level, "level")
     _check_level(lv)
     _check_gfn(&slot.c, g)
     return _make_head(gfn_to_rmap(g, lv, &slot.c), slot, slot.pool)
@@ -1036,7 +1049,7 @@ def _py_pte_list_add(PteListDescCache cache not None, sptep, RmapHead head not N
     (the list is unchanged), InvalidSptepError, ValueError (cache of another
     pool), RmapLockError (this thread holds the head's lock).
     """
-    cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
+    cdef uint64_t sp = u64_arg(sptep, "sptep")
     cdef uint64_t v
     cdef int r
     _check_sptep(sp)
@@ -1058,7 +1071,7 @@ def _py_pte_list_remove(sptep, RmapHead head not None):
     Raises RmapDataCorruptionError if ``sptep`` is not in the list (the
     kernel's KVM_BUG_ON_DATA_CORRUPTION; the list is unchanged).
     """
-    cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
+    cdef uint64_t sp = u64_arg(sptep, "sptep")
     cdef uint64_t v
     cdef int r
     v = _lock_py(head.head)
@@ -1259,7 +1272,7 @@ cdef class RmapLock:
 
     def add(self, PteListDescCache cache not None, sptep):
         """pte_list_add's body under this (writer) lock; returns the count before."""
-        cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
+        cdef uint64_t sp = u64_arg(sptep, "sptep")
         cdef int r
         self._check_writer()
         _check_sptep(sp)
@@ -1272,7 +1285,7 @@ cdef class RmapLock:
 
     def remove(self, sptep):
         """pte_list_remove's body under this (writer) lock."""
-        cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
+        cdef uint64_t sp = u64_arg(sptep, "sptep")
         self._check_writer()
         self.head.pool.c.gen += 1
         if __pte_list_remove(&self.head.pool.c, sp, &self.val) < 0:
@@ -1325,9 +1338,9 @@ def _py_rmap_add(PteListDescCache cache not None, RmapSlot slot not None, gfn,
     Raises InvalidLevelError, GfnOutOfSlotError, InvalidSptepError, ValueError
     (cache of another pool), KvmNoMemoryError (empty cache; nothing changed).
     """
-    cdef uint64_t g = _int_arg("gfn", gfn, 0, 0xFFFFFFFFFFFFFFFF)
-    cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
-    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+    cdef uint64_t g = u64_arg(gfn, "gfn")
+    cdef uint64_t sp = u64_arg(sptep, "sptep")
+    cdef int lv = s32_arg(level, "level")
     cdef kvm_rmap_head *head
     cdef uint64_t v
     cdef int n
@@ -1353,9 +1366,9 @@ def _py_rmap_add(PteListDescCache cache not None, RmapSlot slot not None, gfn,
 def _py_rmap_remove(RmapSlot slot not None, gfn, sptep, level=1):
     """pte_list_remove on ``gfn_to_rmap(gfn, level, slot)`` (the list part of
     the kernel's rmap_remove).  Raises RmapDataCorruptionError when absent."""
-    cdef uint64_t g = _int_arg("gfn", gfn, 0, 0xFFFFFFFFFFFFFFFF)
-    cdef uint64_t sp = _int_arg("sptep", sptep, 0, 0xFFFFFFFFFFFFFFFF)
-    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+    cdef uint64_t g = u64_arg(gfn, "gfn")
+    cdef uint64_t sp = u64_arg(sptep, "sptep")
+    cdef int lv = s32_arg(level, "level")
     cdef kvm_rmap_head *head
     cdef uint64_t v
     cdef int r
@@ -1372,8 +1385,8 @@ def _py_rmap_remove(RmapSlot slot not None, gfn, sptep, level=1):
 
 def rmap_count(RmapSlot slot not None, gfn, level=1):
     """pte_list_count of ``gfn_to_rmap(gfn, level, slot)``."""
-    cdef uint64_t g = _int_arg("gfn", gfn, 0, 0xFFFFFFFFFFFFFFFF)
-    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+    cdef uint64_t g = u64_arg(gfn, "gfn")
+    cdef int lv = s32_arg(level, "level")
     _check_level(lv)
     _check_gfn(&slot.c, g)
     return pte_list_count(gfn_to_rmap(g, lv, &slot.c))
@@ -1424,6 +1437,34 @@ cdef int _raise_bad_pair(RmapSlot slot, gfns, sptes, Py_ssize_t i, int why) exce
                             f"(non-zero, 8-byte aligned); nothing was changed")
 
 
+# Batch loops.  The caller validated every (gfn, sptep) pair before the loop,
+# but the arrays belong to the caller and the loop runs without the GIL:
+# another thread may rewrite them meanwhile.  So each element is loaded once
+# (a relaxed load the compiler cannot repeat) and its gfn (and sptep) checked
+# again, a compare and a test, before it indexes anything; a changed element
+# stops the loop (-RMAP_BATCH_INPUT_CHANGED, elements before it are done).
+#
+# Memory-level parallelism: with random gfns nearly every head is a cache
+# miss, and each iteration's locked update waits for its own head.  The loops
+# prefetch the head of element i + RMAP_BATCH_PREFETCH, so the misses of
+# independent heads overlap as they do in a plain C loop with no per-element
+# call in it.
+
+cdef enum:
+    RMAP_BATCH_PREFETCH = 64             # elements the head prefetch runs ahead
+    RMAP_BATCH_INPUT_CHANGED = 1000      # -code: an input element failed its re-check
+
+
+cdef inline void _prefetch_head(kvm_rmap_head *heads, const uint64_t *gfns, Py_ssize_t i,
+                                Py_ssize_t n, int shift, uint64_t base_index) noexcept nogil:
+    # A hint only (never faults): the address is formed as an integer, so a
+    # gfn rewritten out of range is harmless here; the element is checked
+    # before it is used.
+    if i < n:
+        kvmmmu_prefetchw(<const void *>(<uintptr_t>heads + <uintptr_t>(
+            ((kvmmmu_load_relaxed_u64(&gfns[i]) >> shift) - base_index) * sizeof(kvm_rmap_head))))
+
+
 cdef Py_ssize_t _rmap_add_batch(pte_list_desc_pool *kvm, kvm_mmu_memory_cache *cache,
                                 const kvm_rmap_slot *slot, int level, const uint64_t *gfns,
                                 const uint64_t *sptes, Py_ssize_t n, uint32_t *counts,
@@ -1431,26 +1472,42 @@ cdef Py_ssize_t _rmap_add_batch(pte_list_desc_pool *kvm, kvm_mmu_memory_cache *c
     """rmap_add for each element.  An add that needs a descriptor and finds
     the cache empty drops the rmap lock, tops the cache up (to capacity) and
     retries, like a fault that goes back for memory.  Returns the number of
-    elements done; *err = -ENOMEM when the pool cannot supply one."""
+    elements done; *err = -ENOMEM when the pool cannot supply one, or
+    -RMAP_BATCH_INPUT_CHANGED when an element no longer passes validation."""
     cdef Py_ssize_t i
     cdef kvm_rmap_head *head
-    cdef uint64_t v
+    cdef uint64_t v, g, sp
     cdef int r
     cdef uint64_t high = 0
     cdef int shift = (level - 1) * KVM_HPAGE_GFN_SHIFT_PER_LEVEL
-    cdef uint64_t base_index = slot.base_gfn >> shift
+    cdef uint64_t base_gfn = slot.base_gfn, npages = slot.npages
+    cdef uint64_t base_index = base_gfn >> shift
     cdef kvm_rmap_head *heads = slot.rmap[level - 1]
     err[0] = 0
+    for i in range(RMAP_BATCH_PREFETCH):
+        _prefetch_head(heads, gfns, i, n, shift, base_index)
     for i in range(n):
-        head = &heads[(gfns[i] >> shift) - base_index]
+        _prefetch_head(heads, gfns, i + RMAP_BATCH_PREFETCH, n, shift, base_index)
+        g = kvmmmu_load_relaxed_u64(&gfns[i])
+        sp = kvmmmu_load_relaxed_u64(&sptes[i])
+        if g - base_gfn >= npages or not sptep_is_valid(sp):
+            err[0] = -RMAP_BATCH_INPUT_CHANGED
+            break
+        head = &heads[(g >> shift) - base_index]
         v = kvm_rmap_lock(head)
-        r = __pte_list_add(cache, sptes[i], &v)
+        if v == 0:
+            # An empty head takes the entry inline: nothing to allocate, no
+            # count to track (the kernel's first pte_list_add case).
+            kvm_rmap_unlock(head, sp)
+            counts[i] = 0
+            continue
+        r = __pte_list_add(cache, sp, &v)
         kvm_rmap_unlock(head, v)
         if r < 0:
             r = kvm_mmu_topup_memory_cache(cache, 1, pte_list_desc_pool_alloc, kvm)
             if r == 0:
                 v = kvm_rmap_lock(head)
-                r = __pte_list_add(cache, sptes[i], &v)
+                r = __pte_list_add(cache, sp, &v)
                 kvm_rmap_unlock(head, v)
             if r < 0:
                 err[0] = r
@@ -1493,9 +1550,11 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
 
     Raises TypeError (not uint64 arrays), ValueError (shapes), InvalidLevelError,
     GfnOutOfSlotError, InvalidSptepError -- all before any change -- and
-    KvmNoMemoryError (``done`` = elements applied) when the pool runs dry.
+    KvmNoMemoryError (``done`` = elements applied) when the pool runs dry, or
+    RmapInputChangedError (``done`` likewise) when another thread rewrote an
+    element of ``gfns``/``sptes`` during the loop.
     """
-    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+    cdef int lv = s32_arg(level, "level")
     cdef Py_ssize_t n, done, bad
     cdef int why = 0, err = 0
     cdef _zap_collector col
@@ -1530,6 +1589,10 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
             _call_zaps(zap, col.buf, col.n, 0, False)
     finally:
         free(col.buf)
+    if err == -RMAP_BATCH_INPUT_CHANGED:
+        raise RmapInputChangedError(f"gfns/sptes element {done} changed during rmap_add_batch "
+                                    f"and is no longer valid; the {done} adds before it were "
+                                    f"applied", done=done)
     if err != 0:
         raise KvmNoMemoryError(f"pte_list_desc pool exhausted after {done} of {n} adds "
                                f"(capacity {slot.pool.capacity})", done=done)
@@ -1538,21 +1601,34 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
 
 cdef Py_ssize_t _rmap_remove_batch(pte_list_desc_pool *kvm, const kvm_rmap_slot *slot, int level,
                                    const uint64_t *gfns, const uint64_t *sptes,
-                                   Py_ssize_t n) noexcept nogil:
-    """Returns n, or the index of the first absent entry."""
+                                   Py_ssize_t n, int *err) noexcept nogil:
+    """Returns n, or the index of the first absent entry (*err = -ENOENT) or
+    of the first element whose gfn no longer passes validation (*err =
+    -RMAP_BATCH_INPUT_CHANGED).  A changed sptep needs no re-check: the
+    search compares it and never follows it."""
     cdef Py_ssize_t i
     cdef kvm_rmap_head *head
-    cdef uint64_t v
+    cdef uint64_t v, g
     cdef int r
     cdef int shift = (level - 1) * KVM_HPAGE_GFN_SHIFT_PER_LEVEL
-    cdef uint64_t base_index = slot.base_gfn >> shift
+    cdef uint64_t base_gfn = slot.base_gfn, npages = slot.npages
+    cdef uint64_t base_index = base_gfn >> shift
     cdef kvm_rmap_head *heads = slot.rmap[level - 1]
+    err[0] = 0
+    for i in range(RMAP_BATCH_PREFETCH):
+        _prefetch_head(heads, gfns, i, n, shift, base_index)
     for i in range(n):
-        head = &heads[(gfns[i] >> shift) - base_index]
+        _prefetch_head(heads, gfns, i + RMAP_BATCH_PREFETCH, n, shift, base_index)
+        g = kvmmmu_load_relaxed_u64(&gfns[i])
+        if g - base_gfn >= npages:
+            err[0] = -RMAP_BATCH_INPUT_CHANGED
+            return i
+        head = &heads[(g >> shift) - base_index]
         v = kvm_rmap_lock(head)
-        r = __pte_list_remove(kvm, sptes[i], &v)
+        r = __pte_list_remove(kvm, kvmmmu_load_relaxed_u64(&sptes[i]), &v)
         kvm_rmap_unlock(head, v)
         if r != 0:
+            err[0] = r
             return i
     return n
 
@@ -1564,9 +1640,9 @@ def rmap_remove_batch(RmapSlot slot not None, gfns, sptes, level=1):
     changes nothing).  An absent entry raises RmapDataCorruptionError with
     ``index`` set; elements before it were removed, the rest untouched.
     """
-    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+    cdef int lv = s32_arg(level, "level")
     cdef Py_ssize_t n, done, bad
-    cdef int why = 0
+    cdef int why = 0, err = 0
     _check_level(lv)
     _check_array("gfns", gfns)
     _check_array("sptes", sptes)
@@ -1584,8 +1660,12 @@ def rmap_remove_batch(RmapSlot slot not None, gfns, sptes, level=1):
         _raise_bad_pair(slot, gfns, sptes, bad, why)
     slot.pool.c.gen += 1
     with nogil:
-        done = _rmap_remove_batch(&slot.pool.c, &slot.c, lv, &g[0], &s[0], n)
+        done = _rmap_remove_batch(&slot.pool.c, &slot.c, lv, &g[0], &s[0], n, &err)
     slot.pool.c.gen += 1
+    if err == -RMAP_BATCH_INPUT_CHANGED:
+        raise RmapInputChangedError(f"gfns element {done} changed during rmap_remove_batch "
+                                    f"and is no longer in the slot; the {done} removes before "
+                                    f"it were applied", done=done)
     if done != n:
         raise _data_corruption(slot.pool,
             f"sptes[{done}]={int(sptes[done]):#x} is not in the level-{lv} rmap of "
@@ -1593,11 +1673,33 @@ def rmap_remove_batch(RmapSlot slot not None, gfns, sptes, level=1):
             index=done)
 
 
+cdef Py_ssize_t _rmap_count_batch(const kvm_rmap_slot *slot, int level, const uint64_t *gfns,
+                                  Py_ssize_t n, uint32_t *counts) noexcept nogil:
+    """pte_list_count for each (validated) gfn.  Returns -1, or the index of
+    the first gfn that no longer passes validation (nothing after it is
+    counted)."""
+    cdef Py_ssize_t i
+    cdef uint64_t g
+    cdef int shift = (level - 1) * KVM_HPAGE_GFN_SHIFT_PER_LEVEL
+    cdef uint64_t base_gfn = slot.base_gfn, npages = slot.npages
+    cdef uint64_t base_index = base_gfn >> shift
+    cdef kvm_rmap_head *heads = slot.rmap[level - 1]
+    for i in range(RMAP_BATCH_PREFETCH):
+        _prefetch_head(heads, gfns, i, n, shift, base_index)
+    for i in range(n):
+        _prefetch_head(heads, gfns, i + RMAP_BATCH_PREFETCH, n, shift, base_index)
+        g = kvmmmu_load_relaxed_u64(&gfns[i])
+        if g - base_gfn >= npages:
+            return i
+        counts[i] = pte_list_count(&heads[(g >> shift) - base_index])
+    return -1
+
+
 def rmap_count_batch(RmapSlot slot not None, gfns, level=1, out=None):
-    """pte_list_count for every gfn (nogil).  Returns ndarray[uint32] (n,)."""
-    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
-    cdef Py_ssize_t n, i, bad
-    cdef int why = 0
+    """pte_list_count for every gfn (nogil).  Returns ndarray[uint32] (n,).
+    Raises GfnOutOfSlotError for a gfn outside the slot."""
+    cdef int lv = s32_arg(level, "level")
+    cdef Py_ssize_t n, bad
     _check_level(lv)
     _check_array("gfns", gfns)
     n = gfns.shape[0]
@@ -1606,20 +1708,23 @@ def rmap_count_batch(RmapSlot slot not None, gfns, level=1, out=None):
         return out
     cdef const uint64_t[::1] g = gfns
     cdef uint32_t[::1] o = out
+    cdef int why = 0
     with nogil:
         bad = _validate_pairs(&slot.c, &g[0], NULL, n, &why)
     if bad >= 0:
         _raise_bad_pair(slot, gfns, None, bad, why)
     with nogil:
-        for i in range(n):
-            o[i] = pte_list_count(gfn_to_rmap(g[i], lv, &slot.c))
+        bad = _rmap_count_batch(&slot.c, lv, &g[0], n, &o[0])
+    if bad >= 0:
+        raise RmapInputChangedError(f"gfns element {bad} changed during rmap_count_batch and "
+                                    f"is no longer in the slot", done=bad)
     return out
 
 
 def rmap_count_all(RmapSlot slot not None, level=1, out=None):
     """pte_list_count of every head of one level, index order (nogil).
     Returns ndarray[uint32] of shape (slot.lpages[level - 1],)."""
-    cdef int lv = _int_arg("level", level, -0x80000000, 0x7FFFFFFF)
+    cdef int lv = s32_arg(level, "level")
     cdef Py_ssize_t n, i
     _check_level(lv)
     n = slot.c.lpages[lv - 1]
@@ -1800,298 +1905,3 @@ def audit(obj, *, bint unique=True, bint allow_locked=False):
     if errors:
         raise RmapAuditError(f"{len(errors)} rmap invariant violation(s):\n  " + "\n  ".join(errors[:100]))
     return dict(heads=heads, entries=entries, descriptors=descs, max_count=max_count)
-
-
-def _debug_store_head(RmapHead head not None, uint64_t value):
-    """Tests only: overwrite a head word (release store), bypassing every rule."""
-    head.pool.c.gen += 1
-    kvm_rmap_set_release(&head.head.val, value)
-
-
-def _debug_poke_desc(RmapHead head not None, int k, str field, uint64_t value, int index=0):
-    """Tests only: overwrite a field of the k-th descriptor of a chain (0 =
-    head descriptor), bypassing every rule; returns the old value."""
-    cdef uint64_t v = kvm_rmap_get(head.head)
-    cdef pte_list_desc *d
-    cdef uint64_t old
-    if not (v & KVM_RMAP_MANY):
-        raise ValueError("the list has no descriptor")
-    d = rmap_val_desc(v)
-    for _ in range(k):
-        d = d.more
-        if d == NULL:
-            raise IndexError(f"the chain has fewer than {k + 1} descriptors")
-    if field == "spte_count":
-        old = d.spte_count
-        d.spte_count = <uint32_t>value
-    elif field == "tail_count":
-        old = d.tail_count
-        d.tail_count = <uint32_t>value
-    elif field == "sptes":
-        if not 0 <= index < PTE_LIST_EXT:
-            raise IndexError(index)
-        old = d.sptes[index]
-        d.sptes[index] = value
-    else:
-        raise ValueError(field)
-    return old
-
-
-# ------------------------------------------------------------------ lock stress harness (tests)
-
-cdef struct _stress_shared:
-    uint64_t window_seq          # odd while the writer is mid-update, lock held
-    uint64_t reader_tried_seq    # last odd window_seq during which a reader was blocked / walking
-    uint64_t reader_saw_seq      # last odd window_seq a reader finished a walk in
-    uint64_t reader_walks        # walks finished so far (all readers)
-    uint64_t stop
-    uint64_t readers_ready
-
-
-cdef inline uint64_t _xorshift(uint64_t *s) noexcept nogil:
-    cdef uint64_t x = s[0]
-    x ^= x << 13
-    x ^= x >> 7
-    x ^= x << 17
-    s[0] = x
-    return x
-
-
-cdef inline bint _spin_until(uint64_t *p, uint64_t value, bint equal, long spins) noexcept nogil:
-    """Wait (pause, and sched_yield now and then: the threads may share one
-    CPU) until (*p == value) == equal; False after `spins` rounds."""
-    cdef long w
-    for w in range(spins):
-        if (kvmmmu_load_relaxed_u64(p) == value) == equal:
-            return True
-        kvm_rmap_cpu_relax()
-        if w % 64 == 63:
-            sched_yield()
-    return False
-
-
-@cython.no_gc_clear
-@cython.auto_pickle(False)
-cdef class _LockStress:
-    """Real-thread test bench for the rmap lock (tests and benchmarks only).
-
-    One head holds the entries ``base + 8*i`` for ``i < n_entries`` whenever it
-    is unlocked.  Each :meth:`run_writer` iteration takes the writer lock,
-    removes ``k`` entries (removals move entries inside the chain and may free
-    the head descriptor), opens a *window* (``window_seq`` odd), waits for a
-    reader to arrive, closes the window, adds the entries back and publishes
-    with the unlock.  The chain is half-updated while the window is open.
-
-    :meth:`run_reader` walks the chain until stopped, under the read-only lock
-    (``locked=True``) or with bare loads, and counts walks that saw anything
-    but the published state (entry set, count, structure).
-
-    Handshakes make the overlap certain even when both threads share one CPU:
-    a locked reader that finds the lock held reports the open window while it
-    spins, and the writer waits for that report, then (after unlocking) for
-    the reader's next walk; a bare reader reports the windows it walked in,
-    and the writer waits for a whole walk inside the window.
-    """
-    cdef _stress_shared s
-    cdef readonly ParentPtes head
-    cdef PteListDescPool pool
-    cdef uint64_t base
-    cdef int n_entries
-
-    def __cinit__(self, PteListDescPool pool not None, n_entries=40, base=0x1000):
-        cdef int c_n_entries = s32_arg(n_entries, "n_entries")
-        cdef uint64_t c_base = u64_arg(base, "base")
-        if c_n_entries < 2 or c_n_entries > 64:
-            raise ValueError("n_entries must be 2..64")
-        memset(&self.s, 0, sizeof(self.s))
-        self.pool = pool
-        self.head = ParentPtes(pool)
-        self.base = c_base
-        self.n_entries = c_n_entries
-        cache = PteListDescCache(pool)
-        cache.topup(PTE_LIST_DESC_CACHE_MIN)
-        for i in range(c_n_entries):
-            _py_pte_list_add(cache, c_base + 8 * i, self.head)
-
-    def run_writer(self, PteListDescCache cache not None, long iters, int k=5,
-                   long wait_spins=1000000, bint naive_reader=False, uint64_t seed=12345):
-        """Returns the number of windows in which the reader handshake completed."""
-        cdef long it
-        cdef int j, t
-        cdef uint64_t v, rng = seed | 1, seq, walks
-        cdef uint64_t removed[64]
-        cdef uint64_t mask
-        cdef long windows_seen = 0, misses = 0
-        cdef bint ok
-        cdef kvm_rmap_head *head = self.head.head
-        cdef pte_list_desc_pool *kvm = &self.pool.c
-        if k < 1 or k >= self.n_entries:
-            raise ValueError("k must be 1..n_entries-1")
-        _check_same_pool(cache, self.pool)
-        with nogil:
-            while kvmmmu_load_relaxed_u64(&self.s.readers_ready) == 0:
-                kvm_rmap_cpu_relax()
-            for it in range(iters):
-                kvm_mmu_topup_memory_cache(&cache.mc, k + 1, pte_list_desc_pool_alloc, kvm)
-                v = kvm_rmap_lock(head)
-                mask = 0
-                for j in range(k):
-                    while True:
-                        t = <int>(_xorshift(&rng) % <uint64_t>self.n_entries)
-                        if not (mask >> t) & 1:
-                            break
-                    mask |= (<uint64_t>1) << t
-                    removed[j] = self.base + 8 * <uint64_t>t
-                    __pte_list_remove(kvm, removed[j], &v)
-                seq = kvmmmu_load_relaxed_u64(&self.s.window_seq) + 1
-                kvmmmu_store_relaxed_u64(&self.s.window_seq, seq)          # odd: open
-                if naive_reader:
-                    # A bare reader reports after walking inside this window.
-                    ok = _spin_until(&self.s.reader_saw_seq, seq, True, wait_spins)
-                else:
-                    # A locked reader reports while it spins on our lock.
-                    ok = _spin_until(&self.s.reader_tried_seq, seq, True, wait_spins)
-                if ok:
-                    windows_seen += 1
-                    misses = 0
-                else:
-                    misses += 1
-                kvmmmu_store_relaxed_u64(&self.s.window_seq, seq + 1)      # even: closed
-                for j in range(k):
-                    __pte_list_add(&cache.mc, removed[j], &v)
-                walks = kvmmmu_load_relaxed_u64(&self.s.reader_walks)
-                kvm_rmap_unlock(head, v)
-                if not naive_reader:
-                    # Let the blocked reader take the lock and walk before we relock.
-                    _spin_until(&self.s.reader_walks, walks, False, wait_spins)
-                if misses >= 10:
-                    break                   # the reader does not show up: give up early
-            kvmmmu_store_relaxed_u64(&self.s.stop, 1)
-        return windows_seen
-
-    def run_reader(self, bint locked):
-        """Walk until stopped.  Returns a dict: walks, bad_walks, contended
-        (lock attempts that found the bit held), in_window (walks started
-        while a window was open), unlock_errors (read-only unlock saw a change)."""
-        cdef long walks = 0, bad = 0, contended = 0, in_window = 0, unlock_errors = 0
-        cdef long spins
-        cdef uint64_t seq, v, probe
-        cdef kvm_rmap_head *head = self.head.head
-        with nogil:
-            kvmmmu_fetch_add_u64(&self.s.readers_ready, 1)
-            while kvmmmu_load_relaxed_u64(&self.s.stop) == 0:
-                seq = kvmmmu_load_relaxed_u64(&self.s.window_seq)
-                if seq & 1:
-                    in_window += 1
-                if locked:
-                    # kvm_rmap_lock_readonly, spelled out as its cmpxchg loop so
-                    # that a reader blocked on the writer can report the window.
-                    if not __kvm_rmap_trylock(head, &v):
-                        contended += 1
-                        spins = 0
-                        while True:
-                            probe = kvmmmu_load_relaxed_u64(&self.s.window_seq)
-                            if probe & 1:
-                                kvmmmu_store_relaxed_u64(&self.s.reader_tried_seq, probe)
-                            if __kvm_rmap_trylock(head, &v):
-                                break
-                            kvm_rmap_cpu_relax()
-                            spins += 1
-                            if spins % 64 == 0:
-                                sched_yield()
-                    if not self._walk_ok(v, False):
-                        bad += 1
-                    if kvm_rmap_unlock_readonly(head, v) != 0:
-                        unlock_errors += 1
-                else:
-                    v = kvmmmu_load_relaxed_u64(&head.val) & ~KVM_RMAP_LOCKED
-                    if not self._walk_ok(v, True):
-                        bad += 1
-                    if seq & 1:
-                        kvmmmu_store_relaxed_u64(&self.s.reader_saw_seq, seq)
-                walks += 1
-                kvmmmu_fetch_add_u64(&self.s.reader_walks, 1)
-        return dict(walks=walks, bad_walks=bad, contended=contended, in_window=in_window,
-                    unlock_errors=unlock_errors)
-
-    cdef bint _walk_ok(self, uint64_t v, bint racy) noexcept nogil:
-        """The chain `v` holds exactly the published entry set with a sound
-        structure.  `racy`: read with relaxed atomics and a step bound."""
-        cdef pte_list_desc *d
-        cdef uint64_t seen = 0, s, bit, full
-        cdef uint32_t count, spte_count, tail_count
-        cdef int i, steps = 0, ndesc = 0
-        cdef int n = 0
-        full = (<uint64_t>1 << self.n_entries) - 1 if self.n_entries < 64 else ~(<uint64_t>0)
-        if v == 0 or not (v & KVM_RMAP_MANY):
-            return False                       # the bench list always has n_entries >= 2
-        d = rmap_val_desc(v)
-        if racy:
-            count = kvmmmu_load_relaxed_u32(&d.spte_count) + kvmmmu_load_relaxed_u32(&d.tail_count)
-        else:
-            count = d.spte_count + d.tail_count
-        while d != NULL:
-            steps += 1
-            if steps > 16:
-                return False
-            if racy:
-                spte_count = kvmmmu_load_relaxed_u32(&d.spte_count)
-                tail_count = kvmmmu_load_relaxed_u32(&d.tail_count)
-            else:
-                spte_count = d.spte_count
-                tail_count = d.tail_count
-            if spte_count > PTE_LIST_EXT or (ndesc > 0 and spte_count != PTE_LIST_EXT):
-                return False
-            for i in range(PTE_LIST_EXT):
-                s = kvmmmu_load_relaxed_u64(&d.sptes[i]) if racy else d.sptes[i]
-                if i >= <int>spte_count:
-                    if s != 0:
-                        return False
-                    continue
-                if s < self.base or (s - self.base) % 8 or (s - self.base) // 8 >= <uint64_t>self.n_entries:
-                    return False
-                bit = (<uint64_t>1) << ((s - self.base) // 8)
-                if seen & bit:
-                    return False
-                seen |= bit
-                n += 1
-            ndesc += 1
-            if racy:
-                d = <pte_list_desc *><uintptr_t>kvmmmu_load_relaxed_u64(<uint64_t *>&d.more)
-            else:
-                d = d.more
-        return seen == full and n == self.n_entries and count == <uint32_t>n
-
-
-def _concurrent_writer(PteListDescCache cache not None, RmapHead head not None, uint64_t base,
-                       int n, long rounds):
-    """Tests: add ``n`` entries ``base + 8*i`` to ``head`` one by one, then
-    remove them in a scrambled order, ``rounds`` times, each add/remove a
-    locked pte_list_add/pte_list_remove without the GIL.  Returns the number
-    of failed operations (should be 0)."""
-    cdef long r
-    cdef int i, j, failures = 0
-    cdef uint64_t rng = base | 1
-    cdef pte_list_desc_pool *kvm = &head.pool.c
-    cdef uint64_t order[256]
-    cdef uint64_t tmp
-    if n < 1 or n > 256:
-        raise ValueError("n must be 1..256")
-    _check_same_pool(cache, head.pool)
-    with nogil:
-        for r in range(rounds):
-            for i in range(n):
-                if cache.mc.nobjs == 0:
-                    kvm_mmu_topup_memory_cache(&cache.mc, 1, pte_list_desc_pool_alloc, kvm)
-                if pte_list_add(kvm, &cache.mc, base + 8 * <uint64_t>i, head.head) < 0:
-                    failures += 1
-                order[i] = base + 8 * <uint64_t>i
-            for i in range(n - 1, 0, -1):
-                j = <int>(_xorshift(&rng) % <uint64_t>(i + 1))
-                tmp = order[i]
-                order[i] = order[j]
-                order[j] = tmp
-            for i in range(n):
-                if pte_list_remove(kvm, order[i], head.head) != 0:
-                    failures += 1
-    return failures

@@ -97,7 +97,17 @@ static inline void kvm_rmap_cpu_relax(void)
 #endif
 }
 
-/* Relaxed loads/stores for racy-by-design statistics and test probes. */
+/* Prefetch a head word for writing (the batch loops run a few elements
+ * ahead, so the cache misses of independent heads overlap).  A hint only: it
+ * never faults, whatever the address. */
+static inline void kvmmmu_prefetchw(const void *p)
+{
+	__builtin_prefetch(p, 1, 3);
+}
+
+/* Relaxed loads/stores for racy-by-design statistics and test probes (and
+ * for reading caller-owned input arrays in nogil loops: one load per element,
+ * never re-read by the compiler, so a value checked is the value used). */
 static inline uint64_t kvmmmu_load_relaxed_u64(const uint64_t *p)
 {
 	return __atomic_load_n(p, __ATOMIC_RELAXED);

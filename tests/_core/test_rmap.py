@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from cimport_consumer import build_consumer
 
-from kvmmmu._core import rmap
+from kvmmmu._core import rmap, rmap_torture
 from kvmmmu._core.rmap import (
     GfnOutOfSlotError, InvalidLevelError, InvalidSptepError, KvmNoMemoryError, ParentPtes,
     PteListDescCache, PteListDescPool, RmapAuditError, RmapDataCorruptionError, RmapLockError,
@@ -571,15 +571,15 @@ def test_audit_catches_broken_invariants(vm):
     ]
     try:
         for h, bad, what in cases:
-            rmap._debug_store_head(h, bad)
+            rmap_torture.debug_store_head(h, bad)
             with pytest.raises(RmapAuditError, match=what):
                 audit(slot)
             if what == "appears twice":
                 audit(slot, unique=False)
-            rmap._debug_store_head(h, good if h is head else 0)
+            rmap_torture.debug_store_head(h, good if h is head else 0)
     finally:                                # never leave a corrupt slot to the GC
-        rmap._debug_store_head(head, good)
-        rmap._debug_store_head(other, 0)
+        rmap_torture.debug_store_head(head, good)
+        rmap_torture.debug_store_head(other, 0)
     audit(slot)
     # Corrupt descriptor contents, one rule at a time.
     word, ch = descs(slot, 0x300)
@@ -595,12 +595,12 @@ def test_audit_catches_broken_invariants(vm):
         (1, "sptes", sptep(19), 3, "appears twice"),                 # duplicate in one list
     ]
     for k, field, value, index, what in pokes:
-        old = rmap._debug_poke_desc(head, k, field, value, index)
+        old = rmap_torture.debug_poke_desc(head, k, field, value, index)
         try:
             with pytest.raises(RmapAuditError, match=what):
                 audit(slot)
         finally:
-            rmap._debug_poke_desc(head, k, field, old, index)
+            rmap_torture.debug_poke_desc(head, k, field, old, index)
     audit(slot)
 
 
@@ -634,7 +634,7 @@ def test_lock_protocol_single_thread(vm):
     assert head.val == word
     # A chain changed under a read-only lock is caught at unlock (the kernel WARNs).
     lk = rmap.kvm_rmap_lock_readonly(head)
-    rmap._debug_store_head(head, sptep(5) | rmap.KVM_RMAP_LOCKED)
+    rmap_torture.debug_store_head(head, sptep(5) | rmap.KVM_RMAP_LOCKED)
     with pytest.raises(RmapLockError, match="changed"):
         lk.unlock()
     assert head.val == word                                  # old value written back
@@ -698,7 +698,7 @@ def test_readonly_walker_never_sees_a_half_updated_chain():
     k re-adds) while a reader walks under kvm_rmap_lock_readonly on another
     thread (both without the GIL).  Every walk must see the published state."""
     pool = PteListDescPool()
-    bench = rmap._LockStress(pool, n_entries=40)
+    bench = rmap_torture.LockStress(pool, n_entries=40)
     cache = PteListDescCache(pool)
     reader, windows = run_threads((bench.run_reader, (True,)),
                                   (bench.run_writer, (cache, 1000, 5, 200_000)))
@@ -716,7 +716,7 @@ def test_unlocked_walker_does_see_half_updated_chains():
     """Control for the test above: the same walker without the lock reads the
     chain while the writer is mid-update, and must notice."""
     pool = PteListDescPool()
-    bench = rmap._LockStress(pool, n_entries=40)
+    bench = rmap_torture.LockStress(pool, n_entries=40)
     cache = PteListDescCache(pool)
     reader, windows = run_threads((bench.run_reader, (False,)),
                                   (bench.run_writer, (cache, 100, 5, 200_000, True)))
@@ -733,8 +733,8 @@ def test_concurrent_writers_are_serialized_by_the_bit_lock():
     head.add(seed_cache, sptep(0))           # non-empty: empty heads are not locked
     head.add(seed_cache, sptep(1))           # (the kernel relies on mmu_lock there)
     caches = [PteListDescCache(pool) for _ in range(2)]
-    fails = run_threads((rmap._concurrent_writer, (caches[0], head, 0x10_0000_0000, 100, 300)),
-                        (rmap._concurrent_writer, (caches[1], head, 0x20_0000_0000, 100, 300)))
+    fails = run_threads((rmap_torture.concurrent_writer, (caches[0], head, 0x10_0000_0000, 100, 300)),
+                        (rmap_torture.concurrent_writer, (caches[1], head, 0x20_0000_0000, 100, 300)))
     assert fails == [0, 0]
     assert sorted(head) == [sptep(0), sptep(1)]
     summary = audit(head)
