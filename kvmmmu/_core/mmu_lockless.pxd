@@ -1,5 +1,6 @@
-# Remote TLB flush and RCU (mmu_lockless.pyx).  All require the writer side
-# (mmu_lock) except where noted.
+# Remote TLB flush, RCU and the lockless-walk protocols (mmu_lockless.pyx).
+# All require the writer side (mmu_lock) except the walk begin/end helpers,
+# which a lockless reader calls for its own vCPU.
 from libc.stdint cimport uint64_t, int64_t
 from kvmmmu._core.pt_arena_defs cimport pt_arena_t
 
@@ -29,3 +30,12 @@ cdef bint _rcu_finish_within(pt_arena_t *a, uint64_t ns) noexcept nogil
 # Start a grace period / run the callbacks that are due.
 cdef void _rcu_start_gp(pt_arena_t *a) noexcept nogil
 cdef int64_t _rcu_do_callbacks(pt_arena_t *a) noexcept nogil
+
+# The reader halves.  TDP MMU: rcu_read_lock() / rcu_read_unlock() (nesting).
+cdef void kvm_tdp_mmu_walk_lockless_begin(pt_arena_t *a, int vcpu) noexcept nogil
+cdef void kvm_tdp_mmu_walk_lockless_end(pt_arena_t *a, int vcpu) noexcept nogil
+# Shadow MMU: IRQs off + READING_SHADOW_PAGE_TABLES, so a remote TLB flush
+# waits for the walk; end acknowledges a pending flush.  A vCPU whose MMU is
+# the TDP MMU takes the RCU halves instead.
+cdef void walk_shadow_page_lockless_begin(pt_arena_t *a, int vcpu) noexcept nogil
+cdef void walk_shadow_page_lockless_end(pt_arena_t *a, int vcpu) noexcept nogil
