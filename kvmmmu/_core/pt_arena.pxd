@@ -31,11 +31,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 
 from kvmmmu._core.types cimport sptep_t, make_sptep, sptep_table_pfn, spte_index
 from kvmmmu._core.memcache cimport kvm_mmu_memory_cache
-from kvmmmu._core.spte cimport (
-    SpteFormat, spte_fmt_t, is_shadow_present_pte, is_writable_pte, spte_ad_enabled,
-    spte_to_pfn, is_mmu_writable_spte, is_access_track_spte, spte_needs_atomic_update,
-    is_ept_ve_possible,
-)
+from kvmmmu._core.spte cimport SpteFormat, spte_fmt_t, is_ept_ve_possible
 
 # Layout, constants and memory-ordering primitives: pt_arena_defs.pxd.
 from kvmmmu._core.pt_arena_defs cimport (
