@@ -7,18 +7,17 @@ flush IPI (KVM_REQUEST_WAIT) completes only when the walk ends; pages are
 freed after the flush.  TDP MMU: walkers are RCU readers; an unlinked page is
 freed once a grace period has passed (every reader that predates it left).
 The protocols' reader halves (walk_shadow_page_lockless_begin/end,
-kvm_tdp_mmu_walk_lockless_begin/end) are here too, after the writer halves.
-The plain C waits here spin until done; PtArena's
-Python methods wait with the _within / _wait_word_change slices instead, so
-that a walker whose thread died is detected.
+kvm_tdp_mmu_walk_lockless_begin/end) are cdef inline in mmu_lockless.pxd:
+they bracket every lockless walk.  The plain C waits here spin until done;
+PtArena's Python methods wait with the _within / _wait_word_change slices
+instead, so that a walker whose thread died is detected.
 """
 from libc.stdint cimport uint64_t, int64_t
 
 from kvmmmu._core.pt_arena_defs cimport (
-    OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE, READING_SHADOW_PAGE_TABLES,
-    PT_ROLE_INVALID, PT_SP_RCU_PENDING, PT_WARN_COMMIT_ZAP, kvm_mmu_page, kvm_vcpu_lockless,
-    pt_arena_t, pt_slot, pt_sp_ptr, pt_smp_mb, pt_cpu_relax, pt_yield, pt_read_once64,
-    pt_load_acquire64, pt_write_once64, pt_store_release64, pt_store_mb64, pt_try_cmpxchg64,
+    OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE, PT_ROLE_INVALID, PT_SP_RCU_PENDING,
+    PT_WARN_COMMIT_ZAP, kvm_mmu_page, kvm_vcpu_lockless, pt_arena_t, pt_slot, pt_sp_ptr,
+    pt_smp_mb, pt_cpu_relax, pt_yield, pt_load_acquire64, pt_store_mb64, pt_try_cmpxchg64,
     pt_now_ns,
 )
 from kvmmmu._core.pt_pool cimport pt_free_sp
@@ -180,48 +179,3 @@ cdef void rcu_barrier(pt_arena_t *a) noexcept nogil:
     while a.rcu_head != 0:
         if rcu_poll(a) == 0 and a.rcu_head != 0:
             _spin(&spins)
-
-
-# ---------------------------------------------------------------------------
-# The reader halves: lockless walk begin/end (mmu.c, tdp_mmu.c).  A walker
-# calls them for its own vCPU only (a.vcpus[vcpu] is that CPU's state).
-# ---------------------------------------------------------------------------
-
-cdef void kvm_tdp_mmu_walk_lockless_begin(pt_arena_t *a, int vcpu) noexcept nogil:
-    """rcu_read_lock(): publish the grace-period sequence seen, then a full
-    barrier so no SPTE load of the walk is performed before it is visible."""
-    cdef kvm_vcpu_lockless *v = &a.vcpus[vcpu]
-    if v.rcu_nesting == 0:
-        pt_write_once64(&v.rcu_gp, pt_load_acquire64(&a.rcu_gp_seq))
-        pt_smp_mb()
-    v.rcu_nesting += 1
-
-cdef void kvm_tdp_mmu_walk_lockless_end(pt_arena_t *a, int vcpu) noexcept nogil:
-    """rcu_read_unlock(): release, so every SPTE load completes first."""
-    cdef kvm_vcpu_lockless *v = &a.vcpus[vcpu]
-    v.rcu_nesting -= 1
-    if v.rcu_nesting == 0:
-        pt_store_release64(&v.rcu_gp, 0)
-
-cdef void walk_shadow_page_lockless_begin(pt_arena_t *a, int vcpu) noexcept nogil:
-    """Shadow MMU: local_irq_disable(), then smp_store_mb(mode, READING)."""
-    cdef kvm_vcpu_lockless *v = &a.vcpus[vcpu]
-    if v.tdp_mmu_active:
-        kvm_tdp_mmu_walk_lockless_begin(a, vcpu)
-        return
-    v.irqs_disabled = 1
-    pt_store_mb64(&v.mode, (pt_read_once64(&v.mode) & ~(<uint64_t>3)) | READING_SHADOW_PAGE_TABLES)
-
-cdef void walk_shadow_page_lockless_end(pt_arena_t *a, int vcpu) noexcept nogil:
-    """Shadow MMU: smp_store_release(mode, OUTSIDE), then local_irq_enable()
-    (a pending flush IPI is acknowledged at this point: the walk sequence
-    in the mode word moves on)."""
-    cdef kvm_vcpu_lockless *v = &a.vcpus[vcpu]
-    cdef uint64_t w
-    if v.tdp_mmu_active:
-        kvm_tdp_mmu_walk_lockless_end(a, vcpu)
-        return
-    w = pt_read_once64(&v.mode)
-    pt_store_release64(&v.mode, (((w >> 2) + 1) << 2) | OUTSIDE_GUEST_MODE)
-    v.irqs_disabled = 0
-    v.nr_walks += 1

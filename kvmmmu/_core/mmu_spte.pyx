@@ -52,16 +52,6 @@ from kvmmmu._core.pt_arena_defs cimport (
 # mmu_spte.pxd).
 # ---------------------------------------------------------------------------
 
-cdef void _log_append(pt_arena_t *a, uint64_t ev, uint64_t val) noexcept nogil:
-    # Pointer and length are read once: a reader on another thread may log
-    # at the same time (the log is for one thread, but must never overflow).
-    cdef uint64_t *log = a.log
-    cdef uint64_t n = a.log_len
-    if log != NULL and n < a.log_cap:
-        log[2 * n] = ev
-        log[2 * n + 1] = val
-        a.log_len = n + 1
-
 cdef inline void _prove_ve(pt_arena_t *a, uint64_t spte) noexcept nogil:
     if a.prove_mmu and is_ept_ve_possible(&a.fmt, spte):
         a.warn[PT_WARN_EPT_VE] += 1
