@@ -1,7 +1,8 @@
 """Torture tests of the lockless SPTE protocols on real OS threads.
 
 Like the kernel's rcutorture and locktorture, these run the real code paths
-of :mod:`kvmmmu._core.pt_arena` concurrently and count what a reader saw:
+of :mod:`kvmmmu._core.pt_arena`, :mod:`~kvmmmu._core.mmu_spte` and
+:mod:`~kvmmmu._core.mmu_lockless` concurrently and count what a reader saw:
 
 * :func:`spte_torture` -- writer threads cycle SPTEs present -> non-present ->
   present with a different high half through mmu_spte_set /
@@ -16,7 +17,8 @@ of :mod:`kvmmmu._core.pt_arena` concurrently and count what a reader saw:
 
 Every thread runs a C loop inside ``with nogil:``, started from Python
 ``threading`` threads, so the threads run on separate cores at once.  A C
-start barrier lines them up.  This module uses only the pt_arena.pxd contract.
+start barrier lines them up.  This module uses only the .pxd contracts of the
+arena (pt_arena, pt_arena_defs, pt_pool, mmu_spte, mmu_lockless).
 """
 
 from kvmmmu._core.argcheck cimport s32_arg
@@ -35,14 +37,20 @@ from kvmmmu._core.spte cimport (
     ACC_ALL, MKSPTE_HOST_WRITABLE, PG_LEVEL_4K, PT_WRITABLE_MASK, is_large_pte,
     is_shadow_present_pte, make_nonleaf_spte, make_spte, spte_to_pfn,
 )
-from kvmmmu._core.pt_arena cimport (
-    PT_CACHE_PAGE_HEADER, PT_CACHE_SHADOW_PAGE, PT_POISON, PT_ROLE_INVALID, PtArena,
-    _get_spte_lockless, _get_spte_naive_split, call_rcu_free_sp, kvm_mmu_commit_zap_page,
-    kvm_mmu_page, kvm_update_page_stats, mmu_spte_clear_no_track, mmu_spte_clear_track_bits,
-    mmu_spte_set, mmu_spte_update, pt_alloc_sp, pt_arena_t, pt_cpu_relax, pt_fetch_add64,
-    pt_free_sp, pt_load_acquire64, pt_now_ns, pt_pool_alloc, pt_pool_free, pt_read_once64,
-    pt_sp_ptr, pt_sptep_ptr, pt_store_release64, pt_yield, rcu_poll, spte_to_child_sp,
-    synchronize_rcu, walk_shadow_page_lockless_begin, walk_shadow_page_lockless_end,
+from kvmmmu._core.pt_arena cimport PtArena
+from kvmmmu._core.pt_arena_defs cimport (
+    PT_CACHE_PAGE_HEADER, PT_CACHE_SHADOW_PAGE, PT_POISON, PT_ROLE_INVALID, kvm_mmu_page,
+    pt_arena_t, pt_cpu_relax, pt_fetch_add64, pt_load_acquire64, pt_now_ns, pt_read_once64,
+    pt_sp_ptr, pt_sptep_ptr, pt_store_release64, pt_yield, spte_to_child_sp,
+)
+from kvmmmu._core.pt_pool cimport pt_alloc_sp, pt_free_sp, pt_pool_alloc, pt_pool_free
+from kvmmmu._core.mmu_spte cimport (
+    _get_spte_lockless, _get_spte_naive_split, kvm_update_page_stats, mmu_spte_clear_no_track,
+    mmu_spte_clear_track_bits, mmu_spte_set, mmu_spte_update,
+)
+from kvmmmu._core.mmu_lockless cimport (
+    call_rcu_free_sp, kvm_mmu_commit_zap_page, rcu_poll, synchronize_rcu,
+    walk_shadow_page_lockless_begin, walk_shadow_page_lockless_end,
 )
 
 from kvmmmu._core.pt_arena import MmuMemoryCache as _MmuMemoryCache

@@ -6,10 +6,11 @@ Shadow MMU: a walker sits in READING_SHADOW_PAGE_TABLES with IRQs off, so the
 flush IPI (KVM_REQUEST_WAIT) completes only when the walk ends; pages are
 freed after the flush.  TDP MMU: walkers are RCU readers; an unlinked page is
 freed once a grace period has passed (every reader that predates it left).
-The protocols' reader halves (walk_shadow_page_lockless_begin/end) are
-inline in pt_arena.pxd.  The plain C waits here spin until done; PtArena's
-Python methods wait with the _within / _wait_word_change slices instead, so
-that a walker whose thread died is detected.
+The protocols' reader halves (walk_shadow_page_lockless_begin/end,
+kvm_tdp_mmu_walk_lockless_begin/end) are cdef inline in mmu_lockless.pxd:
+they bracket every lockless walk.  The plain C waits here spin until done;
+PtArena's Python methods wait with the _within / _wait_word_change slices
+instead, so that a walker whose thread died is detected.
 """
 from libc.stdint cimport uint64_t, int64_t
 
@@ -178,5 +179,3 @@ cdef void rcu_barrier(pt_arena_t *a) noexcept nogil:
     while a.rcu_head != 0:
         if rcu_poll(a) == 0 and a.rcu_head != 0:
             _spin(&spins)
-
-

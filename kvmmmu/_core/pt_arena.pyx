@@ -45,6 +45,11 @@ page.  A :class:`PtArena` holds all of them for one VM:
   ``era="v6.12"`` follows the older mmu_spte_update (flush on lost A/D) and
   reports A/D of zapped SPTEs to a host callback.
 
+This module is the Python face of the arena; the nogil C code lives by kernel
+concept in pt_pool (pools, allocation, freeing), mmu_spte (the SPTE writers
+and split SPTEs), mmu_lockless (remote TLB flush, RCU, the lockless-walk
+protocols) and pt_audit (the auditor).  pt_arena.pxd re-exports their C names.
+
 Invariants (checked by :meth:`PtArena.audit`):
 
 * every page slot handed out is in exactly one state: free (poisoned, on the
@@ -899,7 +904,7 @@ cdef class PtArena:
         return self._flush_bounded(_deadline(timeout), "kvm_flush_remote_tlbs")
 
     cdef int _flush_bounded(self, object deadline, str what) except -1:
-        # kvm_flush_remote_tlbs() of pt_arena.pxd, with the wait for each
+        # kvm_flush_remote_tlbs() of mmu_lockless.pyx, with the wait for each
         # walker cut into GIL-released slices.
         cdef pt_arena_t *a = &self.a
         cdef int i, waited = 0
@@ -1115,7 +1120,7 @@ cdef class PtArena:
 
     def mmu_spte_update(self, sptep, new_spte, host_ad=None):
         """Update a present SPTE's state bits; returns True if remote TLBs must
-        be flushed.  See pt_arena.pxd for the rules of each era; v6.12 passes
+        be flushed.  See mmu_spte.pyx for the rules of each era; v6.12 passes
         lost A/D to ``host_ad(pfn, accessed, dirty)`` (default: the arena's)."""
         cdef uint64_t c_sptep = u64_arg(sptep, "sptep")
         cdef uint64_t c_new_spte = u64_arg(new_spte, "new_spte")

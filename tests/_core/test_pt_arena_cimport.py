@@ -1,9 +1,10 @@
-"""pt_arena.pxd is a contract other Cython modules build against.
+"""pt_arena.pxd, mmu_spte.pxd and mmu_lockless.pxd are contracts other Cython
+modules build against.
 
-Compiles a consumer in a temporary directory that cimports the arena, its
-inline SPTE helpers and the walk protocol, runs them without the GIL, and
-checks the result against the Python wrappers (the shadow and TDP MMU
-modules will use the arena exactly this way).
+Compiles a consumer in a temporary directory that cimports the arena, the
+SPTE helpers (mmu_spte) and the walk protocol (mmu_lockless), runs them
+without the GIL, and checks the result against the Python wrappers (the
+shadow and TDP MMU modules will use the arena exactly this way).
 """
 import sys
 import textwrap
@@ -16,9 +17,13 @@ CONSUMER = textwrap.dedent("""
     # cython: language_level=3
     from libc.stdint cimport uint64_t
     from kvmmmu._core.pt_arena cimport (
-        PtArena, pt_arena_t, kvm_mmu_page, sptep_to_sp, mmu_spte_set, mmu_spte_update,
-        mmu_spte_get_lockless, mmu_spte_clear_track_bits, walk_shadow_page_lockless_begin,
-        walk_shadow_page_lockless_end, pt_sptep_in_arena,
+        PtArena, pt_arena_t, kvm_mmu_page, sptep_to_sp, pt_sptep_in_arena,
+    )
+    from kvmmmu._core.mmu_spte cimport (
+        mmu_spte_set, mmu_spte_update, mmu_spte_get_lockless, mmu_spte_clear_track_bits,
+    )
+    from kvmmmu._core.mmu_lockless cimport (
+        walk_shadow_page_lockless_begin, walk_shadow_page_lockless_end,
     )
 
     def cycle(PtArena arena, uint64_t sptep, uint64_t spte, uint64_t ro, int vcpu):
