@@ -20,7 +20,8 @@ cdef enum:
     TDP_WARN_CHILD_NOT_TABLE = 5    # a non-leaf SPTE whose target is not a table of the arena
     TDP_WARN_MAP_LEVEL = 6          # map: target entry not at goal_level / walk ended early
     TDP_WARN_SPURIOUS_PFN = 7       # spurious fault on a leaf with another pfn
-    TDP_NR_WARN = 8
+    TDP_WARN_WRITABLE_INVARIANT = 8 # check_spte_writable_invariants(new leaf)
+    TDP_NR_WARN = 9
 
 
 # struct kvm's TDP MMU part, for one arena.

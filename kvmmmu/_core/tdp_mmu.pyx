@@ -39,7 +39,8 @@ from kvmmmu._core.pt_arena_defs cimport (
     pt_read_once64, pt_write_once64, pt_xchg64, pt_try_cmpxchg64, pt_cpu_relax,
     spte_to_child_sp, PT_SP_IN_USE, PT_CACHE_SHADOW_PAGE, PT_CACHE_PAGE_HEADER,
 )
-from kvmmmu._core.pt_arena cimport PtArena, MmuMemoryCache, kvm_update_page_stats
+from kvmmmu._core.pt_arena cimport PtArena, MmuMemoryCache
+from kvmmmu._core.mmu_spte cimport kvm_update_page_stats, _spte_writable_invariants_ok
 from kvmmmu._core.pt_pool cimport pt_pool_alloc, pt_alloc_sp, pt_free_sp
 from kvmmmu._core.mmu_lockless cimport call_rcu_free_sp
 from kvmmmu._core.memcache cimport kvm_mmu_memory_cache, kvm_mmu_topup_memory_cache
@@ -91,6 +92,8 @@ WARN_SITES = (
     "a non-leaf SPTE that points outside the arena's tables (model check)",
     "kvm_tdp_mmu_map: the target entry is not at goal_level (WARN_ON_ONCE)",
     "tdp_mmu_map_handle_target_level: spurious fault on a leaf with another pfn (WARN_ON_ONCE)",
+    "check_spte_writable_invariants: a new leaf writable without MMU-writable, or MMU-writable "
+    "without Host-writable (WARN_ONCE)",
 )
 
 
@@ -160,6 +163,8 @@ cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t ol
         m.warn[TDP_BUG_PFN_CHANGED] += 1
     if old_spte == new_spte:
         return
+    if is_leaf and not _spte_writable_invariants_ok(m.f, new_spte):
+        m.warn[TDP_WARN_WRITABLE_INVARIANT] += 1
     if not was_present and not is_present:
         if not (is_mmio_spte(m.f, old_spte) or is_mmio_spte(m.f, new_spte)
                 or is_frozen_spte(m.f, new_spte)):
