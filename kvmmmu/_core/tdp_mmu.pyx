@@ -867,3 +867,41 @@ cdef class TdpMmuCore:
         finally:
             self._leave()
         return r
+
+    def map_one(self, root, gfn, pfn, goal_level, MmuMemoryCache page_cache not None,
+                MmuMemoryCache header_cache not None, *, write=False, exec=False,
+                prefetch=False, map_writable=True, nx_huge_pages=False, req_level=None):
+        """``kvm_tdp_mmu_map`` for one fault (the scalar path a vCPU takes):
+        the caches must hold enough for the walk (``mmu_topup_memory_caches``
+        before taking the lock); returns RET_PF_*.  `req_level` (default the
+        goal) only matters with the NX workaround."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef tdp_fault fault
+        fault.gfn = u64_arg(gfn, "gfn")
+        fault.pfn = u64_arg(pfn, "pfn")
+        fault.goal_level = s32_arg(goal_level, "goal_level")
+        fault.req_level = fault.goal_level if req_level is None else s32_arg(req_level, "req_level")
+        fault.write, fault.exec, fault.prefetch = bool(write), bool(exec), bool(prefetch)
+        fault.map_writable, fault.nx_huge_pages = bool(map_writable), bool(nx_huge_pages)
+        fault.huge_page_disallowed = fault.exec and fault.nx_huge_pages
+        cdef uint64_t mask
+        cdef int top, r
+        if not PG_LEVEL_4K <= fault.goal_level <= PG_LEVEL_1G:
+            raise ValueError(f"goal_level={fault.goal_level} is outside 1..{PG_LEVEL_1G}")
+        mask = _pages(fault.goal_level) - 1
+        if (fault.gfn & mask) or (fault.pfn & mask) or fault.pfn >> 40:
+            raise ValueError(f"gfn={fault.gfn:#x} / pfn={fault.pfn:#x} not aligned to level "
+                             f"{fault.goal_level}, or pfn >= 2**40")
+        if page_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL or header_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL:
+            raise KvmNoMemoryError("map_one: top the caches up first (mmu_topup_memory_caches)")
+        self._check_caches(page_cache, header_cache)
+        self._ready("map_one")
+        self._enter("TdpMmuCore.map_one")
+        try:
+            top = self._root(c_root)
+            if fault.gfn >> (SPTE_LEVEL_BITS * top):
+                raise ValueError(f"gfn={fault.gfn:#x} is beyond what the root maps")
+            r = kvm_tdp_mmu_map(&self.m, c_root, &fault, &page_cache.mc, &header_cache.mc)
+        finally:
+            self._leave()
+        return r

@@ -77,6 +77,15 @@ o_CpuState = CpuState.long_mode(cr3=0x1000)
     "kvmmmu.memattrs": ("vm", _VM_SETUP),
     "kvmmmu.notifiers": ("vm", _VM_SETUP),
     "kvmmmu.vm": ("vm", _VM_SETUP),
+    "kvmmmu.tdp_mmu": ("tdp", """
+from kvmmmu.vm import VM
+from kvmmmu.host import HostConfig
+_vm = VM("tdp_mmu", host=HostConfig(tdp="ept"))
+_vm.add_memory(0, 4 << 20, thp=True, populate=True)
+o_TdpMmu = _vm.register_mmu(TdpMmu(_vm))
+o_TdpRoot = o_TdpMmu.kvm_mmu_load(_vm.vcpus[0])
+o_TdpMmu.page_fault(_vm.vcpus[0], 5, write=True)
+"""),
     "kvmmmu.live": ("harden", """
 import os
 if os.access("/dev/kvm", os.R_OK | os.W_OK):

@@ -1,0 +1,391 @@
+"""The TDP MMU (``arch/x86/kvm/mmu/tdp_mmu.c``): roots, the fault path and
+every hook the VM calls, over the C core (:mod:`kvmmmu._core.tdp_mmu`).
+
+Register it on a VM with TDP enabled::
+
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"))
+    tdp = vm.register_mmu(TdpMmu(vm))
+    tdp.kvm_mmu_load(vm.vcpus[0])
+    tdp.page_fault(vm.vcpus[0], gfn, write=True)      # RET_PF_*
+
+Roots (tdp-mmu.md §1-2).  A vCPU loads the valid root of its role (level,
+``smm``, ``guest_mode``, A/D), taking a reference, or allocates one with two
+references (the vCPU's and the list's).  ``kvm_tdp_mmu_invalidate_roots``
+marks every root ``role.invalid`` and schedules it; ``kvm_tdp_mmu_zap_
+invalidated_roots`` zaps the scheduled ones and drops the list's reference;
+a root whose last reference goes is zapped, unlinked and freed after a
+grace period.  A vCPU whose root is invalid must reload
+(``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS``): its faults are stale.
+
+The fault (``kvm_tdp_page_fault``, tdp-mmu.md §5): top up the caches,
+``kvm_mmu_faultin_pfn``, take ``mmu_lock`` for read, give up (RETRY) if the
+fault is stale, choose the level (``kvm_mmu_hugepage_adjust``), and walk:
+:meth:`~kvmmmu._core.tdp_mmu.TdpMmuCore.map_one`.  A writable SPTE created
+in a dirty-logged slot marks the gfn dirty, as ``make_spte`` does.
+
+Not modelled yet: ``fast_page_fault``, MMIO SPTEs (a fault without a memslot
+is emulated, as with ``mmio_caching`` off), the NX huge page list and its
+recovery, mirror roots (TDX), and concurrent faults from several threads.
+"""
+from __future__ import annotations
+
+import errno as E
+
+import numpy as np
+
+from kvmmmu._core._checks import check_array, int_arg
+from kvmmmu._core.defs import (
+    PAGE_SHIFT, PG_LEVEL_4K, PG_LEVEL_2M, RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED,
+    RET_PF_RETRY, RET_PF_SPURIOUS, KVM_PAGES_PER_HPAGE,
+)
+from kvmmmu._core.role import KvmMmuPageRole, kvm_mmu_get_tdp_level
+from kvmmmu._core.spte import PT_WRITABLE_MASK
+from kvmmmu._core.tdp_iter import TdpIter, kvm_tdp_mmu_get_walk
+from kvmmmu._core.tdp_mmu import TdpMmuCore
+from kvmmmu.host import KVM_PFN_NOSLOT
+from kvmmmu.memslots import KVM_MEM_READONLY
+from kvmmmu.mmu import MmuBackend
+
+__all__ = ["TdpMmu", "TdpRoot"]
+
+_ACC_ALL = 7
+
+
+class TdpRoot:
+    """A root of the TDP MMU (the fields of ``struct kvm_mmu_page`` a root uses)."""
+    __slots__ = ("sp", "role", "as_id", "refcount", "invalid", "scheduled_to_zap")
+
+    def __init__(self, sp: int, role: KvmMmuPageRole):
+        self.sp, self.role, self.as_id = sp, role, role.smm
+        self.refcount = 2           # the vCPU's and the roots list's
+        self.invalid = False
+        self.scheduled_to_zap = False
+
+    def __repr__(self):
+        return (f"TdpRoot(sp={self.sp}, level={self.role.level}, as_id={self.as_id}, "
+                f"refcount={self.refcount}{', invalid' if self.invalid else ''})")
+
+
+class TdpMmu(MmuBackend):
+    """The TDP MMU of one VM.  Thread-safety: the VM's ``api_lock`` and
+    ``mmu_lock`` discipline (hooks are called with them held; call
+    :meth:`page_fault` from one thread at a time)."""
+
+    def __init__(self, vm, *, max_tdp_level: int | None = None, guest_maxphyaddr: int | None = None):
+        if not vm.tdp_enabled:
+            raise ValueError("the TDP MMU needs a VM with TDP enabled (mmu='tdp_mmu')")
+        self.vm = vm
+        self.core = TdpMmuCore(vm.arena)
+        hc = vm.host_config
+        if max_tdp_level is None:
+            max_tdp_level = 5 if getattr(hc, "la57", False) else 4
+        self.tdp_level = kvm_mmu_get_tdp_level(
+            int_arg("max_tdp_level", max_tdp_level, 4, 5),
+            int_arg("guest_maxphyaddr", hc.maxphyaddr if guest_maxphyaddr is None
+                    else guest_maxphyaddr, 32, 52))
+        self.roots: list[TdpRoot] = []
+        self.vcpu_root: dict[int, TdpRoot] = {}
+
+    # ------------------------------------------------------------------ roots
+    def _root_role(self, vcpu) -> KvmMmuPageRole:
+        return KvmMmuPageRole(level=self.tdp_level, direct=1, access=_ACC_ALL, cr0_wp=1, efer_nx=1,
+                              ad_disabled=int(not self.vm.fmt.masks()["ad_enabled"]),
+                              smm=int(vcpu.smm))
+
+    def kvm_tdp_mmu_alloc_root(self, vcpu) -> TdpRoot:
+        """The valid root of the vCPU's role, with a new reference, or a new
+        root (refcount 2)."""
+        role = self._root_role(vcpu)
+        for r in self.roots:
+            if not r.invalid and r.role == role and r.refcount > 0:
+                r.refcount += 1
+                return r
+        vcpu.mmu_topup_memory_caches(False)
+        sp = self.vm.arena.alloc_sp(vcpu.mmu_shadow_page_cache, vcpu.mmu_page_header_cache,
+                                    role=role.word, gfn=0, tdp_mmu_page=True)
+        root = TdpRoot(sp, role)
+        self.roots.append(root)
+        return root
+
+    def kvm_mmu_load(self, vcpu) -> TdpRoot:
+        """``kvm_mmu_load``: give `vcpu` a valid root (dropping an invalid one)."""
+        old = self.vcpu_root.get(vcpu.index)
+        if old is not None and not old.invalid:
+            return old
+        with self.vm.mmu_lock.write():
+            if old is not None:
+                self.kvm_tdp_mmu_put_root(old)
+            root = self.vcpu_root[vcpu.index] = self.kvm_tdp_mmu_alloc_root(vcpu)
+        self.vm.arena.set_tdp_mmu_active(vcpu.index, True)
+        vcpu.requests.discard("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
+        return root
+
+    def kvm_mmu_unload(self, vcpu) -> None:
+        """``kvm_mmu_unload``: drop the vCPU's root reference."""
+        root = self.vcpu_root.pop(vcpu.index, None)
+        if root is not None:
+            with self.vm.mmu_lock.write():
+                self.kvm_tdp_mmu_put_root(root)
+            self.vm.arena.set_tdp_mmu_active(vcpu.index, False)
+
+    def kvm_tdp_mmu_put_root(self, root: TdpRoot) -> None:
+        """Drop a reference; the last one zaps the root, unlinks it and frees
+        it after a grace period."""
+        if root.refcount <= 0:
+            self.vm.warn_sink.warn("kvm_tdp_mmu_put_root", "root refcount underflow")
+            return
+        root.refcount -= 1
+        if root.refcount:
+            return
+        self.core.zap_root(root.sp)
+        self.roots.remove(root)
+        self.vm.arena.call_rcu_free_sp(root.sp)
+
+    def kvm_tdp_mmu_invalidate_roots(self) -> None:
+        """Mark every root invalid and scheduled for zapping; every vCPU must
+        reload."""
+        for r in self.roots:
+            if not r.invalid:
+                r.invalid = r.scheduled_to_zap = True
+                self.vm.arena.set_sp(r.sp, role=r.role.replace(invalid=1).word)
+        for vcpu in self.vm.vcpus:
+            if vcpu.index in self.vcpu_root:
+                vcpu.requests.add("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
+
+    def kvm_tdp_mmu_zap_invalidated_roots(self) -> None:
+        """Zap each scheduled root and drop the list's reference on it."""
+        for r in [r for r in self.roots if r.scheduled_to_zap]:
+            r.scheduled_to_zap = False
+            self.core.zap_root(r.sp)
+            self.kvm_tdp_mmu_put_root(r)
+
+    def _valid_roots(self, as_id=None):
+        return [r for r in self.roots if not r.invalid and (as_id is None or r.as_id == as_id)]
+
+    # ------------------------------------------------------------------ faults
+    def kvm_mmu_hugepage_adjust(self, slot, gfn: int, max_level: int, exec_: bool) -> tuple[int, int]:
+        """``(goal_level, req_level)`` for a fault on `gfn` in `slot`."""
+        if max_level == PG_LEVEL_4K or slot is None or slot.kvm_slot_dirty_track_enabled():
+            return PG_LEVEL_4K, PG_LEVEL_4K
+        req = self.vm.kvm_mmu_max_mapping_level(slot, gfn, max_level)
+        if req == PG_LEVEL_4K or (exec_ and self.vm.params.nx_huge_pages):
+            return PG_LEVEL_4K, req
+        return req, req
+
+    def page_fault(self, vcpu, gfn: int, *, write: bool = False, exec: bool = False,
+                   prefetch: bool = False) -> int:
+        """``kvm_tdp_page_fault`` for a guest-physical `gfn`: RET_PF_* (or a
+        negative errno), with the vCPU statistics the kernel keeps."""
+        vm = self.vm
+        root = self.vcpu_root.get(vcpu.index)
+        if root is None:
+            raise ValueError(f"vCPU {vcpu.vcpu_id} has no root: call kvm_mmu_load first")
+        vcpu.stat.pf_taken += 1
+        vcpu.mmu_topup_memory_caches(False)
+        r = vm.kvm_mmu_faultin_pfn(vcpu, gfn, write=write, prefetch=prefetch)
+        if r.ret != RET_PF_CONTINUE:
+            ret = r.ret
+        elif r.pfn == KVM_PFN_NOSLOT:
+            ret = RET_PF_EMULATE                # MMIO SPTEs are not modelled yet
+        else:
+            with vm.mmu_lock.read():
+                if vm.is_page_fault_stale(r.mmu_seq, gfn, r.slot, root_obsolete=root.invalid):
+                    ret = RET_PF_RETRY
+                else:
+                    goal, req = self.kvm_mmu_hugepage_adjust(r.slot, gfn, r.max_level, exec)
+                    mask = KVM_PAGES_PER_HPAGE(goal) - 1
+                    ret = self.core.map_one(
+                        root.sp, gfn & ~mask, r.pfn & ~mask, goal, vcpu.mmu_shadow_page_cache,
+                        vcpu.mmu_page_header_cache, write=write, exec=exec, prefetch=prefetch,
+                        map_writable=r.map_writable, nx_huge_pages=vm.params.nx_huge_pages,
+                        req_level=req)
+                    if ret == RET_PF_FIXED and r.map_writable and \
+                            r.slot.kvm_slot_dirty_track_enabled():
+                        vm.mark_page_dirty(gfn, r.slot.as_id)
+        if ret == RET_PF_FIXED:
+            vcpu.stat.pf_fixed += 1
+        elif ret == RET_PF_SPURIOUS:
+            vcpu.stat.pf_spurious += 1
+        elif ret == RET_PF_EMULATE:
+            vcpu.stat.pf_emulate += 1
+        return ret
+
+    def map_memory(self, vcpu, gfns, *, write: bool = False) -> np.ndarray:
+        """Fault in many gfns of one memslot at once (the populate path, as
+        ``KVM_PRE_FAULT_MEMORY`` does, one nogil pass per mapping level):
+        the host pages must be present (see ``HostMm.populate``); each gfn is
+        mapped at the level ``kvm_mmu_hugepage_adjust`` allows, one fault per
+        frame of that level.  Returns, per gfn, the RET_PF_* code of the
+        fault that covered it."""
+        vm = self.vm
+        root = self.vcpu_root.get(vcpu.index)
+        if root is None:
+            raise ValueError(f"vCPU {vcpu.vcpu_id} has no root: call kvm_mmu_load first")
+        gfns = check_array("gfns", gfns)
+        out = np.zeros(gfns.shape[0], np.int8)
+        if not gfns.size:
+            return out
+        slot = vcpu.gfn_to_memslot(int(gfns[0]))
+        if slot is None or int(gfns.min()) < slot.base_gfn or \
+                int(gfns.max()) >= slot.base_gfn + slot.npages:
+            raise ValueError("map_memory: every gfn must lie in the memslot of the first one")
+        hva = (slot.userspace_addr + ((gfns - np.uint64(slot.base_gfn)) << np.uint64(PAGE_SHIFT)))
+        pfn, flags = vm.host.hva_to_pfn_array(hva.astype(np.uint64))
+        if not pfn.all():
+            raise ValueError("map_memory: host pages missing (populate the VMA first)")
+        if slot.kvm_slot_dirty_track_enabled():
+            level = np.ones(gfns.shape[0], np.uint8)
+        else:
+            level = vm.kvm_mmu_max_mapping_level_array(slot, gfns)
+        writable = not slot.flags & KVM_MEM_READONLY
+        with vm.mmu_lock.read():
+            for lvl in np.unique(level):
+                idx = np.flatnonzero(level == lvl)
+                mask = np.uint64(KVM_PAGES_PER_HPAGE(int(lvl)) - 1)
+                g, first = np.unique(gfns[idx] & ~mask, return_index=True)
+                p = pfn[idx][first] & ~mask
+                r = self.core.map(root.sp, g, p, int(lvl), vcpu.mmu_shadow_page_cache,
+                                  vcpu.mmu_page_header_cache, write=write, map_writable=writable,
+                                  nx_huge_pages=vm.params.nx_huge_pages)
+                out[idx] = r[np.searchsorted(g, gfns[idx] & ~mask)]
+        if writable and slot.kvm_slot_dirty_track_enabled():
+            vm.mark_page_dirty(gfns[out == RET_PF_FIXED], slot.as_id)
+        return out
+
+    def translate(self, vcpu_or_as_id, gfns) -> tuple[np.ndarray, np.ndarray]:
+        """``kvm_tdp_mmu_get_walk`` for an array of gfns on the valid root of
+        an address space (a vCPU's, or the first valid root of an as_id):
+        ``(sptes, levels)`` of the last entry each walk reached."""
+        if isinstance(vcpu_or_as_id, int):
+            roots = self._valid_roots(vcpu_or_as_id)
+            if not roots:
+                raise ValueError(f"no valid root for as_id {vcpu_or_as_id}")
+            root = roots[0]
+        else:
+            root = self.vcpu_root[vcpu_or_as_id.index]
+        return kvm_tdp_mmu_get_walk(self.vm.arena, root.sp, check_array("gfns", gfns))
+
+    # ------------------------------------------------------------------ hooks
+    def _zap_range(self, as_id, start, end, roots=None) -> bool:
+        flush = False
+        for r in (self.roots if roots is None else roots):
+            if as_id is None or r.as_id == as_id:
+                flush |= self.core.zap_leafs(r.sp, start, end)
+        return flush
+
+    def kvm_unmap_gfn_range(self, rng) -> bool:
+        # every root, valid or not (an invalid root may still be in use by a vCPU)
+        return self._zap_range(rng.slot.as_id, rng.start, rng.end)
+
+    def kvm_age_gfn(self, rng) -> bool:
+        young = False
+        for r in self._valid_roots(rng.slot.as_id):
+            young |= self.core.age_gfn_range(r.sp, rng.start, rng.end)
+        return young
+
+    def kvm_test_age_gfn(self, rng) -> bool:
+        return any(self.core.age_gfn_range(r.sp, rng.start, rng.end, test_only=True)
+                   for r in self._valid_roots(rng.slot.as_id))
+
+    def kvm_zap_gfn_range(self, gfn_start, gfn_end) -> bool:
+        return self._zap_range(None, gfn_start, gfn_end)
+
+    def kvm_arch_flush_shadow_memslot(self, slot) -> None:
+        if self._zap_range(slot.as_id, slot.base_gfn, slot.base_gfn + slot.npages):
+            self.vm.kvm_flush_remote_tlbs()
+
+    def kvm_arch_flush_shadow_all(self) -> None:
+        """``kvm_mmu_zap_all``: zap every root (the roots stay until put)."""
+        for r in list(self.roots):
+            self.core.zap_root(r.sp)
+        self.vm.kvm_flush_remote_tlbs()
+
+    def kvm_mmu_zap_all_fast(self) -> None:
+        self.kvm_tdp_mmu_invalidate_roots()
+        self.kvm_tdp_mmu_zap_invalidated_roots()
+
+    def kvm_mmu_recover_huge_pages(self, slot) -> None:
+        if slot.kvm_slot_dirty_track_enabled():
+            self.vm.warn_sink.warn("recover_huge_pages_range", "slot still logs dirty pages")
+            return
+        base = slot.base_gfn & ~(KVM_PAGES_PER_HPAGE(PG_LEVEL_2M) - 1)
+        end = slot.base_gfn + slot.npages
+        # kvm_mmu_max_mapping_level at each 2M frame's first gfn (the slot's
+        # first gfn for a partial first frame, which is never recovered)
+        frames = np.maximum(np.arange(base, end, KVM_PAGES_PER_HPAGE(PG_LEVEL_2M), dtype=np.uint64),
+                            np.uint64(slot.base_gfn))
+        ml = self.vm.kvm_mmu_max_mapping_level_array(slot, frames).astype(np.int8)
+        n = 0
+        for r in self._valid_roots(slot.as_id):
+            n += self.core.recover_huge_pages(r.sp, base, end - base, ml,
+                                              nx_huge_pages=self.vm.params.nx_huge_pages)
+        if n:
+            self.vm.kvm_flush_remote_tlbs()
+
+    def kvm_mmu_slot_try_split_huge_pages(self, slot, target_level) -> None:
+        vcpu = self.vm.vcpus[0]
+        for r in self._valid_roots(slot.as_id):
+            self.core.split_huge_pages(r.sp, slot.base_gfn, slot.base_gfn + slot.npages,
+                                       target_level, vcpu.mmu_shadow_page_cache,
+                                       vcpu.mmu_page_header_cache,
+                                       nx_huge_pages=self.vm.params.nx_huge_pages)
+
+    def _dbit(self, root) -> int:
+        # tdp_mmu_need_write_protect: no A/D bits (or a nested root under PML)
+        if not self.vm.fmt.masks()["ad_enabled"] or root.role.guest_mode:
+            return PT_WRITABLE_MASK
+        return self.vm.fmt.masks()["dirty_mask"]
+
+    def kvm_mmu_slot_leaf_clear_dirty(self, slot) -> None:
+        for r in self._valid_roots(slot.as_id):
+            self.core.clear_bit_range(r.sp, slot.base_gfn, slot.base_gfn + slot.npages,
+                                      self._dbit(r))
+
+    def kvm_mmu_slot_remove_write_access(self, slot, start_level) -> None:
+        for r in self._valid_roots(slot.as_id):
+            self.core.clear_bit_range(r.sp, slot.base_gfn, slot.base_gfn + slot.npages,
+                                      PT_WRITABLE_MASK, min_level=start_level)
+
+    def kvm_arch_mmu_enable_log_dirty_pt_masked(self, slot, gfn_offset, mask) -> None:
+        pml = bool(self.vm.cpu_dirty_log_size)
+        gfn = slot.base_gfn + gfn_offset
+        base, shift = gfn & ~63, gfn & 63
+        words = np.array([(mask << shift) & ((1 << 64) - 1), mask >> (64 - shift) if shift else 0],
+                         np.uint64)
+        for r in self._valid_roots(slot.as_id):
+            self.core.clear_dirty_log(r.sp, base, words, wrprot=not pml or
+                                      self._dbit(r) == PT_WRITABLE_MASK)
+
+    # ------------------------------------------------------------------ audit
+    def audit(self) -> list[str]:
+        """The TDP invariants that can be checked from outside the tables:
+        ``pages_4k/2m/1g`` equal the leaves per level under the valid roots
+        (when one root per address space), ``tdp_mmu_pages`` equals the
+        tables reachable from every root, refcounts are positive, and no
+        entry is FROZEN.  Returns the violations (empty when clean)."""
+        bad = []
+        leaves = {1: 0, 2: 0, 3: 0}
+        tables = 0
+        frozen = self.vm.fmt.masks()["frozen_spte"]
+        present = self.vm.fmt.is_shadow_present_pte_array
+        for r in self.roots:
+            if r.refcount <= 0:
+                bad.append(f"{r}: refcount {r.refcount}")
+            for g, lvl, _, spte in TdpIter(self.vm.arena, r.sp, 0, 1 << (9 * r.role.level)):
+                if spte == frozen:
+                    bad.append(f"{r}: FROZEN SPTE left at gfn {g:#x} level {lvl}")
+                if not present(np.array([spte], np.uint64))[0]:
+                    continue
+                if lvl == 1 or (spte >> 7) & 1:
+                    leaves[lvl] = leaves.get(lvl, 0) + 1
+                else:
+                    tables += 1
+        if tables != self.core.tdp_mmu_pages:
+            bad.append(f"tdp_mmu_pages {self.core.tdp_mmu_pages} != {tables} tables reachable")
+        stats = self.vm.arena.page_stats
+        got = {1: stats["pages_4k"], 2: stats["pages_2m"], 3: stats["pages_1g"]}
+        if got != {k: leaves.get(k, 0) for k in (1, 2, 3)}:
+            bad.append(f"page stats {got} != leaves {leaves}")
+        for msg, n in self.core.warnings().items():
+            bad.append(f"{n}x {msg}")
+        return bad
