@@ -17,13 +17,17 @@ a root whose last reference goes is zapped, unlinked and freed after a
 grace period.  A vCPU whose root is invalid must reload
 (``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS``): its faults are stale.
 
-The fault (``kvm_tdp_page_fault``, tdp-mmu.md §5): top up the caches,
+The fault (``kvm_tdp_page_fault``, tdp-mmu.md §5): ``fast_page_fault``, then top up the caches,
 ``kvm_mmu_faultin_pfn``, take ``mmu_lock`` for read, give up (RETRY) if the
 fault is stale, choose the level (``kvm_mmu_hugepage_adjust``), and walk:
 :meth:`~kvmmmu._core.tdp_mmu.TdpMmuCore.map_one`.  A writable SPTE created
 in a dirty-logged slot marks the gfn dirty, as ``make_spte`` does.
 
-Not modelled yet: ``fast_page_fault``, MMIO SPTEs (a fault without a memslot
+``fast_page_fault`` comes first: a write to an MMU-writable SPTE (dirty
+logging took W away) or an access-tracked SPTE is fixed with one cmpxchg,
+without mmu_lock, marking the page dirty when W is set.
+
+Not modelled yet: MMIO SPTEs (a fault without a memslot
 is emulated, as with ``mmio_caching`` off), the NX huge page list and its
 recovery, mirror roots (TDX), and concurrent faults from several threads.
 """
@@ -36,7 +40,7 @@ import numpy as np
 from kvmmmu._core._checks import check_array, int_arg
 from kvmmmu._core.defs import (
     PAGE_SHIFT, PG_LEVEL_4K, PG_LEVEL_2M, RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED,
-    RET_PF_RETRY, RET_PF_SPURIOUS, KVM_PAGES_PER_HPAGE,
+    RET_PF_INVALID, RET_PF_RETRY, RET_PF_SPURIOUS, KVM_PAGES_PER_HPAGE,
 )
 from kvmmmu._core.role import KvmMmuPageRole, kvm_mmu_get_tdp_level
 from kvmmmu._core.spte import PT_WRITABLE_MASK
@@ -181,6 +185,9 @@ class TdpMmu(MmuBackend):
         if root is None:
             raise ValueError(f"vCPU {vcpu.vcpu_id} has no root: call kvm_mmu_load first")
         vcpu.stat.pf_taken += 1
+        ret = self._fast_page_fault(vcpu, root, gfn, write, exec)
+        if ret != RET_PF_INVALID:
+            return self._count(vcpu, ret)
         vcpu.mmu_topup_memory_caches(False)
         r = vm.kvm_mmu_faultin_pfn(vcpu, gfn, write=write, prefetch=prefetch)
         if r.ret != RET_PF_CONTINUE:
@@ -202,12 +209,34 @@ class TdpMmu(MmuBackend):
                     if ret == RET_PF_FIXED and r.map_writable and \
                             r.slot.kvm_slot_dirty_track_enabled():
                         vm.mark_page_dirty(gfn, r.slot.as_id)
+        return self._count(vcpu, ret)
+
+    @staticmethod
+    def _count(vcpu, ret):
+        # kvm_mmu_do_page_fault's statistics
         if ret == RET_PF_FIXED:
             vcpu.stat.pf_fixed += 1
         elif ret == RET_PF_SPURIOUS:
             vcpu.stat.pf_spurious += 1
         elif ret == RET_PF_EMULATE:
             vcpu.stat.pf_emulate += 1
+        return ret
+
+    def _fast_page_fault(self, vcpu, root, gfn, write, exec_):
+        """``fast_page_fault``: RET_PF_INVALID sends the fault down the slow
+        path.  A fix that makes the SPTE writable marks the page dirty
+        (``fast_pf_fix_direct_spte``); ``pf_fast`` counts every answer."""
+        if type(gfn) is not int or gfn < 0 or gfn >> (9 * root.role.level):
+            gfn = int_arg("gfn", gfn, 0, (1 << (9 * root.role.level)) - 1)
+        slot = vcpu.gfn_to_memslot(gfn)
+        if slot is None:
+            return RET_PF_INVALID
+        ret, made_writable = self.core.fast_page_fault(
+            root.sp, gfn, write=write, exec=exec_, slot_dirty_tracked=slot.kvm_slot_dirty_track_enabled())
+        if ret != RET_PF_INVALID:
+            vcpu.stat.pf_fast += 1
+            if made_writable:
+                self.vm.mark_page_dirty(gfn, slot.as_id)
         return ret
 
     def map_memory(self, vcpu, gfns, *, write: bool = False) -> np.ndarray:

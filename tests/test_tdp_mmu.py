@@ -20,6 +20,7 @@ from kvmmmu._core.defs import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF
 from kvmmmu._core.tdp_iter import TdpIter
 from kvmmmu.host import HostConfig
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES
+from kvmmmu.notifiers import KvmGfnRange
 from kvmmmu.tdp_mmu import TdpMmu
 from kvmmmu.vm import VM, KvmParams
 
@@ -180,8 +181,10 @@ def test_a_64_mib_thp_guest_maps_at_2m_and_a_dirty_round_reports_the_writes():
     assert vm.arena.page_stats == {"pages_4k": 2048, "pages_2m": 0, "pages_1g": 0}  # eager split
     vm.get_dirty_log(0)
     written = [3, 700, 701, 2047]
+    fast = v.stat.pf_fast
     for o in written:
         assert t.page_fault(v, o, write=True) == RET_PF_FIXED                    # W was removed
+    assert v.stat.pf_fast == fast + 4               # fixed by fast_page_fault, no mmu_lock
     bm = vm.get_dirty_log(0)
     assert [i for i in range(2048) if int(bm[i // 64]) >> (i % 64) & 1] == written
     check_against_host(vm, t)
@@ -212,3 +215,21 @@ def test_page_fault_needs_a_loaded_root_and_a_tdp_vm():
         t.page_fault(vm.vcpus[0], 5)
     with pytest.raises(ValueError, match="TDP"):
         TdpMmu(VM("shadow"))
+
+
+def test_fast_page_fault_restores_access_tracked_sptes_without_ad_bits():
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept", ad_bits=False))
+    vm.add_memory(0, SIZE, slot=0, populate=True)
+    t = vm.register_mmu(TdpMmu(vm))
+    v = vm.vcpus[0]
+    t.kvm_mmu_load(v)
+    assert t.page_fault(v, 9) == RET_PF_FIXED and v.stat.pf_fast == 0
+    assert t.kvm_age_gfn(KvmGfnRange(vm.memslots[0].id_to_memslot(0), 0, 16))
+    spte = int(t.translate(v, np.array([9], np.uint64))[0][0])
+    assert vm.fmt.is_access_track_spte(spte)
+    assert t.page_fault(v, 9) == RET_PF_FIXED and v.stat.pf_fast == 1
+    spte = int(t.translate(v, np.array([9], np.uint64))[0][0])
+    assert not vm.fmt.is_access_track_spte(spte) and vm.fmt.is_accessed_spte(spte)
+    assert t.page_fault(v, 9) == RET_PF_SPURIOUS       # a read fault on a present SPTE: slow path
+    assert v.stat.pf_fast == 1
+    check_against_host(vm, t)

@@ -52,6 +52,7 @@ from kvmmmu._core.spte cimport (
     is_mmio_spte, is_frozen_spte, is_mmu_writable_spte, spte_to_pfn, spte_needs_atomic_update,
     is_accessed_spte, spte_ad_enabled, PT_WRITABLE_MASK,
     make_spte, make_nonleaf_spte, make_small_spte, make_huge_spte, mark_spte_for_access_track,
+    is_access_track_spte, restore_acc_track_spte,
     MKSPTE_PREFETCH, MKSPTE_HOST_WRITABLE, MKSPTE_AD_DISABLED, MKSPTE_NX_HUGE_PAGES,
 )
 from kvmmmu._core.tdp_iter cimport (
@@ -62,6 +63,7 @@ from kvmmmu._core._checks import check_array as _check_array, out_array as _out_
 from kvmmmu.errors import KvmNoMemoryError
 
 cdef extern from "mmu_defs.h" nogil:
+    const int RET_PF_INVALID
     const int RET_PF_RETRY
     const int RET_PF_WRITE_PROTECTED
     const int RET_PF_FIXED
@@ -439,6 +441,70 @@ cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uin
                     it.old_spte = tdp_mmu_clear_spte_bits(m, it.sptep, it.old_spte, dbit, it.level)
         tdp_iter_next(&it, m.a)
     return found
+
+
+# ---------------------------------------------------------------------------
+# Fast page fault (mmu.c fast_page_fault over kvm_tdp_mmu_fast_pf_get_last_sptep)
+# ---------------------------------------------------------------------------
+
+cdef sptep_t kvm_tdp_mmu_fast_pf_get_last_sptep(tdp_mmu_t *m, uint64_t root, uint64_t gfn,
+                                                uint64_t *spte, int *level) noexcept nogil:
+    """The last entry on `gfn`'s path (a leaf, or the first hole) and its
+    value: 0 if the root cannot be walked."""
+    cdef tdp_iter it
+    cdef sptep_t sptep = 0
+    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn, 0)
+    while it.valid and it.gfn <= gfn:
+        sptep = it.sptep
+        spte[0] = it.old_spte
+        level[0] = it.level
+        tdp_iter_next(&it, m.a)
+    return sptep
+
+
+cdef int tdp_fast_page_fault(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
+                             bint slot_dirty_tracked, bint *made_writable) noexcept nogil:
+    """fast_page_fault for a TDP root, without mmu_lock: fix what needs no
+    new page — restore an access-tracked SPTE, set W on an MMU-writable
+    one (not on a huge leaf while the slot logs dirty pages) — with one
+    cmpxchg, at most 5 attempts.  RET_PF_SPURIOUS if the access is already
+    allowed, RET_PF_FIXED, or RET_PF_INVALID (take the slow path).
+    `*made_writable`: W went from 0 to 1 (the caller marks the page dirty).
+    The hardware's "present" (any of the permission bits) is read from the
+    SPTE, as the CPU that faulted saw it."""
+    cdef uint64_t spte = 0, new_spte
+    cdef int level = 0, tries = 0
+    cdef sptep_t sptep
+    cdef bint hw_present
+    made_writable[0] = False
+    while True:
+        sptep = kvm_tdp_mmu_fast_pf_get_last_sptep(m, root, fault.gfn, &spte, &level)
+        if sptep == 0 or not is_shadow_present_pte(spte) or not is_last_spte(spte, level):
+            return RET_PF_INVALID
+        if tries == 0:
+            hw_present = (spte & (7 if m.f.is_ept else PT_PRESENT_MASK)) != 0
+            # page_fault_can_be_fast: a fault on a present translation can be
+            # fixed only for a write; on a non-present one only when KVM runs
+            # without A/D bits (an access-tracked SPTE)
+            if not (fault.write if hw_present else not m.f.ad_enabled):
+                return RET_PF_INVALID
+        if _access_allowed(m, fault, spte):
+            return RET_PF_SPURIOUS
+        new_spte = spte
+        if not m.f.ad_enabled and is_access_track_spte(m.f, spte):
+            new_spte = restore_acc_track_spte(m.f, new_spte) | m.f.accessed_mask
+        if fault.write and is_mmu_writable_spte(m.f, spte):
+            new_spte |= PT_WRITABLE_MASK
+            if level > PG_LEVEL_4K and slot_dirty_tracked:
+                return RET_PF_INVALID
+        if new_spte == spte or not _access_allowed(m, fault, new_spte):
+            return RET_PF_INVALID
+        if pt_try_cmpxchg64(pt_sptep_ptr(m.a, sptep), &spte, new_spte):
+            made_writable[0] = is_writable_pte(new_spte) and not is_writable_pte(spte)
+            return RET_PF_FIXED
+        tries += 1
+        if tries > 4:
+            return RET_PF_INVALID
 
 
 # ---------------------------------------------------------------------------
@@ -905,3 +971,26 @@ cdef class TdpMmuCore:
         finally:
             self._leave()
         return r
+
+    def fast_page_fault(self, root, gfn, *, write=False, exec=False, slot_dirty_tracked=False):
+        """``fast_page_fault`` on a TDP root: ``(RET_PF_*, made_writable)``,
+        RET_PF_INVALID meaning "take the slow path".  Runs without mmu_lock
+        in the kernel (RCU only); the model serializes it with the arena's
+        writers."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef tdp_fault fault
+        cdef bint made = False
+        cdef bint logged = bool(slot_dirty_tracked)
+        cdef int r
+        fault.gfn = u64_arg(gfn, "gfn")
+        fault.write, fault.exec, fault.prefetch = bool(write), bool(exec), False
+        self._ready("fast_page_fault")
+        self._enter("TdpMmuCore.fast_page_fault")
+        try:
+            top = self._root(c_root)
+            if fault.gfn >> (SPTE_LEVEL_BITS * top):
+                raise ValueError(f"gfn={fault.gfn:#x} is beyond what the root maps")
+            r = tdp_fast_page_fault(&self.m, c_root, &fault, logged, &made)
+        finally:
+            self._leave()
+        return r, bool(made)
