@@ -27,8 +27,12 @@ in a dirty-logged slot marks the gfn dirty, as ``make_spte`` does.
 logging took W away) or an access-tracked SPTE is fixed with one cmpxchg,
 without mmu_lock, marking the page dirty when W is set.
 
-Not modelled yet: MMIO SPTEs (a fault without a memslot
-is emulated, as with ``mmio_caching`` off), the NX huge page list and its
+A gfn without a memslot gets an MMIO SPTE carrying the memslot generation
+(with ``mmio_caching``; without it the fault is emulated each time); a later
+access to it is a reserved-bit fault that ``handle_mmio_page_fault``
+answers (RET_PF_EMULATE) while the generation is current.
+
+Not modelled yet: the NX huge page list and its
 recovery, mirror roots (TDX), and concurrent faults from several threads.
 """
 from __future__ import annotations
@@ -184,16 +188,37 @@ class TdpMmu(MmuBackend):
         root = self.vcpu_root.get(vcpu.index)
         if root is None:
             raise ValueError(f"vCPU {vcpu.vcpu_id} has no root: call kvm_mmu_load first")
+        if type(gfn) is not int or gfn < 0 or gfn >> (9 * root.role.level):
+            gfn = int_arg("gfn", gfn, 0, (1 << (9 * root.role.level)) - 1)
+        slot = vcpu.gfn_to_memslot(gfn)
+        ret, made_writable, last = self.core.fast_page_fault(
+            root.sp, gfn, write=write, exec=exec,
+            slot_dirty_tracked=slot is not None and slot.kvm_slot_dirty_track_enabled())
+        if ret == RET_PF_INVALID and self._is_mmio(last) and vcpu.check_mmio_spte(last):
+            # the CPU saw the MMIO SPTE's reserved bits: handle_mmio_page_fault
+            # (a stale generation goes on to a normal fault, which replaces it)
+            vcpu.vcpu_cache_mmio_info(0, gfn, vm.fmt.get_mmio_spte_access(last))
+            return RET_PF_EMULATE
         vcpu.stat.pf_taken += 1
-        ret = self._fast_page_fault(vcpu, root, gfn, write, exec)
-        if ret != RET_PF_INVALID:
+        if ret != RET_PF_INVALID:                   # fast_page_fault answered
+            vcpu.stat.pf_fast += 1
+            if made_writable:
+                vm.mark_page_dirty(gfn, slot.as_id)
             return self._count(vcpu, ret)
         vcpu.mmu_topup_memory_caches(False)
         r = vm.kvm_mmu_faultin_pfn(vcpu, gfn, write=write, prefetch=prefetch)
         if r.ret != RET_PF_CONTINUE:
             ret = r.ret
-        elif r.pfn == KVM_PFN_NOSLOT:
-            ret = RET_PF_EMULATE                # MMIO SPTEs are not modelled yet
+        elif r.pfn == KVM_PFN_NOSLOT:               # cache the MMIO access in an SPTE
+            with vm.mmu_lock.read():
+                if vm.is_page_fault_stale(r.mmu_seq, gfn, None, root_obsolete=root.invalid):
+                    ret = RET_PF_RETRY
+                else:
+                    ret = self.core.map_one(root.sp, gfn, 0, PG_LEVEL_4K, vcpu.mmu_shadow_page_cache,
+                                            vcpu.mmu_page_header_cache, write=write, exec=exec,
+                                            mmio_gen=vcpu.mmio_spte_generation())
+                    if ret == RET_PF_EMULATE:
+                        vcpu.stat.pf_mmio_spte_created += 1
         else:
             with vm.mmu_lock.read():
                 if vm.is_page_fault_stale(r.mmu_seq, gfn, r.slot, root_obsolete=root.invalid):
@@ -222,22 +247,8 @@ class TdpMmu(MmuBackend):
             vcpu.stat.pf_emulate += 1
         return ret
 
-    def _fast_page_fault(self, vcpu, root, gfn, write, exec_):
-        """``fast_page_fault``: RET_PF_INVALID sends the fault down the slow
-        path.  A fix that makes the SPTE writable marks the page dirty
-        (``fast_pf_fix_direct_spte``); ``pf_fast`` counts every answer."""
-        if type(gfn) is not int or gfn < 0 or gfn >> (9 * root.role.level):
-            gfn = int_arg("gfn", gfn, 0, (1 << (9 * root.role.level)) - 1)
-        slot = vcpu.gfn_to_memslot(gfn)
-        if slot is None:
-            return RET_PF_INVALID
-        ret, made_writable = self.core.fast_page_fault(
-            root.sp, gfn, write=write, exec=exec_, slot_dirty_tracked=slot.kvm_slot_dirty_track_enabled())
-        if ret != RET_PF_INVALID:
-            vcpu.stat.pf_fast += 1
-            if made_writable:
-                self.vm.mark_page_dirty(gfn, slot.as_id)
-        return ret
+    def _is_mmio(self, spte: int) -> bool:
+        return bool(self.vm.fmt.is_mmio_spte(spte))
 
     def map_memory(self, vcpu, gfns, *, write: bool = False) -> np.ndarray:
         """Fault in many gfns of one memslot at once (the populate path, as

@@ -233,3 +233,23 @@ def test_fast_page_fault_restores_access_tracked_sptes_without_ad_bits():
     assert t.page_fault(v, 9) == RET_PF_SPURIOUS       # a read fault on a present SPTE: slow path
     assert v.stat.pf_fast == 1
     check_against_host(vm, t)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_mmio_sptes_carry_the_memslot_generation(caching):
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), params=KvmParams(mmio_caching=caching))
+    vm.add_memory(0, SIZE, slot=0, populate=True)
+    t = vm.register_mmu(TdpMmu(vm))
+    v = vm.vcpus[0]
+    t.kvm_mmu_load(v)
+    hole = (32 * MiB) >> 12
+    assert t.page_fault(v, hole) == RET_PF_EMULATE
+    spte = int(t.translate(v, np.array([hole], np.uint64))[0][0])
+    assert bool(vm.fmt.is_mmio_spte(spte)) == caching
+    assert v.stat.pf_mmio_spte_created == int(caching) and v.stat.pf_taken == 1
+    assert t.page_fault(v, hole, write=True) == RET_PF_EMULATE
+    # with caching, the second access is the reserved-bit fault: no page fault taken
+    assert v.stat.pf_taken == (1 if caching else 2)
+    vm.add_memory(32 * MiB, 2 * MiB, slot=3, populate=True)        # the generation moves on
+    assert t.page_fault(v, hole, write=True) == RET_PF_FIXED        # the stale SPTE is replaced
+    check_against_host(vm, t)

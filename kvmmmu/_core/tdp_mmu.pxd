@@ -45,6 +45,8 @@ ctypedef struct tdp_fault:
     bint map_writable
     bint huge_page_disallowed
     bint nx_huge_pages              # is_nx_huge_page_enabled(kvm)
+    bint noslot                     # no memslot: install an MMIO SPTE
+    uint64_t mmio_gen               # the memslot generation it carries
 
 
 cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t old_spte,

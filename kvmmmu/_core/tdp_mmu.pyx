@@ -51,7 +51,8 @@ from kvmmmu._core.spte cimport (
     is_shadow_present_pte, is_last_spte, is_large_pte, is_writable_pte, is_executable_pte,
     is_mmio_spte, is_frozen_spte, is_mmu_writable_spte, spte_to_pfn, spte_needs_atomic_update,
     is_accessed_spte, spte_ad_enabled, PT_WRITABLE_MASK,
-    make_spte, make_nonleaf_spte, make_small_spte, make_huge_spte, mark_spte_for_access_track,
+    make_spte, make_mmio_spte, make_nonleaf_spte, make_small_spte, make_huge_spte,
+    mark_spte_for_access_track,
     is_access_track_spte, restore_acc_track_spte,
     MKSPTE_PREFETCH, MKSPTE_HOST_WRITABLE, MKSPTE_AD_DISABLED, MKSPTE_NX_HUGE_PAGES,
 )
@@ -63,6 +64,7 @@ from kvmmmu._core._checks import check_array as _check_array, out_array as _out_
 from kvmmmu.errors import KvmNoMemoryError
 
 cdef extern from "mmu_defs.h" nogil:
+    const int RET_PF_EMULATE
     const int RET_PF_INVALID
     const int RET_PF_RETRY
     const int RET_PF_WRITE_PROTECTED
@@ -247,7 +249,8 @@ cdef inline bint _access_allowed(tdp_mmu_t *m, tdp_fault *fault, uint64_t spte) 
 
 
 cdef inline int _map_target_level(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault) noexcept nogil:
-    """tdp_mmu_map_handle_target_level (memslot present: no MMIO SPTE)."""
+    """tdp_mmu_map_handle_target_level: the leaf (or, without a memslot, an
+    MMIO SPTE carrying the memslot generation: RET_PF_EMULATE)."""
     cdef uint64_t old = it.old_spte, new_spte
     cdef bint wrprot = False
     cdef unsigned int flags = 0
@@ -268,7 +271,10 @@ cdef inline int _map_target_level(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault) 
         flags |= MKSPTE_AD_DISABLED
     if fault.nx_huge_pages:
         flags |= MKSPTE_NX_HUGE_PAGES
-    new_spte = make_spte(m.f, it.level, ACC_ALL, fault.pfn, old, flags, &wrprot)
+    if fault.noslot:
+        new_spte = make_mmio_spte(m.f, it.gfn, ACC_ALL, fault.mmio_gen)
+    else:
+        new_spte = make_spte(m.f, it.level, ACC_ALL, fault.pfn, old, flags, &wrprot)
     if new_spte == old:
         return RET_PF_SPURIOUS
     if tdp_mmu_set_spte_atomic(m, it, new_spte):
@@ -279,6 +285,8 @@ cdef inline int _map_target_level(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault) 
         m.nr_flushes += 1                # kvm_flush_remote_tlbs_gfn(gfn, level)
     if wrprot and fault.write:
         return RET_PF_WRITE_PROTECTED
+    if is_mmio_spte(m.f, new_spte):
+        return RET_PF_EMULATE
     return RET_PF_FIXED
 
 
@@ -463,7 +471,8 @@ cdef sptep_t kvm_tdp_mmu_fast_pf_get_last_sptep(tdp_mmu_t *m, uint64_t root, uin
 
 
 cdef int tdp_fast_page_fault(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
-                             bint slot_dirty_tracked, bint *made_writable) noexcept nogil:
+                             bint slot_dirty_tracked, bint *made_writable,
+                             uint64_t *last_spte) noexcept nogil:
     """fast_page_fault for a TDP root, without mmu_lock: fix what needs no
     new page — restore an access-tracked SPTE, set W on an MMU-writable
     one (not on a huge leaf while the slot logs dirty pages) — with one
@@ -479,6 +488,7 @@ cdef int tdp_fast_page_fault(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
     made_writable[0] = False
     while True:
         sptep = kvm_tdp_mmu_fast_pf_get_last_sptep(m, root, fault.gfn, &spte, &level)
+        last_spte[0] = spte
         if sptep == 0 or not is_shadow_present_pte(spte) or not is_last_spte(spte, level):
             return RET_PF_INVALID
         if tries == 0:
@@ -717,6 +727,7 @@ cdef class TdpMmuCore:
         fault.write, fault.exec, fault.prefetch = bool(write), bool(exec), bool(prefetch)
         fault.map_writable, fault.nx_huge_pages = bool(map_writable), bool(nx_huge_pages)
         fault.huge_page_disallowed = bool(exec) and bool(nx_huge_pages)
+        fault.noslot, fault.mmio_gen = False, 0
         cdef pt_arena_t *a = self.m.a
         cdef tdp_mmu_t *m = &self.m
         cdef kvm_mmu_memory_cache *pc = &page_cache.mc
@@ -936,11 +947,14 @@ cdef class TdpMmuCore:
 
     def map_one(self, root, gfn, pfn, goal_level, MmuMemoryCache page_cache not None,
                 MmuMemoryCache header_cache not None, *, write=False, exec=False,
-                prefetch=False, map_writable=True, nx_huge_pages=False, req_level=None):
+                prefetch=False, map_writable=True, nx_huge_pages=False, req_level=None,
+                mmio_gen=None):
         """``kvm_tdp_mmu_map`` for one fault (the scalar path a vCPU takes):
         the caches must hold enough for the walk (``mmu_topup_memory_caches``
         before taking the lock); returns RET_PF_*.  `req_level` (default the
-        goal) only matters with the NX workaround."""
+        goal) only matters with the NX workaround.  ``mmio_gen`` (an int):
+        the gfn has no memslot, install an MMIO SPTE with that memslot
+        generation at 4K (`pfn` is ignored) and return RET_PF_EMULATE."""
         cdef uint64_t c_root = u64_arg(root, "root")
         cdef tdp_fault fault
         fault.gfn = u64_arg(gfn, "gfn")
@@ -950,6 +964,10 @@ cdef class TdpMmuCore:
         fault.write, fault.exec, fault.prefetch = bool(write), bool(exec), bool(prefetch)
         fault.map_writable, fault.nx_huge_pages = bool(map_writable), bool(nx_huge_pages)
         fault.huge_page_disallowed = fault.exec and fault.nx_huge_pages
+        fault.noslot = mmio_gen is not None
+        fault.mmio_gen = 0 if mmio_gen is None else u64_arg(mmio_gen, "mmio_gen")
+        if fault.noslot and (fault.goal_level != PG_LEVEL_4K or not self.m.f.mmio_caching):
+            raise ValueError("an MMIO SPTE goes at 4K, with MMIO caching enabled")
         cdef uint64_t mask
         cdef int top, r
         if not PG_LEVEL_4K <= fault.goal_level <= PG_LEVEL_1G:
@@ -973,8 +991,10 @@ cdef class TdpMmuCore:
         return r
 
     def fast_page_fault(self, root, gfn, *, write=False, exec=False, slot_dirty_tracked=False):
-        """``fast_page_fault`` on a TDP root: ``(RET_PF_*, made_writable)``,
-        RET_PF_INVALID meaning "take the slow path".  Runs without mmu_lock
+        """``fast_page_fault`` on a TDP root: ``(RET_PF_*, made_writable,
+        last_spte)``, RET_PF_INVALID meaning "take the slow path";
+        `last_spte` is the last entry on the gfn's path (an MMIO SPTE there
+        means the hardware reports a reserved-bit fault).  Runs without mmu_lock
         in the kernel (RCU only); the model serializes it with the arena's
         writers."""
         cdef uint64_t c_root = u64_arg(root, "root")
@@ -982,6 +1002,7 @@ cdef class TdpMmuCore:
         cdef bint made = False
         cdef bint logged = bool(slot_dirty_tracked)
         cdef int r
+        cdef uint64_t last = 0
         fault.gfn = u64_arg(gfn, "gfn")
         fault.write, fault.exec, fault.prefetch = bool(write), bool(exec), False
         self._ready("fast_page_fault")
@@ -990,7 +1011,7 @@ cdef class TdpMmuCore:
             top = self._root(c_root)
             if fault.gfn >> (SPTE_LEVEL_BITS * top):
                 raise ValueError(f"gfn={fault.gfn:#x} is beyond what the root maps")
-            r = tdp_fast_page_fault(&self.m, c_root, &fault, logged, &made)
+            r = tdp_fast_page_fault(&self.m, c_root, &fault, logged, &made, &last)
         finally:
             self._leave()
-        return r, bool(made)
+        return r, bool(made), last
