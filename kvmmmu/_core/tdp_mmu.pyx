@@ -732,7 +732,7 @@ cdef class TdpMmuCore:
         cdef tdp_mmu_t *m = &self.m
         cdef kvm_mmu_memory_cache *pc = &page_cache.mc
         cdef kvm_mmu_memory_cache *hc = &header_cache.mc
-        cdef int r
+        cdef int r, stuck = 0
         cdef Py_ssize_t before
         self._enter("TdpMmuCore.map")
         try:
@@ -752,10 +752,11 @@ cdef class TdpMmuCore:
                         o[i] = r
                         done = i + 1
                 if done < n:
-                    # The pool ran dry: grow the arena (with the GIL) and go on.
-                    if done == before and self.arena._available(PT_CACHE_SHADOW_PAGE) >= \
-                            PT64_ROOT_MAX_LEVEL and self.arena._available(PT_CACHE_PAGE_HEADER) \
-                            >= PT64_ROOT_MAX_LEVEL:
+                    # The pool ran dry: grow the arena (with the GIL) and go
+                    # on.  A pass without progress right after a growth means
+                    # the growth cannot help (never expected).
+                    stuck = stuck + 1 if done == before else 0
+                    if stuck > 1:
                         raise KvmNoMemoryError("tdp map: the caches cannot be topped up")
                     self.arena._grow_for(PT64_ROOT_MAX_LEVEL * 64, PT64_ROOT_MAX_LEVEL * 64)
         except KvmNoMemoryError as e:

@@ -342,3 +342,23 @@ def test_clear_dirty_log_bitmap_against_the_leaves():
         assert lvl2 == lvl and now == (spte & ~D if hit else spte), hex(x)
     with pytest.raises(ValueError, match="multiple of 64"):
         s.t.clear_dirty_log(s.root, 3, mask)
+
+
+def test_map_grows_the_arena_whenever_the_pool_runs_dry():
+    """Many small map calls on an arena of small chunks: calls that start
+    with the pool empty grow it and go on (a first pass without progress is
+    not a failure)."""
+    s = Setup(4)
+    s.a = PtArena(s.fmt, nr_vcpus=1, tables_per_chunk=64)
+    s.pc = MmuMemoryCache(s.a, "shadow_page")
+    s.hc = MmuMemoryCache(s.a, "page_header")
+    s.pc.topup(1)
+    s.hc.topup(1)
+    s.root = s.a.alloc_sp(s.pc, s.hc, role=KvmMmuPageRole(level=4, direct=1, access=7).word,
+                          gfn=0, tdp_mmu_page=True)
+    s.t = TdpMmuCore(s.a)
+    for k in range(300):
+        g = k * 512                                   # a new 4K table for each
+        assert s.map([g], [HOST + g], 1).tolist() == [RET_PF_FIXED]
+    assert s.a.page_stats["pages_4k"] == 300 and s.t.tdp_mmu_pages == 300 + 2
+    assert s.t.warnings() == {}
