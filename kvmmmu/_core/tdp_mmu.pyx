@@ -635,15 +635,18 @@ cdef class TdpMmuCore:
         self.m.f = &self.fmt.fmt
 
     cdef int _ready(self, str what) except -1:
+        # Every method checks this before it touches self.m (NULL pointers
+        # in a half-built object).
         if self.arena is None:
             from kvmmmu.errors import ObjectInitError
-            raise ObjectInitError(f"TdpMmuCore.{what}: __init__ has not run")
+            raise ObjectInitError(f"{what}: TdpMmuCore.__init__ has not run")
         return 0
 
     cdef int _enter(self, str what) except -1:
         # The writer check and the claim, with no Python code in between (so
         # no other thread runs in between): from here until _leave, another
         # thread's writer call on the arena raises ConcurrentUseError.
+        self._ready(what)
         self.arena._writer(what)
         self.arena._busy = what
         return 0
@@ -660,6 +663,7 @@ cdef class TdpMmuCore:
         return 0
 
     cdef int _root(self, uint64_t root) except -1:
+        self._ready("TdpMmuCore")
         cdef pt_arena_t *a = self.m.a
         if root == 0 or root > a.headers_hw or pt_slot(a, root - 1).sp_state != PT_SP_IN_USE:
             raise ValueError(f"root {root} is not a live sp of this arena")
@@ -699,7 +703,6 @@ cdef class TdpMmuCore:
         """
         cdef uint64_t c_root = u64_arg(root, "root")
         cdef int goal = s32_arg(goal_level, "goal_level")
-        self._ready("map")
         cdef int top = self._root(c_root)
         if not PG_LEVEL_4K <= goal <= PG_LEVEL_1G:
             raise ValueError(f"goal_level={goal} is outside 1..{PG_LEVEL_1G}")
@@ -768,16 +771,14 @@ cdef class TdpMmuCore:
 
     def zap_leafs(self, root, start, end, *, flush=False):
         """``tdp_mmu_zap_leafs`` over [start, end): True if a flush is owed."""
-        cdef uint64_t c_root = u64_arg(root, "root")
-        cdef uint64_t c_start = u64_arg(start, "start")
-        cdef uint64_t c_end = u64_arg(end, "end")
+        cdef uint64_t c_root = u64_arg(root, "root"), s, e
         cdef bint f = bool(flush)
-        self._ready("zap_leafs")
+        self._range(start, end, &s, &e)
         self._enter("TdpMmuCore.zap_leafs")
         try:
             self._root(c_root)
             with nogil:
-                f = tdp_mmu_zap_leafs(&self.m, c_root, c_start, c_end, f)
+                f = tdp_mmu_zap_leafs(&self.m, c_root, s, e, f)
         finally:
             self._leave()
         return bool(f)
@@ -786,7 +787,6 @@ cdef class TdpMmuCore:
         """``tdp_mmu_zap_root``: remove everything below `root` (the removed
         tables are freed after a grace period: :meth:`PtArena.rcu_barrier`)."""
         cdef uint64_t c_root = u64_arg(root, "root")
-        self._ready("zap_root")
         self._enter("TdpMmuCore.zap_root")
         try:
             self._root(c_root)
@@ -795,7 +795,7 @@ cdef class TdpMmuCore:
         finally:
             self._leave()
 
-    cdef int _range(self, uint64_t root, object start, object end, uint64_t *s, uint64_t *e) except -1:
+    cdef int _range(self, object start, object end, uint64_t *s, uint64_t *e) except -1:
         s[0] = u64_arg(start, "start")
         e[0] = u64_arg(end, "end")
         if e[0] < s[0]:
@@ -809,8 +809,7 @@ cdef class TdpMmuCore:
         serializes it with the arena's writers."""
         cdef uint64_t c_root = u64_arg(root, "root"), s, e
         cdef bint t = bool(test_only), young
-        self._range(c_root, start, end, &s, &e)
-        self._ready("age_gfn_range")
+        self._range(start, end, &s, &e)
         self._enter("TdpMmuCore.age_gfn_range")
         try:
             self._root(c_root)
@@ -829,12 +828,12 @@ cdef class TdpMmuCore:
         cdef uint64_t c_bit = u64_arg(bit, "bit")
         cdef int c_min = s32_arg(min_level, "min_level")
         cdef bint changed
-        self._range(c_root, start, end, &s, &e)
+        self._ready("TdpMmuCore.clear_bit_range")
+        self._range(start, end, &s, &e)
         if not PG_LEVEL_4K <= c_min <= PG_LEVEL_1G:
             raise ValueError(f"min_level={c_min} is outside 1..{PG_LEVEL_1G}")
         if c_bit == 0 or c_bit & (c_bit - 1) or c_bit not in (PT_WRITABLE_MASK, self.m.f.dirty_mask):
             raise ValueError(f"bit={c_bit:#x} is neither PT_WRITABLE_MASK nor the dirty bit")
-        self._ready("clear_bit_range")
         self._enter("TdpMmuCore.clear_bit_range")
         try:
             self._root(c_root)
@@ -851,6 +850,7 @@ cdef class TdpMmuCore:
         nogil pass.  Returns, per word, the bits whose 4K leaf was found."""
         cdef uint64_t c_root = u64_arg(root, "root")
         cdef uint64_t base = u64_arg(base_gfn, "base_gfn")
+        self._ready("TdpMmuCore.clear_dirty_log")
         cdef uint64_t dbit = PT_WRITABLE_MASK if wrprot else self.m.f.dirty_mask
         _check_array("mask", mask)
         cdef Py_ssize_t n = mask.shape[0], w
@@ -864,7 +864,6 @@ cdef class TdpMmuCore:
         m_arr = np.array(mask, copy=True)
         cdef const uint64_t[::1] mk = m_arr
         cdef uint64_t[::1] o = out
-        self._ready("clear_dirty_log")
         self._enter("TdpMmuCore.clear_dirty_log")
         try:
             self._root(c_root)
@@ -887,11 +886,10 @@ cdef class TdpMmuCore:
         cdef int64_t total = 0
         cdef int r
         cdef bint nx = bool(nx_huge_pages)
-        self._range(c_root, start, end, &s, &e)
+        self._range(start, end, &s, &e)
         if not PG_LEVEL_4K <= target < PG_LEVEL_1G:
             raise ValueError(f"target_level={target} is outside 1..{PG_LEVEL_1G - 1}")
         self._check_caches(page_cache, header_cache)
-        self._ready("split_huge_pages")
         cdef pt_arena_t *a = self.m.a
         self._enter("TdpMmuCore.split_huge_pages")
         try:
@@ -934,7 +932,6 @@ cdef class TdpMmuCore:
         ml_arr = np.array(max_level, copy=True)
         cdef const signed char[::1] ml = ml_arr
         cdef bint nx = bool(nx_huge_pages)
-        self._ready("recover_huge_pages")
         self._enter("TdpMmuCore.recover_huge_pages")
         try:
             self._root(c_root)
@@ -965,6 +962,7 @@ cdef class TdpMmuCore:
         fault.write, fault.exec, fault.prefetch = bool(write), bool(exec), bool(prefetch)
         fault.map_writable, fault.nx_huge_pages = bool(map_writable), bool(nx_huge_pages)
         fault.huge_page_disallowed = fault.exec and fault.nx_huge_pages
+        self._ready("TdpMmuCore.map_one")
         fault.noslot = mmio_gen is not None
         fault.mmio_gen = 0 if mmio_gen is None else u64_arg(mmio_gen, "mmio_gen")
         if fault.noslot and (fault.goal_level != PG_LEVEL_4K or not self.m.f.mmio_caching):
@@ -980,7 +978,6 @@ cdef class TdpMmuCore:
         if page_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL or header_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL:
             raise KvmNoMemoryError("map_one: top the caches up first (mmu_topup_memory_caches)")
         self._check_caches(page_cache, header_cache)
-        self._ready("map_one")
         self._enter("TdpMmuCore.map_one")
         try:
             top = self._root(c_root)
@@ -1006,7 +1003,6 @@ cdef class TdpMmuCore:
         cdef uint64_t last = 0
         fault.gfn = u64_arg(gfn, "gfn")
         fault.write, fault.exec, fault.prefetch = bool(write), bool(exec), False
-        self._ready("fast_page_fault")
         self._enter("TdpMmuCore.fast_page_fault")
         try:
             top = self._root(c_root)
