@@ -37,16 +37,27 @@ recovery, mirror roots (TDX), and concurrent faults from several threads.
 """
 from __future__ import annotations
 
-import errno as E
-
 import numpy as np
 
 from kvmmmu._core._checks import check_array, int_arg
 from kvmmmu._core.defs import (
-    PAGE_SHIFT, PG_LEVEL_4K, PG_LEVEL_2M, RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED,
-    RET_PF_INVALID, RET_PF_RETRY, RET_PF_SPURIOUS, KVM_PAGES_PER_HPAGE,
+    KVM_PAGES_PER_HPAGE,
+    PAGE_SHIFT,
+    PG_LEVEL_2M,
+    PG_LEVEL_4K,
+    RET_PF_CONTINUE,
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_INVALID,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
 )
-from kvmmmu._core.role import KvmMmuPageRole, kvm_mmu_get_tdp_level
+from kvmmmu._core.role import (
+    KvmCpuRole,
+    KvmMmuPageRole,
+    kvm_calc_tdp_mmu_root_page_role,
+    kvm_mmu_get_tdp_level,
+)
 from kvmmmu._core.spte import PT_WRITABLE_MASK
 from kvmmmu._core.tdp_iter import TdpIter, kvm_tdp_mmu_get_walk
 from kvmmmu._core.tdp_mmu import TdpMmuCore
@@ -56,12 +67,9 @@ from kvmmmu.mmu import MmuBackend
 
 __all__ = ["TdpMmu", "TdpRoot"]
 
-_ACC_ALL = 7
-
-
 class TdpRoot:
     """A root of the TDP MMU (the fields of ``struct kvm_mmu_page`` a root uses)."""
-    __slots__ = ("sp", "role", "as_id", "refcount", "invalid", "scheduled_to_zap")
+    __slots__ = ("as_id", "invalid", "refcount", "role", "scheduled_to_zap", "sp")
 
     def __init__(self, sp: int, role: KvmMmuPageRole):
         self.sp, self.role, self.as_id = sp, role, role.smm
@@ -96,9 +104,10 @@ class TdpMmu(MmuBackend):
 
     # ------------------------------------------------------------------ roots
     def _root_role(self, vcpu) -> KvmMmuPageRole:
-        return KvmMmuPageRole(level=self.tdp_level, direct=1, access=_ACC_ALL, cr0_wp=1, efer_nx=1,
-                              ad_disabled=int(not self.vm.fmt.masks()["ad_enabled"]),
-                              smm=int(vcpu.smm))
+        # the vCPU's mode matters only through smm (guest_mode: no nested TDP yet)
+        cpu_role = KvmCpuRole(base=KvmMmuPageRole(smm=int(vcpu.smm)))
+        return kvm_calc_tdp_mmu_root_page_role(cpu_role, self.tdp_level,
+                                               self.vm.fmt.masks()["ad_enabled"])
 
     def kvm_tdp_mmu_alloc_root(self, vcpu) -> TdpRoot:
         """The valid root of the vCPU's role, with a new reference, or a new
@@ -270,7 +279,7 @@ class TdpMmu(MmuBackend):
                 int(gfns.max()) >= slot.base_gfn + slot.npages:
             raise ValueError("map_memory: every gfn must lie in the memslot of the first one")
         hva = (slot.userspace_addr + ((gfns - np.uint64(slot.base_gfn)) << np.uint64(PAGE_SHIFT)))
-        pfn, flags = vm.host.hva_to_pfn_array(hva.astype(np.uint64))
+        pfn, _ = vm.host.hva_to_pfn_array(hva.astype(np.uint64))
         if not pfn.all():
             raise ValueError("map_memory: host pages missing (populate the VMA first)")
         if slot.kvm_slot_dirty_track_enabled():

@@ -13,10 +13,16 @@ reported by it; and TdpMmu.audit() (page stats = leaves, tdp_mmu_pages =
 tables, no FROZEN) and VM.audit() are clean."""
 import numpy as np
 import pytest
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kvmmmu._core.defs import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS
+from kvmmmu._core.defs import (
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+)
 from kvmmmu._core.tdp_iter import TdpIter
 from kvmmmu.host import HostConfig
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES
@@ -59,7 +65,7 @@ def check_against_host(vm, t):
             assert gfn + pages(level) <= slot.base_gfn + slot.npages
             g = np.arange(gfn, gfn + pages(level), dtype=np.uint64)
             hva = np.uint64(slot.userspace_addr) + ((g - np.uint64(slot.base_gfn)) << np.uint64(12))
-            pfn, flags = vm.host.hva_to_pfn_array(hva)
+            pfn, _ = vm.host.hva_to_pfn_array(hva)
             base = int(fmt.spte_to_pfn_array(np.array([spte], np.uint64))[0])
             assert (pfn == np.arange(base, base + pages(level), dtype=np.uint64)).all(), \
                 f"leaf {gfn:#x}/{level} maps {base:#x}, host has {int(pfn[0]):#x}"

@@ -5,7 +5,8 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
 from kvmmmu._core.role import KvmMmuPageRole
@@ -125,7 +126,8 @@ def test_struct_tdp_iter_has_the_kernel_layout():
 @pytest.mark.skipif(not os.access(BTF, os.R_OK), reason="no kernel BTF")
 def test_struct_tdp_iter_matches_the_running_kernel():
     from kvmmmu.live.btf import Btf, BtfError
-    btf = Btf(open(BTF, "rb").read())
+    with open(BTF, "rb") as f:
+        btf = Btf(f.read())
     try:
         members = btf.struct_layout("tdp_iter")
     except BtfError:
@@ -176,7 +178,7 @@ def test_gfn_bits_index_the_alias_half_and_stay_out_of_gfn():
     it = TdpIter(t.a, t.root, 0x1000, 0x2000, gfn_bits=bits)
     got = list(it)
     assert got and all(g < bits for g, _, _, _ in got)
-    assert [x for x in got if x[1] == 1 and x[0] == 0x1234][0][3] == t.leaves[0x1234][2]
+    assert next(x for x in got if x[1] == 1 and x[0] == 0x1234)[3] == t.leaves[0x1234][2]
     assert got == t.brute(0x1000, 0x2000, 1, bits)
     # without the bit the same range reads the other half: nothing mapped there
     plain = list(TdpIter(t.a, t.root, 0x1000, 0x2000))

@@ -10,14 +10,15 @@ model's leaf counts, ``tdp_mmu_pages`` must equal the tables reachable from
 the root, and no entry may be left FROZEN."""
 import numpy as np
 import pytest
-from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, initialize
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from kvmmmu._core.tdp_mmu import TdpMmuCore
 
 from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
 from kvmmmu._core.role import KvmMmuPageRole
 from kvmmmu._core.spte import SpteFormat
 from kvmmmu._core.tdp_iter import TdpIter, kvm_tdp_mmu_get_walk
-from kvmmmu._core.tdp_mmu import TdpMmuCore
 
 RET_PF_FIXED, RET_PF_SPURIOUS = 5, 6
 SPAN = 1 << 21                      # gfns the machine plays in (8 GiB): 1G pages fit
@@ -310,7 +311,7 @@ def test_write_protect_and_clear_dirty_ranges():
     assert not huge & W and s.fmt.is_mmu_writable_spte(huge)      # MMU-writable stays
     # clear D over a sub-range: exactly those leaves lose it
     assert s.t.clear_bit_range(s.root, 0x10, 0x20, D)
-    for x in range(0, 0x40):
+    for x in range(0x40):
         assert bool(_leaf(s, x)[0] & D) == (not 0x10 <= x < 0x20), hex(x)
     assert not s.t.clear_bit_range(s.root, 0x10, 0x20, D)         # nothing left to clear
     with pytest.raises(ValueError, match="bit"):

@@ -18,9 +18,8 @@ or the allowed built-in families.  The attacks:
 Module files add their own probes (out= overlap, views flipped writable,
 inputs mutated by another thread during a batch call, ...).
 """
-import pytest
-
 import _surface as S
+import pytest
 from _probe import run_probe
 
 BAD = ["None", "1.5", "float('nan')", "-1", "2**200", "'x'", "_ro(np.arange(4, dtype=np.uint64))"]

@@ -11,12 +11,11 @@ an exception that is neither kvmmmu's own nor a TypeError / ValueError /
 OverflowError / KeyError / IndexError / OSError fails it with the calls that
 raised it.  Derandomized, so a failure (and each strict xfail) reproduces.
 """
+import _surface as S
 import pytest
+from _probe import run_probe
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-
-from _probe import run_probe
-import _surface as S
 
 EXAMPLES = 3          # batches per module
 CALLS = (25, 40)      # calls per batch
