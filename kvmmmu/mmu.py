@@ -170,6 +170,11 @@ class MmuBackend:
     def kvm_arch_mmu_enable_log_dirty_pt_masked(self, slot, gfn_offset, mask) -> None:
         pass
 
+    def audit(self) -> list[str]:
+        """The MMU's own invariants, checked by :meth:`VM.audit`: the
+        violations found (none by default)."""
+        return []
+
 
 class RecordingMmu(MmuBackend):
     """An :class:`MmuBackend` that records every call as ``(name, args)`` in

@@ -910,6 +910,8 @@ class VM:
         bad += self.mem_attrs.audit()
         bad += ["host: " + x for x in self.host.audit()]
         bad += self.stat.audit()
+        for mmu in self.mmus:
+            bad += [f"{type(mmu).__name__}: {x}" for x in mmu.audit()]
         try:
             self.arena.audit()
         except AssertionError as e:

@@ -259,3 +259,21 @@ def test_mmio_sptes_carry_the_memslot_generation(caching):
     vm.add_memory(32 * MiB, 2 * MiB, slot=3, populate=True)        # the generation moves on
     assert t.page_fault(v, hole, write=True) == RET_PF_FIXED        # the stale SPTE is replaced
     check_against_host(vm, t)
+
+
+def test_vm_audit_runs_the_tdp_invariants():
+    vm, t = _vm()
+    v = vm.vcpus[0]
+    assert t.page_fault(v, 0x10, write=True) == RET_PF_FIXED
+    assert vm.audit(raise_=False) == []
+    # a leaf written behind the TDP MMU's back (no handle_changed_spte): the
+    # page statistics no longer match the tables
+    sptes, levels = t.translate(v, np.array([0x800], np.uint64))
+    assert levels[0] == 2 and not vm.fmt.is_shadow_present_pte_array(sptes)[0]
+    root = t.vcpu_root[v.index].sp
+    it = TdpIter(vm.arena, root, 0x800, 0x801)
+    sptep = [s for g, lvl, s, _ in it if lvl == 2][0]
+    spte, _ = vm.fmt.make_spte(level=2, pte_access=7, pfn=0x40000)
+    vm.arena.mmu_spte_set(sptep, spte)
+    bad = vm.audit(raise_=False)
+    assert any(b.startswith("TdpMmu: page stats") for b in bad), bad
