@@ -32,8 +32,14 @@ A gfn without a memslot gets an MMIO SPTE carrying the memslot generation
 access to it is a reserved-bit fault that ``handle_mmio_page_fault``
 answers (RET_PF_EMULATE) while the generation is current.
 
-Not modelled yet: the NX huge page list and its
-recovery, mirror roots (TDX), and concurrent faults from several threads.
+With ``nx_huge_pages`` (the iTLB multihit workaround) an instruction fetch
+maps 4K and flags the tables it creates; those a huge page could have
+replaced go on the possible-NX list (``nx_lpage_splits``), and a huge
+mapping never replaces a flagged table (``disallowed_hugepage_adjust``)
+until :meth:`TdpMmu.kvm_recover_nx_huge_pages` zaps it.
+
+Not modelled yet: mirror roots (TDX), and concurrent faults from several
+threads.
 """
 from __future__ import annotations
 
@@ -236,10 +242,12 @@ class TdpMmu(MmuBackend):
                     goal, req = self.kvm_mmu_hugepage_adjust(r.slot, gfn, r.max_level, exec)
                     mask = KVM_PAGES_PER_HPAGE(goal) - 1
                     ret = self.core.map_one(
-                        root.sp, gfn & ~mask, r.pfn & ~mask, goal, vcpu.mmu_shadow_page_cache,
+                        root.sp, gfn, r.pfn & ~mask, goal, vcpu.mmu_shadow_page_cache,
                         vcpu.mmu_page_header_cache, write=write, exec=exec, prefetch=prefetch,
                         map_writable=r.map_writable, nx_huge_pages=vm.params.nx_huge_pages,
                         req_level=req)
+                    if exec and vm.params.nx_huge_pages:
+                        vm.stat.nx_lpage_splits = self.core.nx_lpage_splits
                     if ret == RET_PF_FIXED and r.map_writable and \
                             r.slot.kvm_slot_dirty_track_enabled():
                         vm.mark_page_dirty(gfn, r.slot.as_id)
@@ -405,6 +413,30 @@ class TdpMmu(MmuBackend):
             self.core.clear_dirty_log(r.sp, base, words, wrprot=not pml or
                                       self._dbit(r) == PT_WRITABLE_MASK)
 
+    # ------------------------------------------------------------------ NX huge pages
+    def kvm_recover_nx_huge_pages(self, ratio: int | None = None) -> int:
+        """One run of the "kvm-nx-lpage-recovery" task for the TDP MMU: zap
+        the oldest ``ceil(nx_lpage_splits / ratio)`` possible NX huge pages
+        (``nx_huge_pages_recovery_ratio``; 0 turns recovery off), except
+        that a page whose memslot logs dirty pages is only taken off the
+        list.  Returns the pages zapped."""
+        vm = self.vm
+        ratio = vm.params.nx_huge_pages_recovery_ratio if ratio is None else \
+            int_arg("ratio", ratio, 0, 1 << 31)
+        n = self.core.nx_lpage_splits
+        to_zap = -(-n // ratio) if ratio else 0
+        zapped = 0
+        with vm.mmu_lock.read():
+            for sp in self.core.possible_nx_huge_pages()[:to_zap]:
+                h = vm.arena.get_sp(sp)
+                slot = vm.gfn_to_memslot(h["gfn"], KvmMmuPageRole(h["role"]).smm)
+                logging = slot is not None and slot.kvm_slot_dirty_track_enabled()
+                zapped += self.core.recover_nx_huge_page(sp, zap=not logging)
+            vm.stat.nx_lpage_splits = self.core.nx_lpage_splits
+        if zapped:
+            vm.kvm_flush_remote_tlbs()
+        return zapped
+
     # ------------------------------------------------------------------ audit
     def audit(self) -> list[str]:
         """The TDP invariants that can be checked from outside the tables:
@@ -435,6 +467,13 @@ class TdpMmu(MmuBackend):
         got = {1: stats["pages_4k"], 2: stats["pages_2m"], 3: stats["pages_1g"]}
         if got != {k: leaves.get(k, 0) for k in (1, 2, 3)}:
             bad.append(f"page stats {got} != leaves {leaves}")
+        nx = self.core.possible_nx_huge_pages()
+        if len(nx) != self.core.nx_lpage_splits:
+            bad.append(f"possible NX list holds {len(nx)}, nx_lpage_splits {self.core.nx_lpage_splits}")
+        for sp in nx:
+            h = self.vm.arena.get_sp(sp)
+            if not h["nx_huge_page_disallowed"] or not h["tdp_mmu_page"]:
+                bad.append(f"sp {sp} on the possible NX list is not a flagged TDP table")
         for msg, n in self.core.warnings().items():
             bad.append(f"{n}x {msg}")
         return bad

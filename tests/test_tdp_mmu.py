@@ -277,3 +277,33 @@ def test_vm_audit_runs_the_tdp_invariants():
     vm.arena.mmu_spte_set(sptep, spte)
     bad = vm.audit(raise_=False)
     assert any(b.startswith("TdpMmu: page stats") for b in bad), bad
+
+
+def test_nx_huge_pages_split_on_exec_and_recovery_lets_huge_pages_back():
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"),
+            params=KvmParams(nx_huge_pages=True, nx_huge_pages_recovery_ratio=1))
+    vm.add_memory(0, SIZE, slot=0, thp=True, populate=True)
+    t = vm.register_mmu(TdpMmu(vm))
+    v = vm.vcpus[0]
+    t.kvm_mmu_load(v)
+    assert t.page_fault(v, 0x205, exec=True) == RET_PF_FIXED         # a fetch: 4K only
+    assert t.translate(v, np.array([0x205], np.uint64))[1].tolist() == [1]
+    assert t.core.nx_lpage_splits == 1 == vm.stat.nx_lpage_splits
+    assert len(t.core.possible_nx_huge_pages()) == 1
+    # a data access in the same 2M frame must not put a huge page over the
+    # flagged table: it maps 4K too
+    assert t.page_fault(v, 0x3ff, write=True) == RET_PF_FIXED
+    assert t.translate(v, np.array([0x3ff], np.uint64))[1].tolist() == [1]
+    # elsewhere, data still maps 2M
+    assert t.page_fault(v, 0x400) == RET_PF_FIXED
+    assert t.translate(v, np.array([0x400], np.uint64))[1].tolist() == [2]
+    assert t.audit() == [] and vm.audit(raise_=False) == []
+    assert t.kvm_recover_nx_huge_pages() == 1                          # ceil(1 / 1)
+    assert t.core.nx_lpage_splits == 0 and t.core.possible_nx_huge_pages() == []
+    assert t.page_fault(v, 0x3ff) == RET_PF_FIXED                     # the 2M page is back
+    assert t.translate(v, np.array([0x3ff], np.uint64))[1].tolist() == [2]
+    vm.arena.rcu_barrier()
+    check_against_host(vm, t)
+    # recovery ratio 0: nothing is zapped
+    t.page_fault(v, 0x605, exec=True)
+    assert t.kvm_recover_nx_huge_pages(0) == 0 and t.core.nx_lpage_splits == 1

@@ -21,7 +21,8 @@ cdef enum:
     TDP_WARN_MAP_LEVEL = 6          # map: target entry not at goal_level / walk ended early
     TDP_WARN_SPURIOUS_PFN = 7       # spurious fault on a leaf with another pfn
     TDP_WARN_WRITABLE_INVARIANT = 8 # check_spte_writable_invariants(new leaf)
-    TDP_NR_WARN = 9
+    TDP_WARN_NX_RECOVER = 9         # a listed page that is not a flagged TDP table
+    TDP_NR_WARN = 10
 
 
 # struct kvm's TDP MMU part, for one arena.
@@ -30,6 +31,9 @@ ctypedef struct tdp_mmu_t:
     const spte_fmt_t *f
     int64_t tdp_mmu_pages           # kvm->arch.tdp_mmu_pages: linked non-root tables
     uint64_t nr_flushes             # TLB flushes asked for by the map path (gfn-ranged)
+    uint64_t nx_head_next           # possible_nx_huge_pages: first sp + 1 (1: empty; 0: unused)
+    uint64_t nx_head_prev           # last sp + 1
+    int64_t nx_lpage_splits         # kvm->stat.nx_lpage_splits
     uint64_t warn[TDP_NR_WARN]
 
 
@@ -76,3 +80,5 @@ cdef int tdp_mmu_split_huge_pages_root(tdp_mmu_t *m, uint64_t root, uint64_t sta
 cdef int64_t kvm_tdp_mmu_recover_huge_pages(tdp_mmu_t *m, uint64_t root, uint64_t base_gfn,
                                             uint64_t npages, const signed char *max_level,
                                             bint nx_huge_pages) noexcept nogil
+cdef void track_possible_nx_huge_page(tdp_mmu_t *m, uint64_t sp) noexcept nogil
+cdef void untrack_possible_nx_huge_page(tdp_mmu_t *m, uint64_t sp) noexcept nogil

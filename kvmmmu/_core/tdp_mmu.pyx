@@ -98,6 +98,8 @@ WARN_SITES = (
     "tdp_mmu_map_handle_target_level: spurious fault on a leaf with another pfn (WARN_ON_ONCE)",
     "check_spte_writable_invariants: a new leaf writable without MMU-writable, or MMU-writable "
     "without Host-writable (WARN_ONCE)",
+    "kvm_recover_nx_huge_pages: a listed page not flagged, not a TDP page, or a root "
+    "(WARN_ON_ONCE)",
 )
 
 
@@ -133,6 +135,9 @@ cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nog
     cdef uint64_t *p
     cdef int i
     tdp_stat_add(&m.tdp_mmu_pages, -1)                  # tdp_unaccount_mmu_page
+    if h.nx_huge_page_disallowed:
+        h.nx_huge_page_disallowed = 0
+        untrack_possible_nx_huge_page(m, sp)
     for i in range(SPTE_ENT_PER_PAGE):
         p = pt_sptep_ptr(m.a, make_sptep(h.spt, i))
         if shared:
@@ -290,6 +295,73 @@ cdef inline int _map_target_level(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault) 
     return RET_PF_FIXED
 
 
+# ---------------------------------------------------------------------------
+# The possible NX huge pages (kvm->arch.possible_nx_huge_pages[KVM_TDP_MMU])
+# ---------------------------------------------------------------------------
+# A doubly linked list through the headers' possible_nx_huge_page_link, as in
+# the kernel.  Links hold "sp handle + 1", with 1 for the list head (the
+# tdp_mmu_t) and 0 for "not on the list" (a zeroed header).
+
+cdef inline uint64_t *_nx_next(tdp_mmu_t *m, uint64_t node) noexcept nogil:
+    return &m.nx_head_next if node == 1 else &pt_sp_ptr(m.a, node - 1).nx_link_next
+
+
+cdef inline uint64_t *_nx_prev(tdp_mmu_t *m, uint64_t node) noexcept nogil:
+    return &m.nx_head_prev if node == 1 else &pt_sp_ptr(m.a, node - 1).nx_link_prev
+
+
+cdef void track_possible_nx_huge_page(tdp_mmu_t *m, uint64_t sp) noexcept nogil:
+    """Append `sp` (idempotent); ``stat.nx_lpage_splits++``."""
+    cdef kvm_mmu_page *h = pt_sp_ptr(m.a, sp)
+    cdef uint64_t tail
+    if h.nx_link_next != 0:
+        return
+    if m.nx_head_next == 0:                     # first use: an empty list points at itself
+        m.nx_head_next = m.nx_head_prev = 1
+    tail = m.nx_head_prev
+    h.nx_link_next = 1
+    h.nx_link_prev = tail
+    _nx_next(m, tail)[0] = sp + 1
+    m.nx_head_prev = sp + 1
+    m.nx_lpage_splits += 1
+
+
+cdef void untrack_possible_nx_huge_page(tdp_mmu_t *m, uint64_t sp) noexcept nogil:
+    """Take `sp` off the list (if on it); ``stat.nx_lpage_splits--``."""
+    cdef kvm_mmu_page *h = pt_sp_ptr(m.a, sp)
+    if h.nx_link_next == 0:
+        return
+    _nx_next(m, h.nx_link_prev)[0] = h.nx_link_next
+    _nx_prev(m, h.nx_link_next)[0] = h.nx_link_prev
+    h.nx_link_next = h.nx_link_prev = 0
+    m.nx_lpage_splits -= 1
+
+
+cdef inline void _disallowed_hugepage_adjust(tdp_mmu_t *m, tdp_fault *fault, uint64_t spte,
+                                             int level) noexcept nogil:
+    """Do not replace a table of small pages created by an NX split with a
+    (possibly executable) huge page: map one level lower instead, with the
+    pfn of the gfn inside it."""
+    cdef uint64_t child
+    if level > PG_LEVEL_4K and level == fault.goal_level and is_shadow_present_pte(spte) and \
+            not is_large_pte(spte):
+        child = spte_to_child_sp(m.a, spte)
+        if child != 0 and pt_sp_ptr(m.a, child).nx_huge_page_disallowed:
+            fault.pfn |= fault.gfn & (_pages(level) - _pages(level - 1))
+            fault.goal_level -= 1
+
+
+cdef inline void _init_child(tdp_mmu_t *m, tdp_iter *it, uint64_t sp) noexcept nogil:
+    """The new table at the iterator's entry: the parent's role one level
+    down, the entry's gfn (tdp_mmu_init_child_sp)."""
+    cdef kvm_mmu_page *h = pt_sp_ptr(m.a, sp)
+    h.role = role_set_level(pt_sp_ptr(m.a, pt_page_sp(m.a, sptep_table_pfn(it.sptep))).role,
+                            <uint32_t>(it.level - 1))
+    h.gfn = it.gfn
+    h.ptep = it.sptep
+    h.tdp_mmu_page = 1
+
+
 cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
                          kvm_mmu_memory_cache *page_cache,
                          kvm_mmu_memory_cache *header_cache) noexcept nogil:
@@ -299,10 +371,11 @@ cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
     cdef tdp_iter it
     cdef uint64_t sp
     cdef kvm_mmu_page *h
-    cdef uint32_t parent_role
     cdef int r
     tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, fault.gfn, 0)
     while it.valid and it.gfn <= fault.gfn:
+        if fault.nx_huge_pages:
+            _disallowed_hugepage_adjust(m, fault, it.old_spte, it.level)
         if is_frozen_spte(m.f, it.old_spte):
             return RET_PF_RETRY                     # another thread owns this entry
         if it.level == fault.goal_level:
@@ -312,11 +385,8 @@ cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
             continue
         if pt_alloc_sp(m.a, page_cache, header_cache, NULL, &sp) != 0:
             return -_ENOMEM
-        parent_role = pt_sp_ptr(m.a, pt_page_sp(m.a, sptep_table_pfn(it.sptep))).role
+        _init_child(m, &it, sp)
         h = pt_sp_ptr(m.a, sp)
-        h.role = role_set_level(parent_role, <uint32_t>(it.level - 1))
-        h.gfn = it.gfn
-        h.tdp_mmu_page = 1
         h.nx_huge_page_disallowed = fault.huge_page_disallowed
         if is_shadow_present_pte(it.old_spte):
             r = _split_huge_page(m, &it, sp, fault.nx_huge_pages)
@@ -325,6 +395,11 @@ cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
         if r:
             pt_free_sp(m.a, sp)                     # never published: freed at once
             return RET_PF_RETRY
+        # A huge page would have been allowed here: zapping this table may
+        # later let one be created (NX recovery)
+        if fault.huge_page_disallowed and fault.req_level >= it.level and \
+                h.nx_huge_page_disallowed:
+            track_possible_nx_huge_page(m, sp)
         tdp_iter_next(&it, m.a)
     m.warn[TDP_WARN_MAP_LEVEL] += 1
     return RET_PF_RETRY
@@ -520,16 +595,6 @@ cdef int tdp_fast_page_fault(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
 # ---------------------------------------------------------------------------
 # Huge pages: eager split and recovery
 # ---------------------------------------------------------------------------
-
-cdef inline void _init_child(tdp_mmu_t *m, tdp_iter *it, uint64_t sp) noexcept nogil:
-    """The new table at the iterator's entry: the parent's role one level
-    down, the entry's gfn (tdp_mmu_init_child_sp)."""
-    cdef kvm_mmu_page *h = pt_sp_ptr(m.a, sp)
-    h.role = role_set_level(pt_sp_ptr(m.a, pt_page_sp(m.a, sptep_table_pfn(it.sptep))).role,
-                            <uint32_t>(it.level - 1))
-    h.gfn = it.gfn
-    h.tdp_mmu_page = 1
-
 
 cdef int tdp_mmu_split_huge_pages_root(tdp_mmu_t *m, uint64_t root, uint64_t start,
                                        uint64_t end, int target_level,
@@ -948,7 +1013,8 @@ cdef class TdpMmuCore:
                 prefetch=False, map_writable=True, nx_huge_pages=False, req_level=None,
                 mmio_gen=None):
         """``kvm_tdp_mmu_map`` for one fault (the scalar path a vCPU takes):
-        the caches must hold enough for the walk (``mmu_topup_memory_caches``
+        `gfn` is the faulting gfn, `pfn` the host pfn aligned to
+        `goal_level` (``kvm_mmu_hugepage_adjust``).  The caches must hold enough for the walk (``mmu_topup_memory_caches``
         before taking the lock); returns RET_PF_*.  `req_level` (default the
         goal) only matters with the NX workaround.  ``mmio_gen`` (an int):
         the gfn has no memslot, install an MMIO SPTE with that memslot
@@ -972,9 +1038,9 @@ cdef class TdpMmuCore:
         if not PG_LEVEL_4K <= fault.goal_level <= PG_LEVEL_1G:
             raise ValueError(f"goal_level={fault.goal_level} is outside 1..{PG_LEVEL_1G}")
         mask = _pages(fault.goal_level) - 1
-        if (fault.gfn & mask) or (fault.pfn & mask) or fault.pfn >> 40:
-            raise ValueError(f"gfn={fault.gfn:#x} / pfn={fault.pfn:#x} not aligned to level "
-                             f"{fault.goal_level}, or pfn >= 2**40")
+        if (fault.pfn & mask) or fault.pfn >> 40:
+            raise ValueError(f"pfn={fault.pfn:#x} is not aligned to level {fault.goal_level}, "
+                             f"or >= 2**40")
         if page_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL or header_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL:
             raise KvmNoMemoryError("map_one: top the caches up first (mmu_topup_memory_caches)")
         self._check_caches(page_cache, header_cache)
@@ -1012,3 +1078,53 @@ cdef class TdpMmuCore:
         finally:
             self._leave()
         return r, bool(made), last
+
+    @property
+    def nx_lpage_splits(self):
+        """``kvm->stat.nx_lpage_splits``: tables on the possible-NX list."""
+        return self.m.nx_lpage_splits
+
+    def possible_nx_huge_pages(self):
+        """The sp handles on ``possible_nx_huge_pages[KVM_TDP_MMU]``, oldest first."""
+        out = []
+        cdef uint64_t node = self.m.nx_head_next
+        while node > 1 and len(out) <= self.m.nx_lpage_splits:
+            out.append(node - 1)
+            node = pt_sp_ptr(self.m.a, node - 1).nx_link_next
+        return out
+
+    def recover_nx_huge_page(self, sp, *, zap=True):
+        """One step of ``kvm_recover_nx_huge_pages`` for the TDP MMU: take `sp`
+        off the list and clear its flag (``unaccount_nx_huge_page``), then,
+        if `zap` (its memslot does not log dirty pages), zap the SPTE linking
+        it if it still does (``kvm_tdp_mmu_zap_possible_nx_huge_page``, an
+        atomic set that tears the table down).  True if it was zapped (the
+        caller flushes)."""
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
+        cdef kvm_mmu_page *h
+        cdef tdp_iter it
+        cdef bint zapped = False
+        self._enter("TdpMmuCore.recover_nx_huge_page")
+        try:
+            if c_sp == 0 or c_sp > self.m.a.headers_hw or \
+                    pt_slot(self.m.a, c_sp - 1).sp_state != PT_SP_IN_USE:
+                raise ValueError(f"sp {c_sp} is not a live sp of this arena")
+            h = pt_sp_ptr(self.m.a, c_sp)
+            if h.nx_link_next == 0:
+                raise ValueError(f"sp {c_sp} is not on the possible NX huge page list")
+            if not h.nx_huge_page_disallowed or not h.tdp_mmu_page or h.ptep == 0:
+                self.m.warn[TDP_WARN_NX_RECOVER] += 1
+            h.nx_huge_page_disallowed = 0
+            untrack_possible_nx_huge_page(&self.m, c_sp)
+            if zap and h.ptep != 0:
+                it.sptep = h.ptep
+                it.old_spte = kvm_tdp_mmu_read_spte(self.m.a, h.ptep)
+                it.level = <int>role_level(h.role) + 1
+                it.gfn = h.gfn
+                it.as_id = <int>role_as_id(h.role)
+                it.yielded = False
+                if spte_to_child_sp(self.m.a, it.old_spte) == c_sp:
+                    zapped = tdp_mmu_set_spte_atomic(&self.m, &it, self.m.f.nonpresent_value) == 0
+        finally:
+            self._leave()
+        return bool(zapped)
