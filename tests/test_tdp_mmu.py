@@ -272,7 +272,7 @@ def test_vm_audit_runs_the_tdp_invariants():
     assert levels[0] == 2 and not vm.fmt.is_shadow_present_pte_array(sptes)[0]
     root = t.vcpu_root[v.index].sp
     it = TdpIter(vm.arena, root, 0x800, 0x801)
-    sptep = [s for g, lvl, s, _ in it if lvl == 2][0]
+    sptep = next(s for _, lvl, s, _ in it if lvl == 2)
     spte, _ = vm.fmt.make_spte(level=2, pte_access=7, pfn=0x40000)
     vm.arena.mmu_spte_set(sptep, spte)
     bad = vm.audit(raise_=False)
