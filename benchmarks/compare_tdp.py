@@ -27,7 +27,7 @@ Prints, never asserts.  Before each timed TDP operation the SPTEs get their D
 bits back through the arena's table views (what the CPU does on a write), so
 every clear has work to do.
 
-    python benchmarks/compare_tdp.py [--quick] [--repeat 1]
+    python benchmarks/compare_tdp.py [--quick] [--repeat 3]
 """
 import argparse
 import gc
@@ -284,7 +284,7 @@ def scalar_figures(n_faults):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    ap.add_argument("--repeat", type=int, default=1, help="best of N per figure")
+    ap.add_argument("--repeat", type=int, default=3, help="best of N per figure")
     args = ap.parse_args()
     big = 1 << (20 if args.quick else 24)
     sizes = [big >> 4, big >> 2, big]
