@@ -130,13 +130,17 @@ def map_figures(n, level, repeat, walk_n, rng):
     probe = rng.integers(0, n, walk_n).astype(np.uint64)
     best = {"tdp": float("inf"), "bare": float("inf"), "walk_tdp": float("inf"),
             "walk_bare": float("inf")}
-    rss0 = rss()[0]
+    last = None
     for _ in range(repeat):
+        last = None
+        gc.collect()
+        rss0 = rss()[0]
         tdp = Tdp()
         dt, r = timed(tdp.map, gfns, level)
         assert (r == 5).all(), "TDP map did not FIX every gfn"
         best["tdp"] = min(best["tdp"], dt)
         rss_tdp = rss()[0] - rss0
+        del r
         bare = bare_for(tdp, gfns, level)
         dt, _ = timed(bare.map, gfns, pfns, level)
         best["bare"] = min(best["bare"], dt)
