@@ -134,12 +134,11 @@ def map_figures(n, level, repeat, walk_n, rng):
     for _ in range(repeat):
         last = None
         gc.collect()
-        rss0 = rss()[0]
         tdp = Tdp()
         dt, r = timed(tdp.map, gfns, level)
         assert (r == 5).all(), "TDP map did not FIX every gfn"
         best["tdp"] = min(best["tdp"], dt)
-        rss_tdp = rss()[0] - rss0
+        peak = rss()[1]
         del r
         bare = bare_for(tdp, gfns, level)
         dt, _ = timed(bare.map, gfns, pfns, level)
@@ -150,7 +149,7 @@ def map_figures(n, level, repeat, walk_n, rng):
         best["walk_bare"] = min(best["walk_bare"], dt)
         assert (ts == bs).all() and (tl == bl).all(), "the walks disagree"
         tables = tdp.tables_in_use()
-        mem = (tdp.a.nbytes, tables, tdp.a.capacity, bare.nbytes, bare.n_tables, rss_tdp)
+        mem = (tdp.a.nbytes, tables, tdp.a.capacity, bare.nbytes, bare.n_tables, peak)
         last = (tdp, bare)
         del tdp, bare
     return {"n": n, "ngfns": len(gfns), "best": best, "mem": mem, "keep": last, "walk_n": walk_n}
@@ -158,7 +157,7 @@ def map_figures(n, level, repeat, walk_n, rng):
 
 def print_map(f, label):
     n, best = f["ngfns"], f["best"]
-    nbytes, tables, cap, bbytes, btables, rss_tdp = f["mem"]
+    nbytes, tables, cap, bbytes, btables, peak = f["mem"]
     ideal = tables * (PAGE + HEADER)
     print(f"\n{label}: {f['n']} 4K pages = {f['n'] >> 18} GiB, {n} gfns mapped by one call")
     print(f"  TdpMmuCore.map   {best['tdp'] / n:8.1f} ns/gfn  ({best['tdp'] / 1e9:.3f} s)"
@@ -166,7 +165,7 @@ def print_map(f, label):
     print(f"  BareRadixMap.map {best['bare'] / n:8.1f} ns/gfn  ({best['bare'] / 1e9:.3f} s)")
     print(f"  tables in use {tables} (bare {btables}); arena {mib(nbytes)} = "
           f"x{nbytes / ideal:.3f} of (4096 + {HEADER}) B per table in use (target <= 1.05);"
-          f" slots allocated {cap}; bare {mib(bbytes)}; RSS grown by the TDP map {mib(rss_tdp)}")
+          f" slots allocated {cap}; bare {mib(bbytes)}; process peak RSS after the TDP map {mib(peak)}")
     w = f["walk_n"]
     print(f"  walk of {w} random gfns: kvm_tdp_mmu_get_walk {best['walk_tdp'] / w:.1f} ns/gfn,"
           f" bare {best['walk_bare'] / w:.1f} ns/gfn, x{best['walk_tdp'] / best['walk_bare']:.2f}")
