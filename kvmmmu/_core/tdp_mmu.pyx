@@ -50,7 +50,7 @@ from kvmmmu._core.spte cimport (
     PT64_ROOT_MAX_LEVEL, PT_PRESENT_MASK, ACC_ALL,
     is_shadow_present_pte, is_last_spte, is_large_pte, is_writable_pte, is_executable_pte,
     is_mmio_spte, is_frozen_spte, is_mmu_writable_spte, spte_to_pfn, spte_needs_atomic_update,
-    is_accessed_spte, spte_ad_enabled, PT_WRITABLE_MASK,
+    is_accessed_spte, spte_ad_enabled, PT_WRITABLE_MASK, spte_index_of,
     make_spte, make_mmio_spte, make_nonleaf_spte, make_small_spte, make_huge_spte,
     mark_spte_for_access_track,
     is_access_track_spte, restore_acc_track_spte,
@@ -369,9 +369,19 @@ cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
     if a cache ran dry (the kernel topped them up before; nothing linked
     stays half-built)."""
     cdef tdp_iter it
+    return _tdp_mmu_map(m, root, fault, page_cache, header_cache, &it)
+
+
+cdef inline int _tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
+                             kvm_mmu_memory_cache *page_cache,
+                             kvm_mmu_memory_cache *header_cache, tdp_iter *last) noexcept nogil:
+    """kvm_tdp_mmu_map, leaving in *last the iterator at the target entry
+    when the walk reached the goal level (last.level = 0 otherwise)."""
+    cdef tdp_iter it
     cdef uint64_t sp
     cdef kvm_mmu_page *h
     cdef int r
+    last.level = 0
     tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, fault.gfn, 0)
     while it.valid and it.gfn <= fault.gfn:
         if fault.nx_huge_pages:
@@ -379,7 +389,9 @@ cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
         if is_frozen_spte(m.f, it.old_spte):
             return RET_PF_RETRY                     # another thread owns this entry
         if it.level == fault.goal_level:
-            return _map_target_level(m, &it, fault)
+            r = _map_target_level(m, &it, fault)
+            last[0] = it
+            return r
         if is_shadow_present_pte(it.old_spte) and not is_large_pte(it.old_spte):
             tdp_iter_next(&it, m.a)
             continue
@@ -802,6 +814,13 @@ cdef class TdpMmuCore:
         cdef kvm_mmu_memory_cache *hc = &header_cache.mc
         cdef int r, stuck = 0
         cdef Py_ssize_t before
+        cdef tdp_iter last
+        # The shortcut to the previous target table needs the walk's own
+        # decisions to be the same at every entry of that table: not with the
+        # NX workaround (disallowed_hugepage_adjust looks at each entry).
+        cdef bint same_table = goal < top and not fault.nx_huge_pages
+        cdef int table_shift = SPTE_LEVEL_BITS * goal
+        last.level = 0
         self._enter("TdpMmuCore.map")
         try:
             self._root(c_root)          # again, now that no other writer can run
@@ -816,7 +835,20 @@ cdef class TdpMmuCore:
                             break
                         fault.gfn = g[i]
                         fault.pfn = p[i]
-                        r = kvm_tdp_mmu_map(m, c_root, &fault, pc, hc)
+                        if same_table and last.level == goal and \
+                                (g[i] >> table_shift) == (last.gfn >> table_shift):
+                            # The goal-level table of the previous fault: this
+                            # call holds the writer side, so it is still
+                            # linked where the walk found it; go to the entry.
+                            last.gfn = last.next_last_level_gfn = g[i]
+                            last.sptep = last.pt_path[goal - 1] + \
+                                (<uint64_t>spte_index_of(g[i], goal) << 3)
+                            last.old_spte = kvm_tdp_mmu_read_spte(a, last.sptep)
+                            r = _map_target_level(m, &last, &fault)
+                        else:
+                            r = _tdp_mmu_map(m, c_root, &fault, pc, hc, &last)
+                        if r != RET_PF_FIXED and r != RET_PF_SPURIOUS:
+                            last.level = 0
                         o[i] = r
                         done = i + 1
                 if done < n:
