@@ -343,6 +343,7 @@ cdef class PteListDescPool:
 cdef class PteListDescCache:
     cdef kvm_mmu_memory_cache mc         # vcpu->arch.mmu_pte_list_desc_cache
     cdef readonly PteListDescPool pool   # where topup allocates from and free returns to
+    cdef int _busy                       # a nogil section of one thread is using mc
 
 
 cdef class RmapSlot:

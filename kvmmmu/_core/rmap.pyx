@@ -494,9 +494,18 @@ cdef inline int _check_sptep(uint64_t sptep) except -1:
     return 0
 
 
+cdef inline int _check_idle(PteListDescCache cache, str what) except -1:
+    # A vCPU's cache is used by one thread at a time: while a nogil section
+    # of another thread fills or drains it, every other use is refused.
+    if cache._busy:
+        raise ConcurrentUseError(f"{what}: the PteListDescCache is in use by another thread")
+    return 0
+
+
 cdef inline int _check_same_pool(PteListDescCache cache, PteListDescPool pool) except -1:
     if cache.pool is not pool:
         raise ValueError("the cache allocates from a different PteListDescPool than the rmap's")
+    _check_idle(cache, "pte_list_add")
     return 0
 
 
@@ -703,14 +712,21 @@ cdef class PteListDescCache:
         cdef int r
         if c_min_objs < 0 or c_min_objs > self.mc.capacity:
             raise ValueError(f"min_objs={min_objs} is outside 0..{self.mc.capacity}")
-        with nogil:
-            r = kvm_mmu_topup_memory_cache(&self.mc, c_min_objs, pte_list_desc_pool_alloc, &self.pool.c)
+        _check_idle(self, "topup")
+        self._busy = 1
+        try:
+            with nogil:
+                r = kvm_mmu_topup_memory_cache(&self.mc, c_min_objs, pte_list_desc_pool_alloc,
+                                               &self.pool.c)
+        finally:
+            self._busy = 0
         if r != 0:
             raise KvmNoMemoryError(f"pte_list_desc pool exhausted: cache holds {self.mc.nobjs}, "
                                    f"needed {min_objs} (pool capacity {self.pool.capacity})")
 
     def free(self):
         """kvm_mmu_free_memory_cache: give every cached object back to the pool."""
+        _check_idle(self, "free")
         kvm_mmu_free_memory_cache(&self.mc, pte_list_desc_pool_free, &self.pool.c)
 
     @property
@@ -1578,9 +1594,14 @@ def rmap_add_batch(PteListDescCache cache not None, RmapSlot slot not None, gfns
         _raise_bad_pair(slot, gfns, sptes, bad, why)
     memset(&col, 0, sizeof(col))
     slot.pool.c.gen += 1
-    with nogil:
-        done = _rmap_add_batch(&slot.pool.c, &cache.mc, &slot.c, lv, &g[0], &s[0], n,
-                               &o[0], &col, &err)
+    _check_idle(cache, "rmap_add_batch")
+    cache._busy = 1
+    try:
+        with nogil:
+            done = _rmap_add_batch(&slot.pool.c, &cache.mc, &slot.c, lv, &g[0], &s[0], n,
+                                   &o[0], &col, &err)
+    finally:
+        cache._busy = 0
     slot.pool.c.gen += 1
     try:
         if col.oom:
