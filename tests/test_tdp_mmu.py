@@ -307,3 +307,52 @@ def test_nx_huge_pages_split_on_exec_and_recovery_lets_huge_pages_back():
     # recovery ratio 0: nothing is zapped
     t.page_fault(v, 0x605, exec=True)
     assert t.kvm_recover_nx_huge_pages(0) == 0 and t.core.nx_lpage_splits == 1
+
+
+_NX_SETUP = """
+import numpy as np
+from kvmmmu.vm import VM, KvmParams
+from kvmmmu.host import HostConfig
+from kvmmmu.tdp_mmu import TdpMmu
+vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), params=KvmParams(nx_huge_pages=True))
+vm.add_memory(0, 8 << 20, thp=True, populate=True)
+t = vm.register_mmu(TdpMmu(vm)); v = vm.vcpus[0]; t.kvm_mmu_load(v)
+t.page_fault(v, 0x205, exec=True)
+sp = t.core.possible_nx_huge_pages()[0]
+"""
+
+
+def test_headers_rewritten_from_python_cannot_steer_the_c_code():
+    """The NX list links are the MMU's (set_sp refuses them); a ptep planted
+    with set_sp is range-checked before recovery reads it; a table cycle
+    planted through a writable table view is counted, not spun on or freed
+    twice.  Each in a fresh interpreter, so a crash fails the test."""
+    from _probe import assert_no_crash, assert_raises_in_child
+    assert_raises_in_child(_NX_SETUP + "vm.arena.set_sp(sp, nx_link_next=1 << 40)",
+                           "ValueError", "owned by the arena")
+    assert_no_crash(_NX_SETUP + """
+# a non-leaf SPTE planted towards an arena page no sp owns (a cached page):
+# walks do not enter it, so a fault below it never reads a missing header
+v.mmu_topup_memory_caches(False)
+free_pfn = vm.arena.table_pfn(int(np.flatnonzero(vm.arena.table_states() == 2)[0]))
+l2 = vm.arena.sptep_to_sp(vm.arena.get_sp(sp)["ptep"])
+vm.arena.table(vm.arena.table_index(vm.arena.get_sp(l2)["spt"]))[7] = \\
+    vm.fmt.make_nonleaf_spte(free_pfn << 12)
+t.page_fault(v, 0x200 * 7 + 3, exec=True)   # 4K goal (NX): the walk goes below 2M
+""", allow_raise=False)
+    assert_no_crash(_NX_SETUP + """
+vm.arena.set_sp(sp, ptep=1 << 60)
+assert t.core.recover_nx_huge_page(sp) is False
+assert any("recover" in w for w in t.core.warnings())
+""", allow_raise=False)
+    assert_no_crash(_NX_SETUP + """
+# an empty entry of the 2M-level table points back at the 1G-level table
+# holding its own link: a cycle
+l2 = vm.arena.sptep_to_sp(vm.arena.get_sp(sp)["ptep"])
+l3_pfn = vm.arena.get_sp(l2)["ptep"] >> 12
+vm.arena.table(vm.arena.table_index(vm.arena.get_sp(l2)["spt"]))[5] = \
+    vm.fmt.make_nonleaf_spte(l3_pfn << 12)
+t.kvm_mmu_zap_all_fast()
+vm.arena.rcu_barrier()
+assert t.core.warnings(), "the cycle went unnoticed"             # counted, no spin, no crash
+""", allow_raise=False)

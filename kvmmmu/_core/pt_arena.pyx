@@ -259,7 +259,9 @@ META_DTYPE = np.dtype({
 })
 
 # Fields set_sp() refuses: the arena owns them (allocation, RCU).
-_ARENA_OWNED = frozenset(("spt", "shadowed_translation", "rcu_next", "rcu_gp"))
+# Fields C follows as handles: set by the arena (and the TDP MMU's NX list), never from Python.
+_ARENA_OWNED = frozenset(("spt", "shadowed_translation", "rcu_next", "rcu_gp",
+                          "nx_link_next", "nx_link_prev"))
 _BOOL_FIELDS = frozenset(f[0] for f in KVM_MMU_PAGE_FIELDS if f[1] == "?")
 
 

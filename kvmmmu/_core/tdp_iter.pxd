@@ -18,7 +18,7 @@ from libc.stdint cimport uint64_t, int64_t
 
 from kvmmmu._core.types cimport sptep_t, make_sptep
 from kvmmmu._core.pt_arena_defs cimport (
-    pt_arena_t, pt_read_once64, pt_sptep_ptr, kvm_mmu_page, pt_sp_ptr, pt_slot,
+    pt_arena_t, pt_read_once64, pt_sptep_ptr, kvm_mmu_page, pt_sp_ptr, pt_slot, pt_page_sp,
     PT_SP_IN_USE, PT_SP_RCU_PENDING,
 )
 from kvmmmu._core.role cimport role_level, role_as_id
@@ -72,12 +72,14 @@ cdef inline bint _table_in_arena(const pt_arena_t *a, uint64_t pfn) noexcept nog
 
 cdef inline sptep_t spte_to_child_pt(const pt_arena_t *a, uint64_t spte, int level) noexcept nogil:
     """The table a present non-leaf SPTE at `level` points to (as the handle
-    of its entry 0), or 0: not present, a leaf, or not a page of this arena."""
+    of its entry 0), or 0: not present, a leaf, or not the table of an sp of
+    this arena (a page without an owner is never entered: the walk's callers
+    read that owner's header)."""
     cdef uint64_t pfn
     if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
         return 0
     pfn = spte_to_pfn(spte)
-    if not _table_in_arena(a, pfn):
+    if not _table_in_arena(a, pfn) or pt_page_sp(a, pfn) == 0:
         return 0
     return make_sptep(pfn, 0)
 

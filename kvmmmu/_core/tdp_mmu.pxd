@@ -22,7 +22,8 @@ cdef enum:
     TDP_WARN_SPURIOUS_PFN = 7       # spurious fault on a leaf with another pfn
     TDP_WARN_WRITABLE_INVARIANT = 8 # check_spte_writable_invariants(new leaf)
     TDP_WARN_NX_RECOVER = 9         # a listed page that is not a flagged TDP table
-    TDP_NR_WARN = 10
+    TDP_WARN_FROZEN_IN_REMOVED = 10 # handle_removed_pt met FROZEN / its table freed meanwhile
+    TDP_NR_WARN = 11
 
 
 # struct kvm's TDP MMU part, for one arena.

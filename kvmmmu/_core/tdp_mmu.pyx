@@ -36,7 +36,7 @@ from kvmmmu._core.argcheck cimport u64_arg, s32_arg
 from kvmmmu._core.types cimport sptep_t, make_sptep, sptep_table_pfn
 from kvmmmu._core.pt_arena_defs cimport (
     pt_arena_t, kvm_mmu_page, pt_pool, pt_sp_ptr, pt_slot, pt_sptep_ptr, pt_page_sp,
-    pt_read_once64, pt_write_once64, pt_xchg64, pt_try_cmpxchg64, pt_cpu_relax,
+    pt_read_once64, pt_write_once64, pt_xchg64, pt_try_cmpxchg64, pt_sptep_in_arena,
     spte_to_child_sp, PT_SP_IN_USE, PT_CACHE_SHADOW_PAGE, PT_CACHE_PAGE_HEADER,
 )
 from kvmmmu._core.pt_arena cimport PtArena, MmuMemoryCache
@@ -100,6 +100,8 @@ WARN_SITES = (
     "without Host-writable (WARN_ONCE)",
     "kvm_recover_nx_huge_pages: a listed page not flagged, not a TDP page, or a root "
     "(WARN_ON_ONCE)",
+    "handle_removed_pt: an entry already FROZEN, or the table freed during its own removal "
+    "(a table cycle; model check)",
 )
 
 
@@ -134,6 +136,9 @@ cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nog
     cdef uint64_t base = h.gfn, frozen = m.f.frozen_spte, old
     cdef uint64_t *p
     cdef int i
+    if level < PG_LEVEL_4K or level >= PT64_ROOT_MAX_LEVEL:
+        m.warn[TDP_WARN_CHILD_NOT_TABLE] += 1          # a header rewritten from Python
+        return
     tdp_stat_add(&m.tdp_mmu_pages, -1)                  # tdp_unaccount_mmu_page
     if h.nx_huge_page_disallowed:
         h.nx_huge_page_disallowed = 0
@@ -141,20 +146,26 @@ cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nog
     for i in range(SPTE_ENT_PER_PAGE):
         p = pt_sptep_ptr(m.a, make_sptep(h.spt, i))
         if shared:
-            # Another thread may be between its freeze and its final write:
-            # wait until the exchange captures a value that is not FROZEN.
-            while True:
-                old = pt_xchg64(p, frozen)
-                if not is_frozen_spte(m.f, old):
-                    break
-                pt_cpu_relax()
+            # In the kernel another thread may be between its freeze and its
+            # final write, and the remover waits for it.  The model runs one
+            # writer per arena (the writer claim), so a FROZEN entry here can
+            # only belong to a table already being removed (a cycle planted
+            # through a writable table view): counted and skipped, never
+            # waited for, as the wait would never end.
+            old = pt_xchg64(p, frozen)
+            if is_frozen_spte(m.f, old):
+                m.warn[TDP_WARN_FROZEN_IN_REMOVED] += 1
+                continue
         else:
             old = pt_read_once64(p)
             if not is_shadow_present_pte(old):
                 continue
             old = kvm_tdp_mmu_write_spte(m, make_sptep(h.spt, i), old, frozen, level)
         handle_changed_spte(m, as_id, base + <uint64_t>i * _pages(level), old, frozen, level, shared)
-    call_rcu_free_sp(m.a, sp)
+    if pt_slot(m.a, sp - 1).sp_state == PT_SP_IN_USE:   # not freed by a cycle meanwhile
+        call_rcu_free_sp(m.a, sp)
+    else:
+        m.warn[TDP_WARN_FROZEN_IN_REMOVED] += 1
 
 
 cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t old_spte,
@@ -1148,7 +1159,9 @@ cdef class TdpMmuCore:
                 self.m.warn[TDP_WARN_NX_RECOVER] += 1
             h.nx_huge_page_disallowed = 0
             untrack_possible_nx_huge_page(&self.m, c_sp)
-            if zap and h.ptep != 0:
+            if zap and h.ptep != 0 and not pt_sptep_in_arena(self.m.a, h.ptep):
+                self.m.warn[TDP_WARN_NX_RECOVER] += 1       # a ptep rewritten from Python
+            elif zap and h.ptep != 0:
                 it.sptep = h.ptep
                 it.old_spte = kvm_tdp_mmu_read_spte(self.m.a, h.ptep)
                 it.level = <int>role_level(h.role) + 1
