@@ -11,8 +11,10 @@ Every SPTE change goes through one of two setters and then through
 * ``handle_changed_spte``: the page statistics (``pages_4k/2m/1g`` move only
   when an entry stops or starts being a leaf), and, when a present non-leaf
   goes away, ``handle_removed_pt`` on the table it pointed to: every entry
-  of that table is frozen (``FROZEN_SPTE``; under the read lock by ``xchg``,
-  waiting out another thread's freeze), handled recursively, and the table
+  of that table is frozen (``FROZEN_SPTE``; under the read lock by ``xchg``;
+  the kernel waits out another thread's freeze there, the model, with one
+  writer per arena, counts a FROZEN entry as a corrupted table), handled
+  recursively, and the table
   is freed after an RCU grace period.  A present leaf never changes pfn
   (the kernel BUG()s; the model counts ``TDP_BUG_PFN_CHANGED``).
 
