@@ -193,43 +193,79 @@ def _vm_ioctl(fn):
 class MmuLock:
     """``kvm->mmu_lock`` (an rwlock on x86) as checked state, like lockdep.
 
-    A checked lock, not a waiting one: taking it while it is held for write
-    (by this thread: a deadlock; by another: concurrent use the model does not
-    allow) raises RuntimeError instead of blocking; ``lockdep_assert_*``
-    raise when the lock is not held.  The write side is taken atomically
-    (a non-blocking ``threading.Lock``), so two threads can never both hold
-    it.  The VM's ioctls and notifier callbacks take it under
-    ``VM.api_lock``, which serializes them; readers (fault paths) must run
-    under the same discipline.
+    * **Read side, shared**: any number of threads may hold it for read at
+      once (the TDP MMU's faults: :class:`~kvmmmu._core.tdp_mmu.TdpMmuCore`'s
+      shared side runs their maps in parallel, without the GIL).  A thread
+      may take it for read again while it holds it for read (counted per
+      thread; the kernel's recursive read_lock).
+    * **Write side, exclusive**: held by one thread, and only while no thread
+      holds the read side.
+    * **Checked, not waiting**: an acquire that would have to wait raises
+      instead of blocking — :class:`ConcurrentUseError` when another thread
+      holds the lock in a conflicting mode (the model's callers serialize
+      writers themselves: the VM's ioctls and notifier callbacks take it
+      under ``VM.api_lock``), and also when this thread already holds it in a
+      mode that makes the acquire a deadlock (write after read or write,
+      read after write).  ``lockdep_assert_*`` raise
+      :class:`LockNotHeldError` when the calling thread does not hold it; a
+      release by a thread that does not hold the lock raises the same.
+    * The state changes under an internal ``threading.Lock``, so the checks
+      are exact across threads (no lost counts, no two writers).
+
+    ``readers`` (total read holds over all threads) and ``writers`` (0 or 1)
+    are read-only views for tests and asserts.
     """
 
     def __init__(self):
-        self.writers = 0
-        self.readers = 0
-        self._wlock = threading.Lock()
+        self._state = threading.Lock()
+        self._writer = None                 # ident of the thread holding it for write
+        self._readers: dict[int, int] = {}  # ident -> read depth
+
+    @property
+    def readers(self) -> int:
+        return sum(self._readers.values())
+
+    @property
+    def writers(self) -> int:
+        return 0 if self._writer is None else 1
 
     def acquire_write(self):
-        if self.writers or self.readers:
-            raise ConcurrentUseError("mmu_lock: write_lock while held (deadlock)")
-        if not self._wlock.acquire(False):
-            raise ConcurrentUseError("mmu_lock: taken for write by another thread at the same time")
-        self.writers = 1
+        me = threading.get_ident()
+        with self._state:
+            if self._writer == me or me in self._readers:
+                raise ConcurrentUseError("mmu_lock: write_lock while this thread holds it (deadlock)")
+            if self._writer is not None:
+                raise ConcurrentUseError("mmu_lock: taken for write by another thread at the same time")
+            if self._readers:
+                raise ConcurrentUseError(f"mmu_lock: write_lock while {len(self._readers)} other "
+                                         "thread(s) hold it for read")
+            self._writer = me
 
     def release_write(self):
-        if not self.writers:
-            raise LockNotHeldError("mmu_lock: write_unlock without the lock")
-        self.writers = 0
-        self._wlock.release()
+        with self._state:
+            if self._writer != threading.get_ident():
+                raise LockNotHeldError("mmu_lock: write_unlock without the lock")
+            self._writer = None
 
     def acquire_read(self):
-        if self.writers:
-            raise ConcurrentUseError("mmu_lock: read_lock while held for write (deadlock)")
-        self.readers += 1
+        me = threading.get_ident()
+        with self._state:
+            if self._writer == me:
+                raise ConcurrentUseError("mmu_lock: read_lock while held for write (deadlock)")
+            if self._writer is not None:
+                raise ConcurrentUseError("mmu_lock: read_lock while another thread holds it for write")
+            self._readers[me] = self._readers.get(me, 0) + 1
 
     def release_read(self):
-        if not self.readers:
-            raise LockNotHeldError("mmu_lock: read_unlock without the lock")
-        self.readers -= 1
+        me = threading.get_ident()
+        with self._state:
+            depth = self._readers.get(me, 0)
+            if not depth:
+                raise LockNotHeldError("mmu_lock: read_unlock without the lock")
+            if depth == 1:
+                del self._readers[me]
+            else:
+                self._readers[me] = depth - 1
 
     class _Ctx:
         def __init__(self, lock, write):
@@ -251,14 +287,16 @@ class MmuLock:
 
     @property
     def held(self) -> bool:
-        return bool(self.writers or self.readers)
+        """Held by any thread, in either mode."""
+        return self._writer is not None or bool(self._readers)
 
     def lockdep_assert_held_write(self):
-        if not self.writers:
+        if self._writer != threading.get_ident():
             raise LockNotHeldError("mmu_lock must be held for write")
 
     def lockdep_assert_held(self):
-        if not self.held:
+        me = threading.get_ident()
+        if self._writer != me and me not in self._readers:
             raise LockNotHeldError("mmu_lock must be held")
 
 

@@ -57,6 +57,16 @@ cdef inline void kvm_tdp_mmu_walk_lockless_end(pt_arena_t *a, int vcpu) noexcept
     if v.rcu_nesting == 0:
         pt_store_release64(&v.rcu_gp, 0)
 
+# The same pair for a thread holding the arena's shared side (TDP MMU map
+# and shared zaps under mmu_lock held for read: rcu_read_lock() around the
+# walk), in its own slot of pt_arena_t.shared_rcu.  Not nested.
+cdef inline void pt_shared_rcu_lock(pt_arena_t *a, int slot) noexcept nogil:
+    pt_write_once64(&a.shared_rcu[slot], pt_load_acquire64(&a.rcu_gp_seq))
+    pt_smp_mb()
+
+cdef inline void pt_shared_rcu_unlock(pt_arena_t *a, int slot) noexcept nogil:
+    pt_store_release64(&a.shared_rcu[slot], 0)
+
 cdef inline void walk_shadow_page_lockless_begin(pt_arena_t *a, int vcpu) noexcept nogil:
     """Shadow MMU: local_irq_disable(), then smp_store_mb(mode, READING)."""
     cdef kvm_vcpu_lockless *v = &a.vcpus[vcpu]

@@ -18,7 +18,7 @@ from kvmmmu._core.pt_arena_defs cimport (
     OUTSIDE_GUEST_MODE, IN_GUEST_MODE, EXITING_GUEST_MODE, PT_ROLE_INVALID, PT_SP_RCU_PENDING,
     PT_WARN_COMMIT_ZAP, kvm_mmu_page, kvm_vcpu_lockless, pt_arena_t, pt_slot, pt_sp_ptr,
     pt_smp_mb, pt_cpu_relax, pt_yield, pt_load_acquire64, pt_store_mb64, pt_try_cmpxchg64,
-    pt_now_ns,
+    pt_now_ns, pt_spin_lock, pt_spin_unlock, pt_atomic_add_u64, PT_NR_SHARED,
 )
 from kvmmmu._core.pt_pool cimport pt_free_sp
 
@@ -101,17 +101,21 @@ cdef void _free_zapped(pt_arena_t *a, const uint64_t *sps, Py_ssize_t n) noexcep
 
 
 cdef void call_rcu_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil:
+    # Callers may run on several threads at once (handle_removed_pt under
+    # mmu_lock held for read): the queue and the cookie are under rcu_lock.
     cdef kvm_mmu_page *h = pt_sp_ptr(a, sp)
+    pt_spin_lock(&a.rcu_lock)
     h.rcu_gp = a.rcu_gp_seq
     h.rcu_next = 0
     pt_slot(a, sp - 1).sp_state = PT_SP_RCU_PENDING
-    a.n_sps -= 1
-    a.n_rcu_pending += 1
+    pt_atomic_add_u64(&a.n_sps, <uint64_t>-1)
+    pt_atomic_add_u64(&a.n_rcu_pending, 1)
     if a.rcu_tail:
         pt_sp_ptr(a, a.rcu_tail).rcu_next = sp
     else:
         a.rcu_head = sp
     a.rcu_tail = sp
+    pt_spin_unlock(&a.rcu_lock)
 
 
 cdef void _rcu_start_gp(pt_arena_t *a) noexcept nogil:
@@ -123,28 +127,38 @@ cdef void _rcu_start_gp(pt_arena_t *a) noexcept nogil:
 
 
 cdef int64_t _rcu_do_callbacks(pt_arena_t *a) noexcept nogil:
+    # Pops under rcu_lock (call_rcu may append at the same time), frees
+    # outside it.
     cdef int64_t freed = 0
     cdef uint64_t sp
     cdef kvm_mmu_page *h
-    while a.rcu_head != 0:
+    while True:
+        pt_spin_lock(&a.rcu_lock)
         sp = a.rcu_head
+        if sp == 0 or pt_sp_ptr(a, sp).rcu_gp > a.rcu_completed:
+            pt_spin_unlock(&a.rcu_lock)
+            return freed
         h = pt_sp_ptr(a, sp)
-        if h.rcu_gp > a.rcu_completed:
-            break
         a.rcu_head = h.rcu_next
         if a.rcu_head == 0:
             a.rcu_tail = 0
+        pt_spin_unlock(&a.rcu_lock)
         pt_free_sp(a, sp)           # tdp_mmu_free_sp_rcu_callback
         freed += 1
-    return freed
 
 
 cdef inline bint _rcu_try_finish_gp(pt_arena_t *a) noexcept nogil:
+    # Every reader: the vCPUs' lockless walks and the threads holding the
+    # shared side (their map / zap walks are RCU read-side sections).
     cdef int i
     cdef uint64_t c
     pt_smp_mb()
     for i in range(a.nr_vcpus):
         c = pt_load_acquire64(&a.vcpus[i].rcu_gp)
+        if c != 0 and c <= a.rcu_gp_target:
+            return False
+    for i in range(PT_NR_SHARED):
+        c = pt_load_acquire64(&a.shared_rcu[i])
         if c != 0 and c <= a.rcu_gp_target:
             return False
     a.rcu_completed = a.rcu_gp_target
@@ -154,12 +168,19 @@ cdef inline bint _rcu_try_finish_gp(pt_arena_t *a) noexcept nogil:
 
 
 cdef int64_t rcu_poll(pt_arena_t *a) noexcept nogil:
+    # Callable beside holders of the shared side (the kernel runs RCU
+    # callbacks whatever mmu_lock does): the grace-period step under rcu_lock.
+    cdef bint due = True
+    pt_spin_lock(&a.rcu_lock)
     if not a.rcu_gp_in_progress:
         if a.rcu_head == 0:
-            return 0
-        if pt_sp_ptr(a, a.rcu_head).rcu_gp > a.rcu_completed:
+            due = False
+        elif pt_sp_ptr(a, a.rcu_head).rcu_gp > a.rcu_completed:
             _rcu_start_gp(a)
-    if a.rcu_gp_in_progress and not _rcu_try_finish_gp(a):
+    if due and a.rcu_gp_in_progress and not _rcu_try_finish_gp(a):
+        due = False
+    pt_spin_unlock(&a.rcu_lock)
+    if not due:
         return 0
     return _rcu_do_callbacks(a)
 

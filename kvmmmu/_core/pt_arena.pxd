@@ -41,7 +41,8 @@ from kvmmmu._core.pt_arena_defs cimport (
     pt_cpu_relax, pt_yield, pt_read_once64, pt_load_acquire64, pt_write_once64,
     pt_store_release64, pt_store_mb64, pt_xchg64, pt_try_cmpxchg64, pt_fetch_add64, pt_read_low,
     pt_read_high, pt_write_low, pt_write_high, pt_xchg_low, pt_read_once_u32, pt_write_once_u32,
-    pt_read_once_s32, pt_write_once_s32, pt_now_ns,
+    pt_read_once_s32, pt_write_once_s32, pt_now_ns, pt_spin_lock, pt_spin_unlock,
+    pt_atomic_add_s64, pt_atomic_add_u64, pt_atomic_inc_u32,
 )
 
 # The arena state, slot enums and handle arithmetic: pt_arena_defs.pxd.
@@ -54,7 +55,7 @@ from kvmmmu._core.pt_arena_defs cimport (
     PT_DBG_FREE_NOT_EMPTY, PT_DBG_FREE_PARENTS, PT_DBG_WRITE_NOT_LIVE, PT_DBG_WRONG_LEVEL,
     PT_NR_DBG, PT_EV_WRITE64, PT_EV_XCHG64, PT_EV_READ64, PT_EV_WRITE_LOW, PT_EV_WRITE_HIGH,
     PT_EV_XCHG_LOW, PT_EV_READ_LOW, PT_EV_READ_HIGH, PT_EV_WMB, PT_EV_RMB, PT_EV_READ_COUNT,
-    PT_EV_INC_COUNT, pt_slot_meta, pt_pool, pt_ad_out, pt_arena_t, pt_table_index, pt_table_ptr,
+    PT_EV_INC_COUNT, PT_NR_SHARED, pt_slot_meta, pt_pool, pt_ad_out, pt_arena_t, pt_table_index, pt_table_ptr,
     pt_sptep_ptr, pt_slot, pt_sp_ptr, pt_sptep_in_arena, pt_page_sp, sptep_to_sp,
     spte_to_child_sp,
 )
@@ -93,6 +94,9 @@ cdef class PtArena:
     cdef object _tls            # threading.local holding each walking thread's token
     cdef int _readers           # Python-level nogil reader batches in flight (GIL-protected)
     cdef object _busy           # what a nogil writer section of another thread is doing, or None
+    cdef int _shared            # holders of the shared side (mmu_lock for read; GIL-protected)
+    cdef uint64_t _shared_slots # bit i: shared_rcu[i] belongs to a holder
+    cdef object _grow_lock      # threading.Lock: one arena growth at a time
     cdef uint32_t _debug_seen[4]  # debug_warn values already reported to warn_sink
     cdef object _host_ad        # default host accessed/dirty callback
     cdef public object warn_sink  # kvmmmu.warn.WarnSink (or None): where WARNs are reported too
@@ -100,10 +104,14 @@ cdef class PtArena:
     cdef int _check_sptep(self, sptep_t sptep) except -1
     cdef int _check_sp(self, uint64_t sp, bint allow_pending) except -1
     cdef int _grow_for(self, uint64_t tables, uint64_t headers) except -1
+    cdef int _grow_locked(self, uint64_t tables, uint64_t headers) except -1
     cdef int _warn_since(self, uint32_t *before) except -1
     cdef uint64_t _available(self, int kind)
     cdef int _vcpu(self, int vcpu) except -1
     cdef int _writer(self, str what) except -1
+    cdef int _no_exclusive(self, str what) except -1
+    cdef int _shared_enter(self, str what) except -1
+    cdef void _shared_leave(self, int slot)
     cdef int _check_walker(self, int vcpu, str what) except -1
     cdef int _flush_bounded(self, object deadline, str what) except -1
     cdef int _rcu_wait(self, object deadline, str what) except -1
@@ -114,4 +122,7 @@ cdef class MmuMemoryCache:
     cdef kvm_mmu_memory_cache mc
     cdef readonly PtArena arena
     cdef readonly int kind
+    cdef object _user           # what is using the cache without the GIL, or None
     cdef int _ready(self, str what) except -1
+    cdef int _claim(self, str what) except -1
+    cdef void _release(self)

@@ -372,6 +372,9 @@ cdef class PtArena:
         self._vcpus_raw = NULL
         self._readers = 0
         self._busy = None
+        self._shared = 0
+        self._shared_slots = 0
+        self._grow_lock = threading.Lock()
 
     def __init__(self, SpteFormat fmt not None, *, nr_vcpus=1, base_pfn=None,
                  max_tables=DEFAULT_MAX_TABLES,
@@ -524,6 +527,10 @@ cdef class PtArena:
         """Add chunks so that `tables` more pages and `headers` more headers
         can be taken without growing.  All-or-nothing; the caller checked
         the capacity."""
+        with self._grow_lock:       # threads of the shared side grow the arena too
+            return self._grow_locked(tables, headers)
+
+    cdef int _grow_locked(self, uint64_t tables, uint64_t headers) except -1:
         cdef pt_arena_t *a = &self.a
         cdef uint64_t T = a.tables_per_chunk, need_slots = 0, have = a.n_chunks * T
         cdef uint64_t n_new, nbytes, addr, pad, c, i
@@ -966,14 +973,56 @@ cdef class PtArena:
         return 0
 
     cdef int _writer(self, str what) except -1:
-        """Writers are serialized by the caller (mmu_lock); a writer entry point
-        called while another thread's writer waits without the GIL raises."""
+        """The exclusive side (mmu_lock held for write): refused while another
+        thread's writer waits without the GIL or while any thread holds the
+        shared side (a TDP MMU map running without the GIL)."""
         if self._busy is not None:
             raise ConcurrentUseError(f"{what}: the arena is in use by another thread "
                                f"({self._busy} is waiting); writers need mmu_lock")
+        if self._shared:
+            raise ConcurrentUseError(f"{what}: {self._shared} thread(s) hold the arena's shared "
+                                     "side (mmu_lock for read); writers need mmu_lock for write")
         if self.a.chunk_base == NULL:
             raise ObjectInitError(f"{what}: PtArena.__init__ has not run")
         return 0
+
+    cdef int _no_exclusive(self, str what) except -1:
+        """What may run beside the shared side but not beside an exclusive
+        holder waiting without the GIL (rcu_poll, cache topups)."""
+        if self._busy is not None:
+            raise ConcurrentUseError(f"{what}: the arena is in use by another thread "
+                                     f"({self._busy} holds it exclusively)")
+        if self.a.chunk_base == NULL:
+            raise ObjectInitError(f"{what}: PtArena.__init__ has not run")
+        return 0
+
+    cdef int _shared_enter(self, str what) except -1:
+        """Take the shared side (the TDP MMU under mmu_lock held for read):
+        any number of threads at once, none while an exclusive holder runs.
+        Returns the holder's RCU slot (its walks are RCU read-side sections:
+        a grace period waits for it, :func:`pt_shared_rcu_lock`).  The check
+        and the claim run with no Python code in between."""
+        cdef int slot
+        self._no_exclusive(what)
+        if self._shared_slots == ~(<uint64_t>0):
+            raise ConcurrentUseError(f"{what}: more than {PT_NR_SHARED} threads in the shared "
+                                     "side of one arena")
+        slot = 0
+        while (self._shared_slots >> slot) & 1:
+            slot += 1
+        self._shared_slots |= (<uint64_t>1) << slot
+        self._shared += 1
+        return slot
+
+    cdef void _shared_leave(self, int slot):
+        pt_store_release64(&self.a.shared_rcu[slot], 0)
+        self._shared_slots &= ~((<uint64_t>1) << slot)
+        self._shared -= 1
+
+    @property
+    def shared_holders(self):
+        """Threads holding the shared side now (TDP MMU maps under the read lock)."""
+        return self._shared
 
     def call_rcu_free_sp(self, sp):
         """TDP MMU: free `sp` after a grace period (``call_rcu(&sp->rcu_head,
@@ -988,8 +1037,11 @@ cdef class PtArena:
         call_rcu_free_sp(&self.a, c_sp)
 
     def rcu_poll(self):
-        """Advance the model's RCU without blocking; returns the sps freed."""
-        self._writer("rcu_poll")
+        """Advance the model's RCU without blocking; returns the sps freed.
+        May run while other threads hold the shared side (their walks are
+        RCU readers: the grace period waits for them), not beside an
+        exclusive holder waiting without the GIL."""
+        self._no_exclusive("rcu_poll")
         return rcu_poll(&self.a)
 
     def synchronize_rcu(self, *, timeout=None):
@@ -1391,12 +1443,31 @@ cdef class MmuMemoryCache:
             kvm_mmu_free_memory_cache(&self.mc, pt_pool_free, &self.arena.a.pools[self.kind])
 
     cdef int _ready(self, str what) except -1:
+        # The pools are the page allocator (pool_lock, the arena's growth lock):
+        # a vCPU tops its caches up while other vCPUs fault under the read
+        # lock, as in the kernel.  The cache itself is one vCPU's.
         if self.arena is None:
             raise ObjectInitError(f"MmuMemoryCache.{what}: __init__ has not run")
         if self.arena._chunks is None:
             raise ObjectInitError(f"MmuMemoryCache.{what}: the arena has been torn down")
-        self.arena._writer(f"MmuMemoryCache.{what}")
+        self.arena._no_exclusive(f"MmuMemoryCache.{what}")
+        if self._user is not None:
+            raise ConcurrentUseError(f"MmuMemoryCache.{what}: the cache is in use by another "
+                                     f"thread ({self._user}); a vCPU's caches are its own")
         return 0
+
+    cdef int _claim(self, str what) except -1:
+        """Mark the cache as used by `what` until :meth:`_release` (a nogil
+        map consumes it); a second user raises ConcurrentUseError.  Check and
+        claim with no Python code in between."""
+        if self._user is not None:
+            raise ConcurrentUseError(f"{what}: {self.kind_name} cache in use by another thread "
+                                     f"({self._user}); each thread needs its own vCPU's caches")
+        self._user = what
+        return 0
+
+    cdef void _release(self):
+        self._user = None
 
     @property
     def kind_name(self):
@@ -1445,7 +1516,10 @@ cdef class MmuMemoryCache:
             arena._grow_for(take, 0)
         rc = kvm_mmu_topup_memory_cache(&self.mc, min_objs, pt_pool_alloc, &arena.a.pools[self.kind])
         if rc:
-            raise AssertionError("topup failed after the capacity check")
+            # Another thread's topup took what the check counted (the pools
+            # are shared by every vCPU): the arena is at max_tables.
+            raise KvmNoMemoryError(f"{self.kind_name} cache: the arena ran out while topping up "
+                                   f"(max_tables={arena.max_tables})")
 
     def free(self):
         """kvm_mmu_free_memory_cache: give every cached object back (poisoned)."""

@@ -265,6 +265,38 @@ static inline int32_t pt_read_once_s32(const int32_t *p)
 static inline void pt_write_once_s32(int32_t *p, int32_t v)
 { __atomic_store_n((pt_s32_alias *)p, v, __ATOMIC_RELAXED); }
 
+/* ---- the shared (mmu_lock held for read) side ------------------------- */
+
+/* A small spinlock (the kernel's spinlock_t / tdp_mmu_pages_lock): test and
+ * test-and-set, acquire on entry, release on exit.  The machine may run more
+ * threads than CPUs, so a waiter yields the CPU every 256 spins instead of
+ * burning a time slice against a preempted holder. */
+static inline void pt_spin_lock(uint32_t *l)
+{
+    unsigned spins = 0;
+    while (__atomic_exchange_n(l, 1u, __ATOMIC_ACQUIRE)) {
+        while (__atomic_load_n(l, __ATOMIC_RELAXED)) {
+            if ((++spins & 255) == 0)
+                sched_yield();
+            else
+                pt_cpu_relax();
+        }
+    }
+}
+
+static inline void pt_spin_unlock(uint32_t *l)
+{ __atomic_store_n(l, 0u, __ATOMIC_RELEASE); }
+
+/* atomic64_add() of a counter or statistic (relaxed: a count, no ordering). */
+static inline void pt_atomic_add_s64(int64_t *p, int64_t v)
+{ __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+
+static inline void pt_atomic_add_u64(uint64_t *p, uint64_t v)
+{ __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+
+static inline void pt_atomic_inc_u32(uint32_t *p)
+{ __atomic_fetch_add(p, 1u, __ATOMIC_RELAXED); }
+
 /* Monotonic clock in nanoseconds, for the torture harnesses. */
 #include <time.h>
 static inline uint64_t pt_now_ns(void)

@@ -85,9 +85,18 @@ cdef extern from "pt_arena_defs.h" nogil:
     int32_t pt_read_once_s32(const int32_t *p)
     void pt_write_once_s32(int32_t *p, int32_t v)
     uint64_t pt_now_ns()
+    # The shared side: a spinlock and relaxed atomic counters.
+    void pt_spin_lock(uint32_t *l)
+    void pt_spin_unlock(uint32_t *l)
+    void pt_atomic_add_s64(int64_t *p, int64_t v)
+    void pt_atomic_add_u64(uint64_t *p, uint64_t v)
+    void pt_atomic_inc_u32(uint32_t *p)
 
 
 cdef enum:
+    # Threads that may hold the arena's shared side at once (each one is an
+    # RCU reader with its own slot in pt_arena_t.shared_rcu).
+    PT_NR_SHARED = 64
     # Page slots (tables and shadowed-translation pages share one pool).
     PT_PAGE_FREE = 1        # poisoned, on the FIFO free list
     PT_PAGE_CACHED = 2      # in mmu_shadow_page_cache: all SHADOW_NONPRESENT_VALUE
@@ -224,6 +233,17 @@ ctypedef struct pt_arena_t:
     uint64_t *log
     uint64_t log_len
     uint64_t log_cap
+    # The shared side (mmu_lock held for read: TDP MMU faults of several
+    # threads at once, kvmmmu/_core/tdp_mmu.pyx).  Writers of the pools (the
+    # page allocator: topup, free) take pool_lock; call_rcu and the RCU steps
+    # that can run beside shared holders (rcu_poll) take rcu_lock, always
+    # before pool_lock.  Counters the shared side moves (n_cached_*, n_spt,
+    # n_sps, n_rcu_pending, pages[], nr_sps_freed) are changed atomically.
+    uint32_t pool_lock
+    uint32_t rcu_lock
+    # rcu_read_lock() of each shared holder: the grace-period sequence it
+    # saw, 0 when the slot is unused (the vCPU readers' rcu_gp, for threads).
+    uint64_t shared_rcu[PT_NR_SHARED]
 
 
 # ---------------------------------------------------------------------------

@@ -5,9 +5,15 @@ Pages and headers live in the arena's chunks (pt_arena.pyx grows them, with
 the GIL); here are the nogil halves: the memcache.pxd pool callbacks that hand
 out one page or header from the FIFO free lists or from unused slots of
 existing chunks, kvm_mmu_alloc_shadow_page's allocation half and
-kvm_mmu_free_shadow_page's poison-and-free.  Every function requires the
-writer side (mmu_lock).  Freed slots are filled with PT_POISON and queued
-FIFO so that a use after free reads poison for as long as possible.
+kvm_mmu_free_shadow_page's poison-and-free.  Freed slots are filled with
+PT_POISON and queued FIFO so that a use after free reads poison for as long
+as possible.
+
+Like the kernel's page allocator these may run on several threads at once
+(a vCPU tops its caches up outside mmu_lock; a table is freed from an RCU
+callback): the free lists and the fresh-slot marks are under the arena's
+pool_lock, and the state counts move by atomic adds.  pt_alloc_sp takes
+only from the caller's own caches (one thread per cache).
 """
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memset
@@ -17,7 +23,8 @@ from kvmmmu._core.memcache cimport KVMMMU_ENOMEM, kvm_mmu_memory_cache, kvm_mmu_
 from kvmmmu._core.spte cimport is_shadow_present_pte
 from kvmmmu._core.pt_arena_defs cimport (
     KVMMMU_DEBUG, PT_POISON_BYTE, kvm_mmu_page, pt_arena_t, pt_pool, pt_slot_meta, pt_slot,
-    pt_sp_ptr, pt_table_ptr, pt_write_once_u32, pt_store_release64,
+    pt_sp_ptr, pt_table_ptr, pt_write_once_u32, pt_store_release64, pt_load_acquire64,
+    pt_spin_lock, pt_spin_unlock, pt_atomic_add_u64,
     PT_PAGE_FREE, PT_PAGE_CACHED, PT_PAGE_SPT, PT_PAGE_INFO, PT_PAGE_CACHED_INFO,
     PT_SP_FREE, PT_SP_CACHED, PT_SP_IN_USE, PT_SP_RCU_PENDING,
     PT_CACHE_PAGE_HEADER, PT_CACHE_SHADOW_PAGE, PT_DBG_FREE_NOT_EMPTY, PT_DBG_FREE_PARENTS,
@@ -26,7 +33,8 @@ from kvmmmu._core.pt_arena_defs cimport (
 
 
 cdef inline void _push_free_page(pt_arena_t *a, uint64_t tidx) noexcept nogil:
-    """Poison page `tidx` and append it to the FIFO free list."""
+    """Poison page `tidx` and append it to the FIFO free list (the caller
+    holds pool_lock)."""
     cdef pt_slot_meta *m = pt_slot(a, tidx)
     memset(pt_table_ptr(a, tidx), PT_POISON_BYTE, PAGE_SIZE_C)
     m.table_next = 0
@@ -53,6 +61,13 @@ cdef inline void _push_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil:
 cdef int pt_pool_alloc(void *pool, uint64_t *obj) noexcept nogil:
     cdef pt_pool *p = <pt_pool *>pool
     cdef pt_arena_t *a = <pt_arena_t *>p.arena
+    cdef int r
+    pt_spin_lock(&a.pool_lock)
+    r = _pool_alloc_locked(p, a, obj)
+    pt_spin_unlock(&a.pool_lock)
+    return r
+
+cdef inline int _pool_alloc_locked(pt_pool *p, pt_arena_t *a, uint64_t *obj) noexcept nogil:
     cdef uint64_t idx, i, fill
     cdef uint64_t *t
     cdef pt_slot_meta *m
@@ -65,7 +80,7 @@ cdef int pt_pool_alloc(void *pool, uint64_t *obj) noexcept nogil:
                 a.sp_free_tail = 0
             m.sp_next = 0
             a.n_free_sps -= 1
-        elif a.headers_hw < a.n_chunks * a.tables_per_chunk:
+        elif a.headers_hw < pt_load_acquire64(&a.n_chunks) * a.tables_per_chunk:
             idx = a.headers_hw
             a.headers_hw += 1
             m = pt_slot(a, idx)
@@ -73,7 +88,7 @@ cdef int pt_pool_alloc(void *pool, uint64_t *obj) noexcept nogil:
             return -KVMMMU_ENOMEM
         memset(pt_sp_ptr(a, idx + 1), 0, sizeof(kvm_mmu_page))
         m.sp_state = PT_SP_CACHED
-        a.n_cached_sps += 1
+        pt_atomic_add_u64(&a.n_cached_sps, 1)
         obj[0] = idx + 1
         return 0
     if a.n_free_tables:
@@ -84,7 +99,7 @@ cdef int pt_pool_alloc(void *pool, uint64_t *obj) noexcept nogil:
             a.table_free_tail = 0
         m.table_next = 0
         a.n_free_tables -= 1
-    elif a.tables_hw < a.n_chunks * a.tables_per_chunk:
+    elif a.tables_hw < pt_load_acquire64(&a.n_chunks) * a.tables_per_chunk:
         idx = a.tables_hw
         m = pt_slot(a, idx)
     else:
@@ -102,19 +117,21 @@ cdef int pt_pool_alloc(void *pool, uint64_t *obj) noexcept nogil:
     if idx == a.tables_hw:
         # Publish a fresh slot only once it holds its fill value.
         pt_store_release64(&a.tables_hw, idx + 1)
-    a.n_cached_tables += 1
+    pt_atomic_add_u64(&a.n_cached_tables, 1)
     obj[0] = a.base_pfn + idx
     return 0
 
 cdef void pt_pool_free(void *pool, uint64_t obj) noexcept nogil:
     cdef pt_pool *p = <pt_pool *>pool
     cdef pt_arena_t *a = <pt_arena_t *>p.arena
+    pt_spin_lock(&a.pool_lock)
     if p.kind == PT_CACHE_PAGE_HEADER:
-        a.n_cached_sps -= 1
+        pt_atomic_add_u64(&a.n_cached_sps, <uint64_t>-1)
         _push_free_sp(a, obj)
     else:
-        a.n_cached_tables -= 1
+        pt_atomic_add_u64(&a.n_cached_tables, <uint64_t>-1)
         _push_free_page(a, obj - a.base_pfn)
+    pt_spin_unlock(&a.pool_lock)
 
 
 cdef int pt_alloc_sp(pt_arena_t *a, kvm_mmu_memory_cache *page_cache,
@@ -134,19 +151,19 @@ cdef int pt_alloc_sp(pt_arena_t *a, kvm_mmu_memory_cache *page_cache,
     m = pt_slot(a, pfn - a.base_pfn)
     pt_write_once_u32(&m.table_sp, <uint32_t>h_sp)
     m.table_state = PT_PAGE_SPT
-    a.n_cached_tables -= 1
-    a.n_spt += 1
+    pt_atomic_add_u64(&a.n_cached_tables, <uint64_t>-1)
+    pt_atomic_add_u64(&a.n_spt, 1)
     pt_slot(a, h_sp - 1).sp_state = PT_SP_IN_USE
-    a.n_cached_sps -= 1
-    a.n_sps += 1
+    pt_atomic_add_u64(&a.n_cached_sps, <uint64_t>-1)
+    pt_atomic_add_u64(&a.n_sps, 1)
     if info_cache != NULL:
         kvm_mmu_memory_cache_alloc(info_cache, &info_pfn)
         h.shadowed_translation = info_pfn
         m = pt_slot(a, info_pfn - a.base_pfn)
         pt_write_once_u32(&m.table_sp, <uint32_t>h_sp)
         m.table_state = PT_PAGE_INFO
-        a.n_cached_tables -= 1
-        a.n_info += 1
+        pt_atomic_add_u64(&a.n_cached_tables, <uint64_t>-1)
+        pt_atomic_add_u64(&a.n_info, 1)
     sp[0] = h_sp
     return 0
 
@@ -166,15 +183,17 @@ cdef void pt_free_sp(pt_arena_t *a, uint64_t sp) noexcept nogil:
                 a.debug_warn[PT_DBG_FREE_NOT_EMPTY] += 1
                 break
     if hm.sp_state == PT_SP_RCU_PENDING:
-        a.n_rcu_pending -= 1
+        pt_atomic_add_u64(&a.n_rcu_pending, <uint64_t>-1)
     else:
-        a.n_sps -= 1
+        pt_atomic_add_u64(&a.n_sps, <uint64_t>-1)
+    pt_spin_lock(&a.pool_lock)
     _push_free_page(a, h.spt - a.base_pfn)
-    a.n_spt -= 1
+    pt_atomic_add_u64(&a.n_spt, <uint64_t>-1)
     if h.shadowed_translation:
         _push_free_page(a, h.shadowed_translation - a.base_pfn)
-        a.n_info -= 1
+        pt_atomic_add_u64(&a.n_info, <uint64_t>-1)
     _push_free_sp(a, sp)
-    a.nr_sps_freed += 1
+    pt_atomic_add_u64(&a.nr_sps_freed, 1)
+    pt_spin_unlock(&a.pool_lock)
 
 

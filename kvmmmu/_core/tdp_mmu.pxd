@@ -2,7 +2,7 @@
 # the change handler every path goes through, the fault-time map, leaf and
 # root zaps, over a page-table arena and struct tdp_iter (tdp_iter.pxd).
 # Bodies in tdp_mmu.pyx.
-from libc.stdint cimport uint64_t, int64_t
+from libc.stdint cimport uint64_t, int64_t, uint32_t
 
 from kvmmmu._core.types cimport sptep_t
 from kvmmmu._core.pt_arena_defs cimport pt_arena_t
@@ -36,6 +36,9 @@ ctypedef struct tdp_mmu_t:
     uint64_t nx_head_prev           # last sp + 1
     int64_t nx_lpage_splits         # kvm->stat.nx_lpage_splits
     uint64_t warn[TDP_NR_WARN]
+    # kvm->arch.tdp_mmu_pages_lock: the possible-NX list and the flag of each
+    # listed page, when mmu_lock is held for read (several threads map).
+    uint32_t nx_lock
 
 
 # The part of struct kvm_page_fault the map path reads.
@@ -57,6 +60,9 @@ ctypedef struct tdp_fault:
 cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t old_spte,
                               uint64_t new_spte, int level, bint shared) noexcept nogil
 cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nogil
+# Zap everything under `root` with the atomic setter (mmu_lock held for read:
+# kvm_tdp_mmu_zap_invalidated_roots(shared=true)), retrying lost races.
+cdef void tdp_mmu_zap_root_shared(tdp_mmu_t *m, uint64_t root) noexcept nogil
 cdef int tdp_mmu_set_spte_atomic(tdp_mmu_t *m, tdp_iter *it, uint64_t new_spte) noexcept nogil
 cdef uint64_t tdp_mmu_set_spte(tdp_mmu_t *m, int as_id, sptep_t sptep, uint64_t old_spte,
                                uint64_t new_spte, uint64_t gfn, int level) noexcept nogil

@@ -11,10 +11,11 @@ Every SPTE change goes through one of two setters and then through
 * ``handle_changed_spte``: the page statistics (``pages_4k/2m/1g`` move only
   when an entry stops or starts being a leaf), and, when a present non-leaf
   goes away, ``handle_removed_pt`` on the table it pointed to: every entry
-  of that table is frozen (``FROZEN_SPTE``; under the read lock by ``xchg``;
-  the kernel waits out another thread's freeze there, the model, with one
-  writer per arena, counts a FROZEN entry as a corrupted table), handled
-  recursively, and the table
+  of that table is frozen (``FROZEN_SPTE``; under the read lock by ``xchg``,
+  waiting while another thread holds the entry FROZEN — bounded: the model
+  has no long-lived freeze, so an entry still FROZEN after ~2 ms, or a
+  table reached twice by one removal, is a planted cycle, counted
+  ``TDP_WARN_FROZEN_IN_REMOVED``), handled recursively, and the table
   is freed after an RCU grace period.  A present leaf never changes pfn
   (the kernel BUG()s; the model counts ``TDP_BUG_PFN_CHANGED``).
 
@@ -25,10 +26,16 @@ the leaf from ``make_spte``, or RET_PF_SPURIOUS when the existing leaf
 already allows the access.  ``tdp_mmu_zap_leafs`` and ``tdp_mmu_zap_root``
 are the write-locked zaps.
 
-Not modelled yet in this module: the NX huge page list and
-``disallowed_hugepage_adjust``, MMIO SPTEs (no memslot), mirror roots, and
-concurrent writers (the model's RCU and page pools take one writer at a
-time: callers serialize map and zap calls on one arena).
+Concurrency is the kernel's: the map path, ``fast_page_fault`` and the
+shared zap of a root run under ``mmu_lock`` held for read on any number of
+threads at once (``TdpMmuCore``'s shared side, without the GIL), every
+change a ``try_cmpxchg64`` with RET_PF_RETRY on a lost race, each walk an
+RCU read-side section of the arena; ``tdp_mmu_pages``, the page stats and
+the WARN counters are atomics, the possible-NX list is under
+``tdp_mmu_pages_lock`` (a spinlock), pages come from the caller's own
+caches.  Everything else is write-locked (exclusive).
+
+Not modelled yet in this module: mirror roots.
 """
 from libc.stdint cimport uint64_t, int64_t, uint32_t
 
@@ -40,11 +47,13 @@ from kvmmmu._core.pt_arena_defs cimport (
     pt_arena_t, kvm_mmu_page, pt_pool, pt_sp_ptr, pt_slot, pt_sptep_ptr, pt_page_sp,
     pt_read_once64, pt_write_once64, pt_xchg64, pt_try_cmpxchg64, pt_sptep_in_arena,
     spte_to_child_sp, PT_SP_IN_USE, PT_CACHE_SHADOW_PAGE, PT_CACHE_PAGE_HEADER,
+    PT_WARN_BAD_LEVEL, KVM_NR_PAGE_SIZES, pt_spin_lock, pt_spin_unlock, pt_atomic_add_s64,
+    pt_atomic_inc_u32, pt_cpu_relax, pt_yield, pt_now_ns,
 )
 from kvmmmu._core.pt_arena cimport PtArena, MmuMemoryCache
 from kvmmmu._core.mmu_spte cimport kvm_update_page_stats, _spte_writable_invariants_ok
 from kvmmmu._core.pt_pool cimport pt_pool_alloc, pt_alloc_sp, pt_free_sp
-from kvmmmu._core.mmu_lockless cimport call_rcu_free_sp
+from kvmmmu._core.mmu_lockless cimport call_rcu_free_sp, pt_shared_rcu_lock, pt_shared_rcu_unlock
 from kvmmmu._core.memcache cimport kvm_mmu_memory_cache, kvm_mmu_topup_memory_cache
 from kvmmmu._core.role cimport role_level, role_set_level, role_as_id, role_ad_disabled
 from kvmmmu._core.spte cimport (
@@ -80,13 +89,25 @@ cdef extern from *:
     """
     #define tdp_stat_add(p, v) __atomic_add_fetch((p), (v), __ATOMIC_RELAXED)
     #define tdp_fetch_and64(p, v) __atomic_fetch_and((p), (v), __ATOMIC_SEQ_CST)
+    #define tdp_inc(p) ((void)__atomic_fetch_add((p), 1, __ATOMIC_RELAXED))
     """
     int64_t tdp_stat_add(int64_t *p, int64_t v) nogil
     uint64_t tdp_fetch_and64(uint64_t *p, uint64_t v) nogil
+    # A WARN counter or a statistic the shared side moves: atomic, relaxed.
+    void tdp_inc(uint64_t *p) nogil
 
 cdef enum:
     _EBUSY = 16
     _ENOMEM = 12
+
+# handle_removed_pt marks a table it is tearing down in the rcu_head's next
+# link (unused until call_rcu): reaching the same table again (a cycle
+# planted through a writable table view) stops there instead of freezing
+# and freeing it twice.
+cdef uint64_t _RCU_REMOVING = 0xFFFFFFFFFFFFFFFF
+# How long handle_removed_pt waits, in all, for FROZEN entries of one table
+# to change (another thread between its freeze and its final write).
+cdef uint64_t _FROZEN_WAIT_NS = 2000000
 
 #: One text per TDP_* site (index = counter).
 WARN_SITES = (
@@ -128,35 +149,65 @@ cdef inline uint64_t kvm_tdp_mmu_write_spte(tdp_mmu_t *m, sptep_t sptep, uint64_
     return old_spte
 
 
+cdef inline uint64_t _freeze_shared(tdp_mmu_t *m, uint64_t *p,
+                                    uint64_t *budget_end) noexcept nogil:
+    """Freeze one entry of a removed table under the read lock: xchg in
+    FROZEN_SPTE, and while the old value was FROZEN (another thread is
+    between its own freeze and its final write) wait for it to change.  The
+    wait is bounded by the removal's budget, `*budget_end` (0: not started,
+    1: spent): the model has no writer that keeps an entry FROZEN for long,
+    so an entry still FROZEN after it belongs to a table removed twice.
+    Returns the old value, FROZEN when given up."""
+    cdef uint64_t frozen = m.f.frozen_spte, old, spins = 0
+    old = pt_xchg64(p, frozen)
+    while is_frozen_spte(m.f, old) and budget_end[0] != 1:
+        if budget_end[0] == 0:
+            budget_end[0] = pt_now_ns() + _FROZEN_WAIT_NS
+        spins += 1
+        if (spins & 63) == 0:
+            if pt_now_ns() >= budget_end[0]:
+                budget_end[0] = 1
+                break
+            pt_yield()
+        else:
+            pt_cpu_relax()
+        old = pt_xchg64(p, frozen)
+    return old
+
+
 cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nogil:
     """A table is no longer reachable: freeze and handle each entry, then
     free the table after a grace period (its entries stay FROZEN, so a
-    lockless walker still inside sees only non-present values)."""
+    walker of another thread still inside sees only non-present values and
+    its cmpxchg there fails)."""
     cdef kvm_mmu_page *h = pt_sp_ptr(m.a, sp)
     cdef int level = <int>role_level(h.role)
     cdef int as_id = <int>role_as_id(h.role)
-    cdef uint64_t base = h.gfn, frozen = m.f.frozen_spte, old
+    cdef uint64_t base = h.gfn, frozen = m.f.frozen_spte, old, budget_end = 0
     cdef uint64_t *p
     cdef int i
     if level < PG_LEVEL_4K or level >= PT64_ROOT_MAX_LEVEL:
-        m.warn[TDP_WARN_CHILD_NOT_TABLE] += 1          # a header rewritten from Python
+        tdp_inc(&m.warn[TDP_WARN_CHILD_NOT_TABLE])      # a header rewritten from Python
+        return
+    if pt_xchg64(&h.rcu_next, _RCU_REMOVING) == _RCU_REMOVING:
+        # Already being torn down further up this removal (a table cycle):
+        # its first visit freezes, accounts and frees it.
+        tdp_inc(&m.warn[TDP_WARN_FROZEN_IN_REMOVED])
         return
     tdp_stat_add(&m.tdp_mmu_pages, -1)                  # tdp_unaccount_mmu_page
     if h.nx_huge_page_disallowed:
+        # tdp_mmu_unlink_sp: the flag goes under the lock, so that a thread
+        # that linked this table and is about to list it sees it cleared.
+        pt_spin_lock(&m.nx_lock)
         h.nx_huge_page_disallowed = 0
         untrack_possible_nx_huge_page(m, sp)
+        pt_spin_unlock(&m.nx_lock)
     for i in range(SPTE_ENT_PER_PAGE):
         p = pt_sptep_ptr(m.a, make_sptep(h.spt, i))
         if shared:
-            # In the kernel another thread may be between its freeze and its
-            # final write, and the remover waits for it.  The model runs one
-            # writer per arena (the writer claim), so a FROZEN entry here can
-            # only belong to a table already being removed (a cycle planted
-            # through a writable table view): counted and skipped, never
-            # waited for, as the wait would never end.
-            old = pt_xchg64(p, frozen)
+            old = _freeze_shared(m, p, &budget_end)
             if is_frozen_spte(m.f, old):
-                m.warn[TDP_WARN_FROZEN_IN_REMOVED] += 1
+                tdp_inc(&m.warn[TDP_WARN_FROZEN_IN_REMOVED])
                 continue
         else:
             old = pt_read_once64(p)
@@ -167,7 +218,16 @@ cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nog
     if pt_slot(m.a, sp - 1).sp_state == PT_SP_IN_USE:   # not freed by a cycle meanwhile
         call_rcu_free_sp(m.a, sp)
     else:
-        m.warn[TDP_WARN_FROZEN_IN_REMOVED] += 1
+        tdp_inc(&m.warn[TDP_WARN_FROZEN_IN_REMOVED])
+
+
+cdef inline void _page_stats(tdp_mmu_t *m, int level, int64_t count) noexcept nogil:
+    """kvm_update_page_stats: atomic64_add, as the read-lock paths of several
+    threads move the counters at once."""
+    if 1 <= level <= KVM_NR_PAGE_SIZES:
+        pt_atomic_add_s64(&m.a.pages[level - 1], count)
+    else:
+        pt_atomic_inc_u32(&m.a.warn[PT_WARN_BAD_LEVEL])
 
 
 cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t old_spte,
@@ -180,24 +240,24 @@ cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t ol
     cdef bint pfn_changed = spte_to_pfn(old_spte) != spte_to_pfn(new_spte)
     cdef uint64_t child
     if level < PG_LEVEL_4K or level > PT64_ROOT_MAX_LEVEL or (gfn & (_pages(level) - 1)):
-        m.warn[TDP_WARN_BAD_LEVEL_OR_GFN] += 1
+        tdp_inc(&m.warn[TDP_WARN_BAD_LEVEL_OR_GFN])
     if was_leaf and is_leaf and pfn_changed:
-        m.warn[TDP_BUG_PFN_CHANGED] += 1
+        tdp_inc(&m.warn[TDP_BUG_PFN_CHANGED])
     if old_spte == new_spte:
         return
     if is_leaf and not _spte_writable_invariants_ok(m.f, new_spte):
-        m.warn[TDP_WARN_WRITABLE_INVARIANT] += 1
+        tdp_inc(&m.warn[TDP_WARN_WRITABLE_INVARIANT])
     if not was_present and not is_present:
         if not (is_mmio_spte(m.f, old_spte) or is_mmio_spte(m.f, new_spte)
                 or is_frozen_spte(m.f, new_spte)):
-            m.warn[TDP_WARN_NONPRESENT_CHANGE] += 1
+            tdp_inc(&m.warn[TDP_WARN_NONPRESENT_CHANGE])
         return
     if was_leaf != is_leaf:
-        kvm_update_page_stats(m.a, level, 1 if is_leaf else -1)
+        _page_stats(m, level, 1 if is_leaf else -1)
     if was_present and not was_leaf and (is_leaf or not is_present or pfn_changed):
         child = spte_to_child_sp(m.a, old_spte)
         if child == 0 or pt_slot(m.a, child - 1).sp_state != PT_SP_IN_USE:
-            m.warn[TDP_WARN_CHILD_NOT_TABLE] += 1
+            tdp_inc(&m.warn[TDP_WARN_CHILD_NOT_TABLE])
             return
         handle_removed_pt(m, child, shared)
 
@@ -207,7 +267,7 @@ cdef int tdp_mmu_set_spte_atomic(tdp_mmu_t *m, tdp_iter *it, uint64_t new_spte) 
     -EBUSY (it.old_spte now holds the current value) if someone else changed
     it first."""
     if it.yielded or is_frozen_spte(m.f, it.old_spte):
-        m.warn[TDP_WARN_SET_YIELDED] += 1
+        tdp_inc(&m.warn[TDP_WARN_SET_YIELDED])
     if not pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte, new_spte):
         return -_EBUSY
     handle_changed_spte(m, it.as_id, it.gfn, it.old_spte, new_spte, it.level, True)
@@ -219,7 +279,7 @@ cdef uint64_t tdp_mmu_set_spte(tdp_mmu_t *m, int as_id, sptep_t sptep, uint64_t 
     """The write-locked setter; returns the value really replaced (it can
     differ from `old_spte` only in bits others may set)."""
     if is_frozen_spte(m.f, old_spte) or is_frozen_spte(m.f, new_spte):
-        m.warn[TDP_WARN_SET_FROZEN] += 1
+        tdp_inc(&m.warn[TDP_WARN_SET_FROZEN])
     old_spte = kvm_tdp_mmu_write_spte(m, sptep, old_spte, new_spte, level)
     handle_changed_spte(m, as_id, gfn, old_spte, new_spte, level, False)
     return old_spte
@@ -254,7 +314,7 @@ cdef inline int _split_huge_page(tdp_mmu_t *m, tdp_iter *it, uint64_t sp,
                         make_small_spte(m.f, huge, it.level - 1, i, ACC_ALL, nx_huge_pages))
     r = _link_sp(m, it, sp)
     if r == 0:
-        kvm_update_page_stats(m.a, it.level - 1, SPTE_ENT_PER_PAGE)
+        _page_stats(m, it.level - 1, SPTE_ENT_PER_PAGE)
     return r
 
 
@@ -274,12 +334,12 @@ cdef inline int _map_target_level(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault) 
     cdef unsigned int flags = 0
     cdef kvm_mmu_page *sp = pt_sp_ptr(m.a, pt_page_sp(m.a, sptep_table_pfn(it.sptep)))
     if <int>role_level(sp.role) != fault.goal_level:
-        m.warn[TDP_WARN_MAP_LEVEL] += 1
+        tdp_inc(&m.warn[TDP_WARN_MAP_LEVEL])
         return RET_PF_RETRY
     if is_shadow_present_pte(old) and (fault.prefetch or _access_allowed(m, fault, old)) and \
             is_last_spte(old, it.level):
         if spte_to_pfn(old) != fault.pfn:
-            m.warn[TDP_WARN_SPURIOUS_PFN] += 1
+            tdp_inc(&m.warn[TDP_WARN_SPURIOUS_PFN])
         return RET_PF_SPURIOUS
     if fault.prefetch:
         flags |= MKSPTE_PREFETCH
@@ -300,7 +360,7 @@ cdef inline int _map_target_level(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault) 
     if is_shadow_present_pte(old) and (not is_last_spte(old, it.level) or
                                        (is_mmu_writable_spte(m.f, old) and
                                         not is_mmu_writable_spte(m.f, new_spte))):
-        m.nr_flushes += 1                # kvm_flush_remote_tlbs_gfn(gfn, level)
+        tdp_inc(&m.nr_flushes)                # kvm_flush_remote_tlbs_gfn(gfn, level)
     if wrprot and fault.write:
         return RET_PF_WRITE_PROTECTED
     if is_mmio_spte(m.f, new_spte):
@@ -422,11 +482,15 @@ cdef inline int _tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
             return RET_PF_RETRY
         # A huge page would have been allowed here: zapping this table may
         # later let one be created (NX recovery)
-        if fault.huge_page_disallowed and fault.req_level >= it.level and \
-                h.nx_huge_page_disallowed:
-            track_possible_nx_huge_page(m, sp)
+        # (under tdp_mmu_pages_lock: a thread that removed the table meanwhile
+        # cleared the flag under it, and the table must not be listed then)
+        if fault.huge_page_disallowed and fault.req_level >= it.level:
+            pt_spin_lock(&m.nx_lock)
+            if h.nx_huge_page_disallowed:
+                track_possible_nx_huge_page(m, sp)
+            pt_spin_unlock(&m.nx_lock)
         tdp_iter_next(&it, m.a)
-    m.warn[TDP_WARN_MAP_LEVEL] += 1
+    tdp_inc(&m.warn[TDP_WARN_MAP_LEVEL])
     return RET_PF_RETRY
 
 
@@ -457,6 +521,24 @@ cdef inline void _zap_root_at(tdp_mmu_t *m, uint64_t root, int zap_level) noexce
             it.old_spte = tdp_mmu_set_spte(m, it.as_id, it.sptep, it.old_spte,
                                            m.f.nonpresent_value, it.gfn, it.level)
         tdp_iter_next(&it, m.a)
+
+
+cdef void tdp_mmu_zap_root_shared(tdp_mmu_t *m, uint64_t root) noexcept nogil:
+    """tdp_mmu_zap_root with shared=true (mmu_lock held for read): as below,
+    1G first and then the root's level, but each entry by the atomic setter,
+    looking at an entry again when its cmpxchg lost (the new value may be
+    present again: a fault of another thread)."""
+    cdef int top = <int>role_level(pt_sp_ptr(m.a, root).role)
+    cdef int zap_level, k
+    cdef tdp_iter it
+    for k in range(2):
+        zap_level = PG_LEVEL_1G if k == 0 else top
+        tdp_iter_start(&it, m.a, root, zap_level, 0, 0)
+        while it.valid:
+            if is_shadow_present_pte(it.old_spte) and it.level <= zap_level:
+                if tdp_mmu_set_spte_atomic(m, &it, m.f.nonpresent_value) != 0:
+                    continue            # it.old_spte is the current value: again
+            tdp_iter_next(&it, m.a)
 
 
 cdef void tdp_mmu_zap_root(tdp_mmu_t *m, uint64_t root) noexcept nogil:
@@ -707,9 +789,23 @@ cdef class TdpMmuCore:
     """The TDP MMU's tables in one arena, driven from Python.
 
     Holds ``kvm->arch.tdp_mmu_pages`` and the WARN counters of tdp_mmu.c.
-    Every method takes the arena's writer side (callers hold ``mmu_lock``):
-    one thread at a time per arena.  Page statistics are the arena's
-    (:meth:`PtArena.page_stats`).
+    Page statistics are the arena's (:meth:`PtArena.page_stats`).
+
+    Thread safety (the kernel's ``mmu_lock``, an rwlock, made checkable):
+
+    * the **shared side** (``mmu_lock`` held for read): :meth:`map`,
+      :meth:`map_one`, :meth:`fast_page_fault` (RCU only in the kernel) and
+      :meth:`zap_root_shared` may run on any number of threads at once, each
+      without the GIL and each with its own vCPU's pair of
+      :class:`MmuMemoryCache` (a cache used by two threads at once raises
+      ConcurrentUseError).  Every change is a ``try_cmpxchg64``; a lost race
+      is RET_PF_RETRY; removed tables are frozen entry by entry and freed
+      after a grace period that waits for every shared holder (each is an
+      RCU reader); ``tdp_mmu_pages``, the page stats and the WARN counters
+      are atomics; the possible-NX list is under a spinlock;
+    * every other method is the **exclusive side** (``mmu_lock`` held for
+      write): it raises ConcurrentUseError while another thread holds either
+      side, and a shared call raises while an exclusive one runs.
     """
     cdef tdp_mmu_t m
     cdef readonly PtArena arena
@@ -743,6 +839,35 @@ cdef class TdpMmuCore:
 
     cdef void _leave(self):
         self.arena._busy = None
+
+    cdef int _enter_shared(self, str what, MmuMemoryCache pc, MmuMemoryCache hc) except -1:
+        # The shared side: the arena's shared claim (refused while an
+        # exclusive call runs), then this vCPU's caches (refused if another
+        # thread uses them).  Returns the RCU slot; no Python code runs
+        # between any check and its claim.
+        cdef int slot
+        self._ready(what)
+        if pc is not None:
+            pc._claim(what)
+            try:
+                hc._claim(what)
+            except BaseException:
+                pc._release()
+                raise
+        try:
+            slot = self.arena._shared_enter(what)
+        except BaseException:
+            if pc is not None:
+                pc._release()
+                hc._release()
+            raise
+        return slot
+
+    cdef void _leave_shared(self, int slot, MmuMemoryCache pc, MmuMemoryCache hc):
+        self.arena._shared_leave(slot)
+        if pc is not None:
+            pc._release()
+            hc._release()
 
     cdef int _check_caches(self, MmuMemoryCache page_cache, MmuMemoryCache header_cache) except -1:
         for c, kind, name in ((page_cache, PT_CACHE_SHADOW_PAGE, "page_cache"),
@@ -833,13 +958,17 @@ cdef class TdpMmuCore:
         # NX workaround (disallowed_hugepage_adjust looks at each entry).
         cdef bint same_table = goal < top and not fault.nx_huge_pages
         cdef int table_shift = SPTE_LEVEL_BITS * goal
-        last.level = 0
-        self._enter("TdpMmuCore.map")
+        cdef int slot = self._enter_shared("TdpMmuCore.map", page_cache, header_cache)
         try:
-            self._root(c_root)          # again, now that no other writer can run
+            self._root(c_root)          # again, now that no exclusive call can run
             while done < n:
                 before = done
+                last.level = 0          # the previous pass's table may be gone
                 with nogil:
+                    # One RCU read-side section per pass: a table this pass
+                    # walked is not freed under it (the arena grows between
+                    # passes, with the GIL and outside the section).
+                    pt_shared_rcu_lock(a, slot)
                     for i in range(done, n):
                         if kvm_mmu_topup_memory_cache(pc, PT64_ROOT_MAX_LEVEL, pt_pool_alloc,
                                                       &a.pools[PT_CACHE_SHADOW_PAGE]) or \
@@ -850,20 +979,26 @@ cdef class TdpMmuCore:
                         fault.pfn = p[i]
                         if same_table and last.level == goal and \
                                 (g[i] >> table_shift) == (last.gfn >> table_shift):
-                            # The goal-level table of the previous fault: this
-                            # call holds the writer side, so it is still
-                            # linked where the walk found it; go to the entry.
+                            # The goal-level table of the previous fault: not
+                            # freed inside this RCU section; if another thread
+                            # removed it, its entries read FROZEN (walk again);
+                            # else it is linked where the walk found it.
                             last.gfn = last.next_last_level_gfn = g[i]
                             last.sptep = last.pt_path[goal - 1] + \
                                 (<uint64_t>spte_index_of(g[i], goal) << 3)
                             last.old_spte = kvm_tdp_mmu_read_spte(a, last.sptep)
-                            r = _map_target_level(m, &last, &fault)
+                            if is_frozen_spte(m.f, last.old_spte):
+                                # another thread removed that table: walk again
+                                r = _tdp_mmu_map(m, c_root, &fault, pc, hc, &last)
+                            else:
+                                r = _map_target_level(m, &last, &fault)
                         else:
                             r = _tdp_mmu_map(m, c_root, &fault, pc, hc, &last)
                         if r != RET_PF_FIXED and r != RET_PF_SPURIOUS:
                             last.level = 0
                         o[i] = r
                         done = i + 1
+                    pt_shared_rcu_unlock(a, slot)
                 if done < n:
                     # The pool ran dry: grow the arena (with the GIL) and go
                     # on.  A pass without progress right after a growth means
@@ -876,7 +1011,7 @@ cdef class TdpMmuCore:
             e.done = done
             raise
         finally:
-            self._leave()
+            self._leave_shared(slot, page_cache, header_cache)
         return out
 
     def zap_leafs(self, root, start, end, *, flush=False):
@@ -1089,14 +1224,26 @@ cdef class TdpMmuCore:
         if page_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL or header_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL:
             raise KvmNoMemoryError("map_one: top the caches up first (mmu_topup_memory_caches)")
         self._check_caches(page_cache, header_cache)
-        self._enter("TdpMmuCore.map_one")
+        cdef int slot = self._enter_shared("TdpMmuCore.map_one", page_cache, header_cache)
+        cdef tdp_mmu_t *m = &self.m
+        cdef kvm_mmu_memory_cache *pc = &page_cache.mc
+        cdef kvm_mmu_memory_cache *hc = &header_cache.mc
         try:
             top = self._root(c_root)
             if fault.gfn >> (SPTE_LEVEL_BITS * top):
                 raise ValueError(f"gfn={fault.gfn:#x} is beyond what the root maps")
-            r = kvm_tdp_mmu_map(&self.m, c_root, &fault, &page_cache.mc, &header_cache.mc)
+            if self.arena._shared > 1:
+                # other threads map too: let them run during this walk
+                with nogil:
+                    pt_shared_rcu_lock(m.a, slot)
+                    r = kvm_tdp_mmu_map(m, c_root, &fault, pc, hc)
+                    pt_shared_rcu_unlock(m.a, slot)
+            else:
+                pt_shared_rcu_lock(m.a, slot)
+                r = kvm_tdp_mmu_map(m, c_root, &fault, pc, hc)
+                pt_shared_rcu_unlock(m.a, slot)
         finally:
-            self._leave()
+            self._leave_shared(slot, page_cache, header_cache)
         return r
 
     def fast_page_fault(self, root, gfn, *, write=False, exec=False, slot_dirty_tracked=False):
@@ -1104,8 +1251,8 @@ cdef class TdpMmuCore:
         last_spte)``, RET_PF_INVALID meaning "take the slow path";
         `last_spte` is the last entry on the gfn's path (an MMIO SPTE there
         means the hardware reports a reserved-bit fault).  Runs without mmu_lock
-        in the kernel (RCU only); the model serializes it with the arena's
-        writers."""
+        in the kernel (RCU only); here it takes the arena's shared side (it
+        may run beside other threads' maps, not beside an exclusive call)."""
         cdef uint64_t c_root = u64_arg(root, "root")
         cdef tdp_fault fault
         cdef bint made = False
@@ -1114,15 +1261,43 @@ cdef class TdpMmuCore:
         cdef uint64_t last = 0
         fault.gfn = u64_arg(gfn, "gfn")
         fault.write, fault.exec, fault.prefetch = bool(write), bool(exec), False
-        self._enter("TdpMmuCore.fast_page_fault")
+        cdef int slot = self._enter_shared("TdpMmuCore.fast_page_fault", None, None)
+        cdef tdp_mmu_t *m = &self.m
         try:
             top = self._root(c_root)
             if fault.gfn >> (SPTE_LEVEL_BITS * top):
                 raise ValueError(f"gfn={fault.gfn:#x} is beyond what the root maps")
-            r = tdp_fast_page_fault(&self.m, c_root, &fault, logged, &made, &last)
+            if self.arena._shared > 1:
+                with nogil:
+                    pt_shared_rcu_lock(m.a, slot)
+                    r = tdp_fast_page_fault(m, c_root, &fault, logged, &made, &last)
+                    pt_shared_rcu_unlock(m.a, slot)
+            else:
+                pt_shared_rcu_lock(m.a, slot)
+                r = tdp_fast_page_fault(m, c_root, &fault, logged, &made, &last)
+                pt_shared_rcu_unlock(m.a, slot)
         finally:
-            self._leave()
+            self._leave_shared(slot, None, None)
         return r, bool(made), last
+
+    def zap_root_shared(self, root):
+        """``tdp_mmu_zap_root(kvm, root, shared=true)``, as
+        ``kvm_tdp_mmu_zap_invalidated_roots`` runs it under ``mmu_lock`` held
+        for read: the shared side, beside other threads' faults.  Every
+        entry goes by ``try_cmpxchg64`` (a lost race is retried); the removed
+        tables are frozen and freed after a grace period
+        (:meth:`PtArena.rcu_poll` may run meanwhile on any thread)."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef int slot = self._enter_shared("TdpMmuCore.zap_root_shared", None, None)
+        cdef tdp_mmu_t *m = &self.m
+        try:
+            self._root(c_root)
+            with nogil:
+                pt_shared_rcu_lock(m.a, slot)
+                tdp_mmu_zap_root_shared(m, c_root)
+                pt_shared_rcu_unlock(m.a, slot)
+        finally:
+            self._leave_shared(slot, None, None)
 
     @property
     def nx_lpage_splits(self):
