@@ -18,7 +18,7 @@ cdef enum:
     TDP_WARN_SET_YIELDED = 3        # an atomic set on a yielded iterator or a FROZEN old value
     TDP_WARN_SET_FROZEN = 4         # a non-atomic set from or to FROZEN
     TDP_WARN_CHILD_NOT_TABLE = 5    # a non-leaf SPTE whose target is not a table of the arena
-    TDP_WARN_MAP_LEVEL = 6          # map: target entry not at goal_level / walk ended early
+    TDP_WARN_MAP_LEVEL = 6          # map: target entry not at goal_level
     TDP_WARN_SPURIOUS_PFN = 7       # spurious fault on a leaf with another pfn
     TDP_WARN_WRITABLE_INVARIANT = 8 # check_spte_writable_invariants(new leaf)
     TDP_WARN_NX_RECOVER = 9         # a listed page that is not a flagged TDP table

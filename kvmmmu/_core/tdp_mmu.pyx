@@ -490,7 +490,11 @@ cdef inline int _tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
                 track_possible_nx_huge_page(m, sp)
             pt_spin_unlock(&m.nx_lock)
         tdp_iter_next(&it, m.a)
-    tdp_inc(&m.warn[TDP_WARN_MAP_LEVEL])
+    # The walk ended above the goal: an entry on the way was zapped or frozen
+    # by another thread after it was linked or read (the iterator does not
+    # step into a table no longer linked).  The vCPU faults again.
+    if it.level == fault.goal_level:
+        tdp_inc(&m.warn[TDP_WARN_MAP_LEVEL])
     return RET_PF_RETRY
 
 
