@@ -1024,6 +1024,15 @@ cdef class PtArena:
         """Threads holding the shared side now (TDP MMU maps under the read lock)."""
         return self._shared
 
+    def shared_rcu_snapshots(self):
+        """The grace-period sequence each shared holder's current RCU
+        read-side section began in (0: the holder is between sections), one
+        per holder slot in use; a grace period started later waits for every
+        nonzero one that is not above its target."""
+        cdef int i
+        return [pt_load_acquire64(&self.a.shared_rcu[i]) for i in range(PT_NR_SHARED)
+                if (self._shared_slots >> i) & 1]
+
     def call_rcu_free_sp(self, sp):
         """TDP MMU: free `sp` after a grace period (``call_rcu(&sp->rcu_head,
         tdp_mmu_free_sp_rcu_callback)``).  The page stays intact until then.

@@ -13,7 +13,7 @@ Every SPTE change goes through one of two setters and then through
   goes away, ``handle_removed_pt`` on the table it pointed to: every entry
   of that table is frozen (``FROZEN_SPTE``; under the read lock by ``xchg``,
   waiting while another thread holds the entry FROZEN — bounded: the model
-  has no long-lived freeze, so an entry still FROZEN after ~2 ms, or a
+  has no long-lived freeze, so an entry still FROZEN after ~20 ms, or a
   table reached twice by one removal, is a planted cycle, counted
   ``TDP_WARN_FROZEN_IN_REMOVED``), handled recursively, and the table
   is freed after an RCU grace period.  A present leaf never changes pfn
@@ -106,8 +106,10 @@ cdef enum:
 # and freeing it twice.
 cdef uint64_t _RCU_REMOVING = 0xFFFFFFFFFFFFFFFF
 # How long handle_removed_pt waits, in all, for FROZEN entries of one table
-# to change (another thread between its freeze and its final write).
-cdef uint64_t _FROZEN_WAIT_NS = 2000000
+# to change (another thread between its freeze and its final write; long
+# enough for a preempted writer on a busy machine, short enough that a
+# FROZEN value planted through a table view costs little).
+cdef uint64_t _FROZEN_WAIT_NS = 20000000
 
 #: One text per TDP_* site (index = counter).
 WARN_SITES = (
