@@ -31,7 +31,9 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+# --tree PATH (the worker mode of --before): import kvmmmu from that tree
+TREE = sys.argv[sys.argv.index("--tree") + 1] if "--tree" in sys.argv else os.path.dirname(HERE)
+sys.path.insert(0, os.path.abspath(TREE))
 
 from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena  # noqa: E402
 from kvmmmu._core.role import KvmMmuPageRole  # noqa: E402
@@ -59,13 +61,22 @@ class Guest:
         self.root = self.a.alloc_sp(pc, hc, role=role, gfn=0, tdp_mmu_page=True)
         self.t = TdpMmuCore(self.a)
         # grow up front so the timed maps do not (growth takes the GIL)
-        self.a.grow(max(1, -(-tables // self.a.tables_per_chunk)))
+        more = -(-tables // self.a.tables_per_chunk) - self.a.n_chunks
+        if more > 0:
+            self.a.grow(more)
 
 
-def run(n, level, nthreads, mode):
-    """Wall-clock ns of mapping `n` gfns at `level` with `nthreads` threads."""
+def run(n, level, nthreads, mode, warm):
+    """Wall-clock ns of mapping `n` gfns at `level` with `nthreads` threads
+    (`warm`: the tables were mapped, zapped and freed once before, so no
+    first-touch page fault of the host is timed)."""
     gfns = np.arange(n, dtype=np.uint64) << np.uint64(9 * (level - 1))
     g = Guest(n << (9 * (level - 1)), level, nthreads)
+    if warm:
+        pc, hc = g.caches[0]
+        g.t.map(g.root, gfns, gfns + np.uint64(HOST), level, pc, hc, write=True)
+        g.t.zap_root(g.root)
+        g.a.rcu_barrier()
     if mode == "disjoint":
         parts = np.array_split(gfns, nthreads)
     else:
@@ -108,51 +119,29 @@ def best(fn, repeat):
     return min(fn() for _ in range(repeat))
 
 
-def bare(n, level, repeat):
+def bare(n, level, repeat, warm):
     gfns = np.arange(n, dtype=np.uint64) << np.uint64(9 * (level - 1))
 
     def once():
         b = BareRadixMap()
+        if warm:                    # its tables cannot be reused: touch the memory first
+            BareRadixMap().map(gfns, gfns + np.uint64(HOST), level)
         t0 = time.perf_counter_ns()
         b.map(gfns, gfns + np.uint64(HOST), level)
         return time.perf_counter_ns() - t0
     return best(once, repeat)
 
 
-_BEFORE = r"""
-import sys, time, numpy as np
-sys.path.insert(0, sys.argv[1])
-from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
-from kvmmmu._core.role import KvmMmuPageRole
-from kvmmmu._core.spte import SpteFormat
-from kvmmmu._core.tdp_mmu import TdpMmuCore
-import kvmmmu
-assert kvmmmu.__file__.startswith(sys.argv[1]), kvmmmu.__file__
-n, level, repeat = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-out = []
-for _ in range(repeat):
-    tables = (n << (9 * (level - 1)) >> (9 * level)) + (n << (9 * (level - 1)) >> 18) + 64
-    a = PtArena(SpteFormat.ept(), nr_vcpus=1, max_tables=-(-2 * tables // 512) * 512)
-    pc, hc = MmuMemoryCache(a, "shadow_page"), MmuMemoryCache(a, "page_header")
-    pc.topup(1); hc.topup(1)
-    root = a.alloc_sp(pc, hc, role=KvmMmuPageRole(level=4, direct=1, access=7, ad_disabled=0).word,
-                      gfn=0, tdp_mmu_page=True)
-    a.grow(max(1, -(-tables // a.tables_per_chunk)))
-    t = TdpMmuCore(a)
-    g = np.arange(n, dtype=np.uint64) << np.uint64(9 * (level - 1))
-    t0 = time.perf_counter_ns()
-    t.map(root, g, g + np.uint64(1 << 24), level, pc, hc, write=True)
-    out.append(time.perf_counter_ns() - t0)
-print(min(out))
-"""
-
-
-def before(path, n, level, repeat):
-    r = subprocess.run([sys.executable, "-c", _BEFORE, os.path.abspath(path), str(n), str(level),
-                        str(repeat)], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": os.path.abspath(path)})
+def one_thread_in(tree, n, level, repeat, warm):
+    """The 1-thread disjoint figure of `tree`'s kvmmmu, measured by this
+    script in a fresh interpreter (the same code path for both trees; a
+    long-lived process measures differently)."""
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--tree", os.path.abspath(tree),
+                        "--worker", str(n), str(level), str(repeat), "1" if warm else "0"],
+                       capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONPATH": os.path.abspath(tree)})
     if r.returncode:
-        return None, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"
+        return None, (r.stderr.strip().splitlines() or ["failed"])[-1]
     return int(r.stdout.split()[-1]), None
 
 
@@ -161,34 +150,45 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--repeat", type=int, default=5, help="best of N per figure")
     ap.add_argument("--threads", type=int, default=2, help="most threads (default 2: the box's cores)")
+    ap.add_argument("--cold", action="store_true",
+                    help="time the first touch of the arena's memory too (default: warm)")
     ap.add_argument("--before", metavar="PATH",
                     help="a kvmmmu tree before the change: its 1-thread map, same run")
+    ap.add_argument("--tree", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        import kvmmmu
+        assert os.path.abspath(kvmmmu.__file__).startswith(os.path.abspath(TREE)), kvmmmu.__file__
+        n, level, repeat, warm = args.worker
+        print(best(lambda: run(n, level, 1, "disjoint", bool(warm)), repeat))
+        return
     n4k = 1 << (20 if args.quick else 22)
     n2m = 1 << (11 if args.quick else 14)
     print(f"TDP MMU map under mmu_lock for read: threads scaling (best of {args.repeat}; "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+          f"{'cold arena' if args.cold else 'warm arena: tables mapped, zapped and freed once before'})")
     for level, n in ((1, n4k), (2, n2m)):
         size = n << (9 * (level - 1))
         print(f"\n{'4K' if level == 1 else '2M'} leaves: {n} gfns = {size * 4096 >> 30} GiB, one root")
-        b = bare(n, level, args.repeat)
+        b = bare(n, level, args.repeat, not args.cold)
         print(f"  BareRadixMap.map (1 thread, floor)       {b / n:7.1f} ns/gfn")
         if args.before:
-            ns, err = before(args.before, n, level, args.repeat)
-            if ns is None:
-                print(f"  before (--before {args.before}): {err}")
+            ns, err = one_thread_in(args.before, n, level, args.repeat, not args.cold)
+            now, err2 = one_thread_in(TREE, n, level, args.repeat, not args.cold)
+            if ns is None or now is None:
+                print(f"  before (--before {args.before}): {err or err2}")
             else:
-                print(f"  TdpMmuCore.map before, 1 thread           {ns / n:7.1f} ns/gfn")
+                print(f"  1 thread, fresh interpreter: before {ns / n:5.1f} ns/gfn, after "
+                      f"{now / n:5.1f} ns/gfn: x{now / ns:.2f}")
         one = {}
         for mode in ("disjoint", "same gfns"):
             for k in range(1, args.threads + 1):
-                dt = best(lambda: run(n, level, k, mode), args.repeat)
+                dt = best(lambda: run(n, level, k, mode, not args.cold), args.repeat)
                 if k == 1:
                     one[mode] = dt
                 gfns_mapped = n if mode == "disjoint" else n * k
                 extra = ""
-                if args.before and level and ns is not None and k == 1 and mode == "disjoint":
-                    extra = f"  x{dt / ns:.2f} of before"
                 print(f"  {mode:9s} {k} thread{'s' if k > 1 else ' '}  {dt / n:7.1f} ns per distinct gfn"
                       f"  ({dt / gfns_mapped:6.1f} ns per map call entry)  "
                       f"speedup x{one[mode] / dt:.2f} vs 1 thread  x{dt / b:.2f} of bare{extra}")

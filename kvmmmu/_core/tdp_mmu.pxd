@@ -55,6 +55,11 @@ ctypedef struct tdp_fault:
     bint nx_huge_pages              # is_nx_huge_page_enabled(kvm)
     bint noslot                     # no memslot: install an MMIO SPTE
     uint64_t mmio_gen               # the memslot generation it carries
+    # Leaves this fault (or batch pass) created, per level 4K..1G, not yet in
+    # kvm->stat.pages: the map path counts them here and adds them once
+    # (tdp_fault_flush_stats), so threads mapping at once do not bounce the
+    # counters' cache line on every leaf.  Zero before use.
+    int64_t pages_delta[3]
 
 
 cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t old_spte,

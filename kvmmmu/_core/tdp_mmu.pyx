@@ -320,6 +320,44 @@ cdef inline int _split_huge_page(tdp_mmu_t *m, tdp_iter *it, uint64_t sp,
     return r
 
 
+cdef inline void _fault_stats_init(tdp_fault *fault) noexcept nogil:
+    fault.pages_delta[0] = fault.pages_delta[1] = fault.pages_delta[2] = 0
+
+
+cdef inline void _fault_stats_flush(tdp_mmu_t *m, tdp_fault *fault) noexcept nogil:
+    """Add the leaves the fault path counted into kvm->stat.pages (atomic)."""
+    cdef int k
+    for k in range(3):
+        if fault.pages_delta[k]:
+            pt_atomic_add_s64(&m.a.pages[k], fault.pages_delta[k])
+            fault.pages_delta[k] = 0
+
+
+cdef inline int _set_target_atomic(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault,
+                                   uint64_t new_spte) noexcept nogil:
+    """tdp_mmu_set_spte_atomic for the target entry of a fault.  The common
+    change, a non-present entry becoming a leaf, needs from
+    handle_changed_spte only its checks and one page-stat increment, which
+    goes to the fault's own count; every other change takes the full
+    handler."""
+    cdef uint64_t old
+    if it.yielded or is_frozen_spte(m.f, it.old_spte):
+        tdp_inc(&m.warn[TDP_WARN_SET_YIELDED])
+    if not pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte, new_spte):
+        return -_EBUSY
+    old = it.old_spte
+    if not is_shadow_present_pte(old) and is_shadow_present_pte(new_spte) and \
+            is_last_spte(new_spte, it.level) and PG_LEVEL_4K <= it.level <= PG_LEVEL_1G:
+        if it.gfn & (_pages(it.level) - 1):
+            tdp_inc(&m.warn[TDP_WARN_BAD_LEVEL_OR_GFN])
+        if not _spte_writable_invariants_ok(m.f, new_spte):
+            tdp_inc(&m.warn[TDP_WARN_WRITABLE_INVARIANT])
+        fault.pages_delta[it.level - 1] += 1
+    else:
+        handle_changed_spte(m, it.as_id, it.gfn, old, new_spte, it.level, True)
+    return 0
+
+
 cdef inline bint _access_allowed(tdp_mmu_t *m, tdp_fault *fault, uint64_t spte) noexcept nogil:
     if fault.exec:
         return is_executable_pte(m.f, spte)
@@ -357,7 +395,7 @@ cdef inline int _map_target_level(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault) 
         new_spte = make_spte(m.f, it.level, ACC_ALL, fault.pfn, old, flags, &wrprot)
     if new_spte == old:
         return RET_PF_SPURIOUS
-    if tdp_mmu_set_spte_atomic(m, it, new_spte):
+    if _set_target_atomic(m, it, fault, new_spte):
         return RET_PF_RETRY
     if is_shadow_present_pte(old) and (not is_last_spte(old, it.level) or
                                        (is_mmu_writable_spte(m.f, old) and
@@ -444,7 +482,11 @@ cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
     if a cache ran dry (the kernel topped them up before; nothing linked
     stays half-built)."""
     cdef tdp_iter it
-    return _tdp_mmu_map(m, root, fault, page_cache, header_cache, &it)
+    cdef int r
+    _fault_stats_init(fault)
+    r = _tdp_mmu_map(m, root, fault, page_cache, header_cache, &it)
+    _fault_stats_flush(m, fault)
+    return r
 
 
 cdef inline int _tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
@@ -975,6 +1017,7 @@ cdef class TdpMmuCore:
                     # walked is not freed under it (the arena grows between
                     # passes, with the GIL and outside the section).
                     pt_shared_rcu_lock(a, slot)
+                    _fault_stats_init(&fault)
                     for i in range(done, n):
                         if kvm_mmu_topup_memory_cache(pc, PT64_ROOT_MAX_LEVEL, pt_pool_alloc,
                                                       &a.pools[PT_CACHE_SHADOW_PAGE]) or \
@@ -1004,6 +1047,7 @@ cdef class TdpMmuCore:
                             last.level = 0
                         o[i] = r
                         done = i + 1
+                    _fault_stats_flush(m, &fault)
                     pt_shared_rcu_unlock(a, slot)
                 if done < n:
                     # The pool ran dry: grow the arena (with the GIL) and go
