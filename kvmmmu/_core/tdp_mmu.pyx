@@ -358,6 +358,20 @@ cdef inline int _set_target_atomic(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault,
     return 0
 
 
+cdef inline int _map_fresh_leaf(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault,
+                                uint64_t new_spte) noexcept nogil:
+    """_map_target_level for a target entry read non-present and not FROZEN,
+    with make_spte's result given: for a non-present old SPTE, no prefetch
+    and no NX adjustment, make_spte is a per-batch constant OR-ed with the
+    pfn, and the batch map checked that constant's writable invariants once.
+    What is left: the cmpxchg and one page-stat count; RET_PF_FIXED, or
+    RET_PF_RETRY when another thread changed the entry first."""
+    if not pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte, new_spte):
+        return RET_PF_RETRY
+    fault.pages_delta[it.level - 1] += 1
+    return RET_PF_FIXED
+
+
 cdef inline bint _access_allowed(tdp_mmu_t *m, tdp_fault *fault, uint64_t spte) noexcept nogil:
     if fault.exec:
         return is_executable_pte(m.f, spte)
@@ -1006,6 +1020,17 @@ cdef class TdpMmuCore:
         # NX workaround (disallowed_hugepage_adjust looks at each entry).
         cdef bint same_table = goal < top and not fault.nx_huge_pages
         cdef int table_shift = SPTE_LEVEL_BITS * goal
+        # make_spte for a fresh entry of this batch: the constant part (the
+        # roots' role.ad_disabled is !ad_enabled, checked by _root, and every
+        # table inherits it); used on the shortcut when the old SPTE is not
+        # present, if its writable invariants hold (they do: belt and braces).
+        cdef bint wp = False
+        cdef unsigned int tflags = (MKSPTE_HOST_WRITABLE if fault.map_writable else 0) | \
+            (0 if self.m.f.ad_enabled else MKSPTE_AD_DISABLED)
+        cdef uint64_t tmpl = make_spte(self.m.f, goal, ACC_ALL, 0, self.m.f.nonpresent_value,
+                                       tflags, &wp)
+        cdef bint fresh_fast = same_table and not fault.prefetch and not wp and \
+            _spte_writable_invariants_ok(self.m.f, tmpl)
         cdef int slot = self._enter_shared("TdpMmuCore.map", page_cache, header_cache)
         try:
             self._root(c_root)          # again, now that no exclusive call can run
@@ -1039,6 +1064,8 @@ cdef class TdpMmuCore:
                             if is_frozen_spte(m.f, last.old_spte):
                                 # another thread removed that table: walk again
                                 r = _tdp_mmu_map(m, c_root, &fault, pc, hc, &last)
+                            elif fresh_fast and not is_shadow_present_pte(last.old_spte):
+                                r = _map_fresh_leaf(m, &last, &fault, tmpl | (p[i] << 12))
                             else:
                                 r = _map_target_level(m, &last, &fault)
                         else:

@@ -326,8 +326,34 @@ def test_one_fault_at_a_time_from_each_thread_many_rounds():
         check_consistent(vm, [vm.root])
 
 
-# ---------------------------------------------------------------------------
-# Faults racing a shared zap of a root
+@pytest.mark.parametrize("fmt", [SpteFormat.ept(), SpteFormat.ept(ad_bits=False),
+                                 SpteFormat.ept(exec_only=False), SpteFormat.legacy()],
+                         ids=["ept", "ept-no-ad", "ept-no-exec-only", "legacy"])
+@pytest.mark.parametrize("level", [1, 2, 3])
+@pytest.mark.parametrize("map_writable", [False, True])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_the_batch_map_writes_make_spte_for_each_gfn(fmt, level, map_writable, prefetch):
+    """The batch map's shortcut builds a fresh leaf from make_spte's value
+    computed once per batch: it must be make_spte of each gfn's own pfn."""
+    vm = Vm(1, fmt=fmt)
+    pc, hc = vm.caches[0]
+    step, n = pages(level), (1100 if level < 3 else 20)
+    g = np.arange(0, n * step, step, dtype=np.uint64) + np.uint64(512 * step if level < 3 else 0)
+    r = vm.t.map(vm.root, g, g + np.uint64(HOST), level, pc, hc, map_writable=map_writable,
+                 prefetch=prefetch)
+    assert set(r.tolist()) == {RET_PF_FIXED}
+    ad_disabled = not fmt.masks()["ad_enabled"]
+    lg, lv, ls = walk(vm, vm.root)[:3]
+    leaves = {(int(a), int(b)): int(c) for a, b, c in zip(lg, lv, ls)}
+    for k in sorted({0, 1, 2, 511, 512, 513, n - 1} & set(range(n))):
+        gfn = int(g[k])
+        want = fmt.make_spte(level=level, pte_access=7, pfn=HOST + gfn, prefetch=prefetch,
+                             host_writable=map_writable, ad_disabled=ad_disabled)[0]
+        assert leaves[(gfn, level)] == want, (k, hex(leaves[(gfn, level)]), hex(want))
+    check_consistent(vm, [vm.root])
+
+
+
 # ---------------------------------------------------------------------------
 
 def _racing_zap(seed, nthreads, same_root, rounds):
