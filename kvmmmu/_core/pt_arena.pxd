@@ -21,11 +21,15 @@
 #   pfn    base_pfn + table index                  (u64 *spt, shadowed_translation)
 #   sptep  (pfn << 12) | (index << 3), types.pxd   (u64 *sptep)
 #
-# Concurrency contract (the kernel's): functions that change SPTEs, headers
-# or the pools require mmu_lock held for write, i.e. one writer at a time;
-# kvmmmu callers serialize that themselves.  Lockless readers may run on any
-# number of other threads: _get_spte_lockless / mmu_spte_get_lockless between
-# walk_shadow_page_lockless_begin/end (or kvm_tdp_mmu_walk_lockless_begin/end).
+# Concurrency contract (the kernel's): functions that change SPTEs or headers
+# require mmu_lock held for write, i.e. one writer at a time (kvmmmu callers
+# serialize that themselves), except the TDP MMU's shared side (mmu_lock held
+# for read: several threads, cmpxchg only, pt_shared_rcu_lock around each
+# walk).  The pools (pool_lock), call_rcu / rcu_poll (rcu_lock) and the
+# counters the shared side moves (atomic adds) are safe on several threads.
+# Lockless readers may run on any number of other threads: _get_spte_lockless
+# / mmu_spte_get_lockless between walk_shadow_page_lockless_begin/end (or
+# kvm_tdp_mmu_walk_lockless_begin/end).
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t, uint64_t, int64_t
 

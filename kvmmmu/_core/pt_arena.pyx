@@ -62,14 +62,30 @@ Invariants (checked by :meth:`PtArena.audit`):
   at level >= 2 points at a page of the arena that is not a live table;
 * on 64-bit hosts clear_spte_count stays 0.
 
-Thread-safety contract (the kernel's mmu_lock, made safe for Python):
+Thread-safety contract (the kernel's mmu_lock, an rwlock, made checkable):
 
-* **PtArena** may be shared between threads.  Writers (everything that
-  changes SPTEs, headers, pools, RCU or the access log) must be serialized by
-  the caller, as mmu_lock does; the GIL makes each scalar Python call atomic,
-  and a writer entry point called while another thread's writer waits
-  without the GIL (flush, commit_zap, synchronize_rcu, rcu_barrier) raises
-  RuntimeError instead of racing it.  Lockless readers
+* **PtArena** may be shared between threads.  It has two sides, claimed
+  with no Python code between check and claim:
+
+  - the *exclusive* side (mmu_lock held for write): everything that changes
+    SPTEs, headers, the RCU state or the access log from Python, and the
+    TDP MMU's write-locked calls.  Callers serialize it; an exclusive entry
+    point raises :class:`ConcurrentUseError` while another thread's
+    exclusive call waits without the GIL (flush, commit_zap,
+    synchronize_rcu, rcu_barrier, a TdpMmuCore write-locked call) or while
+    any thread holds the shared side;
+  - the *shared* side (mmu_lock held for read): the TDP MMU's map path,
+    fast page fault and shared root zap (kvmmmu._core.tdp_mmu), on any
+    number of threads at once without the GIL; refused while an exclusive
+    call runs.  Each holder is an RCU reader in its own slot
+    (``shared_rcu``): a grace period waits for it.  Under it the pools are
+    the page allocator (``pool_lock``, a spinlock; growth under a Python
+    lock), call_rcu and :meth:`PtArena.rcu_poll` take ``rcu_lock``, the
+    page stats and state counts move by atomic adds.
+
+  :meth:`PtArena.rcu_poll` and :class:`MmuMemoryCache` topups may run beside
+  shared holders (as RCU callbacks and vCPU topups do beside faults in the
+  kernel), not beside a waiting exclusive call.  Lockless readers
   (:meth:`PtArena.get_sptes_lockless`, :meth:`PtArena.mmu_spte_get_lockless`,
   walks begun with :meth:`PtArena.walk_shadow_page_lockless_begin`) may run
   on any number of threads at once, also against a writer: chunks never move
@@ -78,8 +94,9 @@ Thread-safety contract (the kernel's mmu_lock, made safe for Python):
 * Waits for walkers are bounded: a flush or grace period whose walker thread
   exited raises :class:`KvmDeadWalkerError`; ``timeout=`` gives up with
   TimeoutError; Ctrl-C interrupts.
-* **MmuMemoryCache** belongs to one vCPU: use it from one thread at a time
-  (it is a writer of the arena's pools and obeys the writer rule above).
+* **MmuMemoryCache** belongs to one vCPU: one thread at a time.  A cache
+  that a nogil map of one thread consumes raises ConcurrentUseError when
+  another thread tops it up, frees it or maps with it meanwhile.
 * The views (:meth:`PtArena.table`, :meth:`PtArena.spt`) are shared memory
   without protocol; header views are read-only.
 """

@@ -1031,6 +1031,9 @@ cdef class TdpMmuCore:
                                        tflags, &wp)
         cdef bint fresh_fast = same_table and not fault.prefetch and not wp and \
             _spte_writable_invariants_ok(self.m.f, tmpl)
+        cdef uint64_t tbase = 0, old
+        cdef uint64_t *tptr = NULL
+        cdef int k
         cdef int slot = self._enter_shared("TdpMmuCore.map", page_cache, header_cache)
         try:
             self._root(c_root)          # again, now that no exclusive call can run
@@ -1057,6 +1060,24 @@ cdef class TdpMmuCore:
                             # freed inside this RCU section; if another thread
                             # removed it, its entries read FROZEN (walk again);
                             # else it is linked where the walk found it.
+                            if last.pt_path[goal - 1] != tbase:
+                                tbase = last.pt_path[goal - 1]
+                                tptr = pt_sptep_ptr(a, tbase)
+                            k = spte_index_of(g[i], goal)
+                            old = pt_read_once64(tptr + k)
+                            if fresh_fast and not is_shadow_present_pte(old) and \
+                                    not is_frozen_spte(m.f, old):
+                                # _map_fresh_leaf on the cached table pointer
+                                if pt_try_cmpxchg64(tptr + k, &old, tmpl | (p[i] << 12)):
+                                    fault.pages_delta[goal - 1] += 1
+                                    o[i] = RET_PF_FIXED
+                                    done = i + 1
+                                    continue
+                                r = RET_PF_RETRY
+                                last.level = 0
+                                o[i] = r
+                                done = i + 1
+                                continue
                             last.gfn = last.next_last_level_gfn = g[i]
                             last.sptep = last.pt_path[goal - 1] + \
                                 (<uint64_t>spte_index_of(g[i], goal) << 3)
