@@ -38,6 +38,7 @@ caches.  Everything else is write-locked (exclusive).
 Not modelled yet in this module: mirror roots.
 """
 from libc.stdint cimport uint64_t, int64_t, uint32_t
+from libc.stdlib cimport malloc, free
 
 import numpy as np
 
@@ -1403,13 +1404,39 @@ cdef class TdpMmuCore:
         return self.m.nx_lpage_splits
 
     def possible_nx_huge_pages(self):
-        """The sp handles on ``possible_nx_huge_pages[KVM_TDP_MMU]``, oldest first."""
-        out = []
-        cdef uint64_t node = self.m.nx_head_next
-        while node > 1 and len(out) <= self.m.nx_lpage_splits:
-            out.append(node - 1)
-            node = pt_sp_ptr(self.m.a, node - 1).nx_link_next
-        return out
+        """The sp handles on ``possible_nx_huge_pages[KVM_TDP_MMU]``, oldest
+        first: one consistent snapshot, read under ``tdp_mmu_pages_lock``
+        (threads mapping under the read lock may be changing the list)."""
+        self._ready("TdpMmuCore.possible_nx_huge_pages")
+        cdef uint64_t node, hw = self.m.a.headers_hw
+        cdef int64_t cap, got = 0, k
+        cdef uint64_t *buf
+        cdef bint grew
+        while True:
+            cap = self.m.nx_lpage_splits + 1
+            if cap < 1:
+                cap = 1
+            buf = <uint64_t *>malloc(cap * sizeof(uint64_t))
+            if buf == NULL:
+                raise MemoryError("possible_nx_huge_pages")
+            got = 0
+            pt_spin_lock(&self.m.nx_lock)       # no Python code while held
+            node = self.m.nx_head_next
+            # the list holds nx_lpage_splits entries; a link outside the
+            # headers handed out (never expected) ends the walk
+            while node > 1 and node - 1 <= hw and got < cap:
+                buf[got] = node - 1
+                got += 1
+                node = pt_sp_ptr(self.m.a, node - 1).nx_link_next
+            grew = got == cap and node > 1 and got <= self.m.nx_lpage_splits
+            pt_spin_unlock(&self.m.nx_lock)
+            if not grew:
+                break
+            free(buf)                           # the list grew meanwhile: again
+        try:
+            return [buf[k] for k in range(got)]
+        finally:
+            free(buf)
 
     def recover_nx_huge_page(self, sp, *, zap=True):
         """One step of ``kvm_recover_nx_huge_pages`` for the TDP MMU: take `sp`

@@ -643,7 +643,7 @@ def body(k):
     pc, hc = caches[k % 4] if rnd.random() < 0.9 else caches[0]
     while not stop.is_set():
         try:
-            op = rnd.randrange(12)
+            op = rnd.randrange(13)
             root = rnd.choice(roots + [0, 99999])
             g = np.array([rnd.randrange(1 << 22) for _ in range(rnd.randrange(1, 300))], np.uint64)
             lvl = rnd.choice([1, 1, 2, 3, 0, 7])
@@ -674,9 +674,13 @@ def body(k):
                     v = a.spt(int(rnd.choice(live.tolist())))
                     v[rnd.randrange(512)] = rnd.choice([fmt.masks()["frozen_spte"], 0,
                                                         rnd.getrandbits(64)])
-            else:
+            elif op == 11:
                 for sp in t.possible_nx_huge_pages()[:3]:
                     t.recover_nx_huge_page(sp)
+            else:
+                # readers of the shared state while others map
+                t.possible_nx_huge_pages(); t.nx_lpage_splits; t.warnings(); t.tdp_mmu_pages
+                a.page_stats; a.shared_rcu_snapshots(); a.shared_holders
         except (ValueError, RuntimeError, TypeError, MemoryError, OverflowError) as e:
             pass
 ths = [threading.Thread(target=body, args=(k,)) for k in range(5)]
