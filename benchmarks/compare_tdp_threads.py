@@ -164,7 +164,7 @@ def main():
         print(best(lambda: run(n, level, 1, "disjoint", bool(warm)), repeat))
         return
     n4k = 1 << (20 if args.quick else 22)
-    n2m = 1 << (11 if args.quick else 14)
+    n2m = 1 << (11 if args.quick else 17)
     print(f"TDP MMU map under mmu_lock for read: threads scaling (best of {args.repeat}; "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
           f"{'cold arena' if args.cold else 'warm arena: tables mapped, zapped and freed once before'})")

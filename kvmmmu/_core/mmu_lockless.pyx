@@ -8,7 +8,10 @@ freed after the flush.  TDP MMU: walkers are RCU readers; an unlinked page is
 freed once a grace period has passed (every reader that predates it left).
 The protocols' reader halves (walk_shadow_page_lockless_begin/end,
 kvm_tdp_mmu_walk_lockless_begin/end) are cdef inline in mmu_lockless.pxd:
-they bracket every lockless walk.  The plain C waits here spin until done;
+they bracket every lockless walk; a thread holding the arena's shared side
+(TDP MMU faults under mmu_lock for read) is a reader too, in its own
+shared_rcu slot (pt_shared_rcu_lock), and call_rcu / rcu_poll run under
+rcu_lock so they may run beside it.  The plain C waits here spin until done;
 PtArena's Python methods wait with the _within / _wait_word_change slices
 instead, so that a walker whose thread died is detected.
 """

@@ -359,20 +359,6 @@ cdef inline int _set_target_atomic(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault,
     return 0
 
 
-cdef inline int _map_fresh_leaf(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault,
-                                uint64_t new_spte) noexcept nogil:
-    """_map_target_level for a target entry read non-present and not FROZEN,
-    with make_spte's result given: for a non-present old SPTE, no prefetch
-    and no NX adjustment, make_spte is a per-batch constant OR-ed with the
-    pfn, and the batch map checked that constant's writable invariants once.
-    What is left: the cmpxchg and one page-stat count; RET_PF_FIXED, or
-    RET_PF_RETRY when another thread changed the entry first."""
-    if not pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte, new_spte):
-        return RET_PF_RETRY
-    fault.pages_delta[it.level - 1] += 1
-    return RET_PF_FIXED
-
-
 cdef inline bint _access_allowed(tdp_mmu_t *m, tdp_fault *fault, uint64_t spte) noexcept nogil:
     if fault.exec:
         return is_executable_pte(m.f, spte)
@@ -1021,10 +1007,12 @@ cdef class TdpMmuCore:
         # NX workaround (disallowed_hugepage_adjust looks at each entry).
         cdef bint same_table = goal < top and not fault.nx_huge_pages
         cdef int table_shift = SPTE_LEVEL_BITS * goal
-        # make_spte for a fresh entry of this batch: the constant part (the
-        # roots' role.ad_disabled is !ad_enabled, checked by _root, and every
-        # table inherits it); used on the shortcut when the old SPTE is not
-        # present, if its writable invariants hold (they do: belt and braces).
+        # make_spte for a fresh entry of this batch: for a non-present old
+        # SPTE, without prefetch or the NX adjustment, it is a constant OR-ed
+        # with the pfn (the roots' role.ad_disabled is !ad_enabled, checked by
+        # _root, and every table inherits it).  The shortcut then needs only
+        # the cmpxchg and a page-stat count, if the constant's writable
+        # invariants hold (they do: checked once here, not per leaf).
         cdef bint wp = False
         cdef unsigned int tflags = (MKSPTE_HOST_WRITABLE if fault.map_writable else 0) | \
             (0 if self.m.f.ad_enabled else MKSPTE_AD_DISABLED)
@@ -1068,7 +1056,7 @@ cdef class TdpMmuCore:
                             old = pt_read_once64(tptr + k)
                             if fresh_fast and not is_shadow_present_pte(old) and \
                                     not is_frozen_spte(m.f, old):
-                                # _map_fresh_leaf on the cached table pointer
+                                # a fresh leaf: make_spte's value is tmpl | pfn
                                 if pt_try_cmpxchg64(tptr + k, &old, tmpl | (p[i] << 12)):
                                     fault.pages_delta[goal - 1] += 1
                                     o[i] = RET_PF_FIXED
@@ -1080,14 +1068,11 @@ cdef class TdpMmuCore:
                                 done = i + 1
                                 continue
                             last.gfn = last.next_last_level_gfn = g[i]
-                            last.sptep = last.pt_path[goal - 1] + \
-                                (<uint64_t>spte_index_of(g[i], goal) << 3)
-                            last.old_spte = kvm_tdp_mmu_read_spte(a, last.sptep)
-                            if is_frozen_spte(m.f, last.old_spte):
+                            last.sptep = tbase + (<uint64_t>k << 3)
+                            last.old_spte = old
+                            if is_frozen_spte(m.f, old):
                                 # another thread removed that table: walk again
                                 r = _tdp_mmu_map(m, c_root, &fault, pc, hc, &last)
-                            elif fresh_fast and not is_shadow_present_pte(last.old_spte):
-                                r = _map_fresh_leaf(m, &last, &fault, tmpl | (p[i] << 12))
                             else:
                                 r = _map_target_level(m, &last, &fault)
                         else:
