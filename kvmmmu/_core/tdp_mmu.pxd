@@ -8,7 +8,7 @@ from kvmmmu._core.types cimport sptep_t
 from kvmmmu._core.pt_arena_defs cimport pt_arena_t
 from kvmmmu._core.memcache cimport kvm_mmu_memory_cache
 from kvmmmu._core.spte cimport spte_fmt_t
-from kvmmmu._core.tdp_iter cimport tdp_iter
+from kvmmmu._core.tdp_iter cimport tdp_iter, tdp_resched
 
 cdef enum:
     # WARN_ON_ONCE / KVM_BUG_ON sites of tdp_mmu.c, counted per site.
@@ -36,6 +36,8 @@ ctypedef struct tdp_mmu_t:
     uint64_t nx_head_prev           # last sp + 1
     int64_t nx_lpage_splits         # kvm->stat.nx_lpage_splits
     uint64_t warn[TDP_NR_WARN]
+    tdp_resched resched             # need_resched() of the yielding loops (every = 0: never)
+    uint64_t nr_yield_flushes       # kvm_flush_remote_tlbs() done before a yield that owed one
 
 
 # The part of struct kvm_page_fault the map path reads.
