@@ -60,7 +60,7 @@ from kvmmmu._core.spte cimport (
     MKSPTE_PREFETCH, MKSPTE_HOST_WRITABLE, MKSPTE_AD_DISABLED, MKSPTE_NX_HUGE_PAGES,
 )
 from kvmmmu._core.tdp_iter cimport (
-    tdp_iter, tdp_iter_start, tdp_iter_next, kvm_tdp_mmu_read_spte,
+    tdp_iter, tdp_iter_start, tdp_iter_next, kvm_tdp_mmu_read_spte, spte_to_child_pt,
     tdp_mmu_iter_cond_resched, tdp_mmu_iter_need_resched,
 )
 
@@ -82,7 +82,9 @@ cdef extern from *:
     """
     #define tdp_stat_add(p, v) __atomic_add_fetch((p), (v), __ATOMIC_RELAXED)
     #define tdp_fetch_and64(p, v) __atomic_fetch_and((p), (v), __ATOMIC_SEQ_CST)
+    #define tdp_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
     """
+    void tdp_prefetch(const uint64_t *p) nogil
     int64_t tdp_stat_add(int64_t *p, int64_t v) nogil
     uint64_t tdp_fetch_and64(uint64_t *p, uint64_t v) nogil
 
@@ -561,20 +563,22 @@ cdef bint kvm_tdp_mmu_clear_bit_range(tdp_mmu_t *m, uint64_t root, uint64_t star
     return changed
 
 
-cdef inline bint _tdp_4k_table(tdp_mmu_t *m, uint64_t root, uint64_t gfn,
+cdef inline bint _tdp_table_at(tdp_mmu_t *m, uint64_t root, uint64_t gfn, int level,
                                uint64_t *table) noexcept nogil:
-    """Find the pfn of the 4K table holding `gfn`'s entry under `root`;
-    False if the walk from the root ends above 4K (a hole or a huge leaf:
-    the whole 2M region of `gfn` holds no 4K leaf)."""
+    """Find the pfn of the table at `level` holding `gfn`'s entry under
+    `root`; False if the walk from the root ends above `level` (a hole or a
+    huge leaf: the whole region of `gfn` that such a table would map holds
+    no entry at `level`)."""
     cdef tdp_iter it
-    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn, 0)
-    while it.valid and it.level > PG_LEVEL_4K:
+    cdef int shift = SPTE_LEVEL_BITS * level
+    tdp_iter_start(&it, m.a, root, level, gfn, 0)
+    while it.valid and it.level > level:
         if not is_shadow_present_pte(it.old_spte) or is_last_spte(it.old_spte, it.level):
             return False
         tdp_iter_next(&it, m.a)             # down (or sideways past a table not of the arena)
-    if not it.valid or it.level != PG_LEVEL_4K or (it.gfn >> SPTE_LEVEL_BITS) != (gfn >> SPTE_LEVEL_BITS):
+    if not it.valid or it.level != level or (it.gfn >> shift) != (gfn >> shift):
         return False
-    table[0] = sptep_table_pfn(it.pt_path[0])
+    table[0] = sptep_table_pfn(it.pt_path[level - 1])
     return True
 
 
@@ -608,6 +612,11 @@ cdef inline uint64_t _clear_dirty_4k_masked(tdp_mmu_t *m, uint64_t table, uint64
         # is never torn, and the entries it flags are read again, once.)
         all_and = ~(<uint64_t>0)
         all_or = 0
+        # A hint (never a fault, whatever the address): the same 512 bytes
+        # of the next page, where the next 4K table usually is, so the
+        # table switch does not start on cold lines.
+        for b in range(0, 64, 8):
+            tdp_prefetch(p + SPTE_ENT_PER_PAGE + b)
         for b in range(64):
             all_and &= p[b]
             all_or |= p[b]
@@ -655,7 +664,7 @@ cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uin
     64-aligned, so the 64 gfns share one 4K table).  Huge leaves and holes
     are left alone.  Returns the bits whose 4K leaf was found."""
     cdef uint64_t table
-    if mask == 0 or not _tdp_4k_table(m, root, gfn, &table):
+    if mask == 0 or not _tdp_table_at(m, root, gfn, PG_LEVEL_4K, &table):
         return 0
     return _clear_dirty_4k_masked(m, table, gfn, mask, dbit)
 
@@ -1144,8 +1153,10 @@ cdef class TdpMmuCore:
         m_arr = np.array(mask, copy=True)
         cdef const uint64_t[::1] mk = m_arr
         cdef uint64_t[::1] o = out
-        cdef uint64_t g, region = ~(<uint64_t>0), table = 0
-        cdef bint have = False
+        cdef uint64_t g, region = ~(<uint64_t>0), table = 0, pd_region = ~(<uint64_t>0), pd = 0
+        cdef sptep_t child
+        cdef bint have = False, have_pd = False
+        cdef pt_arena_t *a = self.m.a
         self._enter("TdpMmuCore.clear_dirty_log")
         try:
             self._root(c_root)
@@ -1155,13 +1166,25 @@ cdef class TdpMmuCore:
                     if mk[w] == 0:
                         o[w] = 0
                         continue
-                    # One walk per 4K table, not per word: this call holds
+                    # One walk per 1G region, not per word: this call holds
                     # the writer side and clearing bits never links or
-                    # unlinks a table, so the table the walk found for the
-                    # previous word of the same 2M region is still the one.
+                    # unlinks a table, so the 2M-level table the walk found
+                    # for an earlier word of the same 1G region is still the
+                    # one, and from its entry the 4K table is one step down
+                    # (the iterator's step: a present non-leaf SPTE linking
+                    # a table of the arena).
                     if (g >> SPTE_LEVEL_BITS) != region:
                         region = g >> SPTE_LEVEL_BITS
-                        have = _tdp_4k_table(&self.m, c_root, g, &table)
+                        if (g >> (2 * SPTE_LEVEL_BITS)) != pd_region:
+                            pd_region = g >> (2 * SPTE_LEVEL_BITS)
+                            have_pd = _tdp_table_at(&self.m, c_root, g, 2, &pd)
+                        have = False
+                        if have_pd:
+                            child = spte_to_child_pt(a, kvm_tdp_mmu_read_spte(
+                                a, make_sptep(pd, spte_index_of(g, 2))), 2)
+                            if child:
+                                table = sptep_table_pfn(child)
+                                have = True
                     o[w] = _clear_dirty_4k_masked(&self.m, table, g, mk[w], dbit) if have else 0
         finally:
             self._leave()

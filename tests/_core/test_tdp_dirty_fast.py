@@ -88,3 +88,32 @@ def test_a_word_offset_from_the_table_and_a_base_inside_a_table():
     base = 0x2000 + 3 * 64                     # the 4th word of a table, 3 words on
     want_found, _ = brute(s, np.concatenate([np.zeros(base // 64, np.uint64), mask]), D)
     assert (s.t.clear_dirty_log(s.root, base, mask) == want_found[base // 64:]).all()
+
+
+def test_words_across_1g_regions_a_1g_leaf_and_empty_regions():
+    """The batch keeps the 2M-level table of the current 1G region between
+    words: crossing into a region with other tables, a 1G leaf, or nothing
+    must each be walked again."""
+    s = Setup(4)
+    G = 1 << 18
+    a = np.arange(G - 1024, G + 1024, dtype=np.uint64)              # both sides of a 1G border
+    s.map(a, a + HOST, 1, write=True)
+    s.map([2 * G], [HOST + 2 * G], 3, write=True)                   # a 1G leaf
+    b = np.arange(4 * G, 4 * G + 700, dtype=np.uint64)              # after an empty 1G region
+    s.map(b, b + HOST, 1, write=True)
+    base = G - 1024
+    words = (4 * G + 1024 - base) // 64
+    rng = np.random.default_rng(2)
+    mask = np.where(rng.integers(0, 4, words) == 0, rng.integers(0, 2**63, words, dtype=np.uint64),
+                    ~np.uint64(0)).astype(np.uint64)
+    D = s.fmt.masks()["dirty_mask"]
+    g = np.arange(base, base + words * 64, dtype=np.uint64)
+    before, levels = kvm_tdp_mmu_get_walk(s.a, s.root, g)
+    bits = ((mask[:, None] >> np.arange(64, dtype=np.uint64)[None, :]) & np.uint64(1)).ravel() == 1
+    hit = s.fmt.is_shadow_present_pte_array(before) & (levels == 1) & bits
+    want = (hit.reshape(-1, 64).astype(np.uint64) << np.arange(64, dtype=np.uint64)).sum(
+        axis=1, dtype=np.uint64)
+    found = s.t.clear_dirty_log(s.root, base, mask)
+    assert (found == want).all() and int(np.bitwise_count(found).sum()) > 2000
+    after, _ = kvm_tdp_mmu_get_walk(s.a, s.root, g)
+    assert (after == np.where(hit, before & ~np.uint64(D), before)).all()
