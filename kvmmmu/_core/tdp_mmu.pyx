@@ -546,12 +546,38 @@ cdef bint kvm_tdp_mmu_clear_bit_range(tdp_mmu_t *m, uint64_t root, uint64_t star
     leaf at or above `min_level` in [start, end) with the atomic setter,
     retrying an entry whose cmpxchg lost.  ``bit = PT_WRITABLE_MASK`` is
     wrprot_gfn_range (MMU-writable stays, so fast page fault can restore W and
-    log the page); the dirty bit or W at 4K is clear_dirty_gfn_range."""
+    log the page); the dirty bit or W at 4K is clear_dirty_gfn_range.
+    It may yield at every entry (wrprot_gfn_range's placement;
+    clear_dirty_gfn_range asks at present leaves only: the same result, the
+    step budget is spent differently).  The cmpxchg and the
+    handle_changed_spte per changed SPTE are the kernel's (other holders of
+    mmu_lock for read may change the entry meanwhile): they, not the walk,
+    set this loop's floor."""
     cdef tdp_iter it
     cdef bint changed = False
+    cdef int j, last
     tdp_iter_start(&it, m.a, root, min_level, start, 0)
     while it.valid and it.gfn < end:
         if _cond_resched(m, &it, False):
+            tdp_iter_next(&it, m.a)
+            continue
+        if it.level == PG_LEVEL_4K and m.resched.every <= 0:
+            # need_resched() is never true: the rest of this 4K table (up
+            # to `end`) in one loop, each entry the iterator's sideways step
+            # done inline, then the iterator goes on from the last one.
+            last = SPTE_ENT_PER_PAGE - 1 - spte_index_of(it.gfn, PG_LEVEL_4K)
+            if end - it.gfn <= last:
+                last = <int>(end - it.gfn) - 1
+            for j in range(last + 1):
+                if j:
+                    it.gfn += 1
+                    it.next_last_level_gfn = it.gfn
+                    it.sptep += 8
+                    it.old_spte = kvm_tdp_mmu_read_spte(m.a, it.sptep)
+                while is_shadow_present_pte(it.old_spte) and (it.old_spte & bit):
+                    if tdp_mmu_set_spte_atomic(m, &it, it.old_spte & ~bit) == 0:
+                        changed = True
+                        break
             tdp_iter_next(&it, m.a)
             continue
         while is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
