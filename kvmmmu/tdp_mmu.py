@@ -462,22 +462,7 @@ class TdpMmu(MmuBackend):
             np.array([s.as_id for s in slots], np.int8),
             np.array(self.core.possible_nx_huge_pages(), np.uint64))
         for kind, ri, g, lvl, val in problems.tolist():
-            r = self.roots[ri] if ri >= 0 else None
-            bad.append({
-                0: lambda: f"{r}: FROZEN SPTE left at gfn {g:#x} level {lvl}",
-                1: lambda: f"{r}: non-leaf SPTE {val:#x} at gfn {g:#x} level {lvl} points to no "
-                           f"live table of the arena",
-                2: lambda: f"{r}: table pfn {val:#x} linked a second time at gfn {g:#x} level {lvl}",
-                3: lambda: f"{r}: sp {val} linked at gfn {g:#x} level {lvl}: its header's level, "
-                           f"gfn or ptep disagree",
-                4: lambda: f"{r}: leaf {val:#x} at gfn {g:#x} level {lvl} outside every memslot",
-                5: lambda: f"{r}: leaf at gfn {g:#x} level {lvl} above its memslot's max "
-                           f"level {val}",
-                6: lambda: f"{r}: leaf {val:#x} at gfn {g:#x} level {lvl} breaks the writable "
-                           f"invariants",
-                7: lambda: f"sp {val} on the possible NX list is not a flagged TDP table",
-                8: lambda: f"{r}: sp {val} is not a live TDP root",
-            }[kind]())
+            bad.append(self._audit_message(self.roots[ri] if ri >= 0 else None, kind, g, lvl, val))
         if counts["problems"] > len(problems):
             bad.append(f"... and {counts['problems'] - len(problems)} more")
         if counts["tables"] != self.core.tdp_mmu_pages:
@@ -493,6 +478,29 @@ class TdpMmu(MmuBackend):
         for msg, n in self.core.warnings().items():
             bad.append(f"{n}x {msg}")
         return bad
+
+    @staticmethod
+    def _audit_message(r, kind: int, g: int, lvl: int, val: int) -> str:
+        """The text of one problem of tdp_audit (kind: PROBLEM_KINDS)."""
+        if kind == 0:
+            return f"{r}: FROZEN SPTE left at gfn {g:#x} level {lvl}"
+        if kind == 1:
+            return (f"{r}: non-leaf SPTE {val:#x} at gfn {g:#x} level {lvl} points to no live "
+                    f"table of the arena")
+        if kind == 2:
+            return f"{r}: table pfn {val:#x} linked a second time at gfn {g:#x} level {lvl}"
+        if kind == 3:
+            return (f"{r}: sp {val} linked at gfn {g:#x} level {lvl}: its header's level, gfn "
+                    f"or ptep disagree")
+        if kind == 4:
+            return f"{r}: leaf {val:#x} at gfn {g:#x} level {lvl} outside every memslot"
+        if kind == 5:
+            return f"{r}: leaf at gfn {g:#x} level {lvl} above its memslot's max level {val}"
+        if kind == 6:
+            return f"{r}: leaf {val:#x} at gfn {g:#x} level {lvl} breaks the writable invariants"
+        if kind == 7:
+            return f"sp {val} on the possible NX list is not a flagged TDP table"
+        return f"{r}: sp {val} is not a live TDP root"
 
     @staticmethod
     def _aligned_level(slot, top: int) -> int:

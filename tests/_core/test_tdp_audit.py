@@ -5,6 +5,8 @@ the possible-NX list) and audits clean; then each violation is planted
 through the arena's writable views (tables, set_sp) or the roots list, and
 the audit must report it, with TdpMmu.audit's message.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -85,7 +87,7 @@ def test_a_frozen_spte_is_reported():
 def test_a_link_to_no_table_and_a_second_parent_are_reported():
     vm, t = vm_()
     # the 4K table of 0x1000 linked a second time, from the empty 2M entry at 0x1400
-    sptep_pd, spte_pd = leaf_at(vm, t, 0x1000, 2)
+    _, spte_pd = leaf_at(vm, t, 0x1000, 2)
     hole, old = leaf_at(vm, t, 0x1400, 2)
     assert not present(vm, old)
     poke(vm, hole, spte_pd)
@@ -109,15 +111,10 @@ def test_a_header_disagreeing_with_its_parent_is_reported():
     assert has(t.audit(), "its header's level, gfn or ptep disagree")
 
 
-def test_a_leaf_outside_every_memslot_and_above_the_slot_level_are_reported():
+def test_a_leaf_outside_the_slots_given_and_above_their_level_are_reported():
     vm, t = vm_()
-    sptep, spte = leaf_at(vm, t, 0, 2)                      # a 2M leaf of slot 0
-    hole, old = leaf_at(vm, t, 0x10000, 2)                  # 256 MiB: no memslot, no table
-    assert not present(vm, old)
-    # a 2M leaf outside every slot (the page stats break too)
-    root_e = entries(vm, t, 0x10000, 0x10001)
-    assert root_e[-1][1] >= 2
-    counts, problems = tdp_audit(vm.arena, np.array([t.roots[0].sp], np.uint64),
+    assert leaf_at(vm, t, 0, 2)[1] >> 7 & 1                 # a 2M leaf of slot 0
+    _, problems = tdp_audit(vm.arena, np.array([t.roots[0].sp], np.uint64),
                                  np.array([0], np.uint64), np.array([4096], np.uint64),
                                  np.array([1], np.int8), np.array([0], np.int8))
     kinds = {PROBLEM_KINDS[k] for k in problems["kind"].tolist()}
@@ -181,3 +178,38 @@ def test_bad_arguments_raise_and_the_problem_list_is_capped():
     counts, problems = tdp_audit(vm.arena, root, np.zeros(0, np.uint64), np.zeros(0, np.uint64),
                                  np.zeros(0, np.int8), np.zeros(0, np.int8), max_problems=3)
     assert len(problems) == 3 and counts["problems"] > 3       # no slot: every leaf
+
+
+def test_a_planted_cycle_is_reported_not_followed():
+    """A 2M-level entry linking the root's own table: the walk enters each
+    table once, so it reports the second link and ends (in a child with a
+    timeout: following the link would never end)."""
+    from _probe import assert_no_crash
+    here = os.path.dirname(__file__)
+    r = assert_no_crash(f"""
+        import sys
+        sys.path[:0] = {[here, os.path.dirname(here)]!r}
+        import numpy as np
+        import test_tdp_audit as T
+        vm, t = T.vm_()
+        hole, old = T.leaf_at(vm, t, 0x1400, 2)
+        root_pfn = vm.arena.get_sp(t.roots[0].sp)["spt"]
+        _, spte_pd = T.leaf_at(vm, t, 0x1000, 2)
+        T.poke(vm, hole, (spte_pd & ~(((1 << 40) - 1) << 12)) | (root_pfn << 12))
+        bad = t.audit()
+        assert T.has(bad, "linked a second time at gfn 0x1400 level 2"), bad
+        print("REPORTED")
+    """, timeout=120, allow_raise=False)
+    assert "REPORTED" in r.stdout
+
+
+def test_a_leaf_planted_outside_every_memslot_is_reported_by_TdpMmu_audit():
+    vm, t = vm_()
+    _, huge = leaf_at(vm, t, 0, 2)
+    assert huge >> 7 & 1
+    hole, old = leaf_at(vm, t, 0x10000, 2)                  # 256 MiB: no memslot
+    assert not present(vm, old)
+    poke(vm, hole, huge)
+    bad = t.audit()
+    assert has(bad, "at gfn 0x10000 level 2 outside every memslot"), bad
+    assert has(bad, "page stats")                           # no handle_changed_spte either

@@ -12,10 +12,12 @@ exactly.  Aging and ``clear_dirty_log`` never yield (as in the kernel).
 A run with a budget of 1 on every loop goes in a child with a timeout: a
 yield that made no forward progress would spin forever.
 """
+import os
+
 import numpy as np
 import pytest
 from _probe import assert_no_crash
-from test_tdp_mmu_core import HOST, Model, Setup, _check, pages
+from test_tdp_mmu_core import HOST, Model, Setup, _check
 
 from kvmmmu._core.spte import PT_WRITABLE_MASK
 from kvmmmu._core.tdp_iter import TdpIter, kvm_tdp_mmu_get_walk
@@ -240,14 +242,14 @@ def test_resched_every_is_validated_and_left_unchanged_on_bad_input():
 def test_every_loop_ends_with_a_budget_of_one_step():
     """In a child with a timeout: a yield without forward progress loops
     forever, here it must end."""
-    assert_no_crash("""
+    here = os.path.dirname(__file__)
+    assert_no_crash(f"""
         import sys
-        sys.path[:0] = %r
+        sys.path[:0] = {[here, os.path.dirname(here)]!r}
         import test_tdp_yield as t
         for op in t.OPS:
             s, _ = t.guest()
             s.t.resched_every = 1
             t.run(op, s)
             assert s.t.nr_yields > 0, op
-    """ % ([__import__("os").path.dirname(__file__), __import__("os").path.dirname(
-        __import__("os").path.dirname(__file__))],), timeout=300, allow_raise=False)
+    """, timeout=300, allow_raise=False)
