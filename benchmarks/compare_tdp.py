@@ -21,7 +21,10 @@ in the same run.  Figures (issue 11, "How it is checked"):
   kernel reports ~1.5 s for 96 GiB, i.e. ~1.0 s for 64 GiB);
 * the scalar ``TdpMmu.page_fault`` from Python (faultin included; target
   <= 3 us median) and the scalar ``TdpMmuCore.map_one``;
-* cost per gfn of the 4K map and of the walk at 2^20, 2^22, 2^24 pages (flat?).
+* cost per operation of the 4K map, the walk and the dirty-log round at
+  2^20, 2^22, 2^24 pages (flat?);
+* ``TdpMmu.audit`` (the C walk of kvmmmu._core.tdp_audit) over the 64 GiB
+  4K guest.
 
 Prints, never asserts.  Before each timed TDP operation the SPTEs get their D
 bits back through the arena's table views (what the CPU does on a write), so
@@ -215,6 +218,25 @@ def print_dirty(b, n):
     print(f"  clear_bit_range + round                    {both / 1e6:8.1f} ms  x{both / arr:.2f}")
 
 
+def audit_figures(tdp, n):
+    """TdpMmu.audit's C walk (kvmmmu._core.tdp_audit.tdp_audit) over the
+    guest: one memslot covering it."""
+    try:
+        from kvmmmu._core.tdp_audit import tdp_audit
+    except ImportError:
+        print("\naudit: kvmmmu._core.tdp_audit is not built")
+        return
+    slots = (np.zeros(1, np.uint64), np.full(1, n, np.uint64), np.full(1, 3, np.int8),
+             np.zeros(1, np.int8))
+    best = float("inf")
+    for _ in range(3):
+        dt, (counts, probs) = timed(tdp_audit, tdp.a, np.array([tdp.root], np.uint64), *slots)
+        assert not len(probs) and counts["leaves"][1] == n, (counts, probs[:5])
+        best = min(best, dt)
+    print(f"\naudit (C walk, every invariant) of the {n >> 18} GiB guest at 4K:"
+          f" {best / 1e6:.1f} ms, {best / n:.2f} ns per leaf")
+
+
 def split_figures(n, repeat):
     gfns = np.arange(0, n, 512, dtype=np.uint64)
     best = float("inf")
@@ -301,17 +323,19 @@ def main():
     for n in sizes:
         f = map_figures(n, 1, args.repeat, walk_n, rng)
         flat.append(f)
-        if n != big:
-            del f["keep"]
-            gc.collect()
+        tdp, bare = f.pop("keep")
+        del bare
+        gc.collect()
+        f["dirty"] = dirty_round(tdp, n, args.repeat)
+        if n == big:
+            keep = tdp
+        del tdp
+        gc.collect()
     f4k = flat[-1]
     print_map(f4k, "4K leaves")
-
-    tdp, bare = f4k.pop("keep")
-    del bare
-    gc.collect()
-    print_dirty(dirty_round(tdp, big, args.repeat), big)
-    del tdp
+    print_dirty(f4k["dirty"], big)
+    audit_figures(keep, big)
+    del keep
     gc.collect()
 
     f2m = map_figures(big, 2, args.repeat, walk_n, rng)
@@ -323,13 +347,17 @@ def main():
 
     split_figures(big, args.repeat)
 
-    print(f"\ncost per gfn as the guest grows (4K map; walk of {walk_n} random gfns)")
+    print(f"\nns per operation as the guest grows (4K map per gfn; walk of {walk_n} random"
+          f" gfns per gfn; dirty round = clear_dirty_log + collect per SPTE, against"
+          f" clear_dirty_array)")
     print(f"  {'pages':>8s} {'TDP map':>9s} {'bare map':>9s} {'ratio':>6s} {'TDP walk':>9s}"
-          f" {'bare walk':>10s}")
+          f" {'bare walk':>10s} {'dirty rnd':>10s} {'array':>7s} {'ratio':>6s}")
     for f in flat:
-        b, n, w = f["best"], f["ngfns"], f["walk_n"]
+        b, n, w, d = f["best"], f["ngfns"], f["walk_n"], f["dirty"]
+        rnd = d["cdl"] + d["collect"]
         print(f"  2^{n.bit_length() - 1:<6d} {b['tdp'] / n:9.1f} {b['bare'] / n:9.1f}"
-              f" {b['tdp'] / b['bare']:6.2f} {b['walk_tdp'] / w:9.1f} {b['walk_bare'] / w:10.1f}")
+              f" {b['tdp'] / b['bare']:6.2f} {b['walk_tdp'] / w:9.1f} {b['walk_bare'] / w:10.1f}"
+              f" {rnd / n:10.2f} {d['array'] / n:7.2f} {rnd / d['array']:6.2f}")
 
     scalar_figures(4096 if args.quick else 32768)
     cur, peak = rss()

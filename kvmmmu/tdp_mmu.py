@@ -439,41 +439,77 @@ class TdpMmu(MmuBackend):
 
     # ------------------------------------------------------------------ audit
     def audit(self) -> list[str]:
-        """The TDP invariants that can be checked from outside the tables:
-        ``pages_4k/2m/1g`` equal the leaves per level under the valid roots
-        (when one root per address space), ``tdp_mmu_pages`` equals the
-        tables reachable from every root, refcounts are positive, and no
-        entry is FROZEN.  Returns the violations (empty when clean)."""
+        """The TDP invariants (tdp-mmu.md §12), by one nogil walk of the
+        tables (:func:`kvmmmu._core.tdp_audit.tdp_audit`): ``pages_4k/2m/1g``
+        equal the leaves per level under the roots, ``tdp_mmu_pages`` the
+        linked non-root tables, one parent per table (its header agreeing),
+        no FROZEN entry, every leaf inside a memslot of its address space and
+        not above the slot's alignment level, the writable invariants, the
+        possible-NX list made of linked flagged tables; the refcounts are
+        positive.  Returns the violations (empty when clean)."""
+        from kvmmmu._core.tdp_audit import tdp_audit
         bad = []
-        leaves = {1: 0, 2: 0, 3: 0}
-        tables = 0
-        frozen = self.vm.fmt.masks()["frozen_spte"]
-        present = self.vm.fmt.is_shadow_present_pte_array
         for r in self.roots:
             if r.refcount <= 0:
                 bad.append(f"{r}: refcount {r.refcount}")
-            for g, lvl, _, spte in TdpIter(self.vm.arena, r.sp, 0, 1 << (9 * r.role.level)):
-                if spte == frozen:
-                    bad.append(f"{r}: FROZEN SPTE left at gfn {g:#x} level {lvl}")
-                if not present(np.array([spte], np.uint64))[0]:
-                    continue
-                if lvl == 1 or (spte >> 7) & 1:
-                    leaves[lvl] = leaves.get(lvl, 0) + 1
-                else:
-                    tables += 1
-        if tables != self.core.tdp_mmu_pages:
-            bad.append(f"tdp_mmu_pages {self.core.tdp_mmu_pages} != {tables} tables reachable")
+        slots = [slot for space in self.vm.memslots for slot in space]
+        top = self.vm.max_huge_page_level
+        counts, problems = tdp_audit(
+            self.vm.arena, np.array([r.sp for r in self.roots], np.uint64),
+            np.array([s.base_gfn for s in slots], np.uint64),
+            np.array([s.npages for s in slots], np.uint64),
+            np.array([self._aligned_level(s, top) for s in slots], np.int8),
+            np.array([s.as_id for s in slots], np.int8),
+            np.array(self.core.possible_nx_huge_pages(), np.uint64))
+        for kind, ri, g, lvl, val in problems.tolist():
+            bad.append(self._audit_message(self.roots[ri] if ri >= 0 else None, kind, g, lvl, val))
+        if counts["problems"] > len(problems):
+            bad.append(f"... and {counts['problems'] - len(problems)} more")
+        if counts["tables"] != self.core.tdp_mmu_pages:
+            bad.append(f"tdp_mmu_pages {self.core.tdp_mmu_pages} != {counts['tables']} tables reachable")
         stats = self.vm.arena.page_stats
         got = {1: stats["pages_4k"], 2: stats["pages_2m"], 3: stats["pages_1g"]}
-        if got != {k: leaves.get(k, 0) for k in (1, 2, 3)}:
-            bad.append(f"page stats {got} != leaves {leaves}")
+        leaves = {k: counts["leaves"][k] for k in (1, 2, 3)}
+        if got != leaves or counts["leaves"][4] or counts["leaves"][5]:
+            bad.append(f"page stats {got} != leaves {counts['leaves']}")
         nx = self.core.possible_nx_huge_pages()
         if len(nx) != self.core.nx_lpage_splits:
             bad.append(f"possible NX list holds {len(nx)}, nx_lpage_splits {self.core.nx_lpage_splits}")
-        for sp in nx:
-            h = self.vm.arena.get_sp(sp)
-            if not h["nx_huge_page_disallowed"] or not h["tdp_mmu_page"]:
-                bad.append(f"sp {sp} on the possible NX list is not a flagged TDP table")
         for msg, n in self.core.warnings().items():
             bad.append(f"{n}x {msg}")
         return bad
+
+    @staticmethod
+    def _audit_message(r, kind: int, g: int, lvl: int, val: int) -> str:
+        """The text of one problem of tdp_audit (kind: PROBLEM_KINDS)."""
+        if kind == 0:
+            return f"{r}: FROZEN SPTE left at gfn {g:#x} level {lvl}"
+        if kind == 1:
+            return (f"{r}: non-leaf SPTE {val:#x} at gfn {g:#x} level {lvl} points to no live "
+                    f"table of the arena")
+        if kind == 2:
+            return f"{r}: table pfn {val:#x} linked a second time at gfn {g:#x} level {lvl}"
+        if kind == 3:
+            return (f"{r}: sp {val} linked at gfn {g:#x} level {lvl}: its header's level, gfn "
+                    f"or ptep disagree")
+        if kind == 4:
+            return f"{r}: leaf {val:#x} at gfn {g:#x} level {lvl} outside every memslot"
+        if kind == 5:
+            return f"{r}: leaf at gfn {g:#x} level {lvl} above its memslot's max level {val}"
+        if kind == 6:
+            return f"{r}: leaf {val:#x} at gfn {g:#x} level {lvl} breaks the writable invariants"
+        if kind == 7:
+            return f"sp {val} on the possible NX list is not a flagged TDP table"
+        return f"{r}: sp {val} is not a live TDP root"
+
+    @staticmethod
+    def _aligned_level(slot, top: int) -> int:
+        """The highest level a leaf in `slot` may have whatever the host
+        maps: where the slot's gfns and host addresses are co-aligned
+        (kvm_alloc_memslot_metadata disallows the other levels), at most
+        ``max_huge_page_level``."""
+        level = 1
+        ugfn = slot.userspace_addr >> PAGE_SHIFT
+        while level < top and not (slot.base_gfn ^ ugfn) & (KVM_PAGES_PER_HPAGE(level + 1) - 1):
+            level += 1
+        return level

@@ -4,8 +4,8 @@ These benchmarks depend only on kvmmmu._core (pt_arena, role, spte, tdp_iter,
 tdp_mmu, tdp_bench), except ``ScalarFault``, which drives ``TdpMmu`` on a VM.
 
 The sizes are the issue's: a 64 GiB guest is 2^24 4K pages (32834 tables,
-137 MiB of arena) or 2^15 2M pages; 2^20 pages shows whether the cost per
-gfn stays flat.  ``BareRadixMap`` (kvmmmu._core.tdp_bench) is the bare C
+137 MiB of arena) or 2^15 2M pages; 2^20 and 2^22 pages show whether the
+cost per operation (map, walk, dirty round) stays flat.  ``BareRadixMap`` (kvmmmu._core.tdp_bench) is the bare C
 radix-tree map of the same gfns the issue compares with ("within 3x");
 ``SpteFormat.clear_dirty_array`` over the same SPTEs is the dirty-log
 baseline ("within 2x").  ``benchmarks/compare_tdp.py`` prints the ratios.
@@ -27,7 +27,7 @@ from kvmmmu._core.tdp_iter import kvm_tdp_mmu_get_walk
 from kvmmmu._core.tdp_mmu import TdpMmuCore
 
 HOST = 1 << 24
-PAGES = [1 << 20, 1 << 24]          # 4 GiB and 64 GiB of guest
+PAGES = [1 << 20, 1 << 22, 1 << 24]     # 4, 16 and 64 GiB of guest: is the cost per op flat?
 BIG = 1 << 24
 PFN_MASK = ((1 << 52) - 1) & ~0xfff
 WALK_N = 1 << 20
@@ -84,17 +84,21 @@ def gfns_for(pages, level):
 _POPULATED = {}
 
 
-def populated(level):
-    """(tdp, bare) holding the 64 GiB guest at `level`.  Memoized."""
-    if level not in _POPULATED:
-        g, p = gfns_for(BIG, level)
+def populated(level, pages=BIG):
+    """(tdp, bare) holding a guest of `pages` 4K pages at `level`.  Memoized
+    (one size at a time: the previous ones are dropped)."""
+    key = (level, pages)
+    if key not in _POPULATED:
+        for k in [k for k in _POPULATED if k[1] != pages]:
+            del _POPULATED[k]
+        g, p = gfns_for(pages, level)
         tdp = Tdp()
         tdp.map(g, level)
         s, _ = kvm_tdp_mmu_get_walk(tdp.a, tdp.root, g[:1])
         bare = BareRadixMap(leaf_bits=int(s[0]) & ~PFN_MASK & ~0x80)
         bare.map(g, p, level)
-        _POPULATED[level] = (tdp, bare)
-    return _POPULATED[level]
+        _POPULATED[key] = (tdp, bare)
+    return _POPULATED[key]
 
 
 class Map:
@@ -125,58 +129,64 @@ class Map:
 
 
 class GetWalk:
-    """kvm_tdp_mmu_get_walk of 1M random gfns of the 64 GiB guest (4K or 2M
-    leaves), against BareRadixMap.walk."""
-    params = [1, 2]
-    param_names = ["level"]
+    """kvm_tdp_mmu_get_walk of 1M random gfns of the guest (4K or 2M leaves),
+    against BareRadixMap.walk."""
+    params = ([1, 2], PAGES)
+    param_names = ["level", "pages"]
     timeout = 300
 
-    def setup(self, level):
-        self.tdp, self.bare = populated(level)
-        self.probe = np.random.default_rng(1234).integers(0, BIG, WALK_N).astype(np.uint64)
+    def setup(self, level, pages):
+        self.tdp, self.bare = populated(level, pages)
+        self.probe = np.random.default_rng(1234).integers(0, pages, WALK_N).astype(np.uint64)
         self.os = np.empty(WALK_N, np.uint64)
         self.ol = np.empty(WALK_N, np.int8)
 
-    def time_get_walk(self, level):
+    def time_get_walk(self, level, pages):
         kvm_tdp_mmu_get_walk(self.tdp.a, self.tdp.root, self.probe, out_spte=self.os,
                              out_level=self.ol)
 
-    def peakmem_get_walk(self, level):
+    def peakmem_get_walk(self, level, pages):
         kvm_tdp_mmu_get_walk(self.tdp.a, self.tdp.root, self.probe)
 
-    def time_bare_walk(self, level):
+    def time_bare_walk(self, level, pages):
         self.bare.walk(self.probe, out_spte=self.os, out_level=self.ol)
 
 
 class ClearDirtyLog:
-    """One dirty-log round over the 2^24 4K leaves, all dirty: clear_dirty_log
-    of a full bitmap, clear_bit_range of D over the range, and the baseline
+    """One dirty-log round over the guest's 4K leaves, all dirty:
+    clear_dirty_log of a full bitmap plus the collect (popcount of the bitmap
+    it returns), clear_bit_range of D over the range, and the baseline
     SpteFormat.clear_dirty_array over an array of the same SPTEs."""
+    params = PAGES
+    param_names = ["pages"]
     number = 1
     repeat = 5
     timeout = 300
 
-    def setup(self):
-        self.tdp, _ = populated(1)
+    def setup(self, pages):
+        self.tdp, _ = populated(1, pages)
         self.tdp.redirty()
-        self.full = np.full(BIG // 64, ~np.uint64(0), np.uint64)
+        self.full = np.full(pages // 64, ~np.uint64(0), np.uint64)
         self.out = np.empty_like(self.full)
-        if not hasattr(ClearDirtyLog, "_sptes"):
-            ClearDirtyLog._sptes = kvm_tdp_mmu_get_walk(self.tdp.a, self.tdp.root,
-                                                        np.arange(BIG, dtype=np.uint64))[0]
-        self.work = ClearDirtyLog._sptes.copy()
+        cache = ClearDirtyLog.__dict__.get("_sptes", {})
+        if pages not in cache:
+            cache = {pages: kvm_tdp_mmu_get_walk(self.tdp.a, self.tdp.root,
+                                                 np.arange(pages, dtype=np.uint64))[0]}
+            ClearDirtyLog._sptes = cache
+        self.work = cache[pages].copy()
         self.d = self.tdp.fmt.masks()["dirty_mask"]
 
-    def time_clear_dirty_log(self):
+    def time_clear_dirty_log(self, pages):
+        self.tdp.t.clear_dirty_log(self.tdp.root, 0, self.full, out=self.out)
+        int(np.bitwise_count(self.out).sum())
+
+    def peakmem_clear_dirty_log(self, pages):
         self.tdp.t.clear_dirty_log(self.tdp.root, 0, self.full, out=self.out)
 
-    def peakmem_clear_dirty_log(self):
-        self.tdp.t.clear_dirty_log(self.tdp.root, 0, self.full, out=self.out)
+    def time_clear_bit_range(self, pages):
+        self.tdp.t.clear_bit_range(self.tdp.root, 0, pages, self.d)
 
-    def time_clear_bit_range(self):
-        self.tdp.t.clear_bit_range(self.tdp.root, 0, BIG, self.d)
-
-    def time_clear_dirty_array(self):
+    def time_clear_dirty_array(self, pages):
         self.tdp.fmt.clear_dirty_array(self.work)
 
 
@@ -244,3 +254,20 @@ class ScalarFault:
 
     def peakmem_page_fault(self):
         self.time_page_fault()
+
+
+class Audit:
+    """tdp_audit (the C walk behind TdpMmu.audit) over the 64 GiB guest at
+    4K: every invariant, one memslot covering it."""
+    timeout = 300
+
+    def setup(self):
+        from kvmmmu._core.tdp_audit import tdp_audit
+        self.audit = tdp_audit
+        self.tdp, _ = populated(1)
+        self.slots = (np.zeros(1, np.uint64), np.full(1, BIG, np.uint64), np.full(1, 3, np.int8),
+                      np.zeros(1, np.int8))
+        self.roots = np.array([self.tdp.root], np.uint64)
+
+    def time_tdp_audit(self):
+        self.audit(self.tdp.a, self.roots, *self.slots)

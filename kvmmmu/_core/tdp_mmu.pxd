@@ -8,7 +8,7 @@ from kvmmmu._core.types cimport sptep_t
 from kvmmmu._core.pt_arena_defs cimport pt_arena_t
 from kvmmmu._core.memcache cimport kvm_mmu_memory_cache
 from kvmmmu._core.spte cimport spte_fmt_t
-from kvmmmu._core.tdp_iter cimport tdp_iter
+from kvmmmu._core.tdp_iter cimport tdp_iter, tdp_resched
 
 cdef enum:
     # WARN_ON_ONCE / KVM_BUG_ON sites of tdp_mmu.c, counted per site.
@@ -39,6 +39,8 @@ ctypedef struct tdp_mmu_t:
     # kvm->arch.tdp_mmu_pages_lock: the possible-NX list and the flag of each
     # listed page, when mmu_lock is held for read (several threads map).
     uint32_t nx_lock
+    tdp_resched resched             # need_resched() of the yielding loops (every = 0: never)
+    uint64_t nr_yield_flushes       # kvm_flush_remote_tlbs() done before a yield that owed one
 
 
 # The part of struct kvm_page_fault the map path reads.

@@ -63,13 +63,15 @@ from kvmmmu._core.spte cimport (
     is_shadow_present_pte, is_last_spte, is_large_pte, is_writable_pte, is_executable_pte,
     is_mmio_spte, is_frozen_spte, is_mmu_writable_spte, spte_to_pfn, spte_needs_atomic_update,
     is_accessed_spte, spte_ad_enabled, PT_WRITABLE_MASK, spte_index_of,
+    SPTE_TDP_AD_MASK, SPTE_TDP_AD_DISABLED,
     make_spte, make_mmio_spte, make_nonleaf_spte, make_small_spte, make_huge_spte,
     mark_spte_for_access_track,
     is_access_track_spte, restore_acc_track_spte,
     MKSPTE_PREFETCH, MKSPTE_HOST_WRITABLE, MKSPTE_AD_DISABLED, MKSPTE_NX_HUGE_PAGES,
 )
 from kvmmmu._core.tdp_iter cimport (
-    tdp_iter, tdp_iter_start, tdp_iter_next, kvm_tdp_mmu_read_spte,
+    tdp_iter, tdp_iter_start, tdp_iter_next, kvm_tdp_mmu_read_spte, spte_to_child_pt,
+    tdp_mmu_iter_cond_resched, tdp_mmu_iter_need_resched,
 )
 
 from kvmmmu._core._checks import check_array as _check_array, out_array as _out_array
@@ -91,7 +93,9 @@ cdef extern from *:
     #define tdp_stat_add(p, v) __atomic_add_fetch((p), (v), __ATOMIC_RELAXED)
     #define tdp_fetch_and64(p, v) __atomic_fetch_and((p), (v), __ATOMIC_SEQ_CST)
     #define tdp_inc(p) ((void)__atomic_fetch_add((p), 1, __ATOMIC_RELAXED))
+    #define tdp_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
     """
+    void tdp_prefetch(const uint64_t *p) nogil
     int64_t tdp_stat_add(int64_t *p, int64_t v) nogil
     uint64_t tdp_fetch_and64(uint64_t *p, uint64_t v) nogil
     # A WARN counter or a statistic the shared side moves: atomic, relaxed.
@@ -100,6 +104,7 @@ cdef extern from *:
 cdef enum:
     _EBUSY = 16
     _ENOMEM = 12
+    _EAGAIN = 11
 
 # handle_removed_pt marks a table it is tearing down in the rcu_head's next
 # link (unused until call_rcu): reaching the same table again (a cycle
@@ -544,16 +549,40 @@ cdef inline int _tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
 
 
 # ---------------------------------------------------------------------------
+# Yielding
+# ---------------------------------------------------------------------------
+
+cdef inline bint _cond_resched(tdp_mmu_t *m, tdp_iter *it, bint flush) noexcept nogil:
+    """tdp_mmu_iter_cond_resched(kvm, iter, flush, shared) for the long
+    loops, first thing at each entry: True if the walk yields here (the
+    caller resets its `flush` and goes on with tdp_iter_next, which restarts
+    from the root).  A TLB flush owed is done before the lock is dropped
+    (counted in nr_yield_flushes); the model has no lock to drop."""
+    if m.resched.every <= 0:                    # need_resched() never true
+        return False
+    if not tdp_mmu_iter_cond_resched(it, &m.resched):
+        return False
+    if flush:
+        m.nr_yield_flushes += 1                 # kvm_flush_remote_tlbs()
+    return True
+
+
+# ---------------------------------------------------------------------------
 # Zaps (mmu_lock held for write)
 # ---------------------------------------------------------------------------
 
 cdef bint tdp_mmu_zap_leafs(tdp_mmu_t *m, uint64_t root, uint64_t start, uint64_t end,
                             bint flush) noexcept nogil:
     """Zap every present leaf of `root` in [start, end); the tables stay.
-    Returns whether a TLB flush is owed (`flush`, or a leaf was zapped)."""
+    Returns whether a TLB flush is owed (`flush`, or a leaf was zapped
+    since the last yield, which flushed first)."""
     cdef tdp_iter it
     tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, start, 0)
     while it.valid and it.gfn < end:
+        if _cond_resched(m, &it, flush):
+            flush = False
+            tdp_iter_next(&it, m.a)
+            continue
         if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
             it.old_spte = tdp_mmu_set_spte(m, it.as_id, it.sptep, it.old_spte,
                                            m.f.nonpresent_value, it.gfn, it.level)
@@ -566,6 +595,9 @@ cdef inline void _zap_root_at(tdp_mmu_t *m, uint64_t root, int zap_level) noexce
     cdef tdp_iter it
     tdp_iter_start(&it, m.a, root, zap_level, 0, 0)
     while it.valid:
+        if _cond_resched(m, &it, False):
+            tdp_iter_next(&it, m.a)
+            continue
         if is_shadow_present_pte(it.old_spte) and it.level <= zap_level:
             it.old_spte = tdp_mmu_set_spte(m, it.as_id, it.sptep, it.old_spte,
                                            m.f.nonpresent_value, it.gfn, it.level)
@@ -620,7 +652,7 @@ cdef bint kvm_tdp_mmu_age_gfn_range(tdp_mmu_t *m, uint64_t root, uint64_t start,
     leaf was young.  With A/D bits the Accessed bit is cleared atomically;
     without, the SPTE becomes access-tracked by one cmpxchg (losing it is
     fine: the SPTE is changing, so it is young).  No handle_changed_spte, no
-    flush."""
+    flush, and no yield (the kernel's aging loop never yields either)."""
     cdef tdp_iter it
     cdef bint young = False
     tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, start, 0)
@@ -645,11 +677,40 @@ cdef bint kvm_tdp_mmu_clear_bit_range(tdp_mmu_t *m, uint64_t root, uint64_t star
     leaf at or above `min_level` in [start, end) with the atomic setter,
     retrying an entry whose cmpxchg lost.  ``bit = PT_WRITABLE_MASK`` is
     wrprot_gfn_range (MMU-writable stays, so fast page fault can restore W and
-    log the page); the dirty bit or W at 4K is clear_dirty_gfn_range."""
+    log the page); the dirty bit or W at 4K is clear_dirty_gfn_range.
+    It may yield at every entry (wrprot_gfn_range's placement;
+    clear_dirty_gfn_range asks at present leaves only: the same result, the
+    step budget is spent differently).  The cmpxchg and the
+    handle_changed_spte per changed SPTE are the kernel's (other holders of
+    mmu_lock for read may change the entry meanwhile): they, not the walk,
+    set this loop's floor."""
     cdef tdp_iter it
     cdef bint changed = False
+    cdef int j, last
     tdp_iter_start(&it, m.a, root, min_level, start, 0)
     while it.valid and it.gfn < end:
+        if _cond_resched(m, &it, False):
+            tdp_iter_next(&it, m.a)
+            continue
+        if it.level == PG_LEVEL_4K and m.resched.every <= 0:
+            # need_resched() is never true: the rest of this 4K table (up
+            # to `end`) in one loop, each entry the iterator's sideways step
+            # done inline, then the iterator goes on from the last one.
+            last = SPTE_ENT_PER_PAGE - 1 - spte_index_of(it.gfn, PG_LEVEL_4K)
+            if end - it.gfn <= last:
+                last = <int>(end - it.gfn) - 1
+            for j in range(last + 1):
+                if j:
+                    it.gfn += 1
+                    it.next_last_level_gfn = it.gfn
+                    it.sptep += 8
+                    it.old_spte = kvm_tdp_mmu_read_spte(m.a, it.sptep)
+                while is_shadow_present_pte(it.old_spte) and (it.old_spte & bit):
+                    if tdp_mmu_set_spte_atomic(m, &it, it.old_spte & ~bit) == 0:
+                        changed = True
+                        break
+            tdp_iter_next(&it, m.a)
+            continue
         while is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
                 (it.old_spte & bit):
             if tdp_mmu_set_spte_atomic(m, &it, it.old_spte & ~bit) == 0:
@@ -659,27 +720,110 @@ cdef bint kvm_tdp_mmu_clear_bit_range(tdp_mmu_t *m, uint64_t root, uint64_t star
     return changed
 
 
+cdef inline bint _tdp_table_at(tdp_mmu_t *m, uint64_t root, uint64_t gfn, int level,
+                               uint64_t *table) noexcept nogil:
+    """Find the pfn of the table at `level` holding `gfn`'s entry under
+    `root`; False if the walk from the root ends above `level` (a hole or a
+    huge leaf: the whole region of `gfn` that such a table would map holds
+    no entry at `level`)."""
+    cdef tdp_iter it
+    cdef int shift = SPTE_LEVEL_BITS * level
+    tdp_iter_start(&it, m.a, root, level, gfn, 0)
+    while it.valid and it.level > level:
+        if not is_shadow_present_pte(it.old_spte) or is_last_spte(it.old_spte, it.level):
+            return False
+        tdp_iter_next(&it, m.a)             # down (or sideways past a table not of the arena)
+    if not it.valid or it.level != level or (it.gfn >> shift) != (gfn >> shift):
+        return False
+    table[0] = sptep_table_pfn(it.pt_path[level - 1])
+    return True
+
+
+cdef inline bint _none_volatile(const spte_fmt_t *f, uint64_t all_and, uint64_t all_or) noexcept nogil:
+    """From the AND and the OR of present SPTEs: is spte_needs_atomic_update
+    false for each?  So when all are writable, have the dirty bit, and share
+    one A/D type that is not DISABLED (a dirty writable A/D SPTE has no bit
+    left for the CPU or fast page fault to set)."""
+    return (f.dirty_mask != 0 and (all_and & f.dirty_mask) == f.dirty_mask and
+            (all_and & PT_WRITABLE_MASK) != 0 and
+            (all_and & SPTE_TDP_AD_MASK) == (all_or & SPTE_TDP_AD_MASK) and
+            (all_or & SPTE_TDP_AD_MASK) != SPTE_TDP_AD_DISABLED)
+
+
+cdef inline uint64_t _clear_dirty_4k_masked(tdp_mmu_t *m, uint64_t table, uint64_t gfn,
+                                            uint64_t mask, uint64_t dbit) noexcept nogil:
+    """clear_dirty_pt_masked on the 64 entries of 4K table `table` from
+    `gfn` (64-aligned) on: a 4K entry that is present is a leaf, so the
+    kernel's leaf walk from gfn + ffs(mask) is this loop over the set bits,
+    in the same order, with the same non-atomic clear (atomic only when
+    spte_needs_atomic_update)."""
+    cdef uint64_t found = 0, spte, all_and, all_or
+    cdef int first = spte_index_of(gfn, PG_LEVEL_4K), b
+    cdef uint64_t *p = pt_sptep_ptr(m.a, make_sptep(table, first))
+    if mask == ~(<uint64_t>0):
+        # The whole word (a full bitmap, the usual case): one branch-free
+        # pass of reductions (it vectorizes; the 512 bytes then sit in L1)
+        # says whether every entry is present and whether any has `dbit`:
+        # a clean word is only read, as in the kernel's loop.
+        # (Plain loads here, so the pass vectorizes: an aligned 64-bit load
+        # is never torn, and the entries it flags are read again, once.)
+        all_and = ~(<uint64_t>0)
+        all_or = 0
+        # A hint (never a fault, whatever the address): the same 512 bytes
+        # of the next page, where the next 4K table usually is, so the
+        # table switch does not start on cold lines.
+        for b in range(0, 64, 8):
+            tdp_prefetch(p + SPTE_ENT_PER_PAGE + b)
+        for b in range(64):
+            all_and &= p[b]
+            all_or |= p[b]
+        if is_shadow_present_pte(all_and):
+            found = mask
+        else:
+            for b in range(64):
+                found |= (<uint64_t>is_shadow_present_pte(pt_read_once64(p + b))) << b
+        if not (all_or & dbit):
+            return found
+        if is_shadow_present_pte(all_and) and (all_and & dbit) and _none_volatile(m.f, all_and, all_or):
+            # Every entry is a present leaf with `dbit` that nobody else may
+            # change (spte_needs_atomic_update false for all): the kernel's 64
+            # plain stores, as one loop that vectorizes.
+            for b in range(64):
+                p[b] = p[b] & ~dbit
+            return found
+        for b in range(64):
+            spte = pt_read_once64(p + b)
+            if is_shadow_present_pte(spte) and (spte & dbit):
+                if spte_needs_atomic_update(m.f, spte):
+                    tdp_fetch_and64(p + b, ~dbit)
+                else:
+                    pt_write_once64(p + b, spte & ~dbit)
+        return found
+    while mask:
+        b = __builtin_ctzll(mask)
+        mask &= mask - 1
+        spte = pt_read_once64(p + b)
+        if not is_shadow_present_pte(spte):
+            continue
+        found |= (<uint64_t>1) << b
+        if spte & dbit:
+            if spte_needs_atomic_update(m.f, spte):
+                tdp_fetch_and64(p + b, ~dbit)
+            else:
+                pt_write_once64(p + b, spte & ~dbit)
+    return found
+
+
 cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uint64_t gfn,
                                                 uint64_t mask, uint64_t dbit) noexcept nogil:
     """KVM_CLEAR_DIRTY_LOG's step (mmu_lock held for write): for each set
-    bit i of `mask`, clear `dbit` in the 4K leaf of gfn + i.  Huge leaves and
-    holes are left alone.  Returns the bits whose 4K leaf was found."""
-    cdef tdp_iter it
-    cdef uint64_t bit, found = 0
-    if mask == 0:
+    bit i of `mask`, clear `dbit` in the 4K leaf of gfn + i (`gfn` is
+    64-aligned, so the 64 gfns share one 4K table).  Huge leaves and holes
+    are left alone.  Returns the bits whose 4K leaf was found."""
+    cdef uint64_t table
+    if mask == 0 or not _tdp_table_at(m, root, gfn, PG_LEVEL_4K, &table):
         return 0
-    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn + <uint64_t>__builtin_ctzll(mask), 0)
-    while it.valid and it.gfn < gfn + 64 and mask:
-        if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
-                it.level == PG_LEVEL_4K:
-            bit = (<uint64_t>1) << (it.gfn - gfn)
-            if mask & bit:
-                mask &= ~bit
-                found |= bit
-                if it.old_spte & dbit:
-                    it.old_spte = tdp_mmu_clear_spte_bits(m, it.sptep, it.old_spte, dbit, it.level)
-        tdp_iter_next(&it, m.a)
-    return found
+    return _clear_dirty_4k_masked(m, table, gfn, mask, dbit)
 
 
 # ---------------------------------------------------------------------------
@@ -767,6 +911,9 @@ cdef int tdp_mmu_split_huge_pages_root(tdp_mmu_t *m, uint64_t root, uint64_t sta
     cdef uint64_t sp
     tdp_iter_start(&it, m.a, root, target_level + 1, start, 0)
     while it.valid and it.gfn < end:
+        if _cond_resched(m, &it, False):
+            tdp_iter_next(&it, m.a)
+            continue
         if not is_shadow_present_pte(it.old_spte) or not is_large_pte(it.old_spte) or \
                 it.level <= target_level:
             tdp_iter_next(&it, m.a)
@@ -783,15 +930,24 @@ cdef int tdp_mmu_split_huge_pages_root(tdp_mmu_t *m, uint64_t root, uint64_t sta
     return 0
 
 
-cdef int _first_leaf_below(tdp_mmu_t *m, uint64_t root, uint64_t gfn, int level,
+cdef int _first_leaf_below(tdp_mmu_t *m, uint64_t root, tdp_iter *parent,
                            uint64_t *leaf) noexcept nogil:
-    """The first present leaf in [gfn, gfn + pages(level)) below a non-leaf
-    entry at `level` (tdp_mmu_make_huge_spte's search): 0, or -ENOENT."""
+    """The first present leaf below the parent iterator's non-leaf entry
+    (tdp_mmu_make_huge_spte's search): 0, -ENOENT, or -EAGAIN when the
+    parent walk should yield first (need_resched() asked of the parent, so
+    its forward-progress rule holds and the retry cannot spin).  The steps
+    of this walk count against the step budget."""
     cdef tdp_iter it
+    cdef uint64_t gfn = parent.gfn
+    cdef int level = parent.level
     tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn, 0)
     while it.valid and it.gfn < gfn + _pages(level):
+        if m.resched.every > 0:
+            m.resched.count += 1
         if it.level < level and is_shadow_present_pte(it.old_spte) and \
                 is_last_spte(it.old_spte, it.level):
+            if m.resched.every > 0 and tdp_mmu_iter_need_resched(parent, &m.resched):
+                return -_EAGAIN
             leaf[0] = it.old_spte
             return 0
         tdp_iter_next(&it, m.a)
@@ -811,21 +967,31 @@ cdef int64_t kvm_tdp_mmu_recover_huge_pages(tdp_mmu_t *m, uint64_t root, uint64_
     cdef tdp_iter it
     cdef uint64_t leaf, huge
     cdef int64_t nr = 0
+    cdef bint flush = False
+    cdef int r
     tdp_iter_start(&it, m.a, root, 2, base_gfn, 0)
     while it.valid and it.gfn < base_gfn + npages:
+        if _cond_resched(m, &it, flush):
+            flush = False
+            tdp_iter_next(&it, m.a)
+            continue
         if it.level > PG_LEVEL_1G or not is_shadow_present_pte(it.old_spte) or \
                 is_last_spte(it.old_spte, it.level) or it.gfn < base_gfn or \
                 it.gfn + _pages(it.level) > base_gfn + npages or \
                 max_level[(it.gfn - base_gfn) >> SPTE_LEVEL_BITS] < it.level:
             tdp_iter_next(&it, m.a)
             continue
-        if _first_leaf_below(m, root, it.gfn, it.level, &leaf) != 0:
+        r = _first_leaf_below(m, root, &it, &leaf)
+        if r == -_EAGAIN:
+            continue                            # yield at the top, then look again
+        if r != 0:
             tdp_iter_next(&it, m.a)
             continue
         huge = make_huge_spte(m.f, leaf, it.level, nx_huge_pages)
         if tdp_mmu_set_spte_atomic(m, &it, huge):
             continue                            # lost a race: look at the entry again
         nr += 1
+        flush = True
         tdp_iter_next(&it, m.a)
     return nr
 
@@ -948,6 +1114,45 @@ cdef class TdpMmuCore:
     def nr_flushes(self):
         """gfn-ranged remote TLB flushes the map path asked for."""
         return self.m.nr_flushes
+
+    @property
+    def resched_every(self):
+        """The model's ``need_resched()`` for the long loops (zap_leafs,
+        zap_root, clear_bit_range, split_huge_pages, recover_huge_pages):
+        true once this many entries were visited since the last yield; 0
+        (the default) never.  Each loop calls ``tdp_mmu_iter_cond_resched``
+        at every entry: when it yields (and only after forward progress) it
+        first does the TLB flush it owes (:attr:`nr_yield_flushes`), then
+        the walk restarts from the root at ``next_last_level_gfn``.  The
+        results never depend on it; aging and ``clear_dirty_log`` never
+        yield, as in the kernel."""
+        self._ready("TdpMmuCore.resched_every")
+        return self.m.resched.every
+
+    @resched_every.setter
+    def resched_every(self, value):
+        from kvmmmu._core._checks import int_arg
+        cdef int64_t every = int_arg("resched_every", value, 0, (1 << 62))
+        self._enter("TdpMmuCore.resched_every")
+        try:
+            self.m.resched.every = every
+            self.m.resched.count = 0
+        finally:
+            self._leave()
+
+    @property
+    def nr_yields(self):
+        """Times a loop yielded (dropped and retook mmu_lock, restarted at
+        the root)."""
+        self._ready("TdpMmuCore.nr_yields")
+        return self.m.resched.nr_yields
+
+    @property
+    def nr_yield_flushes(self):
+        """``kvm_flush_remote_tlbs()`` calls done before a yield because the
+        loop had changed SPTEs since its last flush (zap_leafs, recovery)."""
+        self._ready("TdpMmuCore.nr_yield_flushes")
+        return self.m.nr_yield_flushes
 
     def warnings(self):
         """``{site text: count}`` of the WARNs/BUGs that fired (non-zero only)."""
@@ -1193,13 +1398,39 @@ cdef class TdpMmuCore:
         m_arr = np.array(mask, copy=True)
         cdef const uint64_t[::1] mk = m_arr
         cdef uint64_t[::1] o = out
+        cdef uint64_t g, region = ~(<uint64_t>0), table = 0, pd_region = ~(<uint64_t>0), pd = 0
+        cdef sptep_t child
+        cdef bint have = False, have_pd = False
+        cdef pt_arena_t *a = self.m.a
         self._enter("TdpMmuCore.clear_dirty_log")
         try:
             self._root(c_root)
             with nogil:
                 for w in range(n):
-                    o[w] = kvm_tdp_mmu_clear_dirty_pt_masked(&self.m, c_root, base + 64 * <uint64_t>w,
-                                                             mk[w], dbit)
+                    g = base + 64 * <uint64_t>w
+                    if mk[w] == 0:
+                        o[w] = 0
+                        continue
+                    # One walk per 1G region, not per word: this call holds
+                    # the writer side and clearing bits never links or
+                    # unlinks a table, so the 2M-level table the walk found
+                    # for an earlier word of the same 1G region is still the
+                    # one, and from its entry the 4K table is one step down
+                    # (the iterator's step: a present non-leaf SPTE linking
+                    # a table of the arena).
+                    if (g >> SPTE_LEVEL_BITS) != region:
+                        region = g >> SPTE_LEVEL_BITS
+                        if (g >> (2 * SPTE_LEVEL_BITS)) != pd_region:
+                            pd_region = g >> (2 * SPTE_LEVEL_BITS)
+                            have_pd = _tdp_table_at(&self.m, c_root, g, 2, &pd)
+                        have = False
+                        if have_pd:
+                            child = spte_to_child_pt(a, kvm_tdp_mmu_read_spte(
+                                a, make_sptep(pd, spte_index_of(g, 2))), 2)
+                            if child:
+                                table = sptep_table_pfn(child)
+                                have = True
+                    o[w] = _clear_dirty_4k_masked(&self.m, table, g, mk[w], dbit) if have else 0
         finally:
             self._leave()
         return out
