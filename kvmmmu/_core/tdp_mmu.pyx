@@ -61,6 +61,11 @@ from kvmmmu._core.spte cimport (
 from kvmmmu._core.tdp_iter cimport (
     tdp_iter, tdp_iter_start, tdp_iter_next, kvm_tdp_mmu_read_spte,
 )
+from kvmmmu._core.tdp_trace cimport (
+    tdp_trace_flush, tdp_trace_spte_changed, tdp_trace_iter_changed, tdp_trace_get_page,
+    tdp_trace_prepare_zap_page, tdp_trace_spte_requested, tdp_trace_split_huge_page, tdp_trace_map_target,
+    tdp_trace_fast_page_fault,
+)
 
 from kvmmmu._core._checks import check_array as _check_array, out_array as _out_array
 from kvmmmu.errors import KvmNoMemoryError
@@ -141,6 +146,7 @@ cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nog
     if level < PG_LEVEL_4K or level >= PT64_ROOT_MAX_LEVEL:
         m.warn[TDP_WARN_CHILD_NOT_TABLE] += 1          # a header rewritten from Python
         return
+    tdp_trace_prepare_zap_page(m.a, sp)
     tdp_stat_add(&m.tdp_mmu_pages, -1)                  # tdp_unaccount_mmu_page
     if h.nx_huge_page_disallowed:
         h.nx_huge_page_disallowed = 0
@@ -185,6 +191,7 @@ cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t ol
         m.warn[TDP_BUG_PFN_CHANGED] += 1
     if old_spte == new_spte:
         return
+    tdp_trace_spte_changed(as_id, gfn, level, old_spte, new_spte)
     if is_leaf and not _spte_writable_invariants_ok(m.f, new_spte):
         m.warn[TDP_WARN_WRITABLE_INVARIANT] += 1
     if not was_present and not is_present:
@@ -255,6 +262,7 @@ cdef inline int _split_huge_page(tdp_mmu_t *m, tdp_iter *it, uint64_t sp,
     r = _link_sp(m, it, sp)
     if r == 0:
         kvm_update_page_stats(m.a, it.level - 1, SPTE_ENT_PER_PAGE)
+    tdp_trace_split_huge_page(it.gfn, huge, it.level, r)
     return r
 
 
@@ -294,13 +302,14 @@ cdef inline int _map_target_level(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault) 
     else:
         new_spte = make_spte(m.f, it.level, ACC_ALL, fault.pfn, old, flags, &wrprot)
     if new_spte == old:
-        return RET_PF_SPURIOUS
+        return tdp_trace_map_target(m.a, m.f, it.sptep, it.gfn, it.level, new_spte, RET_PF_SPURIOUS)
     if tdp_mmu_set_spte_atomic(m, it, new_spte):
         return RET_PF_RETRY
     if is_shadow_present_pte(old) and (not is_last_spte(old, it.level) or
                                        (is_mmu_writable_spte(m.f, old) and
                                         not is_mmu_writable_spte(m.f, new_spte))):
         m.nr_flushes += 1                # kvm_flush_remote_tlbs_gfn(gfn, level)
+    tdp_trace_map_target(m.a, m.f, it.sptep, it.gfn, it.level, new_spte, RET_PF_FIXED)
     if wrprot and fault.write:
         return RET_PF_WRITE_PROTECTED
     if is_mmio_spte(m.f, new_spte):
@@ -373,6 +382,7 @@ cdef inline void _init_child(tdp_mmu_t *m, tdp_iter *it, uint64_t sp) noexcept n
     h.gfn = it.gfn
     h.ptep = it.sptep
     h.tdp_mmu_page = 1
+    tdp_trace_get_page(m.a, sp)
 
 
 cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
@@ -395,6 +405,7 @@ cdef inline int _tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
     cdef kvm_mmu_page *h
     cdef int r
     last.level = 0
+    tdp_trace_spte_requested(fault.gfn, fault.pfn, fault.goal_level, fault.noslot)
     tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, fault.gfn, 0)
     while it.valid and it.gfn <= fault.gfn:
         if fault.nx_huge_pages:
@@ -501,9 +512,10 @@ cdef bint kvm_tdp_mmu_age_gfn_range(tdp_mmu_t *m, uint64_t root, uint64_t start,
             young = True
             if spte_ad_enabled(it.old_spte):
                 it.old_spte = tdp_fetch_and64(pt_sptep_ptr(m.a, it.sptep), ~m.f.accessed_mask)
-            else:
-                pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte,
-                                 mark_spte_for_access_track(m.f, it.old_spte))
+                tdp_trace_iter_changed(&it, it.old_spte & ~m.f.accessed_mask)
+            elif pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte,
+                                  mark_spte_for_access_track(m.f, it.old_spte)):
+                tdp_trace_iter_changed(&it, mark_spte_for_access_track(m.f, it.old_spte))
         tdp_iter_next(&it, m.a)
     return young
 
@@ -547,6 +559,7 @@ cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uin
                 found |= bit
                 if it.old_spte & dbit:
                     it.old_spte = tdp_mmu_clear_spte_bits(m, it.sptep, it.old_spte, dbit, it.level)
+                    tdp_trace_iter_changed(&it, it.old_spte & ~dbit)
         tdp_iter_next(&it, m.a)
     return found
 
@@ -741,8 +754,10 @@ cdef class TdpMmuCore:
         self.arena._busy = what
         return 0
 
-    cdef void _leave(self):
+    cdef int _leave(self) except -1:
         self.arena._busy = None
+        tdp_trace_flush()               # this thread's trace records, to mmutrace
+        return 0
 
     cdef int _check_caches(self, MmuMemoryCache page_cache, MmuMemoryCache header_cache) except -1:
         for c, kind, name in ((page_cache, PT_CACHE_SHADOW_PAGE, "page_cache"),
@@ -857,6 +872,7 @@ cdef class TdpMmuCore:
                             last.sptep = last.pt_path[goal - 1] + \
                                 (<uint64_t>spte_index_of(g[i], goal) << 3)
                             last.old_spte = kvm_tdp_mmu_read_spte(a, last.sptep)
+                            tdp_trace_spte_requested(fault.gfn, fault.pfn, fault.goal_level, fault.noslot)
                             r = _map_target_level(m, &last, &fault)
                         else:
                             r = _tdp_mmu_map(m, c_root, &fault, pc, hc, &last)
@@ -1099,14 +1115,22 @@ cdef class TdpMmuCore:
             self._leave()
         return r
 
-    def fast_page_fault(self, root, gfn, *, write=False, exec=False, slot_dirty_tracked=False):
+    def fast_page_fault(self, root, gfn, *, write=False, exec=False, slot_dirty_tracked=False,
+                        vcpu_id=0, addr=None, error_code=None):
         """``fast_page_fault`` on a TDP root: ``(RET_PF_*, made_writable,
         last_spte)``, RET_PF_INVALID meaning "take the slow path";
         `last_spte` is the last entry on the gfn's path (an MMIO SPTE there
         means the hardware reports a reserved-bit fault).  Runs without mmu_lock
         in the kernel (RCU only); the model serializes it with the arena's
-        writers."""
+        writers.
+
+        `vcpu_id`, `addr` (default ``gfn << 12``) and `error_code` (default:
+        P when the SPTE found grants any access, W, F for a write, a fetch)
+        only feed the ``fast_page_fault`` tracepoint."""
         cdef uint64_t c_root = u64_arg(root, "root")
+        cdef int c_vcpu = s32_arg(vcpu_id, "vcpu_id")
+        cdef uint64_t c_addr = 0 if addr is None else u64_arg(addr, "addr")
+        cdef uint64_t c_ec = 0 if error_code is None else u64_arg(error_code, "error_code")
         cdef tdp_fault fault
         cdef bint made = False
         cdef bint logged = bool(slot_dirty_tracked)
@@ -1120,9 +1144,24 @@ cdef class TdpMmuCore:
             if fault.gfn >> (SPTE_LEVEL_BITS * top):
                 raise ValueError(f"gfn={fault.gfn:#x} is beyond what the root maps")
             r = tdp_fast_page_fault(&self.m, c_root, &fault, logged, &made, &last)
+            tdp_trace_fast_page_fault(self.m.a, self.m.f, c_root, fault.gfn, fault.write, fault.exec,
+                                      r, last, c_vcpu, c_addr if addr is not None else fault.gfn << 12,
+                                      c_ec, error_code is not None)
         finally:
             self._leave()
         return r, bool(made), last
+
+    def trace_init_sp(self, sp):
+        """Emit ``kvm_mmu_get_page`` (created) for `sp`, a table this arena
+        holds, as ``tdp_mmu_init_sp`` does: for a root the Python side set up
+        (the C paths emit it for the tables they create)."""
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
+        self._ready("TdpMmuCore.trace_init_sp")
+        if c_sp == 0 or c_sp > self.m.a.headers_hw or \
+                pt_slot(self.m.a, c_sp - 1).sp_state != PT_SP_IN_USE:
+            raise ValueError(f"sp {c_sp} is not a live sp of this arena")
+        tdp_trace_get_page(self.m.a, c_sp)
+        tdp_trace_flush()
 
     @property
     def nx_lpage_splits(self):
