@@ -62,9 +62,9 @@ from kvmmmu._core.tdp_iter cimport (
     tdp_iter, tdp_iter_start, tdp_iter_next, kvm_tdp_mmu_read_spte,
 )
 from kvmmmu._core.tdp_trace cimport (
-    tdp_trace_flush, tdp_trace_spte_changed, tdp_trace_iter_changed, tdp_trace_get_page,
-    tdp_trace_prepare_zap_page, tdp_trace_spte_requested, tdp_trace_split_huge_page, tdp_trace_map_target,
-    tdp_trace_fast_page_fault,
+    tdp_trace_flush, tdp_trace_spte_changed, tdp_trace_changed_on, tdp_trace_iter_changed,
+    tdp_trace_get_page, tdp_trace_prepare_zap_page, tdp_trace_spte_requested,
+    tdp_trace_split_huge_page, tdp_trace_map_target, tdp_trace_fast_page_fault,
 )
 
 from kvmmmu._core._checks import check_array as _check_array, out_array as _out_array
@@ -503,6 +503,7 @@ cdef bint kvm_tdp_mmu_age_gfn_range(tdp_mmu_t *m, uint64_t root, uint64_t start,
     flush."""
     cdef tdp_iter it
     cdef bint young = False
+    cdef bint tr = tdp_trace_changed_on()
     tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, start, 0)
     while it.valid and it.gfn < end:
         if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
@@ -512,10 +513,10 @@ cdef bint kvm_tdp_mmu_age_gfn_range(tdp_mmu_t *m, uint64_t root, uint64_t start,
             young = True
             if spte_ad_enabled(it.old_spte):
                 it.old_spte = tdp_fetch_and64(pt_sptep_ptr(m.a, it.sptep), ~m.f.accessed_mask)
-                tdp_trace_iter_changed(&it, it.old_spte & ~m.f.accessed_mask)
+                tdp_trace_iter_changed(tr, &it, it.old_spte & ~m.f.accessed_mask)
             elif pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte,
                                   mark_spte_for_access_track(m.f, it.old_spte)):
-                tdp_trace_iter_changed(&it, mark_spte_for_access_track(m.f, it.old_spte))
+                tdp_trace_iter_changed(tr, &it, mark_spte_for_access_track(m.f, it.old_spte))
         tdp_iter_next(&it, m.a)
     return young
 
@@ -547,8 +548,10 @@ cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uin
     holes are left alone.  Returns the bits whose 4K leaf was found."""
     cdef tdp_iter it
     cdef uint64_t bit, found = 0
+    cdef bint tr
     if mask == 0:
         return 0
+    tr = tdp_trace_changed_on()
     tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn + <uint64_t>__builtin_ctzll(mask), 0)
     while it.valid and it.gfn < gfn + 64 and mask:
         if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
@@ -559,7 +562,7 @@ cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uin
                 found |= bit
                 if it.old_spte & dbit:
                     it.old_spte = tdp_mmu_clear_spte_bits(m, it.sptep, it.old_spte, dbit, it.level)
-                    tdp_trace_iter_changed(&it, it.old_spte & ~dbit)
+                    tdp_trace_iter_changed(tr, &it, it.old_spte & ~dbit)
         tdp_iter_next(&it, m.a)
     return found
 

@@ -30,13 +30,14 @@
 # fields the kernel stores in narrower types are truncated as its
 # TP_fast_assign would.
 from libc.stdint cimport uint64_t
+from libc.stddef cimport size_t
 
 from kvmmmu._core.types cimport sptep_t
 from kvmmmu._core.pt_arena_defs cimport pt_arena_t
 from kvmmmu._core.spte cimport spte_fmt_t
 from kvmmmu._core.tdp_iter cimport tdp_iter
 from kvmmmu._core.trace_buf cimport (
-    trace_on,
+    trace_on, tp_on,
     TP_KVM_MMU_GET_PAGE, TP_KVM_MMU_PREPARE_ZAP_PAGE, TP_KVM_MMU_SET_SPTE,
     TP_KVM_MMU_SPTE_REQUESTED, TP_KVM_TDP_MMU_SPTE_CHANGED, TP_KVM_MMU_SPLIT_HUGE_PAGE,
     TP_FAST_PAGE_FAULT, TP_MARK_MMIO_SPTE,
@@ -44,9 +45,27 @@ from kvmmmu._core.trace_buf cimport (
 
 cdef extern from *:
     """
+    #include <string.h>
+    #include "trace_buf_defs.h"
     #define kvmmmu_tdp_unlikely(x) __builtin_expect(!!(x), 0)
+    /* mark_mmio_spte and kvm_mmu_set_spte as bytes of the little-endian
+       switch word tp_on[8..15]: one load tests both */
+    _Static_assert(TP_KVM_MMU_SET_SPTE >= 8 && TP_KVM_MMU_SET_SPTE < 16 &&
+                   TP_MARK_MMIO_SPTE >= 8 && TP_MARK_MMIO_SPTE < 16 &&
+                   __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "tp_on word layout");
+    #define KVMMMU_TDP_MAP_TARGET_EVENTS \
+        ((0xffULL << (8 * (TP_KVM_MMU_SET_SPTE - 8))) | (0xffULL << (8 * (TP_MARK_MMIO_SPTE - 8))))
     """
     bint kvmmmu_tdp_unlikely(bint x) nogil
+    void *memcpy(void *dst, const void *src, size_t n) nogil
+    const uint64_t KVMMMU_TDP_MAP_TARGET_EVENTS
+
+
+cdef inline bint tdp_trace_on_any8(uint64_t byte_mask) noexcept nogil:
+    """Is any event with a byte in `byte_mask` of tp_on[8..15] on?"""
+    cdef uint64_t w
+    memcpy(&w, &tp_on[8], 8)
+    return (w & byte_mask) != 0
 
 
 # --- out of line (tdp_trace.pyx) ---------------------------------------------
@@ -77,9 +96,17 @@ cdef inline void tdp_trace_spte_changed(int as_id, uint64_t gfn, int level, uint
         tdp_trace_rec_spte_changed(as_id, gfn, level, old_spte, new_spte)
 
 
-cdef inline void tdp_trace_iter_changed(const tdp_iter *it, uint64_t new_spte) noexcept nogil:
-    """trace_kvm_tdp_mmu_spte_changed at an iterator whose old_spte was replaced."""
-    if kvmmmu_tdp_unlikely(trace_on(TP_KVM_TDP_MMU_SPTE_CHANGED)):
+cdef inline bint tdp_trace_changed_on() noexcept nogil:
+    """The kvm_tdp_mmu_spte_changed switch, for a tight loop to read once
+    (into a register) and pass to tdp_trace_iter_changed."""
+    return trace_on(TP_KVM_TDP_MMU_SPTE_CHANGED)
+
+
+cdef inline void tdp_trace_iter_changed(bint on, const tdp_iter *it,
+                                        uint64_t new_spte) noexcept nogil:
+    """trace_kvm_tdp_mmu_spte_changed at an iterator whose old_spte was
+    replaced, if `on` (tdp_trace_changed_on() read before the loop)."""
+    if kvmmmu_tdp_unlikely(on):
         tdp_trace_rec_spte_changed(it.as_id, it.gfn, it.level, it.old_spte, new_spte)
 
 
@@ -118,7 +145,7 @@ cdef inline int tdp_trace_map_target(pt_arena_t *a, const spte_fmt_t *f, sptep_t
     (set, or already equal): trace_mark_mmio_spte for an MMIO SPTE, else
     trace_kvm_mmu_set_spte, which reads the SPTE back from the table.
     Returns `ret` (so a return statement can trace on its way out)."""
-    if kvmmmu_tdp_unlikely(trace_on(TP_MARK_MMIO_SPTE) or trace_on(TP_KVM_MMU_SET_SPTE)):
+    if kvmmmu_tdp_unlikely(tdp_trace_on_any8(KVMMMU_TDP_MAP_TARGET_EVENTS)):
         tdp_trace_rec_map_target(a, f, sptep, gfn, level, new_spte)
     return ret
 
