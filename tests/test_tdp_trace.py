@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from kvmmmu import mmutrace as tp
+from kvmmmu._core import tdp_trace
 from kvmmmu._core import trace_buf as tb
 from kvmmmu._core.defs import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS
 from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
@@ -448,6 +449,7 @@ def test_a_buffer_overflow_is_counted_and_the_map_completes():
     assert tb.TRACE_BUF_CAP == 65536
     assert len(ring) == tb.TRACE_BUF_CAP and tb.dropped() - before == total - tb.TRACE_BUF_CAP
     assert a.page_stats["pages_4k"] == n                   # nothing else was lost
+    assert tdp_trace.pending() == 0                          # drained when map returned
     first = ring.records()[0].fields
     assert (first["gfn"], first["level"]) == (0, 4)        # kept in push order
     # the buffer is empty again: the next call records from scratch
