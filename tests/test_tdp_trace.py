@@ -525,3 +525,27 @@ def test_fast_page_fault_is_not_traced_when_it_cannot_be_fast():
         t.core.fast_page_fault(root.sp, g, vcpu_id="0")
     with pytest.raises((TypeError, ValueError, OverflowError), match="error_code"):
         t.core.fast_page_fault(root.sp, g, error_code=-1)
+
+
+def test_fast_page_fault_restoring_an_access_tracked_spte_without_ad_bits():
+    """Without A/D bits a fault on a non-present SPTE may be fast (an
+    access-tracked SPTE): the read fault prints no flag (error_code "") and
+    the SPTE fast_page_fault restored."""
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept", ad_bits=False))
+    vm.add_memory(0, 8 * MiB, slot=0, populate=True)
+    t = vm.register_mmu(TdpMmu(vm))
+    v = vm.vcpus[0]
+    t.kvm_mmu_load(v)
+    root = t.vcpu_root[v.index]
+    assert t.page_fault(v, 9) == RET_PF_FIXED
+    sptep, leaf = entry(vm, root.sp, 9, 1)
+    from kvmmmu.notifiers import KvmGfnRange
+    with tp.capture("fast_page_fault", "kvm_tdp_mmu_spte_changed") as ring:
+        assert t.kvm_age_gfn(KvmGfnRange(vm.memslots[0].id_to_memslot(0), 0, 16))
+        _, tracked = entry(vm, root.sp, 9, 1)
+        assert vm.fmt.is_access_track_spte(tracked) and tracked & 7 == 0
+        assert t.page_fault(v, 9) == RET_PF_FIXED and v.stat.pf_fast == 1
+    _, now = entry(vm, root.sp, 9, 1)
+    assert ring.lines() == [changed(9, 1, leaf, tracked),
+                            fast_pf_line(v.vcpu_id, 9 << 12, [], sptep, tracked, now, RET_PF_FIXED)]
+    assert "error_code  sptep" in ring.lines()[1]             # __print_flags of 0 is ""
