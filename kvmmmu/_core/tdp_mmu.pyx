@@ -65,6 +65,7 @@ from kvmmmu._core.tdp_trace cimport (
     tdp_trace_flush, tdp_trace_spte_changed, tdp_trace_changed_on, tdp_trace_iter_changed,
     tdp_trace_get_page, tdp_trace_prepare_zap_page, tdp_trace_spte_requested,
     tdp_trace_split_huge_page, tdp_trace_map_target, tdp_trace_fast_page_fault,
+    tdp_trace_masked_clear,
 )
 
 from kvmmmu._core._checks import check_array as _check_array, out_array as _out_array
@@ -547,11 +548,9 @@ cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uin
     bit i of `mask`, clear `dbit` in the 4K leaf of gfn + i.  Huge leaves and
     holes are left alone.  Returns the bits whose 4K leaf was found."""
     cdef tdp_iter it
-    cdef uint64_t bit, found = 0
-    cdef bint tr
+    cdef uint64_t bit, found = 0, cleared = 0
     if mask == 0:
         return 0
-    tr = tdp_trace_changed_on()
     tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn + <uint64_t>__builtin_ctzll(mask), 0)
     while it.valid and it.gfn < gfn + 64 and mask:
         if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
@@ -562,8 +561,9 @@ cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uin
                 found |= bit
                 if it.old_spte & dbit:
                     it.old_spte = tdp_mmu_clear_spte_bits(m, it.sptep, it.old_spte, dbit, it.level)
-                    tdp_trace_iter_changed(tr, &it, it.old_spte & ~dbit)
+                    cleared |= bit
         tdp_iter_next(&it, m.a)
+    tdp_trace_masked_clear(m.a, root, gfn, cleared, dbit)
     return found
 
 

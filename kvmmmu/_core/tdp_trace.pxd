@@ -74,6 +74,8 @@ cdef int tdp_trace_flush() except -1
 cdef uint64_t tdp_trace_pending() noexcept nogil
 cdef void tdp_trace_rec_spte_changed(int as_id, uint64_t gfn, int level, uint64_t old_spte,
                                      uint64_t new_spte) noexcept nogil
+cdef void tdp_trace_rec_masked_clear(pt_arena_t *a, uint64_t root, uint64_t gfn,
+                                     uint64_t cleared, uint64_t dbit) noexcept nogil
 cdef void tdp_trace_rec_sp(pt_arena_t *a, uint64_t sp, int event) noexcept nogil
 cdef void tdp_trace_rec_spte_requested(uint64_t gfn, uint64_t pfn, int goal_level,
                                        bint noslot) noexcept nogil
@@ -108,6 +110,17 @@ cdef inline void tdp_trace_iter_changed(bint on, const tdp_iter *it,
     replaced, if `on` (tdp_trace_changed_on() read before the loop)."""
     if kvmmmu_tdp_unlikely(on):
         tdp_trace_rec_spte_changed(it.as_id, it.gfn, it.level, it.old_spte, new_spte)
+
+
+cdef inline void tdp_trace_masked_clear(pt_arena_t *a, uint64_t root, uint64_t gfn,
+                                        uint64_t cleared, uint64_t dbit) noexcept nogil:
+    """After clear_dirty_pt_masked's loop over [gfn, gfn + 64): its
+    trace_kvm_tdp_mmu_spte_changed for each 4K leaf whose `dbit` it cleared
+    (bit i of `cleared`: gfn + i), old = the SPTE now | dbit, new = the SPTE
+    now (the loop only ever clears dbit, with mmu_lock held for write).  The
+    loop itself only ORs a bit into a register, so it costs nothing when off."""
+    if kvmmmu_tdp_unlikely(cleared != 0 and trace_on(TP_KVM_TDP_MMU_SPTE_CHANGED)):
+        tdp_trace_rec_masked_clear(a, root, gfn, cleared, dbit)
 
 
 cdef inline void tdp_trace_get_page(pt_arena_t *a, uint64_t sp) noexcept nogil:

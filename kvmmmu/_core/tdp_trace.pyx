@@ -24,6 +24,9 @@ from kvmmmu._core.trace_buf cimport (
 )
 
 cdef extern from *:
+    int __builtin_ctzll(unsigned long long x) nogil
+
+cdef extern from *:
     """
     #include "trace_buf_defs.h"
     /* zero-initialised: an empty buffer that owns no memory (trace_buf_init) */
@@ -72,6 +75,23 @@ cdef void tdp_trace_rec_spte_changed(int as_id, uint64_t gfn, int level, uint64_
                                      uint64_t new_spte) noexcept nogil:
     _rec(TP_KVM_TDP_MMU_SPTE_CHANGED, 5, gfn, old_spte, new_spte, <uint8_t>level, <uint8_t>as_id,
          0, 0)
+
+
+cdef void tdp_trace_rec_masked_clear(pt_arena_t *a, uint64_t root, uint64_t gfn,
+                                     uint64_t cleared, uint64_t dbit) noexcept nogil:
+    """The walk again over the 4K leaves the masked clear changed, in gfn
+    order (the order the loop changed them)."""
+    cdef tdp_iter it
+    cdef uint64_t bit
+    tdp_iter_start(&it, a, root, PG_LEVEL_4K, gfn + <uint64_t>__builtin_ctzll(cleared), 0)
+    while it.valid and it.gfn < gfn + 64 and cleared:
+        if it.level == PG_LEVEL_4K:
+            bit = (<uint64_t>1) << (it.gfn - gfn)
+            if cleared & bit:
+                cleared &= ~bit
+                tdp_trace_rec_spte_changed(it.as_id, it.gfn, it.level, it.old_spte | dbit,
+                                           it.old_spte)
+        tdp_iter_next(&it, a)
 
 
 cdef void tdp_trace_rec_sp(pt_arena_t *a, uint64_t sp, int event) noexcept nogil:
