@@ -206,7 +206,7 @@ class Event:
     """
 
     __slots__ = ("name", "id", "fields", "enabled", "dtype", "_render", "_names", "_checks",
-                 "_names_in_order")
+                 "_names_in_order", "_signed_at")
 
     def __init__(self, name: str, id: int, fields: Iterable[tuple], render: Callable[[Mapping], str]):
         self.name = name
@@ -519,13 +519,20 @@ ENABLED = _tb.ENABLED
 
 def _emit_core_record(event_id: int, values: tuple) -> None:
     """The trace_buf sink: one record of a core loop, values in the event's
-    field order, emitted like any other (subscribers see no difference)."""
+    field order, emitted like any other (subscribers see no difference).
+    A signed field arrives as the u64 two's complement of its value."""
     ev = EVENTS[event_id]
+    if ev._signed_at:
+        values = list(values)
+        for i in ev._signed_at:
+            if i < len(values) and values[i] >> 63:
+                values[i] -= 1 << 64
     ev.emit(**dict(zip(ev._names_in_order, values)))
 
 
 for _ev in EVENTS:
     _ev._names_in_order = tuple(f.name for f in _ev.fields)
+    _ev._signed_at = tuple(i for i, f in enumerate(_ev.fields) if f.signed)
 _tb.set_sink(_emit_core_record)
 
 

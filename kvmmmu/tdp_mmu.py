@@ -126,6 +126,7 @@ class TdpMmu(MmuBackend):
         vcpu.mmu_topup_memory_caches(False)
         sp = self.vm.arena.alloc_sp(vcpu.mmu_shadow_page_cache, vcpu.mmu_page_header_cache,
                                     role=role.word, gfn=0, tdp_mmu_page=True)
+        self.core.trace_init_sp(sp)                 # tdp_mmu_init_sp's kvm_mmu_get_page
         root = TdpRoot(sp, role)
         self.roots.append(root)
         return root
@@ -207,7 +208,7 @@ class TdpMmu(MmuBackend):
             gfn = int_arg("gfn", gfn, 0, (1 << (9 * root.role.level)) - 1)
         slot = vcpu.gfn_to_memslot(gfn)
         ret, made_writable, last = self.core.fast_page_fault(
-            root.sp, gfn, write=write, exec=exec,
+            root.sp, gfn, write=write, exec=exec, vcpu_id=vcpu.vcpu_id,
             slot_dirty_tracked=slot is not None and slot.kvm_slot_dirty_track_enabled())
         if ret == RET_PF_INVALID and self._is_mmio(last) and vcpu.check_mmio_spte(last):
             # the CPU saw the MMIO SPTE's reserved bits: handle_mmio_page_fault

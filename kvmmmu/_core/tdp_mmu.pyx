@@ -73,6 +73,13 @@ from kvmmmu._core.tdp_iter cimport (
     tdp_iter, tdp_iter_start, tdp_iter_next, kvm_tdp_mmu_read_spte, spte_to_child_pt,
     tdp_mmu_iter_cond_resched, tdp_mmu_iter_need_resched,
 )
+from kvmmmu._core.tdp_trace cimport (
+    tdp_trace_flush, tdp_trace_spte_changed, tdp_trace_changed_on, tdp_trace_map_events_on,
+    tdp_trace_iter_changed,
+    tdp_trace_get_page, tdp_trace_prepare_zap_page, tdp_trace_spte_requested,
+    tdp_trace_split_huge_page, tdp_trace_map_target, tdp_trace_fast_page_fault,
+    tdp_trace_masked_clear,
+)
 
 from kvmmmu._core._checks import check_array as _check_array, out_array as _out_array
 from kvmmmu.errors import KvmNoMemoryError
@@ -202,6 +209,7 @@ cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nog
         # its first visit freezes, accounts and frees it.
         tdp_inc(&m.warn[TDP_WARN_FROZEN_IN_REMOVED])
         return
+    tdp_trace_prepare_zap_page(m.a, sp)
     tdp_stat_add(&m.tdp_mmu_pages, -1)                  # tdp_unaccount_mmu_page
     if h.nx_huge_page_disallowed:
         # tdp_mmu_unlink_sp: the flag goes under the lock, so that a thread
@@ -253,6 +261,7 @@ cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t ol
         tdp_inc(&m.warn[TDP_BUG_PFN_CHANGED])
     if old_spte == new_spte:
         return
+    tdp_trace_spte_changed(as_id, gfn, level, old_spte, new_spte)
     if is_leaf and not _spte_writable_invariants_ok(m.f, new_spte):
         tdp_inc(&m.warn[TDP_WARN_WRITABLE_INVARIANT])
     if not was_present and not is_present:
@@ -323,6 +332,7 @@ cdef inline int _split_huge_page(tdp_mmu_t *m, tdp_iter *it, uint64_t sp,
     r = _link_sp(m, it, sp)
     if r == 0:
         _page_stats(m, it.level - 1, SPTE_ENT_PER_PAGE)
+    tdp_trace_split_huge_page(it.gfn, huge, it.level, r)
     return r
 
 
@@ -400,13 +410,14 @@ cdef inline int _map_target_level(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault) 
     else:
         new_spte = make_spte(m.f, it.level, ACC_ALL, fault.pfn, old, flags, &wrprot)
     if new_spte == old:
-        return RET_PF_SPURIOUS
+        return tdp_trace_map_target(m.a, m.f, it.sptep, it.gfn, it.level, new_spte, RET_PF_SPURIOUS)
     if _set_target_atomic(m, it, fault, new_spte):
         return RET_PF_RETRY
     if is_shadow_present_pte(old) and (not is_last_spte(old, it.level) or
                                        (is_mmu_writable_spte(m.f, old) and
                                         not is_mmu_writable_spte(m.f, new_spte))):
         tdp_inc(&m.nr_flushes)                # kvm_flush_remote_tlbs_gfn(gfn, level)
+    tdp_trace_map_target(m.a, m.f, it.sptep, it.gfn, it.level, new_spte, RET_PF_FIXED)
     if wrprot and fault.write:
         return RET_PF_WRITE_PROTECTED
     if is_mmio_spte(m.f, new_spte):
@@ -479,6 +490,7 @@ cdef inline void _init_child(tdp_mmu_t *m, tdp_iter *it, uint64_t sp) noexcept n
     h.gfn = it.gfn
     h.ptep = it.sptep
     h.tdp_mmu_page = 1
+    tdp_trace_get_page(m.a, sp)
 
 
 cdef int kvm_tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
@@ -505,6 +517,7 @@ cdef inline int _tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
     cdef kvm_mmu_page *h
     cdef int r
     last.level = 0
+    tdp_trace_spte_requested(fault.gfn, fault.pfn, fault.goal_level, fault.noslot)
     tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, fault.gfn, 0)
     while it.valid and it.gfn <= fault.gfn:
         if fault.nx_huge_pages:
@@ -655,6 +668,7 @@ cdef bint kvm_tdp_mmu_age_gfn_range(tdp_mmu_t *m, uint64_t root, uint64_t start,
     flush, and no yield (the kernel's aging loop never yields either)."""
     cdef tdp_iter it
     cdef bint young = False
+    cdef bint tr = tdp_trace_changed_on()
     tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, start, 0)
     while it.valid and it.gfn < end:
         if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
@@ -664,9 +678,10 @@ cdef bint kvm_tdp_mmu_age_gfn_range(tdp_mmu_t *m, uint64_t root, uint64_t start,
             young = True
             if spte_ad_enabled(it.old_spte):
                 it.old_spte = tdp_fetch_and64(pt_sptep_ptr(m.a, it.sptep), ~m.f.accessed_mask)
-            else:
-                pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte,
-                                 mark_spte_for_access_track(m.f, it.old_spte))
+                tdp_trace_iter_changed(tr, &it, it.old_spte & ~m.f.accessed_mask)
+            elif pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte,
+                                  mark_spte_for_access_track(m.f, it.old_spte)):
+                tdp_trace_iter_changed(tr, &it, mark_spte_for_access_track(m.f, it.old_spte))
         tdp_iter_next(&it, m.a)
     return young
 
@@ -814,6 +829,28 @@ cdef inline uint64_t _clear_dirty_4k_masked(tdp_mmu_t *m, uint64_t table, uint64
     return found
 
 
+cdef inline uint64_t _clear_dirty_4k_masked_traced(tdp_mmu_t *m, uint64_t root, uint64_t table,
+                                                   uint64_t gfn, uint64_t mask,
+                                                   uint64_t dbit) noexcept nogil:
+    """_clear_dirty_4k_masked, and the kvm_tdp_mmu_spte_changed events of the
+    entries it clears when that event is on (read before the clear: the
+    present entries under `mask` that have `dbit`)."""
+    cdef uint64_t cleared = 0, spte
+    cdef int b
+    cdef uint64_t *p
+    if not tdp_trace_changed_on():
+        return _clear_dirty_4k_masked(m, table, gfn, mask, dbit)
+    p = pt_sptep_ptr(m.a, make_sptep(table, spte_index_of(gfn, PG_LEVEL_4K)))
+    for b in range(64):
+        if mask >> b & 1:
+            spte = pt_read_once64(p + b)
+            if is_shadow_present_pte(spte) and (spte & dbit):
+                cleared |= (<uint64_t>1) << b
+    mask = _clear_dirty_4k_masked(m, table, gfn, mask, dbit)
+    tdp_trace_masked_clear(m.a, root, gfn, cleared, dbit)
+    return mask
+
+
 cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uint64_t gfn,
                                                 uint64_t mask, uint64_t dbit) noexcept nogil:
     """KVM_CLEAR_DIRTY_LOG's step (mmu_lock held for write): for each set
@@ -823,7 +860,7 @@ cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uin
     cdef uint64_t table
     if mask == 0 or not _tdp_table_at(m, root, gfn, PG_LEVEL_4K, &table):
         return 0
-    return _clear_dirty_4k_masked(m, table, gfn, mask, dbit)
+    return _clear_dirty_4k_masked_traced(m, root, table, gfn, mask, dbit)
 
 
 # ---------------------------------------------------------------------------
@@ -1052,8 +1089,10 @@ cdef class TdpMmuCore:
         self.arena._busy = what
         return 0
 
-    cdef void _leave(self):
+    cdef int _leave(self) except -1:
         self.arena._busy = None
+        tdp_trace_flush()               # this thread's trace records, to mmutrace
+        return 0
 
     cdef int _enter_shared(self, str what, MmuMemoryCache pc, MmuMemoryCache hc) except -1:
         # The shared side: the arena's shared claim (refused while an
@@ -1078,11 +1117,13 @@ cdef class TdpMmuCore:
             raise
         return slot
 
-    cdef void _leave_shared(self, int slot, MmuMemoryCache pc, MmuMemoryCache hc):
+    cdef int _leave_shared(self, int slot, MmuMemoryCache pc, MmuMemoryCache hc) except -1:
         self.arena._shared_leave(slot)
         if pc is not None:
             pc._release()
             hc._release()
+        tdp_trace_flush()               # this thread's trace records, to mmutrace
+        return 0
 
     cdef int _check_caches(self, MmuMemoryCache page_cache, MmuMemoryCache header_cache) except -1:
         for c, kind, name in ((page_cache, PT_CACHE_SHADOW_PAGE, "page_cache"),
@@ -1224,7 +1265,7 @@ cdef class TdpMmuCore:
         cdef uint64_t tmpl = make_spte(self.m.f, goal, ACC_ALL, 0, self.m.f.nonpresent_value,
                                        tflags, &wp)
         cdef bint fresh_fast = same_table and not fault.prefetch and not wp and \
-            _spte_writable_invariants_ok(self.m.f, tmpl)
+            _spte_writable_invariants_ok(self.m.f, tmpl) and not tdp_trace_map_events_on()
         cdef uint64_t tbase = 0, old
         cdef uint64_t *tptr = NULL
         cdef int k
@@ -1248,6 +1289,9 @@ cdef class TdpMmuCore:
                             break
                         fault.gfn = g[i]
                         fault.pfn = p[i]
+                        # disallowed_hugepage_adjust may have lowered the
+                        # previous gfn's goal: each fault starts from the batch's
+                        fault.goal_level = goal
                         if same_table and last.level == goal and \
                                 (g[i] >> table_shift) == (last.gfn >> table_shift):
                             # The goal-level table of the previous fault: not
@@ -1279,6 +1323,7 @@ cdef class TdpMmuCore:
                                 # another thread removed that table: walk again
                                 r = _tdp_mmu_map(m, c_root, &fault, pc, hc, &last)
                             else:
+                                tdp_trace_spte_requested(fault.gfn, fault.pfn, goal, fault.noslot)
                                 r = _map_target_level(m, &last, &fault)
                         else:
                             r = _tdp_mmu_map(m, c_root, &fault, pc, hc, &last)
@@ -1430,7 +1475,7 @@ cdef class TdpMmuCore:
                             if child:
                                 table = sptep_table_pfn(child)
                                 have = True
-                    o[w] = _clear_dirty_4k_masked(&self.m, table, g, mk[w], dbit) if have else 0
+                    o[w] = _clear_dirty_4k_masked_traced(&self.m, c_root, table, g, mk[w], dbit) if have else 0
         finally:
             self._leave()
         return out
@@ -1561,14 +1606,22 @@ cdef class TdpMmuCore:
             self._leave_shared(slot, page_cache, header_cache)
         return r
 
-    def fast_page_fault(self, root, gfn, *, write=False, exec=False, slot_dirty_tracked=False):
+    def fast_page_fault(self, root, gfn, *, write=False, exec=False, slot_dirty_tracked=False,
+                        vcpu_id=0, addr=None, error_code=None):
         """``fast_page_fault`` on a TDP root: ``(RET_PF_*, made_writable,
         last_spte)``, RET_PF_INVALID meaning "take the slow path";
         `last_spte` is the last entry on the gfn's path (an MMIO SPTE there
         means the hardware reports a reserved-bit fault).  Runs without mmu_lock
         in the kernel (RCU only); here it takes the arena's shared side (it
-        may run beside other threads' maps, not beside an exclusive call)."""
+        may run beside other threads' maps, not beside an exclusive call).
+
+        `vcpu_id`, `addr` (default ``gfn << 12``) and `error_code` (default:
+        P when the SPTE found grants any access, W, F for a write, a fetch)
+        only feed the ``fast_page_fault`` tracepoint."""
         cdef uint64_t c_root = u64_arg(root, "root")
+        cdef int c_vcpu = s32_arg(vcpu_id, "vcpu_id")
+        cdef uint64_t c_addr = 0 if addr is None else u64_arg(addr, "addr")
+        cdef uint64_t c_ec = 0 if error_code is None else u64_arg(error_code, "error_code")
         cdef tdp_fault fault
         cdef bint made = False
         cdef bint logged = bool(slot_dirty_tracked)
@@ -1591,6 +1644,9 @@ cdef class TdpMmuCore:
                 pt_shared_rcu_lock(m.a, slot)
                 r = tdp_fast_page_fault(m, c_root, &fault, logged, &made, &last)
                 pt_shared_rcu_unlock(m.a, slot)
+            tdp_trace_fast_page_fault(m.a, m.f, c_root, fault.gfn, fault.write, fault.exec,
+                                      r, last, c_vcpu, c_addr if addr is not None else fault.gfn << 12,
+                                      c_ec, error_code is not None)
         finally:
             self._leave_shared(slot, None, None)
         return r, bool(made), last
@@ -1613,6 +1669,18 @@ cdef class TdpMmuCore:
                 pt_shared_rcu_unlock(m.a, slot)
         finally:
             self._leave_shared(slot, None, None)
+
+    def trace_init_sp(self, sp):
+        """Emit ``kvm_mmu_get_page`` (created) for `sp`, a table this arena
+        holds, as ``tdp_mmu_init_sp`` does: for a root the Python side set up
+        (the C paths emit it for the tables they create)."""
+        cdef uint64_t c_sp = u64_arg(sp, "sp")
+        self._ready("TdpMmuCore.trace_init_sp")
+        if c_sp == 0 or c_sp > self.m.a.headers_hw or \
+                pt_slot(self.m.a, c_sp - 1).sp_state != PT_SP_IN_USE:
+            raise ValueError(f"sp {c_sp} is not a live sp of this arena")
+        tdp_trace_get_page(self.m.a, c_sp)
+        tdp_trace_flush()
 
     @property
     def nx_lpage_splits(self):

@@ -41,7 +41,7 @@ cdef extern from "trace_buf_defs.h" nogil:
     ctypedef struct trace_rec_t:
         uint32_t event
         uint32_t nvals
-        uint64_t v[6]
+        uint64_t v[8]
 
     ctypedef struct trace_buf_t:
         trace_rec_t *recs

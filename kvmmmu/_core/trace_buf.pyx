@@ -154,7 +154,7 @@ def push_records(event, values, repeat=1):
     vals = [_int_arg("values", x) for x in values]
     if len(vals) > TRACE_NR_VALS:
         raise ValueError(f"values has {len(vals)} items; a record holds {TRACE_NR_VALS}")
-    cdef uint64_t v[6]
+    cdef uint64_t v[8]
     cdef int nv = len(vals), i
     for i in range(nv):
         v[i] = vals[i]

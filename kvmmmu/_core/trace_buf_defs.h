@@ -38,7 +38,7 @@ enum {
     TP_NR = 18,
 };
 
-#define TRACE_NR_VALS  6            /* u64 payload words per record */
+#define TRACE_NR_VALS  8            /* u64 payload words per record (7 for kvm_mmu_set_spte, fast_page_fault) */
 #define TRACE_BUF_CAP  65536        /* records per buffer; more are dropped */
 
 typedef struct {
@@ -47,7 +47,7 @@ typedef struct {
     uint64_t v[TRACE_NR_VALS];      /* the event's raw values, event-defined order */
 } trace_rec_t;
 
-_Static_assert(sizeof(trace_rec_t) == 56, "trace_rec_t is 56 bytes");
+_Static_assert(sizeof(trace_rec_t) == 72, "trace_rec_t is 72 bytes");
 
 typedef struct {
     trace_rec_t *recs;              /* malloc'd, grows by doubling up to TRACE_BUF_CAP */
