@@ -71,6 +71,7 @@ __all__ = [
     "PTE_MIGRATION", "PTE_HWPOISON",
     "HostConfig", "HostPhysMem", "HostOutOfMemoryError", "HostMmError", "HostFaultError",
     "MmuNotifyEvent", "MmuNotifierRange", "MmuNotifier", "Vma", "HostMm", "hva_to_pfn",
+    "hva_to_pfn_fast",
 ]
 
 from kvmmmu._core._checks import check_array, int_arg, ArgumentRangeError, U64_MAX  # noqa: E402
@@ -1673,6 +1674,40 @@ class HostMm:
 # ==================================================================================
 # KVM's hva -> pfn
 # ==================================================================================
+
+def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool] | None:
+    """Step 1 of :func:`hva_to_pfn` alone (GUP fast, ``want_writable``), for
+    the scalar fault path: ``(pfn, writable)`` when a present PTE allows the
+    access, else None (the caller goes on with :func:`hva_to_pfn`, which
+    faults the page in).  The same effect on the host PTEs (young, and dirty
+    for a write, over the whole leaf), with scalar reads instead of array
+    slices; ``hva`` must be a plain int."""
+    vmas = mm.vmas
+    if len(vmas) == 1:
+        vma = vmas[0]
+        if not vma.start <= hva < vma.end:
+            return None
+    else:
+        vma = mm.find_vma(hva)
+        if vma is None:
+            return None
+    i = (hva - vma.start) >> PAGE_SHIFT
+    pte = vma.pte
+    f = pte.item(i)
+    if not f & PTE_PRESENT or (write_fault and not f & PTE_WRITE):
+        return None
+    bits = PTE_YOUNG | PTE_DIRTY if write_fault else PTE_YOUNG
+    if vma.thp or vma.hugetlb:
+        # a huge leaf: every page of it gets the bits
+        j0, j1 = vma.leaf_span(i)
+        if j1 - j0 > 1:
+            pte[j0:j1] |= bits
+        elif f & bits != bits:
+            pte[i] = f | bits
+    elif f & bits != bits:
+        pte[i] = f | bits
+    return vma.pfn.item(i), (f & PTE_WRITE) != 0
+
 
 def hva_to_pfn(mm: HostMm, hva: int, *, write_fault: bool, want_writable: bool = True,
                no_wait: bool = False) -> tuple[int, bool]:

@@ -43,10 +43,13 @@ threads.
 """
 from __future__ import annotations
 
+import errno as E
+
 import numpy as np
 
 from kvmmmu._core._checks import check_array, int_arg
 from kvmmmu._core.defs import (
+    ACC_ALL,
     KVM_PAGES_PER_HPAGE,
     PAGE_SHIFT,
     PG_LEVEL_2M,
@@ -57,6 +60,7 @@ from kvmmmu._core.defs import (
     RET_PF_INVALID,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
+    RET_PF_WRITE_PROTECTED,
 )
 from kvmmmu._core.role import (
     KvmCpuRole,
@@ -64,12 +68,16 @@ from kvmmmu._core.role import (
     kvm_calc_tdp_mmu_root_page_role,
     kvm_mmu_get_tdp_level,
 )
-from kvmmmu._core.spte import PT_WRITABLE_MASK
+from kvmmmu._core.spte import PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK
 from kvmmmu._core.tdp_iter import TdpIter, kvm_tdp_mmu_get_walk
 from kvmmmu._core.tdp_mmu import TdpMmuCore
-from kvmmmu.host import KVM_PFN_NOSLOT
-from kvmmmu.memslots import KVM_MEM_READONLY
-from kvmmmu.mmu import MmuBackend
+from kvmmmu._core.guest_walk import (
+    PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
+)
+from kvmmmu.errors import KvmNoMemoryError
+from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, mark_page_dirty_in_slot
+from kvmmmu import mmu as _mmu
+from kvmmmu.mmu import KvmPageFault, MmuBackend
 
 __all__ = ["TdpMmu", "TdpRoot"]
 
@@ -143,6 +151,13 @@ class TdpMmu(MmuBackend):
         vcpu.requests.discard("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
         return root
 
+    def free_obsolete_roots(self, vcpu) -> None:
+        """``kvm_mmu_free_obsolete_roots``: a vCPU whose root was invalidated
+        drops it (the next :func:`kvmmmu.mmu.kvm_mmu_reload` loads a valid one)."""
+        root = self.vcpu_root.get(vcpu.index)
+        if root is not None and root.invalid:
+            self.kvm_mmu_unload(vcpu)
+
     def kvm_mmu_unload(self, vcpu) -> None:
         """``kvm_mmu_unload``: drop the vCPU's root reference."""
         root = self.vcpu_root.pop(vcpu.index, None)
@@ -186,8 +201,19 @@ class TdpMmu(MmuBackend):
         return [r for r in self.roots if not r.invalid and (as_id is None or r.as_id == as_id)]
 
     # ------------------------------------------------------------------ faults
+    #: the MMU's handler is kvm_tdp_page_fault, on direct (gpa-indexed) roots
+    is_tdp = True
+    direct = True
+
+    def root_valid(self, vcpu) -> bool:
+        """``VALID_PAGE(vcpu->arch.mmu->root.hpa)``: the vCPU has loaded a root
+        (an obsolete one still counts: its faults are stale)."""
+        return vcpu.index in self.vcpu_root
+
     def kvm_mmu_hugepage_adjust(self, slot, gfn: int, max_level: int, exec_: bool) -> tuple[int, int]:
-        """``(goal_level, req_level)`` for a fault on `gfn` in `slot`."""
+        """``(goal_level, req_level)`` for a fault on `gfn` in `slot` (the
+        common :func:`kvm_mmu_hugepage_adjust` on a :class:`KvmPageFault` is
+        what the fault path uses)."""
         if max_level == PG_LEVEL_4K or slot is None or slot.kvm_slot_dirty_track_enabled():
             return PG_LEVEL_4K, PG_LEVEL_4K
         req = self.vm.kvm_mmu_max_mapping_level(slot, gfn, max_level)
@@ -195,77 +221,127 @@ class TdpMmu(MmuBackend):
             return PG_LEVEL_4K, req
         return req, req
 
+    def mmu_page_fault(self, vcpu, fault: KvmPageFault) -> int:
+        """``kvm_tdp_page_fault`` -> ``kvm_tdp_mmu_page_fault`` (tdp-mmu.md §5):
+        a write to a write-tracked gfn (WRITE_PROTECTED), ``fast_page_fault``,
+        the cache top-up, ``kvm_mmu_faultin_pfn``, then under ``mmu_lock``
+        for read: RETRY if the fault is stale, else
+        ``kvm_mmu_hugepage_adjust`` and the map (one C call).  An MMIO SPTE
+        installed counts in ``pf_mmio_spte_created``; a writable leaf
+        created in a dirty-logged slot marks the gfn dirty (``make_spte``)."""
+        vm = self.vm
+        root = self.vcpu_root.get(vcpu.index)
+        if root is None:
+            return RET_PF_RETRY
+        gfn = fault.gfn
+        if gfn >> (9 * root.role.level):
+            return _mmu.kvm_handle_noslot_fault(vcpu, fault, ACC_ALL) if fault.slot is None \
+                else RET_PF_RETRY
+        if fault.write and fault.present and _mmu.page_fault_handle_page_track(vcpu, fault):
+            return RET_PF_WRITE_PROTECTED
+        if (fault.present or not vm.kvm_ad_enabled) and _mmu.page_fault_can_be_fast(vm, fault):
+            r = _mmu.fast_page_fault(vcpu, fault)
+            if r != RET_PF_INVALID:
+                return r
+        try:
+            _mmu.kvm_mmu_topup(vcpu)
+        except KvmNoMemoryError:
+            return -E.ENOMEM
+        r = _mmu.faultin_pfn(vcpu, fault, ACC_ALL)
+        if r != RET_PF_CONTINUE:
+            return r
+        slot = fault.slot
+        n = vm.notifier
+        lock = vm.mmu_lock
+        lock.acquire_read()
+        try:
+            # is_page_fault_stale: an obsolete root, or an invalidation since faultin
+            if root.invalid or slot is not None and (
+                    n.mmu_invalidate_seq != fault.mmu_seq or n.mmu_invalidate_in_progress and
+                    _mmu.mmu_invalidate_retry_gfn(vm, fault.mmu_seq, gfn)):
+                return RET_PF_RETRY
+            flags = (fault.write | fault.exec << 1 | fault.prefetch << 2 |
+                     fault.map_writable << 3 | fault.nx_huge_page_workaround_enabled << 4)
+            if slot is None:
+                r = self.core.page_fault_map(root.sp, gfn, 0, 1, 1, flags | 32,
+                                             vcpu.mmio_spte_generation(),
+                                             vcpu.mmu_shadow_page_cache, vcpu.mmu_page_header_cache)
+                if r == RET_PF_EMULATE:
+                    vcpu.stat.data[_mmu._PF_MMIO_SPTE_CREATED] += 1
+                return r
+            _mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
+            r = self.core.page_fault_map(root.sp, gfn, fault.pfn, fault.goal_level,
+                                         fault.req_level, flags, 0, vcpu.mmu_shadow_page_cache,
+                                         vcpu.mmu_page_header_cache)
+            if fault.huge_page_disallowed:
+                vm.stat.nx_lpage_splits = self.core.nx_lpage_splits
+            if r == RET_PF_FIXED and fault.map_writable and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                mark_page_dirty_in_slot(vm, slot, gfn)
+            return r
+        finally:
+            lock.release_read()
+
+    def fast_page_fault(self, vcpu, fault: KvmPageFault) -> tuple[int, bool]:
+        """The TDP walk and cmpxchg of ``fast_page_fault`` (the common part is
+        :func:`kvmmmu.mmu.fast_page_fault`): ``(RET_PF_*, made_writable)``."""
+        root = self.vcpu_root[vcpu.index]
+        slot = fault.slot
+        r, made, _ = self.core.fast_page_fault(
+            root.sp, fault.gfn, write=fault.write, exec=fault.exec,
+            slot_dirty_tracked=slot is not None and bool(slot.flags & KVM_MEM_LOG_DIRTY_PAGES))
+        return r, made
+
+    def get_mmio_spte(self, vcpu, addr: int) -> tuple[bool, int]:
+        """``get_mmio_spte``: ``(reserved, spte)`` of the last entry a lockless
+        walk of `addr` reaches.  The model builds no SPTE with reserved bits
+        other than MMIO SPTEs, so ``reserved`` is False."""
+        root = self.vcpu_root[vcpu.index]
+        spte, _ = self.core.get_last_spte(root.sp, addr >> PAGE_SHIFT)
+        return False, spte
+
+    def unprotect_gfn_and_retry(self, vcpu, cr2_or_gpa: int) -> bool:
+        """``__unprotect_gfn_and_retry``: the TDP MMU shadows no guest
+        page tables (``indirect_shadow_pages`` is 0): nothing to unprotect."""
+        return False
+
+    def hardware_error_code(self, vcpu, gfn: int, *, write: bool = False, exec: bool = False) -> int:
+        """The error code the CPU reports for an access to `gfn` given the
+        vCPU's current tables: an EPT misconfiguration / reserved-bit NPF
+        (PFERR_RSVD) on an MMIO SPTE; else PFERR_PRESENT when the final
+        translation was present (a permission fault), W for a write, F for
+        a fetch, and on EPT U for a read (``handle_ept_violation``)."""
+        root = self.vcpu_root[vcpu.index]
+        spte, level = self.core.get_last_spte(root.sp, gfn)
+        fmt = self.vm.fmt
+        ept = self.vm.host_config.tdp == "ept"
+        if spte and fmt.is_mmio_spte(spte):
+            return PFERR_RSVD_MASK if ept else \
+                PFERR_RSVD_MASK | PFERR_PRESENT_MASK | (PFERR_WRITE_MASK if write else 0)
+        ec = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if exec else 0)
+        if ept and not write and not exec:
+            ec |= PFERR_USER_MASK
+        leaf = level == 1 or (level in (2, 3) and (spte >> 7) & 1)
+        if leaf and spte & SPTE_MMU_PRESENT_MASK and spte & (7 if ept else 1):
+            ec |= PFERR_PRESENT_MASK
+        return ec
+
     def page_fault(self, vcpu, gfn: int, *, write: bool = False, exec: bool = False,
                    prefetch: bool = False) -> int:
-        """``kvm_tdp_page_fault`` for a guest-physical `gfn`: RET_PF_* (or a
-        negative errno), with the vCPU statistics the kernel keeps."""
-        vm = self.vm
+        """The guest touches guest-physical `gfn` and the CPU exits: the error
+        code the hardware would give (:meth:`hardware_error_code`) goes to
+        :func:`kvmmmu.mmu.kvm_mmu_page_fault` (``prefetch``: a prefetch fault
+        through ``kvm_mmu_do_page_fault``, as the async #PF completion does:
+        no ``pf_taken``, FIXED counted).  Returns RET_PF_* or a negative
+        errno, with the vCPU statistics the kernel keeps."""
         root = self.vcpu_root.get(vcpu.index)
         if root is None:
             raise ValueError(f"vCPU {vcpu.vcpu_id} has no root: call kvm_mmu_load first")
         if type(gfn) is not int or gfn < 0 or gfn >> (9 * root.role.level):
             gfn = int_arg("gfn", gfn, 0, (1 << (9 * root.role.level)) - 1)
-        slot = vcpu.gfn_to_memslot(gfn)
-        ret, made_writable, last = self.core.fast_page_fault(
-            root.sp, gfn, write=write, exec=exec,
-            slot_dirty_tracked=slot is not None and slot.kvm_slot_dirty_track_enabled())
-        if ret == RET_PF_INVALID and self._is_mmio(last) and vcpu.check_mmio_spte(last):
-            # the CPU saw the MMIO SPTE's reserved bits: handle_mmio_page_fault
-            # (a stale generation goes on to a normal fault, which replaces it)
-            vcpu.vcpu_cache_mmio_info(0, gfn, vm.fmt.get_mmio_spte_access(last))
-            return RET_PF_EMULATE
-        vcpu.stat.pf_taken += 1
-        if ret != RET_PF_INVALID:                   # fast_page_fault answered
-            vcpu.stat.pf_fast += 1
-            if made_writable:
-                vm.mark_page_dirty(gfn, slot.as_id)
-            return self._count(vcpu, ret)
-        vcpu.mmu_topup_memory_caches(False)
-        r = vm.kvm_mmu_faultin_pfn(vcpu, gfn, write=write, prefetch=prefetch)
-        if r.ret != RET_PF_CONTINUE:
-            ret = r.ret
-        elif r.pfn == KVM_PFN_NOSLOT:               # cache the MMIO access in an SPTE
-            with vm.mmu_lock.read():
-                if vm.is_page_fault_stale(r.mmu_seq, gfn, None, root_obsolete=root.invalid):
-                    ret = RET_PF_RETRY
-                else:
-                    ret = self.core.map_one(root.sp, gfn, 0, PG_LEVEL_4K, vcpu.mmu_shadow_page_cache,
-                                            vcpu.mmu_page_header_cache, write=write, exec=exec,
-                                            mmio_gen=vcpu.mmio_spte_generation())
-                    if ret == RET_PF_EMULATE:
-                        vcpu.stat.pf_mmio_spte_created += 1
-        else:
-            with vm.mmu_lock.read():
-                if vm.is_page_fault_stale(r.mmu_seq, gfn, r.slot, root_obsolete=root.invalid):
-                    ret = RET_PF_RETRY
-                else:
-                    goal, req = self.kvm_mmu_hugepage_adjust(r.slot, gfn, r.max_level, exec)
-                    mask = KVM_PAGES_PER_HPAGE(goal) - 1
-                    ret = self.core.map_one(
-                        root.sp, gfn, r.pfn & ~mask, goal, vcpu.mmu_shadow_page_cache,
-                        vcpu.mmu_page_header_cache, write=write, exec=exec, prefetch=prefetch,
-                        map_writable=r.map_writable, nx_huge_pages=vm.params.nx_huge_pages,
-                        req_level=req)
-                    if exec and vm.params.nx_huge_pages:
-                        vm.stat.nx_lpage_splits = self.core.nx_lpage_splits
-                    if ret == RET_PF_FIXED and r.map_writable and \
-                            r.slot.kvm_slot_dirty_track_enabled():
-                        vm.mark_page_dirty(gfn, r.slot.as_id)
-        return self._count(vcpu, ret)
-
-    @staticmethod
-    def _count(vcpu, ret):
-        # kvm_mmu_do_page_fault's statistics
-        if ret == RET_PF_FIXED:
-            vcpu.stat.pf_fixed += 1
-        elif ret == RET_PF_SPURIOUS:
-            vcpu.stat.pf_spurious += 1
-        elif ret == RET_PF_EMULATE:
-            vcpu.stat.pf_emulate += 1
-        return ret
-
-    def _is_mmio(self, spte: int) -> bool:
-        return bool(self.vm.fmt.is_mmio_spte(spte))
+        ec = self.hardware_error_code(vcpu, gfn, write=write, exec=exec)
+        if prefetch:
+            return _mmu.kvm_mmu_prefetch_fault(vcpu, gfn << PAGE_SHIFT, ec)
+        return _mmu.kvm_mmu_page_fault(vcpu, gfn << PAGE_SHIFT, ec)
 
     def map_memory(self, vcpu, gfns, *, write: bool = False) -> np.ndarray:
         """Fault in many gfns of one memslot at once (the populate path, as
