@@ -959,13 +959,22 @@ class HostMm:
         """``host_pfn_mapping_level``: PG_LEVEL_1G if a PUD leaf maps hva,
         PG_LEVEL_2M for a PMD leaf, else PG_LEVEL_4K (also when nothing is
         mapped).  Callers must be tied into the notifiers (shadow-mmu.md §16.2)."""
-        hva = _hva_arg(hva)
-        v = self.find_vma(hva)
-        if v is None:
+        if type(hva) is not int or not 0 <= hva <= U64_MAX:
+            hva = _hva_arg(hva)
+        vmas = self.vmas
+        if len(vmas) == 1:
+            v = vmas[0]
+            if not v.start <= hva < v.end:
+                return PG_LEVEL_4K
+        else:
+            v = self.find_vma(hva)
+            if v is None:
+                return PG_LEVEL_4K
+        if not (v.thp or v.hugetlb):            # only these VMAs get huge leaves
             return PG_LEVEL_4K
-        if v.pud_leaf[(hva >> PUD_SHIFT) - (v.start >> PUD_SHIFT)]:
+        if v.pud_leaf.item((hva >> PUD_SHIFT) - (v.start >> PUD_SHIFT)):
             return PG_LEVEL_1G
-        if v.pmd_leaf[(hva >> PMD_SHIFT) - (v.start >> PMD_SHIFT)]:
+        if v.pmd_leaf.item((hva >> PMD_SHIFT) - (v.start >> PMD_SHIFT)):
             return PG_LEVEL_2M
         return PG_LEVEL_4K
 
@@ -1675,13 +1684,15 @@ class HostMm:
 # KVM's hva -> pfn
 # ==================================================================================
 
-def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool] | None:
+def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool, int] | None:
     """Step 1 of :func:`hva_to_pfn` alone (GUP fast, ``want_writable``), for
-    the scalar fault path: ``(pfn, writable)`` when a present PTE allows the
-    access, else None (the caller goes on with :func:`hva_to_pfn`, which
-    faults the page in).  The same effect on the host PTEs (young, and dirty
-    for a write, over the whole leaf), with scalar reads instead of array
-    slices; ``hva`` must be a plain int."""
+    the scalar fault path: ``(pfn, writable, level)`` when a present PTE
+    allows the access, with ``level`` the host mapping level of the leaf
+    (what :meth:`HostMm.host_pfn_mapping_level` answers for ``hva`` now);
+    else None (the caller goes on with :func:`hva_to_pfn`, which faults the
+    page in).  The same effect on the host PTEs (young, and dirty for a
+    write, over the whole leaf), with scalar reads instead of array slices;
+    ``hva`` must be a plain int."""
     vmas = mm.vmas
     if len(vmas) == 1:
         vma = vmas[0]
@@ -1697,16 +1708,18 @@ def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool]
     if not f & PTE_PRESENT or (write_fault and not f & PTE_WRITE):
         return None
     bits = PTE_YOUNG | PTE_DIRTY if write_fault else PTE_YOUNG
+    level = PG_LEVEL_4K
     if vma.thp or vma.hugetlb:
-        # a huge leaf: every page of it gets the bits
+        # only these VMAs get huge leaves: every page of one gets the bits
         j0, j1 = vma.leaf_span(i)
         if j1 - j0 > 1:
             pte[j0:j1] |= bits
+            level = PG_LEVEL_2M if j1 - j0 == 1 << 9 else PG_LEVEL_1G
         elif f & bits != bits:
             pte[i] = f | bits
     elif f & bits != bits:
         pte[i] = f | bits
-    return vma.pfn.item(i), (f & PTE_WRITE) != 0
+    return vma.pfn.item(i), (f & PTE_WRITE) != 0, level
 
 
 def hva_to_pfn(mm: HostMm, hva: int, *, write_fault: bool, want_writable: bool = True,

@@ -51,8 +51,8 @@ from kvmmmu._core.guest_walk import (
     PFERR_WRITE_MASK,
 )
 from kvmmmu.host import (
-    KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_MASK, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
-    KVM_PFN_NOSLOT, hva_to_pfn, hva_to_pfn_fast, is_error_pfn,
+    KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_MASK, KVM_PFN_ERR_NOSLOT_MASK, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
+    KVM_PFN_NOSLOT, hva_to_pfn, hva_to_pfn_fast,
 )
 from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
 from kvmmmu.memslots import (
@@ -69,7 +69,7 @@ __all__ = [
     "KvmPageFault", "kvm_mmu_page_fault", "kvm_mmu_do_page_fault", "kvm_mmu_prefetch_fault",
     "handle_mmio_page_fault", "mmio_info_in_cache", "kvm_mmu_write_protect_fault",
     "page_fault_handle_page_track", "page_fault_can_be_fast", "fast_page_fault",
-    "kvm_mmu_hugepage_adjust", "faultin_pfn", "kvm_handle_noslot_fault",
+    "kvm_mmu_hugepage_adjust", "faultin_pfn", "mark_gfn_dirty", "kvm_handle_noslot_fault",
     "kvm_mmu_load", "kvm_mmu_unload", "kvm_mmu_reload", "kvm_mmu_reset_context",
     "PFERR_PRIVATE_ACCESS", "PFERR_SYNTHETIC_MASK", "PFERR_GUEST_FINAL_MASK",
     "PFERR_GUEST_PAGE_MASK", "PFERR_GUEST_ENC_MASK", "PFERR_GUEST_RMP_MASK",
@@ -89,22 +89,12 @@ __all__ = [
 
 _U64 = (1 << 64) - 1
 
-from kvmmmu.stats import VCPU_STATS_DESC as _VCPU_STATS_DESC  # noqa: E402
+from kvmmmu.stats import VCPU_PF_COUNTERS as _PF_COUNTERS  # noqa: E402
 
-
-def _stat_offset(name):
-    off = 0
-    for d in _VCPU_STATS_DESC:
-        if d.name == name:
-            return off
-        off += d.size
-    raise LookupError(name)
-
-
-# offsets of the fault counters in VcpuStat.data (kvm_mmu_page_fault bumps them directly)
+# indices of the fault counters in VcpuStat.pf
 _PF_TAKEN, _PF_FIXED, _PF_EMULATE, _PF_SPURIOUS, _PF_FAST, _PF_MMIO_SPTE_CREATED = (
-    _stat_offset(n) for n in ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_fast",
-                              "pf_mmio_spte_created"))
+    _PF_COUNTERS.index(n) for n in ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious",
+                                    "pf_fast", "pf_mmio_spte_created"))
 
 
 # ==================================================================================
@@ -352,7 +342,8 @@ def kvm_mmu_faultin_pfn(vm, vcpu, gfn: int, *, write: bool = False,
     if addr is None:
         addr = gfn << PAGE_SHIFT if vm.tdp_enabled else 0
     fault = KvmPageFault(addr, (PFERR_WRITE_MASK if write else 0) |
-                         (PFERR_PRIVATE_ACCESS if is_private else 0), prefetch, gfn=gfn)
+                         (PFERR_PRIVATE_ACCESS if is_private else 0), prefetch,
+                         vm.tdp_enabled, False, gfn)
     fault.slot = vcpu.gfn_to_memslot(gfn)
     r.ret = faultin_pfn(vcpu, fault, access)
     r.slot, r.pfn, r.map_writable, r.mmu_seq = fault.slot, fault.pfn, fault.map_writable, fault.mmu_seq
@@ -422,8 +413,10 @@ class KvmPageFault:
     map_writable = False
     write_fault_to_shadow_pgtable = False
     memory_fault_exit = False
+    #: model: the host mapping level faultin's GUP fast saw (0: not known)
+    host_level = 0
 
-    def __init__(self, addr: int, error_code: int, prefetch: bool = False, *, is_tdp: bool = True,
+    def __init__(self, addr: int, error_code: int, prefetch: bool = False, is_tdp: bool = True,
                  nx_huge_page_workaround_enabled: bool = False, gfn: int = 0):
         self.addr = addr
         self.error_code = error_code
@@ -494,13 +487,19 @@ def kvm_mmu_page_fault(vcpu, cr2_or_gpa: int, error_code: int, insn=None, insn_l
         if r == RET_PF_EMULATE:
             vcpu.emulation_type = EMULTYPE_PF
             return r
-    stat = vcpu.stat.data
+    stat = vcpu.stat.pf
     if r == RET_PF_INVALID:
         stat[_PF_TAKEN] += 1
         r = kvm_mmu_do_page_fault(vcpu, cr2_or_gpa, error_code, False)
+        if r == RET_PF_FIXED:                    # the common case first
+            stat[_PF_FIXED] += 1
+            return r
         if r == RET_PF_INVALID:
             vm.kvm_bug("kvm_mmu_do_page_fault returned RET_PF_INVALID", "kvm_mmu_page_fault")
             return -E.EIO
+        if r == RET_PF_EMULATE:
+            vcpu.emulation_type = EMULTYPE_PF | (
+                EMULTYPE_WRITE_PF_TO_SP if vcpu.last_fault.write_fault_to_shadow_pgtable else 0)
     if r < 0:
         return r
     if r == RET_PF_WRITE_PROTECTED:
@@ -511,7 +510,6 @@ def kvm_mmu_page_fault(vcpu, cr2_or_gpa: int, error_code: int, insn=None, insn_l
         stat[_PF_SPURIOUS] += 1
     elif r == RET_PF_EMULATE:
         stat[_PF_EMULATE] += 1
-        vcpu.emulation_type |= EMULTYPE_PF
     elif r == RET_PF_CONTINUE:
         vm.warn_sink.warn("kvm_mmu_page_fault", "RET_PF_CONTINUE escaped the fault path", once=True)
     return r
@@ -526,19 +524,13 @@ def kvm_mmu_do_page_fault(vcpu, cr2_or_gpa: int, err: int, prefetch: bool = Fals
     negative errno; the fault is left in ``vcpu.last_fault``."""
     vm = vcpu.vm
     mmu = vm.mmu_backend
-    fault = KvmPageFault(cr2_or_gpa, err, prefetch, is_tdp=mmu.is_tdp,
-                         nx_huge_page_workaround_enabled=vm.params.nx_huge_pages and
-                         not vm.disable_nx_huge_pages)
+    fault = KvmPageFault(cr2_or_gpa, err, prefetch, mmu.is_tdp,
+                         vm.params.nx_huge_pages and not vm.disable_nx_huge_pages)
     if mmu.direct:
         fault.gfn = gfn = (cr2_or_gpa >> PAGE_SHIFT) & ~vm.gfn_direct_bits
         fault.slot = vcpu.gfn_to_memslot(gfn)
     vcpu.last_fault = fault
-    r = mmu.mmu_page_fault(vcpu, fault)
-    if fault.write_fault_to_shadow_pgtable:
-        vcpu.emulation_type = EMULTYPE_PF | EMULTYPE_WRITE_PF_TO_SP
-    else:
-        vcpu.emulation_type = EMULTYPE_PF
-    return r
+    return mmu.mmu_page_fault(vcpu, fault)
 
 
 def kvm_mmu_write_protect_fault(vcpu, cr2_or_gpa: int, error_code: int) -> int:
@@ -549,6 +541,9 @@ def kvm_mmu_write_protect_fault(vcpu, cr2_or_gpa: int, error_code: int) -> int:
     something: then RETRY.  The same address faulting again right after an
     unprotect-and-retry is emulated."""
     mmu = vcpu.vm.mmu_backend
+    fault = vcpu.last_fault
+    vcpu.emulation_type = EMULTYPE_PF | (EMULTYPE_WRITE_PF_TO_SP if fault is not None and
+                                         fault.write_fault_to_shadow_pgtable else 0)
     if vcpu.last_retry_addr == cr2_or_gpa and vcpu.last_retry_addr is not None:
         return RET_PF_EMULATE
     vcpu.last_retry_addr = None
@@ -635,9 +630,23 @@ def fast_page_fault(vcpu, fault: KvmPageFault) -> int:
     r, made_writable = vcpu.vm.mmu_backend.fast_page_fault(vcpu, fault)
     if r != RET_PF_INVALID:
         if made_writable:
-            mark_page_dirty_in_slot(vcpu.vm, fault.slot, fault.gfn)
-        vcpu.stat.data[_PF_FAST] += 1
+            mark_gfn_dirty(vcpu.vm, fault.slot, fault.gfn)
+        vcpu.stat.pf[_PF_FAST] += 1
     return r
+
+
+def mark_gfn_dirty(vm, slot, gfn: int) -> None:
+    """``mark_page_dirty_in_slot`` for one int gfn of a dirty-logged slot's
+    bitmap, with scalar numpy access (the fault paths' form); anything else
+    goes to :func:`kvmmmu.memslots.mark_page_dirty_in_slot`."""
+    if slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES and type(gfn) is int:
+        bm = slot.dirty_bitmap
+        rel = gfn - slot.base_gfn
+        if bm is not None and 0 <= rel < slot.npages:
+            w = rel >> 6
+            bm[w] = bm.item(w) | (1 << (rel & 63))
+            return
+    mark_page_dirty_in_slot(vm, slot, gfn)
 
 
 def kvm_mmu_hugepage_adjust(vcpu, fault: KvmPageFault) -> None:
@@ -647,24 +656,40 @@ def kvm_mmu_hugepage_adjust(vcpu, fault: KvmPageFault) -> None:
     the NX workaround forbids a huge page for an instruction fetch).
     Nothing for a 4K ``max_level``, an error / no-slot pfn, or a memslot
     logging dirty pages.  The walk aligns the pfn to the goal level."""
-    fault.huge_page_disallowed = fault.exec and fault.nx_huge_page_workaround_enabled
+    fault.huge_page_disallowed = disallowed = fault.exec and fault.nx_huge_page_workaround_enabled
     slot = fault.slot
-    if fault.max_level == 1 or slot is None or is_error_pfn(fault.pfn) or \
+    max_level = fault.max_level
+    if max_level == 1 or slot is None or fault.pfn & KVM_PFN_ERR_NOSLOT_MASK or \
             slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
         return
-    fault.req_level = req = kvm_mmu_max_mapping_level(vcpu.vm, slot, fault.gfn, fault.max_level,
-                                                      fault.is_private)
-    if req == 1 or fault.huge_page_disallowed:
+    # kvm_mmu_max_mapping_level, inline: the lpage_info counters from the
+    # top level down, capped (shared memory) by the host mapping level; the
+    # result is the minimum of both, so a 4K host leaf decides alone.
+    vm = vcpu.vm
+    gfn = fault.gfn
+    base = slot.base_gfn
+    host = 1 if fault.is_private else fault.host_level
+    if host == 1:
+        fault.req_level = 1
         return
-    fault.goal_level = req
-
-
-def kvm_mmu_topup(vcpu) -> None:
-    """``mmu_topup_memory_caches(vcpu, false)`` when a cache is below its
-    minimum (the kernel's topup is a no-op otherwise)."""
-    if vcpu.mmu_shadow_page_cache.nobjs < 5 or vcpu.mmu_page_header_cache.nobjs < 5 or \
-            vcpu.mmu_pte_list_desc_cache.nobjs < 14 or vcpu.vm.kvm_has_mirrored_tdp:
-        vcpu.mmu_topup_memory_caches(False)
+    level = vm.max_huge_page_level
+    if max_level < level:
+        level = max_level
+    lpage_info = slot.arch.lpage_info
+    while level > 1:
+        s = (level - 1) * 9
+        if not lpage_info[level - 2].item((gfn >> s) - (base >> s)):
+            break
+        level -= 1
+    if level > 1:
+        if not host:
+            host = vm.host.host_pfn_mapping_level(slot.userspace_addr + ((gfn - base) << PAGE_SHIFT))
+        if host < level:
+            level = host
+    fault.req_level = level
+    if level == 1 or disallowed:
+        return
+    fault.goal_level = level
 
 
 def faultin_pfn(vcpu, fault: KvmPageFault, access: int = 7) -> int:
@@ -687,20 +712,22 @@ def faultin_pfn(vcpu, fault: KvmPageFault, access: int = 7) -> int:
         return -E.EFAULT
     if slot is None:
         return kvm_handle_noslot_fault(vcpu, fault, access)
-    if slot.flags & KVM_MEMSLOT_INVALID:
+    flags = slot.flags
+    if flags & KVM_MEMSLOT_INVALID:
         return -E.EAGAIN if fault.prefetch else RET_PF_RETRY
-    if n.mmu_invalidate_in_progress and \
-            n.mmu_invalidate_range_start <= gfn < n.mmu_invalidate_range_end:
+    # mmu_invalidate_retry_gfn_unsafe (the sequence cannot have moved yet)
+    in_progress = n.mmu_invalidate_in_progress
+    if in_progress and n.mmu_invalidate_range_start <= gfn < n.mmu_invalidate_range_end:
         return RET_PF_RETRY
     if is_private:
         if not slot.kvm_slot_has_gmem():
             fault.memory_fault_exit = True
             return -E.EFAULT
         fault.pfn = pfn = slot.gmem.get_pfn(slot, gfn)
-        fault.map_writable = not slot.flags & KVM_MEM_READONLY
+        fault.map_writable = not flags & KVM_MEM_READONLY
         if fault.max_level > 1:
             fault.max_level = 1
-    elif slot.flags & KVM_MEM_READONLY:
+    elif flags & KVM_MEM_READONLY:
         if fault.write:
             pfn = KVM_PFN_ERR_RO_FAULT
         else:
@@ -711,8 +738,12 @@ def faultin_pfn(vcpu, fault: KvmPageFault, access: int = 7) -> int:
         hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
         r = hva_to_pfn_fast(vm.host, hva, fault.write)
         if r is None:
-            r = hva_to_pfn(vm.host, hva, write_fault=fault.write, want_writable=True)
-        pfn, fault.map_writable = r
+            pfn, fault.map_writable = hva_to_pfn(vm.host, hva, write_fault=fault.write,
+                                                 want_writable=True)
+        else:
+            # GUP fast also saw the leaf's level: hugepage_adjust uses it (a
+            # change of it before the map is an invalidation: the fault is stale)
+            pfn, fault.map_writable, fault.host_level = r
         fault.pfn = pfn
     if pfn & KVM_PFN_ERR_MASK:
         if pfn == KVM_PFN_ERR_SIGPENDING:
@@ -735,11 +766,12 @@ def kvm_mmu_prefetch_fault(vcpu, gpa: int, error_code: int) -> int:
     vm = vcpu.vm
     if vm.warn_sink.bugged:
         vm.warn_sink.check()
+    gpa, error_code = int_arg("gpa", gpa), int_arg("error_code", error_code)
     if vm.mmu_backend is None or not vm.mmu_backend.root_valid(vcpu):
         return RET_PF_RETRY
-    r = kvm_mmu_do_page_fault(vcpu, int_arg("gpa", gpa), int_arg("error_code", error_code), True)
+    r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, True)
     if r == RET_PF_FIXED:
-        vcpu.stat.data[_PF_FIXED] += 1
+        vcpu.stat.pf[_PF_FIXED] += 1
     return r
 
 
@@ -792,7 +824,7 @@ def kvm_handle_noslot_fault(vcpu, fault: KvmPageFault, access: int) -> int:
         fault.memory_fault_exit = True
         return -E.EFAULT
     gva = 0 if vm.tdp_enabled else fault.addr
-    vcpu.vcpu_cache_mmio_info(gva, fault.gfn, access & vm.fmt.shadow_mmio_access_mask)
+    vcpu.vcpu_cache_mmio_info(gva, fault.gfn, access & vm.shadow_mmio_access_mask)
     fault.slot, fault.pfn, fault.map_writable = None, KVM_PFN_NOSLOT, False
     if not vm.enable_mmio_caching or fault.gfn > kvm_mmu_max_gfn(vm):
         return RET_PF_EMULATE

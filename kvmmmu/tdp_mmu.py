@@ -75,7 +75,7 @@ from kvmmmu._core.guest_walk import (
     PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
 from kvmmmu.errors import KvmNoMemoryError
-from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, mark_page_dirty_in_slot
+from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from kvmmmu import mmu as _mmu
 from kvmmmu.mmu import KvmPageFault, MmuBackend
 
@@ -83,10 +83,12 @@ __all__ = ["TdpMmu", "TdpRoot"]
 
 class TdpRoot:
     """A root of the TDP MMU (the fields of ``struct kvm_mmu_page`` a root uses)."""
-    __slots__ = ("as_id", "invalid", "refcount", "role", "scheduled_to_zap", "sp")
+    __slots__ = ("as_id", "invalid", "nr_gfns", "refcount", "role", "scheduled_to_zap", "sp")
 
     def __init__(self, sp: int, role: KvmMmuPageRole):
         self.sp, self.role, self.as_id = sp, role, role.smm
+        #: the gfns the root maps (2**(9 * level))
+        self.nr_gfns = 1 << (9 * role.level)
         self.refcount = 2           # the vCPU's and the roots list's
         self.invalid = False
         self.scheduled_to_zap = False
@@ -234,19 +236,24 @@ class TdpMmu(MmuBackend):
         if root is None:
             return RET_PF_RETRY
         gfn = fault.gfn
-        if gfn >> (9 * root.role.level):
+        if gfn >= root.nr_gfns:
             return _mmu.kvm_handle_noslot_fault(vcpu, fault, ACC_ALL) if fault.slot is None \
                 else RET_PF_RETRY
-        if fault.write and fault.present and _mmu.page_fault_handle_page_track(vcpu, fault):
-            return RET_PF_WRITE_PROTECTED
-        if (fault.present or not vm.kvm_ad_enabled) and _mmu.page_fault_can_be_fast(vm, fault):
+        present = fault.present
+        if present:
+            if fault.write and _mmu.page_fault_handle_page_track(vcpu, fault):
+                return RET_PF_WRITE_PROTECTED
+        if (present or not vm.kvm_ad_enabled) and _mmu.page_fault_can_be_fast(vm, fault):
             r = _mmu.fast_page_fault(vcpu, fault)
             if r != RET_PF_INVALID:
                 return r
-        try:
-            _mmu.kvm_mmu_topup(vcpu)
-        except KvmNoMemoryError:
-            return -E.ENOMEM
+        sc, hc = vcpu.mmu_shadow_page_cache, vcpu.mmu_page_header_cache
+        if sc.nobjs < 5 or hc.nobjs < 5 or vcpu.mmu_pte_list_desc_cache.nobjs < 14 or \
+                vm.kvm_has_mirrored_tdp:
+            try:
+                vcpu.mmu_topup_memory_caches(False)
+            except KvmNoMemoryError:
+                return -E.ENOMEM
         r = _mmu.faultin_pfn(vcpu, fault, ACC_ALL)
         if r != RET_PF_CONTINUE:
             return r
@@ -264,19 +271,17 @@ class TdpMmu(MmuBackend):
                      fault.map_writable << 3 | fault.nx_huge_page_workaround_enabled << 4)
             if slot is None:
                 r = self.core.page_fault_map(root.sp, gfn, 0, 1, 1, flags | 32,
-                                             vcpu.mmio_spte_generation(),
-                                             vcpu.mmu_shadow_page_cache, vcpu.mmu_page_header_cache)
+                                             vcpu.mmio_spte_generation(), sc, hc)
                 if r == RET_PF_EMULATE:
-                    vcpu.stat.data[_mmu._PF_MMIO_SPTE_CREATED] += 1
+                    vcpu.stat.pf[_mmu._PF_MMIO_SPTE_CREATED] += 1
                 return r
             _mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
             r = self.core.page_fault_map(root.sp, gfn, fault.pfn, fault.goal_level,
-                                         fault.req_level, flags, 0, vcpu.mmu_shadow_page_cache,
-                                         vcpu.mmu_page_header_cache)
+                                         fault.req_level, flags, 0, sc, hc)
             if fault.huge_page_disallowed:
                 vm.stat.nx_lpage_splits = self.core.nx_lpage_splits
             if r == RET_PF_FIXED and fault.map_writable and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-                mark_page_dirty_in_slot(vm, slot, gfn)
+                _mmu.mark_gfn_dirty(vm, slot, gfn)
             return r
         finally:
             lock.release_read()

@@ -386,13 +386,21 @@ class Vcpu:
     def gfn_to_memslot(self, gfn: int):
         """``kvm_vcpu_gfn_to_memslot``: per-vCPU last-used slot, reset whenever the
         address space's generation differs from the one it was cached under."""
-        slots = self.kvm_vcpu_memslots()
+        slots = self.vm.memslots[1 if self.smm else 0]
         if slots.generation != self.last_used_slot_gen:
             self.last_used_slot = None
             self.last_used_slot_gen = slots.generation
         s = self.last_used_slot
         if s is not None and s.base_gfn <= gfn < s.base_gfn + s.npages:
             return s
+        if len(slots) <= 8:
+            # a few slots: a scan costs less than the numpy search (and a
+            # gfn outside every slot, an MMIO access, would search each time)
+            for s in slots:
+                if s.base_gfn <= gfn < s.base_gfn + s.npages:
+                    self.last_used_slot = s
+                    return s
+            return None
         s = slots.search_memslots(gfn)
         if s is not None:
             self.last_used_slot = s
@@ -537,12 +545,23 @@ class VM:
             vm_type = VM_TYPES[vm_type]
         self.vm_type = vm_type
         self.kvm_sw_protected_vm = vm_type == KVM_X86_SW_PROTECTED_VM
+        # Fixed for the VM's life, read on every fault: plain attributes.
+        #: ``kvm_arch_has_private_mem``
+        self.has_private_mem = vm_type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
+        #: ``kvm_has_mirrored_tdp`` (TDX)
+        self.kvm_has_mirrored_tdp = vm_type == KVM_X86_TDX_VM
+        #: ``max_huge_page_level``: 1G with host gbpages, else 2M
+        self.max_huge_page_level = 3 if self.host_config.gbpages else 2
         self._check_vm_type()
         #: the SPTE format the MMUs use (EPT for ept, legacy otherwise)
         self.fmt = hc.spte_format_for(hc.tdp if self.tdp_enabled else None,
                                       mmio_caching=self.params.mmio_caching)
         #: ``kvm_ad_enabled``: the SPTEs use hardware A/D bits
         self.kvm_ad_enabled = bool(self.fmt.masks()["ad_enabled"])
+        #: ``enable_mmio_caching`` (the format's, fixed like the module parameter)
+        self.enable_mmio_caching = bool(self.fmt.enable_mmio_caching)
+        #: ``shadow_mmio_access_mask``: the access bits an MMIO SPTE keeps
+        self.shadow_mmio_access_mask = int(self.fmt.shadow_mmio_access_mask)
         self.host = host_mm if host_mm is not None else HostMm(hc)
         #: The one WARN / KVM_BUG record of this VM (kvmmmu.warn): every layer
         #: reports here; once bugged, every ioctl raises KvmBugError (-EIO).
@@ -654,11 +673,6 @@ class VM:
 
     # -- configuration predicates (kernel names) ---------------------------------------
     @property
-    def has_private_mem(self) -> bool:
-        """``kvm_arch_has_private_mem``."""
-        return self.vm_type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
-
-    @property
     def has_protected_state(self) -> bool:
         return self.vm_type in (KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
 
@@ -670,10 +684,6 @@ class VM:
     def kvm_arch_supports_gmem(self) -> bool:
         """v6.18: ``KVM_MEM_GUEST_MEMFD`` is valid whenever CONFIG_KVM_GUEST_MEMFD is."""
         return self.host_config.guest_memfd
-
-    @property
-    def kvm_has_mirrored_tdp(self) -> bool:
-        return self.vm_type == KVM_X86_TDX_VM
 
     @property
     def supported_mem_attributes(self) -> int:
@@ -706,14 +716,6 @@ class VM:
     def cpu_dirty_log_size(self) -> int:
         """``kvm->arch.cpu_dirty_log_size``: the PML buffer size (512) with PML, else 0."""
         return 512 if (self.tdp_enabled and self.host_config.pml) else 0
-
-    @property
-    def max_huge_page_level(self) -> int:
-        return 3 if self.host_config.gbpages else 2
-
-    @property
-    def enable_mmio_caching(self) -> bool:
-        return bool(self.fmt.enable_mmio_caching)
 
     @property
     def is_nx_huge_page_enabled(self) -> bool:

@@ -1233,7 +1233,10 @@ cdef class TdpMmuCore:
         fault.pfn &= ~(_pages(fault.goal_level) - 1)
         if page_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL or header_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL:
             raise KvmNoMemoryError("page_fault_map: top the caches up first (mmu_topup_memory_caches)")
-        self._check_caches(page_cache, header_cache)
+        # _check_caches without its tuple loop (this is the per-fault path)
+        if page_cache.arena is not self.arena or page_cache.kind != PT_CACHE_SHADOW_PAGE or \
+                header_cache.arena is not self.arena or header_cache.kind != PT_CACHE_PAGE_HEADER:
+            self._check_caches(page_cache, header_cache)
         self._enter("TdpMmuCore.page_fault_map")
         try:
             top = self._root(c_root)
