@@ -14,7 +14,19 @@ What lives here, by kernel entry point:
 ================================================  ================================
 kernel                                            here
 ================================================  ================================
-``kvm_mmu_faultin_pfn`` (+ ``kvm_handle_noslot``)  :func:`kvm_mmu_faultin_pfn`
+``kvm_mmu_page_fault``                             :func:`kvm_mmu_page_fault` (also
+                                                   ``vcpu.kvm_mmu_page_fault``)
+``kvm_mmu_do_page_fault``                          :func:`kvm_mmu_do_page_fault`
+``struct kvm_page_fault``                          :class:`KvmPageFault`
+``handle_mmio_page_fault``,                        same names
+``mmio_info_in_cache``
+``kvm_mmu_write_protect_fault``                    same name
+``page_fault_handle_page_track``,                  same names
+``page_fault_can_be_fast``, ``fast_page_fault``
+``kvm_mmu_hugepage_adjust``                        same name (on the fault)
+``kvm_mmu_faultin_pfn``, ``kvm_handle_noslot``     :func:`faultin_pfn` (on the fault),
+                                                   :func:`kvm_mmu_faultin_pfn` (by gfn)
+``kvm_mmu_{load,unload,reload,reset_context}``     same names
 ``is_page_fault_stale``                            :func:`is_page_fault_stale`
 ``kvm_mmu_max_mapping_level``                      :func:`kvm_mmu_max_mapping_level`
                                                   (+ ``_array``, a batch form)
@@ -197,16 +209,14 @@ class MmuBackend:
         return []
 
     # -- the fault side (vcpu->arch.mmu): what kvm_mmu_page_fault calls in the
-    # MMU that takes the vCPUs' faults (vm.mmu_backend).  A backend that only
-    # receives the hooks (RecordingMmu) takes no faults.
+    # MMU that takes the vCPUs' faults (vm.mmu_backend).  Such a backend also
+    # has kvm_mmu_load(vcpu) / kvm_mmu_unload(vcpu), which set and clear
+    # ``vcpu.mmu_root`` (``vcpu->arch.mmu->root``: None is INVALID_PAGE).  A
+    # backend that only receives the hooks (RecordingMmu) takes no faults.
     #: ``mmu->page_fault == kvm_tdp_page_fault``
     is_tdp = False
     #: ``root_role.direct``: roots indexed by gpa (TDP, or shadow without paging)
     direct = False
-
-    def root_valid(self, vcpu) -> bool:
-        """``VALID_PAGE(vcpu->arch.mmu->root.hpa)``."""
-        return False
 
     def mmu_page_fault(self, vcpu, fault) -> int:
         """``vcpu->arch.mmu->page_fault``: RET_PF_* (never INVALID) or -errno."""
@@ -472,7 +482,7 @@ def kvm_mmu_page_fault(vcpu, cr2_or_gpa: int, error_code: int, insn=None, insn_l
     mmu = vm.mmu_backend
     if mmu is None:
         raise LookupError(f"the VM (mmu={vm.mmu!r}) has no MMU backend to take page faults")
-    if not mmu.root_valid(vcpu):
+    if vcpu.mmu_root is None:                # !VALID_PAGE(vcpu->arch.mmu->root.hpa)
         vm.warn_sink.warn("kvm_mmu_page_fault", "page fault without a valid root", once=True)
         return RET_PF_RETRY
     if vm.kvm_sw_protected_vm and vm.kvm_mem_is_private(cr2_or_gpa >> PAGE_SHIFT):
@@ -767,7 +777,7 @@ def kvm_mmu_prefetch_fault(vcpu, gpa: int, error_code: int) -> int:
     if vm.warn_sink.bugged:
         vm.warn_sink.check()
     gpa, error_code = int_arg("gpa", gpa), int_arg("error_code", error_code)
-    if vm.mmu_backend is None or not vm.mmu_backend.root_valid(vcpu):
+    if vm.mmu_backend is None or vcpu.mmu_root is None:
         return RET_PF_RETRY
     r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, True)
     if r == RET_PF_FIXED:
@@ -795,7 +805,7 @@ def kvm_mmu_reload(vcpu) -> None:
     mmu = _fault_mmu(vcpu)
     if vcpu.kvm_check_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"):
         mmu.free_obsolete_roots(vcpu)
-    if not mmu.root_valid(vcpu):
+    if vcpu.mmu_root is None:
         kvm_mmu_load(vcpu)
 
 

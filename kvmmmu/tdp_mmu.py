@@ -1,12 +1,17 @@
 """The TDP MMU (``arch/x86/kvm/mmu/tdp_mmu.c``): roots, the fault path and
 every hook the VM calls, over the C core (:mod:`kvmmmu._core.tdp_mmu`).
 
-Register it on a VM with TDP enabled::
+A VM created with ``mmu="tdp_mmu"`` has one (``vm.mmu_backend``, registered
+for the hooks); faults come through the common entry of :mod:`kvmmmu.mmu`::
 
     vm = VM("tdp_mmu", host=HostConfig(tdp="ept"))
-    tdp = vm.register_mmu(TdpMmu(vm))
-    tdp.kvm_mmu_load(vm.vcpus[0])
-    tdp.page_fault(vm.vcpus[0], gfn, write=True)      # RET_PF_*
+    v = vm.vcpus[0]
+    v.kvm_mmu_reload()                              # load the vCPU's root
+    v.kvm_mmu_page_fault(gpa, PFERR_WRITE_MASK)     # RET_PF_*, with the statistics
+    vm.mmu_backend.page_fault(v, gfn, write=True)   # the same, error code as the CPU's
+
+``TdpMmu(vm)`` registered by hand replaces the VM's own while that one has
+not loaded a root; ``VM(..., backend=None)`` starts without any.
 
 Roots (tdp-mmu.md §1-2).  A vCPU loads the valid root of its role (level,
 ``smm``, ``guest_mode``, A/D), taking a reference, or allocates one with two
@@ -17,11 +22,15 @@ a root whose last reference goes is zapped, unlinked and freed after a
 grace period.  A vCPU whose root is invalid must reload
 (``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS``): its faults are stale.
 
-The fault (``kvm_tdp_page_fault``, tdp-mmu.md §5): ``fast_page_fault``, then top up the caches,
-``kvm_mmu_faultin_pfn``, take ``mmu_lock`` for read, give up (RETRY) if the
+The fault (``kvm_tdp_page_fault``, tdp-mmu.md §5; :meth:`TdpMmu.mmu_page_fault`,
+called by :func:`kvmmmu.mmu.kvm_mmu_do_page_fault` with a
+:class:`~kvmmmu.mmu.KvmPageFault`): a write to a write-tracked gfn is
+WRITE_PROTECTED; ``fast_page_fault``; top up the caches;
+``kvm_mmu_faultin_pfn``; take ``mmu_lock`` for read, give up (RETRY) if the
 fault is stale, choose the level (``kvm_mmu_hugepage_adjust``), and walk:
-:meth:`~kvmmmu._core.tdp_mmu.TdpMmuCore.map_one`.  A writable SPTE created
-in a dirty-logged slot marks the gfn dirty, as ``make_spte`` does.
+one C call, :meth:`~kvmmmu._core.tdp_mmu.TdpMmuCore.page_fault_map`.  A
+writable SPTE created in a dirty-logged slot marks the gfn dirty, as
+``make_spte`` does.  The common steps are functions of :mod:`kvmmmu.mmu`.
 
 ``fast_page_fault`` comes first: a write to an MMU-writable SPTE (dirty
 logging took W away) or an access-tracked SPTE is fixed with one cmpxchg,
@@ -149,6 +158,7 @@ class TdpMmu(MmuBackend):
             if old is not None:
                 self.kvm_tdp_mmu_put_root(old)
             root = self.vcpu_root[vcpu.index] = self.kvm_tdp_mmu_alloc_root(vcpu)
+        vcpu.mmu_root = root
         self.vm.arena.set_tdp_mmu_active(vcpu.index, True)
         vcpu.requests.discard("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
         return root
@@ -163,6 +173,7 @@ class TdpMmu(MmuBackend):
     def kvm_mmu_unload(self, vcpu) -> None:
         """``kvm_mmu_unload``: drop the vCPU's root reference."""
         root = self.vcpu_root.pop(vcpu.index, None)
+        vcpu.mmu_root = None
         if root is not None:
             with self.vm.mmu_lock.write():
                 self.kvm_tdp_mmu_put_root(root)
@@ -207,11 +218,6 @@ class TdpMmu(MmuBackend):
     is_tdp = True
     direct = True
 
-    def root_valid(self, vcpu) -> bool:
-        """``VALID_PAGE(vcpu->arch.mmu->root.hpa)``: the vCPU has loaded a root
-        (an obsolete one still counts: its faults are stale)."""
-        return vcpu.index in self.vcpu_root
-
     def kvm_mmu_hugepage_adjust(self, slot, gfn: int, max_level: int, exec_: bool) -> tuple[int, int]:
         """``(goal_level, req_level)`` for a fault on `gfn` in `slot` (the
         common :func:`kvm_mmu_hugepage_adjust` on a :class:`KvmPageFault` is
@@ -232,7 +238,7 @@ class TdpMmu(MmuBackend):
         installed counts in ``pf_mmio_spte_created``; a writable leaf
         created in a dirty-logged slot marks the gfn dirty (``make_spte``)."""
         vm = self.vm
-        root = self.vcpu_root.get(vcpu.index)
+        root = vcpu.mmu_root
         if root is None:
             return RET_PF_RETRY
         gfn = fault.gfn

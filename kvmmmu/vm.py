@@ -26,8 +26,10 @@ A :class:`VM` ties together
 * the **MMUs** themselves, as :class:`MmuBackend` objects registered with
   :meth:`VM.register_mmu`: the VM calls their hooks (unmap a gfn range, age,
   flush a memslot, dirty-logging transitions...) exactly where the kernel
-  calls into ``mmu.c`` / ``tdp_mmu.c``.  Until the MMU modules exist,
-  :class:`RecordingMmu` records the calls.
+  calls into ``mmu.c`` / ``tdp_mmu.c``.  ``mmu="tdp_mmu"`` gets its
+  :class:`~kvmmmu.tdp_mmu.TdpMmu` (``vm.mmu_backend``, the MMU that takes
+  the vCPUs' faults: ``vcpu.kvm_mmu_page_fault(gpa, error_code)``);
+  :class:`RecordingMmu` records the calls it receives.
 
 ``VM.from_host()`` configures all of this like the machine it runs on
 (``/sys/module/kvm/parameters``, ``/proc/cpuinfo``, ``/dev/kvm``
@@ -334,6 +336,9 @@ class Vcpu:
         self.mmio_gfn = 0
         self.mmio_access = 0
         self.mmio_gen = 0
+        #: ``vcpu->arch.mmu->root``: the root the VM's MMU loaded for this vCPU
+        #: (None: INVALID_PAGE); set by its kvm_mmu_load / kvm_mmu_unload
+        self.mmu_root = None
         #: the EMULTYPE_* flags of the last fault that asked for emulation
         self.emulation_type = 0
         #: the KvmPageFault of the last kvm_mmu_do_page_fault (for inspection)
