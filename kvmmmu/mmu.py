@@ -413,6 +413,8 @@ class KvmPageFault:
     their initial value are class attributes until first written, so that
     building a fault costs a handful of stores.
     """
+    is_tdp = True
+    nx_huge_page_workaround_enabled = False
     max_level = KVM_MAX_HUGEPAGE_LEVEL
     req_level = 1
     goal_level = 1
@@ -435,11 +437,17 @@ class KvmPageFault:
         self.write = (error_code & PFERR_WRITE_MASK) != 0
         self.present = (error_code & PFERR_PRESENT_MASK) != 0
         self.rsvd = (error_code & PFERR_RSVD_MASK) != 0
-        self.user = (error_code & PFERR_USER_MASK) != 0
         self.is_private = (error_code & PFERR_PRIVATE_ACCESS) != 0
-        self.is_tdp = is_tdp
-        self.nx_huge_page_workaround_enabled = nx_huge_page_workaround_enabled
+        if not is_tdp:
+            self.is_tdp = False
+        if nx_huge_page_workaround_enabled:
+            self.nx_huge_page_workaround_enabled = True
         self.gfn = gfn
+
+    @property
+    def user(self) -> bool:
+        """PFERR_USER (read by the shadow MMU's guest walk, never on the TDP path)."""
+        return (self.error_code & PFERR_USER_MASK) != 0
 
     def __repr__(self):
         acc = "".join(c for c, b in (("P", self.present), ("W", self.write), ("U", self.user),
@@ -937,9 +945,17 @@ def kvm_arch_mmu_enable_log_dirty_pt_masked(vm, slot, gfn_offset: int, mask: int
 
 
 def kvm_mmu_zap_all_fast(vm) -> None:
-    """``kvm_mmu_zap_all_fast``: obsolete every root (MMIO generation wrap)."""
-    for mmu in vm.mmus:
-        mmu.kvm_mmu_zap_all_fast()
+    """``kvm_mmu_zap_all_fast`` (MMIO generation wrap): with ``mmu_lock``
+    held for write, flip ``mmu_valid_gen`` (shadow pages of the old
+    generation are obsolete), ask every vCPU to free its obsolete roots
+    (``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS``), and let each MMU obsolete and
+    zap its roots (the TDP MMU: invalidate every root, then zap the
+    invalidated ones; the kernel does that last step under the read lock)."""
+    with vm.mmu_lock.write():
+        vm.mmu_valid_gen ^= 1
+        vm.kvm_make_all_cpus_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
+        for mmu in vm.mmus:
+            mmu.kvm_mmu_zap_all_fast()
 
 
 def kvm_mmu_change_mmu_pages(vm, nr_mmu_pages: int) -> None:

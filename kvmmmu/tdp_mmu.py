@@ -273,7 +273,10 @@ class TdpMmu(MmuBackend):
                     n.mmu_invalidate_seq != fault.mmu_seq or n.mmu_invalidate_in_progress and
                     _mmu.mmu_invalidate_retry_gfn(vm, fault.mmu_seq, gfn)):
                 return RET_PF_RETRY
-            flags = (fault.write | fault.exec << 1 | fault.prefetch << 2 |
+            # page_fault_map's flags: W (PFERR bit 1) -> 0, F (bit 4) -> 1, then
+            # prefetch, map_writable, the NX workaround
+            ec = fault.error_code
+            flags = ((ec >> 1) & 1 | (ec >> 3) & 2 | fault.prefetch << 2 |
                      fault.map_writable << 3 | fault.nx_huge_page_workaround_enabled << 4)
             if slot is None:
                 r = self.core.page_fault_map(root.sp, gfn, 0, 1, 1, flags | 32,

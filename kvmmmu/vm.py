@@ -607,6 +607,8 @@ class VM:
         #: KVM_CAP_VM_DISABLE_NX_HUGE_PAGES
         self.disable_nx_huge_pages = False
         self.mmio_gen_wraps = 0
+        #: ``kvm->arch.mmu_valid_gen``: flipped by kvm_mmu_zap_all_fast
+        self.mmu_valid_gen = 0
         self.fail_next_metadata_alloc = False
         self.mmu_notifier = KvmMmuNotifier(self)
         self.host.mmu_notifier_register(self.mmu_notifier)

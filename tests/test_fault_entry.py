@@ -403,3 +403,43 @@ def test_the_fault_record():
         (True, True, True, False, False, True, True)
     assert (f.max_level, f.req_level, f.goal_level, f.slot, f.pfn) == (3, 1, 1, None, 0)
     assert f.nx_huge_page_workaround_enabled and f.is_tdp and "gfn=0x5" in repr(f)
+
+
+def test_zap_all_fast_obsoletes_every_root_under_the_write_lock():
+    from kvmmmu import mmu
+    vm, v = _vm()
+    w = vm.create_vcpu()                           # a vCPU that never loaded a root
+    assert v.kvm_mmu_page_fault(0x5000, W) == RET_PF_FIXED
+    gen = vm.mmu_valid_gen
+    mmu.kvm_mmu_zap_all_fast(vm)
+    assert vm.mmu_valid_gen == gen ^ 1 and not vm.mmu_lock.held
+    assert all("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS" in x.requests for x in (v, w))
+    assert v.mmu_root.invalid and vm.arena.page_stats["pages_4k"] == 0
+    assert _fault(v, 0x5000, W) == (RET_PF_RETRY, {"taken": 1})       # stale until reload
+    v.kvm_mmu_reload()
+    assert not v.mmu_root.invalid and "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS" not in v.requests
+    assert _fault(v, 0x5000, W) == (RET_PF_FIXED, {"taken": 1, "fixed": 1})
+    w.kvm_mmu_reload()
+    assert w.mmu_root is v.mmu_root and v.mmu_root.refcount == 3
+    with vm.mmu_lock.write():                      # called with mmu_lock held: the kernel deadlocks
+        with pytest.raises(RuntimeError):
+            mmu.kvm_mmu_zap_all_fast(vm)
+    vm.arena.rcu_barrier()
+    assert vm.audit() == []
+
+
+def test_reset_context_unloads_and_the_next_entry_loads_the_new_role():
+    vm, v = _vm()
+    assert v.kvm_mmu_page_fault(0x5000, W) == RET_PF_FIXED
+    old = v.mmu_root
+    v.smm = True                                   # the role changes (SMM address space)
+    v.kvm_mmu_reset_context()
+    assert v.mmu_root is None
+    assert _fault(v, 0x5000, W) == (RET_PF_RETRY, {})                  # no root: WARN, RETRY
+    v.kvm_mmu_reload()
+    assert v.mmu_root is not old and v.mmu_root.as_id == 1
+    v.smm = False
+    v.kvm_mmu_reset_context()
+    v.kvm_mmu_reload()
+    assert v.mmu_root is old                        # the valid root of the role is reused
+    vm.arena.rcu_barrier()
