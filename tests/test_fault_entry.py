@@ -443,3 +443,64 @@ def test_reset_context_unloads_and_the_next_entry_loads_the_new_role():
     v.kvm_mmu_reload()
     assert v.mmu_root is old                        # the valid root of the role is reused
     vm.arena.rcu_barrier()
+
+
+def test_hostile_arguments_to_the_scalar_c_entries_raise_in_a_child():
+    from _probe import assert_no_crash
+    r = assert_no_crash("""
+        from kvmmmu.vm import VM, KvmParams
+        from kvmmmu.host import HostConfig
+        from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
+        from kvmmmu.errors import KvmNoMemoryError
+        vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), params=KvmParams(mmio_caching=False))
+        vm.add_memory(0, 4 << 20, slot=0, populate=True)
+        v = vm.vcpus[0]
+        v.kvm_mmu_reload()
+        assert v.kvm_mmu_page_fault(0x5000, 2) == 5
+        core, root = vm.mmu_backend.core, v.mmu_root.sp
+        sc, hc = v.mmu_shadow_page_cache, v.mmu_page_header_cache
+        child = vm.arena.get_sp(root)                      # any header read works
+        other = PtArena(vm.fmt)
+        osc, ohc = MmuMemoryCache(other, "shadow_page"), MmuMemoryCache(other, "page_header")
+        osc.topup(5); ohc.topup(5)
+        empty = MmuMemoryCache(vm.arena, "shadow_page")
+        bad = [
+            ((0, 5, 1, 1, 1, 0, 0, sc, hc), ValueError),
+            ((1 << 40, 5, 1, 1, 1, 0, 0, sc, hc), ValueError),
+            ((root + 1, 5, 1, 1, 1, 0, 0, sc, hc), ValueError),
+            ((root, 1 << 36, 1, 1, 1, 0, 0, sc, hc), ValueError),
+            ((root, -1, 1, 1, 1, 0, 0, sc, hc), ValueError),
+            ((root, 5, 1 << 40, 1, 1, 0, 0, sc, hc), ValueError),
+            ((root, 5, 1, 0, 1, 0, 0, sc, hc), ValueError),
+            ((root, 5, 1, 4, 1, 0, 0, sc, hc), ValueError),
+            ((root, 5, 1, 1, 9, 0, 0, sc, hc), ValueError),
+            ((root, 5, 1, 1, 1, -1, 0, sc, hc), ValueError),
+            ((root, 5, 1, 1, 1, 64, 0, sc, hc), ValueError),
+            ((root, 5, 1, 1, 1, 32, 0, sc, hc), ValueError),     # MMIO SPTE, caching off
+            ((root, 5, 1.5, 1, 1, 0, 0, sc, hc), TypeError),
+            ((root, 5, 1, 1, 1, 0, 0, osc, ohc), ValueError),     # another arena's caches
+            ((root, 5, 1, 1, 1, 0, 0, hc, sc), ValueError),       # swapped kinds
+            ((root, 5, 1, 1, 1, 0, 0, empty, hc), KvmNoMemoryError),
+            ((root, 5, 1, 1, 1, 0, 0, None, hc), TypeError),
+        ]
+        for args, exc in bad:
+            try:
+                core.page_fault_map(*args)
+            except exc:
+                pass
+            else:
+                raise AssertionError(f"page_fault_map{args[:7]} did not raise {exc.__name__}")
+        assert core.get_last_spte(root, (1 << 64) - 1) == (0, 0)
+        for args, exc in [((0, 5), ValueError), ((root, -1), ValueError), ((root, 2.0), TypeError)]:
+            try:
+                core.get_last_spte(*args)
+            except exc:
+                pass
+            else:
+                raise AssertionError(f"get_last_spte{args} did not raise {exc.__name__}")
+        # the host mapping goes away behind the slot: the fault fails, no crash
+        vm.host.munmap(vm.memslots[0].id_to_memslot(0).userspace_addr, 4 << 20)
+        assert v.kvm_mmu_page_fault(0x6000, 2) == -14
+        vm.audit()
+    """, allow_raise=False)
+    assert r.raised is None
