@@ -79,6 +79,7 @@ from kvmmmu._core.role import (
 )
 from kvmmmu._core.spte import PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK
 from kvmmmu._core.tdp_iter import TdpIter, kvm_tdp_mmu_get_walk
+from kvmmmu._core.pt_arena import MmuMemoryCache
 from kvmmmu._core.tdp_mmu import TdpMmuCore
 from kvmmmu._core.guest_walk import (
     PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
@@ -126,6 +127,9 @@ class TdpMmu(MmuBackend):
                     else guest_maxphyaddr, 32, 52))
         self.roots: list[TdpRoot] = []
         self.vcpu_root: dict[int, TdpRoot] = {}
+        #: ``kvm->arch.split_{shadow_page,page_header}_cache``: eager split's tables
+        self.split_shadow_page_cache = MmuMemoryCache(vm.arena, "shadow_page")
+        self.split_page_header_cache = MmuMemoryCache(vm.arena, "page_header")
 
     # ------------------------------------------------------------------ roots
     def _root_role(self, vcpu) -> KvmMmuPageRole:
@@ -470,11 +474,13 @@ class TdpMmu(MmuBackend):
             self.vm.kvm_flush_remote_tlbs()
 
     def kvm_mmu_slot_try_split_huge_pages(self, slot, target_level) -> None:
-        vcpu = self.vm.vcpus[0]
+        """Eager page split: the tables come from the VM's split caches
+        (``kvm->arch.split_shadow_page_cache`` / ``split_page_header_cache``),
+        not a vCPU's: a VM may log dirty pages before it has vCPUs."""
         for r in self._valid_roots(slot.as_id):
             self.core.split_huge_pages(r.sp, slot.base_gfn, slot.base_gfn + slot.npages,
-                                       target_level, vcpu.mmu_shadow_page_cache,
-                                       vcpu.mmu_page_header_cache,
+                                       target_level, self.split_shadow_page_cache,
+                                       self.split_page_header_cache,
                                        nx_huge_pages=self.vm.params.nx_huge_pages)
 
     def _dbit(self, root) -> int:

@@ -504,3 +504,18 @@ def test_hostile_arguments_to_the_scalar_c_entries_raise_in_a_child():
         vm.audit()
     """, allow_raise=False)
     assert r.raised is None
+
+
+def test_eager_split_takes_the_vms_split_caches_not_a_vcpus():
+    vm0 = VM("tdp_mmu", host=HostConfig(tdp="ept"), nr_vcpus=0)         # no vCPU yet
+    s0 = vm0.add_memory(0, SLOT, slot=0, thp=True, populate=True)
+    vm0.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, SLOT, s0.userspace_addr)
+    assert vm0.audit() == []
+    vm, v = _vm(thp=True)
+    assert v.kvm_mmu_page_fault(0x205000, W) == RET_PF_FIXED
+    held = (v.mmu_shadow_page_cache.nobjs, v.mmu_page_header_cache.nobjs)
+    slot = vm.memslots[0].id_to_memslot(0)
+    vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, SLOT, slot.userspace_addr)
+    assert vm.arena.page_stats["pages_4k"] == 512 and vm.arena.page_stats["pages_2m"] == 0
+    assert (v.mmu_shadow_page_cache.nobjs, v.mmu_page_header_cache.nobjs) == held
+    assert vm.audit() == []

@@ -1183,15 +1183,21 @@ cdef class TdpMmuCore:
         """The last entry on `gfn`'s path under `root` and its level
         (``kvm_tdp_mmu_fast_pf_get_last_sptep``, a lockless walk; what
         ``get_mmio_spte`` looks at): ``(spte, level)``, ``(0, 0)`` when `gfn`
-        is beyond what the root maps.  Changes nothing."""
+        is beyond what the root maps.  Changes nothing; serialized with the
+        arena's writers, as :meth:`fast_page_fault` is."""
         cdef uint64_t c_root = u64_arg(root, "root")
         cdef uint64_t c_gfn = u64_arg(gfn, "gfn")
         cdef uint64_t spte = 0
-        cdef int level = 0
-        cdef int top = self._root(c_root)
-        if c_gfn >> (SPTE_LEVEL_BITS * top):
-            return 0, 0
-        if kvm_tdp_mmu_fast_pf_get_last_sptep(&self.m, c_root, c_gfn, &spte, &level) == 0:
+        cdef int level = 0, top
+        cdef sptep_t sptep = 0
+        self._enter("TdpMmuCore.get_last_spte")
+        try:
+            top = self._root(c_root)
+            if not c_gfn >> (SPTE_LEVEL_BITS * top):
+                sptep = kvm_tdp_mmu_fast_pf_get_last_sptep(&self.m, c_root, c_gfn, &spte, &level)
+        finally:
+            self._leave()
+        if sptep == 0:
             return 0, 0
         return spte, level
 
