@@ -505,8 +505,9 @@ class VM:
         The MMU that takes the vCPUs' faults and receives the hooks:
         ``"auto"`` gives ``mmu="tdp_mmu"`` its :class:`~kvmmmu.tdp_mmu.TdpMmu`
         (``vm.mmu_backend``) and the other flavours none yet (the shadow MMU
-        is still to come); None registers nothing (register your own with
-        :meth:`register_mmu`); an object is registered as it is.
+        and the TDX mirror roots are still to come); None registers nothing
+        (register your own with :meth:`register_mmu`); an object is
+        registered as it is.
 
     Invariants (checked by :meth:`audit`, which reports all violations at once):
 
@@ -620,7 +621,9 @@ class VM:
         if isinstance(backend, str):
             if backend != "auto":
                 raise ValueError(f"backend must be 'auto', None or an MmuBackend, not {backend!r}")
-            backend = TdpMmu(self) if mmu == "tdp_mmu" else None
+            # not for TDX yet: its private faults need the mirror root
+            backend = TdpMmu(self) if mmu == "tdp_mmu" and not self.kvm_has_mirrored_tdp \
+                else None
             self._auto_backend = backend
         if backend is not None:
             self.register_mmu(backend)

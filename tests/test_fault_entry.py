@@ -519,3 +519,8 @@ def test_eager_split_takes_the_vms_split_caches_not_a_vcpus():
     assert vm.arena.page_stats["pages_4k"] == 512 and vm.arena.page_stats["pages_2m"] == 0
     assert (v.mmu_shadow_page_cache.nobjs, v.mmu_page_header_cache.nobjs) == held
     assert vm.audit() == []
+
+
+def test_a_tdx_vm_gets_no_tdp_mmu_yet():
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx")
+    assert vm.mmu_backend is None and vm.mmus == []           # mirror roots: not modelled
