@@ -48,6 +48,7 @@ memattrs, host, the core) and nothing imports it but :mod:`kvmmmu.vm`.
 from __future__ import annotations
 
 import errno as E
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -653,6 +654,12 @@ def fast_page_fault(vcpu, fault: KvmPageFault) -> int:
     return r
 
 
+#: Serializes the read-modify-write of one dirty-bitmap word by the fault paths
+#: (set_bit_le is atomic in the kernel; here the item read and the store are two
+#: steps another fault thread could come between).
+_dirty_word_lock = threading.Lock()
+
+
 def mark_gfn_dirty(vm, slot, gfn: int) -> None:
     """``mark_page_dirty_in_slot`` for one int gfn of a dirty-logged slot's
     bitmap, with scalar numpy access (the fault paths' form); anything else
@@ -662,7 +669,8 @@ def mark_gfn_dirty(vm, slot, gfn: int) -> None:
         rel = gfn - slot.base_gfn
         if bm is not None and 0 <= rel < slot.npages:
             w = rel >> 6
-            bm[w] = bm.item(w) | (1 << (rel & 63))
+            with _dirty_word_lock:              # two vCPU threads may mark one word
+                bm[w] = bm.item(w) | (1 << (rel & 63))
             return
     mark_page_dirty_in_slot(vm, slot, gfn)
 

@@ -524,3 +524,38 @@ def test_eager_split_takes_the_vms_split_caches_not_a_vcpus():
 def test_a_tdx_vm_gets_no_tdp_mmu_yet():
     vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx")
     assert vm.mmu_backend is None and vm.mmus == []           # mirror roots: not modelled
+
+
+def test_vcpu_threads_fixing_writes_in_one_bitmap_word_lose_no_dirty_bit():
+    import sys
+    import threading
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), nr_vcpus=4)
+    slot = vm.add_memory(0, SLOT, slot=0, populate=True)
+    for v in vm.vcpus:
+        v.kvm_mmu_reload()
+    n = 1024
+    for g in range(n):
+        vm.vcpus[0].kvm_mmu_page_fault(g << 12, W)
+    vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, SLOT, slot.userspace_addr)
+    vm.get_dirty_log(0)
+    results = [[] for _ in vm.vcpus]
+
+    def run(i):
+        v = vm.vcpus[i]
+        for g in range(i, n, len(vm.vcpus)):       # the threads share every bitmap word
+            results[i].append(v.kvm_mmu_page_fault(g << 12, W | P))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(vm.vcpus))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert all(r == RET_PF_FIXED for rs in results for r in rs)
+    assert sum(v.stat.pf_fast for v in vm.vcpus) == n
+    bm = vm.get_dirty_log(0)
+    assert [i for i in range(n) if int(bm[i // 64]) >> (i % 64) & 1] == list(range(n))
