@@ -1713,13 +1713,24 @@ def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool,
         # only these VMAs get huge leaves: every page of one gets the bits
         j0, j1 = vma.leaf_span(i)
         if j1 - j0 > 1:
-            pte[j0:j1] |= bits
+            pte[j0:j1] |= bits                  # one ufunc call: atomic under the GIL
             level = PG_LEVEL_2M if j1 - j0 == 1 << 9 else PG_LEVEL_1G
         elif f & bits != bits:
-            pte[i] = f | bits
+            _set_pte_bits(pte, i, bits)
     elif f & bits != bits:
-        pte[i] = f | bits
+        _set_pte_bits(pte, i, bits)
     return vma.pfn.item(i), (f & PTE_WRITE) != 0, level
+
+
+#: Serializes the read-modify-write of one PTE's flags by fault threads
+#: (another vCPU thread faulting the same page must not undo a dirty bit).
+_pte_bits_lock = threading.Lock()
+
+
+def _set_pte_bits(pte, i, bits):
+    _pte_bits_lock.acquire()
+    pte[i] = pte.item(i) | bits                 # cannot raise: i is in range
+    _pte_bits_lock.release()
 
 
 def hva_to_pfn(mm: HostMm, hva: int, *, write_fault: bool, want_writable: bool = True,
