@@ -288,7 +288,10 @@ class TdpMmu(MmuBackend):
                 if r == RET_PF_EMULATE:
                     vcpu.stat.pf[_mmu._PF_MMIO_SPTE_CREATED] += 1
                 return r
-            _mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
+            if fault.host_level != 1 or fault.exec:
+                # (a 4K host leaf and no fetch: hugepage_adjust would leave
+                # req_level, goal_level and huge_page_disallowed as they are)
+                _mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
             r = self.core.page_fault_map(root.sp, gfn, fault.pfn, fault.goal_level,
                                          fault.req_level, flags, 0, sc, hc)
             if fault.huge_page_disallowed:
