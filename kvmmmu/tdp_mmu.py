@@ -109,9 +109,15 @@ class TdpRoot:
 
 
 class TdpMmu(MmuBackend):
-    """The TDP MMU of one VM.  Thread-safety: the VM's ``api_lock`` and
-    ``mmu_lock`` discipline (hooks are called with them held; call
-    :meth:`page_fault` from one thread at a time)."""
+    """The TDP MMU of one VM (``vm.mmu_backend`` of a ``mmu="tdp_mmu"`` VM).
+
+    Thread-safety: the hooks run under the VM's ``api_lock`` / ``mmu_lock``
+    discipline.  Faults (:meth:`mmu_page_fault`, :meth:`page_fault`) take
+    ``mmu_lock`` for read; a vCPU faults from one thread at a time (its
+    fault record, statistics and caches are its own), different vCPUs may
+    fault from different threads as far as the core's map path allows
+    (the arena's writer check raises ConcurrentUseError otherwise); the
+    dirty-bitmap word and host PTE updates of the fault path are locked."""
 
     def __init__(self, vm, *, max_tdp_level: int | None = None, guest_maxphyaddr: int | None = None):
         if not vm.tdp_enabled:
