@@ -71,6 +71,7 @@ __all__ = [
     "PTE_MIGRATION", "PTE_HWPOISON",
     "HostConfig", "HostPhysMem", "HostOutOfMemoryError", "HostMmError", "HostFaultError",
     "MmuNotifyEvent", "MmuNotifierRange", "MmuNotifier", "Vma", "HostMm", "hva_to_pfn",
+    "hva_to_pfn_fast",
 ]
 
 from kvmmmu._core._checks import check_array, int_arg, ArgumentRangeError, U64_MAX  # noqa: E402
@@ -958,13 +959,22 @@ class HostMm:
         """``host_pfn_mapping_level``: PG_LEVEL_1G if a PUD leaf maps hva,
         PG_LEVEL_2M for a PMD leaf, else PG_LEVEL_4K (also when nothing is
         mapped).  Callers must be tied into the notifiers (shadow-mmu.md §16.2)."""
-        hva = _hva_arg(hva)
-        v = self.find_vma(hva)
-        if v is None:
+        if type(hva) is not int or not 0 <= hva <= U64_MAX:
+            hva = _hva_arg(hva)
+        vmas = self.vmas
+        if len(vmas) == 1:
+            v = vmas[0]
+            if not v.start <= hva < v.end:
+                return PG_LEVEL_4K
+        else:
+            v = self.find_vma(hva)
+            if v is None:
+                return PG_LEVEL_4K
+        if not (v.thp or v.hugetlb):            # only these VMAs get huge leaves
             return PG_LEVEL_4K
-        if v.pud_leaf[(hva >> PUD_SHIFT) - (v.start >> PUD_SHIFT)]:
+        if v.pud_leaf.item((hva >> PUD_SHIFT) - (v.start >> PUD_SHIFT)):
             return PG_LEVEL_1G
-        if v.pmd_leaf[(hva >> PMD_SHIFT) - (v.start >> PMD_SHIFT)]:
+        if v.pmd_leaf.item((hva >> PMD_SHIFT) - (v.start >> PMD_SHIFT)):
             return PG_LEVEL_2M
         return PG_LEVEL_4K
 
@@ -1673,6 +1683,55 @@ class HostMm:
 # ==================================================================================
 # KVM's hva -> pfn
 # ==================================================================================
+
+def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool, int] | None:
+    """Step 1 of :func:`hva_to_pfn` alone (GUP fast, ``want_writable``), for
+    the scalar fault path: ``(pfn, writable, level)`` when a present PTE
+    allows the access, with ``level`` the host mapping level of the leaf
+    (what :meth:`HostMm.host_pfn_mapping_level` answers for ``hva`` now);
+    else None (the caller goes on with :func:`hva_to_pfn`, which faults the
+    page in).  The same effect on the host PTEs (young, and dirty for a
+    write, over the whole leaf), with scalar reads instead of array slices;
+    ``hva`` must be a plain int."""
+    vmas = mm.vmas
+    if len(vmas) == 1:
+        vma = vmas[0]
+        if not vma.start <= hva < vma.end:
+            return None
+    else:
+        vma = mm.find_vma(hva)
+        if vma is None:
+            return None
+    i = (hva - vma.start) >> PAGE_SHIFT
+    pte = vma.pte
+    f = pte.item(i)
+    if not f & PTE_PRESENT or (write_fault and not f & PTE_WRITE):
+        return None
+    bits = PTE_YOUNG | PTE_DIRTY if write_fault else PTE_YOUNG
+    level = PG_LEVEL_4K
+    if vma.thp or vma.hugetlb:
+        # only these VMAs get huge leaves: every page of one gets the bits
+        j0, j1 = vma.leaf_span(i)
+        if j1 - j0 > 1:
+            pte[j0:j1] |= bits                  # one ufunc call: atomic under the GIL
+            level = PG_LEVEL_2M if j1 - j0 == 1 << 9 else PG_LEVEL_1G
+        elif f & bits != bits:
+            _set_pte_bits(pte, i, bits)
+    elif f & bits != bits:
+        _set_pte_bits(pte, i, bits)
+    return vma.pfn.item(i), (f & PTE_WRITE) != 0, level
+
+
+#: Serializes the read-modify-write of one PTE's flags by fault threads
+#: (another vCPU thread faulting the same page must not undo a dirty bit).
+_pte_bits_lock = threading.Lock()
+
+
+def _set_pte_bits(pte, i, bits):
+    _pte_bits_lock.acquire()
+    pte[i] = pte.item(i) | bits                 # cannot raise: i is in range
+    _pte_bits_lock.release()
+
 
 def hva_to_pfn(mm: HostMm, hva: int, *, write_fault: bool, want_writable: bool = True,
                no_wait: bool = False) -> tuple[int, bool]:

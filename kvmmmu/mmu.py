@@ -14,7 +14,19 @@ What lives here, by kernel entry point:
 ================================================  ================================
 kernel                                            here
 ================================================  ================================
-``kvm_mmu_faultin_pfn`` (+ ``kvm_handle_noslot``)  :func:`kvm_mmu_faultin_pfn`
+``kvm_mmu_page_fault``                             :func:`kvm_mmu_page_fault` (also
+                                                   ``vcpu.kvm_mmu_page_fault``)
+``kvm_mmu_do_page_fault``                          :func:`kvm_mmu_do_page_fault`
+``struct kvm_page_fault``                          :class:`KvmPageFault`
+``handle_mmio_page_fault``,                        same names
+``mmio_info_in_cache``
+``kvm_mmu_write_protect_fault``                    same name
+``page_fault_handle_page_track``,                  same names
+``page_fault_can_be_fast``, ``fast_page_fault``
+``kvm_mmu_hugepage_adjust``                        same name (on the fault)
+``kvm_mmu_faultin_pfn``, ``kvm_handle_noslot``     :func:`faultin_pfn` (on the fault),
+                                                   :func:`kvm_mmu_faultin_pfn` (by gfn)
+``kvm_mmu_{load,unload,reload,reset_context}``     same names
 ``is_page_fault_stale``                            :func:`is_page_fault_stale`
 ``kvm_mmu_max_mapping_level``                      :func:`kvm_mmu_max_mapping_level`
                                                   (+ ``_array``, a batch form)
@@ -36,6 +48,7 @@ memattrs, host, the core) and nothing imports it but :mod:`kvmmmu.vm`.
 from __future__ import annotations
 
 import errno as E
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,16 +56,21 @@ import numpy as np
 from kvmmmu._core._checks import check_array, int_arg, out_array
 from kvmmmu._core.defs import (
     KVM_MAX_HUGEPAGE_LEVEL, KVM_PAGES_PER_HPAGE, PAGE_SHIFT, RET_PF_CONTINUE, RET_PF_EMULATE,
-    RET_PF_RETRY, gfn_to_index,
+    RET_PF_FIXED, RET_PF_INVALID, RET_PF_RETRY, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED,
+    gfn_to_index,
+)
+from kvmmmu._core.guest_walk import (
+    PFERR_FETCH_MASK, PFERR_IMPLICIT_ACCESS, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
 )
 from kvmmmu.host import (
-    KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING, KVM_PFN_NOSLOT,
-    hva_to_pfn, is_error_pfn,
+    KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_MASK, KVM_PFN_ERR_NOSLOT_MASK, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
+    KVM_PFN_NOSLOT, hva_to_pfn, hva_to_pfn_fast,
 )
 from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
 from kvmmmu.memslots import (
     KVM_LPAGE_MIXED_FLAG, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMSLOT_INVALID,
-    KvmMemorySlot, KvmMrChange, kvm_mmu_max_gfn,
+    KvmMemorySlot, KvmMrChange, kvm_mmu_max_gfn, mark_page_dirty_in_slot,
 )
 from kvmmmu.notifiers import (
     KVM_FILTER_PRIVATE, KVM_FILTER_SHARED, KvmGfnRange, mmu_invalidate_retry_gfn,
@@ -61,6 +79,15 @@ from kvmmmu.notifiers import (
 
 __all__ = [
     "MmuBackend", "RecordingMmu", "MMU_BACKEND_HOOKS", "FaultinResult",
+    "KvmPageFault", "kvm_mmu_page_fault", "kvm_mmu_do_page_fault", "kvm_mmu_prefetch_fault",
+    "handle_mmio_page_fault", "mmio_info_in_cache", "kvm_mmu_write_protect_fault",
+    "page_fault_handle_page_track", "page_fault_can_be_fast", "fast_page_fault",
+    "kvm_mmu_hugepage_adjust", "faultin_pfn", "mark_gfn_dirty", "kvm_handle_noslot_fault",
+    "kvm_mmu_load", "kvm_mmu_unload", "kvm_mmu_reload", "kvm_mmu_reset_context",
+    "PFERR_PRIVATE_ACCESS", "PFERR_SYNTHETIC_MASK", "PFERR_GUEST_FINAL_MASK",
+    "PFERR_GUEST_PAGE_MASK", "PFERR_GUEST_ENC_MASK", "PFERR_GUEST_RMP_MASK",
+    "PFERR_GUEST_SIZEM_MASK", "PFERR_GUEST_VMPL_MASK",
+    "EMULTYPE_PF", "EMULTYPE_ALLOW_RETRY_PF", "EMULTYPE_WRITE_PF_TO_SP",
     "kvm_mmu_faultin_pfn", "is_page_fault_stale",
     "kvm_mmu_max_mapping_level", "kvm_mmu_max_mapping_level_array",
     "lpage_info_slot", "kvm_mmu_gfn_disallow_lpage", "kvm_mmu_gfn_allow_lpage",
@@ -74,6 +101,13 @@ __all__ = [
 ]
 
 _U64 = (1 << 64) - 1
+
+from kvmmmu.stats import VCPU_PF_COUNTERS as _PF_COUNTERS  # noqa: E402
+
+# indices of the fault counters in VcpuStat.pf
+_PF_TAKEN, _PF_FIXED, _PF_EMULATE, _PF_SPURIOUS, _PF_FAST, _PF_MMIO_SPTE_CREATED = (
+    _PF_COUNTERS.index(n) for n in ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious",
+                                    "pf_fast", "pf_mmio_spte_created"))
 
 
 # ==================================================================================
@@ -174,6 +208,35 @@ class MmuBackend:
         """The MMU's own invariants, checked by :meth:`VM.audit`: the
         violations found (none by default)."""
         return []
+
+    # -- the fault side (vcpu->arch.mmu): what kvm_mmu_page_fault calls in the
+    # MMU that takes the vCPUs' faults (vm.mmu_backend).  Such a backend also
+    # has kvm_mmu_load(vcpu) / kvm_mmu_unload(vcpu), which set and clear
+    # ``vcpu.mmu_root`` (``vcpu->arch.mmu->root``: None is INVALID_PAGE).  A
+    # backend that only receives the hooks (RecordingMmu) takes no faults.
+    #: ``mmu->page_fault == kvm_tdp_page_fault``
+    is_tdp = False
+    #: ``root_role.direct``: roots indexed by gpa (TDP, or shadow without paging)
+    direct = False
+
+    def mmu_page_fault(self, vcpu, fault) -> int:
+        """``vcpu->arch.mmu->page_fault``: RET_PF_* (never INVALID) or -errno."""
+        raise NotImplementedError(f"{type(self).__name__} takes no page faults")
+
+    def fast_page_fault(self, vcpu, fault) -> tuple:
+        """The MMU's lockless walk + cmpxchg of ``fast_page_fault``:
+        ``(RET_PF_*, made_writable)``; direct MMUs only."""
+        return RET_PF_INVALID, False
+
+    def get_mmio_spte(self, vcpu, addr) -> tuple:
+        """``get_mmio_spte``: ``(reserved, spte)`` of the last entry a lockless
+        walk of `addr` reaches."""
+        return False, 0
+
+    def unprotect_gfn_and_retry(self, vcpu, cr2_or_gpa) -> bool:
+        """``__unprotect_gfn_and_retry``: zap the shadow pages of the
+        gfn; whether something was zapped."""
+        return False
 
 
 class RecordingMmu(MmuBackend):
@@ -287,57 +350,511 @@ def kvm_mmu_faultin_pfn(vm, vcpu, gfn: int, *, write: bool = False,
         vm.kvm_bug("fault gfn has the alias bit")
         r.ret = -E.EFAULT
         return r
-    r.slot = slot = vcpu.gfn_to_memslot(gfn)
-    r.mmu_seq = vm.notifier.mmu_invalidate_seq
-    if is_private != vm.kvm_mem_is_private(gfn):
-        r.ret, r.memory_fault_exit = -E.EFAULT, True
-        return r
-    if slot is None:
-        return _handle_noslot_fault(vm, vcpu, r, addr, access)
-    if slot.flags & KVM_MEMSLOT_INVALID:
-        r.ret = -E.EAGAIN if prefetch else RET_PF_RETRY
-        return r
-    if mmu_invalidate_retry_gfn_unsafe(vm, r.mmu_seq, gfn):
-        r.ret = RET_PF_RETRY
-        return r
-    if is_private:
-        if not slot.kvm_slot_has_gmem():
-            r.ret, r.memory_fault_exit = -E.EFAULT, True
-            return r
-        r.pfn = slot.gmem.get_pfn(slot, gfn)
-        r.map_writable = not slot.flags & KVM_MEM_READONLY
+    if addr is None:
+        addr = gfn << PAGE_SHIFT if vm.tdp_enabled else 0
+    fault = KvmPageFault(addr, (PFERR_WRITE_MASK if write else 0) |
+                         (PFERR_PRIVATE_ACCESS if is_private else 0), prefetch,
+                         vm.tdp_enabled, False, gfn)
+    fault.slot = vcpu.gfn_to_memslot(gfn)
+    r.ret = faultin_pfn(vcpu, fault, access)
+    r.slot, r.pfn, r.map_writable, r.mmu_seq = fault.slot, fault.pfn, fault.map_writable, fault.mmu_seq
+    r.memory_fault_exit = fault.memory_fault_exit
+    if fault.max_level == 1:
         r.max_level = 1
-    else:
-        readonly = bool(slot.flags & KVM_MEM_READONLY)
-        if readonly and write:
-            r.pfn = KVM_PFN_ERR_RO_FAULT
-        else:
-            r.pfn, r.map_writable = hva_to_pfn(vm.host, slot.gfn_to_hva(gfn), write_fault=write,
-                                               want_writable=not readonly)
-    if is_error_pfn(r.pfn):
-        if r.pfn == KVM_PFN_ERR_SIGPENDING:
-            r.ret = -E.EINTR
-        elif r.pfn == KVM_PFN_ERR_RO_FAULT:
-            r.ret = RET_PF_EMULATE
-        elif r.pfn == KVM_PFN_ERR_HWPOISON:
-            r.ret = RET_PF_RETRY
-        else:
-            r.ret = -E.EFAULT
-        return r
-    if mmu_invalidate_retry_gfn_unsafe(vm, r.mmu_seq, gfn):
-        r.ret = RET_PF_RETRY
     return r
 
-def _handle_noslot_fault(vm, vcpu, r, addr, access):
-    if r.is_private:
-        r.ret, r.memory_fault_exit = -E.EFAULT, True
+
+# ==================================================================================
+# The page fault entry (mmu.c kvm_mmu_page_fault, mmu_internal.h kvm_mmu_do_page_fault)
+# ==================================================================================
+
+# #PF error code bits above the hardware's low ones (asm/kvm_host.h); the low
+# ones (P, W, U, RSVD, F, PK, SS, SGX, IMPLICIT_ACCESS) live with the guest walker.
+PFERR_GUEST_RMP_MASK = 1 << 31
+PFERR_GUEST_FINAL_MASK = 1 << 32
+PFERR_GUEST_PAGE_MASK = 1 << 33
+PFERR_GUEST_ENC_MASK = 1 << 34
+PFERR_GUEST_SIZEM_MASK = 1 << 35
+PFERR_GUEST_VMPL_MASK = 1 << 36
+#: KVM-defined: the access is to private (guest_memfd) memory
+PFERR_PRIVATE_ACCESS = 1 << 49
+PFERR_SYNTHETIC_MASK = PFERR_IMPLICIT_ACCESS | PFERR_PRIVATE_ACCESS
+
+# emulation_type bits kvm_mmu_page_fault hands to x86_emulate_instruction (kvm_host.h)
+EMULTYPE_ALLOW_RETRY_PF = 1 << 3
+EMULTYPE_PF = 1 << 6
+EMULTYPE_WRITE_PF_TO_SP = 1 << 8
+
+
+class KvmPageFault:
+    """``struct kvm_page_fault``: one fault as it goes through the MMU.
+
+    Built once by :func:`kvm_mmu_do_page_fault`; the MMU's ``page_fault``
+    fills in the rest.  Fields, by who sets them in the kernel:
+
+    * arguments: ``addr`` (gpa, or gva for shadow paging), ``error_code``
+      (PFERR_* bits), ``prefetch``;
+    * derived from ``error_code``: ``exec`` (F), ``write`` (W), ``present``
+      (P), ``rsvd`` (RSVD), ``user`` (U), ``is_private`` (PFERR_PRIVATE_ACCESS);
+    * from the VM/vCPU: ``is_tdp`` (the MMU's handler is kvm_tdp_page_fault),
+      ``nx_huge_page_workaround_enabled`` (``is_nx_huge_page_enabled``);
+    * levels: ``max_level`` (starts at KVM_MAX_HUGEPAGE_LEVEL, lowered by
+      guest_memfd or the guest's page size), ``req_level`` and ``goal_level``
+      (``kvm_mmu_hugepage_adjust``; the TDP walk may lower the goal further),
+      ``huge_page_disallowed`` (``exec`` with the NX workaround);
+    * ``gfn`` and ``slot``: ``kvm_mmu_do_page_fault`` for direct MMUs (alias
+      bits stripped), the guest walk for shadow paging;
+    * faultin: ``mmu_seq`` (the invalidation sequence snapshot), ``pfn``,
+      ``map_writable``;
+    * ``write_fault_to_shadow_pgtable``: shadow paging's fetch found the
+      write targets a page table of its own walk (EMULTYPE_WRITE_PF_TO_SP).
+
+    Model field: ``memory_fault_exit`` (the fault ends in KVM_EXIT_MEMORY_FAULT,
+    ``kvm_mmu_prepare_memory_fault_exit``).  Fields that rarely change from
+    their initial value are class attributes until first written, so that
+    building a fault costs a handful of stores.
+    """
+    is_tdp = True
+    nx_huge_page_workaround_enabled = False
+    max_level = KVM_MAX_HUGEPAGE_LEVEL
+    req_level = 1
+    goal_level = 1
+    huge_page_disallowed = False
+    slot = None
+    mmu_seq = 0
+    pfn = 0
+    map_writable = False
+    write_fault_to_shadow_pgtable = False
+    memory_fault_exit = False
+    #: model: the host mapping level faultin's GUP fast saw (0: not known)
+    host_level = 0
+
+    def __init__(self, addr: int, error_code: int, prefetch: bool = False, is_tdp: bool = True,
+                 nx_huge_page_workaround_enabled: bool = False, gfn: int = 0):
+        self.addr = addr
+        self.error_code = error_code
+        self.prefetch = prefetch
+        self.exec = (error_code & PFERR_FETCH_MASK) != 0
+        self.write = (error_code & PFERR_WRITE_MASK) != 0
+        self.present = (error_code & PFERR_PRESENT_MASK) != 0
+        self.rsvd = (error_code & PFERR_RSVD_MASK) != 0
+        self.is_private = (error_code & PFERR_PRIVATE_ACCESS) != 0
+        if not is_tdp:
+            self.is_tdp = False
+        if nx_huge_page_workaround_enabled:
+            self.nx_huge_page_workaround_enabled = True
+        self.gfn = gfn
+
+    @property
+    def user(self) -> bool:
+        """PFERR_USER (read by the shadow MMU's guest walk, never on the TDP path)."""
+        return (self.error_code & PFERR_USER_MASK) != 0
+
+    def __repr__(self):
+        acc = "".join(c for c, b in (("P", self.present), ("W", self.write), ("U", self.user),
+                                      ("R", self.rsvd), ("F", self.exec)) if b)
+        return (f"KvmPageFault(addr={self.addr:#x}, gfn={self.gfn:#x}, {acc or '-'}"
+                f"{', private' if self.is_private else ''}{', prefetch' if self.prefetch else ''}, "
+                f"goal_level={self.goal_level}, pfn={self.pfn:#x})")
+
+
+def kvm_mmu_page_fault(vcpu, cr2_or_gpa: int, error_code: int, insn=None, insn_len: int = 0) -> int:
+    """``kvm_mmu_page_fault``: the exit handler's entry for an EPT violation /
+    NPF / shadow-paging #PF (E1-E4 of ARCHITECTURE §3.0).
+
+    1. no valid root: WARN_ON_ONCE, RET_PF_RETRY;
+    2. a SW-protected VM gets PFERR_PRIVATE_ACCESS from the gfn's attribute;
+    3. PFERR_RSVD: :func:`handle_mmio_page_fault` (an MMIO SPTE the hardware
+       tripped over); EMULATE goes straight to emulation (no statistic);
+       a stale generation (INVALID) takes the full fault;
+    4. ``stat.pf_taken++`` and :func:`kvm_mmu_do_page_fault`; INVALID from it
+       is a KVM_BUG (-EIO);
+    5. a negative errno is returned as is; RET_PF_WRITE_PROTECTED goes
+       through :func:`kvm_mmu_write_protect_fault` (RETRY or EMULATE);
+    6. FIXED / EMULATE / SPURIOUS count in ``pf_fixed`` / ``pf_emulate`` /
+       ``pf_spurious``.
+
+    Returns the RET_PF_* code (RETRY, FIXED, SPURIOUS: re-enter the guest;
+    EMULATE: the instruction would be emulated, with ``vcpu.emulation_type``
+    recording the EMULTYPE_* flags) or a negative errno.  A bugged VM does
+    not run vCPUs: :class:`~kvmmmu.warn.KvmBugError` (-EIO), nothing changes.
+    ``insn``/``insn_len`` are accepted for the kernel's signature; the
+    emulator is out of scope.
+    """
+    vm = vcpu.vm
+    if vm.warn_sink.bugged:
+        vm.warn_sink.check()
+    if type(cr2_or_gpa) is not int or not 0 <= cr2_or_gpa <= _U64:
+        cr2_or_gpa = int_arg("cr2_or_gpa", cr2_or_gpa)
+    if type(error_code) is not int or not 0 <= error_code <= _U64:
+        error_code = int_arg("error_code", error_code)
+    mmu = vm.mmu_backend
+    if mmu is None:
+        raise LookupError(f"the VM (mmu={vm.mmu!r}) has no MMU backend to take page faults")
+    if vcpu.mmu_root is None:                # !VALID_PAGE(vcpu->arch.mmu->root.hpa)
+        vm.warn_sink.warn("kvm_mmu_page_fault", "page fault without a valid root", once=True)
+        return RET_PF_RETRY
+    if vm.kvm_sw_protected_vm and vm.kvm_mem_is_private(cr2_or_gpa >> PAGE_SHIFT):
+        error_code |= PFERR_PRIVATE_ACCESS
+    r = RET_PF_INVALID
+    if error_code & PFERR_RSVD_MASK:
+        if error_code & PFERR_PRIVATE_ACCESS:
+            vm.warn_sink.warn("kvm_mmu_page_fault", "reserved-bit fault on a private access",
+                              once=True)
+            return -E.EFAULT
+        r = handle_mmio_page_fault(vcpu, cr2_or_gpa, mmu.direct)
+        if r == RET_PF_EMULATE:
+            vcpu.emulation_type = EMULTYPE_PF
+            return r
+    stat = vcpu.stat.pf
+    if r == RET_PF_INVALID:
+        stat[_PF_TAKEN] += 1
+        r = kvm_mmu_do_page_fault(vcpu, cr2_or_gpa, error_code, False)
+        if r == RET_PF_FIXED:                    # the common case first
+            stat[_PF_FIXED] += 1
+            return r
+        if r == RET_PF_INVALID:
+            vm.kvm_bug("kvm_mmu_do_page_fault returned RET_PF_INVALID", "kvm_mmu_page_fault")
+            return -E.EIO
+        if r == RET_PF_EMULATE:
+            vcpu.emulation_type = EMULTYPE_PF | (
+                EMULTYPE_WRITE_PF_TO_SP if vcpu.last_fault.write_fault_to_shadow_pgtable else 0)
+    if r < 0:
         return r
-    gva = 0 if (vm.tdp_enabled or addr is None) else addr
-    vcpu.vcpu_cache_mmio_info(gva, r.gfn, access & vm.fmt.shadow_mmio_access_mask)
-    r.slot, r.pfn, r.map_writable = None, KVM_PFN_NOSLOT, False
-    if not vm.enable_mmio_caching or r.gfn > kvm_mmu_max_gfn(vm):
-        r.ret = RET_PF_EMULATE
+    if r == RET_PF_WRITE_PROTECTED:
+        r = kvm_mmu_write_protect_fault(vcpu, cr2_or_gpa, error_code)
+    if r == RET_PF_FIXED:
+        stat[_PF_FIXED] += 1
+    elif r == RET_PF_SPURIOUS:
+        stat[_PF_SPURIOUS] += 1
+    elif r == RET_PF_EMULATE:
+        stat[_PF_EMULATE] += 1
+    elif r == RET_PF_CONTINUE:
+        vm.warn_sink.warn("kvm_mmu_page_fault", "RET_PF_CONTINUE escaped the fault path", once=True)
     return r
+
+
+def kvm_mmu_do_page_fault(vcpu, cr2_or_gpa: int, err: int, prefetch: bool = False) -> int:
+    """``kvm_mmu_do_page_fault``: build the :class:`KvmPageFault` (for a
+    direct MMU: the gfn without the alias bits, and its memslot) and call the
+    MMU's ``page_fault`` (``kvm_tdp_page_fault`` for the TDP MMU).  No
+    statistics here (the callers count); prefetch faults (async #PF
+    completion, pre-fault) are not guest faults.  Returns RET_PF_* or a
+    negative errno; the fault is left in ``vcpu.last_fault``."""
+    vm = vcpu.vm
+    mmu = vm.mmu_backend
+    fault = KvmPageFault(cr2_or_gpa, err, prefetch, mmu.is_tdp,
+                         vm.params.nx_huge_pages and not vm.disable_nx_huge_pages)
+    if mmu.direct:
+        fault.gfn = gfn = (cr2_or_gpa >> PAGE_SHIFT) & ~vm.gfn_direct_bits
+        fault.slot = vcpu.gfn_to_memslot(gfn)
+    vcpu.last_fault = fault
+    return mmu.mmu_page_fault(vcpu, fault)
+
+
+def kvm_mmu_write_protect_fault(vcpu, cr2_or_gpa: int, error_code: int) -> int:
+    """``kvm_mmu_write_protect_fault``: a write hit a gfn KVM keeps read-only
+    (write-tracked, a shadowed guest page table).  Emulate, unless a direct
+    MMU sees a write to a guest page table during a walk (or shadow paging
+    an event awaiting reinjection) and unprotecting the gfn zapped
+    something: then RETRY.  The same address faulting again right after an
+    unprotect-and-retry is emulated."""
+    mmu = vcpu.vm.mmu_backend
+    fault = vcpu.last_fault
+    vcpu.emulation_type = EMULTYPE_PF | (EMULTYPE_WRITE_PF_TO_SP if fault is not None and
+                                         fault.write_fault_to_shadow_pgtable else 0)
+    if vcpu.last_retry_addr == cr2_or_gpa and vcpu.last_retry_addr is not None:
+        return RET_PF_EMULATE
+    vcpu.last_retry_addr = None
+    if mmio_info_in_cache(vcpu, cr2_or_gpa, mmu.direct):
+        vcpu.vm.warn_sink.warn("kvm_mmu_write_protect_fault", "write-protect fault on a cached MMIO gpa",
+                               once=True)
+        return RET_PF_EMULATE
+    mask = PFERR_GUEST_PAGE_MASK | PFERR_WRITE_MASK | PFERR_PRESENT_MASK
+    if mmu.direct and (error_code & mask) == mask or \
+            not mmu.direct and vcpu.event_needs_reinjection:
+        if mmu.unprotect_gfn_and_retry(vcpu, cr2_or_gpa):
+            vcpu.last_retry_addr = cr2_or_gpa
+            return RET_PF_RETRY
+    vcpu.emulation_type |= EMULTYPE_ALLOW_RETRY_PF
+    return RET_PF_EMULATE
+
+
+def mmio_info_in_cache(vcpu, addr: int, direct: bool) -> bool:
+    """``mmio_info_in_cache``: the vCPU's MMIO cache answers ``addr`` (a gpa
+    for a direct MMU; gva caching is the shadow MMU's)."""
+    if direct:
+        return vcpu.vcpu_match_mmio_gpa(addr)
+    return vcpu.vcpu_match_mmio_gva(addr)
+
+
+def handle_mmio_page_fault(vcpu, addr: int, direct: bool) -> int:
+    """``handle_mmio_page_fault`` for a PFERR_RSVD fault: the MMIO cache, or
+    the last SPTE of a lockless walk (``get_mmio_spte``): an MMIO SPTE of the
+    current memslot generation caches its gfn and access and gives
+    RET_PF_EMULATE; a stale one RET_PF_INVALID (the full fault rebuilds it);
+    anything else (zapped meanwhile) RET_PF_RETRY; a reserved bit in a
+    non-MMIO SPTE is a KVM bug the kernel WARNs about (-EINVAL)."""
+    if mmio_info_in_cache(vcpu, addr, direct):
+        return RET_PF_EMULATE
+    vm = vcpu.vm
+    reserved, spte = vm.mmu_backend.get_mmio_spte(vcpu, addr)
+    if reserved:
+        vm.warn_sink.warn("handle_mmio_page_fault", "reserved bits in a non-MMIO SPTE", once=True)
+        return -E.EINVAL
+    fmt = vm.fmt
+    if fmt.is_mmio_spte(spte):
+        if not vcpu.check_mmio_spte(spte):
+            return RET_PF_INVALID
+        vcpu.vcpu_cache_mmio_info(0 if direct else addr, fmt.get_mmio_spte_gfn(spte),
+                                  fmt.get_mmio_spte_access(spte))
+        return RET_PF_EMULATE
+    return RET_PF_RETRY
+
+
+def page_fault_handle_page_track(vcpu, fault: KvmPageFault) -> bool:
+    """``page_fault_handle_page_track``: a write to a present, write-tracked
+    gfn (a shadowed guest page table, an external tracker) must be emulated:
+    the MMU answers RET_PF_WRITE_PROTECTED."""
+    if fault.rsvd or not fault.present or not fault.write:
+        return False
+    slot = fault.slot
+    if slot is None or not vcpu.vm.kvm_page_track_write_tracking_enabled:
+        return False
+    track = slot.arch.gfn_write_track
+    return track is not None and bool(track[fault.gfn - slot.base_gfn])
+
+
+def page_fault_can_be_fast(vm, fault: KvmPageFault) -> bool:
+    """``page_fault_can_be_fast``: only a present fault that is a write, or
+    (without A/D bits) a not-present one on an access-tracked SPTE, can be
+    fixed without mmu_lock; never a reserved-bit fault or a private/shared
+    mismatch."""
+    if fault.rsvd:
+        return False
+    if vm.has_private_mem and fault.is_private != vm.kvm_mem_is_private(fault.gfn):
+        return False
+    if not fault.present:
+        return not vm.kvm_ad_enabled
+    return fault.write
+
+
+def fast_page_fault(vcpu, fault: KvmPageFault) -> int:
+    """``fast_page_fault`` (the caller checked :func:`page_fault_can_be_fast`):
+    the MMU's lockless walk and cmpxchg (at most 5 attempts) fix a leaf that
+    only lacks W (MMU-writable, not a huge page of a dirty-logged slot) or
+    was access-tracked; RET_PF_FIXED, RET_PF_SPURIOUS (already allowed) or
+    RET_PF_INVALID (take the slow path).  A SPTE made writable marks the gfn
+    dirty; FIXED and SPURIOUS count in ``pf_fast``."""
+    r, made_writable = vcpu.vm.mmu_backend.fast_page_fault(vcpu, fault)
+    if r != RET_PF_INVALID:
+        if made_writable:
+            mark_gfn_dirty(vcpu.vm, fault.slot, fault.gfn)
+        vcpu.stat.pf[_PF_FAST] += 1
+    return r
+
+
+#: Serializes the read-modify-write of one dirty-bitmap word by the fault paths
+#: (set_bit_le is atomic in the kernel; here the item read and the store are two
+#: steps another fault thread could come between).
+_dirty_word_lock = threading.Lock()
+
+
+def mark_gfn_dirty(vm, slot, gfn: int) -> None:
+    """``mark_page_dirty_in_slot`` for one int gfn of a dirty-logged slot's
+    bitmap, with scalar numpy access (the fault paths' form); anything else
+    goes to :func:`kvmmmu.memslots.mark_page_dirty_in_slot`."""
+    if slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES and type(gfn) is int:
+        bm = slot.dirty_bitmap
+        rel = gfn - slot.base_gfn
+        if bm is not None and 0 <= rel < slot.npages:
+            w = rel >> 6
+            with _dirty_word_lock:              # two vCPU threads may mark one word
+                bm[w] = bm.item(w) | (1 << (rel & 63))
+            return
+    mark_page_dirty_in_slot(vm, slot, gfn)
+
+
+def kvm_mmu_hugepage_adjust(vcpu, fault: KvmPageFault) -> None:
+    """``kvm_mmu_hugepage_adjust``: set ``fault.req_level`` (the largest level
+    the memslot, the lpage_info counters, the attributes and the host mapping
+    allow, capped by ``fault.max_level``) and ``fault.goal_level`` (4K when
+    the NX workaround forbids a huge page for an instruction fetch).
+    Nothing for a 4K ``max_level``, an error / no-slot pfn, or a memslot
+    logging dirty pages.  The walk aligns the pfn to the goal level."""
+    fault.huge_page_disallowed = disallowed = fault.exec and fault.nx_huge_page_workaround_enabled
+    slot = fault.slot
+    max_level = fault.max_level
+    if max_level == 1 or slot is None or fault.pfn & KVM_PFN_ERR_NOSLOT_MASK or \
+            slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        return
+    # kvm_mmu_max_mapping_level, inline: the lpage_info counters from the
+    # top level down, capped (shared memory) by the host mapping level; the
+    # result is the minimum of both, so a 4K host leaf decides alone.
+    vm = vcpu.vm
+    gfn = fault.gfn
+    base = slot.base_gfn
+    host = 1 if fault.is_private else fault.host_level
+    if host == 1:
+        fault.req_level = 1
+        return
+    level = vm.max_huge_page_level
+    if max_level < level:
+        level = max_level
+    lpage_info = slot.arch.lpage_info
+    while level > 1:
+        s = (level - 1) * 9
+        if not lpage_info[level - 2].item((gfn >> s) - (base >> s)):
+            break
+        level -= 1
+    if level > 1:
+        if not host:
+            host = vm.host.host_pfn_mapping_level(slot.userspace_addr + ((gfn - base) << PAGE_SHIFT))
+        if host < level:
+            level = host
+    fault.req_level = level
+    if level == 1 or disallowed:
+        return
+    fault.goal_level = level
+
+
+def faultin_pfn(vcpu, fault: KvmPageFault, access: int = 7) -> int:
+    """``kvm_mmu_faultin_pfn`` on a :class:`KvmPageFault` (``fault.gfn`` and
+    ``fault.slot`` set): fills ``mmu_seq``, ``pfn``, ``map_writable`` (and
+    ``max_level`` for private memory); returns RET_PF_CONTINUE or the early
+    answer (see :func:`kvm_mmu_faultin_pfn` for the steps)."""
+    vm = vcpu.vm
+    gfn = fault.gfn
+    slot = fault.slot
+    n = vm.notifier
+    fault.mmu_seq = seq = n.mmu_invalidate_seq
+    is_private = fault.is_private
+    if vm.has_private_mem:
+        if is_private != vm.kvm_mem_is_private(gfn):
+            fault.memory_fault_exit = True
+            return -E.EFAULT
+    elif is_private:
+        fault.memory_fault_exit = True
+        return -E.EFAULT
+    if slot is None:
+        return kvm_handle_noslot_fault(vcpu, fault, access)
+    flags = slot.flags
+    if flags & KVM_MEMSLOT_INVALID:
+        return -E.EAGAIN if fault.prefetch else RET_PF_RETRY
+    # mmu_invalidate_retry_gfn_unsafe (the sequence cannot have moved yet)
+    in_progress = n.mmu_invalidate_in_progress
+    if in_progress and n.mmu_invalidate_range_start <= gfn < n.mmu_invalidate_range_end:
+        return RET_PF_RETRY
+    if is_private:
+        if not slot.kvm_slot_has_gmem():
+            fault.memory_fault_exit = True
+            return -E.EFAULT
+        fault.pfn = pfn = slot.gmem.get_pfn(slot, gfn)
+        fault.map_writable = not flags & KVM_MEM_READONLY
+        if fault.max_level > 1:
+            fault.max_level = 1
+    elif flags & KVM_MEM_READONLY:
+        if fault.write:
+            pfn = KVM_PFN_ERR_RO_FAULT
+        else:
+            pfn, fault.map_writable = hva_to_pfn(vm.host, slot.gfn_to_hva(gfn), write_fault=False,
+                                                 want_writable=False)
+        fault.pfn = pfn
+    else:
+        hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
+        r = hva_to_pfn_fast(vm.host, hva, fault.write)
+        if r is None:
+            pfn, fault.map_writable = hva_to_pfn(vm.host, hva, write_fault=fault.write,
+                                                 want_writable=True)
+        else:
+            # GUP fast also saw the leaf's level: hugepage_adjust uses it (a
+            # change of it before the map is an invalidation: the fault is stale)
+            pfn, fault.map_writable, fault.host_level = r
+        fault.pfn = pfn
+    if pfn & KVM_PFN_ERR_MASK:
+        if pfn == KVM_PFN_ERR_SIGPENDING:
+            return -E.EINTR
+        if pfn == KVM_PFN_ERR_RO_FAULT:
+            return RET_PF_EMULATE
+        if pfn == KVM_PFN_ERR_HWPOISON:
+            return RET_PF_RETRY
+        return -E.EFAULT
+    if n.mmu_invalidate_seq != seq or n.mmu_invalidate_in_progress and \
+            n.mmu_invalidate_range_start <= gfn < n.mmu_invalidate_range_end:
+        return RET_PF_RETRY
+    return RET_PF_CONTINUE
+
+
+def kvm_mmu_prefetch_fault(vcpu, gpa: int, error_code: int) -> int:
+    """A prefetch fault (``kvm_arch_async_page_ready``: the async #PF
+    completion): :func:`kvm_mmu_do_page_fault` with ``prefetch``; not a
+    guest fault (no ``pf_taken``), but FIXED counts in ``pf_fixed``."""
+    vm = vcpu.vm
+    if vm.warn_sink.bugged:
+        vm.warn_sink.check()
+    gpa, error_code = int_arg("gpa", gpa), int_arg("error_code", error_code)
+    if vm.mmu_backend is None or vcpu.mmu_root is None:
+        return RET_PF_RETRY
+    r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, True)
+    if r == RET_PF_FIXED:
+        vcpu.stat.pf[_PF_FIXED] += 1
+    return r
+
+
+def kvm_mmu_load(vcpu) -> None:
+    """``kvm_mmu_load``: top up the caches and give the vCPU a valid root of
+    the VM's MMU (the MMU drops an obsolete one first)."""
+    mmu = _fault_mmu(vcpu)
+    vcpu.mmu_topup_memory_caches(not mmu.direct)
+    mmu.kvm_mmu_load(vcpu)
+
+
+def kvm_mmu_unload(vcpu) -> None:
+    """``kvm_mmu_unload``: drop the vCPU's roots."""
+    _fault_mmu(vcpu).kvm_mmu_unload(vcpu)
+
+
+def kvm_mmu_reload(vcpu) -> None:
+    """``kvm_mmu_reload`` as ``vcpu_enter_guest`` runs it:
+    ``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS`` frees an obsolete root, then a vCPU
+    without a valid root loads one."""
+    mmu = _fault_mmu(vcpu)
+    if vcpu.kvm_check_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"):
+        mmu.free_obsolete_roots(vcpu)
+    if vcpu.mmu_root is None:
+        kvm_mmu_load(vcpu)
+
+
+def kvm_mmu_reset_context(vcpu) -> None:
+    """``kvm_mmu_reset_context`` (CR0/CR4/EFER or SMM changed): unload the
+    roots; the next entry (:func:`kvm_mmu_reload`) loads the root of the
+    new role."""
+    kvm_mmu_unload(vcpu)
+
+
+def _fault_mmu(vcpu):
+    mmu = vcpu.vm.mmu_backend
+    if mmu is None:
+        raise LookupError(f"the VM (mmu={vcpu.vm.mmu!r}) has no MMU backend to take page faults")
+    return mmu
+
+
+def kvm_handle_noslot_fault(vcpu, fault: KvmPageFault, access: int) -> int:
+    """``kvm_handle_noslot_fault``: a gfn outside every memslot.  Private:
+    a memory-fault exit.  Otherwise cache the MMIO info, and emulate when
+    MMIO caching is off or the gfn is above ``kvm_mmu_max_gfn`` (its MMIO
+    SPTE could not hold it); else RET_PF_CONTINUE with ``KVM_PFN_NOSLOT``,
+    for which the MMU installs an MMIO SPTE."""
+    vm = vcpu.vm
+    if fault.is_private:
+        fault.memory_fault_exit = True
+        return -E.EFAULT
+    gva = 0 if vm.tdp_enabled else fault.addr
+    vcpu.vcpu_cache_mmio_info(gva, fault.gfn, access & vm.shadow_mmio_access_mask)
+    fault.slot, fault.pfn, fault.map_writable = None, KVM_PFN_NOSLOT, False
+    if not vm.enable_mmio_caching or fault.gfn > kvm_mmu_max_gfn(vm):
+        return RET_PF_EMULATE
+    return RET_PF_CONTINUE
 
 
 def is_page_fault_stale(vm, mmu_seq: int, gfn: int, slot, *, root_obsolete: bool = False,
@@ -436,9 +953,17 @@ def kvm_arch_mmu_enable_log_dirty_pt_masked(vm, slot, gfn_offset: int, mask: int
 
 
 def kvm_mmu_zap_all_fast(vm) -> None:
-    """``kvm_mmu_zap_all_fast``: obsolete every root (MMIO generation wrap)."""
-    for mmu in vm.mmus:
-        mmu.kvm_mmu_zap_all_fast()
+    """``kvm_mmu_zap_all_fast`` (MMIO generation wrap): with ``mmu_lock``
+    held for write, flip ``mmu_valid_gen`` (shadow pages of the old
+    generation are obsolete), ask every vCPU to free its obsolete roots
+    (``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS``), and let each MMU obsolete and
+    zap its roots (the TDP MMU: invalidate every root, then zap the
+    invalidated ones; the kernel does that last step under the read lock)."""
+    with vm.mmu_lock.write():
+        vm.mmu_valid_gen ^= 1
+        vm.kvm_make_all_cpus_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
+        for mmu in vm.mmus:
+            mmu.kvm_mmu_zap_all_fast()
 
 
 def kvm_mmu_change_mmu_pages(vm, nr_mmu_pages: int) -> None:

@@ -45,7 +45,7 @@ from kvmmmu.live.stats import read_stats as read_stats_fd, read_stats_descriptor
 
 __all__ = [
     "KVM_STATS_NAME_SIZE", "KVM_STATS_TYPE_NAMES", "KVM_STATS_UNIT_NAMES",
-    "VM_STATS_DESC", "VCPU_STATS_DESC", "HALT_POLL_HIST_COUNT",
+    "VM_STATS_DESC", "VCPU_STATS_DESC", "HALT_POLL_HIST_COUNT", "VCPU_PF_COUNTERS",
     "StatDesc", "KvmStats", "VmStat", "VcpuStat",
     "read_stats_descriptors", "read_stats_fd", "read_live_vm_stats", "read_live_vcpu_stats",
     "compare_stats",
@@ -245,11 +245,42 @@ class VmStat(KvmStats):
         super().__setattr__(name, value)
 
 
+#: The fault entry's counters, in the order of :attr:`VcpuStat.pf`.
+VCPU_PF_COUNTERS = ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_fast",
+                    "pf_mmio_spte_created")
+_PF_INDEX = {n: i for i, n in enumerate(VCPU_PF_COUNTERS)}
+
+
 class VcpuStat(KvmStats):
-    """``vcpu->stat``."""
+    """``vcpu->stat``.
+
+    The fault counters (:data:`VCPU_PF_COUNTERS`) are kept as Python ints in
+    the list :attr:`pf` (the scalar fault path bumps ``stat.pf[i] += 1``,
+    far cheaper than a numpy element); attribute reads and writes go to the
+    list, and :meth:`refresh` (``as_dict``, ``audit``) copies it into
+    :attr:`data`."""
 
     def __init__(self):
         super().__init__(VCPU_STATS_DESC)
+        object.__setattr__(self, "pf", [0] * len(VCPU_PF_COUNTERS))
+        object.__setattr__(self, "_pf_off", tuple(self._off[n][0] for n in VCPU_PF_COUNTERS))
+
+    def refresh(self) -> None:
+        data = self.data
+        for o, v in zip(self._pf_off, self.pf):
+            data[o] = v
+
+    def __getattr__(self, name):
+        i = _PF_INDEX.get(name)
+        if i is not None:
+            return self.pf[i]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)         # checked, stored in data
+        i = _PF_INDEX.get(name)
+        if i is not None:
+            self.pf[i] = int(self.data[self._pf_off[i]])
 
 
 # ==================================================================================

@@ -1,12 +1,17 @@
 """The TDP MMU (``arch/x86/kvm/mmu/tdp_mmu.c``): roots, the fault path and
 every hook the VM calls, over the C core (:mod:`kvmmmu._core.tdp_mmu`).
 
-Register it on a VM with TDP enabled::
+A VM created with ``mmu="tdp_mmu"`` has one (``vm.mmu_backend``, registered
+for the hooks); faults come through the common entry of :mod:`kvmmmu.mmu`::
 
     vm = VM("tdp_mmu", host=HostConfig(tdp="ept"))
-    tdp = vm.register_mmu(TdpMmu(vm))
-    tdp.kvm_mmu_load(vm.vcpus[0])
-    tdp.page_fault(vm.vcpus[0], gfn, write=True)      # RET_PF_*
+    v = vm.vcpus[0]
+    v.kvm_mmu_reload()                              # load the vCPU's root
+    v.kvm_mmu_page_fault(gpa, PFERR_WRITE_MASK)     # RET_PF_*, with the statistics
+    vm.mmu_backend.page_fault(v, gfn, write=True)   # the same, error code as the CPU's
+
+``TdpMmu(vm)`` registered by hand replaces the VM's own while that one has
+not loaded a root; ``VM(..., backend=None)`` starts without any.
 
 Roots (tdp-mmu.md §1-2).  A vCPU loads the valid root of its role (level,
 ``smm``, ``guest_mode``, A/D), taking a reference, or allocates one with two
@@ -17,11 +22,15 @@ a root whose last reference goes is zapped, unlinked and freed after a
 grace period.  A vCPU whose root is invalid must reload
 (``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS``): its faults are stale.
 
-The fault (``kvm_tdp_page_fault``, tdp-mmu.md §5): ``fast_page_fault``, then top up the caches,
-``kvm_mmu_faultin_pfn``, take ``mmu_lock`` for read, give up (RETRY) if the
+The fault (``kvm_tdp_page_fault``, tdp-mmu.md §5; :meth:`TdpMmu.mmu_page_fault`,
+called by :func:`kvmmmu.mmu.kvm_mmu_do_page_fault` with a
+:class:`~kvmmmu.mmu.KvmPageFault`): a write to a write-tracked gfn is
+WRITE_PROTECTED; ``fast_page_fault``; top up the caches;
+``kvm_mmu_faultin_pfn``; take ``mmu_lock`` for read, give up (RETRY) if the
 fault is stale, choose the level (``kvm_mmu_hugepage_adjust``), and walk:
-:meth:`~kvmmmu._core.tdp_mmu.TdpMmuCore.map_one`.  A writable SPTE created
-in a dirty-logged slot marks the gfn dirty, as ``make_spte`` does.
+one C call, :meth:`~kvmmmu._core.tdp_mmu.TdpMmuCore.page_fault_map`.  A
+writable SPTE created in a dirty-logged slot marks the gfn dirty, as
+``make_spte`` does.  The common steps are functions of :mod:`kvmmmu.mmu`.
 
 ``fast_page_fault`` comes first: a write to an MMU-writable SPTE (dirty
 logging took W away) or an access-tracked SPTE is fixed with one cmpxchg,
@@ -38,15 +47,21 @@ replaced go on the possible-NX list (``nx_lpage_splits``), and a huge
 mapping never replaces a flagged table (``disallowed_hugepage_adjust``)
 until :meth:`TdpMmu.kvm_recover_nx_huge_pages` zaps it.
 
-Not modelled yet: mirror roots (TDX), and concurrent faults from several
-threads.
+Faults of different vCPUs may run on different threads: the C map path takes
+the arena's shared side (``mmu_lock`` held for read), every change a cmpxchg.
+The zap of invalidated roots still runs on the exclusive side (the kernel
+runs it under the read lock, beside faults; ``TdpMmuCore.zap_root_shared``
+is that form).  Not modelled yet: mirror roots (TDX).
 """
 from __future__ import annotations
+
+import errno as E
 
 import numpy as np
 
 from kvmmmu._core._checks import check_array, int_arg
 from kvmmmu._core.defs import (
+    ACC_ALL,
     KVM_PAGES_PER_HPAGE,
     PAGE_SHIFT,
     PG_LEVEL_2M,
@@ -57,6 +72,7 @@ from kvmmmu._core.defs import (
     RET_PF_INVALID,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
+    RET_PF_WRITE_PROTECTED,
 )
 from kvmmmu._core.role import (
     KvmCpuRole,
@@ -64,21 +80,28 @@ from kvmmmu._core.role import (
     kvm_calc_tdp_mmu_root_page_role,
     kvm_mmu_get_tdp_level,
 )
-from kvmmmu._core.spte import PT_WRITABLE_MASK
+from kvmmmu._core.spte import PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK
 from kvmmmu._core.tdp_iter import TdpIter, kvm_tdp_mmu_get_walk
+from kvmmmu._core.pt_arena import MmuMemoryCache
 from kvmmmu._core.tdp_mmu import TdpMmuCore
-from kvmmmu.host import KVM_PFN_NOSLOT
-from kvmmmu.memslots import KVM_MEM_READONLY
-from kvmmmu.mmu import MmuBackend
+from kvmmmu._core.guest_walk import (
+    PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
+)
+from kvmmmu.errors import KvmNoMemoryError
+from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+from kvmmmu import mmu as _mmu
+from kvmmmu.mmu import KvmPageFault, MmuBackend
 
 __all__ = ["TdpMmu", "TdpRoot"]
 
 class TdpRoot:
     """A root of the TDP MMU (the fields of ``struct kvm_mmu_page`` a root uses)."""
-    __slots__ = ("as_id", "invalid", "refcount", "role", "scheduled_to_zap", "sp")
+    __slots__ = ("as_id", "invalid", "nr_gfns", "refcount", "role", "scheduled_to_zap", "sp")
 
     def __init__(self, sp: int, role: KvmMmuPageRole):
         self.sp, self.role, self.as_id = sp, role, role.smm
+        #: the gfns the root maps (2**(9 * level))
+        self.nr_gfns = 1 << (9 * role.level)
         self.refcount = 2           # the vCPU's and the roots list's
         self.invalid = False
         self.scheduled_to_zap = False
@@ -89,9 +112,15 @@ class TdpRoot:
 
 
 class TdpMmu(MmuBackend):
-    """The TDP MMU of one VM.  Thread-safety: the VM's ``api_lock`` and
-    ``mmu_lock`` discipline (hooks are called with them held; call
-    :meth:`page_fault` from one thread at a time)."""
+    """The TDP MMU of one VM (``vm.mmu_backend`` of a ``mmu="tdp_mmu"`` VM).
+
+    Thread-safety: the hooks run under the VM's ``api_lock`` / ``mmu_lock``
+    discipline.  Faults (:meth:`mmu_page_fault`, :meth:`page_fault`) take
+    ``mmu_lock`` for read; a vCPU faults from one thread at a time (its
+    fault record, statistics and caches are its own), different vCPUs may
+    fault from different threads as far as the core's map path allows
+    (the arena's writer check raises ConcurrentUseError otherwise); the
+    dirty-bitmap word and host PTE updates of the fault path are locked."""
 
     def __init__(self, vm, *, max_tdp_level: int | None = None, guest_maxphyaddr: int | None = None):
         if not vm.tdp_enabled:
@@ -107,6 +136,9 @@ class TdpMmu(MmuBackend):
                     else guest_maxphyaddr, 32, 52))
         self.roots: list[TdpRoot] = []
         self.vcpu_root: dict[int, TdpRoot] = {}
+        #: ``kvm->arch.split_{shadow_page,page_header}_cache``: eager split's tables
+        self.split_shadow_page_cache = MmuMemoryCache(vm.arena, "shadow_page")
+        self.split_page_header_cache = MmuMemoryCache(vm.arena, "page_header")
 
     # ------------------------------------------------------------------ roots
     def _root_role(self, vcpu) -> KvmMmuPageRole:
@@ -140,13 +172,22 @@ class TdpMmu(MmuBackend):
             if old is not None:
                 self.kvm_tdp_mmu_put_root(old)
             root = self.vcpu_root[vcpu.index] = self.kvm_tdp_mmu_alloc_root(vcpu)
+        vcpu.mmu_root = root
         self.vm.arena.set_tdp_mmu_active(vcpu.index, True)
         vcpu.requests.discard("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
         return root
 
+    def free_obsolete_roots(self, vcpu) -> None:
+        """``kvm_mmu_free_obsolete_roots``: a vCPU whose root was invalidated
+        drops it (the next :func:`kvmmmu.mmu.kvm_mmu_reload` loads a valid one)."""
+        root = self.vcpu_root.get(vcpu.index)
+        if root is not None and root.invalid:
+            self.kvm_mmu_unload(vcpu)
+
     def kvm_mmu_unload(self, vcpu) -> None:
         """``kvm_mmu_unload``: drop the vCPU's root reference."""
         root = self.vcpu_root.pop(vcpu.index, None)
+        vcpu.mmu_root = None
         if root is not None:
             with self.vm.mmu_lock.write():
                 self.kvm_tdp_mmu_put_root(root)
@@ -187,8 +228,14 @@ class TdpMmu(MmuBackend):
         return [r for r in self.roots if not r.invalid and (as_id is None or r.as_id == as_id)]
 
     # ------------------------------------------------------------------ faults
+    #: the MMU's handler is kvm_tdp_page_fault, on direct (gpa-indexed) roots
+    is_tdp = True
+    direct = True
+
     def kvm_mmu_hugepage_adjust(self, slot, gfn: int, max_level: int, exec_: bool) -> tuple[int, int]:
-        """``(goal_level, req_level)`` for a fault on `gfn` in `slot`."""
+        """``(goal_level, req_level)`` for a fault on `gfn` in `slot` (the
+        common :func:`kvm_mmu_hugepage_adjust` on a :class:`KvmPageFault` is
+        what the fault path uses)."""
         if max_level == PG_LEVEL_4K or slot is None or slot.kvm_slot_dirty_track_enabled():
             return PG_LEVEL_4K, PG_LEVEL_4K
         req = self.vm.kvm_mmu_max_mapping_level(slot, gfn, max_level)
@@ -196,77 +243,137 @@ class TdpMmu(MmuBackend):
             return PG_LEVEL_4K, req
         return req, req
 
+    def mmu_page_fault(self, vcpu, fault: KvmPageFault) -> int:
+        """``kvm_tdp_page_fault`` -> ``kvm_tdp_mmu_page_fault`` (tdp-mmu.md §5):
+        a write to a write-tracked gfn (WRITE_PROTECTED), ``fast_page_fault``,
+        the cache top-up, ``kvm_mmu_faultin_pfn``, then under ``mmu_lock``
+        for read: RETRY if the fault is stale, else
+        ``kvm_mmu_hugepage_adjust`` and the map (one C call).  An MMIO SPTE
+        installed counts in ``pf_mmio_spte_created``; a writable leaf
+        created in a dirty-logged slot marks the gfn dirty (``make_spte``)."""
+        vm = self.vm
+        root = vcpu.mmu_root
+        if root is None:
+            return RET_PF_RETRY
+        gfn = fault.gfn
+        if gfn >= root.nr_gfns:
+            return _mmu.kvm_handle_noslot_fault(vcpu, fault, ACC_ALL) if fault.slot is None \
+                else RET_PF_RETRY
+        present = fault.present
+        if present:
+            if fault.write and _mmu.page_fault_handle_page_track(vcpu, fault):
+                return RET_PF_WRITE_PROTECTED
+        if (present or not vm.kvm_ad_enabled) and _mmu.page_fault_can_be_fast(vm, fault):
+            r = _mmu.fast_page_fault(vcpu, fault)
+            if r != RET_PF_INVALID:
+                return r
+        sc, hc = vcpu.mmu_shadow_page_cache, vcpu.mmu_page_header_cache
+        if sc.nobjs < 5 or hc.nobjs < 5 or vcpu.mmu_pte_list_desc_cache.nobjs < 14 or \
+                vm.kvm_has_mirrored_tdp:
+            try:
+                vcpu.mmu_topup_memory_caches(False)
+            except KvmNoMemoryError:
+                return -E.ENOMEM
+        r = _mmu.faultin_pfn(vcpu, fault, ACC_ALL)
+        if r != RET_PF_CONTINUE:
+            return r
+        slot = fault.slot
+        n = vm.notifier
+        lock = vm.mmu_lock
+        lock.acquire_read()
+        try:
+            # is_page_fault_stale: an obsolete root, or an invalidation since faultin
+            if root.invalid or slot is not None and (
+                    n.mmu_invalidate_seq != fault.mmu_seq or n.mmu_invalidate_in_progress and
+                    _mmu.mmu_invalidate_retry_gfn(vm, fault.mmu_seq, gfn)):
+                return RET_PF_RETRY
+            # page_fault_map's flags: W (PFERR bit 1) -> 0, F (bit 4) -> 1, then
+            # prefetch, map_writable, the NX workaround
+            ec = fault.error_code
+            flags = ((ec >> 1) & 1 | (ec >> 3) & 2 | fault.prefetch << 2 |
+                     fault.map_writable << 3 | fault.nx_huge_page_workaround_enabled << 4)
+            if slot is None:
+                r = self.core.page_fault_map(root.sp, gfn, 0, 1, 1, flags | 32,
+                                             vcpu.mmio_spte_generation(), sc, hc)
+                if r == RET_PF_EMULATE:
+                    vcpu.stat.pf[_mmu._PF_MMIO_SPTE_CREATED] += 1
+                return r
+            if fault.host_level != 1 or fault.exec:
+                # (a 4K host leaf and no fetch: hugepage_adjust would leave
+                # req_level, goal_level and huge_page_disallowed as they are)
+                _mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
+            r = self.core.page_fault_map(root.sp, gfn, fault.pfn, fault.goal_level,
+                                         fault.req_level, flags, 0, sc, hc)
+            if fault.huge_page_disallowed:
+                vm.stat.nx_lpage_splits = self.core.nx_lpage_splits
+            if r == RET_PF_FIXED and fault.map_writable and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                _mmu.mark_gfn_dirty(vm, slot, gfn)
+            return r
+        finally:
+            lock.release_read()
+
+    def fast_page_fault(self, vcpu, fault: KvmPageFault) -> tuple[int, bool]:
+        """The TDP walk and cmpxchg of ``fast_page_fault`` (the common part is
+        :func:`kvmmmu.mmu.fast_page_fault`): ``(RET_PF_*, made_writable)``."""
+        root = self.vcpu_root[vcpu.index]
+        slot = fault.slot
+        r, made, _ = self.core.fast_page_fault(
+            root.sp, fault.gfn, write=fault.write, exec=fault.exec,
+            slot_dirty_tracked=slot is not None and bool(slot.flags & KVM_MEM_LOG_DIRTY_PAGES),
+            vcpu_id=vcpu.vcpu_id, addr=fault.addr, error_code=fault.error_code)
+        return r, made
+
+    def get_mmio_spte(self, vcpu, addr: int) -> tuple[bool, int]:
+        """``get_mmio_spte``: ``(reserved, spte)`` of the last entry a lockless
+        walk of `addr` reaches.  The model builds no SPTE with reserved bits
+        other than MMIO SPTEs, so ``reserved`` is False."""
+        root = self.vcpu_root[vcpu.index]
+        spte, _ = self.core.get_last_spte(root.sp, addr >> PAGE_SHIFT)
+        return False, spte
+
+    def unprotect_gfn_and_retry(self, vcpu, cr2_or_gpa: int) -> bool:
+        """``__unprotect_gfn_and_retry``: the TDP MMU shadows no guest
+        page tables (``indirect_shadow_pages`` is 0): nothing to unprotect."""
+        return False
+
+    def hardware_error_code(self, vcpu, gfn: int, *, write: bool = False, exec: bool = False) -> int:
+        """The error code the CPU reports for an access to `gfn` given the
+        vCPU's current tables: an EPT misconfiguration / reserved-bit NPF
+        (PFERR_RSVD) on an MMIO SPTE; else PFERR_PRESENT when the final
+        translation was present (a permission fault), W for a write, F for
+        a fetch, and on EPT U for a read (``handle_ept_violation``)."""
+        root = self.vcpu_root[vcpu.index]
+        spte, level = self.core.get_last_spte(root.sp, gfn)
+        fmt = self.vm.fmt
+        ept = self.vm.host_config.tdp == "ept"
+        if spte and fmt.is_mmio_spte(spte):
+            return PFERR_RSVD_MASK if ept else \
+                PFERR_RSVD_MASK | PFERR_PRESENT_MASK | (PFERR_WRITE_MASK if write else 0)
+        ec = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if exec else 0)
+        if ept and not write and not exec:
+            ec |= PFERR_USER_MASK
+        leaf = level == 1 or (level in (2, 3) and (spte >> 7) & 1)
+        if leaf and spte & SPTE_MMU_PRESENT_MASK and spte & (7 if ept else 1):
+            ec |= PFERR_PRESENT_MASK
+        return ec
+
     def page_fault(self, vcpu, gfn: int, *, write: bool = False, exec: bool = False,
                    prefetch: bool = False) -> int:
-        """``kvm_tdp_page_fault`` for a guest-physical `gfn`: RET_PF_* (or a
-        negative errno), with the vCPU statistics the kernel keeps."""
-        vm = self.vm
+        """The guest touches guest-physical `gfn` and the CPU exits: the error
+        code the hardware would give (:meth:`hardware_error_code`) goes to
+        :func:`kvmmmu.mmu.kvm_mmu_page_fault` (``prefetch``: a prefetch fault
+        through ``kvm_mmu_do_page_fault``, as the async #PF completion does:
+        no ``pf_taken``, FIXED counted).  Returns RET_PF_* or a negative
+        errno, with the vCPU statistics the kernel keeps."""
         root = self.vcpu_root.get(vcpu.index)
         if root is None:
             raise ValueError(f"vCPU {vcpu.vcpu_id} has no root: call kvm_mmu_load first")
         if type(gfn) is not int or gfn < 0 or gfn >> (9 * root.role.level):
             gfn = int_arg("gfn", gfn, 0, (1 << (9 * root.role.level)) - 1)
-        slot = vcpu.gfn_to_memslot(gfn)
-        ret, made_writable, last = self.core.fast_page_fault(
-            root.sp, gfn, write=write, exec=exec, vcpu_id=vcpu.vcpu_id,
-            slot_dirty_tracked=slot is not None and slot.kvm_slot_dirty_track_enabled())
-        if ret == RET_PF_INVALID and self._is_mmio(last) and vcpu.check_mmio_spte(last):
-            # the CPU saw the MMIO SPTE's reserved bits: handle_mmio_page_fault
-            # (a stale generation goes on to a normal fault, which replaces it)
-            vcpu.vcpu_cache_mmio_info(0, gfn, vm.fmt.get_mmio_spte_access(last))
-            return RET_PF_EMULATE
-        vcpu.stat.pf_taken += 1
-        if ret != RET_PF_INVALID:                   # fast_page_fault answered
-            vcpu.stat.pf_fast += 1
-            if made_writable:
-                vm.mark_page_dirty(gfn, slot.as_id)
-            return self._count(vcpu, ret)
-        vcpu.mmu_topup_memory_caches(False)
-        r = vm.kvm_mmu_faultin_pfn(vcpu, gfn, write=write, prefetch=prefetch)
-        if r.ret != RET_PF_CONTINUE:
-            ret = r.ret
-        elif r.pfn == KVM_PFN_NOSLOT:               # cache the MMIO access in an SPTE
-            with vm.mmu_lock.read():
-                if vm.is_page_fault_stale(r.mmu_seq, gfn, None, root_obsolete=root.invalid):
-                    ret = RET_PF_RETRY
-                else:
-                    ret = self.core.map_one(root.sp, gfn, 0, PG_LEVEL_4K, vcpu.mmu_shadow_page_cache,
-                                            vcpu.mmu_page_header_cache, write=write, exec=exec,
-                                            mmio_gen=vcpu.mmio_spte_generation())
-                    if ret == RET_PF_EMULATE:
-                        vcpu.stat.pf_mmio_spte_created += 1
-        else:
-            with vm.mmu_lock.read():
-                if vm.is_page_fault_stale(r.mmu_seq, gfn, r.slot, root_obsolete=root.invalid):
-                    ret = RET_PF_RETRY
-                else:
-                    goal, req = self.kvm_mmu_hugepage_adjust(r.slot, gfn, r.max_level, exec)
-                    mask = KVM_PAGES_PER_HPAGE(goal) - 1
-                    ret = self.core.map_one(
-                        root.sp, gfn, r.pfn & ~mask, goal, vcpu.mmu_shadow_page_cache,
-                        vcpu.mmu_page_header_cache, write=write, exec=exec, prefetch=prefetch,
-                        map_writable=r.map_writable, nx_huge_pages=vm.params.nx_huge_pages,
-                        req_level=req)
-                    if exec and vm.params.nx_huge_pages:
-                        vm.stat.nx_lpage_splits = self.core.nx_lpage_splits
-                    if ret == RET_PF_FIXED and r.map_writable and \
-                            r.slot.kvm_slot_dirty_track_enabled():
-                        vm.mark_page_dirty(gfn, r.slot.as_id)
-        return self._count(vcpu, ret)
-
-    @staticmethod
-    def _count(vcpu, ret):
-        # kvm_mmu_do_page_fault's statistics
-        if ret == RET_PF_FIXED:
-            vcpu.stat.pf_fixed += 1
-        elif ret == RET_PF_SPURIOUS:
-            vcpu.stat.pf_spurious += 1
-        elif ret == RET_PF_EMULATE:
-            vcpu.stat.pf_emulate += 1
-        return ret
-
-    def _is_mmio(self, spte: int) -> bool:
-        return bool(self.vm.fmt.is_mmio_spte(spte))
+        ec = self.hardware_error_code(vcpu, gfn, write=write, exec=exec)
+        if prefetch:
+            return _mmu.kvm_mmu_prefetch_fault(vcpu, gfn << PAGE_SHIFT, ec)
+        return _mmu.kvm_mmu_page_fault(vcpu, gfn << PAGE_SHIFT, ec)
 
     def map_memory(self, vcpu, gfns, *, write: bool = False) -> np.ndarray:
         """Fault in many gfns of one memslot at once (the populate path, as
@@ -381,11 +488,13 @@ class TdpMmu(MmuBackend):
             self.vm.kvm_flush_remote_tlbs()
 
     def kvm_mmu_slot_try_split_huge_pages(self, slot, target_level) -> None:
-        vcpu = self.vm.vcpus[0]
+        """Eager page split: the tables come from the VM's split caches
+        (``kvm->arch.split_shadow_page_cache`` / ``split_page_header_cache``),
+        not a vCPU's: a VM may log dirty pages before it has vCPUs."""
         for r in self._valid_roots(slot.as_id):
             self.core.split_huge_pages(r.sp, slot.base_gfn, slot.base_gfn + slot.npages,
-                                       target_level, vcpu.mmu_shadow_page_cache,
-                                       vcpu.mmu_page_header_cache,
+                                       target_level, self.split_shadow_page_cache,
+                                       self.split_page_header_cache,
                                        nx_huge_pages=self.vm.params.nx_huge_pages)
 
     def _dbit(self, root) -> int:

@@ -26,8 +26,10 @@ A :class:`VM` ties together
 * the **MMUs** themselves, as :class:`MmuBackend` objects registered with
   :meth:`VM.register_mmu`: the VM calls their hooks (unmap a gfn range, age,
   flush a memslot, dirty-logging transitions...) exactly where the kernel
-  calls into ``mmu.c`` / ``tdp_mmu.c``.  Until the MMU modules exist,
-  :class:`RecordingMmu` records the calls.
+  calls into ``mmu.c`` / ``tdp_mmu.c``.  ``mmu="tdp_mmu"`` gets its
+  :class:`~kvmmmu.tdp_mmu.TdpMmu` (``vm.mmu_backend``, the MMU that takes
+  the vCPUs' faults: ``vcpu.kvm_mmu_page_fault(gpa, error_code)``);
+  :class:`RecordingMmu` records the calls it receives.
 
 ``VM.from_host()`` configures all of this like the machine it runs on
 (``/sys/module/kvm/parameters``, ``/proc/cpuinfo``, ``/dev/kvm``
@@ -75,6 +77,7 @@ from kvmmmu.memattrs import (
 )
 from kvmmmu.notifiers import KvmMmuNotifier, MmuInvalidateState
 from kvmmmu.stats import VcpuStat, VmStat
+from kvmmmu.tdp_mmu import TdpMmu
 
 __all__ = [
     "KvmParams", "VM", "Vcpu", "MmuBackend", "RecordingMmu", "MmuLock", "VmAuditError",
@@ -371,6 +374,17 @@ class Vcpu:
         self.mmio_gfn = 0
         self.mmio_access = 0
         self.mmio_gen = 0
+        #: ``vcpu->arch.mmu->root``: the root the VM's MMU loaded for this vCPU
+        #: (None: INVALID_PAGE); set by its kvm_mmu_load / kvm_mmu_unload
+        self.mmu_root = None
+        #: the EMULTYPE_* flags of the last fault that asked for emulation
+        self.emulation_type = 0
+        #: the KvmPageFault of the last kvm_mmu_do_page_fault (for inspection)
+        self.last_fault = None
+        #: ``vcpu->arch.last_retry_addr``: the gpa of the last unprotect-and-retry
+        self.last_retry_addr = None
+        #: ``kvm_event_needs_reinjection`` (shadow paging's unprotect rule)
+        self.event_needs_reinjection = False
 
     def __repr__(self):
         return f"Vcpu({self.vcpu_id}{' smm' if self.smm else ''})"
@@ -415,13 +429,21 @@ class Vcpu:
     def gfn_to_memslot(self, gfn: int):
         """``kvm_vcpu_gfn_to_memslot``: per-vCPU last-used slot, reset whenever the
         address space's generation differs from the one it was cached under."""
-        slots = self.kvm_vcpu_memslots()
+        slots = self.vm.memslots[1 if self.smm else 0]
         if slots.generation != self.last_used_slot_gen:
             self.last_used_slot = None
             self.last_used_slot_gen = slots.generation
         s = self.last_used_slot
         if s is not None and s.base_gfn <= gfn < s.base_gfn + s.npages:
             return s
+        if len(slots) <= 8:
+            # a few slots: a scan costs less than the numpy search (and a
+            # gfn outside every slot, an MMIO access, would search each time)
+            for s in slots:
+                if s.base_gfn <= gfn < s.base_gfn + s.npages:
+                    self.last_used_slot = s
+                    return s
+            return None
         s = slots.search_memslots(gfn)
         if s is not None:
             self.last_used_slot = s
@@ -444,6 +466,10 @@ class Vcpu:
 
     def vcpu_match_mmio_gen(self) -> bool:
         return self.mmio_gen == self.kvm_vcpu_memslots().generation
+
+    def vcpu_match_mmio_gva(self, gva: int) -> bool:
+        return bool(self.vcpu_match_mmio_gen() and self.mmio_gva and
+                    self.mmio_gva == gva & ~((1 << PAGE_SHIFT) - 1))
 
     def vcpu_match_mmio_gpa(self, gpa: int) -> bool:
         return bool(self.vcpu_match_mmio_gen() and self.mmio_gfn and
@@ -474,6 +500,22 @@ class Vcpu:
             return True
         return False
 
+    # -- the fault entry (kvmmmu.mmu), bound so that vcpu.X(...) is mmu.X(vcpu, ...)
+    #: ``kvm_mmu_page_fault(gpa, error_code)``: an EPT violation / NPF with
+    #: its PFERR_* error code; RET_PF_* or -errno (see :mod:`kvmmmu.mmu`).
+    kvm_mmu_page_fault = _mmu.kvm_mmu_page_fault
+    #: ``kvm_mmu_do_page_fault(gpa, error_code, prefetch)``: the MMU's handler
+    #: without the entry's MMIO shortcut and statistics.
+    kvm_mmu_do_page_fault = _mmu.kvm_mmu_do_page_fault
+    kvm_mmu_prefetch_fault = _mmu.kvm_mmu_prefetch_fault
+    #: ``kvm_mmu_reload()``: what ``vcpu_enter_guest`` does before entering
+    #: the guest (free an obsolete root, load a valid one); call it before
+    #: the first fault and after a fast zap.
+    kvm_mmu_reload = _mmu.kvm_mmu_reload
+    kvm_mmu_load = _mmu.kvm_mmu_load
+    kvm_mmu_unload = _mmu.kvm_mmu_unload
+    kvm_mmu_reset_context = _mmu.kvm_mmu_reset_context
+
 
 class VM:
     """``struct kvm`` for the MMU.  See the module docstring.
@@ -497,6 +539,13 @@ class VM:
         Share a process address space between VMs (default: a new one).
     era : {"v6.18", "v6.12"}
         Passed to the page-table arena.
+    backend : "auto", None or MmuBackend
+        The MMU that takes the vCPUs' faults and receives the hooks:
+        ``"auto"`` gives ``mmu="tdp_mmu"`` its :class:`~kvmmmu.tdp_mmu.TdpMmu`
+        (``vm.mmu_backend``) and the other flavours none yet (the shadow MMU
+        and the TDX mirror roots are still to come); None registers nothing
+        (register your own with :meth:`register_mmu`); an object is
+        registered as it is.
 
     Invariants (checked by :meth:`audit`, which reports all violations at once):
 
@@ -513,7 +562,8 @@ class VM:
 
     def __init__(self, mmu: str | None = None, *, host: HostConfig | None = None,
                  params: KvmParams | None = None, vm_type="default", nr_vcpus: int = 1,
-                 max_vcpus: int = 64, host_mm: HostMm | None = None, era: str = "v6.18"):
+                 max_vcpus: int = 64, host_mm: HostMm | None = None, era: str = "v6.18",
+                 backend="auto"):
         self.host_config = host or HostConfig()
         params = params or KvmParams()
         hc = self.host_config
@@ -538,10 +588,24 @@ class VM:
                 raise VmTypeError(f"unknown VM type {vm_type!r}")
             vm_type = VM_TYPES[vm_type]
         self.vm_type = vm_type
+        self.kvm_sw_protected_vm = vm_type == KVM_X86_SW_PROTECTED_VM
+        # Fixed for the VM's life, read on every fault: plain attributes.
+        #: ``kvm_arch_has_private_mem``
+        self.has_private_mem = vm_type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
+        #: ``kvm_has_mirrored_tdp`` (TDX)
+        self.kvm_has_mirrored_tdp = vm_type == KVM_X86_TDX_VM
+        #: ``max_huge_page_level``: 1G with host gbpages, else 2M
+        self.max_huge_page_level = 3 if self.host_config.gbpages else 2
         self._check_vm_type()
         #: the SPTE format the MMUs use (EPT for ept, legacy otherwise)
         self.fmt = hc.spte_format_for(hc.tdp if self.tdp_enabled else None,
                                       mmio_caching=self.params.mmio_caching)
+        #: ``kvm_ad_enabled``: the SPTEs use hardware A/D bits
+        self.kvm_ad_enabled = bool(self.fmt.masks()["ad_enabled"])
+        #: ``enable_mmio_caching`` (the format's, fixed like the module parameter)
+        self.enable_mmio_caching = bool(self.fmt.enable_mmio_caching)
+        #: ``shadow_mmio_access_mask``: the access bits an MMIO SPTE keeps
+        self.shadow_mmio_access_mask = int(self.fmt.shadow_mmio_access_mask)
         self.host = host_mm if host_mm is not None else HostMm(hc)
         #: The one WARN / KVM_BUG record of this VM (kvmmmu.warn): every layer
         #: reports here; once bugged, every ioctl raises KvmBugError (-EIO).
@@ -582,11 +646,25 @@ class VM:
         #: KVM_CAP_VM_DISABLE_NX_HUGE_PAGES
         self.disable_nx_huge_pages = False
         self.mmio_gen_wraps = 0
+        #: ``kvm->arch.mmu_valid_gen``: flipped by kvm_mmu_zap_all_fast
+        self.mmu_valid_gen = 0
         self.fail_next_metadata_alloc = False
         self.mmu_notifier = KvmMmuNotifier(self)
         self.host.mmu_notifier_register(self.mmu_notifier)
+        #: the MMU that takes the vCPUs' page faults (``vcpu->arch.mmu``)
+        self.mmu_backend: MmuBackend | None = None
+        self._auto_backend = None
         for i in range(nr_vcpus):
             self.create_vcpu(i)
+        if isinstance(backend, str):
+            if backend != "auto":
+                raise ValueError(f"backend must be 'auto', None or an MmuBackend, not {backend!r}")
+            # not for TDX yet: its private faults need the mirror root
+            backend = TdpMmu(self) if mmu == "tdp_mmu" and not self.kvm_has_mirrored_tdp \
+                else None
+            self._auto_backend = backend
+        if backend is not None:
+            self.register_mmu(backend)
 
     def _set_warn_sink(self, *objs):
         """Route the WARN/BUG reports of core objects the VM owns to its sink.
@@ -643,11 +721,6 @@ class VM:
 
     # -- configuration predicates (kernel names) ---------------------------------------
     @property
-    def has_private_mem(self) -> bool:
-        """``kvm_arch_has_private_mem``."""
-        return self.vm_type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
-
-    @property
     def has_protected_state(self) -> bool:
         return self.vm_type in (KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
 
@@ -659,10 +732,6 @@ class VM:
     def kvm_arch_supports_gmem(self) -> bool:
         """v6.18: ``KVM_MEM_GUEST_MEMFD`` is valid whenever CONFIG_KVM_GUEST_MEMFD is."""
         return self.host_config.guest_memfd
-
-    @property
-    def kvm_has_mirrored_tdp(self) -> bool:
-        return self.vm_type == KVM_X86_TDX_VM
 
     @property
     def supported_mem_attributes(self) -> int:
@@ -697,14 +766,6 @@ class VM:
         return 512 if (self.tdp_enabled and self.host_config.pml) else 0
 
     @property
-    def max_huge_page_level(self) -> int:
-        return 3 if self.host_config.gbpages else 2
-
-    @property
-    def enable_mmio_caching(self) -> bool:
-        return bool(self.fmt.enable_mmio_caching)
-
-    @property
     def is_nx_huge_page_enabled(self) -> bool:
         return self.params.nx_huge_pages and not self.disable_nx_huge_pages
 
@@ -732,8 +793,24 @@ class VM:
         missing = [h for h in _mmu.MMU_BACKEND_HOOKS if not callable(getattr(mmu, h, None))]
         if missing:
             raise TypeError(f"mmu lacks the MmuBackend hooks {', '.join(missing)}")
+        takes_faults = getattr(type(mmu), "mmu_page_fault", MmuBackend.mmu_page_fault) \
+            is not MmuBackend.mmu_page_fault
         with self.api_lock:
+            if any(m is mmu for m in self.mmus):
+                raise ValueError(f"{type(mmu).__name__} is already registered on this VM")
+            if takes_faults and self.mmu_backend is not None:
+                auto = self._auto_backend
+                if self.mmu_backend is not auto or auto.roots or auto.vcpu_root:
+                    raise ValueError(
+                        f"the VM already has an MMU that takes its faults "
+                        f"({type(self.mmu_backend).__name__}, vm.mmu_backend); create the VM "
+                        f"with backend=None to register another")
+                # the automatic TdpMmu was never used: the one given replaces it
+                self.mmus.remove(auto)
+                self.mmu_backend = self._auto_backend = None
             self.mmus.append(mmu)
+            if takes_faults:
+                self.mmu_backend = mmu
         return mmu
 
     def kvm_make_all_cpus_request(self, req: str) -> None:

@@ -1759,3 +1759,94 @@ cdef class TdpMmuCore:
         finally:
             self._leave()
         return bool(zapped)
+
+    # -----------------------------------------------------------------------
+    # The scalar fault entry (kvmmmu.mmu.kvm_mmu_page_fault -> TdpMmu)
+    # -----------------------------------------------------------------------
+    def get_last_spte(self, root, gfn):
+        """The last entry on `gfn`'s path under `root` and its level
+        (``kvm_tdp_mmu_fast_pf_get_last_sptep``, a lockless walk; what
+        ``get_mmio_spte`` looks at): ``(spte, level)``, ``(0, 0)`` when `gfn`
+        is beyond what the root maps.  Changes nothing; the shared side, as
+        :meth:`fast_page_fault`."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef uint64_t c_gfn = u64_arg(gfn, "gfn")
+        cdef uint64_t spte = 0
+        cdef int level = 0, top
+        cdef sptep_t sptep = 0
+        cdef int slot = self._enter_shared("TdpMmuCore.get_last_spte", None, None)
+        try:
+            top = self._root(c_root)
+            if not c_gfn >> (SPTE_LEVEL_BITS * top):
+                pt_shared_rcu_lock(self.m.a, slot)
+                sptep = kvm_tdp_mmu_fast_pf_get_last_sptep(&self.m, c_root, c_gfn, &spte, &level)
+                pt_shared_rcu_unlock(self.m.a, slot)
+        finally:
+            self._leave_shared(slot, None, None)
+        if sptep == 0:
+            return 0, 0
+        return spte, level
+
+    def page_fault_map(self, root, gfn, pfn, goal_level, req_level, flags, mmio_gen,
+                       MmuMemoryCache page_cache not None, MmuMemoryCache header_cache not None):
+        """``kvm_tdp_mmu_map`` for the scalar fault entry, with positional
+        arguments only (no keyword parsing on the hot path).  `pfn` is the
+        host pfn of `gfn` itself: it is aligned down to `goal_level` here
+        (what ``kvm_mmu_hugepage_adjust`` does to ``fault->pfn``).  `flags`:
+        bit 0 write, 1 exec, 2 prefetch, 3 map_writable, 4 the NX huge page
+        workaround, 5 no memslot (an MMIO SPTE carrying `mmio_gen`, at 4K).
+        The caches must hold what a walk may take (``mmu_topup_memory_caches``
+        ran before faultin).  Returns RET_PF_* (or -ENOMEM)."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef tdp_fault fault
+        cdef int fl = s32_arg(flags, "flags")
+        cdef int top, r
+        fault.gfn = u64_arg(gfn, "gfn")
+        fault.pfn = u64_arg(pfn, "pfn")
+        fault.goal_level = s32_arg(goal_level, "goal_level")
+        fault.req_level = s32_arg(req_level, "req_level")
+        fault.mmio_gen = u64_arg(mmio_gen, "mmio_gen")
+        if fl < 0 or fl >> 6:
+            raise ValueError(f"flags={fl:#x} has bits other than 0..5")
+        fault.write, fault.exec, fault.prefetch = fl & 1, (fl >> 1) & 1, (fl >> 2) & 1
+        fault.map_writable, fault.nx_huge_pages = (fl >> 3) & 1, (fl >> 4) & 1
+        fault.noslot = (fl >> 5) & 1
+        fault.huge_page_disallowed = fault.exec and fault.nx_huge_pages
+        if not PG_LEVEL_4K <= fault.goal_level <= PG_LEVEL_1G:
+            raise ValueError(f"goal_level={fault.goal_level} is outside 1..{PG_LEVEL_1G}")
+        if not PG_LEVEL_4K <= fault.req_level <= PG_LEVEL_1G:
+            raise ValueError(f"req_level={fault.req_level} is outside 1..{PG_LEVEL_1G}")
+        if fault.noslot:
+            if fault.goal_level != PG_LEVEL_4K or not self.m.f.mmio_caching:
+                raise ValueError("an MMIO SPTE goes at 4K, with MMIO caching enabled")
+            fault.pfn = 0
+        elif fault.pfn >> 40:
+            raise ValueError(f"pfn={fault.pfn:#x} is >= 2**40")
+        fault.pfn &= ~(_pages(fault.goal_level) - 1)
+        if page_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL or header_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL:
+            raise KvmNoMemoryError("page_fault_map: top the caches up first (mmu_topup_memory_caches)")
+        # _check_caches without its tuple loop (this is the per-fault path)
+        if page_cache.arena is not self.arena or page_cache.kind != PT_CACHE_SHADOW_PAGE or \
+                header_cache.arena is not self.arena or header_cache.kind != PT_CACHE_PAGE_HEADER:
+            self._check_caches(page_cache, header_cache)
+        # the shared side, as map_one: other vCPU threads may map meanwhile
+        cdef int slot = self._enter_shared("TdpMmuCore.page_fault_map", page_cache, header_cache)
+        cdef tdp_mmu_t *m = &self.m
+        cdef kvm_mmu_memory_cache *pc = &page_cache.mc
+        cdef kvm_mmu_memory_cache *hc = &header_cache.mc
+        try:
+            top = self._root(c_root)
+            if fault.gfn >> (SPTE_LEVEL_BITS * top):
+                raise ValueError(f"gfn={fault.gfn:#x} is beyond what the root maps")
+            if self.arena._shared > 1:
+                with nogil:
+                    pt_shared_rcu_lock(m.a, slot)
+                    r = kvm_tdp_mmu_map(m, c_root, &fault, pc, hc)
+                    pt_shared_rcu_unlock(m.a, slot)
+            else:
+                pt_shared_rcu_lock(m.a, slot)
+                r = kvm_tdp_mmu_map(m, c_root, &fault, pc, hc)
+                pt_shared_rcu_unlock(m.a, slot)
+        finally:
+            self._leave_shared(slot, page_cache, header_cache)
+        return r
