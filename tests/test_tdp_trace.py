@@ -547,5 +547,5 @@ def test_fast_page_fault_restoring_an_access_tracked_spte_without_ad_bits():
         assert t.page_fault(v, 9) == RET_PF_FIXED and v.stat.pf_fast == 1
     _, now = entry(vm, root.sp, 9, 1)
     assert ring.lines() == [changed(9, 1, leaf, tracked),
-                            fast_pf_line(v.vcpu_id, 9 << 12, [], sptep, tracked, now, RET_PF_FIXED)]
-    assert "error_code  sptep" in ring.lines()[1]             # __print_flags of 0 is ""
+                            fast_pf_line(v.vcpu_id, 9 << 12, ["U"], sptep, tracked, now, RET_PF_FIXED)]
+    assert "error_code U sptep" in ring.lines()[1]            # one flag, no separator

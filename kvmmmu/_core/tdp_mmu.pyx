@@ -369,6 +369,7 @@ cdef inline int _set_target_atomic(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault,
         if not _spte_writable_invariants_ok(m.f, new_spte):
             tdp_inc(&m.warn[TDP_WARN_WRITABLE_INVARIANT])
         fault.pages_delta[it.level - 1] += 1
+        tdp_trace_spte_changed(it.as_id, it.gfn, it.level, old, new_spte)
     else:
         handle_changed_spte(m, it.as_id, it.gfn, old, new_spte, it.level, True)
     return 0
