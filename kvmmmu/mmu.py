@@ -957,13 +957,23 @@ def kvm_mmu_zap_all_fast(vm) -> None:
     held for write, flip ``mmu_valid_gen`` (shadow pages of the old
     generation are obsolete), ask every vCPU to free its obsolete roots
     (``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS``), and let each MMU obsolete and
-    zap its roots (the TDP MMU: invalidate every root, then zap the
-    invalidated ones; the kernel does that last step under the read lock)."""
+    zap its roots.  The TDP MMU only invalidates its roots there, and zaps
+    the invalidated ones after the write lock is dropped, with ``mmu_lock``
+    held for read (faults of other vCPUs may run meanwhile)."""
+    tdp = []
     with vm.mmu_lock.write():
         vm.mmu_valid_gen ^= 1
         vm.kvm_make_all_cpus_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
         for mmu in vm.mmus:
-            mmu.kvm_mmu_zap_all_fast()
+            if hasattr(mmu, "kvm_tdp_mmu_zap_invalidated_roots"):
+                mmu.kvm_tdp_mmu_invalidate_roots()
+                tdp.append(mmu)
+            else:
+                mmu.kvm_mmu_zap_all_fast()
+    if tdp:
+        with vm.mmu_lock.read():
+            for mmu in tdp:
+                mmu.kvm_tdp_mmu_zap_invalidated_roots(shared=True)
 
 
 def kvm_mmu_change_mmu_pages(vm, nr_mmu_pages: int) -> None:

@@ -49,9 +49,9 @@ until :meth:`TdpMmu.kvm_recover_nx_huge_pages` zaps it.
 
 Faults of different vCPUs may run on different threads: the C map path takes
 the arena's shared side (``mmu_lock`` held for read), every change a cmpxchg.
-The zap of invalidated roots still runs on the exclusive side (the kernel
-runs it under the read lock, beside faults; ``TdpMmuCore.zap_root_shared``
-is that form).  Not modelled yet: mirror roots (TDX).
+``kvm_mmu_zap_all_fast`` zaps the invalidated roots under the read lock
+too, beside those faults (``TdpMmuCore.zap_root_shared``).  Not modelled yet:
+mirror roots (TDX).
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ __all__ = ["TdpMmu", "TdpRoot"]
 
 class TdpRoot:
     """A root of the TDP MMU (the fields of ``struct kvm_mmu_page`` a root uses)."""
-    __slots__ = ("as_id", "invalid", "nr_gfns", "refcount", "role", "scheduled_to_zap", "sp")
+    __slots__ = ("as_id", "invalid", "nr_gfns", "refcount", "role", "scheduled_to_zap", "sp",
+                 "zapped")
 
     def __init__(self, sp: int, role: KvmMmuPageRole):
         self.sp, self.role, self.as_id = sp, role, role.smm
@@ -105,6 +106,8 @@ class TdpRoot:
         self.refcount = 2           # the vCPU's and the roots list's
         self.invalid = False
         self.scheduled_to_zap = False
+        #: emptied by kvm_tdp_mmu_zap_invalidated_roots (the last put frees it as is)
+        self.zapped = False
 
     def __repr__(self):
         return (f"TdpRoot(sp={self.sp}, level={self.role.level}, as_id={self.as_id}, "
@@ -202,7 +205,8 @@ class TdpMmu(MmuBackend):
         root.refcount -= 1
         if root.refcount:
             return
-        self.core.zap_root(root.sp)
+        if not root.zapped:                 # the kernel's roots are always empty here
+            self.core.zap_root(root.sp)
         self.roots.remove(root)
         self.vm.arena.call_rcu_free_sp(root.sp)
 
@@ -217,11 +221,18 @@ class TdpMmu(MmuBackend):
             if vcpu.index in self.vcpu_root:
                 vcpu.requests.add("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
 
-    def kvm_tdp_mmu_zap_invalidated_roots(self) -> None:
-        """Zap each scheduled root and drop the list's reference on it."""
+    def kvm_tdp_mmu_zap_invalidated_roots(self, shared: bool = False) -> None:
+        """Zap each scheduled root and drop the list's reference on it.
+        `shared`: with ``mmu_lock`` held for read, as ``kvm_mmu_zap_all_fast``
+        runs it, beside other vCPUs' faults (``TdpMmuCore.zap_root_shared``:
+        every entry by cmpxchg)."""
         for r in [r for r in self.roots if r.scheduled_to_zap]:
             r.scheduled_to_zap = False
-            self.core.zap_root(r.sp)
+            if shared:
+                self.core.zap_root_shared(r.sp)
+            else:
+                self.core.zap_root(r.sp)
+            r.zapped = True
             self.kvm_tdp_mmu_put_root(r)
 
     def _valid_roots(self, as_id=None):

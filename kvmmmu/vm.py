@@ -998,6 +998,7 @@ class VM:
     kvm_zap_gfn_range = _mmu.kvm_zap_gfn_range
     kvm_arch_flush_shadow_all = _mmu.kvm_arch_flush_shadow_all
     kvm_arch_flush_shadow_memslot = _mmu.kvm_arch_flush_shadow_memslot
+    kvm_mmu_zap_all_fast = _mmu.kvm_mmu_zap_all_fast
     kvm_arch_mmu_enable_log_dirty_pt_masked = _mmu.kvm_arch_mmu_enable_log_dirty_pt_masked
     kvm_mmu_change_mmu_pages = _mmu.kvm_mmu_change_mmu_pages
 

@@ -236,3 +236,74 @@ def test_vcpu_threads_populating_under_the_read_lock_match_one_vcpu():
     with vm.mmu_lock.read():
         kind, e = _in_thread(vm.mmu_lock.acquire_write)
     assert kind == "raised" and isinstance(e, ConcurrentUseError)
+
+
+def test_faulting_vcpu_threads_race_the_fast_zap_of_all_roots():
+    """kvm_mmu_zap_all_fast invalidates the roots under the write lock and
+    zaps them under the read lock, beside vCPU threads faulting through the
+    common entry.  The checked MmuLock raises instead of waiting, so each
+    side retries a refused lock.  At the end: no FROZEN SPTE, no leaked or
+    early-freed table (audits clean after a grace period), every fault
+    answered with a kernel result, and a last round of faults maps every gfn
+    to the host's pfn."""
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), nr_vcpus=2)
+    vm.add_memory(0, 16 * MiB, slot=0, thp=True, populate=True)
+    t = vm.mmu_backend
+    for v in vm.vcpus:
+        v.kvm_mmu_reload()
+    stop, errors, results = threading.Event(), [], set()
+    rng = np.random.default_rng(11)
+    gfns = [rng.integers(0, 4096, 400).tolist() for _ in vm.vcpus]
+
+    def vcpu_thread(k):
+        v = vm.vcpus[k]
+        try:
+            while not stop.is_set():
+                for g in gfns[k]:
+                    try:
+                        v.kvm_mmu_reload()          # frees obsolete roots, loads a new one
+                        results.add(t.page_fault(v, g, write=bool(g & 1)))
+                    except ConcurrentUseError:
+                        pass                        # the zapper holds mmu_lock for write
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def zapper():
+        try:
+            done = 0
+            while done < 20:
+                try:
+                    vm.kvm_mmu_zap_all_fast()
+                    done += 1
+                except ConcurrentUseError:
+                    pass                            # a vCPU holds mmu_lock
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            stop.set()
+
+    ths = [threading.Thread(target=vcpu_thread, args=(k,)) for k in range(2)]
+    ths.append(threading.Thread(target=zapper))
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join(120)
+    assert not any(th.is_alive() for th in ths), "a thread hung"
+    assert not errors, errors
+    assert results <= {RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_RETRY}, results
+    assert not vm.mmu_lock.held
+    for v in vm.vcpus:
+        v.kvm_mmu_reload()
+    vm.arena.rcu_barrier()
+    assert t.audit() == [] and vm.audit(raise_=False) == []
+    v = vm.vcpus[0]
+    for g in range(0, 4096, 97):
+        assert t.page_fault(v, g) in (RET_PF_FIXED, RET_PF_SPURIOUS)
+    sptes, levels = t.translate(v, np.arange(0, 4096, 97, dtype=np.uint64))
+    slot = vm.memslots[0].id_to_memslot(0)
+    g = np.arange(0, 4096, 97, dtype=np.uint64)
+    pfn, _ = vm.host.hva_to_pfn_array(np.uint64(slot.userspace_addr) + (g << np.uint64(12)))
+    base = vm.fmt.spte_to_pfn_array(sptes)
+    off = g & ((np.uint64(1) << (np.uint64(9) * (levels.astype(np.uint64) - np.uint64(1)))) - np.uint64(1))
+    assert (base + off == pfn).all()
+    assert t.audit() == [] and vm.audit(raise_=False) == []

@@ -1056,7 +1056,9 @@ cdef class PtArena:
         64-bit hosts only: the kernel has no rcu_head under CONFIG_X86_32 (its
         bytes hold clear_spte_count there)."""
         cdef uint64_t c_sp = u64_arg(sp, "sp")
-        self._writer("call_rcu_free_sp")
+        # beside the shared side too (the last put of a root zapped under
+        # mmu_lock held for read): the queue is under the RCU lock
+        self._no_exclusive("call_rcu_free_sp")
         if not self.a.host_64bit:
             raise ValueError("call_rcu_free_sp: a 32-bit host has no rcu_head (TDP MMU is 64-bit only)")
         self._check_sp(c_sp, False)
