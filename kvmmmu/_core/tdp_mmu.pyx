@@ -1126,6 +1126,33 @@ cdef class TdpMmuCore:
         tdp_trace_flush()               # this thread's trace records, to mmutrace
         return 0
 
+    cdef int _map_fault(self, str what, uint64_t c_root, tdp_fault *fault,
+                        MmuMemoryCache page_cache, MmuMemoryCache header_cache) except? -9999:
+        # kvm_tdp_mmu_map for one checked fault, on the shared side (other
+        # vCPU threads may map meanwhile): RET_PF_* or -ENOMEM.
+        cdef int slot = self._enter_shared(what, page_cache, header_cache)
+        cdef tdp_mmu_t *m = &self.m
+        cdef kvm_mmu_memory_cache *pc = &page_cache.mc
+        cdef kvm_mmu_memory_cache *hc = &header_cache.mc
+        cdef int top, r
+        try:
+            top = self._root(c_root)
+            if fault.gfn >> (SPTE_LEVEL_BITS * top):
+                raise ValueError(f"gfn={fault.gfn:#x} is beyond what the root maps")
+            if self.arena._shared > 1:
+                # other threads map too: let them run during this walk
+                with nogil:
+                    pt_shared_rcu_lock(m.a, slot)
+                    r = kvm_tdp_mmu_map(m, c_root, fault, pc, hc)
+                    pt_shared_rcu_unlock(m.a, slot)
+            else:
+                pt_shared_rcu_lock(m.a, slot)
+                r = kvm_tdp_mmu_map(m, c_root, fault, pc, hc)
+                pt_shared_rcu_unlock(m.a, slot)
+        finally:
+            self._leave_shared(slot, page_cache, header_cache)
+        return r
+
     cdef int _check_caches(self, MmuMemoryCache page_cache, MmuMemoryCache header_cache) except -1:
         for c, kind, name in ((page_cache, PT_CACHE_SHADOW_PAGE, "page_cache"),
                               (header_cache, PT_CACHE_PAGE_HEADER, "header_cache")):
@@ -1575,7 +1602,6 @@ cdef class TdpMmuCore:
         if fault.noslot and (fault.goal_level != PG_LEVEL_4K or not self.m.f.mmio_caching):
             raise ValueError("an MMIO SPTE goes at 4K, with MMIO caching enabled")
         cdef uint64_t mask
-        cdef int top, r
         if not PG_LEVEL_4K <= fault.goal_level <= PG_LEVEL_1G:
             raise ValueError(f"goal_level={fault.goal_level} is outside 1..{PG_LEVEL_1G}")
         mask = _pages(fault.goal_level) - 1
@@ -1585,27 +1611,7 @@ cdef class TdpMmuCore:
         if page_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL or header_cache.mc.nobjs < PT64_ROOT_MAX_LEVEL:
             raise KvmNoMemoryError("map_one: top the caches up first (mmu_topup_memory_caches)")
         self._check_caches(page_cache, header_cache)
-        cdef int slot = self._enter_shared("TdpMmuCore.map_one", page_cache, header_cache)
-        cdef tdp_mmu_t *m = &self.m
-        cdef kvm_mmu_memory_cache *pc = &page_cache.mc
-        cdef kvm_mmu_memory_cache *hc = &header_cache.mc
-        try:
-            top = self._root(c_root)
-            if fault.gfn >> (SPTE_LEVEL_BITS * top):
-                raise ValueError(f"gfn={fault.gfn:#x} is beyond what the root maps")
-            if self.arena._shared > 1:
-                # other threads map too: let them run during this walk
-                with nogil:
-                    pt_shared_rcu_lock(m.a, slot)
-                    r = kvm_tdp_mmu_map(m, c_root, &fault, pc, hc)
-                    pt_shared_rcu_unlock(m.a, slot)
-            else:
-                pt_shared_rcu_lock(m.a, slot)
-                r = kvm_tdp_mmu_map(m, c_root, &fault, pc, hc)
-                pt_shared_rcu_unlock(m.a, slot)
-        finally:
-            self._leave_shared(slot, page_cache, header_cache)
-        return r
+        return self._map_fault("TdpMmuCore.map_one", c_root, &fault, page_cache, header_cache)
 
     def fast_page_fault(self, root, gfn, *, write=False, exec=False, slot_dirty_tracked=False,
                         vcpu_id=0, addr=None, error_code=None):
@@ -1801,7 +1807,6 @@ cdef class TdpMmuCore:
         cdef uint64_t c_root = u64_arg(root, "root")
         cdef tdp_fault fault
         cdef int fl = s32_arg(flags, "flags")
-        cdef int top, r
         fault.gfn = u64_arg(gfn, "gfn")
         fault.pfn = u64_arg(pfn, "pfn")
         fault.goal_level = s32_arg(goal_level, "goal_level")
@@ -1830,24 +1835,5 @@ cdef class TdpMmuCore:
         if page_cache.arena is not self.arena or page_cache.kind != PT_CACHE_SHADOW_PAGE or \
                 header_cache.arena is not self.arena or header_cache.kind != PT_CACHE_PAGE_HEADER:
             self._check_caches(page_cache, header_cache)
-        # the shared side, as map_one: other vCPU threads may map meanwhile
-        cdef int slot = self._enter_shared("TdpMmuCore.page_fault_map", page_cache, header_cache)
-        cdef tdp_mmu_t *m = &self.m
-        cdef kvm_mmu_memory_cache *pc = &page_cache.mc
-        cdef kvm_mmu_memory_cache *hc = &header_cache.mc
-        try:
-            top = self._root(c_root)
-            if fault.gfn >> (SPTE_LEVEL_BITS * top):
-                raise ValueError(f"gfn={fault.gfn:#x} is beyond what the root maps")
-            if self.arena._shared > 1:
-                with nogil:
-                    pt_shared_rcu_lock(m.a, slot)
-                    r = kvm_tdp_mmu_map(m, c_root, &fault, pc, hc)
-                    pt_shared_rcu_unlock(m.a, slot)
-            else:
-                pt_shared_rcu_lock(m.a, slot)
-                r = kvm_tdp_mmu_map(m, c_root, &fault, pc, hc)
-                pt_shared_rcu_unlock(m.a, slot)
-        finally:
-            self._leave_shared(slot, page_cache, header_cache)
-        return r
+        return self._map_fault("TdpMmuCore.page_fault_map", c_root, &fault, page_cache,
+                               header_cache)
