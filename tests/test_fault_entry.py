@@ -559,3 +559,22 @@ def test_vcpu_threads_fixing_writes_in_one_bitmap_word_lose_no_dirty_bit():
     assert sum(v.stat.pf_fast for v in vm.vcpus) == n
     bm = vm.get_dirty_log(0)
     assert [i for i in range(n) if int(bm[i // 64]) >> (i % 64) & 1] == list(range(n))
+
+
+def test_a_map_that_finds_its_mmio_spte_already_in_place_still_emulates():
+    """tdp_mmu_map_handle_target_level: an unchanged SPTE is SPURIOUS, but
+    an MMIO SPTE still ends in RET_PF_EMULATE (the kernel tests the new SPTE
+    after the set, whether or not it changed).  The common entry never gets
+    there with a current MMIO SPTE (the reserved-bit fault answers first),
+    so the map is called directly."""
+    vm, v = _vm(params=KvmParams(mmio_caching=True))
+    hole = (64 * MiB) >> 12
+    assert _fault(v, hole << 12, W)[0] == RET_PF_EMULATE
+    spte, _ = _leaf(vm, v, hole)
+    assert vm.fmt.is_mmio_spte(spte)
+    t = vm.mmu_backend
+    v.mmu_topup_memory_caches(False)
+    r = t.core.map_one(t.vcpu_root[v.index].sp, hole, 0, 1, v.mmu_shadow_page_cache,
+                       v.mmu_page_header_cache, write=True, mmio_gen=v.mmio_spte_generation())
+    assert r == RET_PF_EMULATE
+    assert _leaf(vm, v, hole)[0] == spte and vm.audit() == []

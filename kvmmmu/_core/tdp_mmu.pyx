@@ -410,20 +410,23 @@ cdef inline int _map_target_level(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault) 
         new_spte = make_mmio_spte(m.f, it.gfn, ACC_ALL, fault.mmio_gen)
     else:
         new_spte = make_spte(m.f, it.level, ACC_ALL, fault.pfn, old, flags, &wrprot)
+    cdef int ret = RET_PF_FIXED
     if new_spte == old:
-        return tdp_trace_map_target(m.a, m.f, it.sptep, it.gfn, it.level, new_spte, RET_PF_SPURIOUS)
-    if _set_target_atomic(m, it, fault, new_spte):
+        # nothing to set; the write-protected and MMIO answers below still
+        # apply, as in the kernel
+        ret = RET_PF_SPURIOUS
+    elif _set_target_atomic(m, it, fault, new_spte):
         return RET_PF_RETRY
-    if is_shadow_present_pte(old) and (not is_last_spte(old, it.level) or
-                                       (is_mmu_writable_spte(m.f, old) and
-                                        not is_mmu_writable_spte(m.f, new_spte))):
+    elif is_shadow_present_pte(old) and (not is_last_spte(old, it.level) or
+                                         (is_mmu_writable_spte(m.f, old) and
+                                          not is_mmu_writable_spte(m.f, new_spte))):
         tdp_inc(&m.nr_flushes)                # kvm_flush_remote_tlbs_gfn(gfn, level)
-    tdp_trace_map_target(m.a, m.f, it.sptep, it.gfn, it.level, new_spte, RET_PF_FIXED)
+    tdp_trace_map_target(m.a, m.f, it.sptep, it.gfn, it.level, new_spte, ret)
     if wrprot and fault.write:
         return RET_PF_WRITE_PROTECTED
     if is_mmio_spte(m.f, new_spte):
         return RET_PF_EMULATE
-    return RET_PF_FIXED
+    return ret
 
 
 # ---------------------------------------------------------------------------
