@@ -71,6 +71,7 @@ from kvmmmu.host import (
 from kvmmmu import memslots as M
 from kvmmmu import mmu as _mmu
 from kvmmmu.mmu import FaultinResult, MmuBackend, RecordingMmu  # noqa: F401  (re-exported)
+from kvmmmu._core.mmu_lock import MmuLock  # noqa: F401  (re-exported)
 from kvmmmu.memattrs import (
     KVM_MEMORY_ATTRIBUTE_PRIVATE, MemoryAttributes, kvm_supported_mem_attributes,
     kvm_vm_ioctl_set_mem_attributes,
@@ -191,116 +192,6 @@ def _vm_ioctl(fn):
             self.warn_sink.check()
             return fn(self, *args, **kw)
     return ioctl
-
-
-class MmuLock:
-    """``kvm->mmu_lock`` (an rwlock on x86) as checked state, like lockdep.
-
-    * **Read side, shared**: any number of threads may hold it for read at
-      once (the TDP MMU's faults: :class:`~kvmmmu._core.tdp_mmu.TdpMmuCore`'s
-      shared side runs their maps in parallel, without the GIL).  A thread
-      may take it for read again while it holds it for read (counted per
-      thread; the kernel's recursive read_lock).
-    * **Write side, exclusive**: held by one thread, and only while no thread
-      holds the read side.
-    * **Checked, not waiting**: an acquire that would have to wait raises
-      instead of blocking — :class:`ConcurrentUseError` when another thread
-      holds the lock in a conflicting mode (the model's callers serialize
-      writers themselves: the VM's ioctls and notifier callbacks take it
-      under ``VM.api_lock``), and also when this thread already holds it in a
-      mode that makes the acquire a deadlock (write after read or write,
-      read after write).  ``lockdep_assert_*`` raise
-      :class:`LockNotHeldError` when the calling thread does not hold it; a
-      release by a thread that does not hold the lock raises the same.
-    * The state changes under an internal ``threading.Lock``, so the checks
-      are exact across threads (no lost counts, no two writers).
-
-    ``readers`` (total read holds over all threads) and ``writers`` (0 or 1)
-    are read-only views for tests and asserts.
-    """
-
-    def __init__(self):
-        self._state = threading.Lock()
-        self._writer = None                 # ident of the thread holding it for write
-        self._readers: dict[int, int] = {}  # ident -> read depth
-
-    @property
-    def readers(self) -> int:
-        return sum(self._readers.values())
-
-    @property
-    def writers(self) -> int:
-        return 0 if self._writer is None else 1
-
-    def acquire_write(self):
-        me = threading.get_ident()
-        with self._state:
-            if self._writer == me or me in self._readers:
-                raise ConcurrentUseError("mmu_lock: write_lock while this thread holds it (deadlock)")
-            if self._writer is not None:
-                raise ConcurrentUseError("mmu_lock: taken for write by another thread at the same time")
-            if self._readers:
-                raise ConcurrentUseError(f"mmu_lock: write_lock while {len(self._readers)} other "
-                                         "thread(s) hold it for read")
-            self._writer = me
-
-    def release_write(self):
-        with self._state:
-            if self._writer != threading.get_ident():
-                raise LockNotHeldError("mmu_lock: write_unlock without the lock")
-            self._writer = None
-
-    def acquire_read(self):
-        me = threading.get_ident()
-        with self._state:
-            if self._writer == me:
-                raise ConcurrentUseError("mmu_lock: read_lock while held for write (deadlock)")
-            if self._writer is not None:
-                raise ConcurrentUseError("mmu_lock: read_lock while another thread holds it for write")
-            self._readers[me] = self._readers.get(me, 0) + 1
-
-    def release_read(self):
-        me = threading.get_ident()
-        with self._state:
-            depth = self._readers.get(me, 0)
-            if not depth:
-                raise LockNotHeldError("mmu_lock: read_unlock without the lock")
-            if depth == 1:
-                del self._readers[me]
-            else:
-                self._readers[me] = depth - 1
-
-    class _Ctx:
-        def __init__(self, lock, write):
-            self.lock, self.w = lock, write
-
-        def __enter__(self):
-            (self.lock.acquire_write if self.w else self.lock.acquire_read)()
-            return self.lock
-
-        def __exit__(self, *exc):
-            (self.lock.release_write if self.w else self.lock.release_read)()
-            return False
-
-    def write(self):
-        return MmuLock._Ctx(self, True)
-
-    def read(self):
-        return MmuLock._Ctx(self, False)
-
-    @property
-    def held(self) -> bool:
-        """Held by any thread, in either mode."""
-        return self._writer is not None or bool(self._readers)
-
-    def lockdep_assert_held_write(self):
-        if self._writer != threading.get_ident():
-            raise LockNotHeldError("mmu_lock must be held for write")
-
-    def lockdep_assert_held(self):
-        me = threading.get_ident()
-        if self._writer != me and me not in self._readers:
-            raise LockNotHeldError("mmu_lock must be held")
 
 
 class _ExternalSptCache:
