@@ -74,7 +74,6 @@ from kvmmmu.memslots import (
 )
 from kvmmmu.notifiers import (
     KVM_FILTER_PRIVATE, KVM_FILTER_SHARED, KvmGfnRange, mmu_invalidate_retry_gfn,
-    mmu_invalidate_retry_gfn_unsafe,
 )
 
 __all__ = [

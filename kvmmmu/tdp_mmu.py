@@ -71,7 +71,6 @@ from kvmmmu._core.defs import (
     RET_PF_FIXED,
     RET_PF_INVALID,
     RET_PF_RETRY,
-    RET_PF_SPURIOUS,
     RET_PF_WRITE_PROTECTED,
 )
 from kvmmmu._core.role import (
@@ -81,7 +80,7 @@ from kvmmmu._core.role import (
     kvm_mmu_get_tdp_level,
 )
 from kvmmmu._core.spte import PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK
-from kvmmmu._core.tdp_iter import TdpIter, kvm_tdp_mmu_get_walk
+from kvmmmu._core.tdp_iter import kvm_tdp_mmu_get_walk
 from kvmmmu._core.pt_arena import MmuMemoryCache
 from kvmmmu._core.tdp_mmu import TdpMmuCore
 from kvmmmu._core.guest_walk import (

@@ -63,7 +63,7 @@ from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
 from kvmmmu._core.rmap import PteListDescCache, PteListDescPool
 from kvmmmu._core.spte import MMIO_SPTE_GEN_MASK, get_mmio_spte_generation
 from kvmmmu._core._checks import check_array, int_arg
-from kvmmmu.errors import ConcurrentUseError, KvmNoMemoryError, LockNotHeldError
+from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.warn import KvmBugError, WarnSink  # noqa: F401  (KvmBugError re-exported)
 from kvmmmu.host import (
     PAGE_SHIFT, HostConfig, HostMm,

@@ -99,7 +99,6 @@ class TdpModelMachine(RuleBasedStateMachine):
             assert r in (RET_PF_FIXED, RET_PF_SPURIOUS), (kind, r)
             self.touched[sid].add(o)
             spte, level = self._leaf(w, gfn)
-            fmt = self.vm.fmt
             assert is_shadow_present_pte(spte), f"gfn {gfn:#x} not mapped after {kind}"
             if kind == "write":
                 self.written[sid].add(o)
@@ -169,7 +168,7 @@ class TdpModelMachine(RuleBasedStateMachine):
     # --------------------------------------------------------------- invariant
     @invariant()
     def consistent(self):
-        vm, fmt = self.vm, self.vm.fmt
+        vm = self.vm
         for root in self.t.roots:
             if root.invalid:
                 continue

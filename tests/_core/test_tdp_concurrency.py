@@ -33,7 +33,6 @@ from _probe import assert_no_crash
 from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
 from kvmmmu._core.role import KvmMmuPageRole
 from kvmmmu._core.spte import SpteFormat
-from kvmmmu._core.tdp_iter import TdpIter
 from kvmmmu._core.tdp_mmu import TdpMmuCore
 from kvmmmu.errors import ConcurrentUseError
 
