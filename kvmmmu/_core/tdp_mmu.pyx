@@ -860,9 +860,11 @@ cdef uint64_t kvm_tdp_mmu_clear_dirty_pt_masked(tdp_mmu_t *m, uint64_t root, uin
     """KVM_CLEAR_DIRTY_LOG's step (mmu_lock held for write): for each set
     bit i of `mask`, clear `dbit` in the 4K leaf of gfn + i (`gfn` is
     64-aligned, so the 64 gfns share one 4K table).  Huge leaves and holes
-    are left alone.  Returns the bits whose 4K leaf was found."""
+    are left alone.  Returns the bits whose 4K leaf was found (none for a
+    `gfn` that is not 64-aligned: the 64 entries would run past the table;
+    TdpMmuCore.clear_dirty_log aligns and refuses before calling)."""
     cdef uint64_t table
-    if mask == 0 or not _tdp_table_at(m, root, gfn, PG_LEVEL_4K, &table):
+    if mask == 0 or (gfn & 63) or not _tdp_table_at(m, root, gfn, PG_LEVEL_4K, &table):
         return 0
     return _clear_dirty_4k_masked_traced(m, root, table, gfn, mask, dbit)
 
