@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import mmap
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -613,6 +614,17 @@ class MmuNotifier:
 # VMAs and the address space
 # ==================================================================================
 
+def _anon_bytes(size: int) -> np.ndarray:
+    """``size`` zero bytes of lazily allocated anonymous memory (a private
+    MAP_NORESERVE mapping: untouched pages cost nothing and are not charged
+    against overcommit)."""
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    return np.frombuffer(m, dtype=np.uint8)
+
+
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
 class Vma:
     """One mapping (``struct vm_area_struct``) and its page table.
 
@@ -657,10 +669,25 @@ class Vma:
         self.pte = np.zeros(n, dtype=np.uint8)
         self.pmd_leaf = np.zeros(((end - 1) >> PMD_SHIFT) - (start >> PMD_SHIFT) + 1, dtype=bool)
         self.pud_leaf = np.zeros(((end - 1) >> PUD_SHIFT) - (start >> PUD_SHIFT) + 1, dtype=bool)
+        self._data = None
 
     @property
     def npages(self) -> int:
         return (self.end - self.start) >> PAGE_SHIFT
+
+    @property
+    def data(self) -> np.ndarray:
+        """The bytes of the mapping (what the VMM and the guest read and
+        write), ``uint8[end - start]``: an anonymous private mapping of the
+        real process, made on first use with MAP_NORESERVE, so a 64 GiB guest
+        costs only the pages it touches.  Contents belong to the hva range:
+        they survive swap-out, migration and THP splits (as the host's page
+        contents do) and go away with ``munmap``; a VMA split by ``munmap``
+        keeps views of the same bytes."""
+        d = self._data
+        if d is None:
+            d = self._data = _anon_bytes(self.end - self.start)
+        return d
 
     def __repr__(self):
         kind = (f"hugetlb-{'2M' if self.hugetlb == PG_LEVEL_2M else '1G'}" if self.hugetlb
@@ -1277,6 +1304,8 @@ class HostMm:
         i0, i1 = v.idx(a), v.idx(b)
         n.pfn[:] = v.pfn[i0:i1]
         n.pte[:] = v.pte[i0:i1]
+        if v._data is not None:
+            n._data = v._data[a - v.start:b - v.start]
         for src, dst, shift in ((v.pmd_leaf, n.pmd_leaf, PMD_SHIFT), (v.pud_leaf, n.pud_leaf, PUD_SHIFT)):
             k0 = (a >> shift) - (v.start >> shift)
             dst[:] = src[k0:k0 + len(dst)]

@@ -809,8 +809,10 @@ def kvm_mmu_load(vcpu) -> None:
 
 
 def kvm_mmu_unload(vcpu) -> None:
-    """``kvm_mmu_unload``: drop the vCPU's roots."""
-    _fault_mmu(vcpu).kvm_mmu_unload(vcpu)
+    """``kvm_mmu_unload``: drop the vCPU's roots (none without a fault MMU)."""
+    mmu = vcpu.vm.mmu_backend
+    if mmu is not None:
+        mmu.kvm_mmu_unload(vcpu)
 
 
 def kvm_mmu_reload(vcpu) -> None:
@@ -822,6 +824,84 @@ def kvm_mmu_reload(vcpu) -> None:
         mmu.free_obsolete_roots(vcpu)
     if vcpu.mmu_root is None:
         kvm_mmu_load(vcpu)
+
+
+def _backend_op(vcpu, name):
+    """The fault MMU's method `name`, or None (a backend without it has
+    nothing to do there: the TDP MMU has no guest roots to sync)."""
+    mmu = vcpu.vm.mmu_backend
+    return None if mmu is None else getattr(mmu, name, None)
+
+
+def kvm_mmu_new_pgd(vcpu, new_pgd: int) -> None:
+    """``kvm_mmu_new_pgd``: a CR3 load; the MMU switches to a cached root for
+    `new_pgd` (``fast_pgd_switch``) or drops the current one."""
+    f = _backend_op(vcpu, "kvm_mmu_new_pgd")
+    if f is not None:
+        f(vcpu, new_pgd)
+
+
+def kvm_mmu_sync_roots(vcpu) -> None:
+    """``kvm_mmu_sync_roots`` (KVM_REQ_MMU_SYNC): sync the unsync shadow
+    pages under the current root."""
+    f = _backend_op(vcpu, "kvm_mmu_sync_roots")
+    if f is not None:
+        f(vcpu)
+
+
+def kvm_mmu_sync_prev_roots(vcpu) -> None:
+    """``kvm_mmu_sync_prev_roots``: the same for the cached previous roots."""
+    f = _backend_op(vcpu, "kvm_mmu_sync_prev_roots")
+    if f is not None:
+        f(vcpu)
+
+
+def kvm_mmu_invlpg(vcpu, gva: int) -> None:
+    """``kvm_mmu_invlpg`` (an intercepted INVLPG): the MMU invalidates `gva`
+    in every root (``kvm_mmu_invalidate_addr``); ``stat.invlpg`` counts it."""
+    gva = int_arg("gva", gva)
+    f = _backend_op(vcpu, "kvm_mmu_invlpg")
+    if f is not None:
+        f(vcpu, gva)
+    vcpu.stat.invlpg += 1
+
+
+def kvm_page_track_write(vcpu, gpa: int, data) -> None:
+    """``emulator_write_phys``: the emulator's store, ``kvm_vcpu_write_guest``
+    (the page is marked dirty), then ``kvm_page_track_write``, which tells
+    the MMU (``kvm_mmu_track_write(vcpu, gpa, new_bytes)``) so it can zap or
+    update the shadow pages of a written guest page table."""
+    data = bytes(data)
+    vcpu.kvm_vcpu_write_guest(gpa, data)
+    f = _backend_op(vcpu, "kvm_mmu_track_write")
+    if f is not None:
+        f(vcpu, gpa, data)
+
+
+def vcpu_enter_guest(vcpu) -> None:
+    """The MMU's part of ``vcpu_enter_guest``, in the kernel's order: free an
+    obsolete root (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS), sync the roots
+    (KVM_REQ_MMU_SYNC), load the pgd (KVM_REQ_LOAD_MMU_PGD: hardware only),
+    the TLB flushes (KVM_REQ_TLB_FLUSH, then _CURRENT and _GUEST; each
+    counted in ``stat.tlb_flush``; a guest flush on shadow paging syncs the
+    current and previous roots), then :func:`kvm_mmu_reload`."""
+    mmu = _fault_mmu(vcpu)
+    if vcpu.kvm_check_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"):
+        mmu.free_obsolete_roots(vcpu)
+    if vcpu.kvm_check_request("KVM_REQ_MMU_SYNC"):
+        kvm_mmu_sync_roots(vcpu)
+    vcpu.kvm_check_request("KVM_REQ_LOAD_MMU_PGD")
+    if vcpu.kvm_check_request("KVM_REQ_TLB_FLUSH"):
+        vcpu.stat.tlb_flush += 1
+        vcpu.kvm_check_request("KVM_REQ_TLB_FLUSH_CURRENT")   # the full flush covers it
+    if vcpu.kvm_check_request("KVM_REQ_TLB_FLUSH_CURRENT"):
+        vcpu.stat.tlb_flush += 1
+    if vcpu.kvm_check_request("KVM_REQ_TLB_FLUSH_GUEST"):
+        vcpu.stat.tlb_flush += 1
+        if not vcpu.vm.tdp_enabled:
+            kvm_mmu_sync_roots(vcpu)
+            kvm_mmu_sync_prev_roots(vcpu)
+    kvm_mmu_reload(vcpu)
 
 
 def kvm_mmu_reset_context(vcpu) -> None:

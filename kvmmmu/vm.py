@@ -79,6 +79,8 @@ from kvmmmu.memattrs import (
 from kvmmmu.notifiers import KvmMmuNotifier, MmuInvalidateState
 from kvmmmu.stats import VcpuStat, VmStat
 from kvmmmu.tdp_mmu import TdpMmu
+from kvmmmu._core.guest_walk import GuestMemory, GpaNotMappedError, GpaReadOnlyError
+from kvmmmu import paging as _pg
 
 __all__ = [
     "KvmParams", "VM", "Vcpu", "MmuBackend", "RecordingMmu", "MmuLock", "VmAuditError",
@@ -276,6 +278,16 @@ class Vcpu:
         self.last_retry_addr = None
         #: ``kvm_event_needs_reinjection`` (shadow paging's unprotect rule)
         self.event_needs_reinjection = False
+        #: the registers the MMU reads (CR0/CR3/CR4/EFER/RFLAGS/CPL/PKRU), a
+        #: frozen :class:`~kvmmmu.paging.CpuState` replaced by the ``kvm_set_*``
+        #: methods; a new vCPU has paging off, as after INIT
+        self.cpu = _pg.CpuState.nonpaging()
+        #: the guest CPUID facts (:class:`~kvmmmu.paging.GuestCpuModel`)
+        self.guest_model = _pg.GuestCpuModel()
+        #: ``walk_mmu->pdptrs``: the PAE PDPTEs loaded by the last CR0/CR3/CR4
+        #: load that had to load them (None outside PAE paging)
+        self.pdptrs = None
+        self._walk_mmu = None
 
     def __repr__(self):
         return f"Vcpu({self.vcpu_id}{' smm' if self.smm else ''})"
@@ -391,6 +403,182 @@ class Vcpu:
             return True
         return False
 
+    # -- architectural state (x86.c as the MMU sees it) ---------------------------
+    @property
+    def walk_mmu(self) -> "_pg.GuestMmu":
+        """``vcpu->arch.walk_mmu``: the guest MMU of the current registers
+        over ``vm.guest_memory(as_id)``; rebuilt when the registers, the
+        guest model or the memslots changed since the last use."""
+        mem = self.vm.guest_memory(self.as_id)
+        w = self._walk_mmu
+        if w is None or w.memory is not mem or w.cpu is not self.cpu or \
+                w.model is not self.guest_model or w.smm != self.smm:
+            w = _pg.GuestMmu(mem, self.cpu, self.guest_model, smm=self.smm,
+                             pdptrs=self.pdptrs if self._pae_paging(self.cpu) else None)
+            w.smm = self.smm
+            self._walk_mmu = w
+        return w
+
+    @staticmethod
+    def _pae_paging(cpu) -> bool:
+        return bool(cpu.cr0 & _pg.X86_CR0_PG and cpu.cr4 & _pg.X86_CR4_PAE
+                    and not cpu.efer & _pg.EFER_LMA)
+
+    def _load_pdptrs(self, cpu):
+        try:
+            return _pg.load_pdptrs(self.vm.guest_memory(self.as_id), cpu.cr3, self.guest_model)
+        except _pg.PdptrLoadError as e:
+            raise CrLoadError(f"#GP: load_pdptrs failed for CR3={cpu.cr3:#x}: {e}") from None
+
+    def _set_state(self, cpu, *, check=True):
+        """Install a new register state (``cpu`` must pass ``CpuState.check``)."""
+        if check:
+            try:
+                cpu.check(self.guest_model)
+            except _pg.CpuStateError as e:
+                raise CrLoadError(f"#GP: {e}") from None
+        self.cpu = cpu
+
+    def kvm_set_cr0(self, cr0: int) -> None:
+        """``kvm_set_cr0``: ET is forced on; bits 63:32, NW without CD, PG
+        without PE, turning paging on in long mode without CR4.PAE, turning
+        it off in 64-bit mode, or PDPTEs that do not load are a #GP
+        (:class:`CrLoadError`, nothing changed).  Turning paging on with
+        EFER.LME sets EFER.LMA.  Then ``kvm_post_set_cr0``: clearing PG asks
+        for a guest TLB flush; a change of PG or WP resets the MMU context.
+        (CS.L is not modelled: code running with EFER.LMA is 64-bit code.)"""
+        cr0 = int_arg("cr0", cr0, 0, (1 << 64) - 1) | X86_CR0_ET
+        old = self.cpu
+        if cr0 >> 32:
+            raise CrLoadError(f"#GP: CR0={cr0:#x} sets reserved bits 63:32")
+        if cr0 & X86_CR0_NW and not cr0 & X86_CR0_CD:
+            raise CrLoadError("#GP: CR0.NW without CR0.CD")
+        if cr0 & _pg.X86_CR0_PG and not cr0 & _pg.X86_CR0_PE:
+            raise CrLoadError("#GP: CR0.PG without CR0.PE")
+        efer, pdptrs = old.efer, self.pdptrs
+        if cr0 & _pg.X86_CR0_PG and not old.cr0 & _pg.X86_CR0_PG:
+            if efer & _pg.EFER_LME:
+                if not old.cr4 & _pg.X86_CR4_PAE:
+                    raise CrLoadError("#GP: enabling paging with EFER.LME needs CR4.PAE")
+                efer |= _pg.EFER_LMA
+        elif not cr0 & _pg.X86_CR0_PG and old.cr0 & _pg.X86_CR0_PG and efer & _pg.EFER_LMA:
+            raise CrLoadError("#GP: clearing CR0.PG in 64-bit mode")
+        new = replace(old, cr0=cr0, efer=efer)
+        if self._pae_paging(new) and not self._pae_paging(old):
+            pdptrs = self._load_pdptrs(new)
+        self._set_state(new)
+        self.pdptrs = pdptrs if self._pae_paging(new) else None
+        if (cr0 ^ old.cr0) & _pg.X86_CR0_PG and not cr0 & _pg.X86_CR0_PG:
+            self.kvm_make_request("KVM_REQ_TLB_FLUSH_GUEST")
+        if (cr0 ^ old.cr0) & KVM_MMU_CR0_ROLE_BITS:
+            _mmu.kvm_mmu_reset_context(self)
+
+    def kvm_set_cr4(self, cr4: int) -> None:
+        """``kvm_set_cr4``: bits the guest model lacks, clearing PAE or
+        toggling LA57 in long mode, PCIDE (not modelled) or PDPTEs that do
+        not load are a #GP (:class:`CrLoadError`, nothing changed).  Then
+        ``kvm_post_set_cr4``: a change of a role bit (PSE, PAE, SMEP, SMAP,
+        PKE, LA57) resets the MMU context; toggling PGE asks for a guest TLB
+        flush, else toggling PAE or setting SMEP for a flush of the current
+        context."""
+        cr4 = int_arg("cr4", cr4, 0, (1 << 64) - 1)
+        old = self.cpu
+        if cr4 & ~KVM_MODEL_CR4_BITS:
+            raise CrLoadError(f"#GP: CR4={cr4:#x} sets bits the model does not support "
+                              f"({cr4 & ~KVM_MODEL_CR4_BITS:#x})")
+        pdptrs = self.pdptrs
+        if old.efer & _pg.EFER_LMA:
+            if not cr4 & _pg.X86_CR4_PAE:
+                raise CrLoadError("#GP: clearing CR4.PAE in long mode")
+            if (cr4 ^ old.cr4) & _pg.X86_CR4_LA57:
+                raise CrLoadError("#GP: toggling CR4.LA57 in long mode")
+        new = replace(old, cr4=cr4)
+        if self._pae_paging(new) and (cr4 ^ old.cr4) & X86_CR4_PDPTR_BITS:
+            pdptrs = self._load_pdptrs(new)
+        self._set_state(new)
+        self.pdptrs = pdptrs if self._pae_paging(new) else None
+        if (cr4 ^ old.cr4) & KVM_MMU_CR4_ROLE_BITS:
+            _mmu.kvm_mmu_reset_context(self)
+        if (cr4 ^ old.cr4) & X86_CR4_PGE:
+            self.kvm_make_request("KVM_REQ_TLB_FLUSH_GUEST")
+        elif (cr4 ^ old.cr4) & _pg.X86_CR4_PAE or \
+                (cr4 & _pg.X86_CR4_SMEP and not old.cr4 & _pg.X86_CR4_SMEP):
+            self.kvm_make_request("KVM_REQ_TLB_FLUSH_CURRENT")
+
+    def kvm_set_cr3(self, cr3: int) -> None:
+        """``kvm_set_cr3`` without PCIDs: an illegal CR3 (bits above
+        MAXPHYADDR in long mode, above 32 bits outside it) or PDPTEs that do
+        not load are a #GP (:class:`CrLoadError`, nothing changed).  A new
+        value goes to ``kvm_mmu_new_pgd`` (the fast switch among cached
+        roots) before it is stored; then ``kvm_invalidate_pcid`` for PCID 0:
+        with TDP a guest TLB flush, else a sync of the roots and a flush of
+        the current context."""
+        cr3 = int_arg("cr3", cr3, 0, (1 << 64) - 1)
+        old = self.cpu
+        pae = self._pae_paging(old)
+        pdptrs = self.pdptrs
+        if cr3 != old.cr3 or pae:
+            new = replace(old, cr3=cr3)
+            try:
+                new.check(self.guest_model)
+            except _pg.CpuStateError as e:
+                raise CrLoadError(f"#GP: {e}") from None
+            if pae:
+                pdptrs = self._load_pdptrs(new)
+            if cr3 != old.cr3:
+                _mmu.kvm_mmu_new_pgd(self, cr3)
+            self._set_state(new, check=False)
+            self.pdptrs = pdptrs
+            if pae:
+                self._walk_mmu = None        # same CR3, new PDPTEs
+        if self.vm.tdp_enabled:
+            self.kvm_make_request("KVM_REQ_TLB_FLUSH_GUEST")
+        else:
+            self.kvm_make_request("KVM_REQ_MMU_SYNC")
+            self.kvm_make_request("KVM_REQ_TLB_FLUSH_CURRENT")
+
+    def kvm_set_efer(self, efer: int) -> None:
+        """``set_efer`` from a WRMSR: bits other than SCE/LME/LMA/NX, features
+        the guest model lacks, or toggling LME while paging is on are a #GP
+        (:class:`CrLoadError`, nothing changed); LMA keeps its current value
+        (the CPU owns it).  A change of LME or NX resets the MMU context."""
+        efer = int_arg("efer", efer, 0, (1 << 64) - 1)
+        old = self.cpu
+        if efer & ~(EFER_SCE | _pg.EFER_LME | _pg.EFER_LMA | _pg.EFER_NX):
+            raise CrLoadError(f"#GP: EFER={efer:#x} sets reserved bits")
+        if old.cr0 & _pg.X86_CR0_PG and (efer ^ old.efer) & _pg.EFER_LME:
+            raise CrLoadError("#GP: toggling EFER.LME while paging is on")
+        efer = (efer & ~_pg.EFER_LMA) | (old.efer & _pg.EFER_LMA)
+        self._set_state(replace(old, efer=efer))
+        if (efer ^ old.efer) & KVM_MMU_EFER_ROLE_BITS:
+            _mmu.kvm_mmu_reset_context(self)
+
+    def set_cpl(self, cpl: int) -> None:
+        """Change the current privilege level (no MMU effect: it only decides
+        the U bit of the accesses the vCPU makes)."""
+        cpl = int_arg("cpl", cpl, 0, 3)
+        self.cpu = replace(self.cpu, cpl=cpl)
+
+    def set_guest_model(self, model: "_pg.GuestCpuModel") -> None:
+        """``KVM_SET_CPUID2`` as the MMU sees it (``kvm_mmu_after_set_cpuid``):
+        the registers must stay valid for the new model; the MMU context is
+        reset."""
+        if not isinstance(model, _pg.GuestCpuModel):
+            raise TypeError(f"model must be a GuestCpuModel, not {type(model).__name__}")
+        try:
+            self.cpu.check(model)
+        except _pg.CpuStateError as e:
+            raise CrLoadError(f"the registers do not fit the new guest model: {e}") from None
+        self.guest_model = model
+        _mmu.kvm_mmu_reset_context(self)
+
+    def kvm_vcpu_write_guest(self, gpa: int, data) -> None:
+        """``kvm_vcpu_write_guest``: KVM writes guest memory (the page is
+        marked dirty in its memslot).  A range not wholly inside writable
+        memslots raises (GpaNotMappedError / GpaReadOnlyError) before
+        anything is written (the kernel would stop at the first bad page)."""
+        self.vm._write_guest(gpa, data, self.as_id, dirty=True)
+
     # -- the fault entry (kvmmmu.mmu), bound so that vcpu.X(...) is mmu.X(vcpu, ...)
     #: ``kvm_mmu_page_fault(gpa, error_code)``: an EPT violation / NPF with
     #: its PFERR_* error code; RET_PF_* or -errno (see :mod:`kvmmmu.mmu`).
@@ -406,6 +594,35 @@ class Vcpu:
     kvm_mmu_load = _mmu.kvm_mmu_load
     kvm_mmu_unload = _mmu.kvm_mmu_unload
     kvm_mmu_reset_context = _mmu.kvm_mmu_reset_context
+    #: ``vcpu_enter_guest()``: the MMU requests in the kernel's order, then
+    #: ``kvm_mmu_reload``
+    vcpu_enter_guest = _mmu.vcpu_enter_guest
+    kvm_mmu_invlpg = _mmu.kvm_mmu_invlpg
+    kvm_page_track_write = _mmu.kvm_page_track_write
+    kvm_mmu_sync_roots = _mmu.kvm_mmu_sync_roots
+    kvm_mmu_sync_prev_roots = _mmu.kvm_mmu_sync_prev_roots
+
+
+class CrLoadError(ValueError):
+    """A control-register or EFER load KVM refuses (the guest would get #GP);
+    the vCPU is unchanged."""
+
+
+X86_CR0_ET = 1 << 4
+X86_CR0_NW = 1 << 29
+X86_CR0_CD = 1 << 30
+X86_CR4_PGE = 1 << 7
+EFER_SCE = 1 << 0
+#: the CR0 / CR4 / EFER bits that are part of the MMU role (a change resets the context)
+KVM_MMU_CR0_ROLE_BITS = _pg.X86_CR0_PG | _pg.X86_CR0_WP
+KVM_MMU_CR4_ROLE_BITS = (_pg.X86_CR4_PSE | _pg.X86_CR4_PAE | _pg.X86_CR4_SMEP |
+                         _pg.X86_CR4_SMAP | _pg.X86_CR4_PKE | _pg.X86_CR4_LA57)
+KVM_MMU_EFER_ROLE_BITS = _pg.EFER_LME | _pg.EFER_NX
+#: CR4 bits whose change makes a PAE guest reload its PDPTEs
+X86_CR4_PDPTR_BITS = X86_CR4_PGE | _pg.X86_CR4_PSE | _pg.X86_CR4_PAE | _pg.X86_CR4_SMEP
+#: CR4 bits the model accepts (VME..OSXMMEXCPT, UMIP, FSGSBASE, OSXSAVE and the role bits;
+#: not PCIDE: PCIDs are not modelled)
+KVM_MODEL_CR4_BITS = (0x7FF | (1 << 11) | (1 << 16) | (1 << 18) | KVM_MMU_CR4_ROLE_BITS) & ~(1 << 17)
 
 
 class VM:
@@ -540,6 +757,7 @@ class VM:
         #: ``kvm->arch.mmu_valid_gen``: flipped by kvm_mmu_zap_all_fast
         self.mmu_valid_gen = 0
         self.fail_next_metadata_alloc = False
+        self._guest_mem: dict[int, tuple] = {}
         self.mmu_notifier = KvmMmuNotifier(self)
         self.host.mmu_notifier_register(self.mmu_notifier)
         #: the MMU that takes the vCPUs' page faults (``vcpu->arch.mmu``)
@@ -892,6 +1110,74 @@ class VM:
     kvm_mmu_zap_all_fast = _mmu.kvm_mmu_zap_all_fast
     kvm_arch_mmu_enable_log_dirty_pt_masked = _mmu.kvm_arch_mmu_enable_log_dirty_pt_masked
     kvm_mmu_change_mmu_pages = _mmu.kvm_mmu_change_mmu_pages
+
+    # -- guest memory contents ------------------------------------------------------
+    def guest_memory(self, as_id: int = 0) -> GuestMemory:
+        """The guest physical memory of address space `as_id` as the guest
+        walker reads it: one :class:`~kvmmmu._core.guest_walk.GuestMemory`
+        slot per memslot, over the bytes of the host VMA behind it
+        (:attr:`kvmmmu.host.Vma.data`), read-only for READONLY memslots.  A
+        memslot whose hva range is not inside one VMA is left out (its gpas
+        read as holes, as a failed ``copy_from_user`` would).  Rebuilt when
+        the memslots generation or the host's VMA list changed."""
+        as_id = self._as_id(as_id)
+        slots = self.memslots[as_id]
+        vmas = self.host.vmas
+        key = (slots.generation, id(vmas), len(vmas))
+        c = self._guest_mem.get(as_id)
+        if c is not None and c[0] == key:
+            return c[1]
+        mem = GuestMemory()
+        for s in slots:
+            if s.flags & M.KVM_MEMSLOT_INVALID:
+                continue
+            size = s.npages << PAGE_SHIFT
+            v = self.host.find_vma(s.userspace_addr)
+            if v is None or s.userspace_addr + size > v.end:
+                continue
+            off = s.userspace_addr - v.start
+            mem.add_slot(s.base_gfn << PAGE_SHIFT, v.data[off:off + size],
+                         readonly=bool(s.flags & M.KVM_MEM_READONLY))
+        self._guest_mem[as_id] = (key, mem)
+        return mem
+
+    def read_guest(self, gpa: int, size: int, as_id: int = 0) -> bytes:
+        """The VMM reads guest memory (``size`` bytes at ``gpa``)."""
+        return self.guest_memory(as_id).read(int_arg("gpa", gpa), int_arg("size", size, 0, 1 << 32))
+
+    def write_guest(self, gpa: int, data, as_id: int = 0) -> None:
+        """The VMM writes guest memory through its own mapping: no page
+        tracking, no dirty logging, allowed on READONLY memslots (the host
+        mapping is the VMM's).  A range not wholly inside memslots raises
+        GpaNotMappedError before anything is written."""
+        self._write_guest(gpa, data, as_id, dirty=False)
+
+    def _write_guest(self, gpa, data, as_id, *, dirty):
+        gpa = int_arg("gpa", gpa)
+        data = bytes(data)
+        as_id = self._as_id(as_id)
+        slots = self.memslots[as_id]
+        mem = self.guest_memory(as_id)
+        end = gpa + len(data)
+        pieces = []
+        g = gpa
+        while g < end:                                  # check every page first
+            gfn = g >> PAGE_SHIFT
+            slot = slots.gfn_to_memslot(gfn)
+            if slot is None or not mem.is_mapped(g):
+                raise GpaNotMappedError(f"gpa {g:#x} is not in a memslot backed by host memory")
+            if dirty and slot.flags & M.KVM_MEM_READONLY:
+                raise GpaReadOnlyError(f"gpa {g:#x} is in a read-only memslot")
+            n = min(end, (gfn + 1) << PAGE_SHIFT) - g
+            pieces.append((g, slot, gfn, n))
+            g += n
+        for g, slot, gfn, n in pieces:
+            off = g - gpa
+            hva = slot.userspace_addr + g - (slot.base_gfn << PAGE_SHIFT)
+            v = self.host.find_vma(hva)
+            v.data[hva - v.start:hva - v.start + n] = np.frombuffer(data, np.uint8, n, off)
+            if dirty:
+                M.mark_page_dirty_in_slot(self, slot, gfn)
 
     def mmio_generation(self, as_id: int = 0) -> int:
         return self.memslots[self._as_id(as_id)].generation & MMIO_SPTE_GEN_MASK
