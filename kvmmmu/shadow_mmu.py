@@ -103,7 +103,7 @@ from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import KVM_PFN_NOSLOT, hva_to_pfn_fast
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID
 from kvmmmu.mmu import KvmPageFault, MmuBackend
-from kvmmmu.paging import reset_guest_rsvds_bits_mask
+from kvmmmu.paging import AccessError, reset_guest_rsvds_bits_mask
 
 __all__ = [
     "ShadowMmu", "KvmMmuPage", "KvmMmu", "KvmMmuRootInfo", "kvm_page_table_hashfn",
@@ -1389,6 +1389,24 @@ class ShadowMmu(MmuBackend):
                     fault.max_level = 2
             return self.direct_page_fault(vcpu, fault, m)
         return self.fname_page_fault(vcpu, fault, m)
+
+    def check_fault_args(self, vcpu, addr: int, error_code: int) -> None:
+        """What the common entry checks for a shadow-paging #PF before it
+        counts anything: the error code has only bits a #PF exit carries
+        (the low 16, not KVM's synthetic ones), and the address fits the
+        paging mode (32 bits outside long mode, canonical in it).  Raises
+        ValueError / :class:`kvmmmu.paging.AccessError` naming the argument."""
+        if error_code & ~0xFFFF:
+            raise ValueError(f"error_code={error_code:#x} has bits a #PF error code never has "
+                             f"({error_code & ~0xFFFF:#x})")
+        cpu = vcpu.cpu
+        if cpu.efer & (1 << 10):                            # EFER.LMA
+            bits = 57 if cpu.cr4 & (1 << 12) else 48
+            top = addr >> (bits - 1)
+            if top not in (0, (1 << (65 - bits)) - 1):
+                raise AccessError(f"gva={addr:#x} (cr2_or_gpa) is not canonical")
+        elif addr >> 32:
+            raise AccessError(f"gva={addr:#x} (cr2_or_gpa) does not fit 32 bits outside long mode")
 
     def _is_page_fault_stale(self, vcpu, m: KvmMmu, fault) -> bool:
         sp = m.root.sp
