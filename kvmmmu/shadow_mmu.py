@@ -1453,6 +1453,13 @@ class ShadowMmu(MmuBackend):
                 return r
             return self.direct_map(vcpu, fault, m)
 
+    @staticmethod
+    def _hugepage_adjust(vcpu, fault) -> None:
+        """``kvm_mmu_hugepage_adjust`` and its pfn alignment to the goal level."""
+        _mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
+        if fault.goal_level > 1:
+            fault.pfn &= ~((1 << (9 * (fault.goal_level - 1))) - 1)
+
     def _trace_spte_requested(self, fault):
         if _tp.kvm_mmu_spte_requested.enabled:
             g = fault.goal_level
@@ -1467,6 +1474,8 @@ class ShadowMmu(MmuBackend):
                 not spte & _LARGE:
             child = self._child(spte)
             if child.nx_huge_page_disallowed:
+                fault.pfn |= fault.gfn & (((1 << (9 * (cur_level - 1))) - 1) &
+                                          ~((1 << (9 * (cur_level - 2))) - 1))
                 fault.goal_level -= 1
 
     def account_nx_huge_page(self, sp: KvmMmuPage, nx_huge_page_possible: bool) -> None:
@@ -1487,7 +1496,7 @@ class ShadowMmu(MmuBackend):
         """``direct_map``: ``kvm_mmu_hugepage_adjust``, then down the shadow
         walk of ``fault.addr`` linking direct pages to the goal level,
         ``mmu_set_spte``, ``direct_pte_prefetch``."""
-        _mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
+        self._hugepage_adjust(vcpu, fault)
         self._trace_spte_requested(fault)
         addr = fault.addr
         sp, level = self._walk_start(m, m.root.hpa, addr)
@@ -1786,7 +1795,7 @@ class ShadowMmu(MmuBackend):
                 fault.write_fault_to_shadow_pgtable = True
             sp = child
             level -= 1
-        _mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
+        self._hugepage_adjust(vcpu, fault)
         self._trace_spte_requested(fault)
         base_gfn = fault.gfn
         sptep = 0

@@ -550,3 +550,57 @@ def test_error_code_bits_a_pf_never_has_raise():
     with pytest.raises(ValueError, match="error_code"):
         v.kvm_mmu_page_fault(0x400000, 1 << 33)
     assert v.stat.pf_taken == before
+
+
+# ---------------------------------------------------------------------------
+# the audit finds what it claims to check
+# ---------------------------------------------------------------------------
+
+def _unsync_state():
+    vm, v, g, cr3 = four_level()
+    v.kvm_mmu_page_fault(0x400000, U_)
+    g.map(cr3, 0xC00000, 0x4000, leaf=P | W | U | A | D)
+    v.kvm_mmu_page_fault(0xC00000, W_ | U_)
+    assert vm.audit() == []
+    return vm, v
+
+
+def test_audit_reports_a_leaf_missing_from_its_rmap():
+    from kvmmmu._core.rmap import rmap_remove
+    vm, v = _unsync_state()
+    sm = vm.mmu_backend
+    sp, idx, _ = sm.shadow_walk(v, 0x400000)[-1]
+    rmap_remove(vm.memslots[0].id_to_memslot(0).arch.rmap, 0x1000, sp.pa | (idx << 3), 1)
+    assert any("in 0 rmaps" in x for x in vm.audit(raise_=False))
+
+
+def test_audit_reports_unsync_counts_and_marks():
+    vm, v = _unsync_state()
+    root = v.mmu_root.sp
+    root.unsync_children += 1
+    assert any("unsync_children" in x for x in vm.audit(raise_=False))
+    root.unsync_children -= 1
+    root.unsync_child_bitmap = 0
+    root.unsync_children = 0
+    bad = vm.audit(raise_=False)
+    assert any("(S5)" in x for x in bad)
+
+
+def test_audit_reports_write_tracking_and_writable_shadowed_gfns():
+    vm, v = _unsync_state()
+    slot = vm.memslots[0].id_to_memslot(0)
+    slot.arch.gfn_write_track[3] += 1
+    assert any("write-track count" in x for x in vm.audit(raise_=False))
+    slot.arch.gfn_write_track[3] -= 1
+    pt = [sp for sp in vm.mmu_backend.pages.values() if sp.gfn == 4][0]
+    pt.unsync = False                                       # a writable SPTE maps gfn 4
+    assert any("(S3)" in x for x in vm.audit(raise_=False))
+
+
+def test_audit_reports_a_duplicate_page_in_the_hash():
+    vm, v = _unsync_state()
+    sm = vm.mmu_backend
+    sp = v.mmu_root.sp
+    from kvmmmu.shadow_mmu import kvm_page_table_hashfn
+    sm.mmu_page_hash[kvm_page_table_hashfn(sp.gfn)].append(sp)
+    assert any("in the hash 2 times" in x for x in vm.audit(raise_=False))
