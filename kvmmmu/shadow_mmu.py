@@ -641,6 +641,8 @@ class ShadowMmu(MmuBackend):
         vm = self.vm
         if _pt.kvm_gfn_is_write_tracked(vm, slot, gfn):
             return -E.EPERM
+        if not self.indirect_shadow_pages:      # no page with guest PTEs exists at all
+            return 0
         for sp in self.for_each_gfn_valid_sp_with_gptes(gfn):
             if synchronizing:
                 return -E.EPERM
@@ -1409,11 +1411,21 @@ class ShadowMmu(MmuBackend):
             raise AccessError(f"gva={addr:#x} (cr2_or_gpa) does not fit 32 bits outside long mode")
 
     def _is_page_fault_stale(self, vcpu, m: KvmMmu, fault) -> bool:
-        sp = m.root.sp
-        return _mmu.is_page_fault_stale(
-            self.vm, fault.mmu_seq, fault.gfn, fault.slot,
-            root_obsolete=sp is not None and self.is_obsolete_sp(sp), root_has_sp=sp is not None,
-            free_obsolete_roots_pending="KVM_REQ_MMU_FREE_OBSOLETE_ROOTS" in vcpu.requests)
+        """``is_page_fault_stale`` (:func:`kvmmmu.mmu.is_page_fault_stale`,
+        inline): an obsolete root page, a pending free-obsolete-roots request
+        for a root without one, or an invalidation since faultin."""
+        h = m.root.hpa
+        if isinstance(h, KvmMmuPage):
+            if h.invalid or h.mmu_valid_gen != self.vm.mmu_valid_gen:
+                return True
+        elif "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS" in vcpu.requests:
+            return True
+        if fault.slot is None:
+            return False
+        n = self.vm.notifier
+        if n.mmu_invalidate_seq == fault.mmu_seq and not n.mmu_invalidate_in_progress:
+            return False
+        return _mmu.mmu_invalidate_retry_gfn(self.vm, fault.mmu_seq, fault.gfn)
 
     def _topup(self, vcpu, maybe_indirect: bool) -> int:
         if vcpu.mmu_shadow_page_cache.nobjs >= 5 and vcpu.mmu_page_header_cache.nobjs >= 5 and \
@@ -1445,13 +1457,18 @@ class ShadowMmu(MmuBackend):
         r = _mmu.faultin_pfn(vcpu, fault, ACC_ALL)
         if r != RET_PF_CONTINUE:
             return r
-        with self.vm.mmu_lock.write():
+        lock = self.vm.mmu_lock
+        lock.acquire_write()
+        try:
             if self._is_page_fault_stale(vcpu, m, fault):
                 return RET_PF_RETRY
-            r = self.make_mmu_pages_available()
-            if r:
-                return r
+            if self.vm.n_max_mmu_pages - self.n_used_mmu_pages < KVM_MIN_FREE_MMU_PAGES:
+                r = self.make_mmu_pages_available()
+                if r:
+                    return r
             return self.direct_map(vcpu, fault, m)
+        finally:
+            lock.release_write()
 
     @staticmethod
     def _hugepage_adjust(vcpu, fault) -> None:
@@ -1712,13 +1729,18 @@ class ShadowMmu(MmuBackend):
             pte_access = (pte_access | ACC_WRITE_MASK) & ~ACC_USER_MASK
             if m.cr4_smep:
                 pte_access &= ~ACC_EXEC_MASK
-        with vm.mmu_lock.write():
+        lock = vm.mmu_lock
+        lock.acquire_write()
+        try:
             if self._is_page_fault_stale(vcpu, m, fault):
                 return RET_PF_RETRY
-            r = self.make_mmu_pages_available()
-            if r:
-                return r
+            if vm.n_max_mmu_pages - self.n_used_mmu_pages < KVM_MIN_FREE_MMU_PAGES:
+                r = self.make_mmu_pages_available()
+                if r:
+                    return r
             return self.fname_fetch(vcpu, fault, walker, pte_access, m)
+        finally:
+            lock.release_write()
 
     def shadow_page_table_clear_flood(self, vcpu, addr: int) -> None:
         a = self.arena
