@@ -285,7 +285,7 @@ class ShadowMmu(MmuBackend):
         self.indirect_shadow_pages = 0
         #: per vCPU index: its KvmMmu
         self.vcpu_mmu: dict[int, KvmMmu] = {}
-        self.nx_huge_pages_recovery_ratio = 60
+        self.nx_huge_pages_recovery_ratio = getattr(vm.params, "nx_huge_pages_recovery_ratio", 60)
         #: creation order of the pages (the audit checks the active list's FIFO order)
         self._serial = 0
         #: set by kvm_mmu_prepare_zap_page: it zapped children (the kernel's list_unstable)
@@ -1309,6 +1309,9 @@ class ShadowMmu(MmuBackend):
         if not hit:
             return
         vcpu.kvm_make_request("KVM_REQ_LOAD_MMU_PGD")
+        if getattr(self.vm.params, "flush_on_reuse", False):     # force_flush_and_sync_on_reuse
+            vcpu.kvm_make_request("KVM_REQ_MMU_SYNC")
+            vcpu.kvm_make_request("KVM_REQ_TLB_FLUSH_CURRENT")
         vcpu.vcpu_clear_mmio_info()
         if not m.root_role.direct:
             sp = m.root.sp
@@ -2031,9 +2034,11 @@ class ShadowMmu(MmuBackend):
         page shadowing the gfn that the write floods or hits misaligned
         (``mmu_flooded``), else zap the written SPTEs (``mmu_pde_zapped``
         for a non-zero new gPTE above 4K)."""
+        vm = self.vm
+        if vm.page_track_external_users:          # __kvm_page_track_write, first
+            _pt.kvm_page_track_write_notify(vm, gpa, new)
         if not self.indirect_shadow_pages:
             return
-        vm = self.vm
         nbytes = len(new)
         gfn = gpa >> PAGE_SHIFT
         invalid_list: list = []
@@ -2284,7 +2289,6 @@ class ShadowMmu(MmuBackend):
     def kvm_mmu_slot_leaf_clear_dirty(self, slot) -> None:
         """``kvm_mmu_slot_leaf_clear_dirty`` (PML): clear D on 4K leaves (W
         for SPTEs without A/D)."""
-        fmt = self.fmt
         with self._wlock():
             for _, _, head in self._rmap_heads(slot, slot.base_gfn, slot.base_gfn + slot.npages,
                                                1, 1):
@@ -2381,7 +2385,6 @@ def _audit(mmu: ShadowMmu) -> list[str]:
     docstring), checked from the tables, rmaps and lists themselves."""
     bad: list[str] = []
     vm = mmu.vm
-    fmt = mmu.fmt
     gen = vm.mmu_valid_gen
     if gen not in (0, 1):
         bad.append(f"mmu_valid_gen {gen} is not 0 or 1")

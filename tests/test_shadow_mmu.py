@@ -9,10 +9,10 @@ import pytest
 
 from kvmmmu import mmutrace as tp
 from kvmmmu._core.defs import (
-    RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED,
+    RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
 )
 from kvmmmu._core.guest_walk import PFERR_PRESENT_MASK as P_, PFERR_USER_MASK as U_, \
-    PFERR_WRITE_MASK as W_, PFERR_FETCH_MASK as F_
+    PFERR_WRITE_MASK as W_
 from kvmmmu.host import HostConfig
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES
 from kvmmmu.shadow_mmu import (
@@ -499,7 +499,6 @@ def test_two_level_guest_uses_four_pae_roots_with_quadrants():
         v.kvm_set_cr0(CR0_PE | CR0_PG | CR0_WP)
         v.vcpu_enter_guest()
     assert buf.lines() == [page(0, 1, 2, q=i, size=4) for i in range(4)]
-    sm = vm.mmu_backend
     assert v.mmu_root.hpa is PAE_ROOT
     with tp.capture("kvm_mmu_get_page") as buf:
         assert v.kvm_mmu_page_fault(0xC0400000, U_) == RET_PF_FIXED
@@ -604,3 +603,65 @@ def test_audit_reports_a_duplicate_page_in_the_hash():
     from kvmmmu.shadow_mmu import kvm_page_table_hashfn
     sm.mmu_page_hash[kvm_page_table_hashfn(sp.gfn)].append(sp)
     assert any("in the hash 2 times" in x for x in vm.audit(raise_=False))
+
+
+def test_fast_zap_traces_and_counts_in_the_kernels_order():
+    """kvm_mmu_zap_all_fast: the event with the old generation and the pages in
+    use, then prepare_zap of every obsolete page from the oldest (the root,
+    kept while in use, then l3, l2, l1); the root's own zap comes when the
+    vCPU frees it (mmu_shadow_zapped counts both)."""
+    vm, v, g, cr3 = four_level()
+    v.kvm_mmu_page_fault(0x400000, U_)
+    with tp.capture("kvm_mmu_zap_all_fast", "kvm_mmu_prepare_zap_page") as buf:
+        vm.kvm_mmu_zap_all_fast()
+        v.vcpu_enter_guest()
+    z = "kvm_mmu_prepare_zap_page: sp gen 0 gfn {:x} l{} 8-byte q0 wux{} nxe ad root {} sync"
+    assert buf.lines() == [
+        "kvm_mmu_zap_all_fast: kvm-mmu-valid-gen 0 used_pages 4",
+        z.format(1, 4, "", 1), z.format(2, 3, "", 0), z.format(3, 2, "", 0), z.format(4, 1, "", 0),
+        z.format(1, 4, " invalid", 0)]
+    assert vm.stat.mmu_shadow_zapped == 5
+    assert vm.audit() == []
+
+
+def test_32_bit_host_runs_the_shadow_mmu_on_split_sptes():
+    from kvmmmu.vm import KvmParams
+    vm = VM("shadow", host=HostConfig(tdp=None, host_64bit=False, maxphyaddr=36, smm=False,
+                                      gbpages=False, la57=False),
+            params=KvmParams(tdp_mmu=False, nx_huge_pages=False))
+    assert not vm.arena.host_64bit
+    vm.add_memory(0, 32 * MiB)
+    g = GuestTables(vm)
+    cr3 = g.alloc()
+    g.map(cr3, 0x400000, 0x1000000)
+    v = long_mode(vm, cr3)
+    assert v.kvm_mmu_page_fault(0x400000, U_ | W_) == RET_PF_FIXED
+    spte = vm.mmu_backend.shadow_walk(v, 0x400000)[-1][2]
+    assert spte & W and (spte >> 12) & 0xFFFFFF
+    vm.kvm_mmu_zap_all_fast()
+    v.vcpu_enter_guest()
+    assert vm.audit() == []
+
+
+def test_guest_page_fault_is_injected_and_counted():
+    vm, v, g, cr3 = four_level()
+    assert v.kvm_mmu_page_fault(0x7FF000, U_) == RET_PF_RETRY      # no guest mapping
+    assert v.stat.pf_guest == 1 and v.stat.pf_taken == 1
+    assert v.injected_page_fault.address == 0x7FF000
+    assert v.injected_page_fault.error_code & U_
+    assert vm.audit() == []
+
+
+def test_write_protected_fault_with_an_event_to_reinject_unprotects_and_retries():
+    """kvm_mmu_write_protect_fault on shadow paging: with an event awaiting
+    reinjection the gfn's shadow pages are zapped (unprotect) and the fault
+    retried; the same address again is emulated."""
+    vm, v, g, cr3 = four_level()
+    sm = vm.mmu_backend
+    g.map(cr3, 0x800000, 0x3000)                         # alias of the PD (gfn 3)
+    v.kvm_mmu_page_fault(0x400000, U_)
+    v.event_needs_reinjection = True
+    assert v.kvm_mmu_page_fault(0x800000, W_ | U_) == RET_PF_RETRY
+    assert not any(sp.gfn == 3 for sp in sm.pages.values() if not sp.invalid)
+    assert v.last_retry_addr == 0x800000
+    assert vm.audit() == []
