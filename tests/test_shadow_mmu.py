@@ -19,6 +19,7 @@ from kvmmmu.shadow_mmu import (
     KVM_MMU_NUM_PREV_ROOTS, PAE_ROOT, ShadowMmu, kvm_page_table_hashfn,
 )
 from kvmmmu.vm import VM, KvmParams
+from kvmmmu._core.guest_walk import PFERR_FETCH_MASK as F_
 
 MiB = 1 << 20
 P, W, U, A, D, PS = 1, 2, 4, 1 << 5, 1 << 6, 1 << 7
@@ -664,4 +665,78 @@ def test_write_protected_fault_with_an_event_to_reinject_unprotects_and_retries(
     assert v.kvm_mmu_page_fault(0x800000, W_ | U_) == RET_PF_RETRY
     assert not any(sp.gfn == 3 for sp in sm.pages.values() if not sp.invalid)
     assert v.last_retry_addr == 0x800000
+    assert vm.audit() == []
+
+
+# ---------------------------------------------------------------------------
+# the MmuBackend hooks through rmaps (mmu="tdp")
+# ---------------------------------------------------------------------------
+
+def thp_tdp_vm(**params):
+    vm = VM("tdp", host=HostConfig(tdp="ept"), params=KvmParams(tdp_mmu=False, **params))
+    s = vm.add_memory(0, 16 * MiB, thp=True, populate=True)
+    v = vm.vcpus[0]
+    v.vcpu_enter_guest()
+    return vm, v, s
+
+
+def test_thp_backed_fault_maps_2m_and_dirty_logging_breaks_it_down():
+    vm, v, s = thp_tdp_vm()
+    sm = vm.mmu_backend
+    assert v.kvm_mmu_page_fault(0x200000 + 0x3000, W_) == RET_PF_FIXED
+    sp, idx, spte = sm.shadow_walk(v, 0x203000)[-1]
+    assert sp.level == 2 and spte & PS and vm.stat.pages_2m == 1
+    vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 16 * MiB, s.userspace_addr)
+    # write-protected huge leaf: the fast path may not restore W on a huge page of
+    # a dirty-logged slot, so the write takes the slow path and maps 4K
+    assert v.kvm_mmu_page_fault(0x203000, W_ | P_) == RET_PF_FIXED
+    sp, idx, spte = sm.shadow_walk(v, 0x203000)[-1]
+    assert sp.level == 1 and spte & W
+    assert vm.audit() == []
+    # dirty logging off: recover_huge_pages zaps the collapsible 4K SPTEs
+    vm.set_user_memory_region(0, 0, 0, 16 * MiB, s.userspace_addr)
+    assert not sm.shadow_walk(v, 0x203000)[-1][2] & 0x800
+    assert v.kvm_mmu_page_fault(0x203000, W_) == RET_PF_FIXED
+    assert sm.shadow_walk(v, 0x203000)[-1][0].level == 2
+    assert vm.audit() == []
+
+
+def test_nx_huge_pages_split_for_fetches_and_recovery_zaps_them():
+    vm, v, s = thp_tdp_vm(nx_huge_pages=True)
+    sm = vm.mmu_backend
+    assert v.kvm_mmu_page_fault(0x400000, F_) == RET_PF_FIXED
+    assert sm.shadow_walk(v, 0x400000)[-1][0].level == 1      # exec: 4K
+    assert vm.stat.nx_lpage_splits == 1 and len(sm.possible_nx_huge_pages) == 1
+    # a data access in the same 2M does not replace the NX-split table with a huge page
+    assert v.kvm_mmu_page_fault(0x401000, W_) == RET_PF_FIXED
+    assert sm.shadow_walk(v, 0x401000)[-1][0].level == 1
+    assert sm.kvm_recover_nx_huge_pages(1) == 1
+    assert vm.stat.nx_lpage_splits == 0
+    assert v.kvm_mmu_page_fault(0x401000, W_) == RET_PF_FIXED
+    assert sm.shadow_walk(v, 0x401000)[-1][0].level == 2      # huge again
+    assert vm.audit() == []
+
+
+def test_host_aging_and_unmap_go_through_the_rmaps():
+    vm, v, s = thp_tdp_vm()
+    sm = vm.mmu_backend
+    v.kvm_mmu_page_fault(0x5000, W_)
+    assert sm.shadow_walk(v, 0x5000)[-1][2] & (1 << 8)          # EPT A bit
+    assert vm.host.test_young(s.userspace_addr + 0x5000)
+    vm.host.age(s.userspace_addr, 16 * MiB)
+    assert not sm.shadow_walk(v, 0x5000)[-1][2] & (1 << 8)
+    vm.host.munmap(s.userspace_addr, 4 * MiB)
+    assert not sm.shadow_walk(v, 0x5000)[-1][2] & 0x800
+    assert vm.stat.pages_2m + vm.stat.pages_4k == 0
+    assert vm.audit() == []
+
+
+def test_memslot_delete_fast_zaps_and_the_root_is_reloaded():
+    vm, v, s = thp_tdp_vm()
+    sm = vm.mmu_backend
+    v.kvm_mmu_page_fault(0x5000, W_)
+    vm.delete_memslot(0)
+    assert vm.mmu_valid_gen == 1 and vm.stat.pages_2m + vm.stat.pages_4k == 0
+    v.vcpu_enter_guest()
+    assert v.mmu_root.sp.mmu_valid_gen == 1 and len(sm.pages) == 1
     assert vm.audit() == []
