@@ -233,19 +233,26 @@ class ShadowMmu(MmuBackend):
     """The shadow MMU of one VM (``vm.mmu_backend`` of ``mmu="tdp"`` and
     ``mmu="shadow"`` VMs).  See the module docstring.
 
-    Public API by stream event kind (what a runner calls):
+    Public API by stream event kind (what a runner calls; the VM and vCPU
+    methods reach this class through :mod:`kvmmmu.mmu`):
 
     * VM entry: ``vcpu.vcpu_enter_guest()`` (requests, then
       :meth:`kvm_mmu_load` through ``kvm_mmu_reload``);
     * page fault: ``vcpu.kvm_mmu_page_fault(addr, error_code)`` (the
-      common entry calls :meth:`mmu_page_fault`);
-    * translate: :meth:`translate` (walk with A/D updates);
-    * write: ``vcpu.kvm_page_track_write(gpa, data)`` (track) ->
-      :meth:`kvm_mmu_track_write`; untracked: ``vm.write_guest``;
+      common entry checks the arguments with :meth:`check_fault_args`,
+      then calls :meth:`mmu_page_fault`); an injected guest #PF is left in
+      ``vcpu.injected_page_fault`` (``pf_guest`` counts it);
+    * translate: ``vm.mmu_backend.translate(vcpu, gva, access)`` (a walk
+      that sets A/D bits; None when it faults);
+    * write: ``vcpu.kvm_page_track_write(gpa, data)`` (track: the
+      emulator's store -> :meth:`kvm_mmu_track_write`); untracked:
+      ``vm.write_guest(gpa, data)`` (a guest store the MMU does not see);
     * invlpg: ``vcpu.kvm_mmu_invlpg(gva)`` -> :meth:`kvm_mmu_invlpg`;
-    * CR/EFER loads: ``vcpu.kvm_set_cr0/3/4``, ``kvm_set_efer`` ->
-      :meth:`kvm_mmu_new_pgd`, :meth:`kvm_mmu_unload` (reset);
-    * memslots / dirty log: the VM's ioctls -> the MmuBackend hooks.
+    * CR/EFER loads: ``vcpu.kvm_set_cr0/3/4``, ``kvm_set_efer``,
+      ``set_cpl`` -> :meth:`kvm_mmu_new_pgd`, :meth:`kvm_mmu_unload` (reset);
+    * memslots / dirty log: ``vm.set_user_memory_region``,
+      ``vm.get_dirty_log``, ``vm.clear_dirty_log`` -> the MmuBackend hooks;
+    * marks: ``vm.stat`` / ``vcpu.stat`` (``as_dict()``).
     """
     is_tdp = False
     direct = False
