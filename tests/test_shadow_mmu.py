@@ -740,3 +740,70 @@ def test_memslot_delete_fast_zaps_and_the_root_is_reloaded():
     v.vcpu_enter_guest()
     assert v.mmu_root.sp.mmu_valid_gen == 1 and len(sm.pages) == 1
     assert vm.audit() == []
+
+
+# ---------------------------------------------------------------------------
+# against a trace this host's kernel recorded (v6.18, shadow paging)
+# ---------------------------------------------------------------------------
+
+# Recorded on this machine with kvmmmu.live (tests/test_paging_live.py's guest:
+# identity tables at 0x1000.., a ring-3 fetch of the code page 0x10000, then a
+# ring-3 read of 0x400000 whose PT (gfn 5) has an accessed neighbour whose host
+# page was never touched, so it is not prefetched).  The MMU events only
+# (walker lines are checked by test_paging_live); pfns and sptep addresses are
+# the host's.
+KERNEL_FIRST_TOUCH = """\
+kvm_mmu_get_page: sp gen 0 gfn 1 l4 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_get_page: sp gen 0 gfn 2 l3 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_get_page: sp gen 0 gfn 3 l2 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_get_page: sp gen 0 gfn 4 l1 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_spte_requested: gfn 10 pfn 1b96da level 1
+kvm_mmu_set_spte: gfn 10 spte 1b96daa25 (r-xu) level 1 at 14509b080
+kvm_mmu_get_page: sp gen 0 gfn 5 l1 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_spte_requested: gfn 300 pfn 1f20c9 level 1
+kvm_mmu_set_spte: gfn 300 spte 1f20c9a25 (r-xu) level 1 at 14509a000
+""".splitlines()
+
+
+def _masked(line):
+    import re
+    line = re.sub(r"pfn [0-9a-f]+", "pfn *", line)
+    line = re.sub(r" at [0-9a-f]+$", " at *", line)
+    return re.sub(r"spte ([0-9a-f]+)", lambda m: "spte %x" % (int(m.group(1), 16) & ~0xFFFFFFFFFF000),
+                  line)
+
+
+def test_first_touch_matches_the_kernels_recorded_events():
+    import struct
+    import numpy as np
+    from kvmmmu import live
+    from test_paging_live import (
+        DF_HANDLER, FRAME, GP_HANDLER, MEM_SIZE, PF_HANDLER, PML4, PROBE_BASE, PT_PROBE, STACK,
+        USER_CODE, _identity_tables,
+    )
+    ram = np.zeros(MEM_SIZE, np.uint8)
+    _identity_tables(ram, True)
+    live.write_tables(ram, {14: PF_HANDLER, 13: GP_HANDLER, 8: DF_HANDLER}, stack=STACK)
+    struct.pack_into("<Q", ram, PT_PROBE, FRAME | 7 | A)
+    struct.pack_into("<Q", ram, PT_PROBE + 8, (FRAME + 0x1000) | 7 | A)
+    vm = VM("shadow", host=SHADOW_HOST, params=KvmParams(tdp_mmu=False, mmio_caching=False,
+                                                         nx_huge_pages=False))
+    s = vm.add_memory(0, MEM_SIZE)
+    vm.write_guest(0, ram.tobytes())
+    # the VMM wrote these pages: present and writable in its page tables
+    for gpa in sorted({x & ~0xFFF for x in ram.nonzero()[0].tolist()} | {USER_CODE}):
+        vm.host.populate(s.userspace_addr + gpa, 0x1000, write=True)
+    v = vm.vcpus[0]
+    v.kvm_set_efer(EFER_LME | EFER_NX)
+    v.kvm_set_cr4(CR4_PAE)
+    v.kvm_set_cr3(PML4)
+    v.kvm_set_cr0(CR0_PE | CR0_PG | CR0_WP)
+    v.set_cpl(3)
+    mmu_events = [e.name for e in tp.EVENTS[5:]]
+    with tp.capture(*mmu_events) as buf:
+        v.vcpu_enter_guest()
+        assert v.kvm_mmu_page_fault(USER_CODE, U_ | F_) == RET_PF_FIXED
+        v.vcpu_enter_guest()
+        assert v.kvm_mmu_page_fault(PROBE_BASE, U_) == RET_PF_FIXED
+    assert [_masked(x) for x in buf.lines()] == [_masked(x) for x in KERNEL_FIRST_TOUCH]
+    assert vm.audit() == []
