@@ -773,19 +773,40 @@ def _masked(line):
                   line)
 
 
-def test_first_touch_matches_the_kernels_recorded_events():
+# The same guest, but the PT's entry 16 maps the PT itself (user, writable, A and D
+# set); the code reads 0x400000, then stores through that alias: the level-1
+# page of gfn 5 goes unsync and the alias is mapped writable.
+KERNEL_UNSYNC_ALIAS = KERNEL_FIRST_TOUCH[:-3] + """kvm_mmu_get_page: sp gen 0 gfn 5 l1 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_spte_requested: gfn 300 pfn 103a62 level 1
+kvm_mmu_set_spte: gfn 300 spte 103a62a25 (r-xu) level 1 at 149811000
+kvm_mmu_spte_requested: gfn 5 pfn 131ab1 level 1
+kvm_mmu_unsync_page: sp gen 0 gfn 5 l1 8-byte q0 wux nxe ad root 0 sync
+kvm_mmu_set_spte: gfn 5 spte 131ab1e67 (rwxu) level 1 at 149811080
+""".splitlines()
+
+
+def _recorded_guest(alias):
     import struct
     import numpy as np
     from kvmmmu import live
     from test_paging_live import (
-        DF_HANDLER, FRAME, GP_HANDLER, MEM_SIZE, PF_HANDLER, PML4, PROBE_BASE, PT_PROBE, STACK,
-        USER_CODE, _identity_tables,
+        DF_HANDLER, FRAME, GP_HANDLER, MEM_SIZE, PF_HANDLER, PT_PROBE, STACK, _identity_tables,
     )
     ram = np.zeros(MEM_SIZE, np.uint8)
     _identity_tables(ram, True)
     live.write_tables(ram, {14: PF_HANDLER, 13: GP_HANDLER, 8: DF_HANDLER}, stack=STACK)
     struct.pack_into("<Q", ram, PT_PROBE, FRAME | 7 | A)
-    struct.pack_into("<Q", ram, PT_PROBE + 8, (FRAME + 0x1000) | 7 | A)
+    if alias:
+        struct.pack_into("<Q", ram, PT_PROBE + 16 * 8, PT_PROBE | 7 | A | D)
+    else:
+        struct.pack_into("<Q", ram, PT_PROBE + 8, (FRAME + 0x1000) | 7 | A)
+    return ram
+
+
+@pytest.mark.parametrize("alias", [False, True], ids=["first_touch", "unsync_alias"])
+def test_mmu_events_match_the_kernels_recorded_ones(alias):
+    from test_paging_live import MEM_SIZE, PML4, PROBE_BASE, USER_CODE
+    ram = _recorded_guest(alias)
     vm = VM("shadow", host=SHADOW_HOST, params=KvmParams(tdp_mmu=False, mmio_caching=False,
                                                          nx_huge_pages=False))
     s = vm.add_memory(0, MEM_SIZE)
@@ -805,5 +826,10 @@ def test_first_touch_matches_the_kernels_recorded_events():
         assert v.kvm_mmu_page_fault(USER_CODE, U_ | F_) == RET_PF_FIXED
         v.vcpu_enter_guest()
         assert v.kvm_mmu_page_fault(PROBE_BASE, U_) == RET_PF_FIXED
-    assert [_masked(x) for x in buf.lines()] == [_masked(x) for x in KERNEL_FIRST_TOUCH]
+        if alias:
+            v.vcpu_enter_guest()
+            assert v.kvm_mmu_page_fault(PROBE_BASE + 16 * 0x1000 + 8, U_ | W_) == RET_PF_FIXED
+    want = KERNEL_UNSYNC_ALIAS if alias else KERNEL_FIRST_TOUCH
+    assert [_masked(x) for x in buf.lines()] == [_masked(x) for x in want]
+    assert vm.stat.mmu_unsync == int(alias)
     assert vm.audit() == []
