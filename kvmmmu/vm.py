@@ -279,6 +279,8 @@ class Vcpu:
         self.last_retry_addr = None
         #: ``kvm_event_needs_reinjection`` (shadow paging's unprotect rule)
         self.event_needs_reinjection = False
+        #: the last #PF the shadow MMU injected into the guest (a walker PageFault)
+        self.injected_page_fault = None
         #: the registers the MMU reads (CR0/CR3/CR4/EFER/RFLAGS/CPL/PKRU), a
         #: frozen :class:`~kvmmmu.paging.CpuState` replaced by the ``kvm_set_*``
         #: methods; a new vCPU has paging off, as after INIT
