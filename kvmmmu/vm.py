@@ -419,6 +419,21 @@ class Vcpu:
             self._walk_mmu = w
         return w
 
+    def walk_addr(self, gva: int, access: int = 0):
+        """``FNAME(walk_addr)`` through :attr:`walk_mmu` (the fault path's and
+        the emulator's ``gva_to_gpa`` walk): a :class:`~kvmmmu.paging.GuestWalker`.
+        The A/D bits the walk writes dirty their table pages
+        (``mark_page_dirty_in_slot``), as the kernel's write-back does."""
+        w = self.walk_mmu.walk_addr(gva, access)
+        m = w.ad_written
+        if m:
+            vm = self.vm
+            for level in range(1, 6):
+                if m >> (level - 1) & 1:
+                    gfn = w.pte_gpa[level - 1] >> PAGE_SHIFT
+                    M.mark_page_dirty_in_slot(vm, self.gfn_to_memslot(gfn), gfn)
+        return w
+
     @staticmethod
     def _pae_paging(cpu) -> bool:
         return bool(cpu.cr0 & _pg.X86_CR0_PG and cpu.cr4 & _pg.X86_CR4_PAE

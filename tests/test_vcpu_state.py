@@ -304,3 +304,26 @@ def test_contents_survive_a_host_migration_and_go_with_munmap():
     assert vm.read_guest(0x1000, 4) == b"keep"
     vm.host.munmap(s.userspace_addr, 1 << 21)
     assert not vm.guest_memory().is_mapped(0x1000)
+
+
+def test_a_walk_that_sets_a_d_bits_dirties_the_table_pages():
+    vm = VM("shadow", backend=None)
+    s = vm.add_memory(0, 1 << 21, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    v = vm.vcpus[0]
+    # PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000; gva 0x5000 -> gpa 0x6000
+    for table, entry, nxt in ((0x1000, 0, 0x2000), (0x2000, 0, 0x3000), (0x3000, 0, 0x4000),
+                              (0x4000, 5, 0x6000)):
+        vm.write_guest(table + 8 * entry, struct.pack("<Q", nxt | 7))
+    vm.write_guest(0x2000, struct.pack("<Q", 0x3000 | 7 | (1 << 5)))       # PDPTE already accessed
+    v.kvm_set_cr4(PAE)
+    v.kvm_set_efer(LME | NX)
+    v.kvm_set_cr3(0x1000)
+    v.kvm_set_cr0(PE | PG | WP)
+    vm.get_dirty_log(s.id)                         # start from a clean log
+    w = v.walk_addr(0x5000, P.PFERR_WRITE_MASK)
+    assert w.ok and w.gfn == 6 and w.ad_written == 0b1011
+    bits = np.unpackbits(vm.get_dirty_log(s.id).view(np.uint8), bitorder="little")
+    assert set(np.flatnonzero(bits)) == {1, 3, 4}
+    w = v.walk_addr(0x5000, P.PFERR_WRITE_MASK)   # A and D already set: nothing written
+    assert w.ad_written == 0
+    assert not np.unpackbits(vm.get_dirty_log(s.id).view(np.uint8)).any()
