@@ -19,9 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvmmmu._core._checks import int_arg
-
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+from kvmmmu._core.defs import PAGE_SHIFT, PAGE_SIZE
 P, RW, US, PS, A, D = 1, 2, 4, 0x80, 0x20, 0x40
 NX = 1 << 63
 ADDR_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
