@@ -809,11 +809,12 @@ def test_mmu_events_match_the_kernels_recorded_ones(alias):
     ram = _recorded_guest(alias)
     vm = VM("shadow", host=SHADOW_HOST, params=KvmParams(tdp_mmu=False, mmio_caching=False,
                                                          nx_huge_pages=False))
-    s = vm.add_memory(0, MEM_SIZE)
-    vm.write_guest(0, ram.tobytes())
-    # the VMM wrote these pages: present and writable in its page tables
+    vm.add_memory(0, MEM_SIZE)
+    # only the pages the live VMM stored to: a VMM store faults its host page in
+    # (present and writable), the untouched ones stay absent (no prefetch there)
+    # (the live guest's code page at USER_CODE was stored to as well)
     for gpa in sorted({x & ~0xFFF for x in ram.nonzero()[0].tolist()} | {USER_CODE}):
-        vm.host.populate(s.userspace_addr + gpa, 0x1000, write=True)
+        vm.write_guest(gpa, ram[gpa:gpa + 0x1000].tobytes())
     v = vm.vcpus[0]
     v.kvm_set_efer(EFER_LME | EFER_NX)
     v.kvm_set_cr4(CR4_PAE)
