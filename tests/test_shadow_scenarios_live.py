@@ -1,0 +1,248 @@
+"""The shadow-MMU scenario recordings (tests/data/shadow_scenarios) and the live kernel.
+
+tests/data/shadow_scenarios holds, per scenario guest of
+:mod:`kvmmmu.live.scenarios`, what :mod:`kvmmmu.live.record` recorded on a host
+with /dev/kvm (kvm_pvm, shadow paging): the kernel's trace, the same records
+printed with raw fields, the VM/vCPU stat deltas and the derived vCPU input
+stream.  Here:
+
+* without /dev/kvm: every stored stream is well-formed JSON lines with the
+  fields docs/STREAM.md requires, re-derives from its stored trace and the
+  scenario's own description, and every stored kvmmmu trace line re-renders
+  through :mod:`kvmmmu.mmutrace` from its raw fields;
+* with /dev/kvm and tracefs (``live`` marker): re-recording each scenario
+  gives the same MMU events (host addresses and pfns masked), the same
+  derived stream and the same stat deltas as stored, so the stored data stay
+  trustworthy.
+"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from kvmmmu import live
+from kvmmmu import mmutrace as tp
+from kvmmmu.live import record as R
+from kvmmmu.live import scenarios as S
+
+DATA = Path(__file__).parent / "data" / "shadow_scenarios"
+NAMES = sorted(S.SCENARIOS)
+
+#: required fields per stream event kind (docs/STREAM.md)
+REQUIRED = {
+    "init": {"version", "mmu", "params", "guest_model", "memslots", "memory", "vcpus"},
+    "entry": {"vcpu"},
+    "page_fault": {"vcpu", "addr", "error_code"},
+    "translate": {"vcpu", "gva", "access"},
+    "write": {"vcpu", "gpa", "hex", "track"},
+    "invlpg": {"vcpu", "gva"},
+    "set_cr": {"vcpu", "cr", "value"},
+    "set_efer": {"vcpu", "value"},
+    "set_cpl": {"vcpu", "cpl"},
+    "memslot": {"slot", "as_id", "gpa", "size", "flags", "thp"},
+    "get_dirty_log": {"slot"},
+    "clear_dirty_log": {"slot", "first_page", "num_pages", "hex"},
+    "mark": {"label"},
+}
+HEX_RE = re.compile(r"^(?:[0-9a-f]{2})*$")
+FIELD_RE = re.compile(r"(\w+)=[^=]*?\((-?\d+)\)")
+
+
+def _files(name):
+    return {ext: DATA / f"{name}.{ext}" for ext in ("trace", "fields", "stats.json", "stream.jsonl")}
+
+
+def _check_hex(where, value):
+    assert isinstance(value, str) and HEX_RE.match(value), f"{where}: bad hex {value!r}"
+
+
+def _check_ints(where, ev, names):
+    for n in names:
+        if n in ev and n not in ("hex", "label", "mmu", "source", "scenario"):
+            v = ev[n]
+            if isinstance(v, (dict, list, str)):
+                continue
+            assert type(v) in (int, bool), f"{where}: {n}={v!r} is not a JSON integer"
+
+
+# ---------------------------------------------------------------------------
+# Without /dev/kvm
+# ---------------------------------------------------------------------------
+
+def test_every_scenario_is_stored():
+    stored = {p.name.split(".")[0] for p in DATA.glob("*.stream.jsonl")}
+    assert stored == set(NAMES)
+    for name in NAMES:
+        for ext, path in _files(name).items():
+            assert path.is_file() and path.stat().st_size > 0, path
+    assert (DATA / "README.md").is_file()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stream_is_well_formed(name):
+    lines = _files(name)["stream.jsonl"].read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    init = events[0]
+    assert init["kind"] == "init" and init["version"] == 1 and init["mmu"] == "shadow"
+    assert REQUIRED["init"] <= set(init)
+    assert set(init["params"]) == {"mmio_caching", "eager_page_split", "nx_huge_pages", "tdp_mmu"}
+    for ms in init["memslots"]:
+        assert REQUIRED["memslot"] <= set(ms)
+        _check_ints(f"{name} memslot", ms, ms)
+    for m in init["memory"]:
+        assert isinstance(m["gpa"], int)
+        _check_hex(f"{name} init memory", m["hex"])
+        assert any(s["gpa"] <= m["gpa"] and m["gpa"] + len(m["hex"]) // 2 <= s["gpa"] + s["size"]
+                   for s in init["memslots"]), f"{name}: memory at {m['gpa']:#x} outside the memslots"
+    (vcpu,) = init["vcpus"]
+    assert {"id", "cr0", "cr3", "cr4", "efer", "rflags", "cpl"} <= set(vcpu)
+    kinds = set()
+    for i, ev in enumerate(events[1:], 2):
+        where = f"{name} line {i}"
+        assert ev.get("kind") in REQUIRED and ev["kind"] != "init", f"{where}: kind {ev.get('kind')}"
+        assert REQUIRED[ev["kind"]] <= set(ev), f"{where}: missing {REQUIRED[ev['kind']] - set(ev)}"
+        _check_ints(where, ev, ev)
+        for key in ("hex", "result_hex"):
+            if key in ev:
+                _check_hex(where, ev[key])
+        assert isinstance(ev.get("source"), str), f"{where}: no source"
+        kinds.add(ev["kind"])
+    # every stream starts with an entry and reaches at least one fault
+    assert events[1]["kind"] == "entry" and "page_fault" in kinds
+
+
+def test_streams_cover_the_issue_list():
+    kinds = {}
+    for name in NAMES:
+        for ev in R.load_stream(_files(name)["stream.jsonl"]):
+            kinds.setdefault(ev["kind"], set()).add(name)
+    for kind in ("entry", "page_fault", "translate", "write", "invlpg", "set_cr", "set_cpl",
+                 "memslot", "get_dirty_log", "clear_dirty_log", "mark"):
+        assert kind in kinds, kind
+    traces = {name: R.load_trace(_files(name)["trace"]) for name in NAMES}
+    seen = {e for lines in traces.values() for e, _ in lines}
+    for ev in ("kvm_mmu_get_page", "kvm_mmu_set_spte", "kvm_mmu_spte_requested",
+               "kvm_mmu_prepare_zap_page", "kvm_mmu_unsync_page", "kvm_mmu_sync_page",
+               "kvm_mmu_zap_all_fast", "kvm_mmu_pagetable_walk", "kvm_emulate_insn", "kvm_mmio"):
+        assert ev in seen, ev
+    assert any("level 2" in t for e, t in traces["huge_2m_thp"] if e == "kvm_mmu_spte_requested")
+    assert any(" existing" in t for e, t in traces["cr3_switch"] if e == "kvm_mmu_get_page")
+    assert any(" direct " in t for e, t in traces["huge_2m_4k_host"] if e == "kvm_mmu_get_page")
+
+
+def _raw_values(event, fields_text):
+    """Field values from a line printed with the ``fields`` option (as in
+    test_mmutrace_live: ``name=<x> (<decimal>)``, reinterpreted with the
+    field's size and signedness)."""
+    raw = dict(FIELD_RE.findall(fields_text))
+    values = {}
+    for f in event.fields:
+        bits = 8 * f.size
+        v = int(raw[f.name]) % (1 << bits)
+        if f.signed and v >> (bits - 1):
+            v -= 1 << bits
+        values[f.name] = v
+    return values
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_trace_rerenders(name):
+    # tracefs cannot print the trace_marker records with the fields option
+    text = [x for x in R.load_trace(_files(name)["trace"]) if x[0] != R.MARK_EVENT]
+    fields = R.load_trace(_files(name)["fields"])
+    assert [e for e, _ in text] == [e for e, _ in fields]
+    n = 0
+    for (ev, t), (_, f) in zip(text, fields):
+        if ev not in tp._BY_NAME:
+            continue
+        event = tp.get_event(ev)
+        assert event.format(**_raw_values(event, f)) == t, (ev, t)
+        n += 1
+    assert n > 20
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stream_rederives_from_stored_trace(name):
+    stored = R.load_stream(_files(name)["stream.jsonl"])
+    init = stored[0]
+    # the initial state is the scenario's own (guest model and params come from the host)
+    from kvmmmu.paging import GuestCpuModel
+    fresh = R.stream_init(S.get(name), GuestCpuModel(**init["guest_model"]), init["params"])
+    assert fresh == init
+    assert R.derive_stream(init, R.load_trace(_files(name)["trace"])) == stored
+
+
+def test_derive_refuses_what_it_does_not_know():
+    init = R.load_stream(_files("first_touch_4k")["stream.jsonl"])[0]
+    mark = (R.MARK_EVENT, R.MARK_PREFIX + json.dumps({"op": "run", "cpl": 0, "rip": 0x10000,
+                                                      "regs": {}}))
+    walk = [("kvm_mmu_pagetable_walk", "addr 10000 pferr 10 F"),
+            ("kvm_mmu_paging_element", "pte 10025 level 1")]
+    with pytest.raises(R.DeriveError, match="not one the derivation knows"):
+        R.derive_stream(init, [mark, *walk, ("kvm_emulate_insn", "0:10000:0f 0b (prot64)")])
+    with pytest.raises(R.DeriveError, match="kvm_inj_exception"):
+        R.derive_stream(init, [mark, ("kvm_inj_exception", "#GP (0x0)")])
+    with pytest.raises(R.DeriveError, match="unknown marker"):
+        R.derive_stream(init, [(R.MARK_EVENT, R.MARK_PREFIX + '{"op": "nope"}')])
+    with pytest.raises(R.DeriveError, match="ring-0 walk"):
+        R.derive_stream(init, [mark, *walk])
+    # mov cr3, rax with rax never loaded
+    with pytest.raises(R.DeriveError, match="rax unknown"):
+        R.derive_stream(init, [mark, *walk, ("kvm_emulate_insn", "0:10000:0f 22 d8 (prot64)")])
+
+
+def test_mask_line():
+    line = "kvm_mmu_set_spte: gfn 10 spte 1ccaaea25 (r-xu) level 1 at 1069fd080"
+    assert R.mask_line(line) == "kvm_mmu_set_spte: gfn 10 spte a25/pfn (r-xu) level 1 at *"
+    assert R.mask_line("kvm_mmu_spte_requested: gfn 10 pfn 1ccaae level 1") == \
+        "kvm_mmu_spte_requested: gfn 10 pfn * level 1"
+    other = "kvm_mmu_get_page: sp gen 0 gfn 1 l4 8-byte q0 wux nxe ad root 0 sync new"
+    assert R.mask_line(other) == other
+    # NX (bit 63) and the software bits above the pfn survive the mask
+    hi = "kvm_mmu_set_spte: gfn 10 spte 8000000123456e67 (rw-u) level 1 at 1"
+    assert R.mask_line(hi) == "kvm_mmu_set_spte: gfn 10 spte 8000000000000e67/pfn (rw-u) level 1 at *"
+
+
+def test_scenarios_build_without_kvm():
+    for name in NAMES:
+        scn = S.get(name)
+        assert scn.name == name and scn.steps and scn.doc
+        assert any(s.op == "run" for s in scn.steps)
+    with pytest.raises(KeyError, match="no scenario"):
+        S.get("nope")
+
+
+# ---------------------------------------------------------------------------
+# Live: re-record and compare with the stored data
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def host():
+    reason = live.problem(tracing=False)
+    if reason:
+        pytest.skip(reason)
+    if live.tracefs_problem() and not live.mount_tracefs():
+        pytest.skip(live.tracefs_problem())
+    if live.tracefs_problem():
+        pytest.skip(live.tracefs_problem())
+    return live.kvm_params()
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("name", NAMES)
+def test_rerecording_matches_stored(host, name):
+    rec = R.record(S.get(name))
+    stored_lines = R.load_trace(_files(name)["trace"])
+    stored_stream = R.load_stream(_files(name)["stream.jsonl"])
+    if name == "huge_2m_thp" and not any(
+            "level 2" in t for e, t in rec.lines if e == "kvm_mmu_spte_requested"):
+        pytest.skip("the host gave no transparent huge page for the THP slot this time")
+    got = [R.mask_line(l) for l in R.mmu_lines(rec.lines)]
+    want = [R.mask_line(l) for l in R.mmu_lines(stored_lines)]
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    assert got == want, (f"{name}: first divergence at event {first}: "
+                         f"{got[first] if first < len(got) else '<end>'} != "
+                         f"{want[first] if first < len(want) else '<end>'}")
+    assert rec.stream == stored_stream
+    assert rec.stats == json.loads(_files(name)["stats.json"].read_text())
