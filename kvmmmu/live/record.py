@@ -39,7 +39,7 @@ from kvmmmu import mmutrace
 from kvmmmu.live import _uapi as U
 from kvmmmu.live import x86
 from kvmmmu.live.tracefs import TraceInstance
-from kvmmmu.live.scenarios import RFLAGS, STOP_GPA
+from kvmmmu.live.scenarios import RFLAGS, STOP_GPA, STOP_GVA
 
 __all__ = ["KVM_EVENTS", "MARK_PREFIX", "ScenarioTrace", "Recording", "record", "derive_stream",
            "DeriveError", "stream_init", "mmu_lines", "mask_line", "save", "load_trace",
@@ -298,7 +298,10 @@ def _keep(event, text):
 def _do_step(tr, vm, cpu, step, hslots, scn, marks, base):
     a = step.args
     if step.op == "run":
-        tr.marker({"op": "run", "rip": a["rip"], "cpl": a["cpl"], "regs": a.get("regs", {})})
+        stores = list(scn.native_stores.get(a["rip"], ())) + list(a.get("stores", ()))
+        tr.marker({"op": "run", "rip": a["rip"], "cpl": a["cpl"], "regs": a.get("regs", {}),
+                   "stores": [{"gva": gva, "gpa": gpa, "hex": data.hex()}
+                              for gva, gpa, data in stores]})
         _set_cpl(cpu, a["cpl"])
         cpu.set_regs(rip=a["rip"], **a.get("regs", {}))
         got = []
@@ -476,7 +479,11 @@ def derive_stream(init: dict, lines) -> list:
       requests (KVM_REQ_MMU_SYNC after a ``mov cr3`` of the same value: the
       ``kvm_mmu_sync_page`` only shows at the next ``KVM_RUN``);
     * memslot changes, dirty-log calls, CPL changes and marks come from the
-      recorder's markers.
+      recorder's markers;
+    * the stores ring-3 code makes natively (KVM sees none) come from the
+      scenario (listed in the run marker) as ``write`` with ``track`` false:
+      each right after its own write fault, or, if it did not fault, before
+      the fault of the run's final stop store.
     """
     out = [dict(init)]
     cpl = init["vcpus"][0]["cpl"]
@@ -485,6 +492,13 @@ def derive_stream(init: dict, lines) -> list:
     pending = None           # the _Insn being emulated (data walks left)
     need_entry = False
     reentered = False        # KVM_RUN again after an MMIO read exit
+    stores = []              # native ring-3 stores of the current run not emitted yet
+
+    def emit_stores(n):
+        for st in stores[:n]:
+            emit({"kind": "write", "vcpu": 0, "gpa": st["gpa"], "hex": st["hex"], "track": False,
+                  "source": "scenario:native-store"})
+        del stores[:n]
     toks = _tokens(lines)
 
     def emit(ev):
@@ -560,8 +574,20 @@ def derive_stream(init: dict, lines) -> list:
                       "source": "trace:kvm_mmu_pagetable_walk"})
             else:
                 entry("derived:before-fault")
+                # native stores: those before a faulting store (program order)
+                # happened before its fault, the faulting one right after it;
+                # all of them before the stop store's fault
+                page = tok.addr >> 12
+                hit = next((i for i, st in enumerate(stores) if st["gva"] >> 12 == page
+                            and tok.pferr & 2), None)
+                if page == STOP_GVA >> 12:
+                    emit_stores(len(stores))
+                elif hit is not None:
+                    emit_stores(hit)
                 emit({"kind": "page_fault", "vcpu": 0, "addr": tok.addr, "error_code": tok.pferr,
                       "source": "trace:kvm_mmu_pagetable_walk"})
+                if hit is not None and page != STOP_GVA >> 12:
+                    emit_stores(1)
             continue
         ev, text = tok
         if ev == "kvm_emulate_insn":
@@ -587,7 +613,10 @@ def derive_stream(init: dict, lines) -> list:
             m = json.loads(text[len(MARK_PREFIX):])
             op = m.pop("op")
             src = f"marker:{op}"
+            if stores:
+                raise DeriveError(f"native stores {stores} were not placed before {op}")
             if op == "run":
+                stores = list(m.get("stores", ()))
                 if m["cpl"] != cpl:
                     cpl = m["cpl"]
                     emit({"kind": "set_cpl", "vcpu": 0, "cpl": cpl, "source": src})

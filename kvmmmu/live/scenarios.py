@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from kvmmmu.live.x86 import asm, asm64
 
 __all__ = ["PR", "RW", "US", "A", "D", "PS", "NX", "PML4", "PDPT", "PD", "PT0", "STACK",
-           "CODE", "DATA", "STOP_GVA", "STOP_GPA", "RFLAGS", "Memslot", "Step", "Scenario", "GuestImage", "SCENARIOS", "get"]
+           "CODE", "DATA", "STOP_GVA", "STOP_GPA", "RFLAGS", "Prog", "run", "mark", "Memslot", "Step", "Scenario", "GuestImage", "SCENARIOS", "get"]
 
 PR, RW, US, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
 NX = 1 << 63
@@ -109,6 +109,10 @@ class Scenario:
     cr3: int
     steps: list
     manual_dirty_log_protect: int = 0
+    #: rip of a ring-3 phase -> [(gva, gpa, bytes)]: the stores its code makes
+    #: natively (KVM sees none of them; the stream gets them as writes
+    #: without page tracking)
+    native_stores: dict = field(default_factory=dict)
 
     def initial_memory(self):
         """``[(gpa, bytes)]``: the non-zero runs of the initial memory (runs
@@ -168,6 +172,7 @@ class GuestImage:
         self.mem = bytearray(size)
         self._next_table = TABLES
         self._next_code = CODE
+        self.native_stores = {}
         self.q(PML4, PDPT | TABLE)
         self.q(PDPT, PD | TABLE)
         self.q(PD, PT0 | TABLE)
@@ -217,9 +222,28 @@ class GuestImage:
     def map2m(self, gva, gpa, flags=PR | RW | US, root=PML4):
         self.q(self.pte_gpa(gva, root, 2), gpa | flags | PS)
 
-    def code(self, body: bytes, *, user: bool) -> int:
-        """Place a phase's code (`body` plus its stop instruction) at the next
-        256-byte chunk; returns its address."""
+    def translate(self, gva, root=PML4):
+        """The gpa the image's tables map `gva` to (4 KiB or 2 MiB pages)."""
+        table = root
+        for level in (4, 3, 2, 1):
+            shift = 12 + 9 * (level - 1)
+            entry = self.read_q(table + 8 * ((gva >> shift) & 511))
+            if not entry & PR:
+                raise KeyError(f"{gva:#x} is not mapped (level {level})")
+            if level == 1 or (level == 2 and entry & PS):
+                return (entry & 0xFFFFFFFFF000 & ~((1 << shift) - 1)) | (gva & ((1 << shift) - 1))
+            table = entry & 0xFFFFFFFFF000
+
+    def code(self, body, *, user: bool) -> int:
+        """Place a phase's code (`body`, bytes or a :class:`Prog`, plus its stop
+        instruction) at the next 256-byte chunk; returns its address.  The
+        native stores of a ring-3 :class:`Prog` are noted in
+        ``native_stores`` (gpas as the tables map them now)."""
+        if isinstance(body, Prog):
+            if user and body.stores:
+                self.native_stores[self._next_code] = [(gva, self.translate(gva), data)
+                                                       for gva, data in body.stores]
+            body = body.code
         stop = STOP3 if user else asm.hlt
         rip = self._next_code
         blob = body + stop
@@ -232,8 +256,28 @@ class GuestImage:
         return rip
 
 
-def run(rip, cpl, **regs):
-    return Step("run", dict(rip=rip, cpl=cpl, regs=regs))
+@dataclass
+class Prog:
+    """Code with the stores it makes (``(gva, bytes)``, in program order)."""
+    code: bytes = b""
+    stores: list = field(default_factory=list)
+
+    def __add__(self, other):
+        if isinstance(other, bytes):
+            other = Prog(other)
+        return Prog(self.code + other.code, self.stores + other.stores)
+
+    def __radd__(self, other):
+        return Prog(other) + self
+
+
+def run(rip, cpl, stores=(), **regs):
+    """A run step; `stores`: ``[(gva, gpa, bytes)]`` native stores of its code
+    that the code's :class:`Prog` cannot know (they depend on preset `regs`)."""
+    args = dict(rip=rip, cpl=cpl, regs=regs)
+    if stores:
+        args["stores"] = [(gva, gpa, bytes(data)) for gva, gpa, data in stores]
+    return Step("run", args)
 
 
 def mark(label):
@@ -241,11 +285,12 @@ def mark(label):
 
 
 def _reads(gvas):
-    return b"".join(asm.read(g) for g in gvas)
+    return Prog(b"".join(asm.read(g) for g in gvas))
 
 
 def _writes(gvas, value=0x5A5A):
-    return b"".join(asm64.store(g, value + i) for i, g in enumerate(gvas))
+    return Prog(b"".join(asm64.store(g, value + i) for i, g in enumerate(gvas)),
+                [(g, struct.pack("<Q", value + i)) for i, g in enumerate(gvas)])
 
 
 # ---------------------------------------------------------------------------
@@ -276,7 +321,8 @@ def first_touch_4k():
     touch = g.code(_reads(pages[:6]) + _writes(pages[6:]), user=True)
     again = g.code(_reads(pages), user=True)
     steps = [run(touch, 3), mark("touched"), run(again, 3)]
-    return Scenario("first_touch_4k", first_touch_4k.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps)
+    return Scenario("first_touch_4k", first_touch_4k.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps,
+                    native_stores=g.native_stores)
 
 
 def _huge(thp):
@@ -302,7 +348,8 @@ def huge_2m_4k_host():
     2 MiB frame, role ``direct``) maps it with 4 KiB SPTEs, and each fault
     prefetches the present host pages of its 8-entry group."""
     g, slots, image, steps = _huge(False)
-    return Scenario("huge_2m_4k_host", huge_2m_4k_host.__doc__, slots, image, PML4, steps)
+    return Scenario("huge_2m_4k_host", huge_2m_4k_host.__doc__, slots, image, PML4, steps,
+                    native_stores=g.native_stores)
 
 
 def huge_2m_thp():
@@ -310,7 +357,8 @@ def huge_2m_thp():
     (2 MiB-aligned host memory, MADV_HUGEPAGE, written from the host before
     the run): one level-2 SPTE maps it (``kvm_mmu_spte_requested`` level 2)."""
     g, slots, image, steps = _huge(True)
-    return Scenario("huge_2m_thp", huge_2m_thp.__doc__, slots, image, PML4, steps)
+    return Scenario("huge_2m_thp", huge_2m_thp.__doc__, slots, image, PML4, steps,
+                    native_stores=g.native_stores)
 
 
 def prefetch():
@@ -336,7 +384,8 @@ def prefetch():
     touch = g.code(_reads([base_a, base_a + 0x1000, base_a + 0x3000, base_b + 0x2000,
                            base_a + 0x6000]) + _writes([base_a + 0x6000]), user=True)
     steps = [run(touch, 3), mark("prefetched")]
-    return Scenario("prefetch", prefetch.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps)
+    return Scenario("prefetch", prefetch.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps,
+                    native_stores=g.native_stores)
 
 
 def ring0_pte_rewrite():
@@ -357,7 +406,7 @@ def ring0_pte_rewrite():
     again = g.code(_reads([v, v + 0x1000, v + 0x2000]), user=True)
     steps = [run(use, 3), run(rewrite, 0), mark("rewritten"), run(again, 3)]
     return Scenario("ring0_pte_rewrite", ring0_pte_rewrite.__doc__, [_slot0(g)], {0: g.mem},
-                    PML4, steps)
+                    PML4, steps, native_stores=g.native_stores)
 
 
 def unsync_invlpg():
@@ -381,12 +430,17 @@ def unsync_invlpg():
     store = g.code(b"\x48\x89\x03", user=True)            # mov [rbx], rax
     inv = g.code(asm64.invlpg(v), user=False)
     reload = g.code(asm64.set_cr3(PML4), user=False)
+    new_v, new_w = DATA + 0x2000 | PR | RW | US, DATA + 0x3000 | PR | RW | US
+    pte_v, pte_w = g.pte_gpa(v), g.pte_gpa(w)
     steps = [run(use, 3),
-             run(store, 3, rax=DATA + 0x2000 | PR | RW | US, rbx=alias + 8 * ((v >> 12) & 511)),
+             run(store, 3, rax=new_v, rbx=alias + (pte_v & 0xFFF),
+                 stores=[(alias + (pte_v & 0xFFF), pte_v, struct.pack("<Q", new_v))]),
              mark("unsync"), run(use, 3), run(inv, 0), run(use, 3), mark("invlpg"),
-             run(store, 3, rax=DATA + 0x3000 | PR | RW | US, rbx=alias + 8 * ((w >> 12) & 511)),
+             run(store, 3, rax=new_w, rbx=alias + (pte_w & 0xFFF),
+                 stores=[(alias + (pte_w & 0xFFF), pte_w, struct.pack("<Q", new_w))]),
              run(reload, 0), run(use, 3)]
-    return Scenario("unsync_invlpg", unsync_invlpg.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps)
+    return Scenario("unsync_invlpg", unsync_invlpg.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps,
+                    native_stores=g.native_stores)
 
 
 def cr3_switch():
@@ -413,7 +467,8 @@ def cr3_switch():
     for r in roots[1:] + [roots[0], roots[4]]:
         steps += [run(loads[r], 0), run(touch, 3)]
     steps.append(mark("switched"))
-    return Scenario("cr3_switch", cr3_switch.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps)
+    return Scenario("cr3_switch", cr3_switch.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps,
+                    native_stores=g.native_stores)
 
 
 def write_flooding():
@@ -436,7 +491,8 @@ def write_flooding():
     flood = g.code(b"".join(asm64.store(t + 8 * (100 + i), 0) for i in range(2))
                    + b"".join(asm64.store(PD + 8 * (100 + i), 0) for i in range(4)), user=False)
     steps = [run(use, 3), run(flood, 0), mark("flooded"), run(use, 3)]
-    return Scenario("write_flooding", write_flooding.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps)
+    return Scenario("write_flooding", write_flooding.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps,
+                    native_stores=g.native_stores)
 
 
 def memslot_readd():
@@ -459,7 +515,7 @@ def memslot_readd():
              Step("memslot", dict(memslot=Memslot(1, base, 0))), mark("deleted"),
              Step("memslot", dict(memslot=slot1, fill=fill)), run(touch, 3)]
     return Scenario("memslot_readd", memslot_readd.__doc__, [_slot0(g), slot1], {0: g.mem, 1: img},
-                    PML4, steps)
+                    PML4, steps, native_stores=g.native_stores)
 
 
 def mmio():
@@ -474,7 +530,8 @@ def mmio():
     r3 = g.code(_reads([gva, gva + 8]), user=True)
     r0 = g.code(_reads([gva + 16]), user=False)
     steps = [run(r3, 3), run(r0, 0), run(r3, 3), mark("mmio")]
-    return Scenario("mmio", mmio.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps)
+    return Scenario("mmio", mmio.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps,
+                    native_stores=g.native_stores)
 
 
 def dirty_log():
@@ -500,7 +557,7 @@ def dirty_log():
              mark("cleared"), run(second, 3), Step("get_dirty_log", dict(slot=1))]
     slots = [_slot0(g), Memslot(1, base, size, flags=KVM_MEM_LOG_DIRTY_PAGES)]
     return Scenario("dirty_log", dirty_log.__doc__, slots, {0: g.mem, 1: img}, PML4, steps,
-                    manual_dirty_log_protect=1)
+                    manual_dirty_log_protect=1, native_stores=g.native_stores)
 
 
 #: name -> function building the scenario
