@@ -45,12 +45,16 @@ REQUIRED = {
     "clear_dirty_log": {"slot", "first_page", "num_pages", "hex"},
     "mark": {"label"},
 }
+#: optional fields (docs/STREAM.md; ``reload_only`` on entry is this recorder's, see the README)
+OPTIONAL = {"init": {"kind", "manual_dirty_log_protect"}, "entry": {"reload_only"},
+            "write": {"vmm"}, "memslot": {"fresh"}}
 HEX_RE = re.compile(r"^(?:[0-9a-f]{2})*$")
 FIELD_RE = re.compile(r"(\w+)=[^=]*?\((-?\d+)\)")
 
 
 def _files(name):
-    return {ext: DATA / f"{name}.{ext}" for ext in ("trace", "fields", "stats.json", "stream.jsonl")}
+    return {ext: DATA / f"{name}.{ext}" for ext in ("trace", "fields", "stats.json", "stream.jsonl",
+                                                    "sources.jsonl")}
 
 
 def _check_hex(where, value):
@@ -85,7 +89,7 @@ def test_stream_is_well_formed(name):
     events = [json.loads(line) for line in lines]
     init = events[0]
     assert init["kind"] == "init" and init["version"] == 1 and init["mmu"] == "shadow"
-    assert REQUIRED["init"] <= set(init)
+    assert REQUIRED["init"] <= set(init) <= REQUIRED["init"] | OPTIONAL["init"]
     assert set(init["params"]) == {"mmio_caching", "eager_page_split", "nx_huge_pages", "tdp_mmu"}
     for ms in init["memslots"]:
         assert REQUIRED["memslot"] <= set(ms)
@@ -102,12 +106,21 @@ def test_stream_is_well_formed(name):
         where = f"{name} line {i}"
         assert ev.get("kind") in REQUIRED and ev["kind"] != "init", f"{where}: kind {ev.get('kind')}"
         assert REQUIRED[ev["kind"]] <= set(ev), f"{where}: missing {REQUIRED[ev['kind']] - set(ev)}"
+        extra = set(ev) - REQUIRED[ev["kind"]] - OPTIONAL.get(ev["kind"], set()) - {"kind"}
+        assert not extra, f"{where}: fields the stream format does not define: {extra}"
         _check_ints(where, ev, ev)
-        for key in ("hex", "result_hex"):
-            if key in ev:
-                _check_hex(where, ev[key])
-        assert isinstance(ev.get("source"), str), f"{where}: no source"
+        if "hex" in ev:
+            _check_hex(where, ev["hex"])
+        if ev["kind"] == "write":
+            assert not (ev["track"] and ev.get("vmm")), where
         kinds.add(ev["kind"])
+    sources = R.load_stream(_files(name)["sources.jsonl"])
+    assert [(x["line"], x["kind"]) for x in sources] == [(i, ev["kind"]) for i, ev in
+                                                         enumerate(events, 1)]
+    for x in sources:
+        assert re.match(r"^(trace|marker|derived|scenario):[\w-]+$", x["source"]), x
+        if "result_hex" in x:
+            _check_hex(f"{name} sources", x["result_hex"])
     # every stream starts with an entry and reaches at least one fault
     assert events[1]["kind"] == "entry" and "page_fault" in kinds
 
@@ -170,7 +183,9 @@ def test_stream_rederives_from_stored_trace(name):
     from kvmmmu.paging import GuestCpuModel
     fresh = R.stream_init(S.get(name), GuestCpuModel(**init["guest_model"]), init["params"])
     assert fresh == init
-    assert R.derive_stream(init, R.load_trace(_files(name)["trace"])) == stored
+    lines = R.load_trace(_files(name)["trace"])
+    assert R.derive_stream(init, lines) == stored
+    assert R.derive_sources(init, lines) == R.load_stream(_files(name)["sources.jsonl"])
 
 
 def _replay_walks(stream):
@@ -200,9 +215,8 @@ def _replay_walks(stream):
         if kind == "write":
             put(ev["gpa"], ev["hex"])
         elif kind == "memslot" and ev["size"]:
-            ram[ev["gpa"]:ev["gpa"] + ev["size"]] = 0      # fresh host memory
-            for m in ev.get("memory", ()):
-                put(m["gpa"], m["hex"])
+            assert ev.get("fresh")                          # new host memory: zeros
+            ram[ev["gpa"]:ev["gpa"] + ev["size"]] = 0
         elif kind == "set_cr":
             state[f"cr{ev['cr']}"] = ev["value"]
         elif kind == "set_cpl":
@@ -309,4 +323,5 @@ def test_rerecording_matches_stored(host, name):
                          f"{got[first] if first < len(got) else '<end>'} != "
                          f"{want[first] if first < len(want) else '<end>'}")
     assert rec.stream == stored_stream
+    assert rec.sources == R.load_stream(_files(name)["sources.jsonl"])
     assert rec.stats == json.loads(_files(name)["stats.json"].read_text())

@@ -13,6 +13,7 @@ writes per scenario:
 ``<name>.fields``       the same records printed with the ``fields`` option
 ``<name>.stats.json``   stats deltas from the start, per mark and at the end
 ``<name>.stream.jsonl`` the derived vCPU input stream (``docs/STREAM.md``)
+``<name>.sources.jsonl`` per stream line, where it was derived from
 
 The stream is derived from the trace alone plus the scenario's initial state
 (:func:`derive_stream`): it can be re-derived from a stored ``.trace`` where
@@ -42,7 +43,7 @@ from kvmmmu.live.tracefs import TraceInstance
 from kvmmmu.live.scenarios import RFLAGS, STOP_GPA, STOP_GVA
 
 __all__ = ["KVM_EVENTS", "MARK_PREFIX", "ScenarioTrace", "Recording", "record", "derive_stream",
-           "DeriveError", "stream_init", "mmu_lines", "mask_line", "save", "load_trace",
+           "DeriveError", "derive_sources", "stream_init", "mmu_lines", "mask_line", "save", "load_trace",
            "load_stream", "main"]
 
 #: kvm:* events enabled next to every kvmmmu event (those this kernel has).
@@ -208,6 +209,7 @@ class Recording:
     stats: dict          # {"marks": [{"label", "vm", "vcpu0"}], "end": {"vm", "vcpu0"}}
     init: dict           # the stream's first line
     stream: list         # derived stream lines (dicts), init first
+    sources: list        # per stream line: where it comes from (derive_sources)
     exits: list          # KVM_RUN exits per run step, for the report
 
 
@@ -215,7 +217,7 @@ def stream_init(scn, guest_model, params) -> dict:
     """The stream's ``init`` line for scenario `scn`."""
     from dataclasses import asdict
     return {
-        "kind": "init", "version": 1, "mmu": "shadow", "scenario": scn.name,
+        "kind": "init", "version": 1, "mmu": "shadow",
         "params": params,
         "guest_model": asdict(guest_model),
         "manual_dirty_log_protect": scn.manual_dirty_log_protect,
@@ -286,7 +288,8 @@ def record(scn) -> Recording:
     fields = [(e, t) for e, t in fields if _keep(e, t)]
     stats = {"marks": marks, "end": end}
     stream = derive_stream(init, lines)
-    return Recording(scn.name, lines, fields, stats, init, stream, exits)
+    sources = derive_sources(init, lines)
+    return Recording(scn.name, lines, fields, stats, init, stream, sources, exits)
 
 
 def _keep(event, text):
@@ -451,8 +454,9 @@ def _finish_walk(w):
     w.gpa = _walk_gpa(w.addr, elems)
 
 
-def derive_stream(init: dict, lines) -> list:
-    """The vCPU input stream of a recorded scenario (init line first).
+def _derive(init: dict, lines) -> list:
+    """The vCPU input stream of a recorded scenario (init line first), each
+    event with its ``source``.
 
     `lines` are the recorded ``(event, text)`` pairs, userspace steps
     included as ``tracing_mark_write`` markers.  kvm_pvm emits neither
@@ -497,7 +501,7 @@ def derive_stream(init: dict, lines) -> list:
     def emit_stores(n):
         for st in stores[:n]:
             emit({"kind": "write", "vcpu": 0, "gpa": st["gpa"], "hex": st["hex"], "track": False,
-                  "source": "scenario:native-store"})
+                  "vmm": True, "source": "scenario:native-store"})
         del stores[:n]
     toks = _tokens(lines)
 
@@ -626,10 +630,14 @@ def derive_stream(init: dict, lines) -> list:
             elif op == "memslot":
                 ev2 = {"kind": "memslot", **{k2: m[k2] for k2 in
                                              ("slot", "as_id", "gpa", "size", "flags", "thp")}}
-                if m.get("memory"):
-                    ev2["memory"] = m["memory"]
+                if m["size"]:
+                    ev2["fresh"] = True         # the recorder gives it new host memory
                 ev2["source"] = src
                 emit(ev2)
+                for fill in m.get("memory", ()):
+                    # what the VMM wrote into the new host memory before adding it
+                    emit({"kind": "write", "vcpu": 0, "gpa": fill["gpa"], "hex": fill["hex"],
+                          "track": False, "vmm": True, "source": src})
                 if m["size"]:
                     slots[m["slot"]] = (m["gpa"], m["size"])
                 else:
@@ -659,6 +667,31 @@ def derive_stream(init: dict, lines) -> list:
                               "whose scenarios emit none (no exits traced, no exceptions)")
     if pending is not None:
         finish(pending)
+    return out
+
+
+#: what :func:`derive_stream` moves out of the stream into the sources
+_SIDE_FIELDS = ("source", "result_hex")
+
+
+def derive_stream(init: dict, lines) -> list:
+    """The vCPU input stream of a recorded scenario, init line first: only the
+    fields docs/STREAM.md defines (plus ``reload_only`` on some entries).  How
+    each event was derived: :func:`derive_sources`; the rules:
+    :func:`_derive`."""
+    return [{k: v for k, v in ev.items() if k not in _SIDE_FIELDS} for ev in _derive(init, lines)]
+
+
+def derive_sources(init: dict, lines) -> list:
+    """Per line of :func:`derive_stream`'s stream, where it comes from:
+    ``{"line": n (1-based), "kind", "source"}`` (``trace:<event>``,
+    ``marker:<op>``, ``derived:<rule>``, ``scenario:<what>``) and, for a
+    ``get_dirty_log``, ``result_hex``: the bitmap the kernel returned."""
+    out = []
+    for n, ev in enumerate(_derive(init, lines), 1):
+        side = {k: ev[k] for k in _SIDE_FIELDS if k in ev}
+        out.append({"line": n, "kind": ev["kind"], "source": side.get("source", "scenario:init"),
+                    **({"result_hex": side["result_hex"]} if "result_hex" in side else {})})
     return out
 
 
@@ -720,6 +753,8 @@ def save(rec: Recording, out: Path):
     (out / f"{rec.name}.stats.json").write_text(json.dumps(rec.stats, indent=1, sort_keys=True) + "\n")
     (out / f"{rec.name}.stream.jsonl").write_text(
         "".join(json.dumps(ev, separators=(",", ":")) + "\n" for ev in rec.stream))
+    (out / f"{rec.name}.sources.jsonl").write_text(
+        "".join(json.dumps(ev, separators=(",", ":")) + "\n" for ev in rec.sources))
 
 
 def load_trace(path) -> list:
