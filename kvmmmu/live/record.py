@@ -101,8 +101,10 @@ class DeriveError(ValueError):
 
 class ScenarioTrace(TraceInstance):
     """A private tracefs instance with every kvmmmu event plus the kvm:*
-    events of :data:`KVM_EVENTS` that exist here; :meth:`marker` writes a
-    userspace step into the instance buffer (``trace_marker``)."""
+    events of :data:`KVM_EVENTS` that exist here, recorded for this process
+    only (``set_event_pid``: the vCPU runs in the calling thread, the
+    memslot and dirty-log ioctls too); :meth:`marker` writes a userspace step
+    into the instance buffer (``trace_marker``)."""
 
     def __init__(self, *, buffer_size_kb=8192):
         super().__init__(None, buffer_size_kb=buffer_size_kb)
@@ -110,6 +112,10 @@ class ScenarioTrace(TraceInstance):
         self.kvm_events = [e for e in KVM_EVENTS if (kvm_dir / e).is_dir()]
 
     def _set_events(self, on):
+        if on:
+            # only this process: other VMs on the machine (tests running at
+            # the same time) emit the same events into every instance
+            self._write("set_event_pid", str(os.getpid()))
         super()._set_events(on)
         for ev in self.kvm_events:
             self._write(f"events/kvm/{ev}/enable", "1" if on else "0")
