@@ -139,7 +139,12 @@ def test_streams_cover_the_issue_list():
                "kvm_mmu_prepare_zap_page", "kvm_mmu_unsync_page", "kvm_mmu_sync_page",
                "kvm_mmu_zap_all_fast", "kvm_mmu_pagetable_walk", "kvm_emulate_insn", "kvm_mmio"):
         assert ev in seen, ev
+    writes = [ev for name in NAMES for ev in R.load_stream(_files(name)["stream.jsonl"])
+              if ev["kind"] == "write"]
+    assert {(ev["track"], ev.get("vmm", False)) for ev in writes} == \
+        {(True, False), (False, False), (False, True)}       # emulated, event delivery, native
     assert any("level 2" in t for e, t in traces["huge_2m_thp"] if e == "kvm_mmu_spte_requested")
+    assert any(e == "kvm_mmu_walker_error" for e, t in traces["guest_page_fault"])
     assert any(" existing" in t for e, t in traces["cr3_switch"] if e == "kvm_mmu_get_page")
     assert any(" direct " in t for e, t in traces["huge_2m_4k_host"] if e == "kvm_mmu_get_page")
 
@@ -259,8 +264,13 @@ def test_derive_refuses_what_it_does_not_know():
             ("kvm_mmu_paging_element", "pte 10025 level 1")]
     with pytest.raises(R.DeriveError, match="not one the derivation knows"):
         R.derive_stream(init, [mark, *walk, ("kvm_emulate_insn", "0:10000:0f 0b (prot64)")])
-    with pytest.raises(R.DeriveError, match="kvm_inj_exception"):
-        R.derive_stream(init, [mark, ("kvm_inj_exception", "#GP (0x0)")])
+    with pytest.raises(R.DeriveError, match="kvm_exit"):
+        R.derive_stream(init, [mark, ("kvm_exit", "vcpu 0 reason EXCEPTION_NMI rip 0x0")])
+    # an exception frame push whose bytes the recorder did not read back
+    push = [("kvm_inj_exception", "#PF (0x4)"), ("kvm_mmu_pagetable_walk", "addr 7ff8 pferr 2 W"),
+            ("kvm_mmu_paging_element", "pte 7063 level 1")]
+    with pytest.raises(R.DeriveError, match="no readback"):
+        R.derive_stream(init, [mark, *push])
     with pytest.raises(R.DeriveError, match="unknown marker"):
         R.derive_stream(init, [(R.MARK_EVENT, R.MARK_PREFIX + '{"op": "nope"}')])
     with pytest.raises(R.DeriveError, match="ring-0 walk"):

@@ -325,11 +325,20 @@ def _do_step(tr, vm, cpu, step, hslots, scn, marks, base):
                     break                  # the ring-3 stop
                 continue                   # a read completes with zeros
             break
-        want = "MMIO" if a["cpl"] == 3 else "HLT"
+        want = "MMIO" if a["cpl"] == 3 and not a.get("to_ring0") else "HLT"
         if got[-1] != want:
             regs = cpu.get_regs()
             raise RuntimeError(f"{scn.name}: run at {a['rip']:#x} stopped with {got} at "
                                f"rip {regs.rip:#x}, expected {want}")
+        if a.get("readback"):
+            # what the kernel wrote without a trace of the values (an exception
+            # frame): read from guest memory after the run
+            mem = []
+            for gpa, n in a["readback"]:
+                ms = next(m for m in scn.memslots if m.gpa <= gpa < m.gpa + m.size)
+                data = bytes(hslots[ms.slot].array[gpa - ms.gpa:gpa - ms.gpa + n])
+                mem.append({"gpa": gpa, "hex": data.hex()})
+            tr.marker({"op": "readback", "mem": mem})
         return [got]
     if step.op == "memslot":
         ms = a["memslot"]
@@ -490,6 +499,12 @@ def _derive(init: dict, lines) -> list:
       ``kvm_mmu_sync_page`` only shows at the next ``KVM_RUN``);
     * memslot changes, dirty-log calls, CPL changes and marks come from the
       recorder's markers;
+    * ``kvm_inj_exception`` (an exception kvm_pvm delivers itself): an
+      ``entry``, ``set_cpl`` 0 (the handlers are ring 0), then each walk of
+      the delivery (IDT gate, TSS.RSP0, six 8-byte frame pushes, the CS
+      descriptor) is a ``translate``, each push a ``write`` with ``track``
+      false whose bytes the recorder read back from guest memory after the
+      run (``readback`` marker);
     * the stores ring-3 code makes natively (KVM sees none) come from the
       scenario (listed in the run marker) as ``write`` with ``track`` false:
       each right after its own write fault, or, if it did not fault, before
@@ -503,13 +518,32 @@ def _derive(init: dict, lines) -> list:
     need_entry = False
     reentered = False        # KVM_RUN again after an MMIO read exit
     stores = []              # native ring-3 stores of the current run not emitted yet
+    delivering = False       # an exception is being delivered (IDT, TSS, stack, GDT)
+    toks = _tokens(lines)
+    readbacks = []           # (token index, {gpa: byte}) of each readback marker
+    for k, tok in enumerate(toks):
+        if (isinstance(tok, tuple) and tok[0] == MARK_EVENT and tok[1].startswith(MARK_PREFIX)):
+            m = json.loads(tok[1][len(MARK_PREFIX):])
+            if m["op"] == "readback":
+                mem = {}
+                for r in m["mem"]:
+                    for i, b in enumerate(bytes.fromhex(r["hex"])):
+                        mem[r["gpa"] + i] = b
+                readbacks.append((k, mem))
+
+    def readback(k, gpa, n):
+        for at, mem in readbacks:
+            if at > k:
+                if all(gpa + i in mem for i in range(n)):
+                    return bytes(mem[gpa + i] for i in range(n))
+                break
+        raise DeriveError(f"no readback of the {n} bytes at {gpa:#x} the kernel wrote")
 
     def emit_stores(n):
         for st in stores[:n]:
             emit({"kind": "write", "vcpu": 0, "gpa": st["gpa"], "hex": st["hex"], "track": False,
                   "vmm": True, "source": "scenario:native-store"})
         del stores[:n]
-    toks = _tokens(lines)
 
     def emit(ev):
         out.append(ev)
@@ -576,6 +610,17 @@ def _derive(init: dict, lines) -> list:
                              and int(_INSN_RE.match(nxt[1]).group(2), 16) == tok.addr)
             if need_entry:
                 entry("derived:after-emulation")
+            if delivering and not fetch_of_next:
+                # event delivery: IDT gate, TSS.RSP0, the frame pushes, the
+                # CS descriptor; a push is a write without page tracking
+                emit({"kind": "translate", "vcpu": 0, "gva": tok.addr, "access": tok.pferr,
+                      "source": "trace:kvm_mmu_pagetable_walk"})
+                if tok.pferr & 2 and tok.gpa is not None:
+                    emit({"kind": "write", "vcpu": 0, "gpa": tok.gpa,
+                          "hex": readback(k, tok.gpa, 8).hex(), "track": False,
+                          "source": "scenario:readback"})
+                continue
+            delivering = False
             if fetch_of_next or cpl == 0:
                 if cpl == 0 and not fetch_of_next:
                     raise DeriveError(f"a ring-0 walk of {tok.addr:#x} that is neither an "
@@ -655,6 +700,8 @@ def _derive(init: dict, lines) -> list:
                       "num_pages": m["num_pages"], "hex": m["hex"], "source": src})
             elif op == "mark":
                 emit({"kind": "mark", "label": m["label"], "source": src})
+            elif op == "readback":
+                pass
             elif op == "mmio_exit":
                 # the recorder completes an MMIO read and runs the vCPU again
                 # (a full entry); the ring-3 stop store ends the run step
@@ -668,7 +715,17 @@ def _derive(init: dict, lines) -> list:
             else:
                 raise DeriveError(f"unknown marker {op!r}")
             continue
-        if ev in ("kvm_page_fault", "kvm_exit", "kvm_entry", "kvm_inj_exception", "kvm_cr"):
+        if ev == "kvm_inj_exception":
+            # kvm_pvm delivers the exception itself before re-entering: the
+            # requests of that entry are serviced first, then the delivery
+            # (to a ring-0 handler in these scenarios)
+            entry("derived:event-delivery")
+            delivering = True
+            if cpl != 0:
+                cpl = 0
+                emit({"kind": "set_cpl", "vcpu": 0, "cpl": 0, "source": "trace:kvm_inj_exception"})
+            continue
+        if ev in ("kvm_page_fault", "kvm_exit", "kvm_entry", "kvm_cr"):
             raise DeriveError(f"{ev} in the trace: the derivation is written for kvm_pvm, "
                               "whose scenarios emit none (no exits traced, no exceptions)")
     if pending is not None:

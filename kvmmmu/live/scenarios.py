@@ -87,8 +87,12 @@ class Step:
     """One thing userspace does.  ``op`` is one of:
 
     ``run``      rip, cpl, regs (dict of general registers): set them, then
-                 ``KVM_RUN`` until the guest stops (HLT at ring 0, port I/O at
-                 ring 3; MMIO exits are completed and the vCPU re-entered)
+                 ``KVM_RUN`` until the guest stops (HLT at ring 0, the stop
+                 store at ring 3, HLT if ``to_ring0``: an exception delivered
+                 to a ring-0 handler; MMIO read exits are completed and the
+                 vCPU re-entered); ``readback``: [(gpa, n)] of guest memory
+                 to record after the run (what the kernel wrote untraced);
+                 ``stores``: native stores the code cannot tell
     ``memslot``  memslot (a :class:`Memslot`; size 0 deletes); a re-added slot
                  gets fresh host memory filled with ``fill`` (gpa -> bytes)
     ``get_dirty_log``    slot
@@ -560,10 +564,38 @@ def dirty_log():
                     manual_dirty_log_protect=1, native_stores=g.native_stores)
 
 
+def guest_page_fault():
+    """A fault the guest gets: ring 3 reads page P (mapped) then page Q,
+    whose gPTE is not present; the walk fails (``kvm_mmu_walker_error``) and
+    KVM injects #PF, which kvm_pvm delivers itself: reads of the IDT gate and
+    TSS.RSP0, six frame pushes onto the ring-0 stack (writes without page
+    tracking), the CS descriptor.  The ring-0 handler stores a present gPTE
+    for Q (an emulated write to a shadowed table: ``mmu_pte_write``) and
+    halts; ring 3 then reads Q again and it is mapped."""
+    from kvmmmu.live.x86 import write_tables
+    import numpy as np
+    g = GuestImage()
+    p, q = 0xC00000, 0xC01000
+    g.map4k(p, DATA)
+    for d in (DATA, DATA + 0x1000):
+        _tag(g, d)
+    pte_q = g.pte_gpa(q)                         # same table as p, left not present
+    touch = g.code(_reads([p, q]), user=True)
+    handler = g.code(asm64.store(pte_q, DATA + 0x1000 | PR | RW | US), user=False)
+    write_tables(np.frombuffer(g.mem, dtype=np.uint8), {14: handler}, stack=STACK)
+    retry = g.code(_reads([q]), user=True)
+    frame = (STACK - 48, 48)
+    steps = [Step("run", dict(rip=touch, cpl=3, regs={}, to_ring0=True, readback=[frame])),
+             mark("delivered"), run(retry, 3)]
+    return Scenario("guest_page_fault", guest_page_fault.__doc__, [_slot0(g)], {0: g.mem}, PML4,
+                    steps, native_stores=g.native_stores)
+
+
 #: name -> function building the scenario
 SCENARIOS = {f.__name__: f for f in (first_touch_4k, huge_2m_4k_host, huge_2m_thp, prefetch,
                                      ring0_pte_rewrite, unsync_invlpg, cr3_switch,
-                                     write_flooding, memslot_readd, mmio, dirty_log)}
+                                     write_flooding, memslot_readd, mmio, dirty_log,
+                                     guest_page_fault)}
 
 
 def get(name) -> Scenario:
