@@ -280,6 +280,32 @@ def test_derive_refuses_what_it_does_not_know():
         R.derive_stream(init, [mark, *walk, ("kvm_emulate_insn", "0:10000:0f 22 d8 (prot64)")])
 
 
+def test_derive_checks_its_arguments():
+    init = R.load_stream(_files("first_touch_4k")["stream.jsonl"])[0]
+    with pytest.raises(TypeError, match="init must be"):
+        R.derive_stream({"kind": "entry"}, [])
+    with pytest.raises(ValueError, match="no 'vcpus'"):
+        R.derive_stream({"kind": "init", "memslots": []}, [])
+    with pytest.raises(TypeError, match=r"lines\[1\] must be"):
+        R.derive_stream(init, [("kvm_mmu_get_page", "x"), "kvm_mmu_get_page: x"])
+    with pytest.raises(TypeError, match="scn must be"):
+        R.record("first_touch_4k")
+
+
+def test_guest_image():
+    g = S.GuestImage()
+    g.map4k(0x700000, 0x123000)
+    g.map2m(0x800000, 0x400000)
+    assert g.translate(0x700abc) == 0x123abc
+    assert g.translate(0x812345) == 0x412345
+    with pytest.raises(KeyError, match="not mapped"):
+        g.translate(0xA00000)
+    with pytest.raises(ValueError, match="does not fit 256"):
+        g.code(b"\x90" * 300, user=False)
+    rip = g.code(S.Prog(b"\x90") + S.Prog(b"", [(0x700000, b"\x01")]), user=True)
+    assert g.native_stores[rip] == [(0x700000, 0x123000, b"\x01")]
+
+
 def test_mask_line():
     line = "kvm_mmu_set_spte: gfn 10 spte 1ccaaea25 (r-xu) level 1 at 1069fd080"
     assert R.mask_line(line) == "kvm_mmu_set_spte: gfn 10 spte a25/pfn (r-xu) level 1 at *"
@@ -315,6 +341,25 @@ def host():
     if live.tracefs_problem():
         pytest.skip(live.tracefs_problem())
     return live.kvm_params()
+
+
+@pytest.mark.live
+def test_cli_writes_the_files(host, tmp_path):
+    R.main(["--out", str(tmp_path), "prefetch"])
+    got = sorted(p.name for p in tmp_path.iterdir())
+    assert got == sorted(p.name for p in _files("prefetch").values())
+    assert R.load_stream(tmp_path / "prefetch.stream.jsonl") == \
+        R.load_stream(_files("prefetch")["stream.jsonl"])
+
+
+@pytest.mark.live
+def test_one_recording_at_a_time(host):
+    assert R._RECORDING.acquire(blocking=False)
+    try:
+        with pytest.raises(RuntimeError, match="another scenario"):
+            R.record(S.get("mmio"))
+    finally:
+        R._RECORDING.release()
 
 
 @pytest.mark.live

@@ -32,6 +32,7 @@ import os
 import re
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,8 +252,27 @@ def host_params():
             "nx_huge_pages": yn("nx_huge_pages"), "tdp_mmu": yn("tdp_mmu")}
 
 
+_RECORDING = threading.Lock()
+
+
 def record(scn) -> Recording:
-    """Run scenario `scn` on /dev/kvm with tracing on; derive its stream."""
+    """Run scenario `scn` on /dev/kvm with tracing on; derive its stream.
+
+    One recording at a time per process: the trace instance records by
+    process id, so a second recording in another thread would see the
+    first one's events; a concurrent call raises RuntimeError."""
+    from kvmmmu.live.scenarios import Scenario
+    if not isinstance(scn, Scenario):
+        raise TypeError(f"scn must be a kvmmmu.live.scenarios.Scenario, not {type(scn).__name__}")
+    if not _RECORDING.acquire(blocking=False):
+        raise RuntimeError("another scenario is being recorded in this process")
+    try:
+        return _record(scn)
+    finally:
+        _RECORDING.release()
+
+
+def _record(scn) -> Recording:
     from kvmmmu import live
     hslots = {}
     exits = []
@@ -469,6 +489,19 @@ def _finish_walk(w):
     w.gpa = _walk_gpa(w.addr, elems)
 
 
+def _check_derive_args(init, lines):
+    if not isinstance(init, dict) or init.get("kind") != "init":
+        raise TypeError("init must be the stream's init line (a dict with kind 'init')")
+    for key in ("memslots", "vcpus"):
+        if key not in init:
+            raise ValueError(f"init has no {key!r}")
+    lines = list(lines)
+    for i, item in enumerate(lines):
+        if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            raise TypeError(f"lines[{i}] must be an (event, text) pair of str, not {item!r}")
+    return lines
+
+
 def _derive(init: dict, lines) -> list:
     """The vCPU input stream of a recorded scenario (init line first), each
     event with its ``source``.
@@ -510,6 +543,7 @@ def _derive(init: dict, lines) -> list:
       each right after its own write fault, or, if it did not fault, before
       the fault of the run's final stop store.
     """
+    lines = _check_derive_args(init, lines)
     out = [dict(init)]
     cpl = init["vcpus"][0]["cpl"]
     slots = {m["slot"]: (m["gpa"], m["size"]) for m in init["memslots"]}
