@@ -92,8 +92,7 @@ HPAGE = 2 << 20
 
 #: vCPU stats that depend on timing, not on the MMU: left out of the deltas.
 _NOISY = re.compile(r"^(halt_|blocking$|preemption_|directed_yield|host_state_reload$|"
-                    r"fpu_reload$|signal_exits$|irq_exits$|req_event$|exits$|"
-                    r"max_mmu_rmap_size$|max_mmu_page_hash_collisions$)")
+                    r"fpu_reload$|signal_exits$|irq_exits$|req_event$|exits$)")
 
 
 class DeriveError(ValueError):
