@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes as C
-import errno
 import fcntl
 import json
 import mmap
 import os
 import re
-import struct
 import sys
 import threading
 import time
@@ -273,10 +271,11 @@ def record(scn) -> Recording:
 
 def _record(scn) -> Recording:
     from kvmmmu import live
+    from kvmmmu.live.scenarios import STACK
     hslots = {}
     exits = []
-    with live.Kvm() as kvm, kvm.create_vm() as vm:
-        try:
+    try:
+        with live.Kvm() as kvm, kvm.create_vm() as vm:
             vm.set_tss_addr(0x7FFBD000)
             if scn.manual_dirty_log_protect:
                 cap = kvm_enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0)
@@ -286,35 +285,31 @@ def _record(scn) -> Recording:
                 hs = hslots[ms.slot] = _HostSlot(ms.size, ms.thp)
                 img = scn.image.get(ms.slot)
                 if img is not None:
-                    hs.array[:] = memoryview(img)
+                    hs.array[:] = memoryview(img)     # populates every host page
                 _set_memslot(vm, ms, hs)
             cpu = vm.create_vcpu()
             cpu.set_cpuid(kvm.supported_cpuid())
-            model = live.host_guest_model(cpu)
-            init = stream_init(scn, model, host_params())
-            regs0 = init["vcpus"][0]
+            init = stream_init(scn, live.host_guest_model(cpu), host_params())
             first = next(s for s in scn.steps if s.op == "run")
-            x86.setup_guest(cpu, "4level", cr3=scn.cr3, rip=first.args["rip"], rsp=x86.STACK_TOP
-                            if hasattr(x86, "STACK_TOP") else 0x8000, cpl=first.args["cpl"])
-            cpu.set_regs(rflags=regs0["rflags"])
+            x86.setup_guest(cpu, "4level", cr3=scn.cr3, rip=first.args["rip"], rsp=STACK,
+                            cpl=first.args["cpl"])
+            cpu.set_regs(rflags=init["vcpus"][0]["rflags"])
             base = _stats(vm, cpu)
             marks = []
             with ScenarioTrace() as tr:
                 for step in scn.steps:
                     exits += _do_step(tr, vm, cpu, step, hslots, scn, marks, base)
                 end = _delta(_stats(vm, cpu), base)
+            # events off and the instance gone before the VM is torn down
             lines, fields = tr.read(), tr.read_fields()
-        finally:
-            for hs in hslots.values():
-                pass
-    for hs in hslots.values():
-        hs.close()
+    finally:
+        for hs in hslots.values():
+            hs.close()
     lines = [(e, t) for e, t in lines if _keep(e, t)]
     fields = [(e, t) for e, t in fields if _keep(e, t)]
     stats = {"marks": marks, "end": end}
-    stream = derive_stream(init, lines)
-    sources = derive_sources(init, lines)
-    return Recording(scn.name, lines, fields, stats, init, stream, sources, exits)
+    return Recording(scn.name, lines, fields, stats, init, derive_stream(init, lines),
+                     derive_sources(init, lines), exits)
 
 
 def _keep(event, text):
