@@ -431,6 +431,7 @@ def _decode(rip, code: bytes) -> _Insn:
         b"\x48\x8b\x00": (["r"], None),                      # mov rax, [rax]
         b"\x48\x89\x03": (["w"], ("store", "rax", 8)),       # mov [rbx], rax
         b"\x88\x03": (["w"], ("store", "rax", 1)),            # mov [rbx], al
+        b"\x66\x89\x03": (["w"], ("store", "rax", 2)),        # mov [rbx], ax
         b"\x0f\x22\xd8": ([], ("cr", 3, "rax")),
         b"\x0f\x22\xc0": ([], ("cr", 0, "rax")),
         b"\x0f\x22\xe0": ([], ("cr", 4, "rax")),

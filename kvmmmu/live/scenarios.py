@@ -499,6 +499,29 @@ def write_flooding():
                     native_stores=g.native_stores)
 
 
+def misaligned_write():
+    """Misaligned emulated writes to a shadowed page table T (ring 3 uses two
+    of its pages first): a 2-byte store into an unused gPTE (shorter than a
+    gPTE: misaligned) zaps T's shadow page at once, with no flooding count
+    needed; after ring 3 rebuilt it, an 8-byte store straddling two gPTEs
+    (offset 4) zaps it again."""
+    g = GuestImage()
+    v = 0xD00000
+    g.map4k(v, DATA)
+    g.map4k(v + 0x1000, DATA + 0x1000)
+    for p in (DATA, DATA + 0x1000):
+        _tag(g, p)
+    t = g.pte_gpa(v) & ~0xFFF
+    use = g.code(_reads([v, v + 0x1000]), user=True)
+    short = g.code(asm.movabs_rax(0) + asm.movabs_rbx(t + 8 * 200) + b"\x66\x89\x03",
+                   user=False)                                  # mov [rbx], ax
+    straddle = g.code(asm64.store(t + 8 * 300 + 4, 0), user=False)
+    steps = [run(use, 3), run(short, 0), mark("short"), run(use, 3), run(straddle, 0),
+             mark("straddle"), run(use, 3)]
+    return Scenario("misaligned_write", misaligned_write.__doc__, [_slot0(g)], {0: g.mem}, PML4,
+                    steps, native_stores=g.native_stores)
+
+
 def memslot_readd():
     """Memslot delete and re-add: ring 3 maps three pages of slot 1; slot 1
     is deleted (the shadow pages are zapped: on this host the slot-zap quirk
@@ -595,7 +618,7 @@ def guest_page_fault():
 SCENARIOS = {f.__name__: f for f in (first_touch_4k, huge_2m_4k_host, huge_2m_thp, prefetch,
                                      ring0_pte_rewrite, unsync_invlpg, cr3_switch,
                                      write_flooding, memslot_readd, mmio, dirty_log,
-                                     guest_page_fault)}
+                                     guest_page_fault, misaligned_write)}
 
 
 def get(name) -> Scenario:
