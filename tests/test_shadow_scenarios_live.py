@@ -353,6 +353,16 @@ def test_cli_writes_the_files(host, tmp_path):
 
 
 @pytest.mark.live
+def test_recording_from_another_thread(host):
+    import threading
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("rec", R.record(S.get("huge_2m_4k_host"))))
+    t.start()
+    t.join()
+    assert out["rec"].stream == R.load_stream(_files("huge_2m_4k_host")["stream.jsonl"])
+
+
+@pytest.mark.live
 def test_one_recording_at_a_time(host):
     assert R._RECORDING.acquire(blocking=False)
     try:

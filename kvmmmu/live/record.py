@@ -99,10 +99,10 @@ class DeriveError(ValueError):
 
 class ScenarioTrace(TraceInstance):
     """A private tracefs instance with every kvmmmu event plus the kvm:*
-    events of :data:`KVM_EVENTS` that exist here, recorded for this process
-    only (``set_event_pid``: the vCPU runs in the calling thread, the
-    memslot and dirty-log ioctls too); :meth:`marker` writes a userspace step
-    into the instance buffer (``trace_marker``)."""
+    events of :data:`KVM_EVENTS` that exist here, recorded for the calling
+    thread only (``set_event_pid`` with its thread id: the vCPU runs in it,
+    the memslot and dirty-log ioctls too); :meth:`marker` writes a userspace
+    step into the instance buffer (``trace_marker``)."""
 
     def __init__(self, *, buffer_size_kb=8192):
         super().__init__(None, buffer_size_kb=buffer_size_kb)
@@ -111,9 +111,10 @@ class ScenarioTrace(TraceInstance):
 
     def _set_events(self, on):
         if on:
-            # only this process: other VMs on the machine (tests running at
-            # the same time) emit the same events into every instance
-            self._write("set_event_pid", str(os.getpid()))
+            # only this thread (it runs the vCPU and makes every ioctl):
+            # other VMs on the machine (tests running at the same time) emit
+            # the same events into every instance
+            self._write("set_event_pid", str(threading.get_native_id()))
         super()._set_events(on)
         for ev in self.kvm_events:
             self._write(f"events/kvm/{ev}/enable", "1" if on else "0")
@@ -255,9 +256,9 @@ _RECORDING = threading.Lock()
 def record(scn) -> Recording:
     """Run scenario `scn` on /dev/kvm with tracing on; derive its stream.
 
-    One recording at a time per process: the trace instance records by
-    process id, so a second recording in another thread would see the
-    first one's events; a concurrent call raises RuntimeError."""
+    One recording at a time per process (a concurrent call raises
+    RuntimeError); the thread that calls it runs the vCPU and is the one
+    traced."""
     from kvmmmu.live.scenarios import Scenario
     if not isinstance(scn, Scenario):
         raise TypeError(f"scn must be a kvmmmu.live.scenarios.Scenario, not {type(scn).__name__}")
