@@ -29,6 +29,12 @@ Typical use (root needed for tracefs)::
     print(tr.lines())                         # the kernel's walker events
 
 :func:`problem` says why this cannot work here (no /dev/kvm, no tracefs).
+
+The shadow-MMU scenario guests and their recorder are submodules (imported on
+demand): :mod:`kvmmmu.live.scenarios` describes small long-mode guests as
+data, :mod:`kvmmmu.live.record` runs them with the ``kvmmmu`` and ``kvm``
+tracepoints on and derives the vCPU input stream the model replays
+(``python -m kvmmmu.live.record --out tests/data/shadow_scenarios``).
 """
 from __future__ import annotations
 
@@ -38,10 +44,10 @@ from pathlib import Path
 from kvmmmu.live.kvm import Kvm, KvmClosedError, KvmError, Vcpu, Vm
 from kvmmmu.live.stats import read_stats
 from kvmmmu.live.tracefs import TRACEFS, TraceInstance, mount_tracefs, tracefs_problem
-from kvmmmu.live.x86 import MODES, asm, setup_guest, write_tables
+from kvmmmu.live.x86 import MODES, asm, asm64, setup_guest, write_tables
 
 __all__ = ["Kvm", "Vm", "Vcpu", "KvmError", "KvmClosedError", "TraceInstance", "TRACEFS", "read_stats",
-           "MODES", "asm", "setup_guest", "write_tables", "problem", "kvm_problem",
+           "MODES", "asm", "asm64", "setup_guest", "write_tables", "problem", "kvm_problem",
            "tracefs_problem", "mount_tracefs", "kvm_params", "host_guest_model"]
 
 KVM_PARAMS = Path("/sys/module/kvm/parameters")

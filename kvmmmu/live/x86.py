@@ -28,7 +28,7 @@ from kvmmmu.live import _uapi as U
 
 __all__ = ["MODES", "GDT_BASE", "IDT_BASE", "TSS_BASE", "SEL_CODE64", "SEL_DATA",
            "SEL_CODE32", "SEL_UDATA", "SEL_UCODE64", "SEL_TSS", "gdt_entry", "tss64_descriptor",
-           "idt_gate64", "idt_gate32", "write_tables", "setup_guest", "asm"]
+           "idt_gate64", "idt_gate32", "write_tables", "setup_guest", "asm", "asm64"]
 
 GDT_BASE = 0xE000
 TSS_BASE = 0xE800
@@ -184,3 +184,34 @@ class asm:
     def fetch(cls, addr: int) -> bytes:
         """Jump to `addr` (an instruction fetch there)."""
         return cls.movabs_rax(addr) + cls.jmp_rax
+
+
+class asm64:
+    """More hand-assembled x86-64 instructions for the shadow-MMU scenarios
+    (:mod:`kvmmmu.live.scenarios`); bytes, as :class:`asm`."""
+
+    #: ``mov cr3, rax``
+    mov_cr3_rax = b"\x0f\x22\xd8"
+    #: ``mov cr0, rax``
+    mov_cr0_rax = b"\x0f\x22\xc0"
+    #: ``mov cr4, rax``
+    mov_cr4_rax = b"\x0f\x22\xe0"
+    #: ``invlpg [rax]``
+    invlpg_rax = b"\x0f\x01\x38"
+    #: ``out 0x80, al`` (a port-I/O exit: how ring-3 code stops)
+    out_80 = b"\xe6\x80"
+
+    @staticmethod
+    def store(addr: int, value: int) -> bytes:
+        """``mov rax, value; mov rbx, addr; mov [rbx], rax``."""
+        return asm.movabs_rax(value) + asm.movabs_rbx(addr) + asm.store_rbx
+
+    @staticmethod
+    def set_cr3(value: int) -> bytes:
+        """``mov rax, value; mov cr3, rax``."""
+        return asm.movabs_rax(value) + asm64.mov_cr3_rax
+
+    @staticmethod
+    def invlpg(gva: int) -> bytes:
+        """``mov rax, gva; invlpg [rax]``."""
+        return asm.movabs_rax(gva) + asm64.invlpg_rax
