@@ -16,7 +16,8 @@ Each event is one call into the model, the call the kernel makes for it:
 kind               model call (kernel path)
 =================  ===========================================================
 entry              ``vcpu.vcpu_enter_guest()`` (vcpu_enter_guest: requests,
-                   then kvm_mmu_reload)
+                   then kvm_mmu_reload); ``"reload_only": true``:
+                   ``vcpu.kvm_mmu_reload()`` alone
 page_fault         ``vcpu.kvm_mmu_page_fault(addr, error_code)``
 translate          ``vcpu.walk_addr(gva, access)`` (the emulator's
                    gva_to_gpa: FNAME(walk_addr) with the A/D write-back and
@@ -152,7 +153,7 @@ _INT_RANGES = {
 
 #: required and optional fields of every event kind (besides ``kind``)
 EVENT_FIELDS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
-    "entry": ({"vcpu": "vcpu"}, {}),
+    "entry": ({"vcpu": "vcpu"}, {"reload_only": "bool"}),
     "page_fault": ({"vcpu": "vcpu", "addr": "u64", "error_code": "u64"}, {}),
     "translate": ({"vcpu": "vcpu", "gva": "u64", "access": "u64"}, {}),
     "write": ({"vcpu": "vcpu", "gpa": "u64", "hex": "hex", "track": "bool"}, {"vmm": "bool"}),
@@ -634,12 +635,17 @@ class ReplayResult:
         refused CR/EFER load its :class:`~kvmmmu.vm.CrLoadError`; ``memslot``
         the KvmMrChange made; else None.
     stream : Stream
+    baseline : dict
+        A :func:`snapshot_stats` taken after the init line, before the
+        first event (label ``"start"``, event -1): the zero point of
+        ``tracediff.stat_deltas(res.stats, baseline=res.baseline)``.
     """
     lines: list
     stats: list
     vm: Any
     results: list
     stream: Stream
+    baseline: dict = None
 
 
 class _SlotMemory:
@@ -687,6 +693,8 @@ class _SlotMemory:
 def _run_event(vm: VM, vcpus: dict, ev: dict, slots: _SlotMemory):
     kind = ev["kind"]
     if kind == "entry":
+        if ev.get("reload_only"):
+            return vcpus[ev["vcpu"]].kvm_mmu_reload()
         return vcpus[ev["vcpu"]].vcpu_enter_guest()
     if kind == "page_fault":
         return vcpus[ev["vcpu"]].kvm_mmu_page_fault(ev["addr"], ev["error_code"])
@@ -754,7 +762,7 @@ def run_stream(lines_or_path, *, vm: VM | None = None, events=None,
         _tp.get_event(n)                            # UnknownEventError before anything runs
     vm = build_vm(stream.init, vm=vm)
     vcpus = {v.vcpu_id: v for v in vm.vcpus}
-    result = ReplayResult([], [], vm, [], stream)
+    result = ReplayResult([], [], vm, [], stream, snapshot_stats(vm, "start", -1))
     slots = _SlotMemory(stream.init)
     with _tp.capture(*names, capacity=trace_capacity) as ring:
         i = -1
@@ -790,7 +798,8 @@ def main(argv=None) -> int:
                                              "and print its kvmmmu trace lines.")
     ap.add_argument("stream", help="the JSON-lines stream")
     ap.add_argument("--trace", metavar="OUT", help="write the trace lines here (default: stdout)")
-    ap.add_argument("--stats", metavar="OUT", help="write the stats snapshots here as JSON")
+    ap.add_argument("--stats", metavar="OUT", help="write the stats snapshots here as JSON (the "
+                                                   "baseline before the first event first)")
     ap.add_argument("--events", metavar="E1,E2", help="capture only these kvmmmu events")
     a = ap.parse_args(argv)
     try:
@@ -804,7 +813,7 @@ def main(argv=None) -> int:
     else:
         sys.stdout.write(text)
     if a.stats:
-        Path(a.stats).write_text(_stats_json(res.stats) + "\n", encoding="utf-8")
+        Path(a.stats).write_text(_stats_json([res.baseline] + res.stats) + "\n", encoding="utf-8")
     return 0
 
 

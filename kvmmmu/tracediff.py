@@ -18,7 +18,10 @@ event                       masked (why)
 kvm_mmu_set_spte            ``spte``: pfn bits (``SPTE_BASE_ADDR_MASK``,
                             bits 51:12) of a shadow-present SPTE - the host
                             page; the r/w/x/u letters and every other bit
-                            stay.  ``at`` (sptep): ``*`` - a host address.
+                            stay.  ``at`` (sptep, the SPTE's physical
+                            address): the table page is a host page, so
+                            only the offset in it stays (``*080``: index
+                            16 of its table).
 kvm_mmu_spte_requested      ``pfn``: ``*`` - the host pfn; an error/noslot
                             pfn (bits 63:52 set, e.g. KVM_PFN_NOSLOT for
                             MMIO) stays, it is not host memory.
@@ -61,7 +64,14 @@ every kvmmmu event; other lines (non-kvmmmu events, comments) are dropped.
 
 Statistics: :func:`stat_deltas` and :func:`diff_stats` compare the deltas
 between consecutive snapshots (the :func:`kvmmmu.replay.snapshot_stats`
-shape; the live side reads the same names with KVM_GET_STATS_FD).
+shape; the live side reads the same names with KVM_GET_STATS_FD);
+:func:`recorded_stat_deltas` reads a live recording's deltas since its
+start (tests/data/shadow_scenarios/*.stats.json), which
+:func:`diff_stat_deltas` / :func:`diff_stat_files` compare with a replay's
+snapshots counted from ``ReplayResult.baseline``.  Only the MMU's
+statistics are compared by default (:data:`MMU_VM_STATS`,
+:data:`MMU_VCPU_STATS`): exits, halt polling and emulation counts are not
+the MMU model's.
 
 Threads: everything here is a pure function of its arguments.
 """
@@ -82,7 +92,7 @@ __all__ = [
     "DEFAULT_EVENTS", "WALKER_EVENTS", "MMU_VM_STATS", "MMU_VCPU_STATS",
     "TraceParseError", "TraceLine", "FirstDivergence", "StatDifference",
     "parse_payload", "normalize", "normalize_trace", "diff_traces",
-    "stat_deltas", "diff_stats", "load_stats", "main",
+    "stat_deltas", "recorded_stat_deltas", "diff_stat_deltas", "diff_stats", "load_stats", "diff_stat_files", "main",
 ]
 
 SPTE_BASE_ADDR_MASK = _spte.SPTE_BASE_ADDR_MASK
@@ -162,7 +172,7 @@ if set(_PAYLOAD_RE) != {ev.name for ev in _tp.EVENTS}:      # pragma: no cover (
 #: per event, how each masked field is treated: "drop", "spte" (pfn bits of a
 #: present SPTE; MMIO generation of an MMIO SPTE), "pfn", "gen", "mmio_spte"
 _MASKS = {
-    "kvm_mmu_set_spte": {"spte": "spte", "sptep": "drop"},
+    "kvm_mmu_set_spte": {"spte": "spte", "sptep": "pa"},
     "kvm_mmu_spte_requested": {"pfn": "pfn"},
     "kvm_tdp_mmu_spte_changed": {"old_spte": "spte", "new_spte": "spte"},
     "kvm_mmu_split_huge_page": {"spte": "spte"},
@@ -189,6 +199,8 @@ def parse_payload(event: str, text: str) -> dict[str, str] | None:
 def _mask_value(how: str, text: str, fmt, mask_mmio_gen: bool) -> str:
     if how == "drop":
         return "*"
+    if how == "pa":                                 # the table page goes, the offset stays
+        return f"*{int(text, 16) & 0xfff:03x}"
     if how == "gen":
         return "*" if mask_mmio_gen else text
     v = int(text, 16)
@@ -430,13 +442,35 @@ class StatDifference:
     model: object
 
 
-def load_stats(path) -> list[dict]:
-    """Snapshots from a JSON file (``python -m kvmmmu.replay --stats``)."""
+def load_stats(path) -> list[dict] | dict:
+    """A stats file: the snapshot list ``python -m kvmmmu.replay --stats``
+    writes (its baseline first, ``"event": -1``), or a live recording's
+    ``{"marks", "end"}`` deltas (:func:`recorded_stat_deltas`)."""
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: a stats file holds a JSON array of snapshots")
+    if not isinstance(data, (list, dict)):
+        raise ValueError(f"{path}: a stats file holds a JSON array of snapshots or a "
+                         f"recording's {{'marks', 'end'}} object")
     return data
+
+
+def _as_deltas(data) -> list[dict]:
+    """Cumulative deltas since the start of a stats file's contents."""
+    if isinstance(data, dict):
+        return recorded_stat_deltas(data)
+    if not data or data[0].get("event") != -1:
+        raise ValueError("a snapshot list compared with a recording needs its baseline first "
+                         "(python -m kvmmmu.replay --stats writes it)")
+    return stat_deltas(data[1:], baseline=data[0])
+
+
+def diff_stat_files(kernel, model) -> list[StatDifference]:
+    """Compare two :func:`load_stats` results: two snapshot lists by their
+    consecutive deltas (:func:`diff_stats`), else the cumulative deltas
+    since the start (a recording's, a snapshot list's from its baseline)."""
+    if isinstance(kernel, list) and isinstance(model, list):
+        return diff_stats(kernel, model)
+    return diff_stat_deltas(_as_deltas(kernel), _as_deltas(model))
 
 
 def _vcpus(snap) -> dict:
@@ -451,14 +485,22 @@ def _delta(after: dict, before: dict, names) -> dict:
     return out
 
 
-def stat_deltas(snapshots: list[dict], *, vm_names=MMU_VM_STATS,
+def stat_deltas(snapshots: list[dict], *, baseline: dict | None = None, vm_names=MMU_VM_STATS,
                 vcpu_names=MMU_VCPU_STATS) -> list[dict]:
-    """Per snapshot after the first: ``{"label", "vm": {name: delta},
-    "vcpus": {id: {name: delta}}}``, the change since the snapshot before
-    (the first snapshot is the baseline).  Names missing on either side,
-    and histograms, are left out."""
+    """Statistic deltas ``[{"label", "vm": {name: delta}, "vcpus": {id:
+    {name: delta}}}]`` of a list of snapshots (the
+    :func:`kvmmmu.replay.snapshot_stats` shape).
+
+    Without `baseline`: one entry per snapshot after the first, the change
+    since the snapshot before it (the first is the baseline).  With
+    `baseline` (e.g. ``ReplayResult.baseline``, taken before the first
+    event): one entry per snapshot, the change since `baseline` - the shape
+    of :func:`recorded_stat_deltas`.  Names missing on either side, and
+    histograms, are left out."""
+    pairs = [(baseline, s) for s in snapshots] if baseline is not None else \
+        list(zip(snapshots, snapshots[1:]))
     out = []
-    for prev, cur in zip(snapshots, snapshots[1:]):
+    for prev, cur in pairs:
         pv, cv = _vcpus(prev), _vcpus(cur)
         out.append({"label": cur.get("label"),
                     "vm": _delta(cur.get("vm", {}), prev.get("vm", {}), vm_names),
@@ -466,18 +508,43 @@ def stat_deltas(snapshots: list[dict], *, vm_names=MMU_VM_STATS,
     return out
 
 
-def diff_stats(kernel: list[dict], model: list[dict], *, vm_names=MMU_VM_STATS,
-               vcpu_names=MMU_VCPU_STATS) -> list[StatDifference]:
-    """Compare the statistic deltas (:func:`stat_deltas`) of two snapshot
-    lists taken at the same marks.  Returns every difference (empty: equal)."""
-    kd = stat_deltas(kernel, vm_names=vm_names, vcpu_names=vcpu_names)
-    md = stat_deltas(model, vm_names=vm_names, vcpu_names=vcpu_names)
+def recorded_stat_deltas(obj, *, vm_names=MMU_VM_STATS, vcpu_names=MMU_VCPU_STATS) -> list[dict]:
+    """The deltas a live recording stores (``<name>.stats.json`` of
+    tests/data/shadow_scenarios, written by ``kvmmmu.live.record``): the
+    change since just before the first run, at each mark and at the end,
+    non-zero values only, as ``{"marks": [{"label", "vm": {...}, "vcpu0":
+    {...}}, ...], "end": {"vm": {...}, "vcpu0": {...}}}``.
+
+    Returns the :func:`stat_deltas` shape (labels of the marks, then
+    ``"end"``), a missing MMU statistic meaning 0.  `obj` is the parsed
+    JSON or a path."""
+    if not isinstance(obj, dict):
+        with open(obj, encoding="utf-8") as fh:
+            obj = json.load(fh)
+    if set(obj) - {"marks", "end"} or not isinstance(obj.get("marks", []), list):
+        raise ValueError("a recorded stats object has 'marks' (a list) and 'end'")
+    out = []
+    for entry, label in [(m, m.get("label")) for m in obj.get("marks", [])] + \
+            ([(obj["end"], "end")] if "end" in obj else []):
+        d = {"label": label, "vm": {n: int(entry.get("vm", {}).get(n, 0)) for n in vm_names},
+             "vcpus": {}}
+        for k, v in entry.items():
+            if k.startswith("vcpu"):
+                d["vcpus"][int(k[4:])] = {n: int(v.get(n, 0)) for n in vcpu_names}
+        out.append(d)
+    return out
+
+
+def diff_stat_deltas(kernel: list[dict], model: list[dict], *, vm_names=MMU_VM_STATS,
+                     vcpu_names=MMU_VCPU_STATS) -> list[StatDifference]:
+    """Compare two delta lists (:func:`stat_deltas` / :func:`recorded_stat_deltas`
+    shape) taken at the same labels.  Returns every difference (empty:
+    equal); a statistic missing on either side is not compared."""
+    kl, ml = [d.get("label") for d in kernel], [d.get("label") for d in model]
+    if kl != ml:
+        return [StatDifference("", "", "<label>", kl, ml)]
     diffs = []
-    if [s.get("label") for s in kernel] != [s.get("label") for s in model]:
-        diffs.append(StatDifference("", "", "<label>", [s.get("label") for s in kernel],
-                                    [s.get("label") for s in model]))
-        return diffs
-    for a, b in zip(kd, md):
+    for a, b in zip(kernel, model):
         for n in vm_names:
             if n in a["vm"] and n in b["vm"] and a["vm"][n] != b["vm"][n]:
                 diffs.append(StatDifference(a["label"], "vm", n, a["vm"][n], b["vm"][n]))
@@ -491,6 +558,17 @@ def diff_stats(kernel: list[dict], model: list[dict], *, vm_names=MMU_VM_STATS,
                 if n in x and n in y and x[n] != y[n]:
                     diffs.append(StatDifference(a["label"], f"vcpu {i}", n, x[n], y[n]))
     return diffs
+
+
+def diff_stats(kernel: list[dict], model: list[dict], *, vm_names=MMU_VM_STATS,
+               vcpu_names=MMU_VCPU_STATS) -> list[StatDifference]:
+    """Compare the consecutive deltas (:func:`stat_deltas`) of two snapshot
+    lists taken at the same marks.  Returns every difference (empty: equal)."""
+    kw = dict(vm_names=vm_names, vcpu_names=vcpu_names)
+    if [s.get("label") for s in kernel] != [s.get("label") for s in model]:
+        return [StatDifference("", "", "<label>", [s.get("label") for s in kernel],
+                               [s.get("label") for s in model])]
+    return diff_stat_deltas(stat_deltas(kernel, **kw), stat_deltas(model, **kw), **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -520,7 +598,7 @@ def main(argv=None) -> int:
     try:
         d = diff_traces(_read_lines(a.kernel_trace), _read_lines(a.model_trace), events=events,
                         mask_mmio_gen=not a.keep_mmio_gen, context=a.context)
-        sd = diff_stats(load_stats(a.stats[0]), load_stats(a.stats[1])) if a.stats else []
+        sd = diff_stat_files(load_stats(a.stats[0]), load_stats(a.stats[1])) if a.stats else []
     except (OSError, ValueError, _tp.UnknownEventError) as e:
         print(f"tracediff: {e}", file=sys.stderr)
         return 2

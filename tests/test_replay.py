@@ -569,6 +569,22 @@ def test_each_event_makes_its_call():
     assert v.stat.invlpg == 1 and v.stat.pf_taken == 1 and res.stats[0]["vcpus"][0]["invlpg"] == 1
 
 
+def test_a_reload_only_entry_loads_a_root_and_leaves_the_requests():
+    vm, spy = spy_vm()
+    evs = [{"kind": "entry", "vcpu": 0},
+           {"kind": "set_cr", "vcpu": 0, "cr": 3, "value": 0x5000},
+           {"kind": "set_cr", "vcpu": 0, "cr": 0, "value": LONG["cr0"] & ~P.X86_CR0_WP},
+           {"kind": "entry", "vcpu": 0, "reload_only": True}]
+    R.run_stream(stream_lines(shadow_init(), evs), vm=vm)
+    k = spy.calls.index("load")
+    assert spy.calls[k:] == ["load", ("new_pgd", 0x5000), "unload", "load"]
+    assert {"KVM_REQ_MMU_SYNC", "KVM_REQ_TLB_FLUSH_CURRENT"} <= vm.vcpus[0].requests
+    R.parse_stream(stream_lines(shadow_init(), evs[:1] + [dict(evs[0], reload_only=False)]))
+    with pytest.raises(R.StreamFieldError) as ei:
+        R.parse_stream(stream_lines(shadow_init(), [dict(evs[0], reload_only=1)]))
+    assert ei.value.field == "reload_only"
+
+
 def test_translate_walks_sets_ad_and_dirties_the_tables():
     vm, spy = spy_vm()
     evs = [{"kind": "translate", "vcpu": 0, "gva": 0x7123, "access": PFERR_W},
@@ -712,7 +728,8 @@ def test_cli_writes_trace_and_stats(tmp_path, capsys):
     res = R.run_stream(s)
     assert out.read_text().splitlines() == res.lines
     stats = json.loads(st.read_text())
-    assert [x["label"] for x in stats] == ["start", "logged", "done", "end"]
+    assert [x["label"] for x in stats] == ["start", "start", "logged", "done", "end"]
+    assert stats[0]["event"] == -1 and stats[0]["vcpus"]["0"] == res.baseline["vcpus"][0]
     assert stats[-1]["vcpus"]["0"] == res.stats[-1]["vcpus"][0]
     capsys.readouterr()
     assert R.main([str(s), "--events", "kvm_mmu_get_page"]) == 0

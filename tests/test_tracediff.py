@@ -62,9 +62,9 @@ def test_masking_keeps_what_the_mmu_decided():
     by = {t.event: t for t in k}
     s = by["kvm_mmu_set_spte"]
     # the pfn bits (51:12) go; NX (63), the flag bits (11:0) and the letters stay
-    assert s.text == "gfn 10 spte ~8000000000000a25 (r-x-) level 1 at *"
+    assert s.text == "gfn 10 spte ~8000000000000a25 (r-x-) level 1 at *080"
     assert s.fields == {"gfn": "10", "spte": "~8000000000000a25", "r": "r", "w": "-", "x": "x",
-                        "u": "-", "level": "1", "sptep": "*"}
+                        "u": "-", "level": "1", "sptep": "*080"}
     assert s.raw.endswith("at 12f4c6080") and s.lineno == 11
     assert by["kvm_mmu_spte_requested"].text == "gfn 10 pfn * level 1"
     assert by["fast_page_fault"].text == ("vcpu 0 gva 10000 error_code P|W sptep * old 0x~a25 "
@@ -82,6 +82,7 @@ def test_masking_keeps_what_the_mmu_decided():
     (10, "spte 800000001a2b3a25", "spte 000000001a2b3a25", "spte"),       # NX bit
     (10, "level 1", "level 2", "level"),
     (10, "(r-x-)", "(rwx-)", "w"),
+    (10, "at 12f4c6080", "at 12f4c6088", "sptep"),                        # another index
     (7, "sync new", "sync existing", "created"),
     (7, "gfn 1 l4", "gfn 1 l3", "level"),
     (7, "q0 wux", "q0 direct wux", "direct"),
@@ -108,7 +109,7 @@ def test_the_first_divergence_is_found_at_its_index_and_field(i, old, new, field
 
 
 def test_host_values_alone_never_diverge():
-    kernel = [ln.replace("pfn 1a2b3c", "pfn 5").replace("at 12f4c6080", "at 1")
+    kernel = [ln.replace("pfn 1a2b3c", "pfn 5").replace("at 12f4c6080", "at 5080")
               .replace("00000000c0ffee11", "(____ptrval____)") for ln in KERNEL]
     assert T.diff_traces(kernel, MODEL, events="all") is None
 
@@ -292,3 +293,59 @@ def test_cli(tmp_path, capsys):
     assert "pf_taken" in capsys.readouterr().out
     assert T.main([str(k), str(tmp_path / "nope")]) == 2
     assert T.main([str(k), str(m), "--events", "nope"]) == 2
+
+
+RECORDED = {"marks": [{"label": "touched", "vcpu0": {"pf_taken": 10, "pf_fixed": 9, "exits": 40},
+                       "vm": {"pages_4k": 9, "mmu_cache_miss": 4}}],
+            "end": {"vcpu0": {"pf_taken": 11, "pf_fixed": 9, "pf_emulate": 2},
+                    "vm": {"pages_4k": 9, "mmu_cache_miss": 4}}}
+
+
+def test_a_recordings_stats_read_as_cumulative_deltas():
+    d = T.recorded_stat_deltas(RECORDED)
+    assert [x["label"] for x in d] == ["touched", "end"]
+    assert d[0]["vcpus"][0]["pf_taken"] == 10 and d[0]["vcpus"][0]["pf_emulate"] == 0
+    assert "exits" not in d[0]["vcpus"][0]                  # not an MMU statistic
+    assert d[1]["vm"]["pages_4k"] == 9 and d[1]["vm"]["mmu_shadow_zapped"] == 0
+    # the model's snapshots against their baseline: the same shape
+    base = {"label": "start", "event": -1, "vm": {"pages_4k": 0, "mmu_cache_miss": 0},
+            "vcpus": {0: {"pf_taken": 0, "pf_fixed": 0, "pf_emulate": 0}}}
+    snaps = [{"label": "touched", "event": 5, "vm": {"pages_4k": 9, "mmu_cache_miss": 4},
+              "vcpus": {0: {"pf_taken": 10, "pf_fixed": 9, "pf_emulate": 0}}},
+             {"label": "end", "event": 9, "vm": {"pages_4k": 9, "mmu_cache_miss": 4},
+              "vcpus": {0: {"pf_taken": 11, "pf_fixed": 9, "pf_emulate": 2}}}]
+    m = T.stat_deltas(snaps, baseline=base)
+    assert T.diff_stat_deltas(d, m) == []
+    assert T.diff_stat_files(RECORDED, [base] + snaps) == []
+    snaps[1]["vcpus"][0]["pf_emulate"] = 1
+    assert T.diff_stat_files(RECORDED, [base] + snaps) == [
+        T.StatDifference("end", "vcpu 0", "pf_emulate", 2, 1)]
+    with pytest.raises(ValueError, match="baseline"):
+        T.diff_stat_files(RECORDED, snaps)
+    with pytest.raises(ValueError):
+        T.recorded_stat_deltas({"marks": 3})
+
+
+def test_cli_compares_a_recording_with_the_replays_stats(tmp_path, capsys):
+    from kvmmmu import replay as R
+    stream = tmp_path / "s.jsonl"
+    init = {"kind": "init", "version": 1, "mmu": "tdp_mmu", "params": {}, "guest_model": {},
+            "memslots": [{"slot": 0, "as_id": 0, "gpa": 0, "size": 1 << 21, "flags": 0,
+                          "thp": False}],
+            "memory": [], "vcpus": [{"id": 0, "cr0": 1, "cr3": 0, "cr4": 0, "efer": 0,
+                                     "rflags": 2, "cpl": 0}]}
+    R.write_stream(init, [{"kind": "entry", "vcpu": 0},
+                          {"kind": "page_fault", "vcpu": 0, "addr": 0x1000, "error_code": 6},
+                          {"kind": "mark", "label": "one"}], stream)
+    st, tr = tmp_path / "m.json", tmp_path / "m.trace"
+    assert R.main([str(stream), "--stats", str(st), "--trace", str(tr)]) == 0
+    rec = tmp_path / "k.json"
+    rec.write_text(json.dumps({"marks": [{"label": "one", "vcpu0": {"pf_taken": 1, "pf_fixed": 1},
+                                          "vm": {"pages_4k": 1}}],
+                               "end": {"vcpu0": {"pf_taken": 1, "pf_fixed": 1},
+                                       "vm": {"pages_4k": 1}}}))
+    capsys.readouterr()
+    assert T.main([str(tr), str(tr), "--stats", str(rec), str(st)]) == 0
+    rec.write_text(rec.read_text().replace('"pf_fixed": 1}, "vm"', '"pf_fixed": 2}, "vm"', 1))
+    assert T.main([str(tr), str(tr), "--stats", str(rec), str(st)]) == 1
+    assert "pf_fixed at 'one': kernel delta 2, model 1" in capsys.readouterr().out
