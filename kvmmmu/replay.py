@@ -733,7 +733,7 @@ def _run_event(vm: VM, vcpus: dict, ev: dict, slots: _SlotMemory):
 
 
 def run_stream(lines_or_path, *, vm: VM | None = None, events=None,
-               trace_capacity: int = 1 << 22) -> ReplayResult:
+               trace_capacity: int = 1 << 22, audit: bool = False) -> ReplayResult:
     """Parse (all of it, first) and run a stream; return a :class:`ReplayResult`.
 
     Parameters
@@ -747,6 +747,10 @@ def run_stream(lines_or_path, *, vm: VM | None = None, events=None,
     trace_capacity : int
         Records the capture keeps; a run that emits more raises
         :class:`StreamRunError` rather than return a truncated trace.
+    audit : bool
+        Run ``vm.audit()`` after the init line and after every event; the
+        first violation stops the run (:class:`StreamRunError` whose cause is
+        the :class:`~kvmmmu.vm.VmAuditError`).
 
     Raises
     ------
@@ -761,6 +765,8 @@ def run_stream(lines_or_path, *, vm: VM | None = None, events=None,
     for n in names:
         _tp.get_event(n)                            # UnknownEventError before anything runs
     vm = build_vm(stream.init, vm=vm)
+    if audit:
+        vm.audit()
     vcpus = {v.vcpu_id: v for v in vm.vcpus}
     result = ReplayResult([], [], vm, [], stream, snapshot_stats(vm, "start", -1))
     slots = _SlotMemory(stream.init)
@@ -773,6 +779,8 @@ def run_stream(lines_or_path, *, vm: VM | None = None, events=None,
                     result.stats.append(snapshot_stats(vm, ev["label"], i))
                     continue
                 result.results.append(_run_event(vm, vcpus, ev, slots))
+                if audit:
+                    vm.audit()
                 if ring.dropped:
                     raise OverflowError(f"more than trace_capacity={trace_capacity} trace records")
         except Exception as e:
@@ -801,9 +809,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stats", metavar="OUT", help="write the stats snapshots here as JSON (the "
                                                    "baseline before the first event first)")
     ap.add_argument("--events", metavar="E1,E2", help="capture only these kvmmmu events")
+    ap.add_argument("--audit", action="store_true", help="VM.audit() after every event")
     a = ap.parse_args(argv)
     try:
-        res = run_stream(a.stream, events=a.events.split(",") if a.events else None)
+        res = run_stream(a.stream, events=a.events.split(",") if a.events else None,
+                         audit=a.audit)
     except (StreamError, StreamRunError, OSError, _tp.UnknownEventError) as e:
         print(f"{a.stream}: {e}", file=sys.stderr)
         return 2

@@ -420,6 +420,30 @@ def test_the_first_fault_prints_the_kernels_lines():
     assert res.results == [None, RET_PF_FIXED]
 
 
+def test_audit_after_every_event_stops_at_the_first_violation():
+    res = R.run_stream(stream_lines(tdp_init(), TDP_EVENTS), audit=True)
+    assert res.results[2] == RET_PF_FIXED
+
+    class Breaks(MmuBackend):
+        """An extra MMU whose audit fails once a third hook call arrived."""
+        def __init__(self):
+            self.n = 0
+
+        def kvm_arch_flush_shadow_memslot(self, slot):
+            self.n += 1
+
+        def kvm_mmu_slot_remove_write_access(self, slot, start_level):
+            self.n += 1
+
+        def audit(self):
+            return ["planted"] if self.n >= 1 else []
+    vm = VM("tdp_mmu", params=KvmParams(mmio_caching=True, nx_huge_pages=False), nr_vcpus=0)
+    vm.register_mmu(Breaks())
+    with pytest.raises(R.StreamRunError) as ei:
+        R.run_stream(stream_lines(tdp_init(), TDP_EVENTS), vm=vm, audit=True)
+    assert ei.value.lineno == 6 and "planted" in str(ei.value.__cause__)   # the dirty-log flag
+
+
 def test_events_selects_what_is_captured():
     res = R.run_stream(stream_lines(tdp_init(), TDP_EVENTS), events=["kvm_mmu_set_spte"])
     assert res.lines and all(ln.startswith("kvm_mmu_set_spte: ") for ln in res.lines)
