@@ -277,6 +277,9 @@ def _no_duplicates(pairs):
     return out
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+
+
 def _load_line(lineno: int, line: str) -> dict:
     if not isinstance(line, str):
         raise StreamSyntaxError(lineno, None, f"a line must be a str, not {type(line).__name__}")
@@ -284,7 +287,7 @@ def _load_line(lineno: int, line: str) -> dict:
     if not text.strip():
         raise StreamSyntaxError(lineno, None, "blank line")
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = _DECODER.decode(text)
     except ValueError as e:
         raise StreamSyntaxError(lineno, None, f"not valid JSON: {e}") from None
     if type(obj) is not dict:
