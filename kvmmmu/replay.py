@@ -162,7 +162,7 @@ EVENT_FIELDS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "set_efer": ({"vcpu": "vcpu", "value": "u64"}, {}),
     "set_cpl": ({"vcpu": "vcpu", "cpl": "cpl"}, {}),
     "memslot": ({"slot": "slot", "as_id": "as_id", "gpa": "u64", "size": "u64", "flags": "u32",
-                 "thp": "bool"}, {"fresh": "bool"}),
+                 "thp": "bool"}, {"fresh": "bool", "populate": "bool"}),
     "get_dirty_log": ({"slot": "slot"}, {"as_id": "as_id"}),
     "clear_dirty_log": ({"slot": "slot", "first_page": "u64", "num_pages": "u32", "hex": "hex"},
                         {"as_id": "as_id"}),
@@ -173,7 +173,7 @@ _INIT_FIELDS = ({"version": "version", "mmu": "str", "params": "dict", "guest_mo
                  "memslots": "list", "memory": "list", "vcpus": "list"},
                 {"host": "dict", "manual_dirty_log_protect": "u32", "cpuid": "list"})
 _MEMSLOT_FIELDS = ({"slot": "slot", "as_id": "as_id", "gpa": "u64", "size": "u64",
-                    "flags": "u32", "thp": "bool"}, {})
+                    "flags": "u32", "thp": "bool"}, {"populate": "bool"})
 _MEMORY_FIELDS = ({"gpa": "u64", "hex": "hex"}, {"as_id": "as_id"})
 _VCPU_FIELDS = ({"id": "vcpu", "cr0": "u64", "cr3": "u64", "cr4": "u64", "efer": "u64",
                  "rflags": "u64", "cpl": "cpl"}, {"pkru": "u32"})
@@ -534,18 +534,49 @@ def write_stream(init: dict, events: Iterable[dict], path) -> Stream:
 # Building the VM
 # ---------------------------------------------------------------------------
 
+def _host_write_fault(vm: VM, as_id: int, gpa: int, n: int) -> None:
+    """Fault the host pages behind ``[gpa, gpa + n)`` in for write, as the
+    store that writes them does on the host (the VMM's own store, or KVM's
+    ``copy_to_user``): an untouched page gets a writable page (THP where the
+    VMA allows it), a zero page is copied (an MMU-notifier invalidation).
+    Without it a later fault on the page would see an untouched host page
+    and map it read-only (no host-writable bit), unlike the kernel.  Gpas
+    outside the memslots are left to the write itself to refuse."""
+    slots = vm.memslots[as_id]
+    g, end = gpa, gpa + n
+    while g < end:
+        slot = slots.gfn_to_memslot(g >> 12)
+        if slot is None:
+            return
+        stop = min(end, (slot.base_gfn + slot.npages) << 12)
+        hva = slot.userspace_addr + g - (slot.base_gfn << 12)
+        vma = vm.host.find_vma(hva)
+        if vma is None or not vma.writable:
+            return
+        vm.host.populate(hva, min(stop - g, vma.end - hva), write=True)
+        g = stop
+
 def _set_sregs(vcpu, regs: dict) -> None:
-    """``KVM_SET_SREGS`` (+ RFLAGS) as the MMU sees it: the registers at once,
-    PAE PDPTEs loaded from memory, then ``kvm_mmu_reset_context``."""
+    """``KVM_SET_SREGS`` (+ RFLAGS) as the MMU sees it (``__set_sregs``): the
+    registers at once, PAE PDPTEs loaded from memory; when CR0, CR3, CR4,
+    EFER or the PDPTEs changed (``mmu_reset_needed``),
+    ``kvm_mmu_reset_context`` and a KVM_REQ_TLB_FLUSH_GUEST request (which
+    the first entry services: ``stat.tlb_flush``, and on shadow paging a
+    sync of the roots)."""
     cpu = _pg.CpuState(cr0=regs["cr0"], cr3=regs["cr3"], cr4=regs["cr4"], efer=regs["efer"],
                        rflags=regs["rflags"], cpl=regs["cpl"], pkru=regs.get("pkru", 0))
     cpu.check(vcpu.guest_model)
     pdptrs = None
     if cpu.cr0 & _pg.X86_CR0_PG and cpu.cr4 & _pg.X86_CR4_PAE and not cpu.efer & _pg.EFER_LMA:
         pdptrs = _pg.load_pdptrs(vcpu.vm.guest_memory(vcpu.as_id), cpu.cr3, vcpu.guest_model)
+    old = vcpu.cpu
+    reset = (old.cr0, old.cr3, old.cr4, old.efer) != (cpu.cr0, cpu.cr3, cpu.cr4, cpu.efer) or \
+        (pdptrs is not None and pdptrs != vcpu.pdptrs)
     vcpu.cpu = cpu
     vcpu.pdptrs = pdptrs
-    vcpu.kvm_mmu_reset_context()
+    if reset:
+        vcpu.kvm_mmu_reset_context()
+        vcpu.kvm_make_request("KVM_REQ_TLB_FLUSH_GUEST")
 
 
 def build_vm(init: dict, *, vm: VM | None = None) -> VM:
@@ -589,11 +620,13 @@ def build_vm(init: dict, *, vm: VM | None = None) -> VM:
     for i, s in enumerate(init["memslots"]):
         try:
             vm.add_memory(s["gpa"], s["size"], slot=s["slot"], as_id=s["as_id"], flags=s["flags"],
-                          thp=s["thp"])
+                          thp=s["thp"], populate=bool(s.get("populate")))
         except (ValueError, OSError) as e:
             raise StreamValueError(1, f"memslots[{i}]", f"{type(e).__name__}: {e}") from None
     for m in init["memory"]:
-        vm.write_guest(m["gpa"], bytes.fromhex(m["hex"]), m.get("as_id", 0))
+        data = bytes.fromhex(m["hex"])
+        _host_write_fault(vm, m.get("as_id", 0), m["gpa"], len(data))
+        vm.write_guest(m["gpa"], data, m.get("as_id", 0))
     model = _guest_model(init)
     by_id = {v.vcpu_id: v for v in vm.vcpus}
     for i, regs in enumerate(init["vcpus"]):
@@ -684,9 +717,11 @@ class _SlotMemory:
         if prev is not None and not ev.get("fresh") and prev[1:] == (ev["size"], ro, ev["thp"]) \
                 and vm.host.find_vma(prev[0]) is not None:
             r = vm.set_user_memory_region(packed, ev["flags"], ev["gpa"], ev["size"], prev[0])
+            if ev.get("populate") and not ro:
+                vm.host.populate(prev[0], ev["size"], write=True)
         else:
             vm.add_memory(ev["gpa"], ev["size"], slot=sid, as_id=as_id, flags=ev["flags"],
-                          thp=ev["thp"])
+                          thp=ev["thp"], populate=bool(ev.get("populate")))
             r = M.KvmMrChange.KVM_MR_CREATE
         self.retired.pop(key, None)
         self.thp[key] = ev["thp"]
@@ -707,6 +742,7 @@ def _run_event(vm: VM, vcpus: dict, ev: dict, slots: _SlotMemory):
     if kind == "write":
         data = bytes.fromhex(ev["hex"])
         v = vcpus[ev["vcpu"]]
+        _host_write_fault(vm, v.as_id, ev["gpa"], len(data))
         if ev["track"]:
             return v.kvm_page_track_write(ev["gpa"], data)
         if ev.get("vmm"):

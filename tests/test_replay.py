@@ -23,7 +23,7 @@ import pytest
 from kvmmmu import mmutrace as tp
 from kvmmmu import paging as P
 from kvmmmu import replay as R
-from kvmmmu.host import HostConfig
+from kvmmmu.host import PTE_PRESENT, HostConfig
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KvmMrChange
 from kvmmmu.mmu import MmuBackend
 from kvmmmu.vm import RET_PF_EMULATE, RET_PF_FIXED, VM, CrLoadError, KvmParams
@@ -350,6 +350,7 @@ def _by_hand():
         stats.append({"label": label, "event": i, "vm": vm.stat.as_dict(),
                       "vcpus": {0: v.stat.as_dict()}})
     hva1 = vm.memslots[0].id_to_memslot(1).userspace_addr
+    vm.host.populate(vm.memslots[0].id_to_memslot(0).userspace_addr + 0x5000, 3)  # the VMM's store
     with tp.capture() as ring:
         mark("start", 0)
         v.vcpu_enter_guest()
@@ -512,6 +513,9 @@ class SpyMmu(MmuBackend):
         self.calls.append(("fault", fault.addr, fault.error_code))
         return RET_PF_FIXED
 
+    def check_fault_args(self, vcpu, addr, error_code):
+        """(the common entry asks an indirect MMU to check a #PF's arguments)"""
+
 
 LONG = {"id": 0, "cr0": P.X86_CR0_PE | P.X86_CR0_PG | P.X86_CR0_WP | (1 << 4), "cr3": 0x1000,
         "cr4": P.X86_CR4_PAE, "efer": P.EFER_LME | P.EFER_LMA | P.EFER_NX, "rflags": 2, "cpl": 0}
@@ -567,8 +571,9 @@ def test_each_event_makes_its_call():
     assert res.vm is vm
     v = vm.vcpus[0]
     k = spy.calls.index("load")
-    # set_guest_model and KVM_SET_SREGS reset the context
-    assert spy.calls[:k] == ["unload", "unload"]
+    # set_guest_model and KVM_SET_SREGS reset the context; KVM_SET_SREGS's
+    # KVM_REQ_TLB_FLUSH_GUEST syncs the roots at the first entry (shadow paging)
+    assert spy.calls[:k] == ["unload", "unload", "sync_roots", "sync_prev_roots"]
     calls = spy.calls[k:]
     assert calls == [
         "load",
@@ -653,7 +658,8 @@ def test_a_refused_cr_load_is_the_guests_gp_and_the_stream_goes_on():
     res = R.run_stream(stream_lines(shadow_init(), evs), vm=vm)
     assert all(isinstance(r, CrLoadError) for r in res.results[:3])
     assert vm.vcpus[0].cpu.cr3 == 0x1000 and res.results[3] is None
-    assert spy.calls == ["unload", "unload", "load"]
+    assert spy.calls == ["unload", "unload", "sync_roots", "sync_prev_roots", "load"]
+    assert vm.vcpus[0].stat.tlb_flush == 1          # KVM_SET_SREGS's guest flush
 
 
 def test_build_vm_checks_a_given_vm():
@@ -683,6 +689,10 @@ def test_build_vm_sets_model_registers_and_memory():
     assert vm.read_guest(0x4000 + 8 * 511, 8) == struct.pack("<Q", (511 << 12) | 7)
     # the VMM's initial writes are not dirty-logged
     assert not vm.get_dirty_log(0).any()
+    # __set_sregs: changed CR0/CR3/CR4/EFER reset the MMU and ask for a guest
+    # TLB flush; registers equal to a new vCPU's (paging off) do neither
+    assert all("KVM_REQ_TLB_FLUSH_GUEST" in v.requests for v in vm.vcpus)
+    assert "KVM_REQ_TLB_FLUSH_GUEST" not in R.build_vm(tdp_init()).vcpus[0].requests
 
 
 def test_a_pae_guest_loads_its_pdptes_from_the_initial_memory():
@@ -719,6 +729,34 @@ def test_a_recreated_slot_keeps_its_memory_unless_fresh():
     with pytest.raises(R.StreamRunError) as ei:
         R.run_stream(stream_lines(tdp_init(), [dict(readd, thp=True, flags=1)]))
     assert ei.value.lineno == 2 and "backing" in str(ei.value)
+
+
+def _host_pte_present(vm, gpa):
+    slot = vm.gfn_to_memslot(gpa >> 12)
+    pte = vm.host.follow_pte(slot.userspace_addr + gpa - (slot.base_gfn << 12))
+    return pte is not None and bool(pte[2] & PTE_PRESENT)
+
+
+def test_writes_and_populate_fault_the_host_pages_in():
+    init = tdp_init()
+    vm = R.build_vm(init)
+    # the VMM's store of the initial contents faulted its (THP: 2 MiB) page in, nothing else
+    assert _host_pte_present(vm, 0x5000) and _host_pte_present(vm, 0x1ff000)
+    assert not _host_pte_present(vm, 0x200000)
+    assert vm.host.host_pfn_mapping_level(vm.memslots[0].id_to_memslot(0).userspace_addr) == 2
+    assert not _host_pte_present(vm, SMALL + 0x1000)
+    init["memslots"][1]["populate"] = True
+    vm = R.build_vm(init)
+    assert all(_host_pte_present(vm, SMALL + i * 4096) for i in range(512))
+    evs = [{"kind": "write", "vcpu": 0, "gpa": 0x7ffe, "hex": "0102030405", "track": False},
+           {"kind": "memslot", "slot": 2, "as_id": 0, "gpa": 32 * MiB, "size": 8192, "flags": 0,
+            "thp": False, "populate": True}]
+    res = R.run_stream(stream_lines(tdp_init(), evs))
+    assert _host_pte_present(res.vm, 0x7000) and _host_pte_present(res.vm, 0x8000)
+    assert _host_pte_present(res.vm, 32 * MiB + 4096)
+    with pytest.raises(R.StreamFieldError) as ei:
+        R.parse_stream(stream_lines(tdp_init(), [{"kind": "entry", "vcpu": 0, "populate": True}]))
+    assert ei.value.field == "populate"
 
 
 def test_clear_dirty_log_with_manual_protection():

@@ -6,7 +6,7 @@ kvmmmu line of its kernel trace parses in its event's format and the
 masking leaves no host page in it; its recorded statistics read as deltas
 at the stream's marks; and the model, fed the stream on ``mmu="shadow"``,
 prints the kernel's MMU events (tracediff.DEFAULT_EVENTS, host values
-masked) with the same MMU statistic deltas.
+masked) with the same MMU statistic deltas (VM.audit() after every event).
 
 Skipped while the recordings are not in the tree; the model comparison is
 skipped while ``VM("shadow")`` has no MMU to take faults.
@@ -27,10 +27,32 @@ SCENARIOS = sorted(p.name[:-len(".stream.jsonl")] for p in DATA.glob("*.stream.j
 
 pytestmark = pytest.mark.skipif(not SCENARIOS, reason="tests/data/shadow_scenarios/ is not recorded")
 
-#: scenarios where the model does not (yet) print the kernel's events or
-#: statistics: {name: the first divergence seen}; flip them as the shadow MMU
-#: catches up (strict: an unexpected pass fails, so the list stays true)
-KNOWN_DIVERGENT: dict[str, str] = {}
+#: where the model does not (yet) do what the kernel did, (scenario, "trace" or
+#: "stats") -> why (the first divergence seen); strict, so an unexpected pass
+#: fails and the list stays true: flip an entry when its cause is fixed
+_REMOTE_FLUSH = ("the model's kvm_flush_remote_tlbs counts remote_tlb_flush on every call and "
+                 "posts no KVM_REQ_TLB_FLUSH; the kernel counts it only when "
+                 "kvm_make_all_cpus_request had to kick a vCPU (never here: the flushing thread "
+                 "is the only vCPU's) and the vCPU counts tlb_flush at its next entry")
+KNOWN_DIVERGENT: dict[tuple[str, str], str] = {
+    ("huge_2m_4k_host", "trace"): "the stream does not say that the recorder wrote every host "
+                                  "page (memslot 'populate'): KVM prefetched gfns 400, 402-407 "
+                                  "from the populated host pages, the model only 400",
+    ("huge_2m_4k_host", "stats"): _REMOTE_FLUSH,
+    ("dirty_log", "stats"): _REMOTE_FLUSH,
+    ("memslot_readd", "stats"): _REMOTE_FLUSH,
+    ("misaligned_write", "stats"): _REMOTE_FLUSH,
+    ("ring0_pte_rewrite", "stats"): _REMOTE_FLUSH,
+    ("unsync_invlpg", "stats"): _REMOTE_FLUSH,
+    ("write_flooding", "stats"): _REMOTE_FLUSH,
+    ("huge_2m_thp", "stats"): "the shadow MMU flushes remote TLBs when a write fault makes a "
+                              "read-only 2M SPTE writable (the kernel: adding W needs no flush)",
+}
+
+
+def _params(part):
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DIVERGENT[n, part]))
+            if (n, part) in KNOWN_DIVERGENT else n for n in SCENARIOS]
 
 
 @pytest.fixture(autouse=True)
@@ -83,16 +105,26 @@ def _shadow_mmu_present():
         vm.close()
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DIVERGENT[n]))
-    if n in KNOWN_DIVERGENT else n for n in SCENARIOS])
-def test_the_model_replays_the_kernel(name):
+_RUNS = {}
+
+
+def _replay(name):
     if not _shadow_mmu_present():
         pytest.skip("VM('shadow') has no MMU backend yet")
-    f = _files(name)
-    res = R.run_stream(f["stream.jsonl"])
-    d = T.diff_traces(f["trace"].read_text().splitlines(), res.lines)
+    if name not in _RUNS:
+        _RUNS[name] = R.run_stream(_files(name)["stream.jsonl"], audit=True)
+    return _RUNS[name]
+
+
+@pytest.mark.parametrize("name", _params("trace"))
+def test_the_model_prints_the_kernels_mmu_events(name):
+    res = _replay(name)
+    d = T.diff_traces(_files(name)["trace"].read_text().splitlines(), res.lines)
     assert d is None, f"{name}:\n{d}"
-    sd = T.diff_stat_files(T.load_stats(f["stats.json"]), [res.baseline] + res.stats)
+
+
+@pytest.mark.parametrize("name", _params("stats"))
+def test_the_model_counts_the_kernels_stat_deltas(name):
+    res = _replay(name)
+    sd = T.diff_stat_files(T.load_stats(_files(name)["stats.json"]), [res.baseline] + res.stats)
     assert sd == [], f"{name}: {sd}"
-    res.vm.audit()
