@@ -1166,7 +1166,9 @@ class VM:
     def write_guest(self, gpa: int, data, as_id: int = 0) -> None:
         """The VMM writes guest memory through its own mapping: no page
         tracking, no dirty logging, allowed on READONLY memslots (the host
-        mapping is the VMM's).  A range not wholly inside memslots raises
+        mapping is the VMM's).  Like any store, it faults the host pages in
+        (writable when the VMA is), so a later read fault of the guest maps
+        them host-writable, as on the real machine.  A range not wholly inside memslots raises
         GpaNotMappedError before anything is written."""
         self._write_guest(gpa, data, as_id, dirty=False)
 
@@ -1193,6 +1195,9 @@ class VM:
             off = g - gpa
             hva = slot.userspace_addr + g - (slot.base_gfn << PAGE_SHIFT)
             v = self.host.find_vma(hva)
+            # the store faults the page in (writable where the mapping allows:
+            # a loader writing a read-only mapping has its own writable alias)
+            self.host.populate(hva, n, write=v.writable)
             v.data[hva - v.start:hva - v.start + n] = np.frombuffer(data, np.uint8, n, off)
             if dirty:
                 M.mark_page_dirty_in_slot(self, slot, gfn)

@@ -327,3 +327,16 @@ def test_a_walk_that_sets_a_d_bits_dirties_the_table_pages():
     w = v.walk_addr(0x5000, P.PFERR_WRITE_MASK)   # A and D already set: nothing written
     assert w.ad_written == 0
     assert not np.unpackbits(vm.get_dirty_log(s.id).view(np.uint8)).any()
+
+
+def test_vmm_and_kvm_writes_fault_the_host_pages_in_writable():
+    vm = VM("tdp_mmu")
+    s = vm.add_memory(0, 1 << 21)
+    vma = vm.host.find_vma(s.userspace_addr)
+    vm.write_guest(0x3000, b"code")
+    vm.vcpus[0].kvm_vcpu_write_guest(0x7000, b"data")
+    present = np.flatnonzero(vma.pte & 1)
+    assert list(present) == [3, 7]
+    from kvmmmu.host import hva_to_pfn
+    r = hva_to_pfn(vm.host, s.userspace_addr + 0x3000, write_fault=False)
+    assert r[1] is True                              # a read fault may map it writable
