@@ -534,28 +534,6 @@ def write_stream(init: dict, events: Iterable[dict], path) -> Stream:
 # Building the VM
 # ---------------------------------------------------------------------------
 
-def _host_write_fault(vm: VM, as_id: int, gpa: int, n: int) -> None:
-    """Fault the host pages behind ``[gpa, gpa + n)`` in for write, as the
-    store that writes them does on the host (the VMM's own store, or KVM's
-    ``copy_to_user``): an untouched page gets a writable page (THP where the
-    VMA allows it), a zero page is copied (an MMU-notifier invalidation).
-    Without it a later fault on the page would see an untouched host page
-    and map it read-only (no host-writable bit), unlike the kernel.  Gpas
-    outside the memslots are left to the write itself to refuse."""
-    slots = vm.memslots[as_id]
-    g, end = gpa, gpa + n
-    while g < end:
-        slot = slots.gfn_to_memslot(g >> 12)
-        if slot is None:
-            return
-        stop = min(end, (slot.base_gfn + slot.npages) << 12)
-        hva = slot.userspace_addr + g - (slot.base_gfn << 12)
-        vma = vm.host.find_vma(hva)
-        if vma is None or not vma.writable:
-            return
-        vm.host.populate(hva, min(stop - g, vma.end - hva), write=True)
-        g = stop
-
 def _set_sregs(vcpu, regs: dict) -> None:
     """``KVM_SET_SREGS`` (+ RFLAGS) as the MMU sees it (``__set_sregs``): the
     registers at once, PAE PDPTEs loaded from memory; when CR0, CR3, CR4,
@@ -624,9 +602,7 @@ def build_vm(init: dict, *, vm: VM | None = None) -> VM:
         except (ValueError, OSError) as e:
             raise StreamValueError(1, f"memslots[{i}]", f"{type(e).__name__}: {e}") from None
     for m in init["memory"]:
-        data = bytes.fromhex(m["hex"])
-        _host_write_fault(vm, m.get("as_id", 0), m["gpa"], len(data))
-        vm.write_guest(m["gpa"], data, m.get("as_id", 0))
+        vm.write_guest(m["gpa"], bytes.fromhex(m["hex"]), m.get("as_id", 0))
     model = _guest_model(init)
     by_id = {v.vcpu_id: v for v in vm.vcpus}
     for i, regs in enumerate(init["vcpus"]):
@@ -742,7 +718,6 @@ def _run_event(vm: VM, vcpus: dict, ev: dict, slots: _SlotMemory):
     if kind == "write":
         data = bytes.fromhex(ev["hex"])
         v = vcpus[ev["vcpu"]]
-        _host_write_fault(vm, v.as_id, ev["gpa"], len(data))
         if ev["track"]:
             return v.kvm_page_track_write(ev["gpa"], data)
         if ev.get("vmm"):

@@ -350,7 +350,6 @@ def _by_hand():
         stats.append({"label": label, "event": i, "vm": vm.stat.as_dict(),
                       "vcpus": {0: v.stat.as_dict()}})
     hva1 = vm.memslots[0].id_to_memslot(1).userspace_addr
-    vm.host.populate(vm.memslots[0].id_to_memslot(0).userspace_addr + 0x5000, 3)  # the VMM's store
     with tp.capture() as ring:
         mark("start", 0)
         v.vcpu_enter_guest()
@@ -842,3 +841,93 @@ def test_generated_streams_round_trip(tmp_path_factory, events):
     assert R.parse_stream(p) == s and list(s.events) == events and s.init == init
     # and line by line, what json would have written
     assert p.read_text().splitlines() == stream_lines(init, events)
+
+
+# ---------------------------------------------------------------------------
+# mmu="shadow" (the shadow MMU as VM('shadow')'s backend)
+# ---------------------------------------------------------------------------
+
+def _shadow_stream():
+    init = shadow_init()
+    init["memslots"] = [{"slot": 0, "as_id": 0, "gpa": 0, "size": 4 * MiB, "flags": 0, "thp": False,
+                         "populate": True}]
+    init["guest_model"] = {"vendor": "amd", "maxphyaddr": 48, "gbpages": False}
+    return init
+
+
+def test_a_shadow_first_touch_prints_what_the_kernel_prints():
+    """A ring-3 read, then a write, of one 4K page of a 4-level guest.  The
+    expected lines are the kernel's for such a guest (the recorded scenario
+    first_touch_4k shows the same sequence on this machine's KVM): the root
+    at the entry; the walk with its A bits; the three shadow pages below the
+    root; the leaf read-only (the gPTE is clean: D is tracked), then
+    writable after the write walk sets D."""
+    if VM("shadow", params=KvmParams(tdp_mmu=False)).mmu_backend is None:
+        pytest.skip("VM('shadow') has no MMU backend")
+    evs = [{"kind": "entry", "vcpu": 0},
+           {"kind": "set_cpl", "vcpu": 0, "cpl": 3},
+           {"kind": "page_fault", "vcpu": 0, "addr": 0x7000, "error_code": PFERR_U},
+           {"kind": "entry", "vcpu": 0},
+           {"kind": "page_fault", "vcpu": 0, "addr": 0x7008, "error_code": 1 | PFERR_W | PFERR_U}]
+    res = R.run_stream(stream_lines(_shadow_stream(), evs), audit=True)
+    sp = "kvm_mmu_get_page: sp gen 0 gfn {:x} l{} 8-byte q0 wux nxe ad root 0 sync new"
+    from kvmmmu import tracediff as T
+    want = [sp.format(1, 4),
+            "kvm_mmu_pagetable_walk: addr 7000 pferr 4 U",
+            "kvm_mmu_paging_element: pte 2007 level 4", "kvm_mmu_paging_element: pte 3007 level 3",
+            "kvm_mmu_paging_element: pte 4007 level 2", "kvm_mmu_paging_element: pte 7007 level 1",
+            "kvm_mmu_set_accessed_bit: gpa 1000", "kvm_mmu_set_accessed_bit: gpa 2000",
+            "kvm_mmu_set_accessed_bit: gpa 3000", "kvm_mmu_set_accessed_bit: gpa 4038",
+            sp.format(2, 3), sp.format(3, 2), sp.format(4, 1),
+            "kvm_mmu_spte_requested: gfn 7 pfn 5 level 1",
+            "kvm_mmu_set_spte: gfn 7 spte 123400a25 (r-xu) level 1 at 1038",
+            "kvm_mmu_pagetable_walk: addr 7008 pferr 7 P|W|U",
+            "kvm_mmu_paging_element: pte 2027 level 4", "kvm_mmu_paging_element: pte 3027 level 3",
+            "kvm_mmu_paging_element: pte 4027 level 2", "kvm_mmu_paging_element: pte 7027 level 1",
+            "kvm_mmu_set_dirty_bit: gpa 4038",
+            "kvm_mmu_spte_requested: gfn 7 pfn 5 level 1",
+            "kvm_mmu_set_spte: gfn 7 spte 123400e67 (rwxu) level 1 at 1038"]
+    assert T.diff_traces(want, res.lines) is None, T.diff_traces(want, res.lines)
+    assert res.results == [None, None, RET_PF_FIXED, None, RET_PF_FIXED]
+    st = res.stats[-1]
+    assert (st["vcpus"][0]["pf_taken"], st["vcpus"][0]["pf_fixed"], st["vcpus"][0]["tlb_flush"]) \
+        == (2, 2, 1)
+    assert st["vm"]["mmu_cache_miss"] == 4 and st["vm"]["pages_4k"] == 1
+
+
+def test_a_shadow_stream_equals_the_api_called_by_hand():
+    if VM("shadow", params=KvmParams(tdp_mmu=False)).mmu_backend is None:
+        pytest.skip("VM('shadow') has no MMU backend")
+    pte7 = struct.pack("<Q", 0x9000 | 7).hex()
+    evs = [{"kind": "entry", "vcpu": 0},
+           {"kind": "page_fault", "vcpu": 0, "addr": 0x7000, "error_code": PFERR_W},
+           {"kind": "page_fault", "vcpu": 0, "addr": 0x8000, "error_code": 0},
+           {"kind": "translate", "vcpu": 0, "gva": 0x4038, "access": PFERR_W},
+           {"kind": "write", "vcpu": 0, "gpa": 0x4038, "hex": pte7, "track": True},
+           {"kind": "invlpg", "vcpu": 0, "gva": 0x7000},
+           {"kind": "mark", "label": "rewritten"},
+           {"kind": "entry", "vcpu": 0},
+           {"kind": "page_fault", "vcpu": 0, "addr": 0x7000, "error_code": 0},
+           {"kind": "set_cr", "vcpu": 0, "cr": 3, "value": 0x1000},
+           {"kind": "entry", "vcpu": 0}]
+    res = R.run_stream(stream_lines(_shadow_stream(), evs), audit=True)
+    vm = R.build_vm(_shadow_stream())
+    v = vm.vcpus[0]
+    with tp.capture() as ring:
+        v.vcpu_enter_guest()
+        v.kvm_mmu_page_fault(0x7000, PFERR_W)
+        v.kvm_mmu_page_fault(0x8000, 0)
+        v.walk_addr(0x4038, PFERR_W)
+        v.kvm_page_track_write(0x4038, bytes.fromhex(pte7))
+        v.kvm_mmu_invlpg(0x7000)
+        mid = v.stat.as_dict()
+        v.vcpu_enter_guest()
+        v.kvm_mmu_page_fault(0x7000, 0)
+        v.kvm_set_cr3(0x1000)
+        v.vcpu_enter_guest()
+    assert res.lines == ring.lines() and len(ring.lines()) > 30
+    assert res.stats[0]["vcpus"][0] == mid and res.stats[-1]["vcpus"][0] == v.stat.as_dict()
+    assert res.stats[-1]["vm"] == vm.stat.as_dict()
+    # the guest now maps gva 0x7000 to gpa 0x9000: the model's walk says so
+    assert res.vm.vcpus[0].walk_addr(0x7000, 0).gpa == 0x9000
+    res.vm.audit()
