@@ -18,7 +18,9 @@ event                       masked (why)
 kvm_mmu_set_spte            ``spte``: pfn bits (``SPTE_BASE_ADDR_MASK``,
                             bits 51:12) of a shadow-present SPTE - the host
                             page; the r/w/x/u letters and every other bit
-                            stay.  ``at`` (sptep, the SPTE's physical
+                            stay, and so do the pfn bits below the page size
+                            of a huge leaf (level >= 2 with bit 7: they are 0
+                            on every host, a misaligned huge SPTE shows).  ``at`` (sptep, the SPTE's physical
                             address): the table page is a host page, so
                             only the offset in it stays (``*080``: index
                             16 of its table).
@@ -27,9 +29,10 @@ kvm_mmu_spte_requested      ``pfn``: ``*`` - the host pfn; an error/noslot
                             MMIO) stays, it is not host memory.
 kvm_tdp_mmu_spte_changed    ``old_spte``, ``new_spte``: pfn bits of a
                             shadow-present SPTE (a leaf's host page, a
-                            non-leaf's host table page); MMIO generation bits
+                            non-leaf's host table page; a huge leaf keeps
+                            the bits below its size); MMIO generation bits
                             of an MMIO SPTE (needs ``fmt``).
-kvm_mmu_split_huge_page     ``spte``: pfn bits (the huge page's host address).
+kvm_mmu_split_huge_page     ``spte``: pfn bits above the huge page's size.
 fast_page_fault             ``sptep``: ``*`` (``%p``: a host address, hashed
                             by tracefs); ``old``/``new``: pfn bits.
 mark_mmio_spte              ``sptep``: ``*``; ``gen``: ``*`` (the memslot
@@ -196,7 +199,11 @@ def parse_payload(event: str, text: str) -> dict[str, str] | None:
     return {k: (v if v is not None else "") for k, v in m.groupdict().items()}
 
 
-def _mask_value(how: str, text: str, fmt, mask_mmio_gen: bool) -> str:
+#: PT_PAGE_SIZE_MASK: a huge leaf (level >= 2) in both SPTE formats
+_LARGE = 1 << 7
+
+
+def _mask_value(how: str, text: str, fmt, mask_mmio_gen: bool, level: int = 1) -> str:
     if how == "drop":
         return "*"
     if how == "pa":                                 # the table page goes, the offset stays
@@ -210,7 +217,12 @@ def _mask_value(how: str, text: str, fmt, mask_mmio_gen: bool) -> str:
         return f"~{v & ~MMIO_SPTE_GEN_BITS:x}" if mask_mmio_gen else text
     # an SPTE value
     if v & SPTE_MMU_PRESENT_MASK:
-        return f"~{v & ~SPTE_BASE_ADDR_MASK:x}"
+        mask = SPTE_BASE_ADDR_MASK
+        if level >= 2 and v & _LARGE:
+            # a huge leaf maps an aligned host range: the pfn bits below the
+            # huge page size are 0 on every host, so they stay
+            mask &= ~((1 << (12 + 9 * (level - 1))) - 1)
+        return f"~{v & ~mask:x}"
     if mask_mmio_gen and fmt is not None and fmt.is_mmio_spte(v):
         return f"~{v & ~MMIO_SPTE_GEN_BITS:x}"
     return text
@@ -265,6 +277,7 @@ def normalize(event: str, text: str, *, fmt=None, mask_mmio_gen: bool = True,
     masks = _MASKS.get(event)
     out = text
     if masks:
+        level = int(fields["level"]) if "level" in fields else 1
         rx = _PAYLOAD_RE[event]
         m = rx.match(text)
         pieces, at = [], 0
@@ -272,7 +285,7 @@ def normalize(event: str, text: str, *, fmt=None, mask_mmio_gen: bool = True,
             how = masks.get(name)
             if how is None:
                 continue
-            new = _mask_value(how, fields[name], fmt, mask_mmio_gen)
+            new = _mask_value(how, fields[name], fmt, mask_mmio_gen, level)
             fields[name] = new
             s, e = m.span(name)
             pieces.append(text[at:s] + new)

@@ -45,8 +45,11 @@ KNOWN_DIVERGENT: dict[tuple[str, str], str] = {
     ("ring0_pte_rewrite", "stats"): _REMOTE_FLUSH,
     ("unsync_invlpg", "stats"): _REMOTE_FLUSH,
     ("write_flooding", "stats"): _REMOTE_FLUSH,
-    ("huge_2m_thp", "stats"): "the shadow MMU flushes remote TLBs when a write fault makes a "
-                              "read-only 2M SPTE writable (the kernel: adding W needs no flush)",
+    ("huge_2m_thp", "trace"): "the shadow MMU's 2M SPTE maps the faulting gfn's host pfn "
+                              "(201 for gfn 401) instead of the huge page's first (the "
+                              "kernel's hugepage_adjust aligns fault->pfn): spte 201aa5",
+    ("huge_2m_thp", "stats"): "follows from the misaligned 2M SPTE: the write fault at gfn 500 "
+                              "sees another pfn, drops the SPTE and flushes remote TLBs",
 }
 
 

@@ -108,6 +108,24 @@ def test_the_first_divergence_is_found_at_its_index_and_field(i, old, new, field
     assert f"event {want}" in text and repr(field) in text and f"kernel line {i + 1}" in text
 
 
+def test_a_huge_leaf_keeps_the_pfn_bits_below_its_size():
+    """A 2M leaf's pfn is 2M aligned on every host: a model that maps the
+    faulting 4K page's pfn instead (not aligned) must show."""
+    k = ["kvm_mmu_set_spte: gfn 400 spte 130800ee7 (rwxu) level 2 at 1420d4010"]
+    ok = ["kvm_mmu_set_spte: gfn 400 spte 200ee7 (rwxu) level 2 at 300000025010"]
+    bad = ["kvm_mmu_set_spte: gfn 400 spte 300ee7 (rwxu) level 2 at 300000025010"]
+    assert T.diff_traces(k, ok) is None
+    d = T.diff_traces(k, bad)
+    assert (d.field, d.kernel_value, d.model_value) == ("spte", "~ee7", "~100ee7")
+    # a level-1 leaf (bit 7 is PAT there) and a non-leaf keep nothing of the address
+    assert T.normalize("kvm_mmu_set_spte", "gfn 1 spte 123480a25 (r-xu) level 1 at 8").fields["spte"] \
+        == "~a25"
+    tbl = "as id 0 gfn 0 level 2 old_spte 8000000000000000 new_spte 8000300000025907"
+    assert T.normalize("kvm_tdp_mmu_spte_changed", tbl).fields["new_spte"] == "~8000000000000907"
+    huge = "gfn 200 spte 86000000002a0bf7 level 2 errno 0"
+    assert T.normalize("kvm_mmu_split_huge_page", huge).fields["spte"] == "~86000000000a0bf7"
+
+
 def test_host_values_alone_never_diverge():
     kernel = [ln.replace("pfn 1a2b3c", "pfn 5").replace("at 12f4c6080", "at 5080")
               .replace("00000000c0ffee11", "(____ptrval____)") for ln in KERNEL]
