@@ -24,9 +24,12 @@ kvm_mmu_set_spte            ``spte``: pfn bits (``SPTE_BASE_ADDR_MASK``,
                             address): the table page is a host page, so
                             only the offset in it stays (``*080``: index
                             16 of its table).
-kvm_mmu_spte_requested      ``pfn``: ``*`` - the host pfn; an error/noslot
-                            pfn (bits 63:52 set, e.g. KVM_PFN_NOSLOT for
-                            MMIO) stays, it is not host memory.
+kvm_mmu_spte_requested      ``pfn``: ``*`` - the host pfn; at level >= 2 the
+                            printed value is the aligned pfn | the gfn's
+                            offset in the huge page, and that offset stays
+                            (``*1``); an error/noslot pfn (bits 63:52 set,
+                            e.g. KVM_PFN_NOSLOT for MMIO) stays, it is not
+                            host memory.
 kvm_tdp_mmu_spte_changed    ``old_spte``, ``new_spte``: pfn bits of a
                             shadow-present SPTE (a leaf's host page, a
                             non-leaf's host table page; a huge leaf keeps
@@ -212,7 +215,11 @@ def _mask_value(how: str, text: str, fmt, mask_mmio_gen: bool, level: int = 1) -
         return "*" if mask_mmio_gen else text
     v = int(text, 16)
     if how == "pfn":
-        return text if v & _PFN_ERR_NOSLOT_MASK else "*"
+        if v & _PFN_ERR_NOSLOT_MASK:
+            return text
+        # the aligned host pfn | the gfn's offset in the huge page: the offset stays
+        low = v & ((1 << (9 * (level - 1))) - 1) if level >= 2 else 0
+        return f"*{low:x}" if level >= 2 else "*"
     if how == "mmio_spte":
         return f"~{v & ~MMIO_SPTE_GEN_BITS:x}" if mask_mmio_gen else text
     # an SPTE value

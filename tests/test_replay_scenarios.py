@@ -90,7 +90,13 @@ def test_the_kernel_trace_parses_and_masks_every_host_page(name):
             if t.fields["spte"].startswith("~"):
                 assert int(t.fields["spte"][1:], 16) & T.SPTE_BASE_ADDR_MASK == 0
         if t.event == "kvm_mmu_spte_requested":
-            assert t.fields["pfn"] == "*" or int(t.fields["pfn"], 16) >> 52
+            p = t.fields["pfn"]
+            if p.startswith("*"):                  # the gfn's offset in a huge page stays
+                lvl = int(t.fields["level"])
+                assert p == "*" if lvl == 1 else \
+                    int(p[1:], 16) == int(t.fields["gfn"], 16) % (1 << 9 * (lvl - 1))
+            else:
+                assert int(p, 16) >> 52             # an error / noslot pfn
 
 
 @pytest.mark.parametrize("name", SCENARIOS)

@@ -122,6 +122,10 @@ def test_a_huge_leaf_keeps_the_pfn_bits_below_its_size():
         == "~a25"
     tbl = "as id 0 gfn 0 level 2 old_spte 8000000000000000 new_spte 8000300000025907"
     assert T.normalize("kvm_tdp_mmu_spte_changed", tbl).fields["new_spte"] == "~8000000000000907"
+    # spte_requested at 2M prints the aligned pfn | the gfn's offset: the offset stays
+    req = T.normalize("kvm_mmu_spte_requested", "gfn 401 pfn 130801 level 2")
+    assert req.fields["pfn"] == "*1" and req.text == "gfn 401 pfn *1 level 2"
+    assert T.normalize("kvm_mmu_spte_requested", "gfn 401 pfn 130801 level 1").fields["pfn"] == "*"
     huge = "gfn 200 spte 86000000002a0bf7 level 2 errno 0"
     assert T.normalize("kvm_mmu_split_huge_page", huge).fields["spte"] == "~86000000000a0bf7"
 
