@@ -289,6 +289,9 @@ class Vcpu:
         #: load that had to load them (None outside PAE paging)
         self.pdptrs = None
         self._walk_mmu = None
+        #: ``vm.arena.remote_tlb_flush_requests`` when this vCPU last entered:
+        #: a larger count means a KVM_REQ_TLB_FLUSH is pending for it
+        self.tlb_flush_requests_seen = vm.arena.remote_tlb_flush_requests
 
     def __repr__(self):
         return f"Vcpu({self.vcpu_id}{' smm' if self.smm else ''})"
@@ -945,7 +948,10 @@ class VM:
             v.kvm_make_request(req)
 
     def kvm_flush_remote_tlbs(self) -> None:
-        """``kvm_flush_remote_tlbs`` (counted in ``stat.remote_tlb_flush*``)."""
+        """``kvm_flush_remote_tlbs``: ``stat.remote_tlb_flush_requests`` counts
+        it, ``remote_tlb_flush`` only when a vCPU needed the IPI (one not
+        outside guest mode); every vCPU gets KVM_REQ_TLB_FLUSH (seen at its
+        next ``vcpu_enter_guest``, counted in its ``tlb_flush``)."""
         self.arena.kvm_flush_remote_tlbs()
 
     def kvm_bug(self, msg: str, site: str = "KVM_BUG_ON") -> None:

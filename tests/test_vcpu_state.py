@@ -340,3 +340,24 @@ def test_vmm_and_kvm_writes_fault_the_host_pages_in_writable():
     from kvmmmu.host import hva_to_pfn
     r = hva_to_pfn(vm.host, s.userspace_addr + 0x3000, write_fault=False)
     assert r[1] is True                              # a read fault may map it writable
+
+
+def test_a_remote_flush_is_a_pending_request_of_every_vcpu_and_an_ipi_only_when_needed():
+    vm = VM("tdp_mmu", nr_vcpus=2)
+    vm.add_memory(0, 1 << 21)
+    a, b = vm.vcpus
+    for v in (a, b):
+        v.vcpu_enter_guest()
+    base = (vm.stat.remote_tlb_flush_requests, vm.stat.remote_tlb_flush, a.stat.tlb_flush)
+    vm.kvm_flush_remote_tlbs()                       # both vCPUs outside guest mode: no IPI
+    assert (vm.stat.remote_tlb_flush_requests, vm.stat.remote_tlb_flush) == (base[0] + 1, base[1])
+    vm.arena.set_vcpu_mode(1, 1)                     # vCPU 1 IN_GUEST_MODE: it gets kicked
+    vm.kvm_flush_remote_tlbs()
+    assert vm.stat.remote_tlb_flush == base[1] + 1
+    a.vcpu_enter_guest()
+    assert a.stat.tlb_flush == base[2] + 1           # two flushes, one pending request
+    a.vcpu_enter_guest()
+    assert a.stat.tlb_flush == base[2] + 1
+    v3 = vm.create_vcpu()                            # a later vCPU owes nothing
+    v3.vcpu_enter_guest()
+    assert v3.stat.tlb_flush == 0
