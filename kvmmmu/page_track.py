@@ -142,11 +142,18 @@ def kvm_page_track_register_notifier(vm, notifier) -> None:
     """``kvm_page_track_register_notifier``: `notifier` is called as
     ``notifier.track_write(gpa, new_bytes)`` after every emulated write
     (:func:`kvm_page_track_write_notify`); registering enables external
-    write tracking on the VM."""
+    write tracking on the VM (every memslot gets its counters)."""
     if not callable(getattr(notifier, "track_write", None)):
         raise TypeError("a page-track notifier needs a track_write(gpa, data) method")
-    vm.page_track_external_users.append(notifier)
-    vm.external_write_tracking = True
+    import numpy as np
+    with vm.api_lock:
+        # kvm_page_track_write_tracking_enable: every memslot gets its counters
+        for slots in vm.memslots:
+            for s in slots:
+                if s.arch.gfn_write_track is None:
+                    s.arch.gfn_write_track = np.zeros(s.npages, dtype=np.uint16)
+        vm.page_track_external_users.append(notifier)
+        vm.external_write_tracking = True
 
 
 def kvm_page_track_unregister_notifier(vm, notifier) -> None:

@@ -233,19 +233,26 @@ class ShadowMmu(MmuBackend):
     """The shadow MMU of one VM (``vm.mmu_backend`` of ``mmu="tdp"`` and
     ``mmu="shadow"`` VMs).  See the module docstring.
 
-    Public API by stream event kind (what a runner calls):
+    Public API by stream event kind (what a runner calls; the VM and vCPU
+    methods reach this class through :mod:`kvmmmu.mmu`):
 
     * VM entry: ``vcpu.vcpu_enter_guest()`` (requests, then
       :meth:`kvm_mmu_load` through ``kvm_mmu_reload``);
     * page fault: ``vcpu.kvm_mmu_page_fault(addr, error_code)`` (the
-      common entry calls :meth:`mmu_page_fault`);
-    * translate: :meth:`translate` (walk with A/D updates);
-    * write: ``vcpu.kvm_page_track_write(gpa, data)`` (track) ->
-      :meth:`kvm_mmu_track_write`; untracked: ``vm.write_guest``;
+      common entry checks the arguments with :meth:`check_fault_args`,
+      then calls :meth:`mmu_page_fault`); an injected guest #PF is left in
+      ``vcpu.injected_page_fault`` (``pf_guest`` counts it);
+    * translate: ``vm.mmu_backend.translate(vcpu, gva, access)`` (a walk
+      that sets A/D bits; None when it faults);
+    * write: ``vcpu.kvm_page_track_write(gpa, data)`` (track: the
+      emulator's store -> :meth:`kvm_mmu_track_write`); untracked:
+      ``vm.write_guest(gpa, data)`` (a guest store the MMU does not see);
     * invlpg: ``vcpu.kvm_mmu_invlpg(gva)`` -> :meth:`kvm_mmu_invlpg`;
-    * CR/EFER loads: ``vcpu.kvm_set_cr0/3/4``, ``kvm_set_efer`` ->
-      :meth:`kvm_mmu_new_pgd`, :meth:`kvm_mmu_unload` (reset);
-    * memslots / dirty log: the VM's ioctls -> the MmuBackend hooks.
+    * CR/EFER loads: ``vcpu.kvm_set_cr0/3/4``, ``kvm_set_efer``,
+      ``set_cpl`` -> :meth:`kvm_mmu_new_pgd`, :meth:`kvm_mmu_unload` (reset);
+    * memslots / dirty log: ``vm.set_user_memory_region``,
+      ``vm.get_dirty_log``, ``vm.clear_dirty_log`` -> the MmuBackend hooks;
+    * marks: ``vm.stat`` / ``vcpu.stat`` (``as_dict()``).
     """
     is_tdp = False
     direct = False
@@ -285,7 +292,7 @@ class ShadowMmu(MmuBackend):
         self.indirect_shadow_pages = 0
         #: per vCPU index: its KvmMmu
         self.vcpu_mmu: dict[int, KvmMmu] = {}
-        self.nx_huge_pages_recovery_ratio = 60
+        self.nx_huge_pages_recovery_ratio = getattr(vm.params, "nx_huge_pages_recovery_ratio", 60)
         #: creation order of the pages (the audit checks the active list's FIFO order)
         self._serial = 0
         #: set by kvm_mmu_prepare_zap_page: it zapped children (the kernel's list_unstable)
@@ -641,6 +648,8 @@ class ShadowMmu(MmuBackend):
         vm = self.vm
         if _pt.kvm_gfn_is_write_tracked(vm, slot, gfn):
             return -E.EPERM
+        if not self.indirect_shadow_pages:      # no page with guest PTEs exists at all
+            return 0
         for sp in self.for_each_gfn_valid_sp_with_gptes(gfn):
             if synchronizing:
                 return -E.EPERM
@@ -1307,6 +1316,9 @@ class ShadowMmu(MmuBackend):
         if not hit:
             return
         vcpu.kvm_make_request("KVM_REQ_LOAD_MMU_PGD")
+        if getattr(self.vm.params, "flush_on_reuse", False):     # force_flush_and_sync_on_reuse
+            vcpu.kvm_make_request("KVM_REQ_MMU_SYNC")
+            vcpu.kvm_make_request("KVM_REQ_TLB_FLUSH_CURRENT")
         vcpu.vcpu_clear_mmio_info()
         if not m.root_role.direct:
             sp = m.root.sp
@@ -1409,11 +1421,21 @@ class ShadowMmu(MmuBackend):
             raise AccessError(f"gva={addr:#x} (cr2_or_gpa) does not fit 32 bits outside long mode")
 
     def _is_page_fault_stale(self, vcpu, m: KvmMmu, fault) -> bool:
-        sp = m.root.sp
-        return _mmu.is_page_fault_stale(
-            self.vm, fault.mmu_seq, fault.gfn, fault.slot,
-            root_obsolete=sp is not None and self.is_obsolete_sp(sp), root_has_sp=sp is not None,
-            free_obsolete_roots_pending="KVM_REQ_MMU_FREE_OBSOLETE_ROOTS" in vcpu.requests)
+        """``is_page_fault_stale`` (:func:`kvmmmu.mmu.is_page_fault_stale`,
+        inline): an obsolete root page, a pending free-obsolete-roots request
+        for a root without one, or an invalidation since faultin."""
+        h = m.root.hpa
+        if isinstance(h, KvmMmuPage):
+            if h.invalid or h.mmu_valid_gen != self.vm.mmu_valid_gen:
+                return True
+        elif "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS" in vcpu.requests:
+            return True
+        if fault.slot is None:
+            return False
+        n = self.vm.notifier
+        if n.mmu_invalidate_seq == fault.mmu_seq and not n.mmu_invalidate_in_progress:
+            return False
+        return _mmu.mmu_invalidate_retry_gfn(self.vm, fault.mmu_seq, fault.gfn)
 
     def _topup(self, vcpu, maybe_indirect: bool) -> int:
         if vcpu.mmu_shadow_page_cache.nobjs >= 5 and vcpu.mmu_page_header_cache.nobjs >= 5 and \
@@ -1445,13 +1467,25 @@ class ShadowMmu(MmuBackend):
         r = _mmu.faultin_pfn(vcpu, fault, ACC_ALL)
         if r != RET_PF_CONTINUE:
             return r
-        with self.vm.mmu_lock.write():
+        lock = self.vm.mmu_lock
+        lock.acquire_write()
+        try:
             if self._is_page_fault_stale(vcpu, m, fault):
                 return RET_PF_RETRY
-            r = self.make_mmu_pages_available()
-            if r:
-                return r
+            if self.vm.n_max_mmu_pages - self.n_used_mmu_pages < KVM_MIN_FREE_MMU_PAGES:
+                r = self.make_mmu_pages_available()
+                if r:
+                    return r
             return self.direct_map(vcpu, fault, m)
+        finally:
+            lock.release_write()
+
+    @staticmethod
+    def _hugepage_adjust(vcpu, fault) -> None:
+        """``kvm_mmu_hugepage_adjust`` and its pfn alignment to the goal level."""
+        _mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
+        if fault.goal_level > 1:
+            fault.pfn &= ~((1 << (9 * (fault.goal_level - 1))) - 1)
 
     def _trace_spte_requested(self, fault):
         if _tp.kvm_mmu_spte_requested.enabled:
@@ -1467,6 +1501,8 @@ class ShadowMmu(MmuBackend):
                 not spte & _LARGE:
             child = self._child(spte)
             if child.nx_huge_page_disallowed:
+                fault.pfn |= fault.gfn & (((1 << (9 * (cur_level - 1))) - 1) &
+                                          ~((1 << (9 * (cur_level - 2))) - 1))
                 fault.goal_level -= 1
 
     def account_nx_huge_page(self, sp: KvmMmuPage, nx_huge_page_possible: bool) -> None:
@@ -1487,7 +1523,7 @@ class ShadowMmu(MmuBackend):
         """``direct_map``: ``kvm_mmu_hugepage_adjust``, then down the shadow
         walk of ``fault.addr`` linking direct pages to the goal level,
         ``mmu_set_spte``, ``direct_pte_prefetch``."""
-        _mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
+        self._hugepage_adjust(vcpu, fault)
         self._trace_spte_requested(fault)
         addr = fault.addr
         sp, level = self._walk_start(m, m.root.hpa, addr)
@@ -1657,9 +1693,6 @@ class ShadowMmu(MmuBackend):
         return False, (walk[-1][2] if walk else 0)
 
     # ------------------------------------------------------------ FNAME(page_fault)
-    def _gpte_size(self, m: KvmMmu) -> int:
-        return 4 if m.cpu_role.base.has_4_byte_gpte else 8
-
     def _read_gpte(self, vcpu, gpa: int, size: int):
         try:
             return int.from_bytes(self.vm.guest_memory(vcpu.as_id).read(gpa, size), "little")
@@ -1703,13 +1736,18 @@ class ShadowMmu(MmuBackend):
             pte_access = (pte_access | ACC_WRITE_MASK) & ~ACC_USER_MASK
             if m.cr4_smep:
                 pte_access &= ~ACC_EXEC_MASK
-        with vm.mmu_lock.write():
+        lock = vm.mmu_lock
+        lock.acquire_write()
+        try:
             if self._is_page_fault_stale(vcpu, m, fault):
                 return RET_PF_RETRY
-            r = self.make_mmu_pages_available()
-            if r:
-                return r
+            if vm.n_max_mmu_pages - self.n_used_mmu_pages < KVM_MIN_FREE_MMU_PAGES:
+                r = self.make_mmu_pages_available()
+                if r:
+                    return r
             return self.fname_fetch(vcpu, fault, walker, pte_access, m)
+        finally:
+            lock.release_write()
 
     def shadow_page_table_clear_flood(self, vcpu, addr: int) -> None:
         a = self.arena
@@ -1720,30 +1758,24 @@ class ShadowMmu(MmuBackend):
         finally:
             a.walk_shadow_page_lockless_end(vcpu.index)
 
-    def _gpte_changed(self, vcpu, gw, level: int, m: KvmMmu, prefetch_ptes: list):
-        """``FNAME(gpte_changed)``; at the leaf level also reads the
-        8-entry group into `prefetch_ptes`."""
-        size = self._gpte_size(m)
-        pte_gpa = gw.pte_gpa[level - 1]
-        if level == PG_LEVEL_4K:
-            # (the leaf: read the whole group for the prefetch)
-            mask = PTE_PREFETCH_NUM * size - 1
-            base = pte_gpa & ~mask
-            raw = None
-            try:
-                raw = self.vm.guest_memory(vcpu.as_id).read(base, PTE_PREFETCH_NUM * size)
-            except Exception:
-                pass
-            if raw is None:
-                return True
-            prefetch_ptes[:] = [int.from_bytes(raw[k * size:(k + 1) * size], "little")
-                                for k in range(PTE_PREFETCH_NUM)]
-            cur = prefetch_ptes[(pte_gpa - base) // size]
-        else:
-            cur = self._read_gpte(vcpu, pte_gpa, size)
-            if cur is None:
-                return True
-        return cur != gw.ptes[level - 1]
+    @staticmethod
+    def _gpte_changed(mem, pte_gpas, ptes, level: int, size: int, prefetch_ptes: list) -> bool:
+        """``FNAME(gpte_changed)``: re-read the gPTE the walk used at `level`
+        (a read failure counts as a change); at 4K read its whole 8-entry
+        group into `prefetch_ptes` for ``FNAME(pte_prefetch)``."""
+        pte_gpa = pte_gpas[level - 1]
+        try:
+            if level == PG_LEVEL_4K:
+                base = pte_gpa & ~(PTE_PREFETCH_NUM * size - 1)
+                raw = mem.read(base, PTE_PREFETCH_NUM * size)
+                prefetch_ptes[:] = [int.from_bytes(raw[k:k + size], "little")
+                                    for k in range(0, PTE_PREFETCH_NUM * size, size)]
+                cur = prefetch_ptes[(pte_gpa - base) // size]
+            else:
+                cur = int.from_bytes(mem.read(pte_gpa, size), "little")
+        except Exception:
+            return True
+        return cur != ptes[level - 1]
 
     def fname_fetch(self, vcpu, fault: KvmPageFault, gw, direct_access: int, m: KvmMmu) -> int:
         """``FNAME(fetch)``: indirect pages for the guest tables above the
@@ -1754,7 +1786,10 @@ class ShadowMmu(MmuBackend):
         top_level = m.cpu_role.base.level
         if top_level == PT32E_ROOT_LEVEL:
             top_level = PT32_ROOT_LEVEL
-        if self._gpte_changed(vcpu, gw, top_level, m, prefetch_ptes):
+        mem = vm.guest_memory(vcpu.as_id)
+        pte_gpas, ptes = gw.pte_gpa, gw.ptes
+        size = 4 if m.cpu_role.base.has_4_byte_gpte else 8
+        if self._gpte_changed(mem, pte_gpas, ptes, top_level, size, prefetch_ptes):
             return RET_PF_RETRY
         if m.root.hpa is None:
             vm.warn_sink.warn("FNAME(fetch)", "no valid root", once=True)
@@ -1776,7 +1811,7 @@ class ShadowMmu(MmuBackend):
             if child is not None and child.unsync_children:
                 if self.mmu_sync_children(vcpu, child, False):
                     return RET_PF_RETRY
-            if self._gpte_changed(vcpu, gw, level - 1, m, prefetch_ptes):
+            if self._gpte_changed(mem, pte_gpas, ptes, level - 1, size, prefetch_ptes):
                 return RET_PF_RETRY
             if child is not None:
                 self.link_shadow_page(vcpu, sptep, child)
@@ -1786,7 +1821,7 @@ class ShadowMmu(MmuBackend):
                 fault.write_fault_to_shadow_pgtable = True
             sp = child
             level -= 1
-        _mmu.kvm_mmu_hugepage_adjust(vcpu, fault)
+        self._hugepage_adjust(vcpu, fault)
         self._trace_spte_requested(fault)
         base_gfn = fault.gfn
         sptep = 0
@@ -2000,9 +2035,11 @@ class ShadowMmu(MmuBackend):
         page shadowing the gfn that the write floods or hits misaligned
         (``mmu_flooded``), else zap the written SPTEs (``mmu_pde_zapped``
         for a non-zero new gPTE above 4K)."""
+        vm = self.vm
+        if vm.page_track_external_users:          # __kvm_page_track_write, first
+            _pt.kvm_page_track_write_notify(vm, gpa, new)
         if not self.indirect_shadow_pages:
             return
-        vm = self.vm
         nbytes = len(new)
         gfn = gpa >> PAGE_SHIFT
         invalid_list: list = []
@@ -2253,7 +2290,6 @@ class ShadowMmu(MmuBackend):
     def kvm_mmu_slot_leaf_clear_dirty(self, slot) -> None:
         """``kvm_mmu_slot_leaf_clear_dirty`` (PML): clear D on 4K leaves (W
         for SPTEs without A/D)."""
-        fmt = self.fmt
         with self._wlock():
             for _, _, head in self._rmap_heads(slot, slot.base_gfn, slot.base_gfn + slot.npages,
                                                1, 1):
@@ -2350,7 +2386,6 @@ def _audit(mmu: ShadowMmu) -> list[str]:
     docstring), checked from the tables, rmaps and lists themselves."""
     bad: list[str] = []
     vm = mmu.vm
-    fmt = mmu.fmt
     gen = vm.mmu_valid_gen
     if gen not in (0, 1):
         bad.append(f"mmu_valid_gen {gen} is not 0 or 1")

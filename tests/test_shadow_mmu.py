@@ -9,16 +9,17 @@ import pytest
 
 from kvmmmu import mmutrace as tp
 from kvmmmu._core.defs import (
-    RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED,
+    RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS,
 )
 from kvmmmu._core.guest_walk import PFERR_PRESENT_MASK as P_, PFERR_USER_MASK as U_, \
-    PFERR_WRITE_MASK as W_, PFERR_FETCH_MASK as F_
+    PFERR_WRITE_MASK as W_
 from kvmmmu.host import HostConfig
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES
 from kvmmmu.shadow_mmu import (
     KVM_MMU_NUM_PREV_ROOTS, PAE_ROOT, ShadowMmu, kvm_page_table_hashfn,
 )
 from kvmmmu.vm import VM, KvmParams
+from kvmmmu._core.guest_walk import PFERR_FETCH_MASK as F_
 
 MiB = 1 << 20
 P, W, U, A, D, PS = 1, 2, 4, 1 << 5, 1 << 6, 1 << 7
@@ -499,7 +500,6 @@ def test_two_level_guest_uses_four_pae_roots_with_quadrants():
         v.kvm_set_cr0(CR0_PE | CR0_PG | CR0_WP)
         v.vcpu_enter_guest()
     assert buf.lines() == [page(0, 1, 2, q=i, size=4) for i in range(4)]
-    sm = vm.mmu_backend
     assert v.mmu_root.hpa is PAE_ROOT
     with tp.capture("kvm_mmu_get_page") as buf:
         assert v.kvm_mmu_page_fault(0xC0400000, U_) == RET_PF_FIXED
@@ -550,3 +550,193 @@ def test_error_code_bits_a_pf_never_has_raise():
     with pytest.raises(ValueError, match="error_code"):
         v.kvm_mmu_page_fault(0x400000, 1 << 33)
     assert v.stat.pf_taken == before
+
+
+# ---------------------------------------------------------------------------
+# the audit finds what it claims to check
+# ---------------------------------------------------------------------------
+
+def _unsync_state():
+    vm, v, g, cr3 = four_level()
+    v.kvm_mmu_page_fault(0x400000, U_)
+    g.map(cr3, 0xC00000, 0x4000, leaf=P | W | U | A | D)
+    v.kvm_mmu_page_fault(0xC00000, W_ | U_)
+    assert vm.audit() == []
+    return vm, v
+
+
+def test_audit_reports_a_leaf_missing_from_its_rmap():
+    from kvmmmu._core.rmap import rmap_remove
+    vm, v = _unsync_state()
+    sm = vm.mmu_backend
+    sp, idx, _ = sm.shadow_walk(v, 0x400000)[-1]
+    rmap_remove(vm.memslots[0].id_to_memslot(0).arch.rmap, 0x1000, sp.pa | (idx << 3), 1)
+    assert any("in 0 rmaps" in x for x in vm.audit(raise_=False))
+
+
+def test_audit_reports_unsync_counts_and_marks():
+    vm, v = _unsync_state()
+    root = v.mmu_root.sp
+    root.unsync_children += 1
+    assert any("unsync_children" in x for x in vm.audit(raise_=False))
+    root.unsync_children -= 1
+    root.unsync_child_bitmap = 0
+    root.unsync_children = 0
+    bad = vm.audit(raise_=False)
+    assert any("(S5)" in x for x in bad)
+
+
+def test_audit_reports_write_tracking_and_writable_shadowed_gfns():
+    vm, v = _unsync_state()
+    slot = vm.memslots[0].id_to_memslot(0)
+    slot.arch.gfn_write_track[3] += 1
+    assert any("write-track count" in x for x in vm.audit(raise_=False))
+    slot.arch.gfn_write_track[3] -= 1
+    pt = [sp for sp in vm.mmu_backend.pages.values() if sp.gfn == 4][0]
+    pt.unsync = False                                       # a writable SPTE maps gfn 4
+    assert any("(S3)" in x for x in vm.audit(raise_=False))
+
+
+def test_audit_reports_a_duplicate_page_in_the_hash():
+    vm, v = _unsync_state()
+    sm = vm.mmu_backend
+    sp = v.mmu_root.sp
+    from kvmmmu.shadow_mmu import kvm_page_table_hashfn
+    sm.mmu_page_hash[kvm_page_table_hashfn(sp.gfn)].append(sp)
+    assert any("in the hash 2 times" in x for x in vm.audit(raise_=False))
+
+
+def test_fast_zap_traces_and_counts_in_the_kernels_order():
+    """kvm_mmu_zap_all_fast: the event with the old generation and the pages in
+    use, then prepare_zap of every obsolete page from the oldest (the root,
+    kept while in use, then l3, l2, l1); the root's own zap comes when the
+    vCPU frees it (mmu_shadow_zapped counts both)."""
+    vm, v, g, cr3 = four_level()
+    v.kvm_mmu_page_fault(0x400000, U_)
+    with tp.capture("kvm_mmu_zap_all_fast", "kvm_mmu_prepare_zap_page") as buf:
+        vm.kvm_mmu_zap_all_fast()
+        v.vcpu_enter_guest()
+    z = "kvm_mmu_prepare_zap_page: sp gen 0 gfn {:x} l{} 8-byte q0 wux{} nxe ad root {} sync"
+    assert buf.lines() == [
+        "kvm_mmu_zap_all_fast: kvm-mmu-valid-gen 0 used_pages 4",
+        z.format(1, 4, "", 1), z.format(2, 3, "", 0), z.format(3, 2, "", 0), z.format(4, 1, "", 0),
+        z.format(1, 4, " invalid", 0)]
+    assert vm.stat.mmu_shadow_zapped == 5
+    assert vm.audit() == []
+
+
+def test_32_bit_host_runs_the_shadow_mmu_on_split_sptes():
+    from kvmmmu.vm import KvmParams
+    vm = VM("shadow", host=HostConfig(tdp=None, host_64bit=False, maxphyaddr=36, smm=False,
+                                      gbpages=False, la57=False),
+            params=KvmParams(tdp_mmu=False, nx_huge_pages=False))
+    assert not vm.arena.host_64bit
+    vm.add_memory(0, 32 * MiB)
+    g = GuestTables(vm)
+    cr3 = g.alloc()
+    g.map(cr3, 0x400000, 0x1000000)
+    v = long_mode(vm, cr3)
+    assert v.kvm_mmu_page_fault(0x400000, U_ | W_) == RET_PF_FIXED
+    spte = vm.mmu_backend.shadow_walk(v, 0x400000)[-1][2]
+    assert spte & W and (spte >> 12) & 0xFFFFFF
+    vm.kvm_mmu_zap_all_fast()
+    v.vcpu_enter_guest()
+    assert vm.audit() == []
+
+
+def test_guest_page_fault_is_injected_and_counted():
+    vm, v, g, cr3 = four_level()
+    assert v.kvm_mmu_page_fault(0x7FF000, U_) == RET_PF_RETRY      # no guest mapping
+    assert v.stat.pf_guest == 1 and v.stat.pf_taken == 1
+    assert v.injected_page_fault.address == 0x7FF000
+    assert v.injected_page_fault.error_code & U_
+    assert vm.audit() == []
+
+
+def test_write_protected_fault_with_an_event_to_reinject_unprotects_and_retries():
+    """kvm_mmu_write_protect_fault on shadow paging: with an event awaiting
+    reinjection the gfn's shadow pages are zapped (unprotect) and the fault
+    retried; the same address again is emulated."""
+    vm, v, g, cr3 = four_level()
+    sm = vm.mmu_backend
+    g.map(cr3, 0x800000, 0x3000)                         # alias of the PD (gfn 3)
+    v.kvm_mmu_page_fault(0x400000, U_)
+    v.event_needs_reinjection = True
+    assert v.kvm_mmu_page_fault(0x800000, W_ | U_) == RET_PF_RETRY
+    assert not any(sp.gfn == 3 for sp in sm.pages.values() if not sp.invalid)
+    assert v.last_retry_addr == 0x800000
+    assert vm.audit() == []
+
+
+# ---------------------------------------------------------------------------
+# the MmuBackend hooks through rmaps (mmu="tdp")
+# ---------------------------------------------------------------------------
+
+def thp_tdp_vm(**params):
+    vm = VM("tdp", host=HostConfig(tdp="ept"), params=KvmParams(tdp_mmu=False, **params))
+    s = vm.add_memory(0, 16 * MiB, thp=True, populate=True)
+    v = vm.vcpus[0]
+    v.vcpu_enter_guest()
+    return vm, v, s
+
+
+def test_thp_backed_fault_maps_2m_and_dirty_logging_breaks_it_down():
+    vm, v, s = thp_tdp_vm()
+    sm = vm.mmu_backend
+    assert v.kvm_mmu_page_fault(0x200000 + 0x3000, W_) == RET_PF_FIXED
+    sp, idx, spte = sm.shadow_walk(v, 0x203000)[-1]
+    assert sp.level == 2 and spte & PS and vm.stat.pages_2m == 1
+    vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 16 * MiB, s.userspace_addr)
+    # write-protected huge leaf: the fast path may not restore W on a huge page of
+    # a dirty-logged slot, so the write takes the slow path and maps 4K
+    assert v.kvm_mmu_page_fault(0x203000, W_ | P_) == RET_PF_FIXED
+    sp, idx, spte = sm.shadow_walk(v, 0x203000)[-1]
+    assert sp.level == 1 and spte & W
+    assert vm.audit() == []
+    # dirty logging off: recover_huge_pages zaps the collapsible 4K SPTEs
+    vm.set_user_memory_region(0, 0, 0, 16 * MiB, s.userspace_addr)
+    assert not sm.shadow_walk(v, 0x203000)[-1][2] & 0x800
+    assert v.kvm_mmu_page_fault(0x203000, W_) == RET_PF_FIXED
+    assert sm.shadow_walk(v, 0x203000)[-1][0].level == 2
+    assert vm.audit() == []
+
+
+def test_nx_huge_pages_split_for_fetches_and_recovery_zaps_them():
+    vm, v, s = thp_tdp_vm(nx_huge_pages=True)
+    sm = vm.mmu_backend
+    assert v.kvm_mmu_page_fault(0x400000, F_) == RET_PF_FIXED
+    assert sm.shadow_walk(v, 0x400000)[-1][0].level == 1      # exec: 4K
+    assert vm.stat.nx_lpage_splits == 1 and len(sm.possible_nx_huge_pages) == 1
+    # a data access in the same 2M does not replace the NX-split table with a huge page
+    assert v.kvm_mmu_page_fault(0x401000, W_) == RET_PF_FIXED
+    assert sm.shadow_walk(v, 0x401000)[-1][0].level == 1
+    assert sm.kvm_recover_nx_huge_pages(1) == 1
+    assert vm.stat.nx_lpage_splits == 0
+    assert v.kvm_mmu_page_fault(0x401000, W_) == RET_PF_FIXED
+    assert sm.shadow_walk(v, 0x401000)[-1][0].level == 2      # huge again
+    assert vm.audit() == []
+
+
+def test_host_aging_and_unmap_go_through_the_rmaps():
+    vm, v, s = thp_tdp_vm()
+    sm = vm.mmu_backend
+    v.kvm_mmu_page_fault(0x5000, W_)
+    assert sm.shadow_walk(v, 0x5000)[-1][2] & (1 << 8)          # EPT A bit
+    assert vm.host.test_young(s.userspace_addr + 0x5000)
+    vm.host.age(s.userspace_addr, 16 * MiB)
+    assert not sm.shadow_walk(v, 0x5000)[-1][2] & (1 << 8)
+    vm.host.munmap(s.userspace_addr, 4 * MiB)
+    assert not sm.shadow_walk(v, 0x5000)[-1][2] & 0x800
+    assert vm.stat.pages_2m + vm.stat.pages_4k == 0
+    assert vm.audit() == []
+
+
+def test_memslot_delete_fast_zaps_and_the_root_is_reloaded():
+    vm, v, s = thp_tdp_vm()
+    sm = vm.mmu_backend
+    v.kvm_mmu_page_fault(0x5000, W_)
+    vm.delete_memslot(0)
+    assert vm.mmu_valid_gen == 1 and vm.stat.pages_2m + vm.stat.pages_4k == 0
+    v.vcpu_enter_guest()
+    assert v.mmu_root.sp.mmu_valid_gen == 1 and len(sm.pages) == 1
+    assert vm.audit() == []
