@@ -931,3 +931,18 @@ def test_a_shadow_stream_equals_the_api_called_by_hand():
     # the guest now maps gva 0x7000 to gpa 0x9000: the model's walk says so
     assert res.vm.vcpus[0].walk_addr(0x7000, 0).gpa == 0x9000
     res.vm.audit()
+
+
+def test_the_documented_init_line_runs():
+    """docs/STREAM.md's example init line is a valid stream (the doc stays true)."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "docs" / "STREAM.md").read_text()
+    block = re.search(r"```json\n(.*?)```", text, re.S).group(1)
+    init = "".join(ln.strip() for ln in block.splitlines())
+    res = R.run_stream([init, dumps({"kind": "entry", "vcpu": 0})])
+    assert res.lines == ["kvm_mmu_get_page: sp gen 0 gfn 1 l4 8-byte q0 wux nxe ad root 0 sync new"]
+    # every kind the doc's event table lists is one the parser knows, and back
+    kinds = set(re.findall(r"^\| `(\w+)` \|", text.split("## Events")[1].split("## Validation")[0],
+                           re.M))
+    assert kinds == set(R.EVENT_FIELDS)
