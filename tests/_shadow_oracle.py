@@ -402,19 +402,14 @@ def _sext(va: int, bits: int) -> int:
 
 
 def iter_shadow(arena, fmt, root_sp: int, *, base: int = 0, va_bits: int | None = None,
-                problems: list | None = None, _path=(), _acc=(True, True, True), _seen=None):
+                problems: list | None = None, _path=(), _acc=(True, True, True)):
     """Yield a :class:`ShadowLeaf` for every present leaf and every MMIO
     SPTE below ``root_sp``.  The address of entry ``i`` of an SP at level
     L is ``base + i * 4K * 512**(L-1)`` (sign-extended from ``va_bits`` for
-    4/5-level gva roots).  A non-leaf SPTE whose child is not a live SP of
-    the level below, or a cycle, is reported in ``problems`` (if given)."""
-    if _seen is None:
-        _seen = set()
-    if root_sp in _seen:
-        if problems is not None:
-            problems.append(f"sp {root_sp} reached twice below one root (cycle or double link)")
-        return
-    _seen.add(root_sp)
+    4/5-level gva roots).  One SP may be linked from several entries (a
+    guest table used twice); a non-leaf SPTE whose child is not a live SP
+    of the level below, or a child already on the path (a cycle), is
+    reported in ``problems`` (if given) and not followed."""
     info = arena.get_sp(root_sp)
     level = int(info["role"]) & 0xF
     tbl = np.array(arena.spt(root_sp), copy=True)
@@ -445,13 +440,14 @@ def iter_shadow(arena, fmt, root_sp: int, *, base: int = 0, va_bits: int | None 
             if problems is not None:
                 problems.append(f"sp {root_sp}[{i}] = {spte:#x}: no child SP ({e})")
             continue
-        if clevel != level - 1:
+        if clevel != level - 1 or any(child == p for p, _ in path):
             if problems is not None:
-                problems.append(f"sp {root_sp}[{i}] (level {level}) links sp {child} of level {clevel}")
+                problems.append(f"sp {root_sp}[{i}] (level {level}) links sp {child} of level {clevel}"
+                                f"{' already on its path' if clevel == level - 1 else ''}")
             continue
         yield from iter_shadow(arena, fmt, child, base=addr if not va_bits else
                                addr & ((1 << va_bits) - 1), va_bits=va_bits, problems=problems,
-                               _path=path, _acc=acc, _seen=_seen)
+                               _path=path, _acc=acc)
 
 
 def shadow_lookup(arena, fmt, root_sp: int, va: int, *, va_bits: int | None = 48):
@@ -549,17 +545,17 @@ def check_mmio_leaf(vm, vcpu, leaf: ShadowLeaf, where: str) -> tuple[list[str], 
 
 # --- direct roots -----------------------------------------------------------------
 
-def check_direct_root(vm, vcpu, root_sp: int, *, label: str = "direct") -> list[str]:
+def check_direct_root(vm, vcpu, root_sp: int, *, label: str = "direct", base: int = 0) -> list[str]:
     """Every leaf below a direct root (``mmu="tdp"``'s shadow pages, or a
     TDP MMU root): in a memslot at its position, pfn = the host's, W only
     as the memslot allows; child SPs cover their parent entry's gfn range
     (``sp.gfn``); an MMIO SPTE is for the gfn at its position."""
     arena, fmt = vm.arena, vm.fmt
     bad: list[str] = []
-    for leaf in iter_shadow(arena, fmt, root_sp, problems=bad):
+    for leaf in iter_shadow(arena, fmt, root_sp, base=base, problems=bad):
         gfn = leaf.addr >> 12
         where = f"{label} root {root_sp}: leaf gfn {gfn:#x}/l{leaf.level}"
-        for sp, i in leaf.path[1:]:
+        for sp, i in leaf.path[0 if base else 1:]:
             info = arena.get_sp(sp)
             lv = int(info["role"]) & 0xF
             span_gfn = (gfn >> (9 * lv)) << (9 * lv)

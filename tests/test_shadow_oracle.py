@@ -330,3 +330,21 @@ def test_direct_root_checker():
                                                         host_writable=True)[0])
     bad = O.check_direct_root(vm, v, sps[0])
     assert len(bad) == 1 and "outside every memslot" in bad[0], bad
+
+
+def test_a_page_table_used_twice_is_one_sp_linked_twice():
+    """A guest PT referenced by two PDEs of one PD: the shadow links one SP
+    from both entries; the oracle walks it twice, at both gvas, and only a
+    cycle would be an error."""
+    g = Guest()
+    g.set(3 << 12 | 16, 4 << 12 | P | W | U | A)                  # PD[2] -> PT 4 as well
+    g.pte(0x3000, 0x40 << 12 | P | W | U | A | D)
+    g.leaf(0x3000, 0x40, ACC_U | ACC_W)
+    g.link(g.sps[2], 2, g.sps[1])
+    leaves = list(O.iter_shadow(g.vm.arena, g.vm.fmt, g.sps[4], va_bits=48))
+    assert sorted(lf.addr for lf in leaves) == [0x3000, 0x400000 + 0x3000]
+    assert g.check() == []
+    g.set(3 << 12 | 16, 5 << 12 | P | W | U | A)                  # the guest moves PD[2] away
+    bad = g.check()
+    assert all("gva 0x403000" in b for b in bad) and "guest table there is 0x5" in bad[0], bad
+    assert "does not map it" in bad[1]                            # PT 5 has nothing at 0x403000
