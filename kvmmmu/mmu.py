@@ -493,6 +493,8 @@ def kvm_mmu_page_fault(vcpu, cr2_or_gpa: int, error_code: int, insn=None, insn_l
     if vcpu.mmu_root is None:                # !VALID_PAGE(vcpu->arch.mmu->root.hpa)
         vm.warn_sink.warn("kvm_mmu_page_fault", "page fault without a valid root", once=True)
         return RET_PF_RETRY
+    if not mmu.direct:                       # a #PF: its address and error code are the CPU's
+        mmu.check_fault_args(vcpu, cr2_or_gpa, error_code)
     if vm.kvm_sw_protected_vm and vm.kvm_mem_is_private(cr2_or_gpa >> PAGE_SHIFT):
         error_code |= PFERR_PRIVATE_ACCESS
     r = RET_PF_INVALID

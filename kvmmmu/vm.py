@@ -79,6 +79,7 @@ from kvmmmu.memattrs import (
 from kvmmmu.notifiers import KvmMmuNotifier, MmuInvalidateState
 from kvmmmu.stats import VcpuStat, VmStat
 from kvmmmu.tdp_mmu import TdpMmu
+from kvmmmu.shadow_mmu import ShadowMmu
 from kvmmmu._core.guest_walk import GuestMemory, GpaNotMappedError, GpaReadOnlyError
 from kvmmmu import paging as _pg
 
@@ -769,8 +770,10 @@ class VM:
             if backend != "auto":
                 raise ValueError(f"backend must be 'auto', None or an MmuBackend, not {backend!r}")
             # not for TDX yet: its private faults need the mirror root
-            backend = TdpMmu(self) if mmu == "tdp_mmu" and not self.kvm_has_mirrored_tdp \
-                else None
+            if mmu == "tdp_mmu":
+                backend = None if self.kvm_has_mirrored_tdp else TdpMmu(self)
+            else:                               # "tdp" (tdp_mmu=N) and "shadow"
+                backend = ShadowMmu(self)
             self._auto_backend = backend
         if backend is not None:
             self.register_mmu(backend)

@@ -369,7 +369,10 @@ def test_the_tdp_mmu_vm_gets_its_backend():
     assert vm2.mmus == [rec] and vm2.mmu_backend is None           # hooks only, no faults
     with pytest.raises(LookupError, match="no MMU backend"):
         vm2.vcpus[0].kvm_mmu_page_fault(0x1000, W)
-    assert VM("shadow").mmu_backend is None
+    # the shadow flavours get the shadow MMU (issue 12); backend=None still gives none
+    from kvmmmu.shadow_mmu import ShadowMmu
+    assert isinstance(VM("shadow").mmu_backend, ShadowMmu)
+    assert VM("shadow", backend=None).mmu_backend is None
     # an unused automatic TdpMmu gives way to one registered explicitly
     vm3 = VM("tdp_mmu")
     t = vm3.register_mmu(TdpMmu(vm3))

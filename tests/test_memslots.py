@@ -60,7 +60,10 @@ def test_bad_region_table_model(name, setup, probe, expected):
         if name == "move_beyond_max_gfn":
             # the kernel's own exception: the INVALID copy was published and
             # reverted (two generation bumps) and the old slot's SPTEs zapped
-            assert _without_gens(after) == _without_gens(before)
+            # (with the shadow MMU the flush is kvm_mmu_zap_all_fast, which asks
+            # every vCPU to free its obsolete roots: the only other change)
+            assert _without_gens(after)[:7] == _without_gens(before)[:7]
+            assert all(set(r) <= {"KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"} for r in after[7])
             assert [a - b for a, b in zip(_gens(after), _gens(before))] == [2 * vm.nr_memslot_as_ids]
             assert "kvm_arch_flush_shadow_memslot" in rec.names()
         else:
