@@ -632,13 +632,23 @@ def _leaf_vs_translation(leaf: ShadowLeaf, tr: GuestTranslation, regs: GuestRegs
 
 def check_shadow_root(vm, vcpu, root_sp: int, regs: GuestRegs, *, read_u64=None,
                       window: TlbWindow | None = None, base: int = 0, va_bits: int | None = None,
-                      label: str = "root", strict_unsync: bool = False) -> list[str]:
+                      label: str = "root", strict_unsync: bool = False,
+                      allow: tuple = ()) -> list[str]:
     """The security rule for one shadow-paging root (SP handle) of a guest
     with registers ``regs``: see the module docstring.  ``base``/``va_bits``
     place the root in the gva space (a 4-level root: 0/48; one PAE root of
     the four: ``i << 30``/None).  Leaves on a path through an unsync SP are
     compared with the ``window`` of their gva (``strict_unsync``: skip them
-    instead when there is no window - a cached root not in use)."""
+    instead when there is no window - a cached root not in use).
+
+    ``allow``: known kernel departures from the architecture to accept.
+    ``"nx_reserved"``: shadow paging's root role forces ``efer_nx=1``
+    (shadow-mmu.md §1.3), so the shadow pages built while the
+    guest had EFER.NXE=1 are reused after it clears NXE, and a leaf whose
+    gPTE has bit 63 set (now a reserved bit: the walk must fault with
+    RSVD) stays mapped until something zaps or syncs it - even across a
+    CR3 load.  With it, such a leaf is compared with the translation the
+    guest's tables give with NXE=1."""
     arena, fmt = vm.arena, vm.fmt
     read_u64 = read_u64 or memory_reader(vm, vcpu.as_id)
     if va_bits is None and base == 0 and regs.mode >= 4:
@@ -695,6 +705,11 @@ def check_shadow_root(vm, vcpu, root_sp: int, regs: GuestRegs, *, read_u64=None,
         cands = [tr] if tr is not None else []
         if unsync and window is not None:
             cands += [t for t in window.window(va) if t is not None]
+        if tr is None and walk.fault == "reserved" and "nx_reserved" in allow and not regs.nxe:
+            from dataclasses import replace as _replace
+            t_nx = translate(read_u64, va, _replace(regs, efer=regs.efer | EFER_NXE))
+            if t_nx is not None:
+                cands.append(t_nx)
         ok = None
         reasons = []
         for t in cands:
