@@ -893,6 +893,12 @@ def vcpu_enter_guest(vcpu) -> None:
     if vcpu.kvm_check_request("KVM_REQ_MMU_SYNC"):
         kvm_mmu_sync_roots(vcpu)
     vcpu.kvm_check_request("KVM_REQ_LOAD_MMU_PGD")
+    # kvm_flush_remote_tlbs() (in C, in the arena) makes KVM_REQ_TLB_FLUSH to
+    # every vCPU: one is pending if a flush happened since this vCPU last looked
+    n = vcpu.vm.arena.remote_tlb_flush_requests
+    if n != vcpu.tlb_flush_requests_seen:
+        vcpu.tlb_flush_requests_seen = n
+        vcpu.kvm_make_request("KVM_REQ_TLB_FLUSH")
     if vcpu.kvm_check_request("KVM_REQ_TLB_FLUSH"):
         vcpu.stat.tlb_flush += 1
         vcpu.kvm_check_request("KVM_REQ_TLB_FLUSH_CURRENT")   # the full flush covers it

@@ -233,19 +233,26 @@ class ShadowMmu(MmuBackend):
     """The shadow MMU of one VM (``vm.mmu_backend`` of ``mmu="tdp"`` and
     ``mmu="shadow"`` VMs).  See the module docstring.
 
-    Public API by stream event kind (what a runner calls):
+    Public API by stream event kind (what a runner calls; the VM and vCPU
+    methods reach this class through :mod:`kvmmmu.mmu`):
 
     * VM entry: ``vcpu.vcpu_enter_guest()`` (requests, then
       :meth:`kvm_mmu_load` through ``kvm_mmu_reload``);
     * page fault: ``vcpu.kvm_mmu_page_fault(addr, error_code)`` (the
-      common entry calls :meth:`mmu_page_fault`);
-    * translate: :meth:`translate` (walk with A/D updates);
-    * write: ``vcpu.kvm_page_track_write(gpa, data)`` (track) ->
-      :meth:`kvm_mmu_track_write`; untracked: ``vm.write_guest``;
+      common entry checks the arguments with :meth:`check_fault_args`,
+      then calls :meth:`mmu_page_fault`); an injected guest #PF is left in
+      ``vcpu.injected_page_fault`` (``pf_guest`` counts it);
+    * translate: ``vm.mmu_backend.translate(vcpu, gva, access)`` (a walk
+      that sets A/D bits; None when it faults);
+    * write: ``vcpu.kvm_page_track_write(gpa, data)`` (track: the
+      emulator's store -> :meth:`kvm_mmu_track_write`); untracked:
+      ``vm.write_guest(gpa, data)`` (a guest store the MMU does not see);
     * invlpg: ``vcpu.kvm_mmu_invlpg(gva)`` -> :meth:`kvm_mmu_invlpg`;
-    * CR/EFER loads: ``vcpu.kvm_set_cr0/3/4``, ``kvm_set_efer`` ->
-      :meth:`kvm_mmu_new_pgd`, :meth:`kvm_mmu_unload` (reset);
-    * memslots / dirty log: the VM's ioctls -> the MmuBackend hooks.
+    * CR/EFER loads: ``vcpu.kvm_set_cr0/3/4``, ``kvm_set_efer``,
+      ``set_cpl`` -> :meth:`kvm_mmu_new_pgd`, :meth:`kvm_mmu_unload` (reset);
+    * memslots / dirty log: ``vm.set_user_memory_region``,
+      ``vm.get_dirty_log``, ``vm.clear_dirty_log`` -> the MmuBackend hooks;
+    * marks: ``vm.stat`` / ``vcpu.stat`` (``as_dict()``).
     """
     is_tdp = False
     direct = False
@@ -1686,9 +1693,6 @@ class ShadowMmu(MmuBackend):
         return False, (walk[-1][2] if walk else 0)
 
     # ------------------------------------------------------------ FNAME(page_fault)
-    def _gpte_size(self, m: KvmMmu) -> int:
-        return 4 if m.cpu_role.base.has_4_byte_gpte else 8
-
     def _read_gpte(self, vcpu, gpa: int, size: int):
         try:
             return int.from_bytes(self.vm.guest_memory(vcpu.as_id).read(gpa, size), "little")
@@ -1754,30 +1758,24 @@ class ShadowMmu(MmuBackend):
         finally:
             a.walk_shadow_page_lockless_end(vcpu.index)
 
-    def _gpte_changed(self, vcpu, gw, level: int, m: KvmMmu, prefetch_ptes: list):
-        """``FNAME(gpte_changed)``; at the leaf level also reads the
-        8-entry group into `prefetch_ptes`."""
-        size = self._gpte_size(m)
-        pte_gpa = gw.pte_gpa[level - 1]
-        if level == PG_LEVEL_4K:
-            # (the leaf: read the whole group for the prefetch)
-            mask = PTE_PREFETCH_NUM * size - 1
-            base = pte_gpa & ~mask
-            raw = None
-            try:
-                raw = self.vm.guest_memory(vcpu.as_id).read(base, PTE_PREFETCH_NUM * size)
-            except Exception:
-                pass
-            if raw is None:
-                return True
-            prefetch_ptes[:] = [int.from_bytes(raw[k * size:(k + 1) * size], "little")
-                                for k in range(PTE_PREFETCH_NUM)]
-            cur = prefetch_ptes[(pte_gpa - base) // size]
-        else:
-            cur = self._read_gpte(vcpu, pte_gpa, size)
-            if cur is None:
-                return True
-        return cur != gw.ptes[level - 1]
+    @staticmethod
+    def _gpte_changed(mem, pte_gpas, ptes, level: int, size: int, prefetch_ptes: list) -> bool:
+        """``FNAME(gpte_changed)``: re-read the gPTE the walk used at `level`
+        (a read failure counts as a change); at 4K read its whole 8-entry
+        group into `prefetch_ptes` for ``FNAME(pte_prefetch)``."""
+        pte_gpa = pte_gpas[level - 1]
+        try:
+            if level == PG_LEVEL_4K:
+                base = pte_gpa & ~(PTE_PREFETCH_NUM * size - 1)
+                raw = mem.read(base, PTE_PREFETCH_NUM * size)
+                prefetch_ptes[:] = [int.from_bytes(raw[k:k + size], "little")
+                                    for k in range(0, PTE_PREFETCH_NUM * size, size)]
+                cur = prefetch_ptes[(pte_gpa - base) // size]
+            else:
+                cur = int.from_bytes(mem.read(pte_gpa, size), "little")
+        except Exception:
+            return True
+        return cur != ptes[level - 1]
 
     def fname_fetch(self, vcpu, fault: KvmPageFault, gw, direct_access: int, m: KvmMmu) -> int:
         """``FNAME(fetch)``: indirect pages for the guest tables above the
@@ -1788,7 +1786,10 @@ class ShadowMmu(MmuBackend):
         top_level = m.cpu_role.base.level
         if top_level == PT32E_ROOT_LEVEL:
             top_level = PT32_ROOT_LEVEL
-        if self._gpte_changed(vcpu, gw, top_level, m, prefetch_ptes):
+        mem = vm.guest_memory(vcpu.as_id)
+        pte_gpas, ptes = gw.pte_gpa, gw.ptes
+        size = 4 if m.cpu_role.base.has_4_byte_gpte else 8
+        if self._gpte_changed(mem, pte_gpas, ptes, top_level, size, prefetch_ptes):
             return RET_PF_RETRY
         if m.root.hpa is None:
             vm.warn_sink.warn("FNAME(fetch)", "no valid root", once=True)
@@ -1810,7 +1811,7 @@ class ShadowMmu(MmuBackend):
             if child is not None and child.unsync_children:
                 if self.mmu_sync_children(vcpu, child, False):
                     return RET_PF_RETRY
-            if self._gpte_changed(vcpu, gw, level - 1, m, prefetch_ptes):
+            if self._gpte_changed(mem, pte_gpas, ptes, level - 1, size, prefetch_ptes):
                 return RET_PF_RETRY
             if child is not None:
                 self.link_shadow_page(vcpu, sptep, child)

@@ -279,6 +279,8 @@ class Vcpu:
         self.last_retry_addr = None
         #: ``kvm_event_needs_reinjection`` (shadow paging's unprotect rule)
         self.event_needs_reinjection = False
+        #: the last #PF the shadow MMU injected into the guest (a walker PageFault)
+        self.injected_page_fault = None
         #: the registers the MMU reads (CR0/CR3/CR4/EFER/RFLAGS/CPL/PKRU), a
         #: frozen :class:`~kvmmmu.paging.CpuState` replaced by the ``kvm_set_*``
         #: methods; a new vCPU has paging off, as after INIT
@@ -289,6 +291,9 @@ class Vcpu:
         #: load that had to load them (None outside PAE paging)
         self.pdptrs = None
         self._walk_mmu = None
+        #: ``vm.arena.remote_tlb_flush_requests`` when this vCPU last entered:
+        #: a larger count means a KVM_REQ_TLB_FLUSH is pending for it
+        self.tlb_flush_requests_seen = vm.arena.remote_tlb_flush_requests
 
     def __repr__(self):
         return f"Vcpu({self.vcpu_id}{' smm' if self.smm else ''})"
@@ -418,6 +423,21 @@ class Vcpu:
                              pdptrs=self.pdptrs if self._pae_paging(self.cpu) else None)
             w.smm = self.smm
             self._walk_mmu = w
+        return w
+
+    def walk_addr(self, gva: int, access: int = 0):
+        """``FNAME(walk_addr)`` through :attr:`walk_mmu` (the fault path's and
+        the emulator's ``gva_to_gpa`` walk): a :class:`~kvmmmu.paging.GuestWalker`.
+        The A/D bits the walk writes dirty their table pages
+        (``mark_page_dirty_in_slot``), as the kernel's write-back does."""
+        w = self.walk_mmu.walk_addr(gva, access)
+        m = w.ad_written
+        if m:
+            vm = self.vm
+            for level in range(1, 6):
+                if m >> (level - 1) & 1:
+                    gfn = w.pte_gpa[level - 1] >> PAGE_SHIFT
+                    M.mark_page_dirty_in_slot(vm, self.gfn_to_memslot(gfn), gfn)
         return w
 
     @staticmethod
@@ -930,7 +950,10 @@ class VM:
             v.kvm_make_request(req)
 
     def kvm_flush_remote_tlbs(self) -> None:
-        """``kvm_flush_remote_tlbs`` (counted in ``stat.remote_tlb_flush*``)."""
+        """``kvm_flush_remote_tlbs``: ``stat.remote_tlb_flush_requests`` counts
+        it, ``remote_tlb_flush`` only when a vCPU needed the IPI (one not
+        outside guest mode); every vCPU gets KVM_REQ_TLB_FLUSH (seen at its
+        next ``vcpu_enter_guest``, counted in its ``tlb_flush``)."""
         self.arena.kvm_flush_remote_tlbs()
 
     def kvm_bug(self, msg: str, site: str = "KVM_BUG_ON") -> None:
@@ -1151,7 +1174,9 @@ class VM:
     def write_guest(self, gpa: int, data, as_id: int = 0) -> None:
         """The VMM writes guest memory through its own mapping: no page
         tracking, no dirty logging, allowed on READONLY memslots (the host
-        mapping is the VMM's).  A range not wholly inside memslots raises
+        mapping is the VMM's).  Like any store, it faults the host pages in
+        (writable when the VMA is), so a later read fault of the guest maps
+        them host-writable, as on the real machine.  A range not wholly inside memslots raises
         GpaNotMappedError before anything is written."""
         self._write_guest(gpa, data, as_id, dirty=False)
 
@@ -1178,6 +1203,9 @@ class VM:
             off = g - gpa
             hva = slot.userspace_addr + g - (slot.base_gfn << PAGE_SHIFT)
             v = self.host.find_vma(hva)
+            # the store faults the page in (writable where the mapping allows:
+            # a loader writing a read-only mapping has its own writable alias)
+            self.host.populate(hva, n, write=v.writable)
             v.data[hva - v.start:hva - v.start + n] = np.frombuffer(data, np.uint8, n, off)
             if dirty:
                 M.mark_page_dirty_in_slot(self, slot, gfn)

@@ -740,3 +740,97 @@ def test_memslot_delete_fast_zaps_and_the_root_is_reloaded():
     v.vcpu_enter_guest()
     assert v.mmu_root.sp.mmu_valid_gen == 1 and len(sm.pages) == 1
     assert vm.audit() == []
+
+
+# ---------------------------------------------------------------------------
+# against a trace this host's kernel recorded (v6.18, shadow paging)
+# ---------------------------------------------------------------------------
+
+# Recorded on this machine with kvmmmu.live (tests/test_paging_live.py's guest:
+# identity tables at 0x1000.., a ring-3 fetch of the code page 0x10000, then a
+# ring-3 read of 0x400000 whose PT (gfn 5) has an accessed neighbour whose host
+# page was never touched, so it is not prefetched).  The MMU events only
+# (walker lines are checked by test_paging_live); pfns and sptep addresses are
+# the host's.
+KERNEL_FIRST_TOUCH = """\
+kvm_mmu_get_page: sp gen 0 gfn 1 l4 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_get_page: sp gen 0 gfn 2 l3 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_get_page: sp gen 0 gfn 3 l2 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_get_page: sp gen 0 gfn 4 l1 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_spte_requested: gfn 10 pfn 1b96da level 1
+kvm_mmu_set_spte: gfn 10 spte 1b96daa25 (r-xu) level 1 at 14509b080
+kvm_mmu_get_page: sp gen 0 gfn 5 l1 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_spte_requested: gfn 300 pfn 1f20c9 level 1
+kvm_mmu_set_spte: gfn 300 spte 1f20c9a25 (r-xu) level 1 at 14509a000
+""".splitlines()
+
+
+def _masked(line):
+    import re
+    line = re.sub(r"pfn [0-9a-f]+", "pfn *", line)
+    line = re.sub(r" at [0-9a-f]+$", " at *", line)
+    return re.sub(r"spte ([0-9a-f]+)", lambda m: "spte %x" % (int(m.group(1), 16) & ~0xFFFFFFFFFF000),
+                  line)
+
+
+# The same guest, but the PT's entry 16 maps the PT itself (user, writable, A and D
+# set); the code reads 0x400000, then stores through that alias: the level-1
+# page of gfn 5 goes unsync and the alias is mapped writable.
+KERNEL_UNSYNC_ALIAS = KERNEL_FIRST_TOUCH[:-3] + """kvm_mmu_get_page: sp gen 0 gfn 5 l1 8-byte q0 wux nxe ad root 0 sync new
+kvm_mmu_spte_requested: gfn 300 pfn 103a62 level 1
+kvm_mmu_set_spte: gfn 300 spte 103a62a25 (r-xu) level 1 at 149811000
+kvm_mmu_spte_requested: gfn 5 pfn 131ab1 level 1
+kvm_mmu_unsync_page: sp gen 0 gfn 5 l1 8-byte q0 wux nxe ad root 0 sync
+kvm_mmu_set_spte: gfn 5 spte 131ab1e67 (rwxu) level 1 at 149811080
+""".splitlines()
+
+
+def _recorded_guest(alias):
+    import struct
+    import numpy as np
+    from kvmmmu import live
+    from test_paging_live import (
+        DF_HANDLER, FRAME, GP_HANDLER, MEM_SIZE, PF_HANDLER, PT_PROBE, STACK, _identity_tables,
+    )
+    ram = np.zeros(MEM_SIZE, np.uint8)
+    _identity_tables(ram, True)
+    live.write_tables(ram, {14: PF_HANDLER, 13: GP_HANDLER, 8: DF_HANDLER}, stack=STACK)
+    struct.pack_into("<Q", ram, PT_PROBE, FRAME | 7 | A)
+    if alias:
+        struct.pack_into("<Q", ram, PT_PROBE + 16 * 8, PT_PROBE | 7 | A | D)
+    else:
+        struct.pack_into("<Q", ram, PT_PROBE + 8, (FRAME + 0x1000) | 7 | A)
+    return ram
+
+
+@pytest.mark.parametrize("alias", [False, True], ids=["first_touch", "unsync_alias"])
+def test_mmu_events_match_the_kernels_recorded_ones(alias):
+    from test_paging_live import MEM_SIZE, PML4, PROBE_BASE, USER_CODE
+    ram = _recorded_guest(alias)
+    vm = VM("shadow", host=SHADOW_HOST, params=KvmParams(tdp_mmu=False, mmio_caching=False,
+                                                         nx_huge_pages=False))
+    vm.add_memory(0, MEM_SIZE)
+    # only the pages the live VMM stored to: a VMM store faults its host page in
+    # (present and writable), the untouched ones stay absent (no prefetch there)
+    # (the live guest's code page at USER_CODE was stored to as well)
+    for gpa in sorted({x & ~0xFFF for x in ram.nonzero()[0].tolist()} | {USER_CODE}):
+        vm.write_guest(gpa, ram[gpa:gpa + 0x1000].tobytes())
+    v = vm.vcpus[0]
+    v.kvm_set_efer(EFER_LME | EFER_NX)
+    v.kvm_set_cr4(CR4_PAE)
+    v.kvm_set_cr3(PML4)
+    v.kvm_set_cr0(CR0_PE | CR0_PG | CR0_WP)
+    v.set_cpl(3)
+    mmu_events = [e.name for e in tp.EVENTS[5:]]
+    with tp.capture(*mmu_events) as buf:
+        v.vcpu_enter_guest()
+        assert v.kvm_mmu_page_fault(USER_CODE, U_ | F_) == RET_PF_FIXED
+        v.vcpu_enter_guest()
+        assert v.kvm_mmu_page_fault(PROBE_BASE, U_) == RET_PF_FIXED
+        if alias:
+            v.vcpu_enter_guest()
+            assert v.kvm_mmu_page_fault(PROBE_BASE + 16 * 0x1000 + 8, U_ | W_) == RET_PF_FIXED
+    want = KERNEL_UNSYNC_ALIAS if alias else KERNEL_FIRST_TOUCH
+    assert [_masked(x) for x in buf.lines()] == [_masked(x) for x in want]
+    assert vm.stat.mmu_unsync == int(alias)
+    assert vm.audit() == []

@@ -304,3 +304,60 @@ def test_contents_survive_a_host_migration_and_go_with_munmap():
     assert vm.read_guest(0x1000, 4) == b"keep"
     vm.host.munmap(s.userspace_addr, 1 << 21)
     assert not vm.guest_memory().is_mapped(0x1000)
+
+
+def test_a_walk_that_sets_a_d_bits_dirties_the_table_pages():
+    vm = VM("shadow", backend=None)
+    s = vm.add_memory(0, 1 << 21, flags=KVM_MEM_LOG_DIRTY_PAGES)
+    v = vm.vcpus[0]
+    # PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000; gva 0x5000 -> gpa 0x6000
+    for table, entry, nxt in ((0x1000, 0, 0x2000), (0x2000, 0, 0x3000), (0x3000, 0, 0x4000),
+                              (0x4000, 5, 0x6000)):
+        vm.write_guest(table + 8 * entry, struct.pack("<Q", nxt | 7))
+    vm.write_guest(0x2000, struct.pack("<Q", 0x3000 | 7 | (1 << 5)))       # PDPTE already accessed
+    v.kvm_set_cr4(PAE)
+    v.kvm_set_efer(LME | NX)
+    v.kvm_set_cr3(0x1000)
+    v.kvm_set_cr0(PE | PG | WP)
+    vm.get_dirty_log(s.id)                         # start from a clean log
+    w = v.walk_addr(0x5000, P.PFERR_WRITE_MASK)
+    assert w.ok and w.gfn == 6 and w.ad_written == 0b1011
+    bits = np.unpackbits(vm.get_dirty_log(s.id).view(np.uint8), bitorder="little")
+    assert set(np.flatnonzero(bits)) == {1, 3, 4}
+    w = v.walk_addr(0x5000, P.PFERR_WRITE_MASK)   # A and D already set: nothing written
+    assert w.ad_written == 0
+    assert not np.unpackbits(vm.get_dirty_log(s.id).view(np.uint8)).any()
+
+
+def test_vmm_and_kvm_writes_fault_the_host_pages_in_writable():
+    vm = VM("tdp_mmu")
+    s = vm.add_memory(0, 1 << 21)
+    vma = vm.host.find_vma(s.userspace_addr)
+    vm.write_guest(0x3000, b"code")
+    vm.vcpus[0].kvm_vcpu_write_guest(0x7000, b"data")
+    present = np.flatnonzero(vma.pte & 1)
+    assert list(present) == [3, 7]
+    from kvmmmu.host import hva_to_pfn
+    r = hva_to_pfn(vm.host, s.userspace_addr + 0x3000, write_fault=False)
+    assert r[1] is True                              # a read fault may map it writable
+
+
+def test_a_remote_flush_is_a_pending_request_of_every_vcpu_and_an_ipi_only_when_needed():
+    vm = VM("tdp_mmu", nr_vcpus=2)
+    vm.add_memory(0, 1 << 21)
+    a, b = vm.vcpus
+    for v in (a, b):
+        v.vcpu_enter_guest()
+    base = (vm.stat.remote_tlb_flush_requests, vm.stat.remote_tlb_flush, a.stat.tlb_flush)
+    vm.kvm_flush_remote_tlbs()                       # both vCPUs outside guest mode: no IPI
+    assert (vm.stat.remote_tlb_flush_requests, vm.stat.remote_tlb_flush) == (base[0] + 1, base[1])
+    vm.arena.set_vcpu_mode(1, 1)                     # vCPU 1 IN_GUEST_MODE: it gets kicked
+    vm.kvm_flush_remote_tlbs()
+    assert vm.stat.remote_tlb_flush == base[1] + 1
+    a.vcpu_enter_guest()
+    assert a.stat.tlb_flush == base[2] + 1           # two flushes, one pending request
+    a.vcpu_enter_guest()
+    assert a.stat.tlb_flush == base[2] + 1
+    v3 = vm.create_vcpu()                            # a later vCPU owes nothing
+    v3.vcpu_enter_guest()
+    assert v3.stat.tlb_flush == 0

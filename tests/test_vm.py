@@ -160,7 +160,9 @@ def test_stats_are_read_through_from_the_core():
     vm.kvm_flush_remote_tlbs()
     d = vm.stat.as_dict()
     assert d["pages_4k"] == 3 and d["pages_2m"] == 1
-    assert d["remote_tlb_flush_requests"] == 1 and d["remote_tlb_flush"] == 1
+    # no vCPU in guest mode: no IPI, so the kernel leaves remote_tlb_flush alone
+    # (the live shadow scenarios show 0 with one vCPU)
+    assert d["remote_tlb_flush_requests"] == 1 and d["remote_tlb_flush"] == 0
     vm.stat.mmu_cache_miss += 2
     vm.stat.peak("max_mmu_page_hash_collisions", 7)
     vm.stat.peak("max_mmu_page_hash_collisions", 3)

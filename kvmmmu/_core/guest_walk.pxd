@@ -78,6 +78,7 @@ ctypedef struct guest_walker_t:
     uint32_t pte_access          # ACC_* of the whole walk (protect_clean_gpte applied)
     uint64_t gfn                 # result: real gfn
     int retries                  # walks restarted because an entry changed under cmpxchg
+    uint8_t ad_written           # bit level-1: this walk wrote A/D into that level's entry
     # struct x86_exception (valid when walk_addr_generic returned GW_FAULT)
     uint16_t error_code
     bint nested_page_fault

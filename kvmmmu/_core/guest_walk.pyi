@@ -67,6 +67,7 @@ class GuestWalker:
     gfn: int
     fault: PageFault | None
     retries: int
+    ad_written: int
     @property
     def ok(self) -> bool: ...
     @property

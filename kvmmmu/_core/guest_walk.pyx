@@ -235,6 +235,10 @@ cdef class GuestWalker:
     retries : int
         Walk restarts because an A/D write-back found an entry changed (a
         table that maps itself).
+    ad_written : int
+        Bit ``level - 1`` is set when this walk wrote an A or D bit into the
+        entry of that level (``pte_gpa[level - 1]``): the table pages KVM
+        dirtied (``mark_page_dirty_in_slot`` in the kernel's write-back).
     """
     cdef guest_walker_t w
     cdef readonly uint64_t gva
@@ -281,6 +285,10 @@ cdef class GuestWalker:
     @property
     def retries(self):
         return self.w.retries
+
+    @property
+    def ad_written(self):
+        return self.w.ad_written
 
     @property
     def ok(self):
@@ -725,6 +733,7 @@ cdef int update_accessed_dirty_bits(gw_mmu_t *mmu, guest_walker_t *w, bint write
         else:
             (<uint64_t *>w.ptep[level - 1])[0] = pte
         w.ptes[level - 1] = pte
+        w.ad_written |= <uint8_t>(1 << (level - 1))
     return 0
 
 
@@ -752,6 +761,7 @@ cdef int walk_addr_generic(gw_mmu_t *mmu, guest_walker_t *w, uint64_t addr,
     cdef int ret
 
     w.retries = 0
+    w.ad_written = 0
     w.nested_page_fault = False
     w.error_code = 0
     w.address = 0

@@ -37,6 +37,7 @@ cdef inline void _spin(uint64_t *spins) noexcept nogil:
 
 cdef int kvm_flush_remote_tlbs(pt_arena_t *a) noexcept nogil:
     cdef int i, waited = 0
+    cdef bint ipi = False
     cdef uint64_t w, spins = 0
     cdef kvm_vcpu_lockless *v
     a.remote_tlb_flush_requests += 1
@@ -48,6 +49,7 @@ cdef int kvm_flush_remote_tlbs(pt_arena_t *a) noexcept nogil:
         w = pt_load_acquire64(&v.mode)
         if (w & 3) == OUTSIDE_GUEST_MODE:
             continue
+        ipi = True                  # kvm_request_needs_ipi() for a KVM_REQUEST_WAIT request
         if (w & 3) == IN_GUEST_MODE:
             # kvm_vcpu_exiting_guest_mode(); the IPI makes the guest exit at
             # once, so the model does not wait for it.
@@ -60,7 +62,11 @@ cdef int kvm_flush_remote_tlbs(pt_arena_t *a) noexcept nogil:
         waited += 1
         while pt_load_acquire64(&v.mode) == w:
             _spin(&spins)
-    a.remote_tlb_flush += 1
+    if ipi:
+        # kvm_make_all_cpus_request() reports an IPI sent: only then does
+        # kvm_flush_remote_tlbs() count remote_tlb_flush (with one vCPU, or
+        # every other vCPU outside guest mode, it stays put)
+        a.remote_tlb_flush += 1
     a.flush_ipis_waited += waited
     return waited
 

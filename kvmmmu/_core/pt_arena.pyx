@@ -935,11 +935,13 @@ cdef class PtArena:
         cdef pt_arena_t *a = &self.a
         cdef int i, waited = 0
         cdef uint64_t w
-        cdef bint done
+        cdef bint done, ipi = False
         a.remote_tlb_flush_requests += 1
         pt_smp_mb()
         for i in range(a.nr_vcpus):
             w = pt_load_acquire64(&a.vcpus[i].mode)
+            if (w & 3) != OUTSIDE_GUEST_MODE:
+                ipi = True
             if (w & 3) == OUTSIDE_GUEST_MODE or (w & 3) == EXITING_GUEST_MODE:
                 continue
             if (w & 3) == IN_GUEST_MODE:
@@ -957,7 +959,8 @@ cdef class PtArena:
                     _check_deadline(deadline, what, i)
             finally:
                 self._busy = None
-        a.remote_tlb_flush += 1
+        if ipi:                     # as kvm_flush_remote_tlbs() in mmu_lockless.pyx
+            a.remote_tlb_flush += 1
         a.flush_ipis_waited += waited
         return waited
 
@@ -1268,6 +1271,13 @@ cdef class PtArena:
         """``kvm->stat.pages``: {'pages_4k', 'pages_2m', 'pages_1g'}."""
         return {"pages_4k": self.a.pages[0], "pages_2m": self.a.pages[1],
                 "pages_1g": self.a.pages[2]}
+
+    @property
+    def remote_tlb_flush_requests(self):
+        """``kvm->stat.remote_tlb_flush_requests`` alone (cheap: one load).
+        Each request is a KVM_REQ_TLB_FLUSH made to every vCPU; a vCPU that
+        last saw a smaller count has one pending."""
+        return self.a.remote_tlb_flush_requests
 
     cdef _report_ad(self, pt_ad_out *ad, host_ad):
         if ad.flags == 0:

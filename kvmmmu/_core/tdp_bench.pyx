@@ -9,6 +9,9 @@ format, no cmpxchg, no change handler or page statistics, no caches, no
 headers, no RCU, no arena.  A table entry is the child table's address with
 bits 0-2 set; a leaf is ``pfn << 12 | leaf_bits``, plus bit 7 above 4K.
 
+:meth:`BareRadixMap.shadow_fault` is the shadow MMU's baseline: the guest
+walk of a 4-level guest table plus the same tree insert, nothing else.
+
 Nothing cimports this module (a bench module, like ``lockless_torture``);
 ``benchmarks/compare_tdp.py`` and ``asv_bench/benchmarks/core_tdp.py`` time
 it against :class:`kvmmmu._core.tdp_mmu.TdpMmuCore`.
@@ -174,6 +177,82 @@ cdef class BareRadixMap:
             self.busy = False
         if done < n:
             raise MemoryError(f"BareRadixMap.map: malloc failed after {done} of {n} gfns")
+
+    def shadow_fault(self, memory, cr3, gvas, *, bint write=False):
+        """The bare shadow-paging baseline: per gva (uint64, 4K aligned, below
+        2**48), walk the guest's 4-level tables in `memory` (a writable
+        ``uint64`` view of guest physical memory from gpa 0) from `cr3`,
+        setting A bits (and D on the leaf for a `write`) as the CPU would,
+        then map the gva's page onto the translated gfn (pfn == gfn) with a
+        4K leaf in this tree, indexed by gva.  No roles, no hash, no rmaps,
+        no shadow-page bookkeeping: the floor under a shadow MMU's fault.
+        Returns the number of gvas mapped; stops at the first gva whose walk
+        fails (not present or outside `memory`)."""
+        _check_array("gvas", gvas)
+        cdef uint64_t[::1] mem = memory
+        cdef const uint64_t[::1] g = gvas
+        cdef uint64_t root = u64_arg(cr3, "cr3") & BARE_PFN_MASK
+        cdef Py_ssize_t n = g.shape[0], i, done = 0
+        cdef Py_ssize_t nq = mem.shape[0]
+        for i in range(n):
+            if g[i] & 0xfff or g[i] >> 48:
+                raise ValueError(f"gvas[{i}]={g[i]:#x} is not 4K aligned or is above 2**48")
+        cdef uint64_t *t
+        cdef uint64_t *child
+        cdef uint64_t e, table, gfn, wbit, q
+        cdef uint64_t ad = 0x20 | (0x40 if write else 0)
+        cdef int lvl, idx
+        cdef bint ok
+        self._claim()
+        try:
+            with nogil:
+                for i in range(n):
+                    table = root
+                    wbit = 2
+                    lvl = 4
+                    ok = False
+                    while lvl > 0:
+                        q = (table >> 3) + ((g[i] >> (12 + 9 * (lvl - 1))) & 511)
+                        if <Py_ssize_t>q >= nq:
+                            break
+                        e = mem[q]
+                        if not e & 1:
+                            break
+                        wbit &= e
+                        if lvl == 1 or (lvl <= 3 and e & BARE_HUGE):
+                            if (e & ad) != ad:
+                                mem[q] = e | ad
+                            gfn = ((e & BARE_PFN_MASK) >> 12) + (
+                                (g[i] >> 12) & ((<uint64_t>1 << (9 * (lvl - 1))) - 1))
+                            ok = True
+                            break
+                        if not e & 0x20:
+                            mem[q] = e | 0x20
+                        table = e & BARE_PFN_MASK
+                        lvl -= 1
+                    if not ok:
+                        break
+                    t = self.root
+                    lvl = BARE_LEVELS
+                    while lvl > 1:
+                        idx = _index(g[i] >> 12, lvl)
+                        e = t[idx]
+                        if e == 0:
+                            child = self._alloc_table()
+                            if child == NULL:
+                                break
+                            t[idx] = <uint64_t><uintptr_t>child | BARE_TABLE_BITS
+                        else:
+                            child = <uint64_t *><uintptr_t>(e & ~(<uint64_t>0xfff))
+                        t = child
+                        lvl -= 1
+                    if lvl > 1:
+                        break
+                    t[_index(g[i] >> 12, 1)] = (gfn << 12) | (self.leaf_bits & ~<uint64_t>2) | wbit
+                    done = i + 1
+        finally:
+            self.busy = False
+        return done
 
     def walk(self, gfns, *, out_spte=None, out_level=None):
         """``(sptes, levels)``: per gfn (uint64, below 2**36), the last entry
