@@ -214,9 +214,11 @@ class KvmMmu:
     ``cpu_role`` / ``root_role`` are computed from the vCPU's registers when
     the context is (re)initialised (``kvm_init_mmu``, after a reset);
     ``root``, ``prev_roots`` (MRU first) and ``pae_root`` (four entries:
-    the level-2 :class:`KvmMmuPage` or None = INVALID_PAE_ROOT)."""
+    the level-2 :class:`KvmMmuPage` or None = INVALID_PAE_ROOT).  ``ept``:
+    the context shadows L1's EPT for an L2 guest (``guest_mmu`` of
+    ``kvm_init_shadow_ept_mmu``: 8-byte EPT gPTEs, no U/S, execute-only)."""
     __slots__ = ("cpu_role", "root_role", "direct", "root", "prev_roots", "pae_root", "key",
-                 "cr0_wp", "cr4_smep", "rsvd")
+                 "cr0_wp", "cr4_smep", "rsvd", "ept")
 
     def __init__(self):
         self.cpu_role = self.root_role = None
@@ -227,6 +229,7 @@ class KvmMmu:
         self.pae_root = [None] * 4
         self.cr0_wp = self.cr4_smep = False
         self.rsvd = None
+        self.ept = False
 
 
 class ShadowMmu(MmuBackend):
