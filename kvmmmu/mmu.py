@@ -493,8 +493,9 @@ def kvm_mmu_page_fault(vcpu, cr2_or_gpa: int, error_code: int, insn=None, insn_l
     if vcpu.mmu_root is None:                # !VALID_PAGE(vcpu->arch.mmu->root.hpa)
         vm.warn_sink.warn("kvm_mmu_page_fault", "page fault without a valid root", once=True)
         return RET_PF_RETRY
-    if not mmu.direct:                       # a #PF: its address and error code are the CPU's
-        mmu.check_fault_args(vcpu, cr2_or_gpa, error_code)
+    direct = mmu.direct and not vcpu.guest_mode     # vcpu->arch.mmu->root_role.direct
+    if not direct:                           # a #PF (or L2's EPT violation): the CPU's values
+        (mmu.check_l2_fault_args if vcpu.guest_mode else mmu.check_fault_args)(vcpu, cr2_or_gpa, error_code)
     if vm.kvm_sw_protected_vm and vm.kvm_mem_is_private(cr2_or_gpa >> PAGE_SHIFT):
         error_code |= PFERR_PRIVATE_ACCESS
     r = RET_PF_INVALID
@@ -503,7 +504,7 @@ def kvm_mmu_page_fault(vcpu, cr2_or_gpa: int, error_code: int, insn=None, insn_l
             vm.warn_sink.warn("kvm_mmu_page_fault", "reserved-bit fault on a private access",
                               once=True)
             return -E.EFAULT
-        r = handle_mmio_page_fault(vcpu, cr2_or_gpa, mmu.direct)
+        r = handle_mmio_page_fault(vcpu, cr2_or_gpa, direct)
         if r == RET_PF_EMULATE:
             vcpu.emulation_type = EMULTYPE_PF
             return r
@@ -544,9 +545,9 @@ def kvm_mmu_do_page_fault(vcpu, cr2_or_gpa: int, err: int, prefetch: bool = Fals
     negative errno; the fault is left in ``vcpu.last_fault``."""
     vm = vcpu.vm
     mmu = vm.mmu_backend
-    fault = KvmPageFault(cr2_or_gpa, err, prefetch, mmu.is_tdp,
+    fault = KvmPageFault(cr2_or_gpa, err, prefetch, mmu.is_tdp and not vcpu.guest_mode,
                          vm.params.nx_huge_pages and not vm.disable_nx_huge_pages)
-    if mmu.direct:
+    if mmu.direct and not vcpu.guest_mode:
         fault.gfn = gfn = (cr2_or_gpa >> PAGE_SHIFT) & ~vm.gfn_direct_bits
         fault.slot = vcpu.gfn_to_memslot(gfn)
     vcpu.last_fault = fault
@@ -567,13 +568,14 @@ def kvm_mmu_write_protect_fault(vcpu, cr2_or_gpa: int, error_code: int) -> int:
     if vcpu.last_retry_addr == cr2_or_gpa and vcpu.last_retry_addr is not None:
         return RET_PF_EMULATE
     vcpu.last_retry_addr = None
-    if mmio_info_in_cache(vcpu, cr2_or_gpa, mmu.direct):
+    direct = mmu.direct and not vcpu.guest_mode
+    if mmio_info_in_cache(vcpu, cr2_or_gpa, direct):
         vcpu.vm.warn_sink.warn("kvm_mmu_write_protect_fault", "write-protect fault on a cached MMIO gpa",
                                once=True)
         return RET_PF_EMULATE
     mask = PFERR_GUEST_PAGE_MASK | PFERR_WRITE_MASK | PFERR_PRESENT_MASK
-    if mmu.direct and (error_code & mask) == mask or \
-            not mmu.direct and vcpu.event_needs_reinjection:
+    if direct and (error_code & mask) == mask or \
+            not direct and vcpu.event_needs_reinjection:
         if mmu.unprotect_gfn_and_retry(vcpu, cr2_or_gpa):
             vcpu.last_retry_addr = cr2_or_gpa
             return RET_PF_RETRY
@@ -806,7 +808,7 @@ def kvm_mmu_load(vcpu) -> None:
     """``kvm_mmu_load``: top up the caches and give the vCPU a valid root of
     the VM's MMU (the MMU drops an obsolete one first)."""
     mmu = _fault_mmu(vcpu)
-    vcpu.mmu_topup_memory_caches(not mmu.direct)
+    vcpu.mmu_topup_memory_caches(not mmu.direct or vcpu.guest_mode)
     mmu.kvm_mmu_load(vcpu)
 
 

@@ -2,7 +2,7 @@
 ``paging_tmpl.h``): shadow pages in a hash, rmaps, unsync, write
 protection of guest page tables, zapping.
 
-One :class:`ShadowMmu` per VM takes the vCPUs' faults for two flavours:
+One :class:`ShadowMmu` per VM takes the vCPUs' faults for three flavours:
 
 * ``mmu="tdp"`` (TDP on the shadow MMU, ``kvm.tdp_mmu=N``): direct shadow
   pages indexed by gpa; ``direct_page_fault`` with ``fast_page_fault``,
@@ -12,7 +12,17 @@ One :class:`ShadowMmu` per VM takes the vCPUs' faults for two flavours:
   (:class:`kvmmmu.paging.GuestMmu`), ``FNAME(fetch)`` builds indirect
   shadow pages for the guest tables and direct ones below a guest huge
   page, ``FNAME(pte_prefetch)`` maps the accessed neighbours.  A guest with
-  paging off runs on direct PAE roots (``nonpaging_page_fault``).
+  paging off runs on direct PAE roots (``nonpaging_page_fault``);
+* nested EPT on ``mmu="tdp"`` (``kvm_init_shadow_ept_mmu``): while a vCPU
+  runs L2 (``vcpu.nested_ept_enter(eptp)``) its ``vcpu->arch.mmu`` is
+  ``guest_mmu`` (:class:`KvmMmu` with ``ept``): L1's EPT tables are
+  shadowed with indirect ``guest_mode`` pages through the same
+  ``FNAME(page_fault)``/``fetch``, ``vcpu.walk_mmu`` being L1's EPT walker
+  (``GuestMmu.ept``); gPTEs are 8 bytes with R/W/X (R stands for ACC_USER),
+  A/D at bits 8/9 only when the EPTP enables them.  ``root_mmu`` keeps its
+  direct roots meanwhile; an EPTP change goes through ``kvm_mmu_new_pgd``;
+  INVEPT frees ``guest_mmu`` roots; a fault in L1's tables exits to L1
+  (``vcpu.nested_ept_exit``).
 
 Use::
 
@@ -74,6 +84,7 @@ by their ShadowMmu / vCPU and never shared on their own.
 from __future__ import annotations
 
 import errno as E
+import operator
 
 from kvmmmu import mmu as _mmu
 from kvmmmu import mmutrace as _tp
@@ -91,7 +102,8 @@ from kvmmmu._core.rmap import (
     RMAP_RECYCLE_THRESHOLD, ParentPtes, gfn_to_rmap, rmap_add as _rmap_add, rmap_remove as _rmap_remove,
 )
 from kvmmmu._core.role import (
-    KvmCpuRole, KvmMmuPageRole, kvm_calc_cpu_role, kvm_calc_shadow_mmu_root_page_role,
+    KvmCpuRole, KvmMmuPageRole, kvm_calc_cpu_role, kvm_calc_shadow_ept_root_page_role,
+    kvm_calc_shadow_mmu_root_page_role,
     kvm_calc_tdp_mmu_root_page_role, kvm_mmu_child_role, kvm_mmu_get_tdp_level,
     role_sync_mismatch,
 )
@@ -103,13 +115,16 @@ from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import KVM_PFN_NOSLOT, hva_to_pfn_fast
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID
 from kvmmmu.mmu import KvmPageFault, MmuBackend
-from kvmmmu.paging import AccessError, reset_guest_rsvds_bits_mask
+from kvmmmu.paging import AccessError, GuestMmu, reset_guest_rsvds_bits_mask
 
 __all__ = [
     "ShadowMmu", "KvmMmuPage", "KvmMmu", "KvmMmuRootInfo", "kvm_page_table_hashfn",
     "KVM_MMU_HASH_SHIFT", "KVM_NUM_MMU_PAGES", "KVM_MMU_NUM_PREV_ROOTS", "KVM_MMU_ROOT_CURRENT",
     "KVM_MMU_ROOTS_ALL", "KVM_MMU_ROOT_PREVIOUS", "PTE_PREFETCH_NUM", "KVM_MIN_FREE_MMU_PAGES",
     "KVM_REFILL_PAGES", "KVM_PAGE_ARRAY_NR", "WRITE_FLOODING_THRESHOLD",
+    "NestedEpt", "NestedEptError", "NestedEptExit", "ept_violation_error_code",
+    "VMX_EPT_EXTENT_CONTEXT", "VMX_EPT_EXTENT_GLOBAL", "EXIT_REASON_EPT_VIOLATION",
+    "EXIT_REASON_EPT_MISCONFIG",
 ]
 
 KVM_MMU_HASH_SHIFT = 12
@@ -152,6 +167,89 @@ _GUEST_ACCESS = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_
 _GPTE64_ADDR = ((1 << 52) - 1) & ~0xFFF
 _GPTE32_ADDR = 0xFFFFF000
 _GPTE_NX = 1 << 63
+# EPT entry bits (SDM Vol. 3C 29.3.2): read, write, execute, accessed, dirty
+_EPT_R, _EPT_W, _EPT_X, _EPT_A, _EPT_D = 1, 2, 4, 1 << 8, 1 << 9
+_EPT_RWX = 7
+
+
+# --- nested EPT (vmx/nested.c as the MMU sees it) -----------------------------------
+#: INVEPT types (``VMX_EPT_EXTENT_*``)
+VMX_EPT_EXTENT_CONTEXT = 1
+VMX_EPT_EXTENT_GLOBAL = 2
+#: the VM-exit reasons a fault in L1's EPT is reflected to L1 with
+EXIT_REASON_EPT_VIOLATION = 48
+EXIT_REASON_EPT_MISCONFIG = 49
+#: EPT violation exit qualification bits (SDM Vol. 3C Table 28-7)
+EPT_VIOLATION_ACC_READ, EPT_VIOLATION_ACC_WRITE, EPT_VIOLATION_ACC_INSTR = 1, 2, 4
+EPT_VIOLATION_PROT_MASK = 7 << 3
+EPT_VIOLATION_GVA_IS_VALID = 1 << 7
+EPT_VIOLATION_GVA_TRANSLATED = 1 << 8
+#: ``EPTP_PA_MASK``: the EP4TA bits of an EPTP (INVEPT and the TLB tag roots by them)
+EPTP_PA_MASK = ((1 << 52) - 1) & ~0xFFF
+_PFERR_GUEST_FINAL = 1 << 32
+_PFERR_GUEST_PAGE = 1 << 33
+#: the error-code bits an EPT violation of L2 can carry (``__vmx_handle_ept_violation``)
+_EPT_VIOLATION_PFERR = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_USER_MASK | \
+    PFERR_FETCH_MASK | _PFERR_GUEST_FINAL | _PFERR_GUEST_PAGE
+
+
+class NestedEptError(ValueError):
+    """A nested EPT operation the vCPU's state does not allow: entering L2
+    on a VM whose MMU is not the shadow MMU with TDP (``mmu="tdp"``,
+    ``tdp_mmu=N``, an EPT host), entering twice, leaving or switching the
+    EPTP outside L2, INVEPT from L2, or an INVEPT type L1 cannot use."""
+
+
+def ept_violation_error_code(exit_qualification: int) -> int:
+    """``__vmx_handle_ept_violation``: the PFERR_* error code of an EPT
+    violation exit: read -> U, write -> W, fetch -> F, any of the entry's
+    R/W/X permission bits -> P, and with a valid guest linear address
+    PFERR_GUEST_FINAL (the access was to the final translation) or
+    PFERR_GUEST_PAGE (to a paging structure).
+
+    Raises ValueError for a qualification that is not a 64-bit int."""
+    q = operator.index(exit_qualification)
+    if not 0 <= q <= _U64:
+        raise ValueError(f"exit_qualification={q:#x} is not a 64-bit value")
+    ec = (PFERR_USER_MASK if q & EPT_VIOLATION_ACC_READ else 0) | \
+        (PFERR_WRITE_MASK if q & EPT_VIOLATION_ACC_WRITE else 0) | \
+        (PFERR_FETCH_MASK if q & EPT_VIOLATION_ACC_INSTR else 0) | \
+        (PFERR_PRESENT_MASK if q & EPT_VIOLATION_PROT_MASK else 0)
+    if q & EPT_VIOLATION_GVA_IS_VALID:
+        ec |= _PFERR_GUEST_FINAL if q & EPT_VIOLATION_GVA_TRANSLATED else _PFERR_GUEST_PAGE
+    return ec
+
+
+class NestedEpt:
+    """What ``guest_mmu`` keeps of L1's EPT: ``eptp`` (``vmcs12->ept_pointer``),
+    L1's EPT capabilities (``execonly``, ``huge_level``, ``ad_supported``,
+    ``five_level_supported``: the nested VMX capability MSR) and ``walker``,
+    the :meth:`kvmmmu.paging.GuestMmu.ept` walker over L1's memory."""
+    __slots__ = ("eptp", "execonly", "huge_level", "ad_supported", "five_level_supported",
+                 "walker")
+
+    def __repr__(self):
+        return (f"NestedEpt(eptp={self.eptp:#x}, execonly={self.execonly}, "
+                f"huge_level={self.huge_level})")
+
+
+class NestedEptExit:
+    """The VM exit to L1 that ``nested_ept_inject_page_fault`` makes of a
+    fault in L1's EPT: ``reason`` (EXIT_REASON_EPT_VIOLATION or
+    EXIT_REASON_EPT_MISCONFIG), ``exit_qualification`` (the walker's
+    access/permission bits plus the exit's GVA bits; 0 for a
+    misconfiguration), ``guest_physical_address`` (the L2 gpa) and
+    ``fault`` (the walker's :class:`~kvmmmu.paging.PageFault`)."""
+    __slots__ = ("reason", "exit_qualification", "guest_physical_address", "fault")
+
+    def __init__(self, reason, exit_qualification, guest_physical_address, fault):
+        self.reason, self.exit_qualification = reason, exit_qualification
+        self.guest_physical_address, self.fault = guest_physical_address, fault
+
+    def __repr__(self):
+        kind = "EPT_VIOLATION" if self.reason == EXIT_REASON_EPT_VIOLATION else "EPT_MISCONFIG"
+        return (f"NestedEptExit({kind}, qual={self.exit_qualification:#x}, "
+                f"gpa={self.guest_physical_address:#x})")
 
 
 def kvm_page_table_hashfn(gfn: int) -> int:
@@ -216,9 +314,11 @@ class KvmMmu:
     ``root``, ``prev_roots`` (MRU first) and ``pae_root`` (four entries:
     the level-2 :class:`KvmMmuPage` or None = INVALID_PAE_ROOT).  ``ept``:
     the context shadows L1's EPT for an L2 guest (``guest_mmu`` of
-    ``kvm_init_shadow_ept_mmu``: 8-byte EPT gPTEs, no U/S, execute-only)."""
+    ``kvm_init_shadow_ept_mmu``: 8-byte EPT gPTEs, no U/S, execute-only),
+    and ``nested`` then holds its :class:`NestedEpt` (EPTP, L1's EPT
+    capabilities, the EPT walker)."""
     __slots__ = ("cpu_role", "root_role", "direct", "root", "prev_roots", "pae_root", "key",
-                 "cr0_wp", "cr4_smep", "rsvd", "ept")
+                 "cr0_wp", "cr4_smep", "rsvd", "ept", "nested")
 
     def __init__(self):
         self.cpu_role = self.root_role = None
@@ -230,6 +330,7 @@ class KvmMmu:
         self.cr0_wp = self.cr4_smep = False
         self.rsvd = None
         self.ept = False
+        self.nested = None
 
 
 class ShadowMmu(MmuBackend):
@@ -255,7 +356,15 @@ class ShadowMmu(MmuBackend):
       ``set_cpl`` -> :meth:`kvm_mmu_new_pgd`, :meth:`kvm_mmu_unload` (reset);
     * memslots / dirty log: ``vm.set_user_memory_region``,
       ``vm.get_dirty_log``, ``vm.clear_dirty_log`` -> the MmuBackend hooks;
-    * marks: ``vm.stat`` / ``vcpu.stat`` (``as_dict()``).
+    * marks: ``vm.stat`` / ``vcpu.stat`` (``as_dict()``);
+    * nested EPT (``mmu="tdp"``): ``vcpu.nested_ept_enter(eptp)`` ->
+      :meth:`nested_ept_init_mmu_context`, ``vcpu.nested_ept_new_eptp`` ->
+      :meth:`nested_ept_new_eptp`, ``vcpu.nested_ept_leave`` ->
+      :meth:`nested_vmx_vmexit`, ``vcpu.nested_invept`` ->
+      :meth:`handle_invept`, ``vcpu.nested_invvpid`` -> :meth:`handle_invvpid`;
+      L2's faults: ``vcpu.kvm_mmu_page_fault(l2_gpa,
+      ept_violation_error_code(qual))`` (checked by
+      :meth:`check_l2_fault_args`).
     """
     is_tdp = False
     direct = False
@@ -293,8 +402,13 @@ class ShadowMmu(MmuBackend):
         self.by_pfn: dict[int, KvmMmuPage] = {}
         self.n_used_mmu_pages = 0
         self.indirect_shadow_pages = 0
-        #: per vCPU index: its KvmMmu
+        #: per vCPU index: its current KvmMmu (``vcpu->arch.mmu``: root_mmu,
+        #: or guest_mmu while the vCPU runs L2 under L1's EPT)
         self.vcpu_mmu: dict[int, KvmMmu] = {}
+        #: per vCPU index: ``vcpu->arch.root_mmu`` and ``vcpu->arch.guest_mmu``
+        #: (the latter made at the first nested EPT entry); both keep their roots
+        self.vcpu_root_mmu: dict[int, KvmMmu] = {}
+        self.vcpu_guest_mmu: dict[int, KvmMmu] = {}
         self.nx_huge_pages_recovery_ratio = getattr(vm.params, "nx_huge_pages_recovery_ratio", 60)
         #: creation order of the pages (the audit checks the active list's FIFO order)
         self._serial = 0
@@ -315,14 +429,23 @@ class ShadowMmu(MmuBackend):
     def _ctx(self, vcpu) -> KvmMmu:
         m = self.vcpu_mmu.get(vcpu.index)
         if m is None:
-            m = self.vcpu_mmu[vcpu.index] = KvmMmu()
+            m = self.vcpu_mmu[vcpu.index] = self.vcpu_root_mmu[vcpu.index] = KvmMmu()
         if m.key is None:
             self._init_mmu(vcpu, m)
         return m
 
+    def _vcpu_mmus(self, index: int) -> list[KvmMmu]:
+        """``root_mmu`` and ``guest_mmu`` of vCPU `index` (those that exist)."""
+        return [m for m in (self.vcpu_root_mmu.get(index), self.vcpu_guest_mmu.get(index))
+                if m is not None]
+
     def _init_mmu(self, vcpu, m: KvmMmu) -> None:
-        """``kvm_init_mmu``: the roles of the vCPU's current registers."""
+        """``kvm_init_mmu``: the roles of the vCPU's current registers
+        (``kvm_init_shadow_ept_mmu`` for the nested EPT context)."""
         cpu = vcpu.cpu
+        if m.ept:
+            self._init_shadow_ept_roles(m)
+            return
         if self.tdp:
             m.cpu_role = KvmCpuRole(base=KvmMmuPageRole(smm=int(vcpu.smm)))
             m.root_role = kvm_calc_tdp_mmu_root_page_role(m.cpu_role, self.tdp_level,
@@ -336,6 +459,8 @@ class ShadowMmu(MmuBackend):
         m.key = (cpu.cr0, cpu.cr4, cpu.efer, vcpu.smm)
 
     def _publish(self, vcpu, m: KvmMmu) -> None:
+        if self.vcpu_mmu.get(vcpu.index) is not m:      # not vcpu->arch.mmu: nothing to show
+            return
         vcpu.mmu_root = m.root if m.root.hpa is not None else None
 
     def _wlock(self):
@@ -806,7 +931,8 @@ class ShadowMmu(MmuBackend):
             else:
                 child = self._child(pte)
                 self.drop_parent_pte(child, sptep)
-                if self.tdp and child.role.guest_mode and not len(child.parent_ptes):
+                if self.tdp and invalid_list is not None and child.role.guest_mode and \
+                        not len(child.parent_ptes):
                     return self.kvm_mmu_prepare_zap_page(child, invalid_list)
         elif self.fmt.is_mmio_spte(pte):
             self.arena.mmu_spte_clear_no_track(sptep)
@@ -1164,7 +1290,7 @@ class ShadowMmu(MmuBackend):
     def mmu_alloc_shadow_roots(self, vcpu, m: KvmMmu) -> int:
         vm = self.vm
         cpu = vcpu.cpu
-        root_pgd = cpu.cr3
+        root_pgd = m.nested.eptp if m.ept else cpu.cr3     # mmu->get_guest_pgd
         root_gfn = (root_pgd & _GPTE64_ADDR) >> PAGE_SHIFT
         cpu_level = m.cpu_role.base.level
         if vcpu.gfn_to_memslot(root_gfn) is None:
@@ -1243,10 +1369,10 @@ class ShadowMmu(MmuBackend):
         """``kvm_mmu_unload``: free every root (current and previous) and the
         MMIO cache; the context is re-initialised at the next load
         (``kvm_mmu_reset_context`` = unload + ``kvm_init_mmu``)."""
-        m = self.vcpu_mmu.get(vcpu.index)
-        if m is not None:
+        for m in self._vcpu_mmus(vcpu.index):          # root_mmu, then guest_mmu
             self.kvm_mmu_free_roots(vcpu, m, KVM_MMU_ROOTS_ALL)
-            m.key = None
+            if not m.ept:           # guest_mmu keeps its EPT role (kvm_init_mmu leaves it)
+                m.key = None
         vcpu.mmu_root = None
         vcpu.vcpu_clear_mmio_info()
 
@@ -1257,16 +1383,15 @@ class ShadowMmu(MmuBackend):
 
     def free_obsolete_roots(self, vcpu) -> None:
         """``kvm_mmu_free_obsolete_roots``: free the current and previous
-        roots that are obsolete (special roots count as obsolete)."""
-        m = self.vcpu_mmu.get(vcpu.index)
-        if m is None:
-            return
-        roots = KVM_MMU_ROOT_CURRENT if self._is_obsolete_root(m.root.hpa) else 0
-        for i in range(KVM_MMU_NUM_PREV_ROOTS):
-            if self._is_obsolete_root(m.prev_roots[i].hpa):
-                roots |= KVM_MMU_ROOT_PREVIOUS(i)
-        if roots:
-            self.kvm_mmu_free_roots(vcpu, m, roots)
+        roots that are obsolete (special roots count as obsolete), of
+        ``root_mmu`` and of ``guest_mmu``."""
+        for m in self._vcpu_mmus(vcpu.index):
+            roots = KVM_MMU_ROOT_CURRENT if self._is_obsolete_root(m.root.hpa) else 0
+            for i in range(KVM_MMU_NUM_PREV_ROOTS):
+                if self._is_obsolete_root(m.prev_roots[i].hpa):
+                    roots |= KVM_MMU_ROOT_PREVIOUS(i)
+            if roots:
+                self.kvm_mmu_free_roots(vcpu, m, roots)
 
     # ------------------------------------------------------------ CR3 switch
     @staticmethod
@@ -1703,12 +1828,19 @@ class ShadowMmu(MmuBackend):
             return None
 
     def kvm_inject_emulated_page_fault(self, vcpu, pf) -> None:
-        """``kvm_inject_emulated_page_fault``: ``pf_guest++``; a present,
-        non-reserved fault first invalidates the address in the current root."""
-        vcpu.stat.pf_guest += 1
+        """``kvm_inject_emulated_page_fault``: a present, non-reserved fault
+        first invalidates the address in the current root; then the MMU's
+        ``inject_page_fault``: a #PF for the guest (``pf_guest++``,
+        ``vcpu.injected_page_fault``), or, for a fault in L1's EPT,
+        :meth:`nested_ept_inject_page_fault` (a VM exit to L1)."""
         ec = pf.error_code
         if ec & PFERR_PRESENT_MASK and not ec & PFERR_RSVD_MASK:
             self.kvm_mmu_invalidate_addr(vcpu, pf.address, KVM_MMU_ROOT_CURRENT)
+        m = self.vcpu_mmu.get(vcpu.index)
+        if m is not None and m.ept:
+            self.nested_ept_inject_page_fault(vcpu, pf)
+            return
+        vcpu.stat.pf_guest += 1
         vcpu.injected_page_fault = pf
 
     def fname_page_fault(self, vcpu, fault: KvmPageFault, m: KvmMmu) -> int:
@@ -1870,13 +2002,25 @@ class ShadowMmu(MmuBackend):
 
     # ------------------------------------------------------------ gPTE helpers
     def _gpte_access(self, m: KvmMmu, gpte: int) -> int:
-        """``FNAME(gpte_access)``: P -> X (cleared by NX), W, U."""
+        """``FNAME(gpte_access)``: P -> X (cleared by NX), W, U; for EPT
+        gPTEs W -> W, X -> X and R -> ACC_USER (EPT has no U/S: "user"
+        stands for readable)."""
+        if m.ept:
+            return (ACC_WRITE_MASK if gpte & _EPT_W else 0) | (ACC_EXEC_MASK if gpte & _EPT_X else 0) | \
+                (ACC_USER_MASK if gpte & _EPT_R else 0)
         access = gpte & (PT_WRITABLE_MASK | PT_USER_MASK | PT_PRESENT_MASK)
         if m.cpu_role.base.has_4_byte_gpte:
             return access
         return access ^ ((gpte >> 63) & 1)
 
-    def _protect_clean_gpte(self, access: int, gpte: int) -> int:
+    def _protect_clean_gpte(self, access: int, gpte: int, m: KvmMmu | None = None) -> int:
+        """``FNAME(protect_clean_gpte)``: no write through a gPTE whose D bit
+        is clear (bit 6; EPT: bit 9, and only when L1's EPTP enables A/D -
+        without them there is no D bit to keep)."""
+        if m is not None and m.ept:
+            if m.root_role.ad_disabled or gpte & _EPT_D:
+                return access
+            return access & ~ACC_WRITE_MASK
         if not gpte & (1 << 6):                     # D clear: no write until it is set
             access &= ~ACC_WRITE_MASK
         return access
@@ -1887,7 +2031,10 @@ class ShadowMmu(MmuBackend):
 
     def _rsvd(self, vcpu, m: KvmMmu):
         """The guest's reserved-bit masks (``FNAME(is_rsvd_bits_set)``) for
-        the context's role and the vCPU's guest model (cached per context)."""
+        the context's role and the vCPU's guest model (cached per context);
+        for EPT the walker's ``reset_rsvds_bits_mask_ept`` masks."""
+        if m.ept:
+            return self.nested_ept_walk_mmu(vcpu, m).guest_rsvd_check
         key = (m.key, id(vcpu.guest_model))
         if m.rsvd is None or m.rsvd[0] != key:
             m.rsvd = (key, reset_guest_rsvds_bits_mask(m.cpu_role, vcpu.guest_model))
@@ -1896,7 +2043,15 @@ class ShadowMmu(MmuBackend):
     def prefetch_invalid_gpte(self, vcpu, m: KvmMmu, sp: KvmMmuPage, sptep: int, gpte: int,
                               rsvd=None) -> bool:
         """``FNAME(prefetch_invalid_gpte)``: a gPTE that is not present, not
-        accessed or has reserved bits drops the SPTE (True)."""
+        accessed or has reserved bits drops the SPTE (True).  EPT: present
+        is any of R/W/X, and A (bit 8) counts only with A/D enabled."""
+        if m.ept:
+            if (rsvd if rsvd is not None else self._rsvd(vcpu, m)).is_rsvd_spte(gpte, PG_LEVEL_4K) \
+                    or not gpte & _EPT_RWX or \
+                    (not m.root_role.ad_disabled and not gpte & _EPT_A):
+                self.drop_spte(sptep)
+                return True
+            return False
         if not gpte & PT_PRESENT_MASK or not gpte & PT_ACCESSED_MASK or \
                 (rsvd if rsvd is not None else self._rsvd(vcpu, m)).is_rsvd_spte(gpte, PG_LEVEL_4K):
             self.drop_spte(sptep)
@@ -1908,7 +2063,7 @@ class ShadowMmu(MmuBackend):
         if self.prefetch_invalid_gpte(vcpu, m, sp, sptep, gpte, rsvd):
             return False
         gfn = self._gpte_to_gfn(m, gpte)
-        pte_access = self._protect_clean_gpte(sp.role.access & self._gpte_access(m, gpte), gpte)
+        pte_access = self._protect_clean_gpte(sp.role.access & self._gpte_access(m, gpte), gpte, m)
         slot = self._prefetch_slot(vcpu, gfn, bool(pte_access & ACC_WRITE_MASK))
         if slot is None:
             return False
@@ -1968,7 +2123,7 @@ class ShadowMmu(MmuBackend):
         if self.prefetch_invalid_gpte(vcpu, m, sp, sptep, gpte):
             return 1
         gfn = self._gpte_to_gfn(m, gpte)
-        pte_access = self._protect_clean_gpte(sp.role.access & self._gpte_access(m, gpte), gpte)
+        pte_access = self._protect_clean_gpte(sp.role.access & self._gpte_access(m, gpte), gpte, m)
         old = sp.spt.item(i)
         if self.fmt.is_mmio_spte(old):
             if gfn != self.fmt.get_mmio_spte_gfn(old):
@@ -2141,6 +2296,241 @@ class ShadowMmu(MmuBackend):
         if w.fault is not None:
             return None
         return w.gpa
+
+    # ================================================================ nested EPT
+    # vcpu->arch.mmu = &guest_mmu while L2 runs under L1's EPT; root_mmu (L1's
+    # direct pages) keeps its roots meanwhile.  The Vcpu methods
+    # nested_ept_enter / nested_ept_new_eptp / nested_ept_leave /
+    # nested_invept / nested_invvpid are the entry points.
+    def _require_nested_ept(self) -> None:
+        if not self.tdp or self.fmt.name != "ept":
+            raise NestedEptError(
+                f"nested EPT needs mmu='tdp' on the shadow MMU of an EPT host "
+                f"(this VM: mmu={self.vm.mmu!r}, SPTE format {self.fmt.name!r})")
+
+    def _make_nested(self, vcpu, eptp, execonly, huge_level, ad_supported,
+                     five_level_supported) -> NestedEpt:
+        """Check `eptp` as ``nested_vmx_check_eptp`` does (EptpError: memory
+        type, walk length, A/D, reserved bits) and build its walker."""
+        n = NestedEpt()
+        n.walker = GuestMmu.ept(self.vm.guest_memory(vcpu.as_id), eptp, vcpu.guest_model,
+                                execonly=bool(execonly), huge_level=huge_level,
+                                ad_supported=bool(ad_supported),
+                                five_level_supported=bool(five_level_supported))
+        n.eptp = n.walker.eptp
+        n.execonly, n.huge_level = bool(execonly), huge_level
+        n.ad_supported, n.five_level_supported = bool(ad_supported), bool(five_level_supported)
+        return n
+
+    def _init_shadow_ept_roles(self, m: KvmMmu) -> None:
+        """The role half of ``kvm_init_shadow_ept_mmu``: the CPU role of
+        ``kvm_calc_shadow_ept_root_page_role`` (A/D from EPTP bit 6, the walk
+        length, execonly), the root role its base; kept when unchanged."""
+        n = m.nested
+        role = kvm_calc_shadow_ept_root_page_role(bool(n.eptp >> 6 & 1), n.execonly,
+                                                  ((n.eptp >> 3) & 7) + 1)
+        if m.cpu_role is None or m.cpu_role.as_u64 != role.as_u64:
+            m.cpu_role = role
+            m.root_role = role.base
+        m.direct = False
+        m.cr0_wp = True             # PTTYPE_EPT has no CR0.WP=0 supervisor-write override
+        m.cr4_smep = False
+        m.key = ("ept", role.as_u64)
+
+    def kvm_init_shadow_ept_mmu(self, vcpu, m: KvmMmu) -> None:
+        """``kvm_init_shadow_ept_mmu``: roles for L1's current EPTP, then
+        ``kvm_mmu_new_pgd(eptp)`` (fast switch among the cached roots)."""
+        self._init_shadow_ept_roles(m)
+        self.kvm_mmu_new_pgd(vcpu, m.nested.eptp)
+
+    def nested_ept_init_mmu_context(self, vcpu, eptp: int, *, execonly=True, huge_level=3,
+                                    ad_supported=True, five_level_supported=True) -> None:
+        """Nested VM entry with EPT (``nested_ept_init_mmu_context``):
+        ``vcpu->arch.mmu`` becomes ``guest_mmu`` and ``nested_ept_new_eptp``
+        loads `eptp`.  Bad input raises before anything changes:
+        :class:`NestedEptError` (not this VM flavour, already in L2),
+        :class:`~kvmmmu.paging.EptpError` (an EPTP L1 may not use)."""
+        self._require_nested_ept()
+        if vcpu.guest_mode:
+            raise NestedEptError(f"vCPU {vcpu.vcpu_id} is already running L2 (nested_ept_enter twice)")
+        n = self._make_nested(vcpu, eptp, execonly, huge_level, ad_supported,
+                              five_level_supported)
+        self._ctx(vcpu)                                   # root_mmu exists
+        m = self.vcpu_guest_mmu.get(vcpu.index)
+        if m is None:
+            m = self.vcpu_guest_mmu[vcpu.index] = KvmMmu()
+            m.ept = True
+        m.nested = n
+        self.vcpu_mmu[vcpu.index] = m
+        vcpu.guest_mode = True
+        vcpu.nested_eptp = n.eptp
+        vcpu.mmu_root = None
+        self.kvm_init_shadow_ept_mmu(vcpu, m)
+        self._publish(vcpu, m)
+
+    def nested_ept_new_eptp(self, vcpu, eptp: int) -> None:
+        """A new EPTP while L2 runs (``nested_vmx_eptp_switching``, VMFUNC 0
+        -> ``nested_ept_new_eptp``): the same EPTP does nothing; another one
+        goes through ``kvm_init_shadow_ept_mmu`` (a cached root for it is
+        reused, ``prev_roots`` rotate).  L1's capabilities stay those of the
+        entry.  NestedEptError outside L2, EptpError for a bad EPTP (nothing
+        changes)."""
+        m = self.vcpu_mmu.get(vcpu.index)
+        if not vcpu.guest_mode or m is None or not m.ept:
+            raise NestedEptError(f"vCPU {vcpu.vcpu_id} is not running L2: no EPTP to switch")
+        old = m.nested
+        n = self._make_nested(vcpu, eptp, old.execonly, old.huge_level, old.ad_supported,
+                              old.five_level_supported)
+        if n.eptp == old.eptp:
+            return
+        m.nested = n
+        vcpu.nested_eptp = n.eptp
+        self.kvm_init_shadow_ept_mmu(vcpu, m)
+
+    def nested_ept_walk_mmu(self, vcpu, m: KvmMmu | None = None) -> GuestMmu:
+        """The EPT walker of the vCPU's ``guest_mmu`` (``vcpu.walk_mmu`` in
+        L2), rebuilt when L1's memory or CPU model object changed."""
+        if m is None:
+            m = self.vcpu_mmu[vcpu.index]
+        n = m.nested
+        mem = self.vm.guest_memory(vcpu.as_id)
+        if n.walker.memory is not mem or n.walker.model is not vcpu.guest_model:
+            n.walker = GuestMmu.ept(mem, n.eptp, vcpu.guest_model, execonly=n.execonly,
+                                    huge_level=n.huge_level, ad_supported=n.ad_supported,
+                                    five_level_supported=n.five_level_supported)
+        return n.walker
+
+    def nested_vmx_vmexit(self, vcpu) -> None:
+        """The MMU's part of a nested VM exit (``nested_ept_uninit_mmu_context``
+        then the host CR3 load): ``vcpu->arch.mmu`` is ``root_mmu`` again,
+        whose root was kept (``kvm_mmu_new_pgd`` of L1's CR3 finds it);
+        ``guest_mmu`` keeps its roots for the next entry."""
+        if not vcpu.guest_mode:
+            raise NestedEptError(f"vCPU {vcpu.vcpu_id} is not running L2 (nested_ept_leave in L1)")
+        root = self.vcpu_root_mmu[vcpu.index]
+        self.vcpu_mmu[vcpu.index] = root
+        vcpu.guest_mode = False
+        vcpu.nested_eptp = None
+        vcpu.mmu_root = None
+        self._publish(vcpu, root)
+        self.kvm_mmu_new_pgd(vcpu, vcpu.cpu.cr3)
+
+    def nested_ept_inject_page_fault(self, vcpu, pf) -> None:
+        """``nested_ept_inject_page_fault``: a fault in L1's EPT goes to L1
+        as an EPT misconfiguration (PFERR_RSVD: qualification 0) or an EPT
+        violation (the walker's qualification plus the GVA bits of the exit,
+        known here from PFERR_GUEST_FINAL/PAGE of the fault's error code;
+        the address is also invalidated in the cached roots of the same
+        EP4TA); then the VM exit (:meth:`nested_vmx_vmexit`).  Left in
+        ``vcpu.nested_ept_exit`` (a :class:`NestedEptExit`)."""
+        m = self.vcpu_mmu[vcpu.index]
+        if pf.error_code & PFERR_RSVD_MASK:
+            reason, qual = EXIT_REASON_EPT_MISCONFIG, 0
+        else:
+            reason = EXIT_REASON_EPT_VIOLATION
+            qual = pf.exit_qualification
+            f = vcpu.last_fault
+            ec = f.error_code if f is not None else 0
+            if ec & _PFERR_GUEST_FINAL:
+                qual |= EPT_VIOLATION_GVA_IS_VALID | EPT_VIOLATION_GVA_TRANSLATED
+            elif ec & _PFERR_GUEST_PAGE:
+                qual |= EPT_VIOLATION_GVA_IS_VALID
+            self.nested_ept_invalidate_addr(vcpu, m.nested.eptp, pf.address)
+        vcpu.nested_ept_exit = NestedEptExit(reason, qual, pf.address, pf)
+        self.nested_vmx_vmexit(vcpu)
+
+    @staticmethod
+    def nested_ept_root_matches(root: KvmMmuRootInfo, eptp: int) -> bool:
+        """``nested_ept_root_matches``: a valid root for the same EP4TA."""
+        return root.hpa is not None and (root.pgd & EPTP_PA_MASK) == (eptp & EPTP_PA_MASK)
+
+    def nested_ept_invalidate_addr(self, vcpu, eptp: int, addr: int) -> None:
+        """``nested_ept_invalidate_addr``: ``kvm_mmu_invalidate_addr`` in the
+        cached previous roots of the current EPTP's EP4TA."""
+        m = self.vcpu_mmu[vcpu.index]
+        roots = 0
+        for i in range(KVM_MMU_NUM_PREV_ROOTS):
+            if self.nested_ept_root_matches(m.prev_roots[i], eptp):
+                roots |= KVM_MMU_ROOT_PREVIOUS(i)
+        if roots:
+            self.kvm_mmu_invalidate_addr(vcpu, addr, roots)
+
+    def handle_invept(self, vcpu, invept_type: int, eptp: int = 0) -> None:
+        """``handle_invept`` (L1 executes INVEPT): single-context frees the
+        ``guest_mmu`` roots (current and cached) of `eptp`'s EP4TA, global
+        frees them all.  Freed roots are not zapped: their pages stay
+        hashed and are found again (and synced) by the next root load.
+        NestedEptError from L2 or for another type; EptpError for a
+        single-context EPTP L1 may not use.  Nothing changes on error."""
+        self._require_nested_ept()
+        if vcpu.guest_mode:
+            raise NestedEptError("INVEPT is L1's instruction: leave L2 first")
+        t = operator.index(invept_type)
+        if t not in (VMX_EPT_EXTENT_CONTEXT, VMX_EPT_EXTENT_GLOBAL):
+            raise NestedEptError(f"invept_type={t}: only single-context (1) and global (2) INVEPT "
+                                 "are offered to L1")
+        m = self.vcpu_guest_mmu.get(vcpu.index)
+        if t == VMX_EPT_EXTENT_CONTEXT:
+            c = m.nested if m is not None else None
+            self._make_nested(vcpu, eptp, True if c is None else c.execonly,
+                              3 if c is None else c.huge_level,
+                              True if c is None else c.ad_supported,
+                              True if c is None else c.five_level_supported)
+        if m is None:
+            return
+        if t == VMX_EPT_EXTENT_GLOBAL:
+            roots = KVM_MMU_ROOTS_ALL
+        else:
+            roots = KVM_MMU_ROOT_CURRENT if self.nested_ept_root_matches(m.root, eptp) else 0
+            for i in range(KVM_MMU_NUM_PREV_ROOTS):
+                if self.nested_ept_root_matches(m.prev_roots[i], eptp):
+                    roots |= KVM_MMU_ROOT_PREVIOUS(i)
+        if roots:
+            self.kvm_mmu_free_roots(vcpu, m, roots)
+
+    def kvm_mmu_free_guest_mode_roots(self, vcpu, m: KvmMmu) -> None:
+        """``kvm_mmu_free_guest_mode_roots``: free the cached previous roots
+        of `m` that are special or of a guest_mode role (never the current
+        one; WARN if `m` itself is a guest-mode context)."""
+        if m.root_role is not None and m.root_role.guest_mode:
+            self.vm.warn_sink.warn("kvm_mmu_free_guest_mode_roots", "called on an L2 context",
+                                   once=True)
+        roots = 0
+        for i in range(KVM_MMU_NUM_PREV_ROOTS):
+            h = m.prev_roots[i].hpa
+            if h is None:
+                continue
+            if not isinstance(h, KvmMmuPage) or h.role.guest_mode:
+                roots |= KVM_MMU_ROOT_PREVIOUS(i)
+        self.kvm_mmu_free_roots(vcpu, m, roots)
+
+    def handle_invvpid(self, vcpu) -> None:
+        """``handle_invvpid`` as the MMU sees it: L2's linear mappings in
+        ``root_mmu``'s cached guest-mode roots are dropped
+        (``kvm_mmu_free_guest_mode_roots``); nested EPT roots are not
+        (VPID does not tag guest-physical mappings)."""
+        self._require_nested_ept()
+        if vcpu.guest_mode:
+            raise NestedEptError("INVVPID is L1's instruction: leave L2 first")
+        self.kvm_mmu_free_guest_mode_roots(vcpu, self._ctx(vcpu))
+
+    def check_l2_fault_args(self, vcpu, addr: int, error_code: int) -> None:
+        """What an EPT violation / misconfiguration exit of L2 can carry
+        (``handle_ept_violation``, ``handle_ept_misconfig``): an error code
+        of P/W/U/F with at most one of PFERR_GUEST_FINAL / PFERR_GUEST_PAGE
+        (see :func:`ept_violation_error_code`), or exactly PFERR_RSVD (a
+        misconfiguration); an L2 gpa below L1's MAXPHYADDR.  ValueError /
+        :class:`~kvmmmu.paging.AccessError` naming the argument."""
+        if error_code != PFERR_RSVD_MASK:
+            if error_code & ~_EPT_VIOLATION_PFERR:
+                raise ValueError(f"error_code={error_code:#x} has bits an EPT violation's error "
+                                 f"code never has ({error_code & ~_EPT_VIOLATION_PFERR:#x})")
+            if error_code & _PFERR_GUEST_FINAL and error_code & _PFERR_GUEST_PAGE:
+                raise ValueError(f"error_code={error_code:#x} sets both PFERR_GUEST_FINAL and "
+                                 "PFERR_GUEST_PAGE")
+        maxphy = vcpu.guest_model.maxphyaddr
+        if addr >> maxphy:
+            raise AccessError(f"l2_gpa={addr:#x} (cr2_or_gpa) is above L1's MAXPHYADDR ({maxphy} bits)")
 
     # ================================================================ hooks
     def _rmap_heads(self, slot, start: int, end: int, min_level=1, max_level=KVM_MAX_HUGEPAGE_LEVEL):
@@ -2554,9 +2944,21 @@ def _audit(mmu: ShadowMmu) -> list[str]:
             if aa == a and base <= sg < base + (1 << (9 * (level - 1))):
                 bad.append(f"huge SPTE {sptep:#x} (l{level}) covers shadowed table gfn {sg:#x} (S2)")
                 break
+    # nested EPT pages (guest_mode) exist only with TDP; vCPU contexts are consistent
+    if not mmu.tdp and any(sp.role.guest_mode for sp in pages.values()):
+        bad.append("guest_mode shadow pages on a VM without TDP")
+    for i, m in mmu.vcpu_mmu.items():
+        if m is not mmu.vcpu_root_mmu.get(i) and m is not mmu.vcpu_guest_mmu.get(i):
+            bad.append(f"vCPU {i}: current MMU is neither its root_mmu nor its guest_mmu")
     # roots: root_count = the references the vCPUs hold
     refs: dict[int, int] = {}
-    for m in mmu.vcpu_mmu.values():
+    for m in [c for i in sorted(set(mmu.vcpu_root_mmu) | set(mmu.vcpu_guest_mmu))
+              for c in mmu._vcpu_mmus(i)]:
+        for r in [m.root] + m.prev_roots:
+            sp = r.sp
+            if sp is not None and bool(sp.role.guest_mode) != m.ept:
+                bad.append(f"sp {sp.sp}: a {'guest_mmu' if m.ept else 'root_mmu'} root with "
+                           f"guest_mode={sp.role.guest_mode}")
         hs = [m.root.hpa] + [r.hpa for r in m.prev_roots]
         if m.root.hpa is PAE_ROOT:
             hs += [p for p in m.pae_root if p is not None]

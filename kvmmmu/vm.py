@@ -281,6 +281,13 @@ class Vcpu:
         self.event_needs_reinjection = False
         #: the last #PF the shadow MMU injected into the guest (a walker PageFault)
         self.injected_page_fault = None
+        #: ``is_guest_mode``: L2 runs under L1's EPT (``vcpu->arch.mmu`` is
+        #: ``guest_mmu``); ``nested_eptp``: L1's EPTP meanwhile (else None);
+        #: ``nested_ept_exit``: the last fault in L1's EPT reflected to L1 (a
+        #: :class:`~kvmmmu.shadow_mmu.NestedEptExit`; that exit left L2)
+        self.guest_mode = False
+        self.nested_eptp = None
+        self.nested_ept_exit = None
         #: the registers the MMU reads (CR0/CR3/CR4/EFER/RFLAGS/CPL/PKRU), a
         #: frozen :class:`~kvmmmu.paging.CpuState` replaced by the ``kvm_set_*``
         #: methods; a new vCPU has paging off, as after INIT
@@ -414,7 +421,12 @@ class Vcpu:
     def walk_mmu(self) -> "_pg.GuestMmu":
         """``vcpu->arch.walk_mmu``: the guest MMU of the current registers
         over ``vm.guest_memory(as_id)``; rebuilt when the registers, the
-        guest model or the memslots changed since the last use."""
+        guest model or the memslots changed since the last use.  In L2
+        (:meth:`nested_ept_enter`) it is L1's EPT walker
+        (``GuestMmu.ept``), the walk the MMU's faults take: L2's own
+        registers are not modelled."""
+        if self.guest_mode:
+            return self.vm.mmu_backend.nested_ept_walk_mmu(self)
         mem = self.vm.guest_memory(self.as_id)
         w = self._walk_mmu
         if w is None or w.memory is not mem or w.cpu is not self.cpu or \
@@ -468,6 +480,7 @@ class Vcpu:
         EFER.LME sets EFER.LMA.  Then ``kvm_post_set_cr0``: clearing PG asks
         for a guest TLB flush; a change of PG or WP resets the MMU context.
         (CS.L is not modelled: code running with EFER.LMA is 64-bit code.)"""
+        self._l1_registers()
         cr0 = int_arg("cr0", cr0, 0, (1 << 64) - 1) | X86_CR0_ET
         old = self.cpu
         if cr0 >> 32:
@@ -502,6 +515,7 @@ class Vcpu:
         PKE, LA57) resets the MMU context; toggling PGE asks for a guest TLB
         flush, else toggling PAE or setting SMEP for a flush of the current
         context."""
+        self._l1_registers()
         cr4 = int_arg("cr4", cr4, 0, (1 << 64) - 1)
         old = self.cpu
         if cr4 & ~KVM_MODEL_CR4_BITS:
@@ -534,6 +548,7 @@ class Vcpu:
         roots) before it is stored; then ``kvm_invalidate_pcid`` for PCID 0:
         with TDP a guest TLB flush, else a sync of the roots and a flush of
         the current context."""
+        self._l1_registers()
         cr3 = int_arg("cr3", cr3, 0, (1 << 64) - 1)
         old = self.cpu
         pae = self._pae_paging(old)
@@ -563,6 +578,7 @@ class Vcpu:
         the guest model lacks, or toggling LME while paging is on are a #GP
         (:class:`CrLoadError`, nothing changed); LMA keeps its current value
         (the CPU owns it).  A change of LME or NX resets the MMU context."""
+        self._l1_registers()
         efer = int_arg("efer", efer, 0, (1 << 64) - 1)
         old = self.cpu
         if efer & ~(EFER_SCE | _pg.EFER_LME | _pg.EFER_LMA | _pg.EFER_NX):
@@ -592,6 +608,61 @@ class Vcpu:
             raise CrLoadError(f"the registers do not fit the new guest model: {e}") from None
         self.guest_model = model
         _mmu.kvm_mmu_reset_context(self)
+
+    # -- nested EPT (vmx/nested.c as the MMU sees it; mmu="tdp" with tdp_mmu=N) ----
+    def _l1_registers(self) -> None:
+        """``vcpu.cpu`` is L1's register state; L2's are not modelled (with
+        nested EPT its CR3 loads never reach KVM's MMU): loads in L2 raise."""
+        if self.guest_mode:
+            from kvmmmu.shadow_mmu import NestedEptError
+            raise NestedEptError("the vCPU runs L2: L2's control registers are not modelled "
+                                 "(nested_ept_leave first)")
+
+    def _nested_mmu(self):
+        from kvmmmu.shadow_mmu import NestedEptError, ShadowMmu
+        mmu = self.vm.mmu_backend
+        if not isinstance(mmu, ShadowMmu):
+            raise NestedEptError(f"nested EPT needs mmu='tdp' on the shadow MMU (tdp_mmu=N); this "
+                                 f"VM has mmu={self.vm.mmu!r} with {type(mmu).__name__}")
+        return mmu
+
+    def nested_ept_enter(self, eptp: int, *, execonly=True, huge_level=3, ad_supported=True,
+                         five_level_supported=True) -> None:
+        """Nested VM entry into L2 with L1's EPT (``nested_ept_init_mmu_context``):
+        ``vcpu->arch.mmu`` becomes ``guest_mmu`` (roles from
+        ``kvm_calc_shadow_ept_root_page_role``: guest_mode=1, ad_disabled
+        unless EPTP bit 6, the walk length, `execonly`), then
+        ``kvm_mmu_new_pgd(eptp)``; L1's ``root_mmu`` keeps its roots.  The
+        keywords are L1's EPT capabilities (largest page level, A/D and
+        5-level support).  Faults of L2 are then
+        ``kvm_mmu_page_fault(l2_gpa, ept_violation_error_code(qual))``; a
+        fault in L1's tables leaves L2 (``nested_ept_exit``).  Raises
+        NestedEptError (not mmu="tdp" with the shadow MMU, already in L2) or
+        paging.EptpError (bad EPTP), changing nothing."""
+        self._nested_mmu().nested_ept_init_mmu_context(
+            self, eptp, execonly=execonly, huge_level=huge_level, ad_supported=ad_supported,
+            five_level_supported=five_level_supported)
+
+    def nested_ept_new_eptp(self, eptp: int) -> None:
+        """A new EPTP while L2 runs (VMFUNC EPTP switching): the fast pgd
+        switch among ``guest_mmu``'s cached roots.  NestedEptError outside
+        L2, EptpError for a bad EPTP."""
+        self._nested_mmu().nested_ept_new_eptp(self, eptp)
+
+    def nested_ept_leave(self) -> None:
+        """Nested VM exit to L1: ``vcpu->arch.mmu`` is ``root_mmu`` again
+        with its kept root; ``guest_mmu``'s roots stay cached.
+        NestedEptError outside L2."""
+        self._nested_mmu().nested_vmx_vmexit(self)
+
+    def nested_invept(self, invept_type: int, eptp: int = 0) -> None:
+        """L1's INVEPT (``handle_invept``): type 1 (single context) frees the
+        cached L2 roots of `eptp`'s EP4TA, type 2 (global) all of them."""
+        self._nested_mmu().handle_invept(self, invept_type, eptp)
+
+    def nested_invvpid(self) -> None:
+        """L1's INVVPID (``handle_invvpid``): ``kvm_mmu_free_guest_mode_roots``."""
+        self._nested_mmu().handle_invvpid(self)
 
     def kvm_vcpu_write_guest(self, gpa: int, data) -> None:
         """``kvm_vcpu_write_guest``: KVM writes guest memory (the page is
