@@ -95,8 +95,8 @@ from kvmmmu._core.defs import (
     RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED,
 )
 from kvmmmu._core.guest_walk import (
-    PFERR_FETCH_MASK, PFERR_IMPLICIT_ACCESS, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
-    PFERR_WRITE_MASK,
+    EPT_VIOLATION_ACC_INSTR, EPT_VIOLATION_ACC_READ, EPT_VIOLATION_ACC_WRITE, PFERR_FETCH_MASK,
+    PFERR_IMPLICIT_ACCESS, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
 from kvmmmu._core.rmap import (
     RMAP_RECYCLE_THRESHOLD, ParentPtes, gfn_to_rmap, rmap_add as _rmap_add, rmap_remove as _rmap_remove,
@@ -179,15 +179,15 @@ VMX_EPT_EXTENT_GLOBAL = 2
 #: the VM-exit reasons a fault in L1's EPT is reflected to L1 with
 EXIT_REASON_EPT_VIOLATION = 48
 EXIT_REASON_EPT_MISCONFIG = 49
-#: EPT violation exit qualification bits (SDM Vol. 3C Table 28-7)
-EPT_VIOLATION_ACC_READ, EPT_VIOLATION_ACC_WRITE, EPT_VIOLATION_ACC_INSTR = 1, 2, 4
+#: EPT violation exit qualification bits (SDM Vol. 3C Table 28-7; the access
+#: bits 2:0 come from the walker's home, _core.guest_walk)
 EPT_VIOLATION_PROT_MASK = 7 << 3
 EPT_VIOLATION_GVA_IS_VALID = 1 << 7
 EPT_VIOLATION_GVA_TRANSLATED = 1 << 8
 #: ``EPTP_PA_MASK``: the EP4TA bits of an EPTP (INVEPT and the TLB tag roots by them)
 EPTP_PA_MASK = ((1 << 52) - 1) & ~0xFFF
-_PFERR_GUEST_FINAL = 1 << 32
-_PFERR_GUEST_PAGE = 1 << 33
+_PFERR_GUEST_FINAL = _mmu.PFERR_GUEST_FINAL_MASK
+_PFERR_GUEST_PAGE = _mmu.PFERR_GUEST_PAGE_MASK
 #: the error-code bits an EPT violation of L2 can carry (``__vmx_handle_ept_violation``)
 _EPT_VIOLATION_PFERR = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_USER_MASK | \
     PFERR_FETCH_MASK | _PFERR_GUEST_FINAL | _PFERR_GUEST_PAGE

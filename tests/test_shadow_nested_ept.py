@@ -10,16 +10,20 @@ written here from the SDM (Vol. 3C 29.3), not kvmmmu.paging.
 No live check: this host runs no nested EPT (the recorded scenarios are
 shadow paging), so nothing here is compared with a kernel trace.
 """
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
 from _shadow_oracle import check_leaf_memslot, iter_shadow, memory_reader
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
 from kvmmmu._core.defs import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS
 from kvmmmu.host import HostConfig
 from kvmmmu.paging import AccessError, EptpError
 from kvmmmu.shadow_mmu import (
-    EXIT_REASON_EPT_MISCONFIG, EXIT_REASON_EPT_VIOLATION, NestedEptError, ShadowMmu,
+    EXIT_REASON_EPT_MISCONFIG,
+    EXIT_REASON_EPT_VIOLATION,
+    NestedEptError,
     ept_violation_error_code,
 )
 from kvmmmu.vm import VM
@@ -125,8 +129,8 @@ def leaf(vm, v, l2_gpa):
 
 def host_pfn(vm, gpa):
     slot = vm.gfn_to_memslot(gpa >> 12)
-    pfn, _ = vm.host.hva_to_pfn_array(__import__("numpy").array(
-        [slot.userspace_addr + gpa - (slot.base_gfn << 12)], dtype="uint64"))
+    pfn, _ = vm.host.hva_to_pfn_array(np.array(
+        [slot.userspace_addr + gpa - (slot.base_gfn << 12)], dtype=np.uint64))
     return int(pfn[0])
 
 
@@ -221,7 +225,7 @@ def test_huge_ept_page_gets_direct_guest_mode_pages():
     v.nested_ept_enter(eptp_of(PML4))
     assert l2_fault(v, 0x212345, Q_READ) == RET_PF_FIXED
     path = vm.mmu_backend.shadow_walk(v, 0x212345)
-    sp, idx, spte = path[-1]
+    sp, _, spte = path[-1]
     # host THP is off: a 4K leaf in a direct child page of the 2M EPT leaf
     assert sp.direct and sp.word == role_word(1, ad_disabled=True, direct=True, access=5)
     assert (spte & ADDR) >> 12 == host_pfn(vm, 0x812000) and spte & 7 == R | X
@@ -285,6 +289,18 @@ def test_unmapped_l2_gpa_exits_to_l1_with_ept_violation():
     assert v.nested_ept_exit.exit_qualification == Q_READ | Q_GVA_VALID | Q_GVA_TRANSLATED
 
 
+def test_eptp_outside_memory_gets_a_dummy_root_and_exits():
+    """mmu_check_root: an EPTP whose PML4 is in no memslot loads the dummy
+    root; the walk cannot read the table: an EPT violation for L1."""
+    vm, v = make_vm()
+    v.nested_ept_enter(eptp_of(0x4000000))
+    v.vcpu_enter_guest()
+    assert v.mmu_root.hpa == "dummy_root" and v.mmu_root.pgd == eptp_of(0x4000000)
+    assert l2_fault(v, 0x1000, Q_READ) == RET_PF_RETRY
+    assert v.nested_ept_exit.reason == EXIT_REASON_EPT_VIOLATION and not v.guest_mode
+    assert vm.audit(raise_=False) == []
+
+
 @pytest.mark.parametrize("perm,execonly", [(Wb, True), (Wb | X, True), (X, False)])
 def test_misconfigured_ept_entry_exits_with_misconfig(perm, execonly):
     vm, v = make_vm()
@@ -317,8 +333,30 @@ def test_l1_ept_tables_are_write_tracked_and_protected():
     v.kvm_page_track_write(pdpt << 12, (0).to_bytes(8, "little"))
     assert vm.stat.mmu_pte_write == before + 1
     sm = vm.mmu_backend
-    pdpt_sp = [sp for sp in sm.pages.values() if sp.gfn == pdpt and not sp.direct][0]
+    pdpt_sp = next(sp for sp in sm.pages.values() if sp.gfn == pdpt and not sp.direct)
     assert not pdpt_sp.spt.item(0) & SPTE_MMU_PRESENT
+    assert vm.audit(raise_=False) == []
+
+
+def test_l1_page_walk_hitting_its_ept_table_unprotects_and_retries():
+    """An L1 walk of its own page tables that writes (A/D) into a page it also
+    uses as an EPT table: a direct MMU sees PFERR_GUEST_PAGE|W|P on a
+    write-protected gfn and unprotects it (zapping the nested shadow pages
+    for it) instead of emulating."""
+    vm, v = make_vm()
+    ept = Ept(vm)
+    ept.map(0, DATA)
+    pdpt = ept.table_gfns(0)[1]
+    v.nested_ept_enter(eptp_of(PML4))
+    assert l2_fault(v, 0, Q_READ) == RET_PF_FIXED
+    v.nested_ept_leave()
+    v.vcpu_enter_guest()
+    sm = vm.mmu_backend
+    sp = next(sp for sp in sm.pages.values() if sp.gfn == pdpt and not sp.direct)
+    assert v.kvm_mmu_page_fault(pdpt << 12, GUEST_PAGE | W_ | P_) == RET_PF_RETRY
+    assert sp.invalid or sp.sp not in sm.pages
+    slot = vm.gfn_to_memslot(pdpt)
+    assert int(slot.arch.gfn_write_track[pdpt - slot.base_gfn]) == 0
     assert vm.audit(raise_=False) == []
 
 
@@ -330,7 +368,7 @@ def test_l1_write_to_level1_ept_table_unsyncs_then_invept_syncs():
     v.nested_ept_enter(eptp_of(PML4))
     assert l2_fault(v, 0, Q_WRITE) == RET_PF_FIXED
     sm = vm.mmu_backend
-    pt_sp = [sp for sp in sm.pages.values() if sp.gfn == pt and not sp.direct][0]
+    pt_sp = next(sp for sp in sm.pages.values() if sp.gfn == pt and not sp.direct)
     v.nested_ept_leave()
     # L1 maps its level-1 EPT table writable: the shadow page goes unsync
     v.vcpu_enter_guest()
@@ -359,7 +397,7 @@ def test_write_flooding_zaps_upper_ept_shadow_page():
     assert l2_fault(v, 0, Q_READ) == RET_PF_FIXED
     v.nested_ept_leave()
     sm = vm.mmu_backend
-    pd_sp = [sp for sp in sm.pages.values() if sp.gfn == pd and not sp.direct][0]
+    pd_sp = next(sp for sp in sm.pages.values() if sp.gfn == pd and not sp.direct)
     flooded = vm.stat.mmu_flooded
     for k in range(3):                  # writes to an unused entry: no use in between
         v.kvm_page_track_write((pd << 12) + 8 * 100, (k).to_bytes(8, "little"))
@@ -499,7 +537,7 @@ def test_bad_eptp_raises_and_changes_nothing(eptp):
 
 
 def test_unsupported_walk_length_and_ad_by_capability():
-    vm, v = make_vm()
+    _, v = make_vm()
     with pytest.raises(EptpError):
         v.nested_ept_enter(eptp_of(PML4, levels=5), five_level_supported=False)
     with pytest.raises(EptpError):
@@ -685,63 +723,70 @@ QUALS = [Q_READ, Q_WRITE, Q_FETCH]
 
 
 class NestedEptMachine(RuleBasedStateMachine):
-    """L2 faults, L1 writes to its EPT tables (through the MMU when they are
-    write-protected, straight into memory when L1 maps them writable), EPTP
-    switches, nested entry/exit, INVEPT and L1's own faults; audit and the
-    security rule after every step."""
+    """Two vCPUs: L2 faults, L1 writes to its EPT tables (through the MMU when
+    they are write-protected, straight into memory when L1 maps them
+    writable), EPTP switches, nested entry/exit, INVEPT and L1's own faults;
+    a vCPU in the wrong mode for a step skips it.  Audit and the security
+    rule (both vCPUs) after every step."""
 
     def __init__(self):
         super().__init__()
-        self.vm, self.v = make_vm()
+        self.vm, v0 = make_vm()
+        v1 = self.vm.create_vcpu()
+        v1.vcpu_enter_guest()
+        self.vs = [v0, v1]
         self.tables = [Ept(self.vm, PML4), Ept(self.vm, 0x180000)]
         for t, base in zip(self.tables, (DATA, DATA + 0x100000)):
             for i in range(12):
                 t.map(i * 0x1000, base + i * 0x1000, R | Wb | X, extra=WB | EA | ED)
             t.map(0x200000, 0x800000, R | X, level=2)
 
-    @precondition(lambda self: not self.v.guest_mode)
-    @rule(i=st.integers(0, len(EPTPS) - 1))
-    def enter(self, i):
-        self.v.nested_ept_enter(EPTPS[i])
+    @rule(c=st.integers(0, 1), i=st.integers(0, len(EPTPS) - 1))
+    def enter(self, c, i):
+        if not self.vs[c].guest_mode:
+            self.vs[c].nested_ept_enter(EPTPS[i])
 
-    @precondition(lambda self: self.v.guest_mode)
-    @rule()
-    def leave(self):
-        self.v.nested_ept_leave()
+    @rule(c=st.integers(0, 1))
+    def leave(self, c):
+        if self.vs[c].guest_mode:
+            self.vs[c].nested_ept_leave()
 
-    @precondition(lambda self: self.v.guest_mode)
-    @rule(i=st.integers(0, len(EPTPS) - 1))
-    def switch(self, i):
-        self.v.nested_ept_new_eptp(EPTPS[i])
+    @rule(c=st.integers(0, 1), i=st.integers(0, len(EPTPS) - 1))
+    def switch(self, c, i):
+        if self.vs[c].guest_mode:
+            self.vs[c].nested_ept_new_eptp(EPTPS[i])
 
-    @precondition(lambda self: self.v.guest_mode)
-    @rule(page=st.integers(0, 15), huge=st.booleans(), q=st.sampled_from(QUALS))
-    def l2_fault(self, page, huge, q):
-        gpa = (0x200000 if huge else 0) + page * 0x1000
-        r = l2_fault(self.v, gpa, q)
+    @rule(c=st.integers(0, 1), page=st.integers(0, 15), huge=st.booleans(),
+          q=st.sampled_from(QUALS))
+    def l2_fault(self, c, page, huge, q):
+        v = self.vs[c]
+        if not v.guest_mode:
+            return
+        r = l2_fault(v, (0x200000 if huge else 0) + page * 0x1000, q)
         assert r in (RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, RET_PF_EMULATE), r
 
-    @precondition(lambda self: not self.v.guest_mode)
-    @rule(t=st.integers(0, 1), idx=st.integers(0, 15), perm=st.sampled_from(LEAF_PERMS),
-          frame=st.integers(0, 31), ad=st.sampled_from([0, EA, EA | ED]))
-    def l1_writes_leaf(self, t, idx, perm, frame, ad):
+    @rule(c=st.integers(0, 1), t=st.integers(0, 1), idx=st.integers(0, 15),
+          perm=st.sampled_from(LEAF_PERMS), frame=st.integers(0, 31),
+          ad=st.sampled_from([0, EA, EA | ED]))
+    def l1_writes_leaf(self, c, t, idx, perm, frame, ad):
         """L1 stores an entry of a level-1 EPT table."""
         table = self.tables[t].table_gfns(0)
-        if len(table) < 4:
-            return
-        gpa = (table[3] << 12) + 8 * idx
-        self._l1_store(gpa, (DATA + frame * 0x1000) | perm | (WB | ad if perm else 0))
+        if len(table) == 4:
+            self._l1_store(c, (table[3] << 12) + 8 * idx,
+                           (DATA + frame * 0x1000) | perm | (WB | ad if perm else 0))
 
-    @precondition(lambda self: not self.v.guest_mode)
-    @rule(t=st.integers(0, 1), huge=st.booleans(), perm=st.sampled_from([0, R | X, R | Wb | X]))
-    def l1_writes_pde(self, t, huge, perm):
+    @rule(c=st.integers(0, 1), t=st.integers(0, 1), huge=st.booleans(),
+          perm=st.sampled_from([0, R | X, R | Wb | X]))
+    def l1_writes_pde(self, c, t, huge, perm):
         """L1 rewrites the PDE of L2's 2 MiB region: a 2 MiB leaf or nothing."""
         pd = self.tables[t].table_gfns(0x200000)[2]
-        val = (0x800000 | perm | WB | PS | EA | ED) if perm and huge else 0
-        self._l1_store((pd << 12) + 8, val)
+        self._l1_store(c, (pd << 12) + 8,
+                       (0x800000 | perm | WB | PS | EA | ED) if perm and huge else 0)
 
-    def _l1_store(self, gpa, val):
-        v, sm = self.v, self.vm.mmu_backend
+    def _l1_store(self, c, gpa, val):
+        v, sm = self.vs[c], self.vm.mmu_backend
+        if v.guest_mode:
+            return
         v.vcpu_enter_guest()
         walk = sm.shadow_walk(v, gpa)
         present = bool(walk) and bool(walk[-1][2] & SPTE_MMU_PRESENT)
@@ -752,16 +797,17 @@ class NestedEptMachine(RuleBasedStateMachine):
         else:
             self.vm.write_guest(gpa, data)
 
-    @precondition(lambda self: not self.v.guest_mode)
-    @rule(t=st.sampled_from([1, 2]), i=st.integers(0, len(EPTPS) - 1))
-    def invept(self, t, i):
-        self.v.nested_invept(t, EPTPS[i])
+    @rule(c=st.integers(0, 1), t=st.sampled_from([1, 2]), i=st.integers(0, len(EPTPS) - 1))
+    def invept(self, c, t, i):
+        if not self.vs[c].guest_mode:
+            self.vs[c].nested_invept(t, EPTPS[i])
 
-    @precondition(lambda self: not self.v.guest_mode)
-    @rule(page=st.integers(0, 0x7FF), write=st.booleans())
-    def l1_fault(self, page, write):
-        self.v.vcpu_enter_guest()
-        self.v.kvm_mmu_page_fault(page << 12, W_ if write else U_)
+    @rule(c=st.integers(0, 1), page=st.integers(0, 0x7FF), write=st.booleans())
+    def l1_fault(self, c, page, write):
+        v = self.vs[c]
+        if not v.guest_mode:
+            v.vcpu_enter_guest()
+            v.kvm_mmu_page_fault(page << 12, W_ if write else U_)
 
     @invariant()
     def audit(self):
@@ -769,10 +815,11 @@ class NestedEptMachine(RuleBasedStateMachine):
 
     @invariant()
     def security(self):
-        assert check_nested_ept(self.vm, self.v) == []
+        for v in self.vs:
+            assert check_nested_ept(self.vm, v) == []
 
 
 NestedEptMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=30, deadline=None,
+    max_examples=40, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestNestedEptMachine = NestedEptMachine.TestCase
