@@ -812,6 +812,7 @@ class NestedEptMachine(RuleBasedStateMachine):
     @invariant()
     def audit(self):
         assert self.vm.audit(raise_=False) == []
+        assert self.vm.warn_sink.warnings == [] and self.vm.warn_sink.bugs == []
 
     @invariant()
     def security(self):
