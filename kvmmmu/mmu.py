@@ -68,6 +68,7 @@ from kvmmmu.host import (
     KVM_PFN_NOSLOT, hva_to_pfn, hva_to_pfn_fast,
 )
 from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
+from kvmmmu import mmutrace as _tp
 from kvmmmu.memslots import (
     KVM_LPAGE_MIXED_FLAG, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMSLOT_INVALID,
     KvmMemorySlot, KvmMrChange, kvm_mmu_max_gfn, mark_page_dirty_in_slot,
@@ -593,7 +594,8 @@ def handle_mmio_page_fault(vcpu, addr: int, direct: bool) -> int:
     """``handle_mmio_page_fault`` for a PFERR_RSVD fault: the MMIO cache, or
     the last SPTE of a lockless walk (``get_mmio_spte``): an MMIO SPTE of the
     current memslot generation caches its gfn and access and gives
-    RET_PF_EMULATE; a stale one RET_PF_INVALID (the full fault rebuilds it);
+    RET_PF_EMULATE (traced as ``handle_mmio_page_fault``, the address 0 for
+    a direct MMU); a stale one RET_PF_INVALID (the full fault rebuilds it);
     anything else (zapped meanwhile) RET_PF_RETRY; a reserved bit in a
     non-MMIO SPTE is a KVM bug the kernel WARNs about (-EINVAL)."""
     if mmio_info_in_cache(vcpu, addr, direct):
@@ -607,8 +609,12 @@ def handle_mmio_page_fault(vcpu, addr: int, direct: bool) -> int:
     if fmt.is_mmio_spte(spte):
         if not vcpu.check_mmio_spte(spte):
             return RET_PF_INVALID
-        vcpu.vcpu_cache_mmio_info(0 if direct else addr, fmt.get_mmio_spte_gfn(spte),
-                                  fmt.get_mmio_spte_access(spte))
+        if direct:
+            addr = 0
+        gfn, access = fmt.get_mmio_spte_gfn(spte), fmt.get_mmio_spte_access(spte)
+        if _tp.handle_mmio_page_fault.enabled:
+            _tp.handle_mmio_page_fault.emit(addr=addr, gfn=gfn, access=access)
+        vcpu.vcpu_cache_mmio_info(addr, gfn, access)
         return RET_PF_EMULATE
     return RET_PF_RETRY
 
