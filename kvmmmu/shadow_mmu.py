@@ -2269,17 +2269,27 @@ class ShadowMmu(MmuBackend):
                 self.vm.n_max_mmu_pages = max(nr_mmu_pages, self.n_used_mmu_pages)
 
     def kvm_mmu_recover_huge_pages(self, slot) -> None:
-        """``kvm_rmap_zap_collapsible_sptes``: zap direct SPTEs mapped below
-        the level the slot now allows (dirty logging off)."""
+        """``kvm_rmap_zap_collapsible_sptes``: walk the slot's rmaps at 4K and
+        2M (``KVM_MAX_HUGEPAGE_LEVEL - 1``) and zap each SPTE of a direct
+        shadow page whose whole region (``sp.gfn``, one level up) the slot
+        now lets map huge (dirty logging off), then flush the slot.
+
+        A shadow page whose ``gfn`` lies below the slot covers a frame only
+        partly inside it: that frame is the slot's misaligned head, whose
+        ``disallow_lpage`` is always set, so the kernel's answer there is at
+        most ``sp.role.level`` and nothing is zapped (the TDP MMU's
+        ``recover_huge_pages_range`` skips such frames explicitly)."""
         flush = False
         vm = self.vm
+        base = slot.base_gfn
+        end = base + slot.npages
         with self._wlock():
-            for level, _, head in self._rmap_heads(slot, slot.base_gfn,
-                                                   slot.base_gfn + slot.npages,
+            for level, _, head in self._rmap_heads(slot, base, end,
                                                    1, KVM_MAX_HUGEPAGE_LEVEL - 1):
                 for sptep in list(head):
                     sp = self._sptep_sp(sptep)
-                    if sp.direct and sp.level < vm.kvm_mmu_max_mapping_level(slot, sp.gfn):
+                    if sp.direct and base <= sp.gfn < end and \
+                            sp.level < vm.kvm_mmu_max_mapping_level(slot, sp.gfn):
                         self.drop_spte(sptep)
                         flush = True
             if flush:

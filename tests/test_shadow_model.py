@@ -280,11 +280,6 @@ class DirectMachine(RuleBasedStateMachine):
     def toggle_dirty_log(self, sid):
         s = self._slot(sid)
         self._release()          # see test_eager_split_without_memory_still_write_protects
-        if self.MMU == "tdp" and not self.eager and sid == 1 and s is not None and \
-                s.flags & KVM_MEM_LOG_DIRTY_PAGES:
-            # KNOWN BUG, test_dirty_log_off_in_a_slot_not_1g_aligned[tdp]: turning logging off
-            # raises in kvm_mmu_recover_huge_pages; drop this guard when that xfail flips
-            return
         if s is not None:
             self.vm.set_user_memory_region(sid, s.flags ^ KVM_MEM_LOG_DIRTY_PAGES, s.base_gfn << 12,
                                            s.npages << 12, s.userspace_addr)
@@ -973,11 +968,7 @@ def test_writes_beyond_a_slot(flavour, gpa, n):
 
 @pytest.mark.parametrize("mmu", [
     "tdp_mmu",
-    pytest.param("tdp", marks=pytest.mark.xfail(strict=True, reason=(
-        "ShadowMmu.kvm_mmu_recover_huge_pages asks kvm_mmu_max_mapping_level(slot, sp.gfn) for the SP "
-        "holding a 2M leaf; that SP's gfn is 1G-aligned and lies outside a memslot that does not start "
-        "on 1G, so turning dirty logging off raises ValueError out of KVM_SET_USER_MEMORY_REGION "
-        "(after the commit)"))),
+    "tdp",
 ])
 def test_dirty_log_off_in_a_slot_not_1g_aligned(mmu):
     """A 2M leaf in a memslot at 16 MiB, dirty logging on (no eager split:

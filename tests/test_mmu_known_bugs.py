@@ -1,0 +1,63 @@
+"""The known bugs of issue 12, each against what the kernel (v6.18) does:
+
+* ``kvm_rmap_zap_collapsible_sptes`` in a memslot that does not start on a
+  1G boundary (mmu.c: ``kvm_mmu_zap_collapsible_spte`` asks the maximum
+  mapping level at ``sp->gfn``, the start of the shadow page's region);
+* eager page splitting with no memory left (best effort: the slot is still
+  write-protected);
+* ``n_max_mmu_pages == 0`` at root allocation (-ENOSPC out of
+  ``kvm_mmu_load``);
+* the ``kvm_mmu_zap_all_fast`` trace event (after the generation flip).
+"""
+from __future__ import annotations
+
+from kvmmmu._core.guest_walk import PFERR_USER_MASK, PFERR_WRITE_MASK
+from kvmmmu._core.defs import RET_PF_FIXED
+from kvmmmu.host import HostConfig
+from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES
+from kvmmmu.vm import VM, KvmParams
+
+MiB = 1 << 20
+PRESENT = 1 << 11          # SPTE_MMU_PRESENT_MASK
+LARGE = 1 << 7             # PT_PAGE_SIZE_MASK
+WRITABLE = 1 << 1
+
+
+def _leaf(vm, v, gpa):
+    """``(sp.level, spte)`` of the last SPTE a shadow walk of `gpa` visits."""
+    sp, _, spte = vm.mmu_backend.shadow_walk(v, gpa)[-1]
+    return sp.level, spte
+
+
+def test_dirty_log_off_zaps_only_collapsible_sptes_inside_the_slot():
+    """A slot at 16 MiB (not 1G-aligned, THP-backed): a 2M leaf at 16 MiB
+    sits in the level-2 page of gfn 0, outside the slot; a 4K leaf at
+    18 MiB + 4K, made while dirty logging was on, sits in the level-1 page
+    of gfn 0x1200, inside it.  Logging off: the kernel asks the maximum
+    mapping level at each page's gfn.  The 2M frame at 0x1200 may be huge
+    again (2 > 1: the 4K leaf is zapped); the 1G frame at gfn 0 is the
+    slot's misaligned head, disallowed (at most 2, not > 2: the 2M leaf
+    stays, still write-protected from the logging)."""
+    vm = VM("tdp", host=HostConfig(tdp="ept"), params=KvmParams(eager_page_split=False))
+    s = vm.add_memory(16 * MiB, 4 * MiB, slot=1, thp=True, populate=True)
+    v = vm.vcpus[0]
+    v.vcpu_enter_guest()
+    assert v.kvm_mmu_page_fault(16 * MiB, PFERR_USER_MASK) == RET_PF_FIXED
+    assert _leaf(vm, v, 16 * MiB)[0] == 2
+    vm.set_user_memory_region(1, KVM_MEM_LOG_DIRTY_PAGES, 16 * MiB, 4 * MiB, s.userspace_addr)
+    assert v.kvm_mmu_page_fault(18 * MiB + 0x1000, PFERR_WRITE_MASK | PFERR_USER_MASK) == RET_PF_FIXED
+    level, spte = _leaf(vm, v, 18 * MiB + 0x1000)
+    assert level == 1 and spte & PRESENT
+    flushes = vm.stat.remote_tlb_flush_requests
+    vm.set_user_memory_region(1, 0, 16 * MiB, 4 * MiB, s.userspace_addr)
+    level, spte = _leaf(vm, v, 18 * MiB + 0x1000)
+    assert level == 1 and not spte & PRESENT                 # zapped: collapsible
+    level, spte = _leaf(vm, v, 16 * MiB)
+    assert level == 2 and spte & PRESENT and spte & LARGE    # kept: its 1G frame is not in the slot
+    assert not spte & WRITABLE
+    assert vm.stat.remote_tlb_flush_requests > flushes
+    assert vm.audit(raise_=False) == []
+    # the zapped range faults back in huge now that logging is off
+    assert v.kvm_mmu_page_fault(18 * MiB + 0x1000, PFERR_USER_MASK) == RET_PF_FIXED
+    assert _leaf(vm, v, 18 * MiB + 0x1000)[0] == 2
+
