@@ -11,6 +11,16 @@
 """
 from __future__ import annotations
 
+from functools import partial
+from unittest import mock
+
+import pytest
+
+import _shadow_oracle as O
+from kvmmmu import mmutrace as tp
+from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
+from kvmmmu.errors import KvmNoMemoryError
+
 from kvmmmu._core.guest_walk import PFERR_USER_MASK, PFERR_WRITE_MASK
 from kvmmmu._core.defs import RET_PF_FIXED
 from kvmmmu.host import HostConfig
@@ -61,3 +71,58 @@ def test_dirty_log_off_zaps_only_collapsible_sptes_inside_the_slot():
     assert v.kvm_mmu_page_fault(18 * MiB + 0x1000, PFERR_USER_MASK) == RET_PF_FIXED
     assert _leaf(vm, v, 18 * MiB + 0x1000)[0] == 2
 
+
+def _hog(vm):
+    """Take every page the arena can still give; returns the caches."""
+    hog = []
+    while True:
+        c = MmuMemoryCache(vm.arena, "shadow_page")
+        try:
+            c.topup(1)
+        except KvmNoMemoryError:
+            return hog
+        hog.append(c)
+
+
+def test_eager_split_without_memory_traces_enomem_and_write_protects():
+    """kvm_mmu_slot_apply_flags with eager_page_split: the split is best
+    effort (kvm_mmu_slot_try_split_huge_pages returns nothing).  With no
+    page to be had, tdp_mmu_split_huge_pages_root traces the first huge leaf
+    with errno -ENOMEM and stops; the ioctl still succeeds, and the huge
+    leaves are write-protected like any other (slot_rmap / TDP write
+    protection from 2M when PML is on, from 4K otherwise), so the first
+    write after it faults and is logged."""
+    with mock.patch("kvmmmu.vm.PtArena", partial(PtArena, max_tables=256, tables_per_chunk=16)):
+        vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), params=KvmParams(eager_page_split=True))
+    s = vm.add_memory(0, 4 * MiB, slot=0, thp=True, populate=True)
+    v = vm.vcpus[0]
+    v.vcpu_enter_guest()
+    for gpa in (0x1000, 0x201000):
+        assert v.kvm_mmu_page_fault(gpa, PFERR_WRITE_MASK) == RET_PF_FIXED
+    root = v.mmu_root.sp
+    huge = []
+    for gpa in (0, 2 * MiB):
+        spte, level, (w, _, _), _ = O.shadow_lookup(vm.arena, vm.fmt, root, gpa, va_bits=None)
+        assert level == 2 and w
+        huge.append(spte)
+    hog = _hog(vm)
+    try:
+        with tp.capture("kvm_mmu_split_huge_page") as ring:
+            vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 4 * MiB, s.userspace_addr)
+        assert ring.lines() == [f"kvm_mmu_split_huge_page: gfn 0 spte {huge[0]:x} level 2 errno -12"]
+        for gpa in (0, 2 * MiB):
+            spte, level, (w, _, _), _ = O.shadow_lookup(vm.arena, vm.fmt, root, gpa, va_bits=None)
+            assert level == 2 and spte is not None and not w
+    finally:
+        for c in hog:
+            c.free()
+    assert vm.audit(raise_=False) == []
+    vm.get_dirty_log(0)
+    assert v.kvm_mmu_page_fault(0x3000, PFERR_WRITE_MASK) == RET_PF_FIXED
+    bitmap = vm.get_dirty_log(0)
+    assert _bit(bitmap, 3) and not _bit(bitmap, 4)
+
+
+def _bit(bitmap, i):
+    b = bytes(bitmap) if not hasattr(bitmap, "tobytes") else bitmap.tobytes()
+    return bool(b[i >> 3] >> (i & 7) & 1)

@@ -371,10 +371,7 @@ TestDirectTdpMmuInjected.settings = settings(_FAST, max_examples=6)
 
 
 @pytest.mark.parametrize("mmu", [
-    pytest.param("tdp_mmu", marks=pytest.mark.xfail(strict=True, reason="enabling dirty logging with eager_page_split when the split "
-                   "cannot allocate raises KvmNoMemoryError out of KVM_SET_USER_MEMORY_REGION after the "
-                   "commit and skips the write protection: 2M leaves stay writable in a dirty-logged slot "
-                   "(the kernel's eager split is best effort and write-protects what it could not split)")), "tdp"])
+    "tdp_mmu", "tdp"])
 def test_eager_split_without_memory_still_write_protects(mmu):
     with mock.patch("kvmmmu.vm.PtArena", partial(PtArena, max_tables=256, tables_per_chunk=16)):
         vm = _backend_or_skip(mmu, host=HostConfig(tdp="ept"), params=KvmParams(eager_page_split=True))
