@@ -60,8 +60,8 @@ from kvmmmu._core.defs import (
     gfn_to_index,
 )
 from kvmmmu._core.guest_walk import (
-    PFERR_FETCH_MASK, PFERR_IMPLICIT_ACCESS, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
-    PFERR_WRITE_MASK,
+    PFERR_FETCH_MASK, PFERR_IMPLICIT_ACCESS, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_SS_MASK,
+    PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
 from kvmmmu.host import (
     KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_MASK, KVM_PFN_ERR_NOSLOT_MASK, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
@@ -378,6 +378,44 @@ PFERR_GUEST_VMPL_MASK = 1 << 36
 #: KVM-defined: the access is to private (guest_memfd) memory
 PFERR_PRIVATE_ACCESS = 1 << 49
 PFERR_SYNTHETIC_MASK = PFERR_IMPLICIT_ACCESS | PFERR_PRIVATE_ACCESS
+#: undefined in the #NPF error code KVM defines; AMD's supervisor-shadow-stack bit
+PFERR_NPF_SSS_MASK = 1 << 37
+
+# What reaches kvm_mmu_page_fault on a direct MMU.  VMX: handle_ept_violation
+# builds P/W/U(read)/F plus GUEST_FINAL or GUEST_PAGE (and PRIVATE_ACCESS for
+# a TDX private gpa), handle_ept_misconfig passes RSVD alone.  SVM:
+# npf_interception passes EXITINFO1 (the #PF bits P W U RSVD F, SS, and RMP,
+# GUEST_FINAL/PAGE, ENC, SIZEM, VMPL, SSS above) with the synthetic bits
+# cleared, plus PRIVATE_ACCESS for an SNP encrypted access.  PRIVATE_ACCESS
+# is also KVM's own (kvm_mmu_page_fault adds it for a SW-protected VM).
+_EC_DIRECT_COMMON = (PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_RSVD_MASK |
+                     PFERR_FETCH_MASK | PFERR_GUEST_FINAL_MASK | PFERR_GUEST_PAGE_MASK |
+                     PFERR_PRIVATE_ACCESS)
+_EC_EPT = _EC_DIRECT_COMMON
+_EC_NPT = (_EC_DIRECT_COMMON | PFERR_SS_MASK | PFERR_GUEST_RMP_MASK | PFERR_GUEST_ENC_MASK |
+           PFERR_GUEST_SIZEM_MASK | PFERR_GUEST_VMPL_MASK | PFERR_NPF_SSS_MASK)
+#: no x86 CPU reports a guest-physical address of more bits (MAXPHYADDR <= 52);
+#: below it, a gpa above the host's MAXPHYADDR can arrive when KVM itself runs
+#: nested under an L0 that reports a smaller MAXPHYADDR: the kernel emulates
+#: it (kvm_handle_noslot_fault: gfn > kvm_mmu_max_gfn)
+_GPA_BITS_MAX = 52
+
+
+def check_direct_fault_args(vm, cr2_or_gpa: int, error_code: int) -> None:
+    """What no EPT violation / misconfiguration or #NPF can carry: a gpa of
+    more than 52 bits, or error-code bits the vendor's exit handler never
+    sets (EPT: P W U F RSVD GUEST_FINAL GUEST_PAGE PRIVATE_ACCESS; NPT also
+    SS, RMP, ENC, SIZEM, VMPL, SSS).  Raises ValueError naming the argument;
+    nothing has been counted or changed."""
+    if cr2_or_gpa >> _GPA_BITS_MAX:
+        raise ValueError(f"cr2_or_gpa={cr2_or_gpa:#x} has bits above {_GPA_BITS_MAX}: no CPU "
+                         f"reports such a guest-physical address (MAXPHYADDR <= {_GPA_BITS_MAX})")
+    tdp = vm.host_config.tdp
+    ok = _EC_NPT if tdp == "npt" else _EC_EPT
+    if error_code & ~ok:
+        exit_ = "a #NPF" if tdp == "npt" else "an EPT violation or misconfiguration"
+        raise ValueError(f"error_code={error_code:#x} has bits {error_code & ~ok:#x} that "
+                         f"{exit_} never passes to kvm_mmu_page_fault")
 
 # emulation_type bits kvm_mmu_page_fault hands to x86_emulate_instruction (kvm_host.h)
 EMULTYPE_ALLOW_RETRY_PF = 1 << 3
@@ -490,11 +528,14 @@ def kvm_mmu_page_fault(vcpu, cr2_or_gpa: int, error_code: int, insn=None, insn_l
     mmu = vm.mmu_backend
     if mmu is None:
         raise LookupError(f"the VM (mmu={vm.mmu!r}) has no MMU backend to take page faults")
+    # input no exit handler can produce is refused before anything happens
+    if not mmu.direct:                       # a #PF: its address and error code are the CPU's
+        mmu.check_fault_args(vcpu, cr2_or_gpa, error_code)
+    elif error_code & ~_EC_DIRECT_COMMON or cr2_or_gpa >> _GPA_BITS_MAX:
+        check_direct_fault_args(vm, cr2_or_gpa, error_code)
     if vcpu.mmu_root is None:                # !VALID_PAGE(vcpu->arch.mmu->root.hpa)
         vm.warn_sink.warn("kvm_mmu_page_fault", "page fault without a valid root", once=True)
         return RET_PF_RETRY
-    if not mmu.direct:                       # a #PF: its address and error code are the CPU's
-        mmu.check_fault_args(vcpu, cr2_or_gpa, error_code)
     if vm.kvm_sw_protected_vm and vm.kvm_mem_is_private(cr2_or_gpa >> PAGE_SHIFT):
         error_code |= PFERR_PRIVATE_ACCESS
     r = RET_PF_INVALID

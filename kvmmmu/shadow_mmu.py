@@ -1408,12 +1408,15 @@ class ShadowMmu(MmuBackend):
     def check_fault_args(self, vcpu, addr: int, error_code: int) -> None:
         """What the common entry checks for a shadow-paging #PF before it
         counts anything: the error code has only bits a #PF exit carries
-        (the low 16, not KVM's synthetic ones), and the address fits the
-        paging mode (32 bits outside long mode, canonical in it).  Raises
-        ValueError / :class:`kvmmmu.paging.AccessError` naming the argument."""
-        if error_code & ~0xFFFF:
+        (P W U RSVD I/D PK SS and SGX (15); bits 7-14 and 16-31 are
+        reserved, KVM enables no HLAT, and kvm_handle_page_fault drops the
+        upper half with a WARN: KVM's synthetic bits never come from a
+        #PF), and the address fits the paging mode (32 bits outside long
+        mode, canonical in it).  Raises ValueError /
+        :class:`kvmmmu.paging.AccessError` naming the argument."""
+        if error_code & ~0x807F:                        # P W U RSVD I/D PK SS (0-6), SGX (15)
             raise ValueError(f"error_code={error_code:#x} has bits a #PF error code never has "
-                             f"({error_code & ~0xFFFF:#x})")
+                             f"({error_code & ~0x807F:#x})")
         cpu = vcpu.cpu
         if cpu.efer & (1 << 10):                            # EFER.LMA
             bits = 57 if cpu.cr4 & (1 << 12) else 48
