@@ -843,12 +843,19 @@ def kvm_mmu_prefetch_fault(vcpu, gpa: int, error_code: int) -> int:
     return r
 
 
-def kvm_mmu_load(vcpu) -> None:
+def kvm_mmu_load(vcpu) -> int:
     """``kvm_mmu_load``: top up the caches and give the vCPU a valid root of
-    the VM's MMU (the MMU drops an obsolete one first)."""
+    the VM's MMU (the MMU drops an obsolete one first).  Returns 0, or the
+    negative errno the root allocation failed with: the shadow MMU's
+    ``mmu_alloc_direct_roots`` / ``mmu_alloc_shadow_roots`` return -ENOSPC
+    when ``make_mmu_pages_available`` finds no page under
+    ``n_max_mmu_pages`` even after zapping the oldest (``n_max_mmu_pages``
+    is 0 until the first memslot commit sets the default); the vCPU is then
+    left without a root.  (A failed top-up raises KvmNoMemoryError.)"""
     mmu = _fault_mmu(vcpu)
     vcpu.mmu_topup_memory_caches(not mmu.direct)
-    mmu.kvm_mmu_load(vcpu)
+    r = mmu.kvm_mmu_load(vcpu)
+    return r if type(r) is int and r < 0 else 0
 
 
 def kvm_mmu_unload(vcpu) -> None:
@@ -858,15 +865,17 @@ def kvm_mmu_unload(vcpu) -> None:
         mmu.kvm_mmu_unload(vcpu)
 
 
-def kvm_mmu_reload(vcpu) -> None:
+def kvm_mmu_reload(vcpu) -> int:
     """``kvm_mmu_reload`` as ``vcpu_enter_guest`` runs it:
     ``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS`` frees an obsolete root, then a vCPU
-    without a valid root loads one."""
+    without a valid root loads one.  Returns 0 or :func:`kvm_mmu_load`'s
+    negative errno."""
     mmu = _fault_mmu(vcpu)
     if vcpu.kvm_check_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"):
         mmu.free_obsolete_roots(vcpu)
     if vcpu.mmu_root is None:
-        kvm_mmu_load(vcpu)
+        return kvm_mmu_load(vcpu)
+    return 0
 
 
 def _backend_op(vcpu, name):
@@ -921,13 +930,15 @@ def kvm_page_track_write(vcpu, gpa: int, data) -> None:
         f(vcpu, gpa, data)
 
 
-def vcpu_enter_guest(vcpu) -> None:
+def vcpu_enter_guest(vcpu) -> int | None:
     """The MMU's part of ``vcpu_enter_guest``, in the kernel's order: free an
     obsolete root (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS), sync the roots
     (KVM_REQ_MMU_SYNC), load the pgd (KVM_REQ_LOAD_MMU_PGD: hardware only),
     the TLB flushes (KVM_REQ_TLB_FLUSH, then _CURRENT and _GUEST; each
     counted in ``stat.tlb_flush``; a guest flush on shadow paging syncs the
-    current and previous roots), then :func:`kvm_mmu_reload`."""
+    current and previous roots), then :func:`kvm_mmu_reload`.  Returns None
+    when the guest is entered, or the negative errno of a failed root load
+    (the kernel cancels the entry and KVM_RUN fails with it, e.g. -ENOSPC)."""
     mmu = _fault_mmu(vcpu)
     if vcpu.kvm_check_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"):
         mmu.free_obsolete_roots(vcpu)
@@ -950,7 +961,8 @@ def vcpu_enter_guest(vcpu) -> None:
         if not vcpu.vm.tdp_enabled:
             kvm_mmu_sync_roots(vcpu)
             kvm_mmu_sync_prev_roots(vcpu)
-    kvm_mmu_reload(vcpu)
+    r = kvm_mmu_reload(vcpu)
+    return r if r else None
 
 
 def kvm_mmu_reset_context(vcpu) -> None:

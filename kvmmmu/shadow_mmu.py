@@ -1126,12 +1126,14 @@ class ShadowMmu(MmuBackend):
         self._set_header(sp, root_count=sp.root_count)
         return sp
 
-    def kvm_mmu_load(self, vcpu):
+    def kvm_mmu_load(self, vcpu) -> int:
         """``kvm_mmu_load`` (after the common top-up): allocate the roots
-        (direct or shadow), then ``kvm_mmu_sync_roots``."""
+        (direct or shadow), then ``kvm_mmu_sync_roots``.  Returns 0, or the
+        roots' -ENOSPC (``make_mmu_pages_available``: nothing left under
+        ``n_max_mmu_pages``) with the vCPU still without a root."""
         m = self._ctx(vcpu)
         if m.root.hpa is not None:
-            return m.root
+            return 0
         if m.direct:
             r = self.mmu_alloc_direct_roots(vcpu, m)
         else:
@@ -1140,7 +1142,7 @@ class ShadowMmu(MmuBackend):
             return r
         self._publish(vcpu, m)
         self.kvm_mmu_sync_roots(vcpu)
-        return m.root
+        return 0
 
     def mmu_alloc_direct_roots(self, vcpu, m: KvmMmu) -> int:
         with self._wlock():

@@ -11,12 +11,14 @@
 """
 from __future__ import annotations
 
+import errno
 from functools import partial
 from unittest import mock
 
 import pytest
 
 import _shadow_oracle as O
+from kvmmmu import live
 from kvmmmu import mmutrace as tp
 from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
 from kvmmmu.errors import KvmNoMemoryError
@@ -126,3 +128,72 @@ def test_eager_split_without_memory_traces_enomem_and_write_protects():
 def _bit(bitmap, i):
     b = bytes(bitmap) if not hasattr(bitmap, "tobytes") else bitmap.tobytes()
     return bool(b[i >> 3] >> (i & 7) & 1)
+
+
+# -- n_max_mmu_pages == 0: the root load fails with -ENOSPC ------------------------------
+
+def _paging_guest(v):
+    """Long mode with CR3 at gpa 0x1000 (no memslot needs to hold it)."""
+    v.kvm_set_cr4(1 << 5)                          # PAE
+    v.kvm_set_efer((1 << 8) | (1 << 11))           # LME, NX
+    v.kvm_set_cr3(0x1000)
+    v.kvm_set_cr0(1 | 1 << 16 | 1 << 31)           # PE, WP, PG
+
+
+@pytest.mark.parametrize("mmu", ["tdp", "shadow"])
+def test_root_load_without_mmu_pages_fails_with_enospc(mmu):
+    """Before the first memslot commit ``n_max_mmu_pages`` is 0: the shadow
+    MMU's mmu_alloc_direct_roots finds no page (make_mmu_pages_available:
+    -ENOSPC), kvm_mmu_load returns it and vcpu_enter_guest cancels the entry
+    (KVM_RUN fails with ENOSPC: test_root_load_without_memslots_live).  The
+    vCPU has no root and no shadow page was made.  The first memslot sets
+    the default limit (at least 64 pages) and the next entry loads a root."""
+    vm = VM(mmu, host=HostConfig(tdp="ept"))
+    v = vm.vcpus[0]
+    assert vm.n_max_mmu_pages == 0
+    sps = vm.arena.stats()["sps"]
+    assert v.vcpu_enter_guest() == -errno.ENOSPC
+    assert v.kvm_mmu_reload() == -errno.ENOSPC
+    assert v.mmu_root is None and vm.arena.stats()["sps"] == sps
+    assert vm.audit(raise_=False) == []
+    vm.add_memory(0, 2 * MiB, slot=0, populate=True)
+    assert vm.n_max_mmu_pages >= 64
+    assert v.vcpu_enter_guest() is None and v.mmu_root is not None
+    assert v.kvm_mmu_page_fault(0x5000, PFERR_WRITE_MASK | PFERR_USER_MASK) == RET_PF_FIXED
+
+
+def test_a_shadow_root_for_a_cr3_outside_memslots_needs_no_page():
+    """mmu_alloc_shadow_roots checks the root gfn first: not visible, the
+    dummy root, before make_mmu_pages_available - no -ENOSPC."""
+    vm = VM("shadow", host=HostConfig(tdp="ept"))
+    v = vm.vcpus[0]
+    _paging_guest(v)
+    assert v.vcpu_enter_guest() is None and v.mmu_root is not None
+
+
+def test_the_tdp_mmu_allocates_its_root_without_the_limit():
+    """mmu_alloc_direct_roots with the TDP MMU returns before
+    make_mmu_pages_available: no -ENOSPC."""
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"))
+    v = vm.vcpus[0]
+    assert vm.n_max_mmu_pages == 0
+    assert v.vcpu_enter_guest() is None and v.mmu_root is not None
+
+
+@pytest.mark.skipif(live.kvm_problem() is not None, reason=str(live.kvm_problem()))
+def test_root_load_without_memslots_live():
+    """This machine's KVM and the model configured like it agree: KVM_RUN on
+    a VM without memslots (real mode: a direct root) fails with ENOSPC."""
+    from kvmmmu.live.kvm import Kvm
+    with Kvm() as k:
+        lvm = k.create_vm()
+        lv = lvm.create_vcpu(0)
+        with pytest.raises(OSError) as e:
+            lv.run()
+        assert e.value.errno == errno.ENOSPC
+        lvm.close()
+    vm = VM.from_host()
+    if vm.mmu_backend is None or vm.tdp_enabled:
+        pytest.skip("the model of this host takes no shadow-MMU faults")
+    assert vm.vcpus[0].vcpu_enter_guest() == -e.value.errno
+
