@@ -63,6 +63,7 @@ from kvmmmu._core.guest_walk import (
     PFERR_FETCH_MASK, PFERR_IMPLICIT_ACCESS, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_SS_MASK,
     PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
+from kvmmmu import mmutrace as _tp
 from kvmmmu.host import (
     KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_MASK, KVM_PFN_ERR_NOSLOT_MASK, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
     KVM_PFN_NOSLOT, hva_to_pfn, hva_to_pfn_fast,
@@ -1094,7 +1095,9 @@ def kvm_arch_mmu_enable_log_dirty_pt_masked(vm, slot, gfn_offset: int, mask: int
 
 def kvm_mmu_zap_all_fast(vm) -> None:
     """``kvm_mmu_zap_all_fast`` (MMIO generation wrap): with ``mmu_lock``
-    held for write, flip ``mmu_valid_gen`` (shadow pages of the old
+    held for write, trace ``kvm_mmu_zap_all_fast`` (the generation being
+    retired and ``n_used_mmu_pages``, the shadow pages in use: whatever the
+    MMU, once), flip ``mmu_valid_gen`` (shadow pages of the old
     generation are obsolete), ask every vCPU to free its obsolete roots
     (``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS``), and let each MMU obsolete and
     zap its roots.  The TDP MMU only invalidates its roots there, and zaps
@@ -1102,6 +1105,10 @@ def kvm_mmu_zap_all_fast(vm) -> None:
     held for read (faults of other vCPUs may run meanwhile)."""
     tdp = []
     with vm.mmu_lock.write():
+        if _tp.kvm_mmu_zap_all_fast.enabled:
+            _tp.kvm_mmu_zap_all_fast.emit(
+                mmu_valid_gen=vm.mmu_valid_gen,
+                mmu_used_pages=sum(getattr(m, "n_used_mmu_pages", 0) for m in vm.mmus))
         vm.mmu_valid_gen ^= 1
         vm.kvm_make_all_cpus_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
         for mmu in vm.mmus:

@@ -2257,12 +2257,10 @@ class ShadowMmu(MmuBackend):
             self.kvm_mmu_commit_zap_page(invalid_list)
 
     def kvm_mmu_zap_all_fast(self) -> None:
-        """The shadow part of ``kvm_mmu_zap_all_fast`` (the common code
-        flipped ``mmu_valid_gen`` and asked every vCPU to free obsolete roots,
-        holding ``mmu_lock``): trace it, zap the obsolete pages."""
-        if _tp.kvm_mmu_zap_all_fast.enabled:
-            _tp.kvm_mmu_zap_all_fast.emit(mmu_valid_gen=self.vm.mmu_valid_gen ^ 1,
-                                          mmu_used_pages=self.n_used_mmu_pages)
+        """The shadow part of ``kvm_mmu_zap_all_fast``: the common code
+        (:func:`kvmmmu.mmu.kvm_mmu_zap_all_fast`, holding ``mmu_lock``)
+        traced the event before it flipped ``mmu_valid_gen`` and asked
+        every vCPU to free obsolete roots; zap the obsolete pages."""
         self.kvm_zap_obsolete_pages()
 
     def kvm_mmu_change_mmu_pages(self, nr_mmu_pages) -> None:

@@ -12,7 +12,10 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 from functools import partial
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -197,3 +200,55 @@ def test_root_load_without_memslots_live():
         pytest.skip("the model of this host takes no shadow-MMU faults")
     assert vm.vcpus[0].vcpu_enter_guest() == -e.value.errno
 
+
+# -- the kvm_mmu_zap_all_fast trace event ----------------------------------------------
+
+_FORMAT = "kvm_mmu_zap_all_fast/format"
+_LIVE_FORMAT = Path("/sys/kernel/tracing/events/kvmmmu") / _FORMAT
+_DATA_FORMAT = Path(__file__).parent / "data" / "tracefs_kvmmmu" / "kvm_mmu_zap_all_fast.format"
+
+
+def _format_fields(text):
+    """``[(ctype, name, offset, size, signed)]`` of the event's own fields."""
+    out = []
+    for m in re.finditer(r"field:(.+?) (\w+);\s*offset:(\d+);\s*size:(\d+);\s*signed:(\d);", text):
+        if not m.group(2).startswith("common_"):
+            out.append((m.group(1), m.group(2), int(m.group(3)), int(m.group(4)), m.group(5) == "1"))
+    return out
+
+
+def test_zap_all_fast_event_fields_are_the_kernels():
+    """The record layout and the print format against this machine's
+    tracefs (the stored v6.18 copy where tracefs is not readable)."""
+    path = _LIVE_FORMAT if os.access(_LIVE_FORMAT, os.R_OK) else _DATA_FORMAT
+    text = path.read_text()
+    ev = tp.get_event("kvm_mmu_zap_all_fast")
+    assert _format_fields(text) == [(f.ctype, f.name, f.offset, f.size, f.signed) for f in ev.fields]
+    assert 'print fmt: "kvm-mmu-valid-gen %u used_pages %x"' in text
+
+
+@pytest.mark.parametrize("mmu, used", [("shadow", 5), ("tdp", 4), ("tdp_mmu", 0)])
+def test_zap_all_fast_traces_the_generation_it_retires(mmu, used):
+    """mmu.c kvm_mmu_zap_all_fast traces under mmu_lock before it toggles
+    mmu_valid_gen: the record holds the old generation and
+    kvm->arch.n_used_mmu_pages, the shadow pages in use (a real-mode guest:
+    four PAE roots and a page table; TDP on the shadow MMU: four levels;
+    the TDP MMU's pages are not counted there) - once per fast zap,
+    whatever the MMU."""
+    vm = VM(mmu, host=HostConfig(tdp="ept"))
+    vm.add_memory(0, 2 * MiB, slot=0, populate=True)
+    v = vm.vcpus[0]
+    v.vcpu_enter_guest()
+    assert v.kvm_mmu_page_fault(0x5000, PFERR_WRITE_MASK | PFERR_USER_MASK) == RET_PF_FIXED
+    assert vm.mmu_valid_gen == 0
+    with tp.capture("kvm_mmu_zap_all_fast") as ring:
+        vm.kvm_mmu_zap_all_fast()
+    assert ring.lines() == [f"kvm_mmu_zap_all_fast: kvm-mmu-valid-gen 0 used_pages {used:x}"]
+    assert vm.mmu_valid_gen == 1
+    v.vcpu_enter_guest()                      # frees the obsolete root
+    with tp.capture("kvm_mmu_zap_all_fast") as ring:
+        vm.kvm_mmu_zap_all_fast()
+    n_root = {"shadow": 4, "tdp": 1, "tdp_mmu": 0}[mmu]      # the fresh root(s) of gen 1
+    assert ring.lines() == [f"kvm_mmu_zap_all_fast: kvm-mmu-valid-gen 1 used_pages {n_root:x}"]
+    assert vm.mmu_valid_gen == 0
+    assert vm.audit(raise_=False) == []
