@@ -226,7 +226,10 @@ def stream_init(scn, guest_model, params) -> dict:
         "params": params,
         "guest_model": asdict(guest_model),
         "manual_dirty_log_protect": scn.manual_dirty_log_protect,
-        "memslots": [ms.to_json() for ms in scn.memslots],
+        # the recorder copies each slot's image over the whole slot before the
+        # VM starts (_record): every host page is there, written
+        "memslots": [dict(ms.to_json(), populate=True) if ms.slot in scn.image else ms.to_json()
+                     for ms in scn.memslots],
         "memory": [{"gpa": gpa, "hex": data.hex()} for gpa, data in scn.initial_memory()],
         "vcpus": [dict(id=0, **_initial_regs(scn))],
     }
