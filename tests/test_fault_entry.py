@@ -201,10 +201,13 @@ def test_gfns_above_the_max_gfn_and_beyond_the_root_are_emulated():
     table = [
         (1 << 46, W),                  # above kvm_mmu_max_gfn: an MMIO SPTE could not hold it
         ((1 << 48) + 0x5000, W),       # beyond what the root maps at all
-        ((1 << 64) - 4096, U),
+        ((1 << 52) - 4096, U),         # the widest gpa a CPU can report
     ]
     for gpa, ec in table:
         assert _fault(v, gpa, ec) == (RET_PF_EMULATE, {"taken": 1, "emulate": 1}), hex(gpa)
+    # wider than any MAXPHYADDR: no exit carries it (tests/test_fault_entry_input.py)
+    with pytest.raises(ValueError, match="cr2_or_gpa"):
+        v.kvm_mmu_page_fault((1 << 64) - 4096, U)
     assert vm.audit() == []
 
 
