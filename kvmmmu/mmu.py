@@ -60,14 +60,16 @@ from kvmmmu._core.defs import (
     gfn_to_index,
 )
 from kvmmmu._core.guest_walk import (
-    PFERR_FETCH_MASK, PFERR_IMPLICIT_ACCESS, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK,
-    PFERR_WRITE_MASK,
+    PFERR_FETCH_MASK, PFERR_IMPLICIT_ACCESS, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_SS_MASK,
+    PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
+from kvmmmu import mmutrace as _tp
 from kvmmmu.host import (
     KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_MASK, KVM_PFN_ERR_NOSLOT_MASK, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
     KVM_PFN_NOSLOT, hva_to_pfn, hva_to_pfn_fast,
 )
 from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
+from kvmmmu import mmutrace as _tp
 from kvmmmu.memslots import (
     KVM_LPAGE_MIXED_FLAG, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMSLOT_INVALID,
     KvmMemorySlot, KvmMrChange, kvm_mmu_max_gfn, mark_page_dirty_in_slot,
@@ -378,6 +380,44 @@ PFERR_GUEST_VMPL_MASK = 1 << 36
 #: KVM-defined: the access is to private (guest_memfd) memory
 PFERR_PRIVATE_ACCESS = 1 << 49
 PFERR_SYNTHETIC_MASK = PFERR_IMPLICIT_ACCESS | PFERR_PRIVATE_ACCESS
+#: undefined in the #NPF error code KVM defines; AMD's supervisor-shadow-stack bit
+PFERR_NPF_SSS_MASK = 1 << 37
+
+# What reaches kvm_mmu_page_fault on a direct MMU.  VMX: handle_ept_violation
+# builds P/W/U(read)/F plus GUEST_FINAL or GUEST_PAGE (and PRIVATE_ACCESS for
+# a TDX private gpa), handle_ept_misconfig passes RSVD alone.  SVM:
+# npf_interception passes EXITINFO1 (the #PF bits P W U RSVD F, SS, and RMP,
+# GUEST_FINAL/PAGE, ENC, SIZEM, VMPL, SSS above) with the synthetic bits
+# cleared, plus PRIVATE_ACCESS for an SNP encrypted access.  PRIVATE_ACCESS
+# is also KVM's own (kvm_mmu_page_fault adds it for a SW-protected VM).
+_EC_DIRECT_COMMON = (PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_RSVD_MASK |
+                     PFERR_FETCH_MASK | PFERR_GUEST_FINAL_MASK | PFERR_GUEST_PAGE_MASK |
+                     PFERR_PRIVATE_ACCESS)
+_EC_EPT = _EC_DIRECT_COMMON
+_EC_NPT = (_EC_DIRECT_COMMON | PFERR_SS_MASK | PFERR_GUEST_RMP_MASK | PFERR_GUEST_ENC_MASK |
+           PFERR_GUEST_SIZEM_MASK | PFERR_GUEST_VMPL_MASK | PFERR_NPF_SSS_MASK)
+#: no x86 CPU reports a guest-physical address of more bits (MAXPHYADDR <= 52);
+#: below it, a gpa above the host's MAXPHYADDR can arrive when KVM itself runs
+#: nested under an L0 that reports a smaller MAXPHYADDR: the kernel emulates
+#: it (kvm_handle_noslot_fault: gfn > kvm_mmu_max_gfn)
+_GPA_BITS_MAX = 52
+
+
+def check_direct_fault_args(vm, cr2_or_gpa: int, error_code: int) -> None:
+    """What no EPT violation / misconfiguration or #NPF can carry: a gpa of
+    more than 52 bits, or error-code bits the vendor's exit handler never
+    sets (EPT: P W U F RSVD GUEST_FINAL GUEST_PAGE PRIVATE_ACCESS; NPT also
+    SS, RMP, ENC, SIZEM, VMPL, SSS).  Raises ValueError naming the argument;
+    nothing has been counted or changed."""
+    if cr2_or_gpa >> _GPA_BITS_MAX:
+        raise ValueError(f"cr2_or_gpa={cr2_or_gpa:#x} has bits above {_GPA_BITS_MAX}: no CPU "
+                         f"reports such a guest-physical address (MAXPHYADDR <= {_GPA_BITS_MAX})")
+    tdp = vm.host_config.tdp
+    ok = _EC_NPT if tdp == "npt" else _EC_EPT
+    if error_code & ~ok:
+        exit_ = "a #NPF" if tdp == "npt" else "an EPT violation or misconfiguration"
+        raise ValueError(f"error_code={error_code:#x} has bits {error_code & ~ok:#x} that "
+                         f"{exit_} never passes to kvm_mmu_page_fault")
 
 # emulation_type bits kvm_mmu_page_fault hands to x86_emulate_instruction (kvm_host.h)
 EMULTYPE_ALLOW_RETRY_PF = 1 << 3
@@ -490,12 +530,17 @@ def kvm_mmu_page_fault(vcpu, cr2_or_gpa: int, error_code: int, insn=None, insn_l
     mmu = vm.mmu_backend
     if mmu is None:
         raise LookupError(f"the VM (mmu={vm.mmu!r}) has no MMU backend to take page faults")
+    # input no exit handler can produce is refused before anything happens
+    direct = mmu.direct and not vcpu.guest_mode     # vcpu->arch.mmu->root_role.direct
+    if vcpu.guest_mode:                      # L2 under L1's EPT (nested): an EPT violation of L2
+        mmu.check_l2_fault_args(vcpu, cr2_or_gpa, error_code)
+    elif not direct:                         # a #PF: its address and error code are the CPU's
+        mmu.check_fault_args(vcpu, cr2_or_gpa, error_code)
+    elif error_code & ~_EC_DIRECT_COMMON or cr2_or_gpa >> _GPA_BITS_MAX:
+        check_direct_fault_args(vm, cr2_or_gpa, error_code)
     if vcpu.mmu_root is None:                # !VALID_PAGE(vcpu->arch.mmu->root.hpa)
         vm.warn_sink.warn("kvm_mmu_page_fault", "page fault without a valid root", once=True)
         return RET_PF_RETRY
-    direct = mmu.direct and not vcpu.guest_mode     # vcpu->arch.mmu->root_role.direct
-    if not direct:                           # a #PF (or L2's EPT violation): the CPU's values
-        (mmu.check_l2_fault_args if vcpu.guest_mode else mmu.check_fault_args)(vcpu, cr2_or_gpa, error_code)
     if vm.kvm_sw_protected_vm and vm.kvm_mem_is_private(cr2_or_gpa >> PAGE_SHIFT):
         error_code |= PFERR_PRIVATE_ACCESS
     r = RET_PF_INVALID
@@ -595,7 +640,8 @@ def handle_mmio_page_fault(vcpu, addr: int, direct: bool) -> int:
     """``handle_mmio_page_fault`` for a PFERR_RSVD fault: the MMIO cache, or
     the last SPTE of a lockless walk (``get_mmio_spte``): an MMIO SPTE of the
     current memslot generation caches its gfn and access and gives
-    RET_PF_EMULATE; a stale one RET_PF_INVALID (the full fault rebuilds it);
+    RET_PF_EMULATE (traced as ``handle_mmio_page_fault``, the address 0 for
+    a direct MMU); a stale one RET_PF_INVALID (the full fault rebuilds it);
     anything else (zapped meanwhile) RET_PF_RETRY; a reserved bit in a
     non-MMIO SPTE is a KVM bug the kernel WARNs about (-EINVAL)."""
     if mmio_info_in_cache(vcpu, addr, direct):
@@ -609,8 +655,12 @@ def handle_mmio_page_fault(vcpu, addr: int, direct: bool) -> int:
     if fmt.is_mmio_spte(spte):
         if not vcpu.check_mmio_spte(spte):
             return RET_PF_INVALID
-        vcpu.vcpu_cache_mmio_info(0 if direct else addr, fmt.get_mmio_spte_gfn(spte),
-                                  fmt.get_mmio_spte_access(spte))
+        if direct:
+            addr = 0
+        gfn, access = fmt.get_mmio_spte_gfn(spte), fmt.get_mmio_spte_access(spte)
+        if _tp.handle_mmio_page_fault.enabled:
+            _tp.handle_mmio_page_fault.emit(addr=addr, gfn=gfn, access=access)
+        vcpu.vcpu_cache_mmio_info(addr, gfn, access)
         return RET_PF_EMULATE
     return RET_PF_RETRY
 
@@ -804,12 +854,19 @@ def kvm_mmu_prefetch_fault(vcpu, gpa: int, error_code: int) -> int:
     return r
 
 
-def kvm_mmu_load(vcpu) -> None:
+def kvm_mmu_load(vcpu) -> int:
     """``kvm_mmu_load``: top up the caches and give the vCPU a valid root of
-    the VM's MMU (the MMU drops an obsolete one first)."""
+    the VM's MMU (the MMU drops an obsolete one first).  Returns 0, or the
+    negative errno the root allocation failed with: the shadow MMU's
+    ``mmu_alloc_direct_roots`` / ``mmu_alloc_shadow_roots`` return -ENOSPC
+    when ``make_mmu_pages_available`` finds no page under
+    ``n_max_mmu_pages`` even after zapping the oldest (``n_max_mmu_pages``
+    is 0 until the first memslot commit sets the default); the vCPU is then
+    left without a root.  (A failed top-up raises KvmNoMemoryError.)"""
     mmu = _fault_mmu(vcpu)
     vcpu.mmu_topup_memory_caches(not mmu.direct or vcpu.guest_mode)
-    mmu.kvm_mmu_load(vcpu)
+    r = mmu.kvm_mmu_load(vcpu)
+    return r if type(r) is int and r < 0 else 0
 
 
 def kvm_mmu_unload(vcpu) -> None:
@@ -819,15 +876,17 @@ def kvm_mmu_unload(vcpu) -> None:
         mmu.kvm_mmu_unload(vcpu)
 
 
-def kvm_mmu_reload(vcpu) -> None:
+def kvm_mmu_reload(vcpu) -> int:
     """``kvm_mmu_reload`` as ``vcpu_enter_guest`` runs it:
     ``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS`` frees an obsolete root, then a vCPU
-    without a valid root loads one."""
+    without a valid root loads one.  Returns 0 or :func:`kvm_mmu_load`'s
+    negative errno."""
     mmu = _fault_mmu(vcpu)
     if vcpu.kvm_check_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"):
         mmu.free_obsolete_roots(vcpu)
     if vcpu.mmu_root is None:
-        kvm_mmu_load(vcpu)
+        return kvm_mmu_load(vcpu)
+    return 0
 
 
 def _backend_op(vcpu, name):
@@ -882,13 +941,15 @@ def kvm_page_track_write(vcpu, gpa: int, data) -> None:
         f(vcpu, gpa, data)
 
 
-def vcpu_enter_guest(vcpu) -> None:
+def vcpu_enter_guest(vcpu) -> int | None:
     """The MMU's part of ``vcpu_enter_guest``, in the kernel's order: free an
     obsolete root (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS), sync the roots
     (KVM_REQ_MMU_SYNC), load the pgd (KVM_REQ_LOAD_MMU_PGD: hardware only),
     the TLB flushes (KVM_REQ_TLB_FLUSH, then _CURRENT and _GUEST; each
     counted in ``stat.tlb_flush``; a guest flush on shadow paging syncs the
-    current and previous roots), then :func:`kvm_mmu_reload`."""
+    current and previous roots), then :func:`kvm_mmu_reload`.  Returns None
+    when the guest is entered, or the negative errno of a failed root load
+    (the kernel cancels the entry and KVM_RUN fails with it, e.g. -ENOSPC)."""
     mmu = _fault_mmu(vcpu)
     if vcpu.kvm_check_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"):
         mmu.free_obsolete_roots(vcpu)
@@ -911,7 +972,8 @@ def vcpu_enter_guest(vcpu) -> None:
         if not vcpu.vm.tdp_enabled:
             kvm_mmu_sync_roots(vcpu)
             kvm_mmu_sync_prev_roots(vcpu)
-    kvm_mmu_reload(vcpu)
+    r = kvm_mmu_reload(vcpu)
+    return r if r else None
 
 
 def kvm_mmu_reset_context(vcpu) -> None:
@@ -1043,7 +1105,9 @@ def kvm_arch_mmu_enable_log_dirty_pt_masked(vm, slot, gfn_offset: int, mask: int
 
 def kvm_mmu_zap_all_fast(vm) -> None:
     """``kvm_mmu_zap_all_fast`` (MMIO generation wrap): with ``mmu_lock``
-    held for write, flip ``mmu_valid_gen`` (shadow pages of the old
+    held for write, trace ``kvm_mmu_zap_all_fast`` (the generation being
+    retired and ``n_used_mmu_pages``, the shadow pages in use: whatever the
+    MMU, once), flip ``mmu_valid_gen`` (shadow pages of the old
     generation are obsolete), ask every vCPU to free its obsolete roots
     (``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS``), and let each MMU obsolete and
     zap its roots.  The TDP MMU only invalidates its roots there, and zaps
@@ -1051,6 +1115,10 @@ def kvm_mmu_zap_all_fast(vm) -> None:
     held for read (faults of other vCPUs may run meanwhile)."""
     tdp = []
     with vm.mmu_lock.write():
+        if _tp.kvm_mmu_zap_all_fast.enabled:
+            _tp.kvm_mmu_zap_all_fast.emit(
+                mmu_valid_gen=vm.mmu_valid_gen,
+                mmu_used_pages=sum(getattr(m, "n_used_mmu_pages", 0) for m in vm.mmus))
         vm.mmu_valid_gen ^= 1
         vm.kvm_make_all_cpus_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
         for mmu in vm.mmus:

@@ -1252,12 +1252,14 @@ class ShadowMmu(MmuBackend):
         self._set_header(sp, root_count=sp.root_count)
         return sp
 
-    def kvm_mmu_load(self, vcpu):
+    def kvm_mmu_load(self, vcpu) -> int:
         """``kvm_mmu_load`` (after the common top-up): allocate the roots
-        (direct or shadow), then ``kvm_mmu_sync_roots``."""
+        (direct or shadow), then ``kvm_mmu_sync_roots``.  Returns 0, or the
+        roots' -ENOSPC (``make_mmu_pages_available``: nothing left under
+        ``n_max_mmu_pages``) with the vCPU still without a root."""
         m = self._ctx(vcpu)
         if m.root.hpa is not None:
-            return m.root
+            return 0
         if m.direct:
             r = self.mmu_alloc_direct_roots(vcpu, m)
         else:
@@ -1266,7 +1268,7 @@ class ShadowMmu(MmuBackend):
             return r
         self._publish(vcpu, m)
         self.kvm_mmu_sync_roots(vcpu)
-        return m.root
+        return 0
 
     def mmu_alloc_direct_roots(self, vcpu, m: KvmMmu) -> int:
         with self._wlock():
@@ -1533,12 +1535,15 @@ class ShadowMmu(MmuBackend):
     def check_fault_args(self, vcpu, addr: int, error_code: int) -> None:
         """What the common entry checks for a shadow-paging #PF before it
         counts anything: the error code has only bits a #PF exit carries
-        (the low 16, not KVM's synthetic ones), and the address fits the
-        paging mode (32 bits outside long mode, canonical in it).  Raises
-        ValueError / :class:`kvmmmu.paging.AccessError` naming the argument."""
-        if error_code & ~0xFFFF:
+        (P W U RSVD I/D PK SS and SGX (15); bits 7-14 and 16-31 are
+        reserved, KVM enables no HLAT, and kvm_handle_page_fault drops the
+        upper half with a WARN: KVM's synthetic bits never come from a
+        #PF), and the address fits the paging mode (32 bits outside long
+        mode, canonical in it).  Raises ValueError /
+        :class:`kvmmmu.paging.AccessError` naming the argument."""
+        if error_code & ~0x807F:                        # P W U RSVD I/D PK SS (0-6), SGX (15)
             raise ValueError(f"error_code={error_code:#x} has bits a #PF error code never has "
-                             f"({error_code & ~0xFFFF:#x})")
+                             f"({error_code & ~0x807F:#x})")
         cpu = vcpu.cpu
         if cpu.efer & (1 << 10):                            # EFER.LMA
             bits = 57 if cpu.cr4 & (1 << 12) else 48
@@ -2642,12 +2647,10 @@ class ShadowMmu(MmuBackend):
             self.kvm_mmu_commit_zap_page(invalid_list)
 
     def kvm_mmu_zap_all_fast(self) -> None:
-        """The shadow part of ``kvm_mmu_zap_all_fast`` (the common code
-        flipped ``mmu_valid_gen`` and asked every vCPU to free obsolete roots,
-        holding ``mmu_lock``): trace it, zap the obsolete pages."""
-        if _tp.kvm_mmu_zap_all_fast.enabled:
-            _tp.kvm_mmu_zap_all_fast.emit(mmu_valid_gen=self.vm.mmu_valid_gen ^ 1,
-                                          mmu_used_pages=self.n_used_mmu_pages)
+        """The shadow part of ``kvm_mmu_zap_all_fast``: the common code
+        (:func:`kvmmmu.mmu.kvm_mmu_zap_all_fast`, holding ``mmu_lock``)
+        traced the event before it flipped ``mmu_valid_gen`` and asked
+        every vCPU to free obsolete roots; zap the obsolete pages."""
         self.kvm_zap_obsolete_pages()
 
     def kvm_mmu_change_mmu_pages(self, nr_mmu_pages) -> None:
@@ -2659,17 +2662,27 @@ class ShadowMmu(MmuBackend):
                 self.vm.n_max_mmu_pages = max(nr_mmu_pages, self.n_used_mmu_pages)
 
     def kvm_mmu_recover_huge_pages(self, slot) -> None:
-        """``kvm_rmap_zap_collapsible_sptes``: zap direct SPTEs mapped below
-        the level the slot now allows (dirty logging off)."""
+        """``kvm_rmap_zap_collapsible_sptes``: walk the slot's rmaps at 4K and
+        2M (``KVM_MAX_HUGEPAGE_LEVEL - 1``) and zap each SPTE of a direct
+        shadow page whose whole region (``sp.gfn``, one level up) the slot
+        now lets map huge (dirty logging off), then flush the slot.
+
+        A shadow page whose ``gfn`` lies below the slot covers a frame only
+        partly inside it: that frame is the slot's misaligned head, whose
+        ``disallow_lpage`` is always set, so the kernel's answer there is at
+        most ``sp.role.level`` and nothing is zapped (the TDP MMU's
+        ``recover_huge_pages_range`` skips such frames explicitly)."""
         flush = False
         vm = self.vm
+        base = slot.base_gfn
+        end = base + slot.npages
         with self._wlock():
-            for level, _, head in self._rmap_heads(slot, slot.base_gfn,
-                                                   slot.base_gfn + slot.npages,
+            for level, _, head in self._rmap_heads(slot, base, end,
                                                    1, KVM_MAX_HUGEPAGE_LEVEL - 1):
                 for sptep in list(head):
                     sp = self._sptep_sp(sptep)
-                    if sp.direct and sp.level < vm.kvm_mmu_max_mapping_level(slot, sp.gfn):
+                    if sp.direct and base <= sp.gfn < end and \
+                            sp.level < vm.kvm_mmu_max_mapping_level(slot, sp.gfn):
                         self.drop_spte(sptep)
                         flush = True
             if flush:

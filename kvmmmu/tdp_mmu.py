@@ -500,12 +500,20 @@ class TdpMmu(MmuBackend):
     def kvm_mmu_slot_try_split_huge_pages(self, slot, target_level) -> None:
         """Eager page split: the tables come from the VM's split caches
         (``kvm->arch.split_shadow_page_cache`` / ``split_page_header_cache``),
-        not a vCPU's: a VM may log dirty pages before it has vCPUs."""
+        not a vCPU's: a VM may log dirty pages before it has vCPUs.
+
+        Best effort, like ``kvm_tdp_mmu_try_split_huge_pages``: when a page
+        cannot be had the walk stops at the first root that failed (the
+        core traced -ENOMEM) and the huge leaves left are write-protected
+        (or cleaned) by the caller, ``kvm_mmu_slot_apply_flags``."""
         for r in self._valid_roots(slot.as_id):
-            self.core.split_huge_pages(r.sp, slot.base_gfn, slot.base_gfn + slot.npages,
-                                       target_level, self.split_shadow_page_cache,
-                                       self.split_page_header_cache,
-                                       nx_huge_pages=self.vm.params.nx_huge_pages)
+            try:
+                self.core.split_huge_pages(r.sp, slot.base_gfn, slot.base_gfn + slot.npages,
+                                           target_level, self.split_shadow_page_cache,
+                                           self.split_page_header_cache,
+                                           nx_huge_pages=self.vm.params.nx_huge_pages)
+            except KvmNoMemoryError:
+                break
 
     def _dbit(self, root) -> int:
         # tdp_mmu_need_write_protect: no A/D bits (or a nested root under PML)

@@ -82,6 +82,7 @@ from kvmmmu.tdp_mmu import TdpMmu
 from kvmmmu.shadow_mmu import ShadowMmu
 from kvmmmu._core.guest_walk import GuestMemory, GpaNotMappedError, GpaReadOnlyError
 from kvmmmu import paging as _pg
+from kvmmmu import mmutrace as _tp
 
 __all__ = [
     "KvmParams", "VM", "Vcpu", "MmuBackend", "RecordingMmu", "MmuLock", "VmAuditError",
@@ -397,11 +398,16 @@ class Vcpu:
 
     def check_mmio_spte(self, spte: int) -> bool:
         """``check_mmio_spte``: the SPTE's generation is current (and no update
-        is in progress)."""
+        is in progress); traces ``check_mmio_spte`` once the generations are
+        compared."""
         gen = self.kvm_vcpu_memslots().generation
         if gen & M.KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
-            return False
-        return (gen & MMIO_SPTE_GEN_MASK) == get_mmio_spte_generation(spte)
+            return False                         # (no event: the kernel returns before it)
+        kvm_gen = gen & MMIO_SPTE_GEN_MASK
+        spte_gen = get_mmio_spte_generation(spte)
+        if _tp.check_mmio_spte.enabled:
+            _tp.check_mmio_spte.emit(spte=spte, kvm_gen=kvm_gen, spte_gen=spte_gen)
+        return kvm_gen == spte_gen
 
     # -- requests ---------------------------------------------------------------------
     def kvm_make_request(self, req: str) -> None:

@@ -201,10 +201,13 @@ def test_gfns_above_the_max_gfn_and_beyond_the_root_are_emulated():
     table = [
         (1 << 46, W),                  # above kvm_mmu_max_gfn: an MMIO SPTE could not hold it
         ((1 << 48) + 0x5000, W),       # beyond what the root maps at all
-        ((1 << 64) - 4096, U),
+        ((1 << 52) - 4096, U),         # the widest gpa a CPU can report
     ]
     for gpa, ec in table:
         assert _fault(v, gpa, ec) == (RET_PF_EMULATE, {"taken": 1, "emulate": 1}), hex(gpa)
+    # wider than any MAXPHYADDR: no exit carries it (tests/test_fault_entry_input.py)
+    with pytest.raises(ValueError, match="cr2_or_gpa"):
+        v.kvm_mmu_page_fault((1 << 64) - 4096, U)
     assert vm.audit() == []
 
 
@@ -581,3 +584,37 @@ def test_a_map_that_finds_its_mmio_spte_already_in_place_still_emulates():
                        v.mmu_page_header_cache, write=True, mmio_gen=v.mmio_spte_generation())
     assert r == RET_PF_EMULATE
     assert _leaf(vm, v, hole)[0] == spte and vm.audit() == []
+
+
+def test_mmio_fault_events_have_the_kernels_fields_and_order():
+    """``handle_mmio_page_fault`` (mmu.c): ``check_mmio_spte`` is traced with
+    the SPTE and both generations once they are compared (also when they
+    differ), ``handle_mmio_page_fault`` only for a current MMIO SPTE, with
+    the address 0 on a direct MMU; an MMIO-cache hit traces nothing."""
+    from kvmmmu import mmutrace
+    from kvmmmu._core.spte import get_mmio_spte_generation
+    vm, v = _vm(params=KvmParams(mmio_caching=True))
+    hole = 64 * MiB
+    v.kvm_mmu_page_fault(hole, W)
+    spte, _ = _leaf(vm, v, hole >> 12)
+    events = ("check_mmio_spte", "handle_mmio_page_fault")
+    with mmutrace.capture(*events) as ring:
+        v.kvm_mmu_page_fault(hole, RSVD)                # the MMIO cache answers
+    assert ring.lines() == []
+    v.mmio_gfn = 0
+    with mmutrace.capture(*events) as ring:
+        v.kvm_mmu_page_fault(hole, RSVD)
+    cur = v.mmio_spte_generation()
+    assert get_mmio_spte_generation(spte) == cur
+    assert ring.lines() == [
+        f"check_mmio_spte: spte {spte:x} kvm_gen {cur:x} spte-gen {cur:x} valid 1",
+        f"handle_mmio_page_fault: addr:0 gfn {hole >> 12:x} access {vm.fmt.get_mmio_spte_access(spte):x}",
+    ]
+    vm.add_memory(128 * MiB, 2 * MiB, slot=3)           # the generation moves on
+    v.mmio_gfn = 0
+    with mmutrace.capture(*events) as ring:
+        v.kvm_mmu_page_fault(hole, RSVD)                # stale: INVALID, then the full fault
+    new = v.mmio_spte_generation()
+    assert new != cur
+    assert ring.lines()[0] == f"check_mmio_spte: spte {spte:x} kvm_gen {new:x} spte-gen {cur:x} valid 0"
+    assert not any(x.startswith("handle_mmio_page_fault") for x in ring.lines())

@@ -280,11 +280,6 @@ class DirectMachine(RuleBasedStateMachine):
     def toggle_dirty_log(self, sid):
         s = self._slot(sid)
         self._release()          # see test_eager_split_without_memory_still_write_protects
-        if self.MMU == "tdp" and not self.eager and sid == 1 and s is not None and \
-                s.flags & KVM_MEM_LOG_DIRTY_PAGES:
-            # KNOWN BUG, test_dirty_log_off_in_a_slot_not_1g_aligned[tdp]: turning logging off
-            # raises in kvm_mmu_recover_huge_pages; drop this guard when that xfail flips
-            return
         if s is not None:
             self.vm.set_user_memory_region(sid, s.flags ^ KVM_MEM_LOG_DIRTY_PAGES, s.base_gfn << 12,
                                            s.npages << 12, s.userspace_addr)
@@ -376,10 +371,7 @@ TestDirectTdpMmuInjected.settings = settings(_FAST, max_examples=6)
 
 
 @pytest.mark.parametrize("mmu", [
-    pytest.param("tdp_mmu", marks=pytest.mark.xfail(strict=True, reason="enabling dirty logging with eager_page_split when the split "
-                   "cannot allocate raises KvmNoMemoryError out of KVM_SET_USER_MEMORY_REGION after the "
-                   "commit and skips the write protection: 2M leaves stay writable in a dirty-logged slot "
-                   "(the kernel's eager split is best effort and write-protects what it could not split)")), "tdp"])
+    "tdp_mmu", "tdp"])
 def test_eager_split_without_memory_still_write_protects(mmu):
     with mock.patch("kvmmmu.vm.PtArena", partial(PtArena, max_tables=256, tables_per_chunk=16)):
         vm = _backend_or_skip(mmu, host=HostConfig(tdp="ept"), params=KvmParams(eager_page_split=True))
@@ -912,21 +904,12 @@ def _xf(why):
     return pytest.mark.xfail(strict=True, reason=why)
 
 
-_XF_GPA = _xf("a gpa above 52 bits is taken as an MMIO gfn above kvm_mmu_max_gfn: RET_PF_EMULATE with "
-              "pf_taken/pf_emulate counted and the MMIO cache set")
-_XF_EC_TDP = _xf("kvm_mmu_page_fault accepts, for a TDP fault, error-code bits the kernel never passes (the "
-                 "common entry only checks for a u64): the fault runs (FIXED or SPURIOUS) as if they were absent")
-_XF_EC_PF = _xf("the shadow MMU's check_fault_args accepts the whole low 16 bits of a #PF error code, "
-                "but bits 7-14 are reserved (hardware reports P W U RSVD I/D PK SS and SGX=15): the fault "
-                "runs as if they were absent")
-
-
 @pytest.mark.parametrize("flavour, addr", [
     ("shadow", 1 << 47),                                            # non-canonical, 4-level
     ("shadow", (1 << 64) - (1 << 47) - 4096),
     ("shadow32", 1 << 32),                                          # above 4 GiB, 32-bit paging
-    pytest.param("tdp", 1 << 52, marks=_XF_GPA),                    # above any MAXPHYADDR
-    pytest.param("tdp_mmu", 1 << 52, marks=_XF_GPA),
+    ("tdp", 1 << 52),                                               # above any MAXPHYADDR
+    ("tdp_mmu", 1 << 52),
 ])
 def test_fault_address_that_does_not_fit_the_mode(flavour, addr):
     vm, v = _guest_vm(flavour)
@@ -934,8 +917,7 @@ def test_fault_address_that_does_not_fit_the_mode(flavour, addr):
 
 
 @pytest.mark.parametrize("flavour, bit", [
-    pytest.param(f, b, marks=_XF_EC_TDP if f != "shadow" else _XF_EC_PF if b < 16 else ())
-    for f in ("shadow", "tdp", "tdp_mmu") for b in (7, 13, 40, 63)])
+    (f, b) for f in ("shadow", "tdp", "tdp_mmu") for b in (7, 13, 40, 63)])
 def test_error_code_bits_the_kernel_never_passes(flavour, bit):
     vm, v = _guest_vm(flavour)
     _refused(vm, v, lambda: v.kvm_mmu_page_fault(0x5000, PFERR_WRITE_MASK | 1 << bit), ValueError,
@@ -973,11 +955,7 @@ def test_writes_beyond_a_slot(flavour, gpa, n):
 
 @pytest.mark.parametrize("mmu", [
     "tdp_mmu",
-    pytest.param("tdp", marks=pytest.mark.xfail(strict=True, reason=(
-        "ShadowMmu.kvm_mmu_recover_huge_pages asks kvm_mmu_max_mapping_level(slot, sp.gfn) for the SP "
-        "holding a 2M leaf; that SP's gfn is 1G-aligned and lies outside a memslot that does not start "
-        "on 1G, so turning dirty logging off raises ValueError out of KVM_SET_USER_MEMORY_REGION "
-        "(after the commit)"))),
+    "tdp",
 ])
 def test_dirty_log_off_in_a_slot_not_1g_aligned(mmu):
     """A 2M leaf in a memslot at 16 MiB, dirty logging on (no eager split:
@@ -995,12 +973,16 @@ def test_dirty_log_off_in_a_slot_not_1g_aligned(mmu):
     assert bad == [] and vm.audit(raise_=False) == []
 
 
-@pytest.mark.xfail(strict=True, reason="architectural divergence the kernel most likely shares (shadow-mmu.md §1.3, not verified live): the "
-                   "shadow root role forces efer_nx=1, so after the guest clears EFER.NXE the shadow pages "
-                   "built under NXE=1 are reused and a leaf whose gPTE has bit 63 set - now reserved - stays "
-                   "mapped even after MOV CR3; the guest's read goes through where the SDM (and KVM's own "
-                   "walker: #PF P|U|RSVD) says it faults.  The machines accept it with allow=('nx_reserved',)")
 def test_clearing_nxe_leaves_a_reserved_gpte_mapped():
+    """An architectural divergence the kernel has, verified live (scenario
+    nxe_clear, tests/data/shadow_scenarios: after the guest's ``wrmsr`` the
+    new root is ``kvm_mmu_get_page ... l4 ... nxe ... existing`` and ring 3
+    reads the page without a fault): the shadow root role forces efer_nx=1
+    (shadow-mmu.md §1.3), so after the guest clears EFER.NXE the shadow pages
+    built under NXE=1 are reused and a leaf whose gPTE has bit 63 set - now
+    reserved - stays mapped even after MOV CR3, where the SDM (and KVM's own
+    walker: #PF P|U|RSVD) says the read faults.  The machines accept it with
+    allow=('nx_reserved',)."""
     vm = _backend_or_skip("shadow")
     vm.add_memory(0, 2 * MiB, slot=0, populate=True)
     v = vm.vcpus[0]
@@ -1015,12 +997,19 @@ def test_clearing_nxe_leaves_a_reserved_gpte_mapped():
     v.kvm_set_cr0(CR0_PE | CR0_PG | CR0_WP)
     v.vcpu_enter_guest()
     assert v.kvm_mmu_page_fault(0, PFERR_USER_MASK) == RET_PF_FIXED
+    (_, root, *_), = vcpu_roots(vm, v)
     v.kvm_set_efer(EFER_LME)                     # NXE=0: bit 63 of the PTE is reserved now
     v.vcpu_enter_guest()
     v.kvm_set_cr3(0x1000)                        # MOV CR3 flushes every translation
     v.vcpu_enter_guest()
     regs = O.GuestRegs.of_vcpu(v)
     assert O.walk_guest(O.memory_reader(vm), 0, regs).fault == "reserved"
-    bad = [b for label, sp, base, *_ in vcpu_roots(vm, v)
-           for b in O.check_shadow_root(vm, v, sp, regs, base=base)]
-    assert bad == []
+    roots = vcpu_roots(vm, v)
+    assert [sp for _, sp, *_ in roots][:1] == [root]           # the same shadow root page
+    ok, _ = hw_access(vm, root, 0, user=True)
+    assert ok                                                  # the read needs no fault
+    bad = [b for label, sp, base, *_ in roots for b in O.check_shadow_root(vm, v, sp, regs, base=base)]
+    # exactly the one leaf, which the guest's tables no longer map
+    assert len(bad) == 1 and "gva 0x0/l1" in bad[0] and "reserved at level 1" in bad[0], bad
+    assert [b for label, sp, base, *_ in roots
+            for b in O.check_shadow_root(vm, v, sp, regs, base=base, allow=("nx_reserved",))] == []

@@ -90,6 +90,7 @@ cdef int tdp_mmu_split_huge_pages_root(tdp_mmu_t *m, uint64_t root, uint64_t sta
                                        kvm_mmu_memory_cache *page_cache,
                                        kvm_mmu_memory_cache *header_cache,
                                        bint nx_huge_pages, uint64_t *resume,
+                                       uint64_t *huge_spte, int *huge_level,
                                        int64_t *nr) noexcept nogil
 cdef int64_t kvm_tdp_mmu_recover_huge_pages(tdp_mmu_t *m, uint64_t root, uint64_t base_gfn,
                                             uint64_t npages, const signed char *max_level,

@@ -944,12 +944,15 @@ cdef int tdp_mmu_split_huge_pages_root(tdp_mmu_t *m, uint64_t root, uint64_t sta
                                        kvm_mmu_memory_cache *page_cache,
                                        kvm_mmu_memory_cache *header_cache,
                                        bint nx_huge_pages, uint64_t *resume,
+                                       uint64_t *huge_spte, int *huge_level,
                                        int64_t *nr) noexcept nogil:
     """Split every huge leaf above `target_level` in [start, end) down to
     it (pre-order: a 1G page becomes 2M pages, visited and split in turn).
     Adds the pages split to `*nr`; returns 0, or -ENOMEM when the caches
     ran dry: `*resume` is then the gfn to start again from (after a refill),
-    as the kernel restarts its walk after dropping the lock to allocate."""
+    as the kernel restarts its walk after dropping the lock to allocate,
+    and `*huge_spte` / `*huge_level` the leaf that needed the page (what
+    the kernel traces if that allocation fails)."""
     cdef tdp_iter it
     cdef uint64_t sp
     tdp_iter_start(&it, m.a, root, target_level + 1, start, 0)
@@ -963,6 +966,8 @@ cdef int tdp_mmu_split_huge_pages_root(tdp_mmu_t *m, uint64_t root, uint64_t sta
             continue
         if pt_alloc_sp(m.a, page_cache, header_cache, NULL, &sp) != 0:
             resume[0] = it.gfn
+            huge_spte[0] = it.old_spte
+            huge_level[0] = it.level
             return -_ENOMEM
         _init_child(m, &it, sp)
         if _split_huge_page(m, &it, sp, nx_huge_pages):
@@ -1515,14 +1520,19 @@ cdef class TdpMmuCore:
 
     def split_huge_pages(self, root, start, end, target_level, MmuMemoryCache page_cache not None,
                          MmuMemoryCache header_cache not None, *, nx_huge_pages=False):
-        """``kvm_tdp_mmu_try_split_huge_pages`` over [start, end) down to
+        """``tdp_mmu_split_huge_pages_root`` over [start, end) down to
         `target_level` (eager page splitting when dirty logging starts).
         Returns the huge pages split.  Pages come from the caches, topped up
-        from the arena (which grows) whenever they run dry."""
-        cdef uint64_t c_root = u64_arg(root, "root"), s, e, resume = 0
+        from the arena (which grows) when a huge leaf needs one and they are
+        dry.  If the arena cannot give even one page (the kernel's
+        ``tdp_mmu_alloc_sp_for_split`` failing), the leaf is traced
+        (``kvm_mmu_split_huge_page`` with -ENOMEM) and KvmNoMemoryError is
+        raised with ``.split`` = the pages split before it; those splits
+        stay (the kernel's walk is best effort and keeps what it did)."""
+        cdef uint64_t c_root = u64_arg(root, "root"), s, e, resume = 0, huge = 0
         cdef int target = s32_arg(target_level, "target_level")
         cdef int64_t total = 0
-        cdef int r
+        cdef int r, level = 0, grown
         cdef bint nx = bool(nx_huge_pages)
         self._range(start, end, &s, &e)
         if not PG_LEVEL_4K <= target < PG_LEVEL_1G:
@@ -1533,19 +1543,37 @@ cdef class TdpMmuCore:
         try:
             self._root(c_root)
             while True:
-                if kvm_mmu_topup_memory_cache(&page_cache.mc, 1, pt_pool_alloc,
-                                              &a.pools[PT_CACHE_SHADOW_PAGE]) or \
-                        kvm_mmu_topup_memory_cache(&header_cache.mc, 1, pt_pool_alloc,
-                                                   &a.pools[PT_CACHE_PAGE_HEADER]):
-                    self.arena._grow_for(64, 64)
-                    continue
                 with nogil:
                     r = tdp_mmu_split_huge_pages_root(&self.m, c_root, s, e, target,
                                                       &page_cache.mc, &header_cache.mc, nx, &resume,
-                                                      &total)
+                                                      &huge, &level, &total)
                 if r == 0:
                     return total
                 s = resume                              # refill, then go on from there
+                grown = 0
+                while kvm_mmu_topup_memory_cache(&page_cache.mc, 1, pt_pool_alloc,
+                                                 &a.pools[PT_CACHE_SHADOW_PAGE]) or \
+                        kvm_mmu_topup_memory_cache(&header_cache.mc, 1, pt_pool_alloc,
+                                                   &a.pools[PT_CACHE_PAGE_HEADER]):
+                    # grow in steps of 64 while there is room; near the
+                    # arena's limit one page is all the walk needs
+                    try:
+                        if grown == 0:
+                            self.arena._grow_for(64, 64)
+                        elif grown == 1:
+                            self.arena._grow_for(1, 1)
+                        else:
+                            raise KvmNoMemoryError("split: the caches cannot be topped up")
+                    except KvmNoMemoryError:
+                        if grown == 0:
+                            grown = 1
+                            continue
+                        tdp_trace_split_huge_page(resume, huge, level, -_ENOMEM)
+                        err = KvmNoMemoryError(f"eager split: no page for the huge leaf at gfn {resume:#x} "
+                                               f"(level {level}); {total} split before it")
+                        err.split = total
+                        raise err
+                    grown += 1
         finally:
             self._leave()
 

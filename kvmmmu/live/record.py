@@ -226,7 +226,10 @@ def stream_init(scn, guest_model, params) -> dict:
         "params": params,
         "guest_model": asdict(guest_model),
         "manual_dirty_log_protect": scn.manual_dirty_log_protect,
-        "memslots": [ms.to_json() for ms in scn.memslots],
+        # the recorder copies each slot's image over the whole slot before the
+        # VM starts (_record): every host page is there, written
+        "memslots": [dict(ms.to_json(), populate=True) if ms.slot in scn.image else ms.to_json()
+                     for ms in scn.memslots],
         "memory": [{"gpa": gpa, "hex": data.hex()} for gpa, data in scn.initial_memory()],
         "vcpus": [dict(id=0, **_initial_regs(scn))],
     }
@@ -421,13 +424,18 @@ class _Insn:
     rip: int
     data: list               # ["r" | "w"] one per memory operand
     effect: tuple | None     # ("store", reg, size) ("cr", n, reg) ("invlpg", reg) ("mov", reg, imm)
+    #                          ("wrmsr",)
+
+
+#: ``mov reg, imm64`` (REX.W B8+r) opcode byte -> register
+_MOVABS = {0xB8: "rax", 0xB9: "rcx", 0xBA: "rdx", 0xBB: "rbx"}
+MSR_EFER = 0xC0000080
 
 
 def _decode(rip, code: bytes) -> _Insn:
     """The few instructions the scenarios run through the emulator."""
-    if len(code) == 10 and code[0] == 0x48 and code[1] in (0xB8, 0xBB):
-        reg = "rax" if code[1] == 0xB8 else "rbx"
-        return _Insn(rip, [], ("mov", reg, int.from_bytes(code[2:], "little")))
+    if len(code) == 10 and code[0] == 0x48 and code[1] in _MOVABS:
+        return _Insn(rip, [], ("mov", _MOVABS[code[1]], int.from_bytes(code[2:], "little")))
     table = {
         b"\x48\x8b\x00": (["r"], None),                      # mov rax, [rax]
         b"\x48\x89\x03": (["w"], ("store", "rax", 8)),       # mov [rbx], rax
@@ -437,6 +445,7 @@ def _decode(rip, code: bytes) -> _Insn:
         b"\x0f\x22\xc0": ([], ("cr", 0, "rax")),
         b"\x0f\x22\xe0": ([], ("cr", 4, "rax")),
         b"\x0f\x01\x38": ([], ("invlpg", "rax")),
+        b"\x0f\x30": ([], ("wrmsr",)),                      # wrmsr (EFER only)
         b"\xf4": ([], None),                                 # hlt
     }
     if code not in table:
@@ -517,7 +526,9 @@ def _derive(init: dict, lines) -> list:
       data walk ended at, of the stored register (whose value the trace shows
       when a ``mov reg, imm64`` was emulated before it, else the value the run
       step preset: ``source`` says which); an MMIO store (no memslot) is no
-      write; ``mov crN, rax`` gives ``set_cr``, ``invlpg [rax]`` ``invlpg``;
+      write; ``mov crN, rax`` gives ``set_cr``, ``invlpg [rax]`` ``invlpg``,
+      ``wrmsr`` to EFER (ecx, eax, edx from emulated ``mov reg, imm64``)
+      ``set_efer``;
     * ``entry`` is emitted at each run step (``KVM_RUN``: requests serviced,
       then the root reloaded) and before each page fault not already preceded
       by one; after each instruction emulated at CPL 0 it is
@@ -611,6 +622,13 @@ def _derive(init: dict, lines) -> list:
                 raise DeriveError(f"invlpg at {insn.rip:#x}: {eff[1]} unknown")
             emit({"kind": "invlpg", "vcpu": 0, "gva": regs[eff[1]][0],
                   "source": "trace:kvm_emulate_insn"})
+        elif eff[0] == "wrmsr":
+            if any(r not in regs for r in ("rcx", "rax", "rdx")):
+                raise DeriveError(f"wrmsr at {insn.rip:#x}: ecx/eax/edx unknown")
+            if regs["rcx"][0] & 0xFFFFFFFF != MSR_EFER:
+                raise DeriveError(f"wrmsr at {insn.rip:#x} to MSR {regs['rcx'][0]:#x}, not EFER")
+            value = (regs["rdx"][0] & 0xFFFFFFFF) << 32 | regs["rax"][0] & 0xFFFFFFFF
+            emit({"kind": "set_efer", "vcpu": 0, "value": value, "source": "trace:kvm_emulate_insn"})
         need_entry = True
 
     for k, tok in enumerate(toks):

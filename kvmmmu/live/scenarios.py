@@ -614,11 +614,42 @@ def guest_page_fault():
                     steps, native_stores=g.native_stores)
 
 
+def nxe_clear():
+    """EFER.NXE cleared under a mapped page whose gPTE has XD (bit 63) set:
+    ring 3 reads page V (gPTE P|W|U|A|XD; the shadow SPTE is made, NX);
+    ring 0 clears EFER.NXE with ``wrmsr`` (``kvm_set_efer``: the MMU role
+    bits changed, ``kvm_mmu_reset_context`` drops the roots) and reloads CR3;
+    ring 3 reads V again.  By the SDM bit 63 is now reserved and the read
+    should fault (#PF P|U|RSVD); KVM's shadow root role keeps ``efer_nx`` set
+    whatever the guest's EFER (shadow-mmu.md §1.3), so the new root is the old
+    shadow page (``existing``) and the SPTE made under NXE=1 still maps V: the
+    read goes through without a fault.  (A #PF would go to a ring-0 handler
+    that halts, and the run would end in HLT.)"""
+    from kvmmmu.live.x86 import write_tables
+    import numpy as np
+    g = GuestImage()
+    v = 0xE00000
+    g.map4k(v, DATA, PR | RW | US | A | NX)
+    _tag(g, DATA)
+    touch = g.code(_reads([v]), user=True)
+    efer = (1 << 8) | (1 << 10)                          # LME, LMA; NXE (bit 11) clear
+    clear = g.code(b"\x48\xb9" + (0xC0000080).to_bytes(8, "little")       # mov rcx, MSR_EFER
+                   + asm.movabs_rax(efer)
+                   + b"\x48\xba" + (0).to_bytes(8, "little")              # mov rdx, 0
+                   + b"\x0f\x30"                                          # wrmsr
+                   + asm64.set_cr3(PML4), user=False)
+    handler = g.code(b"", user=False)                    # #PF: halt
+    write_tables(np.frombuffer(g.mem, dtype=np.uint8), {14: handler}, stack=STACK)
+    steps = [run(touch, 3), mark("mapped"), run(clear, 0), mark("nxe_clear"), run(touch, 3)]
+    return Scenario("nxe_clear", nxe_clear.__doc__, [_slot0(g)], {0: g.mem}, PML4, steps,
+                    native_stores=g.native_stores)
+
+
 #: name -> function building the scenario
 SCENARIOS = {f.__name__: f for f in (first_touch_4k, huge_2m_4k_host, huge_2m_thp, prefetch,
                                      ring0_pte_rewrite, unsync_invlpg, cr3_switch,
                                      write_flooding, memslot_readd, mmio, dirty_log,
-                                     guest_page_fault, misaligned_write)}
+                                     guest_page_fault, misaligned_write, nxe_clear)}
 
 
 def get(name) -> Scenario:
