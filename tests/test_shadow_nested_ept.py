@@ -10,14 +10,20 @@ written here from the SDM (Vol. 3C 29.3), not kvmmmu.paging.
 No live check: this host runs no nested EPT (the recorded scenarios are
 shadow paging), so nothing here is compared with a kernel trace.
 """
+import errno
+from functools import partial
+from unittest import mock
+
 import numpy as np
 import pytest
 from _shadow_oracle import check_leaf_memslot, iter_shadow, memory_reader
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvmmmu._core.defs import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS
+from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
+from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import HostConfig
 from kvmmmu.paging import AccessError, EptpError
 from kvmmmu.shadow_mmu import (
@@ -731,15 +737,20 @@ class NestedEptMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.vm, v0 = make_vm()
+        self.vm, v0 = self._make_vm()
         v1 = self.vm.create_vcpu()
         v1.vcpu_enter_guest()
         self.vs = [v0, v1]
+        self.hog = []
         self.tables = [Ept(self.vm, PML4), Ept(self.vm, 0x180000)]
         for t, base in zip(self.tables, (DATA, DATA + 0x100000)):
             for i in range(12):
                 t.map(i * 0x1000, base + i * 0x1000, R | Wb | X, extra=WB | EA | ED)
             t.map(0x200000, 0x800000, R | X, level=2)
+
+    @staticmethod
+    def _make_vm():
+        return make_vm()
 
     @rule(c=st.integers(0, 1), i=st.integers(0, len(EPTPS) - 1))
     def enter(self, c, i):
@@ -756,14 +767,27 @@ class NestedEptMachine(RuleBasedStateMachine):
         if self.vs[c].guest_mode:
             self.vs[c].nested_ept_new_eptp(EPTPS[i])
 
+    INJECT = False
+
+    def _enter(self, v):
+        """VM entry; with injected failures the root load's top-up may fail."""
+        try:
+            v.vcpu_enter_guest()
+            return True
+        except KvmNoMemoryError:
+            assert self.INJECT, "KvmNoMemoryError at VM entry without an injected failure"
+            return False
+
     @rule(c=st.integers(0, 1), page=st.integers(0, 15), huge=st.booleans(),
           q=st.sampled_from(QUALS))
     def l2_fault(self, c, page, huge, q):
         v = self.vs[c]
-        if not v.guest_mode:
+        if not v.guest_mode or not self._enter(v):
             return
-        r = l2_fault(v, (0x200000 if huge else 0) + page * 0x1000, q)
-        assert r in (RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, RET_PF_EMULATE), r
+        r = v.kvm_mmu_page_fault((0x200000 if huge else 0) + page * 0x1000,
+                                 ept_violation_error_code(q | Q_GVA_VALID | Q_GVA_TRANSLATED))
+        ok = (RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, RET_PF_EMULATE)
+        assert r in ok or (self.INJECT and r == -errno.ENOMEM), r
 
     @rule(c=st.integers(0, 1), t=st.integers(0, 1), idx=st.integers(0, 15),
           perm=st.sampled_from(LEAF_PERMS), frame=st.integers(0, 31),
@@ -785,13 +809,15 @@ class NestedEptMachine(RuleBasedStateMachine):
 
     def _l1_store(self, c, gpa, val):
         v, sm = self.vs[c], self.vm.mmu_backend
-        if v.guest_mode:
+        if v.guest_mode or not self._enter(v):
             return
-        v.vcpu_enter_guest()
         walk = sm.shadow_walk(v, gpa)
         present = bool(walk) and bool(walk[-1][2] & SPTE_MMU_PRESENT)
         r = v.kvm_mmu_page_fault(gpa, W_ | (P_ if present else 0))
         data = val.to_bytes(8, "little")
+        if r < 0:
+            assert self.INJECT and r == -errno.ENOMEM, r
+            return                                  # L1 retries the store later
         if r == RET_PF_EMULATE:
             v.kvm_page_track_write(gpa, data)
         else:
@@ -805,9 +831,36 @@ class NestedEptMachine(RuleBasedStateMachine):
     @rule(c=st.integers(0, 1), page=st.integers(0, 0x7FF), write=st.booleans())
     def l1_fault(self, c, page, write):
         v = self.vs[c]
-        if not v.guest_mode:
-            v.vcpu_enter_guest()
-            v.kvm_mmu_page_fault(page << 12, W_ if write else U_)
+        if not v.guest_mode and self._enter(v):
+            r = v.kvm_mmu_page_fault(page << 12, W_ if write else U_)
+            assert r >= 0 or (self.INJECT and r == -errno.ENOMEM), r
+
+    @precondition(lambda self: self.INJECT)
+    @rule(n=st.integers(0, 20))
+    def inject_desc_failure(self, n):
+        """The pte_list_desc pool fails after `n` more allocations."""
+        self.vm.rmap_pool.fail_after(n)
+
+    @precondition(lambda self: self.INJECT)
+    @rule()
+    def hog_the_arena(self):
+        """Take every free page-table page of the (small) arena into a cache
+        of our own: the next shadow page cannot be had."""
+        while True:
+            c = MmuMemoryCache(self.vm.arena, "shadow_page")
+            try:
+                c.topup(1)
+            except KvmNoMemoryError:
+                break
+            self.hog.append(c)
+
+    @precondition(lambda self: self.INJECT)
+    @rule()
+    def lift_injection(self):
+        self.vm.rmap_pool.fail_after(None)
+        for c in self.hog:
+            c.free()
+        self.hog = []
 
     @invariant()
     def audit(self):
@@ -824,3 +877,21 @@ NestedEptMachine.TestCase.settings = settings(
     max_examples=40, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestNestedEptMachine = NestedEptMachine.TestCase
+
+
+class NestedEptMachineInject(NestedEptMachine):
+    """The same with pte_list_desc allocation failures injected: a failure
+    ends in -ENOMEM from the fault (or KvmNoMemoryError at VM entry) and a
+    clean audit."""
+    INJECT = True
+
+    @staticmethod
+    def _make_vm():
+        with mock.patch("kvmmmu.vm.PtArena", partial(PtArena, max_tables=512, tables_per_chunk=16)):
+            return make_vm()
+
+
+NestedEptMachineInject.TestCase.settings = settings(
+    max_examples=30, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestNestedEptMachineInject = NestedEptMachineInject.TestCase
