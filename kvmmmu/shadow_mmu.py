@@ -2218,21 +2218,10 @@ class ShadowMmu(MmuBackend):
         return flush
 
     def kvm_arch_flush_shadow_memslot(self, slot) -> None:
-        """Default VMs (``KVM_X86_QUIRK_SLOT_ZAP_ALL``): the fast zap of
-        everything; others: the slot's leaves and the pages shadowing its
-        gfns."""
-        vm = self.vm
-        if vm.vm_type == 0:
-            # kvm_mmu_zap_all_fast for this MMU (the fan-out gives every MMU the
-            # memslot flush: the others do their own part)
-            with self._wlock():
-                if _tp.kvm_mmu_zap_all_fast.enabled:
-                    _tp.kvm_mmu_zap_all_fast.emit(mmu_valid_gen=vm.mmu_valid_gen,
-                                                  mmu_used_pages=self.n_used_mmu_pages)
-                vm.mmu_valid_gen ^= 1
-                vm.kvm_make_all_cpus_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
-                self.kvm_zap_obsolete_pages()
-            return
+        """The slot's part of a memslot flush when the VM does not zap
+        everything (:func:`kvmmmu.mmu.kvm_memslot_flush_zap_all` false: not
+        a default VM, or ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` disabled): the slot's
+        leaves and the pages shadowing its gfns."""
         invalid_list: list = []
         with self._wlock():
             flush = self._rmap_zap_gfn_range(slot, slot.base_gfn, slot.base_gfn + slot.npages)
