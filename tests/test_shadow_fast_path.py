@@ -260,8 +260,10 @@ def random_script(mode, seed, n=160):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("seed", range(4))
 def test_random_faults_give_the_same_events_stats_and_state(mode, seed, monkeypatch):
+    cnt = Counting(monkeypatch)
     ref, fast = twin(random_script(mode, seed), monkeypatch)
     assert_same(ref, fast)
+    assert cnt.done >= 40                      # the C path did most of the faults
 
 
 def test_the_c_path_is_taken_for_faults_over_existing_pages(monkeypatch):
@@ -296,8 +298,10 @@ def tdp_script(seed, n=200):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_direct_tdp_faults_give_the_same_events_stats_and_state(seed, monkeypatch):
+    cnt = Counting(monkeypatch)
     ref, fast = twin(tdp_script(seed), monkeypatch)
     assert_same(ref, fast)
+    assert cnt.done >= 60
 
 
 def test_nonpaging_guest_gives_the_same_result(monkeypatch):

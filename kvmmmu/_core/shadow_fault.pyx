@@ -740,11 +740,12 @@ cdef class ShadowFastCore:
                 fl.indirect = True
                 fl.top_level = top_level
                 fl.gpte_size = gpte_size
-                ptes, gpas, tgfns = gw.ptes, gw.pte_gpa, gw.table_gfn
+                ptes, gpas = gw.ptes, gw.pte_gpa
+                tgfns = gw.table_gfn if fl.write else None   # read only for a write
                 for i in range(5):
                     fl.ptes[i] = ptes[i]
                     fl.pte_gpa[i] = gpas[i]
-                    fl.table_gfn[i] = tgfns[i]
+                    fl.table_gfn[i] = tgfns[i] if tgfns is not None else 0
                 self._mem(vm, vcpu.as_id)
             else:
                 fl.indirect = False
