@@ -105,7 +105,8 @@ def scalar(n, clock=time.perf_counter_ns):
         rng.shuffle(fresh)
         rows.setdefault("fresh gva, level-1 shadow page exists", []).append(
             _timed(pf, fresh, PFERR_USER, clock))
-        new = [t << 21 for t in range(256, 256 + n)]
+        used = {g >> 21 for g in fresh} | set(tables)
+        new = [t << 21 for t in range(512) if t not in used][:n]      # 1 GiB: 512 tables
         rows.setdefault("fresh gva in a new guest table (new pages)", []).append(
             _timed(pf, new, PFERR_USER, clock))
         # direct: TDP on the shadow MMU (mmu="tdp"), fresh 4K gpa

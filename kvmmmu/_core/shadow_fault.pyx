@@ -89,6 +89,9 @@ from kvmmmu.errors import ConcurrentUseError
 
 cnp.import_array()
 
+cdef extern from *:
+    void __builtin_prefetch(const void *p) nogil
+
 # memslot flags (kvmmmu.memslots) and host PTE bits (kvmmmu.host)
 cdef enum:
     _LOG_DIRTY = 1 << 0
@@ -655,9 +658,12 @@ cdef class ShadowFastCore:
             level -= 1
         if fl.indirect == role_direct(h.role):
             return SF_DECLINE
-        _tr_spte_requested(&self.tb, fl.gfn, fl.pfn, 1)
         table = _spt(a, h)
         idx = (fl.addr >> 12) & 511
+        __builtin_prefetch(&table[idx])
+        if _table_ok(a, h.shadowed_translation):
+            __builtin_prefetch(pt_table_ptr(a, h.shadowed_translation - a.base_pfn) + idx)
+        _tr_spte_requested(&self.tb, fl.gfn, fl.pfn, 1)
         fl.sptep = make_sptep(h.spt, idx)
         r = self._set_spte(fl, sv, h, table, idx, fl.access, fl.gfn, fl.pfn, fl.prefetch,
                            fl.write, cache, False, &descs)
@@ -939,6 +945,14 @@ cdef class ShadowFastCore:
                 write = (ec & _PFERR_WRITE) != 0
                 user = (ec & _PFERR_USER) != 0
                 r = SF_DECLINE
+                if sv != NULL:                      # start the cache misses of faultin / rmap_add
+                    if sv.hpte != NULL:
+                        hi = ((sv.userspace_addr - sv.vma_start) >> 12) + (gfn - sv.base_gfn)
+                        if hi < sv.vma_npages:
+                            __builtin_prefetch(&sv.hpte[hi])
+                            __builtin_prefetch(&sv.hpfn[hi])
+                    if sv.rmap != NULL and gfn - sv.base_gfn < sv.rmap.npages:
+                        __builtin_prefetch(gfn_to_rmap(gfn, 1, sv.rmap))
                 if w.level == 1 and sv != NULL and cache.mc.nobjs >= 14 and \
                         not (sv.flags & (_MEMSLOT_INVALID | _READONLY)) and sv.hpte != NULL and \
                         not (ec & _PFERR_PRESENT and write and fl.wtrack_enabled and
