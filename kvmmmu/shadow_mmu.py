@@ -29,10 +29,18 @@ gfn/access page themselves), ``gfn``, ``role`` (``role.invalid`` written
 when the page is zapped), ``mmu_valid_gen``, ``root_count`` and
 ``unsync`` (written when they change: rarely).  The fields the fault path
 touches on every pass - ``unsync_children``, ``unsync_child_bitmap``,
-``write_flooding_count``, ``parent_ptes`` (an :class:`~kvmmmu._core.rmap.ParentPtes`
-list), the hash and active-list links, ``nx_huge_page_disallowed`` - live
-only in the mirror, for speed; a move of the hot path to C would move them
-to the header, whose layout already has them.
+``parent_ptes`` (an :class:`~kvmmmu._core.rmap.ParentPtes` list), the hash
+and active-list links, ``nx_huge_page_disallowed`` - live only in the
+mirror, for speed; ``write_flooding_count`` is mirrored and written through
+to the header, where the C fault path reads it.
+
+The fault's hot part runs in C (:mod:`kvmmmu._core.shadow_fault`, while
+:attr:`ShadowMmu.c_fast_path`): ``FNAME(fetch)`` of a 4K guest leaf and
+``direct_map`` at a 4K goal over the shadow pages that exist, with
+``mmu_set_spte``, ``rmap_add`` and the prefetch; whatever needs this
+module (a new page, an unsync decision, MMIO, huge pages, ...) is declined
+before any change and done here.  :meth:`ShadowMmu.page_fault_batch` runs
+many faults that way, walk and faultin included.
 
 Lists, in the kernel's order: ``mmu_page_hash`` (4096 buckets, bucket
 ``hash_64(gfn, 12)``, newest first as ``hlist_add_head`` leaves them) and

@@ -172,6 +172,19 @@ cdef inline bint _gread(const gw_slot_t *slots, int n, uint64_t gpa, int size,
     return False
 
 
+cdef inline const uint8_t *_ghva(const gw_slot_t *slots, int n, uint64_t gpa) noexcept nogil:
+    """Host address of guest byte `gpa` (8 readable bytes), or NULL."""
+    cdef int i
+    cdef uint64_t gfn = gpa >> 12, off
+    for i in range(n):
+        if gfn - slots[i].base_gfn < slots[i].npages:
+            off = gpa - (slots[i].base_gfn << 12)
+            if off + 8 > (slots[i].npages << 12):
+                return NULL
+            return slots[i].hva + off
+    return NULL
+
+
 # ---------------------------------------------------------------------------
 # Trace records (the field order of kvmmmu/_core/tdp_trace.pyx)
 # ---------------------------------------------------------------------------
@@ -617,6 +630,44 @@ cdef class ShadowFastCore:
                                &descs)
         return 1
 
+    cdef void _lookahead(self, const gw_mmu_t *gm, uint64_t root_sp, int root_level,
+                         uint64_t gva) noexcept:
+        """Start the cache misses of the next fault of a batch: its guest
+        leaf gPTE (a read-only walk of the 4-level tables above it, no A/D)
+        and its leaf SPTE (down the shadow pages that exist)."""
+        cdef const uint8_t *p
+        cdef uint64_t table = gm.pgd & 0x000FFFFFFFFFF000, e, spte, child
+        cdef int level = 4
+        cdef unsigned int idx
+        cdef kvm_mmu_page *h
+        if gm.pttype != PTTYPE_64 or gm.root_level != 4:
+            return
+        while level > 1:
+            p = _ghva(self.mem_slots, self.mem_n, table + (((gva >> (12 + 9 * (level - 1))) & 511) << 3))
+            if p == NULL:
+                return
+            memcpy(&e, p, 8)
+            if not (e & 1) or (e & 0x80):
+                return
+            table = e & 0x000FFFFFFFFFF000
+            level -= 1
+        p = _ghva(self.mem_slots, self.mem_n, table + (((gva >> 12) & 511) << 3))
+        if p != NULL:
+            __builtin_prefetch(p)
+        h = _sp(self.a, root_sp)
+        level = root_level
+        while h != NULL and level > 1:
+            spte = _spt(self.a, h)[(gva >> (12 + 9 * (level - 1))) & 511]
+            if not is_shadow_present_pte(spte) or is_large_pte(spte):
+                return
+            h = _sp(self.a, _child_sp(self.a, spte))
+            level -= 1
+        if h != NULL:
+            idx = (gva >> 12) & 511
+            __builtin_prefetch(_spt(self.a, h) + idx)
+            if _table_ok(self.a, h.shadowed_translation):
+                __builtin_prefetch(pt_table_ptr(self.a, h.shadowed_translation - self.a.base_pfn) + idx)
+
     cdef int _fetch(self, sf_fault_t *fl, sf_slot_t *sv, rsvd_bits_validate *rsvd,
                     kvm_mmu_memory_cache *cache) except -2000:
         """FNAME(fetch) of a 4K guest leaf (``fl.indirect``) or direct_map at
@@ -953,6 +1004,8 @@ cdef class ShadowFastCore:
                             __builtin_prefetch(&sv.hpfn[hi])
                     if sv.rmap != NULL and gfn - sv.base_gfn < sv.rmap.npages:
                         __builtin_prefetch(gfn_to_rmap(gfn, 1, sv.rmap))
+                if i + 1 < n:
+                    self._lookahead(&gm, fl.root_sp, fl.root_level, gvas[i + 1])
                 if w.level == 1 and sv != NULL and cache.mc.nobjs >= 14 and \
                         not (sv.flags & (_MEMSLOT_INVALID | _READONLY)) and sv.hpte != NULL and \
                         not (ec & _PFERR_PRESENT and write and fl.wtrack_enabled and
