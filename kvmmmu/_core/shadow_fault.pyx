@@ -539,14 +539,19 @@ cdef class ShadowFastCore:
             st[idx] = (st[idx] & ~(<uint64_t>0xFFF)) | access
         return ret
 
-    cdef int _fname_prefetch(self, sf_fault_t *fl, kvm_mmu_page *h, uint64_t *table,
-                             unsigned int idx, rsvd_bits_validate *rsvd) except -2000:
-        """``FNAME(pte_prefetch)`` of an indirect 4K page up to the first
-        gPTE that would be mapped: its index (Python resumes there), or
-        SF_NO_RESUME.  Invalid gPTEs drop their (non-present) SPTE and end
-        the prefetch, as in the kernel."""
-        cdef unsigned int i0 = idx & ~(<unsigned int>(_PREFETCH_N - 1)), k, i
-        cdef uint64_t gpte
+    cdef int _fname_prefetch(self, sf_fault_t *fl, sf_slot_t *sv, kvm_mmu_page *h,
+                             uint64_t *table, unsigned int idx, rsvd_bits_validate *rsvd,
+                             kvm_mmu_memory_cache *cache) except -2000:
+        """``FNAME(pte_prefetch)`` of an indirect 4K page: SF_NO_RESUME when
+        it ended here, else the entry the Python path resumes at (a gPTE
+        whose gfn is in another memslot, a host mapping C cannot read, a
+        mapping ``mmu_set_spte`` would decline).  Invalid gPTEs drop their
+        (non-present) SPTE and end the prefetch, as do a gfn without a
+        usable memslot and a host page GUP-fast would not give writable
+        (``FNAME(prefetch_gpte)`` returns false), as in the kernel."""
+        cdef unsigned int i0 = idx & ~(<unsigned int>(_PREFETCH_N - 1)), k, i, access
+        cdef uint64_t gpte, gfn, rel, hi, pfn
+        cdef int r, descs
         cdef pt_ad_out ad
         for k in range(_PREFETCH_N):
             i = i0 + k
@@ -557,7 +562,39 @@ cdef class ShadowFastCore:
                     is_rsvd_spte(rsvd, gpte, 1):
                 mmu_spte_clear_track_bits(self.a, make_sptep(h.spt, i), &ad)
                 return SF_NO_RESUME
-            return k
+            # FNAME(gpte_to_gfn), FNAME(gpte_access), FNAME(protect_clean_gpte)
+            if fl.gpte_size == 4:
+                gfn = (gpte & 0xFFFFF000) >> 12
+                access = <unsigned int>(gpte & 7)
+            else:
+                gfn = (gpte & 0x000FFFFFFFFFF000) >> 12
+                access = <unsigned int>((gpte & 7) ^ ((gpte >> 63) & 1))
+            access &= role_access(h.role)
+            if not (gpte & (1 << 6)):
+                access &= ~ACC_WRITE_MASK
+            rel = gfn - sv.base_gfn
+            if rel >= sv.npages:
+                return k                            # gfn_to_memslot: Python
+            if sv.flags & _MEMSLOT_INVALID or (access & ACC_WRITE_MASK and sv.flags & _LOG_DIRTY):
+                return SF_NO_RESUME                 # gfn_to_memslot_dirty_bitmap: none
+            if sv.hpte == NULL:
+                return k
+            hi = ((sv.userspace_addr - sv.vma_start) >> 12) + rel
+            if hi >= sv.vma_npages:
+                return k
+            if (sv.hpte[hi] & (_HPTE_PRESENT | _HPTE_WRITE)) != (_HPTE_PRESENT | _HPTE_WRITE):
+                return SF_NO_RESUME                 # kvm_prefetch_pages: no page
+            pfn = sv.hpfn[hi]
+            if pfn >> 40:
+                return k
+            descs = 0
+            r = self._set_spte(fl, sv, h, table, i, access, gfn, pfn, True, False, cache, True,
+                               &descs)
+            if r == SF_DECLINE:
+                return k
+            sv.hpte[hi] |= _HPTE_YOUNG | _HPTE_DIRTY
+            self._set_spte(fl, sv, h, table, i, access, gfn, pfn, True, False, cache, False,
+                           &descs)
         return SF_NO_RESUME
 
     cdef int _direct_prefetch(self, sf_fault_t *fl, sf_slot_t *sv, kvm_mmu_page *h,
@@ -609,6 +646,8 @@ cdef class ShadowFastCore:
                     return 0
                 if (sv.hpte[hi] & (_HPTE_PRESENT | _HPTE_WRITE)) != (_HPTE_PRESENT | _HPTE_WRITE):
                     break
+                if sv.hpfn[hi] >> 40:
+                    return 0
                 pfns[starts[run] - <int>i0 + <int>k] = sv.hpfn[hi]
                 r = self._set_spte(fl, sv, h, table, starts[run] + k, access, gfn + k,
                                    sv.hpfn[hi], True, False, cache, True, &descs)
@@ -724,7 +763,7 @@ cdef class ShadowFastCore:
         if r == RET_PF_SPURIOUS or fl.invalidate_in_progress:
             return r
         if fl.indirect:
-            fl.prefetch_resume = self._fname_prefetch(fl, h, table, idx, rsvd)
+            fl.prefetch_resume = self._fname_prefetch(fl, sv, h, table, idx, rsvd, cache)
         elif not role_ad_disabled(h.role):
             fl.direct_prefetch_py = self._direct_prefetch(fl, sv, h, table, idx, cache) == 0
         return r
