@@ -1200,3 +1200,27 @@ def test_the_machine_catches_a_broken_module(broken):
         run_state_machine_as_test(Broken, settings=settings(
             max_examples=300, stateful_step_count=60, deadline=None, database=None,
             derandomize=True, print_blob=False, phases=[Phase.generate]))
+
+
+def test_calls_from_several_threads_are_serialized():
+    import threading
+    m, td, pfns = _leaf_ready()
+    base_pfn = 0x70000
+    errors = []
+
+    def worker(w):
+        try:
+            for i in range(w * 128, (w + 1) * 128):
+                r = m.tdh_mem_page_aug(td, base(G, 1) + (i << 12), 0, base_pfn + i)
+                assert r.ok, r
+        except Exception as e:          # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(1 for k in m.sept_snapshot(td) if k[0] == 0) == 512
+    assert [c.index for c in m.calls] == list(range(len(m.calls)))
+    assert m.audit() == []
