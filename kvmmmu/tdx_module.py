@@ -66,6 +66,11 @@ Module rules modelled (TDX-module semantics, reference §7.3, §9)
   also needs every entry of the table FREE (``TDX_EPT_PAGE_NOT_FREE``).  A
   removed page is free in the PAMT but still cached under the TD's HKID until
   ``tdh_phymem_page_wbinvd_hkid``.
+* Model choices where the module source was not read (UNVERIFIED): PAGE.REMOVE
+  of a PENDING page needs BLOCK + TRACK like a MAPPED one; PAGE.ADD refuses a
+  source page that some TD owns (``TDX_OPERAND_INVALID`` on R9); VP.CREATE
+  after FINALIZE is ``TDX_OP_STATE_INCORRECT``; MR.FINALIZE twice is
+  ``TDX_OP_STATE_INCORRECT``.
 * RECLAIM only after the HKID is freed (``tdh_mng_key_freeid``, refused with
   ``TDX_FLUSHVP_NOT_DONE`` while a vCPU is in guest mode); the TDR last
   (``TDX_TD_ASSOCIATED_PAGES_EXIST``).
