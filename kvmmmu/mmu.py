@@ -64,6 +64,17 @@ from kvmmmu._core.guest_walk import (
     PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
 from kvmmmu import mmutrace as _tp
+
+# VM types (arch/x86/include/uapi/asm/kvm.h; vm.py re-exports them)
+KVM_X86_DEFAULT_VM = 0
+KVM_X86_SW_PROTECTED_VM = 1
+KVM_X86_SEV_VM = 2
+KVM_X86_SEV_ES_VM = 3
+KVM_X86_SNP_VM = 4
+KVM_X86_TDX_VM = 5
+VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "sw_protected": KVM_X86_SW_PROTECTED_VM,
+            "sev": KVM_X86_SEV_VM, "sev_es": KVM_X86_SEV_ES_VM, "snp": KVM_X86_SNP_VM,
+            "tdx": KVM_X86_TDX_VM}
 from kvmmmu.host import (
     KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_MASK, KVM_PFN_ERR_NOSLOT_MASK, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
     KVM_PFN_NOSLOT, hva_to_pfn, hva_to_pfn_fast,
@@ -1091,8 +1102,20 @@ def kvm_arch_flush_shadow_all(vm) -> None:
         mmu.kvm_arch_flush_shadow_all()
 
 
+def kvm_memslot_flush_zap_all(vm) -> bool:
+    """``kvm_memslot_flush_zap_all``: a default VM with
+    ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` zaps everything when a slot goes."""
+    return vm.vm_type == KVM_X86_DEFAULT_VM and vm.quirk_slot_zap_all
+
+
 def kvm_arch_flush_shadow_memslot(vm, slot) -> None:
-    """``kvm_arch_flush_shadow_memslot``: a slot is being deleted or moved."""
+    """``kvm_arch_flush_shadow_memslot``: a slot is being deleted or moved.
+    A default VM with the SLOT_ZAP_ALL quirk takes :func:`kvm_mmu_zap_all_fast`
+    (every MMU: the shadow MMU's pages go obsolete, the TDP MMU's roots are
+    invalidated); any other VM zaps the slot's part in each MMU."""
+    if kvm_memslot_flush_zap_all(vm):
+        kvm_mmu_zap_all_fast(vm)
+        return
     for mmu in vm.mmus:
         mmu.kvm_arch_flush_shadow_memslot(slot)
 

@@ -39,10 +39,18 @@ gfn/access page themselves), ``gfn``, ``role`` (``role.invalid`` written
 when the page is zapped), ``mmu_valid_gen``, ``root_count`` and
 ``unsync`` (written when they change: rarely).  The fields the fault path
 touches on every pass - ``unsync_children``, ``unsync_child_bitmap``,
-``write_flooding_count``, ``parent_ptes`` (an :class:`~kvmmmu._core.rmap.ParentPtes`
-list), the hash and active-list links, ``nx_huge_page_disallowed`` - live
-only in the mirror, for speed; a move of the hot path to C would move them
-to the header, whose layout already has them.
+``parent_ptes`` (an :class:`~kvmmmu._core.rmap.ParentPtes` list), the hash
+and active-list links, ``nx_huge_page_disallowed`` - live only in the
+mirror, for speed; ``write_flooding_count`` is mirrored and written through
+to the header, where the C fault path reads it.
+
+The fault's hot part runs in C (:mod:`kvmmmu._core.shadow_fault`, while
+:attr:`ShadowMmu.c_fast_path`): ``FNAME(fetch)`` of a 4K guest leaf and
+``direct_map`` at a 4K goal over the shadow pages that exist, with
+``mmu_set_spte``, ``rmap_add`` and the prefetch; whatever needs this
+module (a new page, an unsync decision, MMIO, huge pages, ...) is declined
+before any change and done here.  :meth:`ShadowMmu.page_fault_batch` runs
+many faults that way, walk and faultin included.
 
 Lists, in the kernel's order: ``mmu_page_hash`` (4096 buckets, bucket
 ``hash_64(gfn, 12)``, newest first as ``hlist_add_head`` leaves them) and
@@ -86,6 +94,8 @@ from __future__ import annotations
 import errno as E
 import operator
 
+import numpy as np
+
 from kvmmmu import mmu as _mmu
 from kvmmmu import mmutrace as _tp
 from kvmmmu import page_track as _pt
@@ -98,6 +108,7 @@ from kvmmmu._core.guest_walk import (
     EPT_VIOLATION_ACC_INSTR, EPT_VIOLATION_ACC_READ, EPT_VIOLATION_ACC_WRITE, PFERR_FETCH_MASK,
     PFERR_IMPLICIT_ACCESS, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
+from kvmmmu._core.shadow_fault import DECLINE as _DECLINE, ShadowFastCore
 from kvmmmu._core.rmap import (
     RMAP_RECYCLE_THRESHOLD, ParentPtes, gfn_to_rmap, rmap_add as _rmap_add, rmap_remove as _rmap_remove,
 )
@@ -111,6 +122,7 @@ from kvmmmu._core.spte import (
     PT_ACCESSED_MASK, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK, PT_USER_MASK, PT_WRITABLE_MASK,
     SPTE_BASE_ADDR_MASK, SPTE_MMU_PRESENT_MASK,
 )
+from kvmmmu._core._checks import check_array, int_arg
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import KVM_PFN_NOSLOT, hva_to_pfn_fast
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID
@@ -268,8 +280,20 @@ class KvmMmuPage:
     at or below 1G (None otherwise)."""
     __slots__ = ("sp", "pfn", "pa", "spt", "shadowed_translation", "role", "word", "level",
                  "direct", "has_gptes", "gfn", "mmu_valid_gen", "root_count", "unsync",
-                 "unsync_children", "unsync_child_bitmap", "write_flooding_count", "parent_ptes",
+                 "unsync_children", "unsync_child_bitmap", "_wfc", "_fast", "parent_ptes",
                  "nx_huge_page_disallowed", "invalid", "serial", "__weakref__")
+
+    @property
+    def write_flooding_count(self) -> int:
+        """``sp->write_flooding_count``; written through to the arena header
+        while the page is allocated (the C fault path reads it there)."""
+        return self._wfc
+
+    @write_flooding_count.setter
+    def write_flooding_count(self, value: int) -> None:
+        self._wfc = value
+        if self._fast is not None:
+            self._fast.set_write_flooding_count(self.sp, value)
 
     def __repr__(self):
         return (f"KvmMmuPage(sp={self.sp}, gfn={self.gfn:#x}, l{self.level}"
@@ -281,6 +305,24 @@ class KvmMmuPage:
         """``KVM_MMU_PAGE_ASSIGN``: the fields the kvmmmu page events record."""
         return dict(mmu_valid_gen=self.mmu_valid_gen, gfn=self.gfn, role=self.word,
                     root_count=self.root_count, unsync=bool(self.unsync))
+
+
+class _CWalker:
+    """A guest walk the batch path did in C, handed to the scalar
+    :meth:`ShadowMmu.fname_page_fault` (the fields of
+    :class:`kvmmmu.paging.GuestWalker` the fault path reads)."""
+    __slots__ = ("fault", "gfn", "level", "max_level", "pte_access", "ptes", "pte_gpa",
+                 "table_gfn", "pt_access", "pte_writable", "gva", "access")
+
+    def __init__(self, fault, gfn, level, max_level, pte_access, ptes, pte_gpa, table_gfn,
+                 pt_access, pte_writable, gva, access):
+        self.fault, self.gfn, self.level, self.max_level = fault, gfn, level, max_level
+        self.pte_access, self.ptes, self.pte_gpa, self.table_gfn = pte_access, ptes, pte_gpa, table_gfn
+        self.pt_access, self.pte_writable, self.gva, self.access = pt_access, pte_writable, gva, access
+
+    @property
+    def ok(self) -> bool:
+        return self.fault is None
 
 
 class KvmMmuRootInfo:
@@ -368,6 +410,14 @@ class ShadowMmu(MmuBackend):
     """
     is_tdp = False
     direct = False
+    #: Take the C fault path (:mod:`kvmmmu._core.shadow_fault`) where it
+    #: applies; False runs the Python reference path only.  Both give the
+    #: same events, statistics and state.
+    c_fast_path = True
+    _fast = None
+    #: (gva, access, walker) of a fault the batch path walked in C and hands
+    #: to the scalar entry (consumed by :meth:`fname_page_fault`)
+    _prewalked = None
 
     def __init__(self, vm):
         if vm.tdp_mmu_enabled:
@@ -486,6 +536,21 @@ class ShadowMmu(MmuBackend):
     def _child(self, spte: int) -> KvmMmuPage:
         return self.by_pfn[(spte & _ADDR) >> 12]
 
+    def _c_root_stale(self, vcpu, m: KvmMmu) -> bool:
+        """The root half of :meth:`_is_page_fault_stale` (the batch checks it
+        before C runs; the notifier half cannot move while C holds the GIL)."""
+        h = m.root.hpa
+        if isinstance(h, KvmMmuPage):
+            return h.invalid or h.mmu_valid_gen != self.vm.mmu_valid_gen
+        return h is None or "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS" in vcpu.requests
+
+    def _fastcore(self) -> ShadowFastCore:
+        """The C fault path over this MMU's arena (made on first use)."""
+        core = self._fast
+        if core is None:
+            core = self._fast = ShadowFastCore(self.arena)
+        return core
+
     def _set_header(self, sp: KvmMmuPage, **fields) -> None:
         self.arena.set_sp(sp.sp, **fields)
 
@@ -589,6 +654,7 @@ class ShadowMmu(MmuBackend):
                        role=role.word, gfn=gfn)
         sp = KvmMmuPage()
         sp.sp = h
+        sp._fast = self._fastcore()
         sp.pa = a.sp_pa(h)
         sp.pfn = sp.pa >> 12
         sp.spt = a.spt(h)
@@ -1024,6 +1090,7 @@ class ShadowMmu(MmuBackend):
         self.pages.pop(sp.sp, None)
         self.by_pfn.pop(sp.pfn, None)
         self.active_mmu_pages.pop(sp.sp, None)
+        sp._fast = None                 # the header is freed: the mirror stops writing it
 
     def kvm_mmu_remote_flush_or_zap(self, invalid_list: list, remote_flush: bool) -> bool:
         if not remote_flush and not invalid_list:
@@ -1532,6 +1599,67 @@ class ShadowMmu(MmuBackend):
             return self.direct_page_fault(vcpu, fault, m)
         return self.fname_page_fault(vcpu, fault, m)
 
+    def page_fault_batch(self, vcpu, gvas, error_code) -> np.ndarray:
+        """``kvm_mmu_page_fault`` for each gva of `gvas` in order, with one
+        `error_code` or an array of them: the RET_PF_* codes (int32).
+
+        The same events, statistics and state as the scalar calls in a loop
+        (``vcpu.last_fault`` is the last fault's), but for a shadow-paging
+        vCPU the guest walk, faultin (host pages already present) and
+        ``FNAME(fetch)`` over existing shadow pages run in one C loop
+        (:meth:`ShadowFastCore.page_fault_batch`); a fault C declines (new
+        shadow pages, write protection, unsync, MMIO, a host page to fault
+        in, a guest #PF, ...) goes through the scalar Python path, in order.
+        Every address and error code is checked first (as
+        :meth:`check_fault_args` would): bad input raises and changes nothing.
+
+        Parameters
+        ----------
+        vcpu : Vcpu of this VM
+        gvas : ndarray of uint64, shape (n,), C-contiguous
+        error_code : int, or ndarray of uint64, shape (n,)
+        """
+        vm = self.vm
+        if vm.warn_sink.bugged:
+            vm.warn_sink.check()
+        if vcpu.vm is not vm:
+            raise ValueError("vcpu belongs to another VM")
+        gvas = check_array("gvas", gvas)
+        n = gvas.shape[0]
+        if isinstance(error_code, np.ndarray):
+            ecs = check_array("error_code", error_code)
+            if ecs.shape[0] != n:
+                raise ValueError(f"error_code has {ecs.shape[0]} elements, gvas {n}")
+        else:
+            ecs = np.full(n, int_arg("error_code", error_code), np.uint64)
+        out = np.empty(n, np.int32)
+        if n == 0:
+            return out
+        bad = ecs & np.uint64(~0xFFFF & _U64)
+        if not self.direct and bad.any():
+            e = int(ecs[np.flatnonzero(bad)[0]])
+            raise ValueError(f"error_code={e:#x} has bits a #PF error code never has "
+                             f"({e & ~0xFFFF:#x})")
+        if not self.direct:
+            cpu = vcpu.cpu
+            if cpu.efer & (1 << 10):
+                bits = 57 if cpu.cr4 & (1 << 12) else 48
+                top = gvas >> np.uint64(bits - 1)
+                badv = (top != 0) & (top != np.uint64((1 << (65 - bits)) - 1))
+                if badv.any():
+                    g = int(gvas[np.flatnonzero(badv)[0]])
+                    raise AccessError(f"gva={g:#x} (cr2_or_gpa) is not canonical")
+            elif (gvas >> np.uint64(32)).any():
+                g = int(gvas[np.flatnonzero(gvas >> np.uint64(32))[0]])
+                raise AccessError(f"gva={g:#x} (cr2_or_gpa) does not fit 32 bits outside long mode")
+        if self.direct or not self.c_fast_path:
+            pf = vcpu.kvm_mmu_page_fault
+            for i, (g, e) in enumerate(zip(gvas.tolist(), ecs.tolist())):
+                out[i] = pf(g, e)
+            return out
+        self._fastcore().page_fault_batch(self, vcpu, gvas, ecs, out, _CWalker, KvmPageFault)
+        return out
+
     def check_fault_args(self, vcpu, addr: int, error_code: int) -> None:
         """What the common entry checks for a shadow-paging #PF before it
         counts anything: the error code has only bits a #PF exit carries
@@ -1655,11 +1783,33 @@ class ShadowMmu(MmuBackend):
     def direct_map(self, vcpu, fault: KvmPageFault, m: KvmMmu) -> int:
         """``direct_map``: ``kvm_mmu_hugepage_adjust``, then down the shadow
         walk of ``fault.addr`` linking direct pages to the goal level,
-        ``mmu_set_spte``, ``direct_pte_prefetch``."""
+        ``mmu_set_spte``, ``direct_pte_prefetch``.  A 4K goal over existing
+        pages runs in C when :attr:`c_fast_path` (same events and state)."""
         self._hugepage_adjust(vcpu, fault)
+        if self.c_fast_path and fault.goal_level == PG_LEVEL_4K and not m.ept:
+            r = self._c_direct_map(vcpu, fault, m)
+            if r is not None:
+                return r
         self._trace_spte_requested(fault)
+        sp, level = self._walk_start(m, m.root.hpa, fault.addr)
+        level, sptep, base_gfn = self._direct_levels(vcpu, fault, sp, level, ACC_ALL, False)
+        if level != fault.goal_level:
+            self.vm.warn_sink.warn("direct_map", "walk did not reach the goal level", once=True)
+            return -E.EFAULT
+        ret = self.mmu_set_spte(vcpu, fault.slot, sptep, ACC_ALL, base_gfn, fault.pfn, fault)
+        if ret == RET_PF_SPURIOUS:
+            return ret
+        self.direct_pte_prefetch(vcpu, sptep)
+        return ret
+
+    def _direct_levels(self, vcpu, fault: KvmPageFault, sp, level: int, access: int,
+                       validate: bool):
+        """The direct part of ``direct_map`` and ``FNAME(fetch)``: from table
+        `sp` at `level` down to ``fault.goal_level``, linking direct pages
+        of `access` (``disallowed_hugepage_adjust`` with the NX workaround,
+        ``validate_direct_spte`` first when `validate`, NX accounting of new
+        pages).  Returns (level reached, its sptep, its base gfn)."""
         addr = fault.addr
-        sp, level = self._walk_start(m, m.root.hpa, addr)
         base_gfn = fault.gfn
         sptep = 0
         while sp is not None and level >= 1:
@@ -1671,23 +1821,46 @@ class ShadowMmu(MmuBackend):
             base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
             if level == fault.goal_level:
                 break
-            child = self.kvm_mmu_get_child_sp(vcpu, sptep, base_gfn, True, ACC_ALL)
+            if validate:
+                self.validate_direct_spte(sptep, access)
+            child = self.kvm_mmu_get_child_sp(vcpu, sptep, base_gfn, True, access)
             if child is not None:
                 self.link_shadow_page(vcpu, sptep, child)
                 if fault.huge_page_disallowed:
                     self.account_nx_huge_page(child, fault.req_level >= level)
                 sp = child
             else:
-                sp = self._child(spte)
+                sp = self._child(sp.spt.item(idx))
             level -= 1
-        if level != fault.goal_level:
-            self.vm.warn_sink.warn("direct_map", "walk did not reach the goal level", once=True)
-            return -E.EFAULT
-        ret = self.mmu_set_spte(vcpu, fault.slot, sptep, ACC_ALL, base_gfn, fault.pfn, fault)
-        if ret == RET_PF_SPURIOUS:
-            return ret
-        self.direct_pte_prefetch(vcpu, sptep)
-        return ret
+        return level, sptep, base_gfn
+
+    def _c_start(self, m: KvmMmu, addr: int):
+        """Where the C path's shadow walk of `addr` starts: (sp handle,
+        level), or None (no usable root: the Python path says why)."""
+        h = m.root.hpa
+        if type(h) is KvmMmuPage:
+            return h.sp, h.level
+        if h is PAE_ROOT:
+            sp = m.pae_root[(addr >> 30) & 3]
+            if sp is not None:
+                return sp.sp, 2
+        return None
+
+    def _c_direct_map(self, vcpu, fault: KvmPageFault, m: KvmMmu):
+        """``direct_map`` at a 4K goal in C; None when it declined (nothing
+        changed)."""
+        start = self._c_start(m, fault.addr)
+        if start is None:
+            return None
+        core = self._fastcore()
+        r = core.fetch(self, vcpu, fault, ACC_ALL, start[0], start[1])
+        if r == _DECLINE:
+            return None
+        if core.flush:
+            self.vm.kvm_flush_remote_tlbs()
+        if core.direct_prefetch_py:
+            self.direct_pte_prefetch(vcpu, core.sptep)
+        return r
 
     def direct_pte_prefetch(self, vcpu, sptep: int) -> None:
         sp = self._sptep_sp(sptep)
@@ -1853,7 +2026,13 @@ class ShadowMmu(MmuBackend):
         vm = self.vm
         if fault.is_tdp:
             vm.warn_sink.warn("FNAME(page_fault)", "TDP fault on a shadow MMU", once=True)
-        walker = vcpu.walk_mmu.walk_addr(fault.addr, fault.error_code & _GUEST_ACCESS)
+        access = fault.error_code & _GUEST_ACCESS
+        pw = self._prewalked
+        if pw is not None and pw[0] == fault.addr and pw[1] == access:
+            self._prewalked = None              # the batch path's C walk of this fault
+            walker = pw[2]
+        else:
+            walker = vcpu.walk_mmu.walk_addr(fault.addr, access)
         if walker.fault is not None:
             if not fault.prefetch:
                 self.kvm_inject_emulated_page_fault(vcpu, walker.fault)
@@ -1920,7 +2099,12 @@ class ShadowMmu(MmuBackend):
     def fname_fetch(self, vcpu, fault: KvmPageFault, gw, direct_access: int, m: KvmMmu) -> int:
         """``FNAME(fetch)``: indirect pages for the guest tables above the
         guest leaf, ``kvm_mmu_hugepage_adjust``, direct pages below a guest
-        huge page, ``mmu_set_spte``, ``FNAME(pte_prefetch)``."""
+        huge page, ``mmu_set_spte``, ``FNAME(pte_prefetch)``.  A 4K guest
+        leaf over existing shadow pages runs in C when :attr:`c_fast_path`."""
+        if self.c_fast_path and gw.level == PG_LEVEL_4K and not m.ept:
+            r = self._c_fname_fetch(vcpu, fault, gw, direct_access, m)
+            if r is not None:
+                return r
         vm = self.vm
         prefetch_ptes: list = []
         top_level = m.cpu_role.base.level
@@ -1963,27 +2147,7 @@ class ShadowMmu(MmuBackend):
             level -= 1
         self._hugepage_adjust(vcpu, fault)
         self._trace_spte_requested(fault)
-        base_gfn = fault.gfn
-        sptep = 0
-        while sp is not None and level >= 1:
-            idx = (addr >> (12 + 9 * (level - 1))) & 511
-            sptep = sp.pa | (idx << 3)
-            spte = sp.spt.item(idx)
-            if fault.nx_huge_page_workaround_enabled:
-                self.disallowed_hugepage_adjust(fault, spte, level)
-            base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
-            if level == fault.goal_level:
-                break
-            self.validate_direct_spte(sptep, direct_access)
-            child = self.kvm_mmu_get_child_sp(vcpu, sptep, base_gfn, True, direct_access)
-            if child is not None:
-                self.link_shadow_page(vcpu, sptep, child)
-                if fault.huge_page_disallowed:
-                    self.account_nx_huge_page(child, fault.req_level >= level)
-                sp = child
-            else:
-                sp = self._child(sp.spt.item(idx))
-            level -= 1
+        level, sptep, base_gfn = self._direct_levels(vcpu, fault, sp, level, direct_access, True)
         if level != fault.goal_level:
             vm.warn_sink.warn("FNAME(fetch)", "walk did not reach the goal level", once=True)
             return -E.EFAULT
@@ -1992,6 +2156,33 @@ class ShadowMmu(MmuBackend):
             return ret
         self.fname_pte_prefetch(vcpu, m, sptep, prefetch_ptes)
         return ret
+
+    def _c_fname_fetch(self, vcpu, fault: KvmPageFault, gw, access: int, m: KvmMmu):
+        """``FNAME(fetch)`` of a 4K guest leaf in C; None when it declined
+        (nothing changed).  What ``kvm_mmu_hugepage_adjust`` leaves for a 4K
+        ``max_level`` is set here; a prefetch that reaches a gPTE to map
+        resumes in :meth:`fname_pte_prefetch`."""
+        start = self._c_start(m, fault.addr)
+        if start is None:
+            return None
+        base = m.cpu_role.base
+        top_level = base.level
+        if top_level == PT32E_ROOT_LEVEL:
+            top_level = PT32_ROOT_LEVEL
+        core = self._fastcore()
+        r = core.fetch(self, vcpu, fault, access, start[0], start[1], gw, top_level,
+                       4 if base.has_4_byte_gpte else 8, self._rsvd(vcpu, m))
+        if r == _DECLINE:
+            return None
+        fault.huge_page_disallowed = fault.exec and fault.nx_huge_page_workaround_enabled
+        if core.wf_to_spt:
+            fault.write_fault_to_shadow_pgtable = True
+        if core.flush:
+            self.vm.kvm_flush_remote_tlbs()
+        k = core.prefetch_resume
+        if k >= 0:
+            self.fname_pte_prefetch(vcpu, m, core.sptep, core.gptes, k)
+        return r
 
     def validate_direct_spte(self, sptep: int, direct_access: int) -> None:
         """``validate_direct_spte``: a direct child table made for another
@@ -2078,10 +2269,11 @@ class ShadowMmu(MmuBackend):
         self.mmu_set_spte(vcpu, slot, sptep, pte_access, gfn, pfns[0], None)
         return True
 
-    def fname_pte_prefetch(self, vcpu, m: KvmMmu, sptep: int, gptes: list) -> None:
+    def fname_pte_prefetch(self, vcpu, m: KvmMmu, sptep: int, gptes: list, start: int = 0) -> None:
         """``FNAME(pte_prefetch)``: map the present, accessed gPTEs of the
         8-entry group around a level-1 fault, stopping at the first that
-        cannot be mapped; direct pages use ``__direct_pte_prefetch``."""
+        cannot be mapped; direct pages use ``__direct_pte_prefetch``.
+        `start`: the group entry to begin with (where the C path stopped)."""
         sp = self._sptep_sp(sptep)
         if sp.level > PG_LEVEL_4K:
             return
@@ -2094,7 +2286,7 @@ class ShadowMmu(MmuBackend):
             return
         i0 = ((sptep >> 3) & 511) & ~(PTE_PREFETCH_NUM - 1)
         rsvd = self._rsvd(vcpu, m)
-        for k in range(PTE_PREFETCH_NUM):
+        for k in range(start, PTE_PREFETCH_NUM):
             p = sp.pa | ((i0 + k) << 3)
             if p == sptep:
                 continue
@@ -2608,21 +2800,10 @@ class ShadowMmu(MmuBackend):
         return flush
 
     def kvm_arch_flush_shadow_memslot(self, slot) -> None:
-        """Default VMs (``KVM_X86_QUIRK_SLOT_ZAP_ALL``): the fast zap of
-        everything; others: the slot's leaves and the pages shadowing its
-        gfns."""
-        vm = self.vm
-        if vm.vm_type == 0:
-            # kvm_mmu_zap_all_fast for this MMU (the fan-out gives every MMU the
-            # memslot flush: the others do their own part)
-            with self._wlock():
-                if _tp.kvm_mmu_zap_all_fast.enabled:
-                    _tp.kvm_mmu_zap_all_fast.emit(mmu_valid_gen=vm.mmu_valid_gen,
-                                                  mmu_used_pages=self.n_used_mmu_pages)
-                vm.mmu_valid_gen ^= 1
-                vm.kvm_make_all_cpus_request("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
-                self.kvm_zap_obsolete_pages()
-            return
+        """The slot's part of a memslot flush when the VM does not zap
+        everything (:func:`kvmmmu.mmu.kvm_memslot_flush_zap_all` false: not
+        a default VM, or ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` disabled): the slot's
+        leaves and the pages shadowing its gfns."""
         invalid_list: list = []
         with self._wlock():
             flush = self._rmap_zap_gfn_range(slot, slot.base_gfn, slot.base_gfn + slot.npages)

@@ -94,16 +94,11 @@ __all__ = [
     "PT64_ROOT_MAX_LEVEL", "PTE_PREFETCH_NUM", "MMU_TOPUP_MIN", "KVM_ARCH_NR_OBJS_PER_MEMORY_CACHE",
 ]
 
-# --- VM types (arch/x86/include/uapi/asm/kvm.h) -----------------------------------
-KVM_X86_DEFAULT_VM = 0
-KVM_X86_SW_PROTECTED_VM = 1
-KVM_X86_SEV_VM = 2
-KVM_X86_SEV_ES_VM = 3
-KVM_X86_SNP_VM = 4
-KVM_X86_TDX_VM = 5
-VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "sw_protected": KVM_X86_SW_PROTECTED_VM,
-            "sev": KVM_X86_SEV_VM, "sev_es": KVM_X86_SEV_ES_VM, "snp": KVM_X86_SNP_VM,
-            "tdx": KVM_X86_TDX_VM}
+# --- VM types (arch/x86/include/uapi/asm/kvm.h; their home is mmu.py) -------------
+from kvmmmu.mmu import (  # noqa: E402
+    KVM_X86_DEFAULT_VM, KVM_X86_SEV_ES_VM, KVM_X86_SEV_VM, KVM_X86_SNP_VM,
+    KVM_X86_SW_PROTECTED_VM, KVM_X86_TDX_VM, VM_TYPES,
+)
 
 # --- page fault return values (mmu_internal.h, v6.12+) ----------------------------
 from kvmmmu._core.defs import (  # noqa: E402  (the one home of these)
@@ -800,6 +795,10 @@ class VM:
         self.has_private_mem = vm_type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
         #: ``kvm_has_mirrored_tdp`` (TDX)
         self.kvm_has_mirrored_tdp = vm_type == KVM_X86_TDX_VM
+        #: ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` (on unless disabled with
+        #: ``KVM_CAP_DISABLE_QUIRKS2``): deleting or moving a memslot of a
+        #: default VM zaps everything (``kvm_mmu_zap_all_fast``)
+        self.quirk_slot_zap_all = True
         #: ``max_huge_page_level``: 1G with host gbpages, else 2M
         self.max_huge_page_level = 3 if self.host_config.gbpages else 2
         self._check_vm_type()

@@ -189,6 +189,19 @@ def _rsvd_64(regs: GuestRegs, level: int, pte: int, mode: int) -> bool:
     return bool(pte & rsvd)
 
 
+def pae_pdptes_loadable(read_u64, cr3: int, maxphyaddr: int) -> bool:
+    """SDM 4.4.1: MOV CR3 in PAE paging loads the four PDPTEs from the
+    32-byte-aligned table at CR3[31:5]; a present one with a reserved bit
+    (2:1, 8:5, 63:MAXPHYADDR) — or a table the CPU cannot read — is a #GP."""
+    base = cr3 & 0xFFFFFFE0
+    rsvd = _bits(1, 2) | _bits(5, 8) | _bits(maxphyaddr, 63)
+    for i in range(4):
+        e = read_u64(base + 8 * i)
+        if e is None or e & PT_P and e & rsvd:
+            return False
+    return True
+
+
 def _canonical(gva: int, bits: int) -> bool:
     top = gva >> (bits - 1)
     return top == 0 or top == (1 << (65 - bits)) - 1

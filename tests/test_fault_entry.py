@@ -618,3 +618,31 @@ def test_mmio_fault_events_have_the_kernels_fields_and_order():
     assert new != cur
     assert ring.lines()[0] == f"check_mmio_spte: spte {spte:x} kvm_gen {new:x} spte-gen {cur:x} valid 0"
     assert not any(x.startswith("handle_mmio_page_fault") for x in ring.lines())
+
+
+@pytest.mark.parametrize("quirk", [True, False])
+def test_memslot_delete_zaps_everything_with_the_slot_zap_all_quirk(quirk):
+    """``kvm_arch_flush_shadow_memslot`` (mmu.c): a default VM with
+    ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` takes ``kvm_mmu_zap_all_fast`` — the TDP
+    MMU's roots are invalidated, so every other slot's mappings go too and
+    the vCPU loads a new root; with the quirk disabled only the deleted
+    slot's leaves go (tdp-mmu.md: zaps by cause)."""
+    from kvmmmu import mmutrace
+    from kvmmmu._core.spte import is_shadow_present_pte
+    vm, v = _vm()
+    vm.quirk_slot_zap_all = quirk
+    vm.add_memory(16 * MiB, 2 * MiB, slot=1, populate=True)
+    for gpa in (0x1000, 16 * MiB):
+        assert v.kvm_mmu_page_fault(gpa, W) == RET_PF_FIXED
+    old_root = v.mmu_root
+    with mmutrace.capture("kvm_mmu_zap_all_fast") as ring:
+        vm.delete_memslot(1)
+    assert len(ring.lines()) == (1 if quirk else 0)
+    assert ("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS" in v.requests) == quirk
+    v.vcpu_enter_guest()
+    assert (v.mmu_root is not old_root) == quirk
+    spte, _ = _leaf(vm, v, 1)
+    assert is_shadow_present_pte(spte) != quirk   # slot 0's leaf survives only without the quirk
+    assert _fault(v, 0x1000, W) == (RET_PF_FIXED if quirk else RET_PF_SPURIOUS,
+                                    {"taken": 1, "fixed": 1} if quirk else {"taken": 1, "spurious": 1})
+    assert vm.audit() == []

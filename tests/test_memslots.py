@@ -59,13 +59,14 @@ def test_bad_region_table_model(name, setup, probe, expected):
         assert exc.errno == expected.errno
         if name == "move_beyond_max_gfn":
             # the kernel's own exception: the INVALID copy was published and
-            # reverted (two generation bumps) and the old slot's SPTEs zapped
-            # (with the shadow MMU the flush is kvm_mmu_zap_all_fast, which asks
-            # every vCPU to free its obsolete roots: the only other change)
+            # reverted (two generation bumps) and everything zapped: a default VM
+            # with KVM_X86_QUIRK_SLOT_ZAP_ALL takes kvm_mmu_zap_all_fast, which asks
+            # every vCPU to free its obsolete roots (the only other change)
             assert _without_gens(after)[:7] == _without_gens(before)[:7]
             assert all(set(r) <= {"KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"} for r in after[7])
             assert [a - b for a, b in zip(_gens(after), _gens(before))] == [2 * vm.nr_memslot_as_ids]
-            assert "kvm_arch_flush_shadow_memslot" in rec.names()
+            assert "kvm_mmu_zap_all_fast" in rec.names()
+            assert "kvm_arch_flush_shadow_memslot" not in rec.names()
         else:
             assert after == before, f"{name}: VM changed by a failed call"
     vm.audit()
@@ -187,10 +188,13 @@ def test_generation_and_change_kinds():
     assert vm.set_user_memory_region(0, M.KVM_MEM_LOG_DIRTY_PAGES, 4 * MiB, 2 * MiB, H) \
         is M.KvmMrChange.KVM_MR_MOVE
     assert vm.memslots[0].generation == 8                  # INVALID copy + final: two publishes
-    assert rec.names().count("kvm_arch_flush_shadow_memslot") == 1
+    # a default VM with KVM_X86_QUIRK_SLOT_ZAP_ALL flushes a moved slot by zapping all
+    assert rec.names().count("kvm_mmu_zap_all_fast") == 1
+    vm.quirk_slot_zap_all = False                          # KVM_CAP_DISABLE_QUIRKS2
     assert vm.set_user_memory_region(0, 0, 0, 0, 0) is M.KvmMrChange.KVM_MR_DELETE
     assert vm.memslots[0].generation == 12
-    assert rec.names().count("kvm_arch_flush_shadow_memslot") == 2
+    assert rec.names().count("kvm_mmu_zap_all_fast") == 1  # now only the slot's part
+    assert rec.names().count("kvm_arch_flush_shadow_memslot") == 1
     assert vm.mmio_generation(0) == 12 and vm.mmio_generation(1) == 3
     vm.audit()
 

@@ -40,7 +40,9 @@ def test_fan_outs_reach_every_registered_mmu_in_order():
     vm.kvm_age_gfn(rng)
     vm.kvm_test_age_gfn(rng)
     vm.kvm_zap_gfn_range(0, 16)
+    vm.quirk_slot_zap_all = False              # (else the memslot flush is the fast zap)
     vm.kvm_arch_flush_shadow_memslot(slot)
+    vm.quirk_slot_zap_all = True
     vm.kvm_arch_mmu_enable_log_dirty_pt_masked(slot, 64, 0b101)
     vm.kvm_mmu_change_mmu_pages(123)
     vm.kvm_arch_flush_shadow_all()

@@ -67,7 +67,7 @@ from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import HostConfig
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
-from kvmmmu.vm import VM, KvmParams
+from kvmmmu.vm import VM, CrLoadError, KvmParams
 
 MiB = 1 << 20
 ENOMEM = -E.ENOMEM
@@ -713,9 +713,28 @@ class ShadowPagingMachine(RuleBasedStateMachine):
         if self._enter():
             self.win.flush(gva, self._read(), self._regs())
 
+    def _pdptr_load(self, load, cr3) -> bool:
+        """Run a register load that reloads the PAE PDPTEs (MOV CR3; in PAE
+        mode also a CR4.SMEP change, one of X86_CR4_PDPTR_BITS): when a PDPTE
+        the guest wrote has reserved bits it is a #GP and nothing changes.
+        Returns whether the load happened."""
+        if self.MODE == 3 and not O.pae_pdptes_loadable(self._read(), cr3,
+                                                        self._regs().maxphyaddr):
+            def regs():
+                p = self.v.pdptrs
+                return self.v.cpu, None if p is None else tuple(int(x) for x in p)
+            before = regs()
+            with pytest.raises(CrLoadError):
+                load()
+            assert regs() == before
+            return False
+        load()
+        return True
+
     @rule(root=st.sampled_from(ROOTS))
     def set_cr3(self, root):
-        self.v.kvm_set_cr3(root << 12)
+        if not self._pdptr_load(lambda: self.v.kvm_set_cr3(root << 12), root << 12):
+            return
         if self._enter():
             self._regs_changed(flush=True)
 
@@ -725,7 +744,8 @@ class ShadowPagingMachine(RuleBasedStateMachine):
         if bit == "wp":
             self.v.kvm_set_cr0(c.cr0 ^ CR0_WP)
         elif bit == "smep":
-            self.v.kvm_set_cr4(c.cr4 ^ CR4_SMEP)
+            if not self._pdptr_load(lambda: self.v.kvm_set_cr4(c.cr4 ^ CR4_SMEP), c.cr3):
+                return
         else:
             self.v.kvm_set_efer(c.efer ^ EFER_NX)
         self._enter()
