@@ -542,8 +542,9 @@ def kvm_mmu_page_fault(vcpu, cr2_or_gpa: int, error_code: int, insn=None, insn_l
     if mmu is None:
         raise LookupError(f"the VM (mmu={vm.mmu!r}) has no MMU backend to take page faults")
     # input no exit handler can produce is refused before anything happens
-    direct = mmu.direct and not vcpu.guest_mode     # vcpu->arch.mmu->root_role.direct
-    if vcpu.guest_mode:                      # L2 under L1's EPT (nested): an EPT violation of L2
+    l2 = vcpu.guest_mode                     # L2 under L1's EPT: vcpu->arch.mmu is guest_mmu
+    direct = mmu.direct and not l2           # vcpu->arch.mmu->root_role.direct
+    if l2:                                   # an EPT violation of L2
         mmu.check_l2_fault_args(vcpu, cr2_or_gpa, error_code)
     elif not direct:                         # a #PF: its address and error code are the CPU's
         mmu.check_fault_args(vcpu, cr2_or_gpa, error_code)
@@ -601,9 +602,10 @@ def kvm_mmu_do_page_fault(vcpu, cr2_or_gpa: int, err: int, prefetch: bool = Fals
     negative errno; the fault is left in ``vcpu.last_fault``."""
     vm = vcpu.vm
     mmu = vm.mmu_backend
-    fault = KvmPageFault(cr2_or_gpa, err, prefetch, mmu.is_tdp and not vcpu.guest_mode,
+    l2 = vcpu.guest_mode                     # nested EPT: guest_mmu is not direct
+    fault = KvmPageFault(cr2_or_gpa, err, prefetch, mmu.is_tdp and not l2,
                          vm.params.nx_huge_pages and not vm.disable_nx_huge_pages)
-    if mmu.direct and not vcpu.guest_mode:
+    if mmu.direct and not l2:
         fault.gfn = gfn = (cr2_or_gpa >> PAGE_SHIFT) & ~vm.gfn_direct_bits
         fault.slot = vcpu.gfn_to_memslot(gfn)
     vcpu.last_fault = fault
