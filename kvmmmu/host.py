@@ -72,7 +72,7 @@ __all__ = [
     "PTE_MIGRATION", "PTE_HWPOISON",
     "HostConfig", "HostPhysMem", "HostOutOfMemoryError", "HostMmError", "HostFaultError",
     "MmuNotifyEvent", "MmuNotifierRange", "MmuNotifier", "Vma", "HostMm", "hva_to_pfn",
-    "hva_to_pfn_fast",
+    "hva_to_pfn_fast", "hva_to_pfn_slow",
 ]
 
 from kvmmmu._core._checks import check_array, int_arg, ArgumentRangeError, U64_MAX  # noqa: E402
@@ -788,6 +788,8 @@ class HostMm:
         self.dead = False
         self._guard = threading.Lock()
         self._owner = None
+        #: the scalar fault paths' VMA lookup hint (see ``_vma_at``)
+        self._vma_hint = None
 
     def __repr__(self):
         return f"HostMm({len(self.vmas)} vmas, {len(self.notifiers)} notifiers, {self.phys!r})"
@@ -1728,7 +1730,7 @@ def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool,
         if not vma.start <= hva < vma.end:
             return None
     else:
-        vma = mm.find_vma(hva)
+        vma = _vma_at(mm, vmas, hva)
         if vma is None:
             return None
     i = (hva - vma.start) >> PAGE_SHIFT
@@ -1749,6 +1751,23 @@ def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool,
     elif f & bits != bits:
         _set_pte_bits(pte, i, bits)
     return vma.pfn.item(i), (f & PTE_WRITE) != 0, level
+
+
+def _vma_at(mm: HostMm, vmas: list, hva: int) -> Vma | None:
+    """``find_vma`` for the scalar fault paths (``vmas`` is ``mm.vmas``, with
+    more than one VMA): the VMA the last lookup found when ``hva`` is in it
+    (the kernel's per-mm VMA cache), else the search.  The hint keeps the
+    list object it was found in: a new or reshaped list (mmap, munmap,
+    exit) never matches, so a removed VMA is never answered."""
+    c = mm._vma_hint
+    if c is not None and c[0] is vmas and c[1] == len(vmas):
+        v = c[2]
+        if v.start <= hva < v.end:
+            return v
+    v = mm.find_vma(hva)
+    if v is not None:
+        mm._vma_hint = (vmas, len(vmas), v)
+    return v
 
 
 #: Serializes the read-modify-write of one PTE's flags by fault threads
@@ -1796,3 +1815,49 @@ def hva_to_pfn(mm: HostMm, hva: int, *, write_fault: bool, want_writable: bool =
     i = vma.idx(hva)
     f = int(vma.pte[i])
     return int(vma.pfn[i]), bool(write_fault or (want_writable and f & PTE_WRITE))
+
+
+def hva_to_pfn_slow(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool, int]:
+    """The rest of :func:`hva_to_pfn` (``want_writable``) for the scalar
+    fault path after :func:`hva_to_pfn_fast` answered None (``hva`` a plain
+    int in range): ``(pfn, writable, level)``, ``level`` the host mapping
+    level of the leaf when known (the slow path mapped a page of a VMA
+    without huge leaves: 4K), else 0.
+
+    The same answers and the same effects on the mm (PTE flags, ``events``,
+    allocations, errors) as :func:`hva_to_pfn`; its common case, a first
+    touch of a never-mapped page of a VMA without huge leaves (the zero page
+    for a read of private memory, a new page otherwise), is done here under
+    the mm's one-thread guard instead of through
+    :meth:`HostMm.handle_mm_fault`; everything else (swap, hwpoison, COW,
+    THP, hugetlb, no VMA, a busy or dead mm) goes the general way."""
+    vmas = mm.vmas
+    if len(vmas) == 1:
+        vma = vmas[0]
+        if not vma.start <= hva < vma.end:
+            vma = None
+    else:
+        vma = _vma_at(mm, vmas, hva)
+    if vma is not None and not (vma.thp or vma.hugetlb) and not mm.dead and \
+            (vma.writable or not write_fault):
+        i = (hva - vma.start) >> PAGE_SHIFT
+        if not vma.pte.item(i) and mm._guard.acquire(False):
+            # handle_mm_fault on a page that never was (no swap entry, no
+            # poison): the zero page or a new 4K page, nothing to notify
+            mm._owner = get_ident()
+            try:
+                ev = mm.events
+                ev["faults"] += 1
+                if not write_fault and not vma.shared and mm.zero_page:
+                    ev["zero_maps"] += 1
+                    vma.pfn[i] = mm.zero_pfn
+                    vma.pte[i] = PTE_PRESENT | PTE_ZERO | PTE_YOUNG
+                    return mm.zero_pfn, False, PG_LEVEL_4K
+                f = mm._fault_flags(vma, write_fault)
+                mm._alloc_fill(vma, i, i + 1, f)
+                return vma.pfn.item(i), bool(write_fault or f & PTE_WRITE), PG_LEVEL_4K
+            finally:
+                mm._owner = None
+                mm._guard.release()
+    pfn, writable = hva_to_pfn(mm, hva, write_fault=write_fault, want_writable=True)
+    return pfn, writable, 0
