@@ -65,7 +65,7 @@ from kvmmmu._core.guest_walk import (
 )
 from kvmmmu.host import (
     KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_MASK, KVM_PFN_ERR_NOSLOT_MASK, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
-    KVM_PFN_NOSLOT, hva_to_pfn, hva_to_pfn_fast, hva_to_pfn_slow,
+    KVM_PFN_NOSLOT, hva_to_pfn, hva_to_pfn_fast,
 )
 from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
 from kvmmmu.memslots import (
@@ -777,11 +777,8 @@ def faultin_pfn(vcpu, fault: KvmPageFault, access: int = 7) -> int:
         # GUP fast (or the slow path's first touch of a 4K-only VMA) also saw
         # the leaf's level: hugepage_adjust uses it (a change of it before the
         # map is an invalidation: the fault is stale); 0 when not known
-        hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
-        r = hva_to_pfn_fast(vm.host, hva, fault.write)
-        if r is None:
-            r = hva_to_pfn_slow(vm.host, hva, fault.write)
-        pfn, fault.map_writable, fault.host_level = r
+        pfn, fault.map_writable, fault.host_level = hva_to_pfn_fast(
+            vm.host, slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT), fault.write, True)
         fault.pfn = pfn
     if pfn & KVM_PFN_ERR_MASK:
         if pfn == KVM_PFN_ERR_SIGPENDING:

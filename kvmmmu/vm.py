@@ -423,9 +423,9 @@ class Vcpu:
             # cached one and that is current
             c = vm._guest_mem.get(1 if smm else 0)
             if c is not None and c[1] is w.memory:
-                key, vmas = c[0], vm.host.vmas
-                if key[0] == vm.memslots[1 if smm else 0].generation and key[1] == id(vmas) \
-                        and key[2] == len(vmas):
+                key = c[0]
+                if key[0] == vm.memslots[1 if smm else 0].generation and \
+                        key[1] == vm.host.vma_gen:
                     return w
         mem = vm.guest_memory(1 if smm else 0)
         if w is None or w.memory is not mem or w.cpu is not self.cpu or \
@@ -1157,18 +1157,16 @@ class VM:
         memslot whose hva range is not inside one VMA is left out (its gpas
         read as holes, as a failed ``copy_from_user`` would).  Rebuilt when
         the memslots generation or the host's VMA list changed."""
-        vmas = self.host.vmas
         # an as_id with a cached memory was checked when it was built: only
         # a plain int is looked up before the check (1.0 would hash like 1)
         c = self._guest_mem.get(as_id) if type(as_id) is int else None
         if c is not None:
             key = c[0]
-            if key[0] == self.memslots[as_id].generation and key[1] == id(vmas) and \
-                    key[2] == len(vmas):
+            if key[0] == self.memslots[as_id].generation and key[1] == self.host.vma_gen:
                 return c[1]
         as_id = self._as_id(as_id)
         slots = self.memslots[as_id]
-        key = (slots.generation, id(vmas), len(vmas))
+        key = (slots.generation, self.host.vma_gen)
         mem = GuestMemory()
         for s in slots:
             if s.flags & M.KVM_MEMSLOT_INVALID:

@@ -1,9 +1,9 @@
 """The scalar fault path's shortcuts answer exactly what the general code does.
 
-* ``host.hva_to_pfn_fast`` + ``host.hva_to_pfn_slow`` (faultin's scalar
-  hva -> pfn) against ``host.hva_to_pfn`` on a twin mm: the same pfn and
-  writability, the same PTEs, events and allocations, the same errors; the
-  level it reports is the host mapping level or 0 (unknown);
+* ``host.hva_to_pfn_fast(..., fault_in=True)`` (faultin's scalar hva -> pfn)
+  against ``host.hva_to_pfn`` on a twin mm: the same pfn and writability,
+  the same PTEs, events and allocations, the same errors; the level it
+  reports is the host mapping level or 0 (unknown);
 * the VMA lookup hint never answers a VMA that munmap removed;
 * ``vm.guest_memory`` and ``vcpu.walk_mmu`` caches: reused while nothing
   changed, rebuilt after a memslot change, bad ``as_id`` still refused;
@@ -19,7 +19,6 @@ from kvmmmu import paging as P
 from kvmmmu.errors import ConcurrentUseError
 from kvmmmu.host import (
     HostConfig, HostMm, HostOutOfMemoryError, HostPhysMem, hva_to_pfn, hva_to_pfn_fast,
-    hva_to_pfn_slow,
 )
 from kvmmmu.mmu import (
     PFERR_PRIVATE_ACCESS, KvmPageFault, kvm_mmu_gfn_allow_lpage, kvm_mmu_gfn_disallow_lpage,
@@ -71,9 +70,7 @@ def test_scalar_hva_to_pfn_matches_the_general_path(zero_page, write):
     b, vb = _mm(zero_page)
     assert va == vb and _state(a) == _state(b)
     for k, (ha, hb) in enumerate(zip(_hvas(va), _hvas(vb))):
-        r = hva_to_pfn_fast(a, ha, write)
-        if r is None:
-            r = hva_to_pfn_slow(a, ha, write)
+        r = hva_to_pfn_fast(a, ha, write, True)
         pfn, writable = hva_to_pfn(b, hb, write_fault=write, want_writable=True)
         assert (r[0], r[1]) == (pfn, writable), (k, hex(ha))
         assert _state(a) == _state(b), (k, hex(ha))
@@ -86,9 +83,9 @@ def test_scalar_slow_path_maps_the_zero_page_and_new_pages_with_level_4k():
     mm = HostMm(HostConfig())
     hva = mm.mmap(PAGES * 4096)
     assert hva_to_pfn_fast(mm, hva, False) is None
-    assert hva_to_pfn_slow(mm, hva, False) == (mm.zero_pfn, False, 1)
+    assert hva_to_pfn_fast(mm, hva, False, True) == (mm.zero_pfn, False, 1)
     assert mm.events["faults"] == 1 and mm.events["zero_maps"] == 1
-    pfn, w, lvl = hva_to_pfn_slow(mm, hva + 4096, True)
+    pfn, w, lvl = hva_to_pfn_fast(mm, hva + 4096, True, True)
     assert w and lvl == 1 and pfn == mm.follow_pte(hva + 4096)[0] != mm.zero_pfn
     assert mm.events["faults"] == 2 and mm.audit() == []
 
@@ -97,10 +94,10 @@ def test_scalar_slow_path_out_of_memory_changes_no_pte():
     mm = HostMm(HostConfig(), phys=HostPhysMem(mem_bytes=4 * 4096))
     hva = mm.mmap(PAGES * 4096)
     for i in range(3):
-        hva_to_pfn_slow(mm, hva + i * 4096, True)
+        hva_to_pfn_fast(mm, hva + i * 4096, True, True)
     pte = mm.vmas[0].pte.copy()
     with pytest.raises(HostOutOfMemoryError):
-        hva_to_pfn_slow(mm, hva + 3 * 4096, True)
+        hva_to_pfn_fast(mm, hva + 3 * 4096, True, True)
     assert (mm.vmas[0].pte == pte).all() and not mm._guard.locked()
 
 
@@ -122,7 +119,7 @@ def test_scalar_slow_path_refuses_a_second_thread():
     try:
         assert held.wait(10)
         with pytest.raises(ConcurrentUseError):
-            hva_to_pfn_slow(mm, hva, False)
+            hva_to_pfn_fast(mm, hva, False, True)
         assert _state(mm) == before
     finally:
         go.set()
@@ -136,7 +133,7 @@ def test_vma_hint_never_answers_an_unmapped_vma():
     assert hva_to_pfn_fast(mm, b + 4096, False) is not None       # hint: b's VMA
     mm.munmap(b, PAGES * 4096)
     assert hva_to_pfn_fast(mm, b + 4096, False) is None
-    assert hva_to_pfn_slow(mm, b + 4096, False)[0] == hva_to_pfn(mm, b + 4096,
+    assert hva_to_pfn_fast(mm, b + 4096, False, True)[0] == hva_to_pfn(mm, b + 4096,
                                                                  write_fault=False)[0]
     assert hva_to_pfn_fast(mm, a, False) is not None
 
@@ -192,3 +189,16 @@ def test_lpage_counter_arguments():
     assert slot.arch.lpage_info[1][0] == info[1][0] + 1
     kvm_mmu_gfn_allow_lpage(vm, slot, 0x201)
     assert all((a == b).all() for a, b in zip(info, slot.arch.lpage_info))
+
+
+def test_guest_memory_follows_the_vma_list():
+    vm = VM("shadow")
+    slot = vm.add_memory(0, 4 * MiB, slot=0)
+    m = vm.guest_memory(0)
+    gen = vm.host.vma_gen
+    vm.host.munmap(slot.userspace_addr, 4 * MiB)        # the slot's bytes are gone
+    assert vm.host.vma_gen != gen
+    m2 = vm.guest_memory(0)
+    assert m2 is not m and vm.guest_memory(0) is m2
+    vm.host.mmap(4 * MiB, hva=slot.userspace_addr)      # mapped again: fresh bytes
+    assert vm.guest_memory(0) is not m2
