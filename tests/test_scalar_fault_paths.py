@@ -202,3 +202,64 @@ def test_guest_memory_follows_the_vma_list():
     assert m2 is not m and vm.guest_memory(0) is m2
     vm.host.mmap(4 * MiB, hva=slot.userspace_addr)      # mapped again: fresh bytes
     assert vm.guest_memory(0) is not m2
+
+
+def _ring3_walker():
+    from kvmmmu.guest_tables import GuestPageTables
+    vm = VM("shadow")
+    vm.add_memory(0, 8 * MiB, slot=0)
+    gpt = GuestPageTables(vm, 0, 256)
+    gpt.map(0, 4 * MiB, 4 * MiB)
+    v = vm.vcpus[0]
+    v.kvm_set_cr4(P.X86_CR4_PAE)
+    v.kvm_set_efer(P.EFER_LME | P.EFER_NX)
+    v.kvm_set_cr0(P.X86_CR0_PE | P.X86_CR0_PG | P.X86_CR0_WP)
+    v.kvm_set_cr3(gpt.cr3)
+    return vm, v
+
+
+def test_walk_addr_in_one_call_answers_like_the_method():
+    vm, v = _ring3_walker()
+    w = v.walk_mmu
+    assert w.walk_addr == w._ctx.walk_addr                  # the instance's one-call form
+    rng = np.random.default_rng(5)
+    for gva in [0, 0x1234, 8 * MiB, 1 << 47, (1 << 64) - 4096] + \
+            [int(x) for x in rng.integers(0, 8 * MiB, 64)]:
+        for acc in (0, P.PFERR_WRITE_MASK, P.PFERR_USER_MASK, P.PFERR_FETCH_MASK):
+            a = w.walk_addr(gva, acc)
+            b = P.GuestMmu.walk_addr(w, gva, acc)            # the Python method
+            assert (a.gpa, a.level, a.pte_access, a.fault) == (b.gpa, b.level, b.pte_access, b.fault)
+    for gva, acc in ((1.0, 0), (-1, 0), (1 << 64, 0), (0, 1.0), (0, -1), (0, P.PFERR_RSVD_MASK)):
+        with pytest.raises(P.AccessError, match="gva|access"):
+            w.walk_addr(gva, acc)
+
+
+def test_walk_context_walk_addr_needs_its_binding():
+    from kvmmmu._core.guest_walk import WalkContext
+    vm, v = _ring3_walker()
+    ctx = v.walk_mmu._ctx
+    c2 = WalkContext.__new__(WalkContext)
+    with pytest.raises(ValueError, match="bind_walk_addr"):
+        c2.walk_addr(1.5, 0)
+    with pytest.raises(TypeError, match="arg_check"):
+        ctx.bind_walk_addr(1 << 48, None)
+    with pytest.raises((TypeError, ValueError, OverflowError)):
+        ctx.bind_walk_addr(-1, lambda a, b: (a, b))
+    assert v.walk_mmu.walk_addr(0x1000, 0).gpa == 4 * MiB + 0x1000   # binding unchanged
+
+
+@pytest.mark.parametrize("nslots", [1, 3, 8, 9, 12])
+def test_search_memslots_scan_answers_like_the_search(nslots):
+    vm = VM("shadow")
+    for k in range(nslots):
+        vm.add_memory((3 * k) * MiB, MiB + 4096 * k, slot=k)
+    slots = vm.memslots[0]
+    bases = np.array([s.base_gfn for s in slots._sorted], dtype=np.uint64)
+    ends = np.array([s.base_gfn + s.npages for s in slots._sorted], dtype=np.uint64)
+    for gfn in range(0, (3 * nslots + 1) * 256, 37):
+        i = int(np.searchsorted(bases, np.uint64(gfn), side="right")) - 1
+        want = slots._sorted[i] if i >= 0 and gfn < int(ends[i]) else None
+        assert slots.search_memslots(gfn) is want
+        assert slots.gfn_to_memslot(gfn) is want
+    with pytest.raises(OverflowError):
+        slots.search_memslots(1 << 64)
