@@ -788,6 +788,11 @@ class HostMm:
         self.dead = False
         self._guard = threading.Lock()
         self._owner = None
+        #: bumped by every change of the VMA list (mmap, munmap, exit): the
+        #: key of lookups cached over it (``vm.guest_memory``, ``_vma_at``)
+        self.vma_gen = 0
+        #: the scalar fault paths' VMA lookup hint (see ``_vma_at``)
+        self._vma_hint = None
 
     def __repr__(self):
         return f"HostMm({len(self.vmas)} vmas, {len(self.notifiers)} notifiers, {self.phys!r})"
@@ -966,6 +971,7 @@ class HostMm:
         vma = Vma(hva, hva + size, writable=writable, shared=shared, thp=thp, hugetlb=hugetlb)
         self.vmas.append(vma)
         self.vmas.sort(key=lambda v: v.start)
+        self.vma_gen += 1
         if populate:
             self.populate(hva, size, write=writable)
         return hva
@@ -1298,6 +1304,7 @@ class HostMm:
             if v.end > end:
                 out.append(self._slice_vma(v, end, v.end))
         self.vmas = sorted(out, key=lambda v: v.start)
+        self.vma_gen += 1
 
     def _slice_vma(self, v, a, b):
         n = Vma(a, b, writable=v.writable, shared=v.shared, thp=v.thp, hugetlb=v.hugetlb)
@@ -1591,6 +1598,7 @@ class HostMm:
         for v in self.vmas:
             self._free_range(v, 0, v.npages)
         self.vmas = []
+        self.vma_gen += 1
         self.dead = True
 
     # -- audit ---------------------------------------------------------------------
@@ -1713,7 +1721,8 @@ class HostMm:
 # KVM's hva -> pfn
 # ==================================================================================
 
-def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool, int] | None:
+def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool,
+                    fault_in: bool = False) -> tuple[int, bool, int] | None:
     """Step 1 of :func:`hva_to_pfn` alone (GUP fast, ``want_writable``), for
     the scalar fault path: ``(pfn, writable, level)`` when a present PTE
     allows the access, with ``level`` the host mapping level of the leaf
@@ -1721,21 +1730,53 @@ def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool,
     else None (the caller goes on with :func:`hva_to_pfn`, which faults the
     page in).  The same effect on the host PTEs (young, and dirty for a
     write, over the whole leaf), with scalar reads instead of array slices;
-    ``hva`` must be a plain int."""
+    ``hva`` must be a plain int in range.
+
+    With ``fault_in`` the rest of :func:`hva_to_pfn` follows instead of
+    None (faultin's one call): the answer is never None, and ``level`` is 0
+    when the slow path cannot tell it.  The same answers and effects on the
+    mm (PTE flags, ``events``, allocations, errors) as :func:`hva_to_pfn`;
+    its common case, a first touch of a never-mapped page of a VMA without
+    huge leaves (the zero page for a read of private memory, a new page
+    otherwise: level 4K), is done here under the mm's one-thread guard
+    instead of through :meth:`HostMm.handle_mm_fault`; everything else
+    (swap, hwpoison, COW, THP, hugetlb, no VMA, a busy or dead mm) goes the
+    general way."""
     vmas = mm.vmas
     if len(vmas) == 1:
         vma = vmas[0]
         if not vma.start <= hva < vma.end:
-            return None
+            vma = None
     else:
-        vma = mm.find_vma(hva)
-        if vma is None:
-            return None
+        vma = _vma_at(mm, vmas, hva)
+    if vma is None:
+        return _hva_to_pfn_general(mm, hva, write_fault) if fault_in else None
     i = (hva - vma.start) >> PAGE_SHIFT
     pte = vma.pte
     f = pte.item(i)
     if not f & PTE_PRESENT or (write_fault and not f & PTE_WRITE):
-        return None
+        if not fault_in:
+            return None
+        if not f and not (vma.thp or vma.hugetlb) and not mm.dead and \
+                (vma.writable or not write_fault) and mm._guard.acquire(False):
+            # handle_mm_fault on a page that never was (no swap entry, no
+            # poison): the zero page or a new 4K page, nothing to notify
+            mm._owner = get_ident()
+            try:
+                ev = mm.events
+                ev["faults"] += 1
+                if not write_fault and not vma.shared and mm.zero_page:
+                    ev["zero_maps"] += 1
+                    vma.pfn[i] = mm.zero_pfn
+                    pte[i] = PTE_PRESENT | PTE_ZERO | PTE_YOUNG
+                    return mm.zero_pfn, False, PG_LEVEL_4K
+                f = mm._fault_flags(vma, write_fault)
+                mm._alloc_fill(vma, i, i + 1, f)
+                return vma.pfn.item(i), bool(write_fault or f & PTE_WRITE), PG_LEVEL_4K
+            finally:
+                mm._owner = None
+                mm._guard.release()
+        return _hva_to_pfn_general(mm, hva, write_fault)
     bits = PTE_YOUNG | PTE_DIRTY if write_fault else PTE_YOUNG
     level = PG_LEVEL_4K
     if vma.thp or vma.hugetlb:
@@ -1749,6 +1790,29 @@ def hva_to_pfn_fast(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool,
     elif f & bits != bits:
         _set_pte_bits(pte, i, bits)
     return vma.pfn.item(i), (f & PTE_WRITE) != 0, level
+
+
+def _hva_to_pfn_general(mm: HostMm, hva: int, write_fault: bool) -> tuple[int, bool, int]:
+    pfn, writable = hva_to_pfn(mm, hva, write_fault=write_fault, want_writable=True)
+    return pfn, writable, 0
+
+
+def _vma_at(mm: HostMm, vmas: list, hva: int) -> Vma | None:
+    """``find_vma`` for the scalar fault paths (``vmas`` is ``mm.vmas``, with
+    more than one VMA): the VMA the last lookup found when ``hva`` is in it
+    (the kernel's per-mm VMA cache), else the search.  The hint is kept
+    with the ``vma_gen`` it was found under: after any change of the VMA
+    list (mmap, munmap, exit) it never matches, so a removed VMA is never
+    answered."""
+    c = mm._vma_hint
+    if c is not None and c[0] == mm.vma_gen:
+        v = c[1]
+        if v.start <= hva < v.end:
+            return v
+    v = mm.find_vma(hva)
+    if v is not None:
+        mm._vma_hint = (mm.vma_gen, v)
+    return v
 
 
 #: Serializes the read-modify-write of one PTE's flags by fault threads

@@ -447,6 +447,13 @@ class KvmMemslots:
         return self._by_id.get(id)
 
     def search_memslots(self, gfn: int) -> KvmMemorySlot | None:
+        sl = self._sorted
+        if len(sl) <= 8 and type(gfn) is int and 0 <= gfn <= 0xFFFFFFFFFFFFFFFF:
+            # a few slots: a scan costs less than one numpy search
+            for s in sl:
+                if s.base_gfn <= gfn < s.base_gfn + s.npages:
+                    return s
+            return None
         i = int(np.searchsorted(self._bases, np.uint64(gfn), side="right")) - 1
         if i >= 0 and gfn < int(self._ends[i]):
             return self._sorted[i]

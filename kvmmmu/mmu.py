@@ -436,6 +436,13 @@ EMULTYPE_PF = 1 << 6
 EMULTYPE_WRITE_PF_TO_SP = 1 << 8
 
 
+#: KvmPageFault's (exec, write, present, rsvd) for each value of the low five
+#: PFERR bits (P, W, U, RSVD, F)
+_PFERR_LOW_BITS = tuple(((e & PFERR_FETCH_MASK) != 0, (e & PFERR_WRITE_MASK) != 0,
+                         (e & PFERR_PRESENT_MASK) != 0, (e & PFERR_RSVD_MASK) != 0)
+                        for e in range(32))
+
+
 class KvmPageFault:
     """``struct kvm_page_fault``: one fault as it goes through the MMU.
 
@@ -479,21 +486,26 @@ class KvmPageFault:
     #: model: the host mapping level faultin's GUP fast saw (0: not known)
     host_level = 0
 
+    prefetch = False
+    is_private = False
+    gfn = 0
+
     def __init__(self, addr: int, error_code: int, prefetch: bool = False, is_tdp: bool = True,
                  nx_huge_page_workaround_enabled: bool = False, gfn: int = 0):
         self.addr = addr
         self.error_code = error_code
-        self.prefetch = prefetch
-        self.exec = (error_code & PFERR_FETCH_MASK) != 0
-        self.write = (error_code & PFERR_WRITE_MASK) != 0
-        self.present = (error_code & PFERR_PRESENT_MASK) != 0
-        self.rsvd = (error_code & PFERR_RSVD_MASK) != 0
-        self.is_private = (error_code & PFERR_PRIVATE_ACCESS) != 0
+        # (exec, write, present, rsvd) of the low five PFERR bits, one lookup
+        self.exec, self.write, self.present, self.rsvd = _PFERR_LOW_BITS[error_code & 31]
+        if prefetch:
+            self.prefetch = prefetch
+        if error_code & PFERR_PRIVATE_ACCESS:
+            self.is_private = True
         if not is_tdp:
             self.is_tdp = False
         if nx_huge_page_workaround_enabled:
             self.nx_huge_page_workaround_enabled = True
-        self.gfn = gfn
+        if gfn:
+            self.gfn = gfn
 
     @property
     def user(self) -> bool:
@@ -827,15 +839,11 @@ def faultin_pfn(vcpu, fault: KvmPageFault, access: int = 7) -> int:
                                                  want_writable=False)
         fault.pfn = pfn
     else:
-        hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
-        r = hva_to_pfn_fast(vm.host, hva, fault.write)
-        if r is None:
-            pfn, fault.map_writable = hva_to_pfn(vm.host, hva, write_fault=fault.write,
-                                                 want_writable=True)
-        else:
-            # GUP fast also saw the leaf's level: hugepage_adjust uses it (a
-            # change of it before the map is an invalidation: the fault is stale)
-            pfn, fault.map_writable, fault.host_level = r
+        # GUP fast (or the slow path's first touch of a 4K-only VMA) also saw
+        # the leaf's level: hugepage_adjust uses it (a change of it before the
+        # map is an invalidation: the fault is stale); 0 when not known
+        pfn, fault.map_writable, fault.host_level = hva_to_pfn_fast(
+            vm.host, slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT), fault.write, True)
         fault.pfn = pfn
     if pfn & KVM_PFN_ERR_MASK:
         if pfn == KVM_PFN_ERR_SIGPENDING:
@@ -1212,13 +1220,19 @@ def lpage_info_slot(gfn: int, slot: KvmMemorySlot, level: int) -> tuple[np.ndarr
 def _update_gfn_disallow_lpage_count(vm, slot, gfn, count):
     # Checked before any level changes: a gfn outside the slot would index
     # another frame's counter (or wrap through numpy's negative indices).
-    gfn = int_arg("gfn", gfn)
-    if not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
-        raise ValueError(f"gfn={gfn:#x} is outside the slot [{slot.base_gfn:#x}, "
-                         f"{slot.base_gfn + slot.npages:#x})")
+    if type(gfn) is not int:
+        gfn = int_arg("gfn", gfn)
+    base = slot.base_gfn
+    if not base <= gfn < base + slot.npages:
+        raise ValueError(f"gfn={gfn:#x} is outside the slot [{base:#x}, "
+                         f"{base + slot.npages:#x})")
+    lpage_info = slot.arch.lpage_info
     for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
-        arr, i = lpage_info_slot(gfn, slot, level)
-        old = int(arr[i])
+        # lpage_info_slot / gfn_to_index, inline (gfn is in the slot)
+        arr = lpage_info[level - 2]
+        s = (level - 1) * 9
+        i = (gfn >> s) - (base >> s)
+        old = arr.item(i)
         new = (old + count) & 0xFFFFFFFF
         if (old ^ new) & KVM_LPAGE_MIXED_FLAG:
             vm.warn_sink.warn("update_gfn_disallow_lpage_count",

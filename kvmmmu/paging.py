@@ -505,6 +505,21 @@ def _check_access(access):
     return acc
 
 
+def _check_gva(limit, gva):
+    try:
+        gva = _index(gva)
+    except TypeError:
+        raise AccessError(f"gva must be an int, not {type(gva).__name__}") from None
+    if not 0 <= gva <= limit:
+        raise AccessError(f"gva={gva:#x} does not fit this paging mode (at most {limit:#x})")
+    return gva
+
+
+def _walk_args(limit, gva, access):
+    """GuestMmu.walk_addr's checks: ``(gva, access)`` as ints, or AccessError."""
+    return _check_gva(limit, gva), _check_access(access)
+
+
 class GuestMmu:
     """A guest MMU as KVM sets it up for walking (``struct kvm_mmu``).
 
@@ -592,6 +607,7 @@ class GuestMmu:
             bool(role.ext.cr4_smep), bool(role.ext.cr4_pse), bool(cpu.rflags & X86_EFLAGS_AC),
             True, cpu.pkru, self.pkru_mask, self.permissions, self.guest_rsvd_check,
             nested._ctx if nested is not None else None)
+        self._bind_walk_addr()
 
     @classmethod
     def ept(cls, memory: GuestMemory, eptp: int, model: GuestCpuModel, *, execonly=True,
@@ -661,6 +677,7 @@ class GuestMmu:
         self._ctx = _gw.WalkContext(
             memory, PTTYPE_EPT, walk + 1, eptp, self.pdptrs, ad, False, False, False, False,
             False, 0, 0, self.permissions, self.guest_rsvd_check, None)
+        self._bind_walk_addr()
         return self
 
     def __repr__(self):
@@ -668,14 +685,15 @@ class GuestMmu:
         return f"<GuestMmu {kind} level={self.root_level} {self.cpu_role!r}>"
 
     def _check_gva(self, gva):
-        try:
-            gva = _index(gva)
-        except TypeError:
-            raise AccessError(f"gva must be an int, not {type(gva).__name__}") from None
-        if not 0 <= gva <= self._gva_limit:
-            raise AccessError(f"gva={gva:#x} does not fit this paging mode "
-                              f"(at most {self._gva_limit:#x})")
-        return gva
+        return _check_gva(self._gva_limit, gva)
+
+    def _bind_walk_addr(self):
+        # One call per walk from Python: the instance's walk_addr is the
+        # context's (the same checks and answers as the method below, which
+        # stays the documented form
+        # answers; the checker holds the limit, not self: no reference cycle)
+        self._ctx.bind_walk_addr(self._gva_limit, functools.partial(_walk_args, self._gva_limit))
+        self.walk_addr = self._ctx.walk_addr
 
     def walk_addr(self, gva: int, access: int = 0) -> GuestWalker:
         """Walk `gva` for `access` (``FNAME(walk_addr_generic)``).

@@ -428,10 +428,21 @@ class Vcpu:
         registers are not modelled."""
         if self.guest_mode:
             return self.vm.mmu_backend.nested_ept_walk_mmu(self)
-        mem = self.vm.guest_memory(self.as_id)
+        smm = self.smm
+        vm = self.vm
         w = self._walk_mmu
+        if w is not None and w.cpu is self.cpu and w.model is self.guest_model and w.smm == smm:
+            # guest_memory's cache check, inline: the walker's memory is the
+            # cached one and that is current
+            c = vm._guest_mem.get(1 if smm else 0)
+            if c is not None and c[1] is w.memory:
+                key = c[0]
+                if key[0] == vm.memslots[1 if smm else 0].generation and \
+                        key[1] == vm.host.vma_gen:
+                    return w
+        mem = vm.guest_memory(1 if smm else 0)
         if w is None or w.memory is not mem or w.cpu is not self.cpu or \
-                w.model is not self.guest_model or w.smm != self.smm:
+                w.model is not self.guest_model or w.smm != smm:
             w = _pg.GuestMmu(mem, self.cpu, self.guest_model, smm=self.smm,
                              pdptrs=self.pdptrs if self._pae_paging(self.cpu) else None)
             w.smm = self.smm
@@ -1222,13 +1233,16 @@ class VM:
         memslot whose hva range is not inside one VMA is left out (its gpas
         read as holes, as a failed ``copy_from_user`` would).  Rebuilt when
         the memslots generation or the host's VMA list changed."""
+        # an as_id with a cached memory was checked when it was built: only
+        # a plain int is looked up before the check (1.0 would hash like 1)
+        c = self._guest_mem.get(as_id) if type(as_id) is int else None
+        if c is not None:
+            key = c[0]
+            if key[0] == self.memslots[as_id].generation and key[1] == self.host.vma_gen:
+                return c[1]
         as_id = self._as_id(as_id)
         slots = self.memslots[as_id]
-        vmas = self.host.vmas
-        key = (slots.generation, id(vmas), len(vmas))
-        c = self._guest_mem.get(as_id)
-        if c is not None and c[0] == key:
-            return c[1]
+        key = (slots.generation, self.host.vma_gen)
         mem = GuestMemory()
         for s in slots:
             if s.flags & M.KVM_MEMSLOT_INVALID:

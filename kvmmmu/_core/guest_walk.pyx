@@ -940,6 +940,10 @@ cdef class WalkContext:
     cdef bint ready            # __init__ completed: mmu.mem points into self.memory
     cdef readonly GuestMemory memory
     cdef readonly WalkContext nested
+    # walk_addr's binding (bind_walk_addr): the address limit of the mode and
+    # the checker for anything but exact in-range ints
+    cdef uint64_t addr_limit
+    cdef object arg_check
 
     def __init__(self, GuestMemory memory not None, pttype, root_level, pgd, pdptrs,
                  bint have_ad, bint efer_nx, bint cr4_smep, bint cr4_pse, bint rflags_ac,
@@ -1059,6 +1063,34 @@ cdef class WalkContext:
         if acc & ~GW_ACCESS_ALLOWED:
             return None
         return self._walk(a, acc)
+
+    def bind_walk_addr(self, addr_limit, arg_check):
+        """Bind :meth:`walk_addr` to this MMU's address limit and to
+        ``arg_check(addr, access) -> (addr, access)``, the caller's checker
+        for anything but exact in-range ints (it raises, naming the argument,
+        or returns the checked ints)."""
+        cdef uint64_t lim = u64_arg(addr_limit, "addr_limit")
+        if not callable(arg_check):
+            raise TypeError(f"arg_check must be callable, not {type(arg_check).__name__}")
+        self.addr_limit = lim
+        self.arg_check = arg_check
+
+    def walk_addr(self, addr, access=0):
+        """One walk from Python in one call: :meth:`walk_fast` under the bound
+        limit for exact ints in range, else the bound checker decides (it
+        raises, or returns ints :meth:`walk` takes).  ValueError before
+        :meth:`bind_walk_addr`."""
+        cdef unsigned long long a, acc
+        if type(addr) is int and type(access) is int and addr >= 0 and access >= 0 and \
+                addr <= self.addr_limit and access <= <unsigned long long>GW_ACCESS_ALLOWED:
+            a = addr
+            acc = access
+            if not acc & ~GW_ACCESS_ALLOWED:
+                return self._walk(a, acc)
+        if self.arg_check is None:
+            raise ValueError("walk_addr before bind_walk_addr")
+        addr, access = self.arg_check(addr, access)
+        return self.walk(addr, access)
 
     def walk_array(self, addrs, access, out=None):
         """Walk every address of `addrs` in order, with one access and one CPU state.
