@@ -20,6 +20,7 @@ import numpy as np
 
 from kvmmmu._core._checks import int_arg
 from kvmmmu._core.defs import PAGE_SHIFT, PAGE_SIZE
+from kvmmmu import paging as _pg
 P, RW, US, PS, A, D = 1, 2, 4, 0x80, 0x20, 0x40
 NX = 1 << 63
 ADDR_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
@@ -129,6 +130,18 @@ class GuestPageTables:
             P | (RW if writable else 0) | (US if user else 0) | (PS if level > 1 else 0) |
             (A if accessed else 0) | (D if dirty else 0) | (NX if nx else 0))
         self._q[ent] = leaf
+
+    def enter_long_mode(self, vcpu, *, cpl: int = 3, nx: bool = True, wp: bool = True) -> None:
+        """Put `vcpu` in long mode on these tables, as a guest kernel's boot
+        does, through the vCPU's own register loads (x86.c's checks, the MMU
+        sees each change): CR4.PAE (and LA57 for 5 levels: the guest model
+        must have it), EFER.LME (and NX), CR0.PE|PG (and WP), CR3 =
+        :attr:`cr3`, then the CPL."""
+        vcpu.kvm_set_cr4(_pg.X86_CR4_PAE | (_pg.X86_CR4_LA57 if self.levels == 5 else 0))
+        vcpu.kvm_set_efer(_pg.EFER_LME | (_pg.EFER_NX if nx else 0))
+        vcpu.kvm_set_cr0(_pg.X86_CR0_PE | _pg.X86_CR0_PG | (_pg.X86_CR0_WP if wp else 0))
+        vcpu.kvm_set_cr3(self.cr3)
+        vcpu.set_cpl(cpl)
 
     def read_entry(self, gpa: int) -> int:
         """The 64-bit entry at `gpa` (a table entry's address)."""

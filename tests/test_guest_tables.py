@@ -96,3 +96,25 @@ def test_the_bare_shadow_fault_maps_every_gva_to_its_gfn_and_sets_accessed():
     assert w.ad_written == 0
     # an unmapped gva stops the loop
     assert b.shadow_fault(gpt._q, gpt.cr3, np.array([0, 1 << 45], dtype=np.uint64)) == 1
+
+
+@pytest.mark.parametrize("levels", [4, 5])
+def test_enter_long_mode_loads_the_boot_registers(levels):
+    """``enter_long_mode`` is a guest kernel's switch to long mode on these
+    tables: the SDM's register values (CR4.PAE, LA57 for 5 levels, EFER.LME
+    and NX, CR0.PE|PG|WP; EFER.LMA set by the CPU), CR3 = the root, the CPL;
+    the walk then translates through the tables."""
+    vm = _vm()
+    gpt = GuestPageTables(vm, 0, 64, levels=levels)
+    gva = (1 << 50) if levels == 5 else (1 << 40)
+    gpt.map(gva, 16 * MiB, 4096)
+    v = vm.vcpus[0]
+    if levels == 5:
+        v.set_guest_model(P.GuestCpuModel(la57=True))
+    gpt.enter_long_mode(v, cpl=0, nx=False)
+    c = v.cpu
+    assert c.cr4 & ((1 << 5) | (1 << 12)) == (1 << 5) | ((1 << 12) if levels == 5 else 0)
+    assert c.efer & 0xD00 == 0x500                       # LME|LMA, no NX
+    assert c.cr0 & 0x80010001 == 0x80010001              # PG|WP|PE
+    assert c.cr3 == gpt.cr3 and c.cpl == 0
+    assert v.walk_addr(gva + 0x10, 0).gpa == 16 * MiB + 0x10

@@ -211,10 +211,7 @@ def _ring3_walker():
     gpt = GuestPageTables(vm, 0, 256)
     gpt.map(0, 4 * MiB, 4 * MiB)
     v = vm.vcpus[0]
-    v.kvm_set_cr4(P.X86_CR4_PAE)
-    v.kvm_set_efer(P.EFER_LME | P.EFER_NX)
-    v.kvm_set_cr0(P.X86_CR0_PE | P.X86_CR0_PG | P.X86_CR0_WP)
-    v.kvm_set_cr3(gpt.cr3)
+    gpt.enter_long_mode(v, cpl=0)
     return vm, v
 
 

@@ -359,11 +359,7 @@ def big_guest(gib_frac=64, accessed=False):
     gpt = GuestPageTables(vm, 0, 16 * MiB // 4096)
     gpt.map(0, 16 * MiB, size, accessed=accessed)
     v = vm.vcpus[0]
-    v.kvm_set_cr4(CR4_PAE)
-    v.kvm_set_efer(EFER_LME | EFER_NX)
-    v.kvm_set_cr0(CR0_PE | CR0_PG | CR0_WP)
-    v.kvm_set_cr3(gpt.cr3)
-    v.set_cpl(3)
+    gpt.enter_long_mode(v)
     v.vcpu_enter_guest()
     return vm, v
 

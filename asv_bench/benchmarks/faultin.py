@@ -37,11 +37,7 @@ def ring3_guest(mmu="shadow"):
     gpt = GuestPageTables(vm, 0, TABLES // 4096)
     gpt.map(0, TABLES, DATA)
     v = vm.vcpus[0]
-    v.kvm_set_cr4(P.X86_CR4_PAE)
-    v.kvm_set_efer(P.EFER_LME | P.EFER_NX)
-    v.kvm_set_cr0(P.X86_CR0_PE | P.X86_CR0_PG | P.X86_CR0_WP)
-    v.kvm_set_cr3(gpt.cr3)
-    v.set_cpl(3)
+    gpt.enter_long_mode(v)
     return vm, v
 
 
