@@ -810,6 +810,22 @@ class TdxModule:
             return TDX_LIFECYCLE_STATE_INCORRECT | TDX_OPERAND_ID_TDR
         return None
 
+    def _locate(self, name, t, args, g, lv, level_ok):
+        """The front every S-EPT entry call shares, in the module's order: a
+        TD that cannot take changes now (BUSY, teardown), an operand the
+        call refuses (`level_ok` false, a bad gpa for `lv`), a walk that
+        stops above `lv`.  Returns ``(result, None)`` to hand back at once,
+        or ``(None, entry)``: the entry at `lv` (None when free)."""
+        st = self._live_checks(name, t, args)
+        if st is not None:
+            return self._ret(name, t, args, st), None
+        if not level_ok or self._gpa_invalid(t, g, lv):
+            return self._ret(name, t, args, TDX_OPERAND_INVALID | TDX_OPERAND_ID_RCX), None
+        ok, e = self._walk(t, g, lv)
+        if not ok:
+            return self._walk_fail(name, t, args, e), None
+        return None, e
+
     def _walk_fail(self, name, t, args, stop):
         k, e = stop
         ent, ls = self._details(e, k)
@@ -823,14 +839,9 @@ class TdxModule:
             t, g, lv = self._mem_prologue(name, td, gpa, level)
             pfn = self._pfn("page", page)
             args = (g, lv, pfn)
-            st = self._live_checks(name, t, args)
-            if st is not None:
-                return self._ret(name, t, args, st)
-            if not 1 <= lv < t.ept_levels or self._gpa_invalid(t, g, lv):
-                return self._ret(name, t, args, TDX_OPERAND_INVALID | TDX_OPERAND_ID_RCX)
-            ok, e = self._walk(t, g, lv)
-            if not ok:
-                return self._walk_fail(name, t, args, e)
+            r, e = self._locate(name, t, args, g, lv, 1 <= lv < t.ept_levels)
+            if r is not None:
+                return r
             if e is not None:
                 ent, ls = self._details(e, lv)
                 return self._ret(name, t, args,
@@ -932,14 +943,9 @@ class TdxModule:
         with self._lock:
             t, g, lv = self._mem_prologue(name, td, gpa, level)
             args = (g, lv)
-            st = self._live_checks(name, t, args)
-            if st is not None:
-                return self._ret(name, t, args, st)
-            if lv >= t.ept_levels or self._gpa_invalid(t, g, lv):
-                return self._ret(name, t, args, TDX_OPERAND_INVALID | TDX_OPERAND_ID_RCX)
-            ok, e = self._walk(t, g, lv)
-            if not ok:
-                return self._walk_fail(name, t, args, e)
+            r, e = self._locate(name, t, args, g, lv, lv < t.ept_levels)
+            if r is not None:
+                return r
             ent, ls = self._details(e, lv)
             if e is None:
                 return self._ret(name, t, args,
@@ -958,14 +964,9 @@ class TdxModule:
         with self._lock:
             t, g, lv = self._mem_prologue(name, td, gpa, level)
             args = (g, lv)
-            st = self._live_checks(name, t, args)
-            if st is not None:
-                return self._ret(name, t, args, st)
-            if lv >= t.ept_levels or self._gpa_invalid(t, g, lv):
-                return self._ret(name, t, args, TDX_OPERAND_INVALID | TDX_OPERAND_ID_RCX)
-            ok, e = self._walk(t, g, lv)
-            if not ok:
-                return self._walk_fail(name, t, args, e)
+            r, e = self._locate(name, t, args, g, lv, lv < t.ept_levels)
+            if r is not None:
+                return r
             ent, ls = self._details(e, lv)
             if e is None or e.state not in _BLOCKED_STATES:
                 return self._ret(name, t, args,
@@ -1011,14 +1012,9 @@ class TdxModule:
         with self._lock:
             t, g, lv = self._mem_prologue(name, td, gpa, level)
             args = (g, lv)
-            st = self._live_checks(name, t, args)
-            if st is not None:
-                return self._ret(name, t, args, st)
-            if lv > 1 or self._gpa_invalid(t, g, lv):
-                return self._ret(name, t, args, TDX_OPERAND_INVALID | TDX_OPERAND_ID_RCX)
-            ok, e = self._walk(t, g, lv)
-            if not ok:
-                return self._walk_fail(name, t, args, e)
+            r, e = self._locate(name, t, args, g, lv, lv <= 1)
+            if r is not None:
+                return r
             if e is None or e.state not in _LEAF_STATES:
                 ent, ls = self._details(e, lv)
                 return self._ret(name, t, args,
@@ -1040,14 +1036,9 @@ class TdxModule:
         with self._lock:
             t, g, lv = self._mem_prologue(name, td, gpa, level)
             args = (g, lv)
-            st = self._live_checks(name, t, args)
-            if st is not None:
-                return self._ret(name, t, args, st)
-            if not 1 <= lv < t.ept_levels or self._gpa_invalid(t, g, lv):
-                return self._ret(name, t, args, TDX_OPERAND_INVALID | TDX_OPERAND_ID_RCX)
-            ok, e = self._walk(t, g, lv)
-            if not ok:
-                return self._walk_fail(name, t, args, e)
+            r, e = self._locate(name, t, args, g, lv, 1 <= lv < t.ept_levels)
+            if r is not None:
+                return r
             if e is None or e.state not in _NL_STATES:
                 ent, ls = self._details(e, lv)
                 return self._ret(name, t, args,
