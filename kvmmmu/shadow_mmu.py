@@ -147,6 +147,10 @@ KVM_MMU_NUM_PREV_ROOTS = 3
 KVM_MMU_ROOT_CURRENT = 1
 
 
+#: the bits a #PF error code can carry: P W U RSVD I/D PK SS (0-6) and SGX (15)
+_PF_ERROR_CODE_BITS = 0x807F
+
+
 def KVM_MMU_ROOT_PREVIOUS(i: int) -> int:
     return 1 << (i + 1)
 
@@ -1635,30 +1639,38 @@ class ShadowMmu(MmuBackend):
         out = np.empty(n, np.int32)
         if n == 0:
             return out
-        bad = ecs & np.uint64(~0xFFFF & _U64)
-        if not self.direct and bad.any():
-            e = int(ecs[np.flatnonzero(bad)[0]])
-            raise ValueError(f"error_code={e:#x} has bits a #PF error code never has "
-                             f"({e & ~0xFFFF:#x})")
-        if not self.direct:
-            cpu = vcpu.cpu
-            if cpu.efer & (1 << 10):
-                bits = 57 if cpu.cr4 & (1 << 12) else 48
-                top = gvas >> np.uint64(bits - 1)
-                badv = (top != 0) & (top != np.uint64((1 << (65 - bits)) - 1))
-                if badv.any():
-                    g = int(gvas[np.flatnonzero(badv)[0]])
-                    raise AccessError(f"gva={g:#x} (cr2_or_gpa) is not canonical")
-            elif (gvas >> np.uint64(32)).any():
-                g = int(gvas[np.flatnonzero(gvas >> np.uint64(32))[0]])
-                raise AccessError(f"gva={g:#x} (cr2_or_gpa) does not fit 32 bits outside long mode")
-        if self.direct or not self.c_fast_path:
+        self._check_fault_args_array(vcpu, gvas, ecs)
+        if self.direct or vcpu.guest_mode or not self.c_fast_path:
             pf = vcpu.kvm_mmu_page_fault
             for i, (g, e) in enumerate(zip(gvas.tolist(), ecs.tolist())):
                 out[i] = pf(g, e)
             return out
         self._fastcore().page_fault_batch(self, vcpu, gvas, ecs, out, _CWalker, KvmPageFault)
         return out
+
+    def _check_fault_args_array(self, vcpu, gvas, ecs) -> None:
+        """The common entry's input checks for every fault of a batch, before
+        any runs (bad input raises and changes nothing): the shadow #PF's
+        rules vectorised, as :meth:`check_fault_args`; a direct or L2 vCPU's
+        through the entry's own checker, fault by fault."""
+        if self.direct or vcpu.guest_mode:
+            check = self.check_l2_fault_args if vcpu.guest_mode else \
+                (lambda v, a, e: _mmu.check_direct_fault_args(self.vm, a, e))
+            for g, e in zip(gvas.tolist(), ecs.tolist()):
+                check(vcpu, g, e)
+            return
+        bad = ecs & np.uint64(~_PF_ERROR_CODE_BITS & _U64)
+        if bad.any():
+            self.check_fault_args(vcpu, 0, int(ecs[np.flatnonzero(bad)[0]]))
+        cpu = vcpu.cpu
+        if cpu.efer & (1 << 10):
+            bits = 57 if cpu.cr4 & (1 << 12) else 48
+            top = gvas >> np.uint64(bits - 1)
+            badv = (top != 0) & (top != np.uint64((1 << (65 - bits)) - 1))
+        else:
+            badv = (gvas >> np.uint64(32)) != 0
+        if badv.any():
+            self.check_fault_args(vcpu, int(gvas[np.flatnonzero(badv)[0]]), 0)
 
     def check_fault_args(self, vcpu, addr: int, error_code: int) -> None:
         """What the common entry checks for a shadow-paging #PF before it
@@ -1669,9 +1681,9 @@ class ShadowMmu(MmuBackend):
         #PF), and the address fits the paging mode (32 bits outside long
         mode, canonical in it).  Raises ValueError /
         :class:`kvmmmu.paging.AccessError` naming the argument."""
-        if error_code & ~0x807F:                        # P W U RSVD I/D PK SS (0-6), SGX (15)
+        if error_code & ~_PF_ERROR_CODE_BITS:
             raise ValueError(f"error_code={error_code:#x} has bits a #PF error code never has "
-                             f"({error_code & ~0x807F:#x})")
+                             f"({error_code & ~_PF_ERROR_CODE_BITS:#x})")
         cpu = vcpu.cpu
         if cpu.efer & (1 << 10):                            # EFER.LMA
             bits = 57 if cpu.cr4 & (1 << 12) else 48

@@ -400,6 +400,13 @@ def test_batch_takes_one_error_code_or_an_array_and_checks_first():
         sm.page_fault_batch(v, np.array([0x1000], np.uint64), 1 << 20)
     with pytest.raises(Exception, match="canonical"):
         sm.page_fault_batch(v, np.array([0x1000, 1 << 63], np.uint64), U_)
+    # the scalar entry's rule: bits 7-14 never come with a #PF (only 0-6 and 15)
+    for ec in (U_ | 1 << 7, U_ | 1 << 14):
+        with pytest.raises(ValueError, match="error_code"):
+            v.kvm_mmu_page_fault(0x1000, ec)
+        with pytest.raises(ValueError, match="error_code"):
+            sm.page_fault_batch(v, np.array([0x1000, 0x2000], np.uint64),
+                                np.array([U_, ec], np.uint64))
     assert state(vm) == before
     r = sm.page_fault_batch(v, np.array([0x1000, 0x2000], np.uint64), U_)
     assert r.tolist() == [RET_PF_FIXED, RET_PF_FIXED] and r.dtype == np.int32
@@ -469,3 +476,20 @@ print("ok")
 '''
     r = assert_no_crash(code, timeout=300, allow_raise=False)
     assert "ok" in r.stdout
+
+
+def test_batch_on_a_direct_vcpu_checks_every_fault_before_the_first():
+    """mmu='tdp': the batch takes each fault through the scalar entry, but
+    checks all of them first with the entry's own rule (a gpa of 52 bits
+    or more never arrives): bad input raises and nothing is counted."""
+    vm = VM("tdp")
+    vm.add_memory(0, 4 * MiB, slot=0, populate=True)
+    v = vm.vcpus[0]
+    v.vcpu_enter_guest()
+    sm = vm.mmu_backend
+    with pytest.raises(ValueError, match="cr2_or_gpa"):
+        sm.page_fault_batch(v, np.array([0x1000, 1 << 52], np.uint64), W)
+    assert v.stat.pf_taken == 0
+    assert sm.page_fault_batch(v, np.array([0x1000, 0x2000], np.uint64), W).tolist() == \
+        [RET_PF_FIXED, RET_PF_FIXED]
+    assert v.stat.pf_taken == 2 and vm.audit() == []
