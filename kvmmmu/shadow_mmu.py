@@ -2042,9 +2042,9 @@ class ShadowMmu(MmuBackend):
         pw = self._prewalked
         if pw is not None and pw[0] == fault.addr and pw[1] == access:
             self._prewalked = None              # the batch path's C walk of this fault
-            walker = pw[2]
+            walker = pw[2]                      # (its A/D write-back already dirtied the tables)
         else:
-            walker = vcpu.walk_mmu.walk_addr(fault.addr, access)
+            walker = vcpu.walk_addr(fault.addr, access)     # A/D write-back dirties the tables
         if walker.fault is not None:
             if not fault.prefetch:
                 self.kvm_inject_emulated_page_fault(vcpu, walker.fault)
@@ -2484,7 +2484,7 @@ class ShadowMmu(MmuBackend):
         gpa = cr2_or_gpa
         if not m.root_role.direct:
             cpu = vcpu.cpu
-            w = vcpu.walk_mmu.walk_addr(cr2_or_gpa, PFERR_WRITE_MASK |
+            w = vcpu.walk_addr(cr2_or_gpa, PFERR_WRITE_MASK |
                                         (PFERR_USER_MASK if cpu.cpl == 3 else 0))
             if w.fault is not None:
                 return False
@@ -2501,7 +2501,7 @@ class ShadowMmu(MmuBackend):
     def translate(self, vcpu, gva: int, access: int) -> int | None:
         """The emulator's gva->gpa (``kvm_mmu_gva_to_gpa_*``): a walk that
         sets A/D bits; None when it faults (the emulator would inject)."""
-        w = vcpu.walk_mmu.walk_addr(gva, access)
+        w = vcpu.walk_addr(gva, access)
         if w.fault is not None:
             return None
         return w.gpa

@@ -493,3 +493,41 @@ def test_batch_on_a_direct_vcpu_checks_every_fault_before_the_first():
     assert sm.page_fault_batch(v, np.array([0x1000, 0x2000], np.uint64), W).tolist() == \
         [RET_PF_FIXED, RET_PF_FIXED]
     assert v.stat.pf_taken == 2 and vm.audit() == []
+
+
+def _dirty_gfns(vm):
+    bm = vm.get_dirty_log(0)
+    return set(np.flatnonzero(np.unpackbits(bm.view(np.uint8), bitorder="little")).tolist())
+
+
+@pytest.mark.parametrize("how", ["scalar", "batch"])
+def test_the_fault_walks_a_d_write_back_dirties_the_guest_tables(how):
+    """FNAME(update_accessed_dirty_bits) marks each table whose entry got
+    A/D dirty (kvm_vcpu_mark_page_dirty): with dirty logging on, the first
+    read fault through tables without A bits logs the 4 table pages on its
+    path (the data page: a read maps it read-only, so it is not logged);
+    the batch logs exactly what the scalar path logs."""
+    import _shadow_oracle as O
+    vm = VM("shadow")
+    slot = vm.add_memory(0, 8 * MiB, slot=0, populate=True)
+    gpt = GuestPageTables(vm, 0, 256)
+    gpt.map(0, 4 * MiB, 2 * MiB)                       # no A bits anywhere
+    v = vm.vcpus[0]
+    gpt.enter_long_mode(v)
+    v.vcpu_enter_guest()
+    vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 8 * MiB, slot.userspace_addr)
+    vm.get_dirty_log(0)
+    gva = 0x3000
+    # the independent expectation: the tables the SDM walk goes through
+    walk = O.walk_guest(O.memory_reader(vm), gva, O.GuestRegs.of_vcpu(v))
+    tables = {t for t in walk.tables}
+    assert len(tables) == 4
+    if how == "scalar":
+        assert v.kvm_mmu_page_fault(gva, U_) == RET_PF_FIXED
+    else:
+        assert vm.mmu_backend.page_fault_batch(v, np.array([gva], np.uint64), U_).tolist() == \
+            [RET_PF_FIXED]
+    assert _dirty_gfns(vm) == tables
+    assert vm.mmu_backend.page_fault_batch(v, np.array([gva + 0x1000], np.uint64), U_).tolist() \
+        == [RET_PF_FIXED]
+    assert _dirty_gfns(vm) == {walk.tables[-1]}        # only the leaf table's new A bit

@@ -92,6 +92,15 @@ cnp.import_array()
 cdef extern from *:
     void __builtin_prefetch(const void *p) nogil
 
+# the PFERR bits from their one home (the walker's header); _GUEST_ACCESS:
+# what FNAME(page_fault) passes to the walk (the error code without RSVD)
+cdef extern from "guest_walk_defs.h" nogil:
+    const uint64_t _PFERR_PRESENT "PFERR_PRESENT_MASK"
+    const uint64_t _PFERR_WRITE "PFERR_WRITE_MASK"
+    const uint64_t _PFERR_USER "PFERR_USER_MASK"
+    const uint64_t _PFERR_RSVD "PFERR_RSVD_MASK"
+    const uint64_t _GUEST_ACCESS "GW_ACCESS_ALLOWED"
+
 # memslot flags (kvmmmu.memslots) and host PTE bits (kvmmmu.host)
 cdef enum:
     _LOG_DIRTY = 1 << 0
@@ -290,6 +299,25 @@ cdef bint _same(object a, tuple b):
         if (<tuple>a)[i] is not b[i]:
             return False
     return True
+
+
+cdef inline void _mark_tables_dirty(const guest_walker_t *w, const sf_slot_t *svs,
+                                    int nsv) noexcept nogil:
+    # FNAME(update_accessed_dirty_bits): each table whose entry got A/D is
+    # marked dirty in its memslot (kvm_vcpu_mark_page_dirty), as
+    # Vcpu.walk_addr does for a walk from Python
+    cdef int level, j
+    cdef uint64_t gfn, rel
+    for level in range(1, 6):
+        if not (w.ad_written >> (level - 1)) & 1:
+            continue
+        gfn = w.pte_gpa[level - 1] >> 12
+        for j in range(nsv):
+            rel = gfn - svs[j].base_gfn
+            if rel < svs[j].npages:
+                if svs[j].flags & _LOG_DIRTY and svs[j].dirty_bitmap != NULL:
+                    svs[j].dirty_bitmap[rel >> 6] |= (<uint64_t>1) << (rel & 63)
+                break
 
 
 cdef class ShadowFastCore:
@@ -1026,6 +1054,8 @@ cdef class ShadowFastCore:
                     refresh = True
                     continue
                 # from here the walk (A/D) happened: a decline hands it over
+                if w.ad_written:
+                    _mark_tables_dirty(&w, svs, nsv)
                 sv = NULL
                 gfn = w.gfn
                 for j in range(nsv):
@@ -1150,14 +1180,3 @@ cdef class ShadowFastCore:
             mmu._prewalked = None
 
 
-cdef enum:
-    _PFERR_PRESENT = 1
-    _PFERR_WRITE = 2
-    _PFERR_USER = 4
-    _PFERR_RSVD = 8
-    _PFERR_FETCH = 16
-    _PFERR_IMPLICIT = 1 << 48
-
-
-cdef uint64_t _GUEST_ACCESS = _PFERR_PRESENT | _PFERR_WRITE | _PFERR_USER | _PFERR_FETCH | \
-    (<uint64_t>1 << 48)
