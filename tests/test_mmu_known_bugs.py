@@ -21,10 +21,10 @@ from unittest import mock
 import pytest
 
 import _shadow_oracle as O
+from _inject import hog_arena
 from kvmmmu import live
 from kvmmmu import mmutrace as tp
-from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
-from kvmmmu.errors import KvmNoMemoryError
+from kvmmmu._core.pt_arena import PtArena
 
 from kvmmmu._core.guest_walk import PFERR_USER_MASK, PFERR_WRITE_MASK
 from kvmmmu._core.defs import RET_PF_FIXED
@@ -77,18 +77,6 @@ def test_dirty_log_off_zaps_only_collapsible_sptes_inside_the_slot():
     assert _leaf(vm, v, 18 * MiB + 0x1000)[0] == 2
 
 
-def _hog(vm):
-    """Take every page the arena can still give; returns the caches."""
-    hog = []
-    while True:
-        c = MmuMemoryCache(vm.arena, "shadow_page")
-        try:
-            c.topup(1)
-        except KvmNoMemoryError:
-            return hog
-        hog.append(c)
-
-
 def test_eager_split_without_memory_traces_enomem_and_write_protects():
     """kvm_mmu_slot_apply_flags with eager_page_split: the split is best
     effort (kvm_mmu_slot_try_split_huge_pages returns nothing).  With no
@@ -110,7 +98,7 @@ def test_eager_split_without_memory_traces_enomem_and_write_protects():
         spte, level, (w, _, _), _ = O.shadow_lookup(vm.arena, vm.fmt, root, gpa, va_bits=None)
         assert level == 2 and w
         huge.append(spte)
-    hog = _hog(vm)
+    hog = hog_arena(vm.arena)
     try:
         with tp.capture("kvm_mmu_split_huge_page") as ring:
             vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 4 * MiB, s.userspace_addr)

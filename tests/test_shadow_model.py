@@ -52,6 +52,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from _inject import hog_arena, release
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -63,7 +64,7 @@ from kvmmmu._core.defs import (
 from kvmmmu._core.guest_walk import (
     PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
-from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
+from kvmmmu._core.pt_arena import PtArena
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import HostConfig
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
@@ -305,14 +306,7 @@ class DirectMachine(RuleBasedStateMachine):
     @rule()
     def hog_the_arena(self):
         """Take every free page-table page of the arena into a cache of our own."""
-        a = self.vm.arena
-        while True:
-            c = MmuMemoryCache(a, "shadow_page")
-            try:
-                c.topup(1)
-            except KvmNoMemoryError:
-                break
-            self.hog.append(c)
+        self.hog += hog_arena(self.vm.arena)
 
     @precondition(lambda self: self.INJECT)
     @rule(vcpu=st.integers(0, 1), off=st.integers(0, 255), write=st.booleans())
@@ -323,10 +317,7 @@ class DirectMachine(RuleBasedStateMachine):
         assert r == "ok", r
 
     def _release(self):
-        self.vm.rmap_pool.fail_after(None)
-        for c in self.hog:
-            c.free()
-        self.hog = []
+        release(self.vm, self.hog)
 
     # ------------------------------------------------------------------ invariant
     @invariant()
@@ -340,8 +331,7 @@ class DirectMachine(RuleBasedStateMachine):
 
     def teardown(self):
         if hasattr(self, "vm"):
-            for c in self.hog:
-                c.free()
+            release(self.vm, self.hog)
 
 
 class DirectTdpMmuMachine(DirectMachine):
@@ -380,14 +370,7 @@ def test_eager_split_without_memory_still_write_protects(mmu):
     v.vcpu_enter_guest()
     for gpa in (0x1000, 0x201000):
         assert v.kvm_mmu_page_fault(gpa, PFERR_WRITE_MASK) == RET_PF_FIXED
-    hog = []
-    while True:
-        c = MmuMemoryCache(vm.arena, "shadow_page")
-        try:
-            c.topup(1)
-        except KvmNoMemoryError:
-            break
-        hog.append(c)
+    hog = hog_arena(vm.arena)
     try:
         vm.set_user_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 4 * MiB, s.userspace_addr)
     finally:
@@ -796,14 +779,7 @@ class ShadowPagingMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.INJECT)
     @rule()
     def hog_the_arena(self):
-        a = self.vm.arena
-        while True:
-            c = MmuMemoryCache(a, "shadow_page")
-            try:
-                c.topup(1)
-            except KvmNoMemoryError:
-                break
-            self.hog.append(c)
+        self.hog += hog_arena(self.vm.arena)
 
     @precondition(lambda self: self.INJECT)
     @rule(data=st.data(), kind=st.sampled_from("rw"))
@@ -814,10 +790,7 @@ class ShadowPagingMachine(RuleBasedStateMachine):
         assert r != "enomem", f"the access failed again once the memory was back: {r}"
 
     def _release(self):
-        self.vm.rmap_pool.fail_after(None)
-        for c in self.hog:
-            c.free()
-        self.hog = []
+        release(self.vm, self.hog)
 
     # --------------------------------------------------------------- invariant
     @invariant()

@@ -16,13 +16,14 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from _inject import hog_arena, release
 from _shadow_oracle import check_leaf_memslot, iter_shadow, memory_reader
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvmmmu._core.defs import RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS
-from kvmmmu._core.pt_arena import MmuMemoryCache, PtArena
+from kvmmmu._core.pt_arena import PtArena
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import HostConfig
 from kvmmmu.paging import AccessError, EptpError
@@ -846,21 +847,12 @@ class NestedEptMachine(RuleBasedStateMachine):
     def hog_the_arena(self):
         """Take every free page-table page of the (small) arena into a cache
         of our own: the next shadow page cannot be had."""
-        while True:
-            c = MmuMemoryCache(self.vm.arena, "shadow_page")
-            try:
-                c.topup(1)
-            except KvmNoMemoryError:
-                break
-            self.hog.append(c)
+        self.hog += hog_arena(self.vm.arena)
 
     @precondition(lambda self: self.INJECT)
     @rule()
     def lift_injection(self):
-        self.vm.rmap_pool.fail_after(None)
-        for c in self.hog:
-            c.free()
-        self.hog = []
+        release(self.vm, self.hog)
 
     @invariant()
     def audit(self):
