@@ -994,11 +994,16 @@ class TdxModule:
             t.max_epoch_seen = max(t.max_epoch_seen, t.epoch)
             return self._ret(name, t, (), TDX_SUCCESS)
 
-    def _removal_checks(self, name, t, args, e, lv):
-        """Blocked + TLB-tracked, when the TD is RUNNABLE."""
+    def _removal_checks(self, name, t, args, e, lv, states):
+        """What a removal needs of the entry `e` at `lv`: one of `states`
+        (a leaf or a table), and, when the TD is RUNNABLE, blocked and
+        TLB-tracked.  The refusal's result, or None."""
+        ent, ls = self._details(e, lv)
+        if e is None or e.state not in states:
+            return self._ret(name, t, args,
+                             TDX_EPT_ENTRY_STATE_INCORRECT | TDX_OPERAND_ID_RCX, ent, ls)
         if not t.finalized:
             return None
-        ent, ls = self._details(e, lv)
         if e.state not in _BLOCKED_STATES:
             return self._ret(name, t, args, TDX_GPA_RANGE_NOT_BLOCKED | TDX_OPERAND_ID_RCX, ent, ls)
         if not self._tracked(t, e.bepoch):
@@ -1015,11 +1020,7 @@ class TdxModule:
             r, e = self._locate(name, t, args, g, lv, lv <= 1)
             if r is not None:
                 return r
-            if e is None or e.state not in _LEAF_STATES:
-                ent, ls = self._details(e, lv)
-                return self._ret(name, t, args,
-                                 TDX_EPT_ENTRY_STATE_INCORRECT | TDX_OPERAND_ID_RCX, ent, ls)
-            r = self._removal_checks(name, t, args, e, lv)
+            r = self._removal_checks(name, t, args, e, lv, _LEAF_STATES)
             if r is not None:
                 return r
             ent, ls = self._details(e, lv)
@@ -1039,11 +1040,7 @@ class TdxModule:
             r, e = self._locate(name, t, args, g, lv, 1 <= lv < t.ept_levels)
             if r is not None:
                 return r
-            if e is None or e.state not in _NL_STATES:
-                ent, ls = self._details(e, lv)
-                return self._ret(name, t, args,
-                                 TDX_EPT_ENTRY_STATE_INCORRECT | TDX_OPERAND_ID_RCX, ent, ls)
-            r = self._removal_checks(name, t, args, e, lv)
+            r = self._removal_checks(name, t, args, e, lv, _NL_STATES)
             if r is not None:
                 return r
             if e.nchildren:
