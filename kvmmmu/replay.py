@@ -182,6 +182,9 @@ _MMUS = ("tdp_mmu", "tdp", "shadow")
 #: memslot flags a stream may use (no guest_memfd: its file is not part of a stream)
 _STREAM_SLOT_FLAGS = M.KVM_MEM_LOG_DIRTY_PAGES | M.KVM_MEM_READONLY
 _HEX_RE = re.compile(r"(?:[0-9a-f]{2})*\Z")
+#: the JSON kinds of the schema other than integers: Python type, name in messages
+_JSON_TYPES = {"bool": (bool, "a boolean"), "str": (str, "a string"), "hex": (str, "a hex string"),
+               "dict": (dict, "an object"), "list": (list, "an array")}
 
 
 def _dataclass_schema(cls) -> dict[str, str]:
@@ -230,23 +233,12 @@ class _Checker:
             lo, hi = _INT_RANGES[kind]
             if not lo <= v <= hi:
                 raise StreamValueError(self.lineno, field, f"{v} is outside {lo}..{hi:#x}")
-        elif kind == "bool":
-            if type(v) is not bool:
-                raise StreamFieldError(self.lineno, field, f"must be a boolean, not {_type_name(v)}")
-        elif kind == "str":
-            if type(v) is not str:
-                raise StreamFieldError(self.lineno, field, f"must be a string, not {_type_name(v)}")
-        elif kind == "hex":
-            if type(v) is not str:
-                raise StreamFieldError(self.lineno, field, f"must be a hex string, not {_type_name(v)}")
-            if not _HEX_RE.match(v):
+        elif kind in _JSON_TYPES:
+            want, what = _JSON_TYPES[kind]
+            if type(v) is not want:
+                raise StreamFieldError(self.lineno, field, f"must be {what}, not {_type_name(v)}")
+            if kind == "hex" and not _HEX_RE.match(v):
                 raise StreamValueError(self.lineno, field, "must be lowercase hex digits, two per byte")
-        elif kind == "dict":
-            if type(v) is not dict:
-                raise StreamFieldError(self.lineno, field, f"must be an object, not {_type_name(v)}")
-        elif kind == "list":
-            if type(v) is not list:
-                raise StreamFieldError(self.lineno, field, f"must be an array, not {_type_name(v)}")
         else:                                           # pragma: no cover (schema bug)
             raise AssertionError(kind)
 
