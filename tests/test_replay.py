@@ -28,6 +28,7 @@ from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KvmMrChange
 from kvmmmu.mmu import MmuBackend
 from kvmmmu.vm import RET_PF_EMULATE, RET_PF_FIXED, VM, CrLoadError, KvmParams
 
+from test_vcpu_state import SpyMmu as VcpuStateSpy
 from test_tdp_trace import changed, entry, get_page_line, host_pfn, requested, set_spte_line
 
 MiB = 1 << 20
@@ -474,36 +475,13 @@ def test_a_refused_event_stops_the_run_with_its_line():
 # Each event's call
 # ---------------------------------------------------------------------------
 
-class SpyMmu(MmuBackend):
-    """A shadow-flavoured fault MMU recording the per-vCPU calls."""
-    is_tdp = False
-    direct = False
-
-    def __init__(self):
-        self.calls = []
-
-    def kvm_mmu_unload(self, vcpu):
-        self.calls.append("unload")
-        vcpu.mmu_root = None
-
-    def kvm_mmu_load(self, vcpu):
-        self.calls.append("load")
-        vcpu.mmu_root = object()
-
-    def free_obsolete_roots(self, vcpu):
-        self.calls.append("free_obsolete_roots")
+class SpyMmu(VcpuStateSpy):
+    """A shadow-flavoured fault MMU recording the per-vCPU calls (the vCPU
+    state tests' spy, recording what a replayed event passes and taking
+    faults)."""
 
     def kvm_mmu_new_pgd(self, vcpu, pgd):
         self.calls.append(("new_pgd", pgd))
-
-    def kvm_mmu_sync_roots(self, vcpu):
-        self.calls.append("sync_roots")
-
-    def kvm_mmu_sync_prev_roots(self, vcpu):
-        self.calls.append("sync_prev_roots")
-
-    def kvm_mmu_invlpg(self, vcpu, gva):
-        self.calls.append(("invlpg", gva))
 
     def kvm_mmu_track_write(self, vcpu, gpa, new):
         self.calls.append(("track_write", gpa, bytes(new)))
