@@ -491,6 +491,23 @@ cdef class PtArena:
         return "v6.18" if self.a.era == PT_ERA_V6_18 else "v6.12"
 
     @property
+    def gfn_direct_bits(self):
+        """``kvm->arch.gfn_direct_bits``: the gfn bits a direct (non-mirror)
+        TDP root is indexed with (the TDX shared bit), 0 otherwise."""
+        return self.a.gfn_direct_bits
+
+    @gfn_direct_bits.setter
+    def gfn_direct_bits(self, value):
+        # one bit (the shared bit), below 2**40 gfns; set before any root is
+        # walked with it (KVM_TDX_INIT_VM runs before the first vCPU root)
+        cdef uint64_t v = u64_arg(value, "gfn_direct_bits")
+        if v & (v - 1) or v >> 40:
+            raise ValueError(f"gfn_direct_bits={v:#x} must be 0 or a single bit below 2**40")
+        if v != self.a.gfn_direct_bits and self.a.n_sps:
+            raise ValueError("gfn_direct_bits cannot change once the arena holds pages")
+        self.a.gfn_direct_bits = v
+
+    @property
     def base_pfn(self):
         return self.a.base_pfn
 

@@ -244,6 +244,9 @@ ctypedef struct pt_arena_t:
     # rcu_read_lock() of each shared holder: the grace-period sequence it
     # saw, 0 when the slot is unused (the vCPU readers' rcu_gp, for threads).
     uint64_t shared_rcu[PT_NR_SHARED]
+    # kvm->arch.gfn_direct_bits (TDX: the shared bit as a gfn bit, else 0):
+    # added to the gfn when a direct (non-mirror) TDP root is indexed.
+    uint64_t gfn_direct_bits
 
 
 # ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from kvmmmu._core.spte cimport (
     is_shadow_present_pte, is_large_pte, spte_to_pfn, is_frozen_spte,
 )
 from kvmmmu._core.mmu_spte cimport _spte_writable_invariants_ok
+from kvmmmu._core.tdp_iter cimport kvm_gfn_root_bits
 
 from kvmmmu._core._checks import check_array as _check_array, int_arg as _int_arg
 
@@ -147,6 +148,8 @@ cdef void _walk_root(_audit *w, int r, uint64_t root_sp) noexcept nogil:
     cdef uint64_t base[PT64_ROOT_MAX_LEVEL + 1]
     cdef int idx[PT64_ROOT_MAX_LEVEL + 1]
     cdef uint64_t spte, gfn, child_sp, cpfn
+    # a TDX direct root is indexed with the shared bit: its gfns drop it
+    cdef uint64_t alias = ~kvm_gfn_root_bits(a, root_sp)
     cdef int i
     lvl = top
     pfn[lvl] = h.spt
@@ -161,7 +164,7 @@ cdef void _walk_root(_audit *w, int r, uint64_t root_sp) noexcept nogil:
         i = idx[lvl]
         idx[lvl] += 1
         spte = pt_read_once64(pt_sptep_ptr(a, make_sptep(pfn[lvl], i)))
-        gfn = base[lvl] + <uint64_t>i * _pages(lvl)
+        gfn = (base[lvl] + <uint64_t>i * _pages(lvl)) & alias
         if is_frozen_spte(w.f, spte):
             _bad(w, P_FROZEN, r, gfn, lvl, spte)
             continue

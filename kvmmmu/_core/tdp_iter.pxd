@@ -21,7 +21,7 @@ from kvmmmu._core.pt_arena_defs cimport (
     pt_arena_t, pt_read_once64, pt_sptep_ptr, kvm_mmu_page, pt_sp_ptr, pt_slot, pt_page_sp,
     PT_SP_IN_USE, PT_SP_RCU_PENDING,
 )
-from kvmmmu._core.role cimport role_level, role_as_id
+from kvmmmu._core.role cimport role_level, role_as_id, role_is_mirror
 from kvmmmu._core.spte cimport (
     SPTE_LEVEL_BITS, SPTE_ENT_PER_PAGE, PT64_ROOT_MAX_LEVEL,
     is_shadow_present_pte, is_last_spte, spte_to_pfn, spte_index_of,
@@ -54,6 +54,16 @@ ctypedef struct tdp_resched:
 cdef inline uint64_t kvm_tdp_mmu_read_spte(const pt_arena_t *a, sptep_t sptep) noexcept nogil:
     """READ_ONCE(*rcu_dereference(sptep)); `sptep` was checked by the walk."""
     return pt_read_once64(pt_sptep_ptr(a, sptep))
+
+
+cdef inline uint64_t kvm_gfn_root_bits(const pt_arena_t *a, uint64_t root_sp) noexcept nogil:
+    """The bits added to a gfn to index `root_sp`: none for a TDX mirror root
+    (private memory at its own gfn), the VM's ``gfn_direct_bits`` (the TDX
+    shared bit; 0 for other VMs) for a direct root.  `root_sp` must be a
+    header handle the caller validated."""
+    if a.gfn_direct_bits == 0 or role_is_mirror(pt_sp_ptr(a, root_sp).role):
+        return 0
+    return a.gfn_direct_bits
 
 
 cdef inline uint64_t _pages_per_entry(int level) noexcept nogil:

@@ -281,7 +281,7 @@ def kvm_tdp_mmu_get_walk(PtArena arena not None, root, gfns, *, out_spte=None, o
                 break
             leaf = -1
             spte = 0
-            tdp_iter_start(&it, a, c_root, PG_LEVEL_4K, g[i], 0)
+            tdp_iter_start(&it, a, c_root, PG_LEVEL_4K, g[i], kvm_gfn_root_bits(a, c_root))
             while it.valid and it.gfn <= g[i]:
                 leaf = it.level
                 spte = it.old_spte

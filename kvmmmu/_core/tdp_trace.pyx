@@ -16,7 +16,8 @@ from kvmmmu._core.spte cimport (
     spte_fmt_t, PG_LEVEL_4K, SPTE_LEVEL_BITS, ACC_ALL, PT_PRESENT_MASK,
     is_executable_pte, is_mmio_spte, get_mmio_spte_generation,
 )
-from kvmmmu._core.tdp_iter cimport tdp_iter, tdp_iter_start, tdp_iter_next, kvm_tdp_mmu_read_spte
+from kvmmmu._core.tdp_iter cimport (tdp_iter, tdp_iter_start, tdp_iter_next, kvm_tdp_mmu_read_spte,
+    kvm_gfn_root_bits)
 from kvmmmu._core.trace_buf cimport (
     trace_buf_t, trace_on, trace_push, trace_drain,
     TP_KVM_MMU_SET_SPTE, TP_KVM_MMU_SPTE_REQUESTED, TP_KVM_TDP_MMU_SPTE_CHANGED,
@@ -83,7 +84,7 @@ cdef void tdp_trace_rec_masked_clear(pt_arena_t *a, uint64_t root, uint64_t gfn,
     order (the order the loop changed them)."""
     cdef tdp_iter it
     cdef uint64_t bit
-    tdp_iter_start(&it, a, root, PG_LEVEL_4K, gfn + <uint64_t>__builtin_ctzll(cleared), 0)
+    tdp_iter_start(&it, a, root, PG_LEVEL_4K, gfn + <uint64_t>__builtin_ctzll(cleared), kvm_gfn_root_bits(a, root))
     while it.valid and it.gfn < gfn + 64 and cleared:
         if it.level == PG_LEVEL_4K:
             bit = (<uint64_t>1) << (it.gfn - gfn)
@@ -161,7 +162,7 @@ cdef void tdp_trace_rec_fast_page_fault(pt_arena_t *a, const spte_fmt_t *f, uint
     present = (spte & (7 if f.is_ept else PT_PRESENT_MASK)) != 0
     if not (write if present else not f.ad_enabled):
         return
-    tdp_iter_start(&it, a, root, PG_LEVEL_4K, gfn, 0)
+    tdp_iter_start(&it, a, root, PG_LEVEL_4K, gfn, kvm_gfn_root_bits(a, root))
     while it.valid and it.gfn <= gfn:
         sptep = it.sptep
         tdp_iter_next(&it, a)
