@@ -23,7 +23,25 @@ cdef enum:
     TDP_WARN_WRITABLE_INVARIANT = 8 # check_spte_writable_invariants(new leaf)
     TDP_WARN_NX_RECOVER = 9         # a listed page that is not a flagged TDP table
     TDP_WARN_FROZEN_IN_REMOVED = 10 # handle_removed_pt met FROZEN / its table freed meanwhile
-    TDP_NR_WARN = 11
+    # The mirror (TDX) sites: KVM_BUG_ON, so each also bugs the VM (through the hooks).
+    TDP_BUG_MIRROR_ZAP_ATOMIC = 11  # an atomic (read-lock) change of a mirror SPTE to non-present
+    TDP_BUG_MIRROR_WAS_PRESENT = 12 # set_external_spte_present over a present mirror SPTE
+    TDP_BUG_MIRROR_SET_PRESENT = 13 # tdp_mmu_set_spte (write lock) of a present mirror value
+    TDP_BUG_MIRROR_SHARED_PT = 14   # handle_removed_pt of a mirror table under the read lock
+    TDP_BUG_MIRROR_HUGE = 15        # a mirror huge leaf met by the fault path (no private huge pages)
+    TDP_BUG_NO_EXTERNAL_SPT = 16    # a mirror table linked without its external_spt page
+    TDP_BUG_REMOVE_EXTERNAL = 17    # remove_external_spte failed (v6.18: KVM_BUG_ON(ret))
+    TDP_WARN_FREE_EXTERNAL_SPT = 18 # free_external_spt failed: the S-EPT page is leaked (WARN_ON)
+    TDP_NR_WARN = 19
+
+    # The kvm_x86_ops calls of the mirror path (tdp_mmu_t.ext_ops), with their arguments.
+    EXT_LINK_SPT = 0                # link_external_spt(gfn, level, the child's external_spt)
+    EXT_SET_SPTE = 1                # set_external_spte(gfn, level, new mirror SPTE)
+    EXT_REMOVE_SPTE = 2             # remove_external_spte(gfn, level, old mirror SPTE)
+    EXT_FREE_SPT = 3                # free_external_spt(gfn, level, the table's external_spt)
+    EXT_ALLOC_SPT = 4               # kvm_mmu_alloc_external_spt(vcpu, sp): the page's pfn
+    EXT_FREE_PAGE = 5               # tdp_mmu_free_sp of a never-linked mirror table: free page `arg`
+    EXT_BUG = 6                     # KVM_BUG_ON at site `arg` (a TDP_* index)
 
 
 # struct kvm's TDP MMU part, for one arena.
@@ -41,6 +59,10 @@ ctypedef struct tdp_mmu_t:
     uint32_t nx_lock
     tdp_resched resched             # need_resched() of the yielding loops (every = 0: never)
     uint64_t nr_yield_flushes       # kvm_flush_remote_tlbs() done before a yield that owed one
+    # The external hooks of a VM with mirror roots (TDX): a Python callable
+    # ext_ops(op, gfn, level, arg) -> int, borrowed (TdpMmuCore keeps the
+    # reference); NULL for every other VM.  Called with the GIL taken.
+    void *ext_ops
 
 
 # The part of struct kvm_page_fault the map path reads.

@@ -56,7 +56,9 @@ from kvmmmu._core.mmu_spte cimport kvm_update_page_stats, _spte_writable_invaria
 from kvmmmu._core.pt_pool cimport pt_pool_alloc, pt_alloc_sp, pt_free_sp
 from kvmmmu._core.mmu_lockless cimport call_rcu_free_sp, pt_shared_rcu_lock, pt_shared_rcu_unlock
 from kvmmmu._core.memcache cimport kvm_mmu_memory_cache, kvm_mmu_topup_memory_cache
-from kvmmmu._core.role cimport role_level, role_set_level, role_as_id, role_ad_disabled
+from kvmmmu._core.role cimport (
+    role_level, role_set_level, role_as_id, role_ad_disabled, role_is_mirror,
+)
 from kvmmmu._core.spte cimport (
     spte_fmt_t, SpteFormat, SPTE_LEVEL_BITS, SPTE_ENT_PER_PAGE, PG_LEVEL_4K, PG_LEVEL_1G,
     PT64_ROOT_MAX_LEVEL, PT_PRESENT_MASK, ACC_ALL,
@@ -71,6 +73,7 @@ from kvmmmu._core.spte cimport (
 )
 from kvmmmu._core.tdp_iter cimport (
     tdp_iter, tdp_iter_start, tdp_iter_next, kvm_tdp_mmu_read_spte, spte_to_child_pt,
+    kvm_gfn_root_bits,
     tdp_mmu_iter_cond_resched, tdp_mmu_iter_need_resched,
 )
 from kvmmmu._core.tdp_trace cimport (
@@ -109,6 +112,7 @@ cdef extern from *:
     void tdp_inc(uint64_t *p) nogil
 
 cdef enum:
+    _EIO = 5
     _EBUSY = 16
     _ENOMEM = 12
     _EAGAIN = 11
@@ -123,6 +127,16 @@ cdef uint64_t _RCU_REMOVING = 0xFFFFFFFFFFFFFFFF
 # enough for a preempted writer on a busy machine, short enough that a
 # FROZEN value planted through a table view costs little).
 cdef uint64_t _FROZEN_WAIT_NS = 20000000
+
+#: The external hook calls a mirror root makes (``TdpMmuCore.set_external_ops``).
+EXT_OPS = {"link_external_spt": EXT_LINK_SPT, "set_external_spte": EXT_SET_SPTE,
+           "remove_external_spte": EXT_REMOVE_SPTE, "free_external_spt": EXT_FREE_SPT,
+           "alloc_external_spt": EXT_ALLOC_SPT, "free_external_spt_page": EXT_FREE_PAGE,
+           "kvm_bug": EXT_BUG}
+
+#: One entry of :meth:`TdpMmuCore.dump`.
+DUMP_DTYPE = np.dtype([("gfn", np.uint64), ("level", np.int8), ("spte", np.uint64),
+                       ("leaf", np.bool_), ("sp", np.uint64), ("external_spt", np.uint64)])
 
 #: One text per TDP_* site (index = counter).
 WARN_SITES = (
@@ -140,6 +154,14 @@ WARN_SITES = (
     "(WARN_ON_ONCE)",
     "handle_removed_pt: an entry already FROZEN, or the table freed during its own removal "
     "(a table cycle; model check)",
+    "__tdp_mmu_set_spte_atomic: a mirror SPTE zapped under the read lock (KVM_BUG_ON)",
+    "set_external_spte_present: the old mirror SPTE is present (KVM_BUG_ON)",
+    "tdp_mmu_set_spte: a present value written to a mirror SPTE under the write lock (KVM_BUG_ON)",
+    "handle_removed_pt: a mirror table removed under the read lock (KVM_BUG_ON)",
+    "kvm_tdp_mmu_map: a huge mirror leaf would need splitting (KVM_BUG_ON)",
+    "set_external_spte_present: a mirror table without its external_spt (KVM_BUG_ON)",
+    "remove_external_spte: the hook failed (KVM_BUG_ON)",
+    "handle_removed_pt: free_external_spt failed, the S-EPT page is leaked (WARN_ON)",
 )
 
 
@@ -190,6 +212,80 @@ cdef inline uint64_t _freeze_shared(tdp_mmu_t *m, uint64_t *p,
     return old
 
 
+# ---------------------------------------------------------------------------
+# Mirror roots (TDX): the kvm_x86_ops external hooks
+# ---------------------------------------------------------------------------
+# A mirror table's header has role.is_mirror; its SPTEs are KVM's copy of the
+# S-EPT, which only the TDX module holds.  Every change of a mirror SPTE goes
+# to the module through m.ext_ops (a Python callable, mirror-tdx.md §4):
+# non-present -> present under the read lock with the entry FROZEN while the
+# hook runs (set_external_spte_present), present leaf -> non-present only
+# under the write lock (remove_external_spte), tables given back only when
+# they are freed (free_external_spt).
+
+cdef int64_t _ext_call(tdp_mmu_t *m, int op, uint64_t gfn, int level,
+                       uint64_t arg) noexcept nogil:
+    """Call the VM's external hook `op` with the GIL taken.  An exception
+    from it (a broken test double) becomes -EIO; the callable records it."""
+    with gil:
+        try:
+            return (<object>m.ext_ops)(op, gfn, level, arg)
+        except BaseException:
+            return -5                               # -EIO
+
+
+cdef inline bint is_mirror_sptep(tdp_mmu_t *m, sptep_t sptep) noexcept nogil:
+    """The SPTE lies in a mirror table (its header has role.is_mirror)."""
+    return m.ext_ops != NULL and \
+        role_is_mirror(pt_sp_ptr(m.a, pt_page_sp(m.a, sptep_table_pfn(sptep))).role)
+
+
+cdef inline void _mirror_bug(tdp_mmu_t *m, int site, uint64_t gfn, int level) noexcept nogil:
+    """KVM_BUG_ON at a mirror site: counted, and the VM is bugged."""
+    tdp_inc(&m.warn[site])
+    _ext_call(m, EXT_BUG, gfn, level, <uint64_t>site)
+
+
+cdef inline void _remove_external_spte(tdp_mmu_t *m, uint64_t gfn, uint64_t old_spte,
+                                       int level) noexcept nogil:
+    """The tdp_mmu.c wrapper: only a present leaf at `level` goes to the
+    hook (tables go through handle_removed_pt and free_external_spt); the
+    write lock is held (every caller here is a write-locked path)."""
+    if not (is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level)):
+        return
+    if _ext_call(m, EXT_REMOVE_SPTE, gfn, level, old_spte) != 0:
+        tdp_inc(&m.warn[TDP_BUG_REMOVE_EXTERNAL])
+
+
+cdef int set_external_spte_present(tdp_mmu_t *m, tdp_iter *it, uint64_t new_spte) noexcept nogil:
+    """A mirror SPTE goes non-present -> present: freeze it, have the hook
+    change the S-EPT, then store `new_spte` (the hook succeeded) or the old
+    value back (it failed: its error, -EBUSY for TDX_OPERAND_BUSY).  A lost
+    cmpxchg is -EBUSY with it.old_spte left as it was (the kernel works on a
+    local copy; the fault retries)."""
+    cdef uint64_t old = it.old_spte, expect = it.old_spte, child
+    cdef uint64_t *p = pt_sptep_ptr(m.a, it.sptep)
+    cdef int64_t r
+    if is_shadow_present_pte(old):
+        _mirror_bug(m, TDP_BUG_MIRROR_WAS_PRESENT, it.gfn, it.level)
+        return -_EIO
+    if not pt_try_cmpxchg64(p, &expect, m.f.frozen_spte):
+        return -_EBUSY
+    if is_last_spte(new_spte, it.level):
+        r = _ext_call(m, EXT_SET_SPTE, it.gfn, it.level, new_spte)
+    else:
+        child = spte_to_child_sp(m.a, new_spte)
+        if child == 0 or pt_sp_ptr(m.a, child).external_spt == 0 or \
+                <int>role_level(pt_sp_ptr(m.a, child).role) != it.level - 1 or \
+                pt_sp_ptr(m.a, child).gfn != it.gfn:
+            _mirror_bug(m, TDP_BUG_NO_EXTERNAL_SPT, it.gfn, it.level)
+            r = -_EIO
+        else:
+            r = _ext_call(m, EXT_LINK_SPT, it.gfn, it.level, pt_sp_ptr(m.a, child).external_spt)
+    pt_write_once64(p, old if r else new_spte)
+    return <int>r
+
+
 cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nogil:
     """A table is no longer reachable: freeze and handle each entry, then
     free the table after a grace period (its entries stay FROZEN, so a
@@ -201,6 +297,7 @@ cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nog
     cdef uint64_t base = h.gfn, frozen = m.f.frozen_spte, old, budget_end = 0
     cdef uint64_t *p
     cdef int i
+    cdef bint mirror = m.ext_ops != NULL and role_is_mirror(h.role)
     if level < PG_LEVEL_4K or level >= PT64_ROOT_MAX_LEVEL:
         tdp_inc(&m.warn[TDP_WARN_CHILD_NOT_TABLE])      # a header rewritten from Python
         return
@@ -231,6 +328,16 @@ cdef void handle_removed_pt(tdp_mmu_t *m, uint64_t sp, bint shared) noexcept nog
                 continue
             old = kvm_tdp_mmu_write_spte(m, make_sptep(h.spt, i), old, frozen, level)
         handle_changed_spte(m, as_id, base + <uint64_t>i * _pages(level), old, frozen, level, shared)
+        if mirror:
+            if shared:
+                _mirror_bug(m, TDP_BUG_MIRROR_SHARED_PT, base + <uint64_t>i * _pages(level), level)
+            _remove_external_spte(m, base + <uint64_t>i * _pages(level), old, level)
+    if mirror and h.external_spt:
+        # give the S-EPT page back (TDX: only once the HKID is released);
+        # a failure leaks it: the header forgets the page
+        if _ext_call(m, EXT_FREE_SPT, base, level, h.external_spt) != 0:
+            tdp_inc(&m.warn[TDP_WARN_FREE_EXTERNAL_SPT])
+        h.external_spt = 0
     if pt_slot(m.a, sp - 1).sp_state == PT_SP_IN_USE:   # not freed by a cycle meanwhile
         call_rcu_free_sp(m.a, sp)
     else:
@@ -283,9 +390,18 @@ cdef int tdp_mmu_set_spte_atomic(tdp_mmu_t *m, tdp_iter *it, uint64_t new_spte) 
     """cmpxchg the iterator's SPTE from it.old_spte to `new_spte`: 0, or
     -EBUSY (it.old_spte now holds the current value) if someone else changed
     it first."""
+    cdef int r
     if it.yielded or is_frozen_spte(m.f, it.old_spte):
         tdp_inc(&m.warn[TDP_WARN_SET_YIELDED])
-    if not pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte, new_spte):
+    if is_mirror_sptep(m, it.sptep) and not is_frozen_spte(m.f, new_spte):
+        # a mirror SPTE changes only non-present -> present here, through the hook
+        if not is_shadow_present_pte(new_spte):
+            _mirror_bug(m, TDP_BUG_MIRROR_ZAP_ATOMIC, it.gfn, it.level)
+            return -_EBUSY
+        r = set_external_spte_present(m, it, new_spte)
+        if r:
+            return r
+    elif not pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte, new_spte):
         return -_EBUSY
     handle_changed_spte(m, it.as_id, it.gfn, it.old_spte, new_spte, it.level, True)
     return 0
@@ -299,6 +415,11 @@ cdef uint64_t tdp_mmu_set_spte(tdp_mmu_t *m, int as_id, sptep_t sptep, uint64_t 
         tdp_inc(&m.warn[TDP_WARN_SET_FROZEN])
     old_spte = kvm_tdp_mmu_write_spte(m, sptep, old_spte, new_spte, level)
     handle_changed_spte(m, as_id, gfn, old_spte, new_spte, level, False)
+    if is_mirror_sptep(m, sptep):
+        # the write-locked paths only zap mirror SPTEs
+        if is_shadow_present_pte(new_spte):
+            _mirror_bug(m, TDP_BUG_MIRROR_SET_PRESENT, gfn, level)
+        _remove_external_spte(m, gfn, old_spte, level)
     return old_spte
 
 
@@ -357,6 +478,9 @@ cdef inline int _set_target_atomic(tdp_mmu_t *m, tdp_iter *it, tdp_fault *fault,
     goes to the fault's own count; every other change takes the full
     handler."""
     cdef uint64_t old
+    if m.ext_ops != NULL:
+        # (a VM with mirror roots: a mirror leaf goes through its hook)
+        return tdp_mmu_set_spte_atomic(m, it, new_spte)
     if it.yielded or is_frozen_spte(m.f, it.old_spte):
         tdp_inc(&m.warn[TDP_WARN_SET_YIELDED])
     if not pt_try_cmpxchg64(pt_sptep_ptr(m.a, it.sptep), &it.old_spte, new_spte):
@@ -520,9 +644,11 @@ cdef inline int _tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
     cdef uint64_t sp
     cdef kvm_mmu_page *h
     cdef int r
+    cdef int64_t ext
+    cdef bint mirror = m.ext_ops != NULL and role_is_mirror(pt_sp_ptr(m.a, root).role)
     last.level = 0
     tdp_trace_spte_requested(fault.gfn, fault.pfn, fault.goal_level, fault.noslot)
-    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, fault.gfn, 0)
+    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, fault.gfn, kvm_gfn_root_bits(m.a, root))
     while it.valid and it.gfn <= fault.gfn:
         if fault.nx_huge_pages:
             _disallowed_hugepage_adjust(m, fault, it.old_spte, it.level)
@@ -540,11 +666,26 @@ cdef inline int _tdp_mmu_map(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
         _init_child(m, &it, sp)
         h = pt_sp_ptr(m.a, sp)
         h.nx_huge_page_disallowed = fault.huge_page_disallowed
+        if mirror:
+            # kvm_mmu_alloc_external_spt: the page for the S-EPT, from the
+            # vCPU's mmu_external_spt_cache
+            ext = _ext_call(m, EXT_ALLOC_SPT, it.gfn, it.level - 1, sp)
+            if ext <= 0:
+                pt_free_sp(m.a, sp)
+                return -_ENOMEM
+            h.external_spt = <uint64_t>ext
         if is_shadow_present_pte(it.old_spte):
-            r = _split_huge_page(m, &it, sp, fault.nx_huge_pages)
+            if mirror:                              # no private huge pages
+                _mirror_bug(m, TDP_BUG_MIRROR_HUGE, it.gfn, it.level)
+                r = -_EIO
+            else:
+                r = _split_huge_page(m, &it, sp, fault.nx_huge_pages)
         else:
             r = _link_sp(m, &it, sp)
         if r:
+            if mirror:                              # tdp_mmu_free_sp: the page too
+                _ext_call(m, EXT_FREE_PAGE, it.gfn, it.level - 1, h.external_spt)
+                h.external_spt = 0
             pt_free_sp(m.a, sp)                     # never published: freed at once
             return RET_PF_RETRY
         # A huge page would have been allowed here: zapping this table may
@@ -594,7 +735,7 @@ cdef bint tdp_mmu_zap_leafs(tdp_mmu_t *m, uint64_t root, uint64_t start, uint64_
     Returns whether a TLB flush is owed (`flush`, or a leaf was zapped
     since the last yield, which flushed first)."""
     cdef tdp_iter it
-    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, start, 0)
+    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, start, kvm_gfn_root_bits(m.a, root))
     while it.valid and it.gfn < end:
         if _cond_resched(m, &it, flush):
             flush = False
@@ -610,7 +751,7 @@ cdef bint tdp_mmu_zap_leafs(tdp_mmu_t *m, uint64_t root, uint64_t start, uint64_
 
 cdef inline void _zap_root_at(tdp_mmu_t *m, uint64_t root, int zap_level) noexcept nogil:
     cdef tdp_iter it
-    tdp_iter_start(&it, m.a, root, zap_level, 0, 0)
+    tdp_iter_start(&it, m.a, root, zap_level, 0, kvm_gfn_root_bits(m.a, root))
     while it.valid:
         if _cond_resched(m, &it, False):
             tdp_iter_next(&it, m.a)
@@ -629,9 +770,13 @@ cdef void tdp_mmu_zap_root_shared(tdp_mmu_t *m, uint64_t root) noexcept nogil:
     cdef int top = <int>role_level(pt_sp_ptr(m.a, root).role)
     cdef int zap_level, k
     cdef tdp_iter it
+    if m.ext_ops != NULL and role_is_mirror(pt_sp_ptr(m.a, root).role):
+        # (no atomic zap of mirror SPTEs; the loop below would spin on it)
+        _mirror_bug(m, TDP_BUG_MIRROR_ZAP_ATOMIC, 0, top)
+        return
     for k in range(2):
         zap_level = PG_LEVEL_1G if k == 0 else top
-        tdp_iter_start(&it, m.a, root, zap_level, 0, 0)
+        tdp_iter_start(&it, m.a, root, zap_level, 0, kvm_gfn_root_bits(m.a, root))
         while it.valid:
             if is_shadow_present_pte(it.old_spte) and it.level <= zap_level:
                 if tdp_mmu_set_spte_atomic(m, &it, m.f.nonpresent_value) != 0:
@@ -673,7 +818,7 @@ cdef bint kvm_tdp_mmu_age_gfn_range(tdp_mmu_t *m, uint64_t root, uint64_t start,
     cdef tdp_iter it
     cdef bint young = False
     cdef bint tr = tdp_trace_changed_on()
-    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, start, 0)
+    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, start, kvm_gfn_root_bits(m.a, root))
     while it.valid and it.gfn < end:
         if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level) and \
                 is_accessed_spte(m.f, it.old_spte):
@@ -706,7 +851,7 @@ cdef bint kvm_tdp_mmu_clear_bit_range(tdp_mmu_t *m, uint64_t root, uint64_t star
     cdef tdp_iter it
     cdef bint changed = False
     cdef int j, last
-    tdp_iter_start(&it, m.a, root, min_level, start, 0)
+    tdp_iter_start(&it, m.a, root, min_level, start, kvm_gfn_root_bits(m.a, root))
     while it.valid and it.gfn < end:
         if _cond_resched(m, &it, False):
             tdp_iter_next(&it, m.a)
@@ -747,7 +892,7 @@ cdef inline bint _tdp_table_at(tdp_mmu_t *m, uint64_t root, uint64_t gfn, int le
     no entry at `level`)."""
     cdef tdp_iter it
     cdef int shift = SPTE_LEVEL_BITS * level
-    tdp_iter_start(&it, m.a, root, level, gfn, 0)
+    tdp_iter_start(&it, m.a, root, level, gfn, kvm_gfn_root_bits(m.a, root))
     while it.valid and it.level > level:
         if not is_shadow_present_pte(it.old_spte) or is_last_spte(it.old_spte, it.level):
             return False
@@ -879,7 +1024,7 @@ cdef sptep_t kvm_tdp_mmu_fast_pf_get_last_sptep(tdp_mmu_t *m, uint64_t root, uin
     value: 0 if the root cannot be walked."""
     cdef tdp_iter it
     cdef sptep_t sptep = 0
-    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn, 0)
+    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn, kvm_gfn_root_bits(m.a, root))
     while it.valid and it.gfn <= gfn:
         sptep = it.sptep
         spte[0] = it.old_spte
@@ -955,7 +1100,7 @@ cdef int tdp_mmu_split_huge_pages_root(tdp_mmu_t *m, uint64_t root, uint64_t sta
     the kernel traces if that allocation fails)."""
     cdef tdp_iter it
     cdef uint64_t sp
-    tdp_iter_start(&it, m.a, root, target_level + 1, start, 0)
+    tdp_iter_start(&it, m.a, root, target_level + 1, start, kvm_gfn_root_bits(m.a, root))
     while it.valid and it.gfn < end:
         if _cond_resched(m, &it, False):
             tdp_iter_next(&it, m.a)
@@ -988,7 +1133,7 @@ cdef int _first_leaf_below(tdp_mmu_t *m, uint64_t root, tdp_iter *parent,
     cdef tdp_iter it
     cdef uint64_t gfn = parent.gfn
     cdef int level = parent.level
-    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn, 0)
+    tdp_iter_start(&it, m.a, root, PG_LEVEL_4K, gfn, kvm_gfn_root_bits(m.a, root))
     while it.valid and it.gfn < gfn + _pages(level):
         if m.resched.every > 0:
             m.resched.count += 1
@@ -1017,7 +1162,7 @@ cdef int64_t kvm_tdp_mmu_recover_huge_pages(tdp_mmu_t *m, uint64_t root, uint64_
     cdef int64_t nr = 0
     cdef bint flush = False
     cdef int r
-    tdp_iter_start(&it, m.a, root, 2, base_gfn, 0)
+    tdp_iter_start(&it, m.a, root, 2, base_gfn, kvm_gfn_root_bits(m.a, root))
     while it.valid and it.gfn < base_gfn + npages:
         if _cond_resched(m, &it, flush):
             flush = False
@@ -1073,6 +1218,8 @@ cdef class TdpMmuCore:
     cdef tdp_mmu_t m
     cdef readonly PtArena arena
     cdef readonly SpteFormat fmt
+    # the object m.ext_ops points to (kept alive here)
+    cdef readonly object external_ops
 
     def __init__(self, PtArena arena not None):
         if arena.a.chunk_base == NULL:
@@ -1232,6 +1379,24 @@ cdef class TdpMmuCore:
         loop had changed SPTEs since its last flush (zap_leafs, recovery)."""
         self._ready("TdpMmuCore.nr_yield_flushes")
         return self.m.nr_yield_flushes
+
+    def set_external_ops(self, ops):
+        """Install the external hooks of a VM with mirror roots (TDX), once,
+        before any mirror table exists: `ops` is called as
+        ``ops(op, gfn, level, arg) -> int`` (op one of ``EXT_OPS``) with the
+        GIL taken, from inside the walks, and must not raise (an exception
+        counts as -EIO).  A root whose role has ``is_mirror`` is then a
+        mirror root; without hooks, ``is_mirror`` roots behave as direct
+        ones (and must not be created)."""
+        self._ready("TdpMmuCore.set_external_ops")
+        if not callable(ops):
+            raise TypeError("ops must be callable as ops(op, gfn, level, arg) -> int")
+        if self.external_ops is not None:
+            raise ValueError("the external hooks are already installed")
+        if self.arena._shared or self.arena._busy is not None:
+            raise ValueError("set_external_ops while the arena is in use")
+        self.external_ops = ops
+        self.m.ext_ops = <void *>ops
 
     def warnings(self):
         """``{site text: count}`` of the WARNs/BUGs that fired (non-zero only)."""
@@ -1399,6 +1564,37 @@ cdef class TdpMmuCore:
         finally:
             self._leave()
         return bool(f)
+
+    def dump(self, root):
+        """Every present entry under `root`, in walk order, as a structured
+        array (``DUMP_DTYPE``): ``gfn`` (without the root's alias bits),
+        ``level``, ``spte``, ``leaf``, and for a table entry the child's
+        ``sp`` and ``external_spt`` (0 for leaves).  For audits and tests: it
+        takes the arena exclusively (no walk runs beside it)."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef tdp_iter it
+        cdef Py_ssize_t n = 0, cap = 1024
+        cdef uint64_t child
+        cdef tdp_mmu_t *m = &self.m
+        out = np.zeros(cap, DUMP_DTYPE)
+        self._enter("TdpMmuCore.dump")
+        try:
+            top = self._root(c_root)
+            tdp_iter_start(&it, m.a, c_root, PG_LEVEL_4K, 0, kvm_gfn_root_bits(m.a, c_root))
+            while it.valid:
+                if is_shadow_present_pte(it.old_spte):
+                    if n == cap:
+                        cap *= 2
+                        out = np.resize(out, cap)
+                    child = 0 if is_last_spte(it.old_spte, it.level) else \
+                        spte_to_child_sp(m.a, it.old_spte)
+                    out[n] = (it.gfn, it.level, it.old_spte, child == 0, child,
+                              pt_sp_ptr(m.a, child).external_spt if child else 0)
+                    n += 1
+                tdp_iter_next(&it, m.a)
+        finally:
+            self._leave()
+        return out[:n].copy()
 
     def zap_root(self, root):
         """``tdp_mmu_zap_root``: remove everything below `root` (the removed
