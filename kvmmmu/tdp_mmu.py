@@ -56,6 +56,7 @@ mirror roots (TDX).
 from __future__ import annotations
 
 import errno as E
+import threading
 
 import numpy as np
 
@@ -79,15 +80,16 @@ from kvmmmu._core.role import (
     kvm_calc_tdp_mmu_root_page_role,
     kvm_mmu_get_tdp_level,
 )
-from kvmmmu._core.spte import PT_WRITABLE_MASK, SPTE_MMU_PRESENT_MASK
+from kvmmmu._core.spte import PT_WRITABLE_MASK, SPTE_BASE_ADDR_MASK, SPTE_MMU_PRESENT_MASK
 from kvmmmu._core.tdp_iter import kvm_tdp_mmu_get_walk
 from kvmmmu._core.pt_arena import MmuMemoryCache
-from kvmmmu._core.tdp_mmu import TdpMmuCore
+from kvmmmu._core.tdp_mmu import EXT_OPS, WARN_SITES, TdpMmuCore
 from kvmmmu._core.guest_walk import (
     PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+from kvmmmu.notifiers import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 from kvmmmu import mmu as _mmu
 from kvmmmu.mmu import KvmPageFault, MmuBackend
 
@@ -95,11 +97,13 @@ __all__ = ["TdpMmu", "TdpRoot"]
 
 class TdpRoot:
     """A root of the TDP MMU (the fields of ``struct kvm_mmu_page`` a root uses)."""
-    __slots__ = ("as_id", "invalid", "nr_gfns", "refcount", "role", "scheduled_to_zap", "sp",
-                 "zapped")
+    __slots__ = ("as_id", "invalid", "is_mirror", "nr_gfns", "refcount", "role",
+                 "scheduled_to_zap", "sp", "zapped")
 
     def __init__(self, sp: int, role: KvmMmuPageRole):
         self.sp, self.role, self.as_id = sp, role, role.smm
+        #: a TDX mirror root (``role.is_mirror``): KVM's copy of the S-EPT
+        self.is_mirror = bool(role.is_mirror)
         #: the gfns the root maps (2**(9 * level))
         self.nr_gfns = 1 << (9 * role.level)
         self.refcount = 2           # the vCPU's and the roots list's
@@ -110,7 +114,75 @@ class TdpRoot:
 
     def __repr__(self):
         return (f"TdpRoot(sp={self.sp}, level={self.role.level}, as_id={self.as_id}, "
-                f"refcount={self.refcount}{', invalid' if self.invalid else ''})")
+                f"refcount={self.refcount}{', mirror' if self.is_mirror else ''}"
+                f"{', invalid' if self.invalid else ''})")
+
+
+_EXT = EXT_OPS
+_EXT_LINK, _EXT_SET, _EXT_REMOVE, _EXT_FREE = (_EXT["link_external_spt"], _EXT["set_external_spte"],
+                                               _EXT["remove_external_spte"], _EXT["free_external_spt"])
+_EXT_ALLOC, _EXT_FREE_PAGE, _EXT_BUG = (_EXT["alloc_external_spt"], _EXT["free_external_spt_page"],
+                                        _EXT["kvm_bug"])
+
+
+class _ExternalOps:
+    """What the C mirror path calls (``TdpMmuCore.set_external_ops``): the
+    ``kvm_x86_ops`` external hooks of ``vm.tdx`` with the arguments of the
+    VM's code generation (v6.18: the pfn of the SPTE; Gen B: the SPTE),
+    the ``external_spt`` page of a new mirror table from the faulting
+    vCPU's ``mmu_external_spt_cache``, and KVM_BUG_ON.  Never raises into
+    C: an exception of a hook (a broken test double) is kept in
+    :attr:`errors`, bugs the VM and answers -EIO."""
+
+    def __init__(self, mmu: "TdpMmu"):
+        self.mmu = mmu
+        self.vm = mmu.vm
+        #: exceptions the hooks raised (and the VM was bugged for)
+        self.errors: list[BaseException] = []
+
+    def __call__(self, op: int, gfn: int, level: int, arg: int) -> int:
+        try:
+            return self._call(op, gfn, level, arg)
+        except BaseException as e:            # noqa: BLE001 (nothing may unwind through C)
+            self.errors.append(e)
+            self.vm.kvm_bug(f"external hook {op} raised {e!r}", site="kvm_x86_ops")
+            return -E.EIO
+
+    def _call(self, op, gfn, level, arg) -> int:
+        vm = self.vm
+        tdx = vm.tdx
+        if op == _EXT_SET:
+            return tdx.set_external_spte(gfn, level, arg if tdx.era == "genB"
+                                         else (arg & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT)
+        if op == _EXT_LINK:
+            return tdx.link_external_spt(gfn, level, arg)
+        if op == _EXT_REMOVE:
+            if tdx.era == "genB":                 # void: TDX bugs the VM itself
+                tdx.remove_external_spte(gfn, level, arg)
+                return 0
+            r = tdx.remove_external_spte(gfn, level, (arg & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT)
+            if r:
+                vm.kvm_bug(f"remove_external_spte(gfn={gfn:#x}, level={level}) = {r}")
+            return r
+        if op == _EXT_FREE:
+            r = tdx.free_external_spt(gfn, level, arg)
+            if r:
+                vm.warn_sink.warn("handle_removed_pt", f"free_external_spt(gfn={gfn:#x}, "
+                                  f"level={level}) = {r}: S-EPT page {arg:#x} leaked")
+            else:                                 # tdp_mmu_free_sp: the page goes back
+                vm.host.phys.free_kernel_pages(np.array([arg], np.uint64))
+            return r
+        if op == _EXT_ALLOC:
+            vcpu = self.mmu._faulting.vcpu
+            pfn = vcpu.mmu_external_spt_cache.alloc()
+            return pfn if pfn > 0 else -E.ENOMEM
+        if op == _EXT_FREE_PAGE:
+            vm.host.phys.free_kernel_pages(np.array([arg], np.uint64))
+            return 0
+        if op == _EXT_BUG:
+            vm.kvm_bug(WARN_SITES[arg] + f" (gfn {gfn:#x}, level {level})")
+            return 0
+        raise ValueError(f"unknown external op {op}")
 
 
 class TdpMmu(MmuBackend):
@@ -138,21 +210,31 @@ class TdpMmu(MmuBackend):
                     else guest_maxphyaddr, 32, 52))
         self.roots: list[TdpRoot] = []
         self.vcpu_root: dict[int, TdpRoot] = {}
+        #: ``kvm_has_mirrored_tdp`` (TDX): each vCPU also holds the mirror root
+        self.mirrored = bool(vm.kvm_has_mirrored_tdp)
+        #: ``vcpu->arch.mmu->mirror_root_hpa`` per vCPU
+        self.vcpu_mirror_root: dict[int, TdpRoot] = {}
+        #: the vCPU whose fault runs on this thread (its external_spt cache)
+        self._faulting = threading.local()
+        if self.mirrored:
+            self.external_ops = _ExternalOps(self)
+            self.core.set_external_ops(self.external_ops)
         #: ``kvm->arch.split_{shadow_page,page_header}_cache``: eager split's tables
         self.split_shadow_page_cache = MmuMemoryCache(vm.arena, "shadow_page")
         self.split_page_header_cache = MmuMemoryCache(vm.arena, "page_header")
 
     # ------------------------------------------------------------------ roots
-    def _root_role(self, vcpu) -> KvmMmuPageRole:
+    def _root_role(self, vcpu, mirror: bool = False) -> KvmMmuPageRole:
         # the vCPU's mode matters only through smm (guest_mode: no nested TDP yet)
         cpu_role = KvmCpuRole(base=KvmMmuPageRole(smm=int(vcpu.smm)))
-        return kvm_calc_tdp_mmu_root_page_role(cpu_role, self.tdp_level,
+        role = kvm_calc_tdp_mmu_root_page_role(cpu_role, self.tdp_level,
                                                self.vm.fmt.masks()["ad_enabled"])
+        return role.replace(is_mirror=1) if mirror else role
 
-    def kvm_tdp_mmu_alloc_root(self, vcpu) -> TdpRoot:
-        """The valid root of the vCPU's role, with a new reference, or a new
-        root (refcount 2)."""
-        role = self._root_role(vcpu)
+    def kvm_tdp_mmu_alloc_root(self, vcpu, mirror: bool = False) -> TdpRoot:
+        """The valid root of the vCPU's role (``is_mirror`` for `mirror`),
+        with a new reference, or a new root (refcount 2)."""
+        role = self._root_role(vcpu, mirror)
         for r in self.roots:
             if not r.invalid and r.role == role and r.refcount > 0:
                 r.refcount += 1
@@ -166,11 +248,16 @@ class TdpMmu(MmuBackend):
         return root
 
     def kvm_mmu_load(self, vcpu) -> TdpRoot:
-        """``kvm_mmu_load``: give `vcpu` a valid root (dropping an invalid one)."""
+        """``kvm_mmu_load``: give `vcpu` a valid root (dropping an invalid one).
+        With mirrored TDP (``mmu_alloc_direct_roots``) the mirror root comes
+        first, when the vCPU has none: a vCPU never holds a direct root
+        without a mirror one (mirror-tdx.md §3)."""
         old = self.vcpu_root.get(vcpu.index)
         if old is not None and not old.invalid:
             return old
         with self.vm.mmu_lock.write():
+            if self.mirrored and vcpu.index not in self.vcpu_mirror_root:
+                self.vcpu_mirror_root[vcpu.index] = self.kvm_tdp_mmu_alloc_root(vcpu, True)
             if old is not None:
                 self.kvm_tdp_mmu_put_root(old)
             root = self.vcpu_root[vcpu.index] = self.kvm_tdp_mmu_alloc_root(vcpu)
@@ -187,13 +274,41 @@ class TdpMmu(MmuBackend):
             self.kvm_mmu_unload(vcpu)
 
     def kvm_mmu_unload(self, vcpu) -> None:
-        """``kvm_mmu_unload``: drop the vCPU's root reference."""
+        """``kvm_mmu_unload``: drop the vCPU's root reference (the direct
+        root; a mirror root is kept until :meth:`kvm_mmu_destroy`)."""
         root = self.vcpu_root.pop(vcpu.index, None)
         vcpu.mmu_root = None
         if root is not None:
             with self.vm.mmu_lock.write():
                 self.kvm_tdp_mmu_put_root(root)
             self.vm.arena.set_tdp_mmu_active(vcpu.index, False)
+
+    def kvm_mmu_destroy(self, vcpu) -> None:
+        """``kvm_mmu_destroy`` (vCPU teardown): unload, then drop the mirror
+        root's reference too (the roots list still holds one, so nothing
+        is zapped here: :meth:`kvm_mmu_uninit_tdp_mmu` does it)."""
+        self.kvm_mmu_unload(vcpu)
+        mroot = self.vcpu_mirror_root.pop(vcpu.index, None)
+        if mroot is not None:
+            with self.vm.mmu_lock.write():
+                self.kvm_tdp_mmu_put_root(mroot)
+
+    def kvm_mmu_uninit_tdp_mmu(self) -> None:
+        """``kvm_mmu_uninit_tdp_mmu`` (VM teardown, after the vCPUs): every
+        root, mirror included, is invalidated and zapped under the write lock
+        and its list reference dropped.  Zapping a mirror root frees its
+        tables bottom-up, each through ``free_external_spt`` (TDX: RECLAIM,
+        legal only once the HKID is released).  WARNs if a root or a table
+        is left."""
+        vm = self.vm
+        with vm.mmu_lock.write():
+            self.kvm_tdp_mmu_invalidate_roots(mirror=True)
+            self.kvm_tdp_mmu_zap_invalidated_roots()
+        vm.arena.rcu_barrier()
+        if self.core.tdp_mmu_pages:
+            vm.warn_sink.warn("kvm_mmu_uninit_tdp_mmu", f"{self.core.tdp_mmu_pages} tables left")
+        if self.roots:
+            vm.warn_sink.warn("kvm_mmu_uninit_tdp_mmu", f"roots left: {self.roots}")
 
     def kvm_tdp_mmu_put_root(self, root: TdpRoot) -> None:
         """Drop a reference; the last one zaps the root, unlinks it and frees
@@ -209,11 +324,12 @@ class TdpMmu(MmuBackend):
         self.roots.remove(root)
         self.vm.arena.call_rcu_free_sp(root.sp)
 
-    def kvm_tdp_mmu_invalidate_roots(self) -> None:
-        """Mark every root invalid and scheduled for zapping; every vCPU must
+    def kvm_tdp_mmu_invalidate_roots(self, mirror: bool = False) -> None:
+        """Mark every direct root (and with `mirror` the mirror roots:
+        teardown only) invalid and scheduled for zapping; every vCPU must
         reload."""
         for r in self.roots:
-            if not r.invalid:
+            if not r.invalid and (mirror or not r.is_mirror):
                 r.invalid = r.scheduled_to_zap = True
                 self.vm.arena.set_sp(r.sp, role=r.role.replace(invalid=1).word)
         for vcpu in self.vm.vcpus:
@@ -262,9 +378,17 @@ class TdpMmu(MmuBackend):
         installed counts in ``pf_mmio_spte_created``; a writable leaf
         created in a dirty-logged slot marks the gfn dirty (``make_spte``)."""
         vm = self.vm
-        root = vcpu.mmu_root
+        root = droot = vcpu.mmu_root
         if root is None:
             return RET_PF_RETRY
+        if self.mirrored:
+            # tdp_mmu_get_root_for_fault: a gpa without the shared bit goes
+            # to the mirror root
+            if not fault.addr >> PAGE_SHIFT & vm.gfn_direct_bits:
+                root = self.vcpu_mirror_root.get(vcpu.index)
+                if root is None:
+                    return RET_PF_RETRY
+            self._faulting.vcpu = vcpu
         gfn = fault.gfn
         if gfn >= root.nr_gfns:
             return _mmu.kvm_handle_noslot_fault(vcpu, fault, ACC_ALL) if fault.slot is None \
@@ -292,8 +416,9 @@ class TdpMmu(MmuBackend):
         lock = vm.mmu_lock
         lock.acquire_read()
         try:
-            # is_page_fault_stale: an obsolete root, or an invalidation since faultin
-            if root.invalid or slot is not None and (
+            # is_page_fault_stale: an obsolete (direct) root, or an
+            # invalidation since faultin
+            if droot.invalid or slot is not None and (
                     n.mmu_invalidate_seq != fault.mmu_seq or n.mmu_invalidate_in_progress and
                     _mmu.mmu_invalidate_retry_gfn(vm, fault.mmu_seq, gfn)):
                 return RET_PF_RETRY
@@ -427,18 +552,107 @@ class TdpMmu(MmuBackend):
             vm.mark_page_dirty(gfns[out == RET_PF_FIXED], slot.as_id)
         return out
 
-    def translate(self, vcpu_or_as_id, gfns) -> tuple[np.ndarray, np.ndarray]:
-        """``kvm_tdp_mmu_get_walk`` for an array of gfns on the valid root of
-        an address space (a vCPU's, or the first valid root of an as_id):
-        ``(sptes, levels)`` of the last entry each walk reached."""
+    def translate(self, vcpu_or_as_id, gfns, *, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``kvm_tdp_mmu_get_walk`` for an array of (unaliased) gfns on the
+        valid direct root - or with `mirror` the mirror root - of an address
+        space (a vCPU's, or the first valid root of an as_id): ``(sptes,
+        levels)`` of the last entry each walk reached."""
         if isinstance(vcpu_or_as_id, int):
-            roots = self._valid_roots(vcpu_or_as_id)
+            roots = [r for r in self._valid_roots(vcpu_or_as_id) if r.is_mirror == bool(mirror)]
             if not roots:
-                raise ValueError(f"no valid root for as_id {vcpu_or_as_id}")
+                raise ValueError(f"no valid {'mirror' if mirror else 'direct'} root for as_id "
+                                 f"{vcpu_or_as_id}")
             root = roots[0]
         else:
-            root = self.vcpu_root[vcpu_or_as_id.index]
+            root = (self.vcpu_mirror_root if mirror else self.vcpu_root)[vcpu_or_as_id.index]
         return kvm_tdp_mmu_get_walk(self.vm.arena, root.sp, check_array("gfns", gfns))
+
+    # ------------------------------------------------------------------ TDX entry points
+    #: kvm_tdp_map_page / map_private_pfn: RET_PF_RETRY turns taken before
+    #: giving up as a pending signal would (-EINTR); the kernel loops until then
+    MAX_PREFAULT_RETRIES = 10000
+
+    def kvm_tdp_map_page(self, vcpu, gpa: int, error_code: int) -> tuple[int, int]:
+        """``kvm_tdp_map_page`` (mmu.c): a prefetch fault on `gpa` through
+        ``kvm_mmu_do_page_fault``, again while it answers RET_PF_RETRY (a
+        bugged VM stops it with -EIO; after ``MAX_PREFAULT_RETRIES`` turns
+        it stops as a signal would, -EINTR).  Returns ``(r, level)``: 0 for
+        FIXED / SPURIOUS / WRITE_PROTECTED with the fault's goal level,
+        -ENOENT for EMULATE, a negative errno as it came, -EIO (WARN) for
+        anything else."""
+        vm = self.vm
+        if not isinstance(gpa, int) or not 0 <= gpa < 1 << 52:
+            raise ValueError(f"gpa={gpa!r} must be an int in [0, 2**52)")
+        for _ in range(self.MAX_PREFAULT_RETRIES):
+            if vm.warn_sink.bugged:
+                return -E.EIO, 0
+            r = _mmu.kvm_mmu_do_page_fault(vcpu, gpa, error_code, True)
+            if r != RET_PF_RETRY:
+                break
+        else:
+            return -E.EINTR, 0
+        if r < 0:
+            return r, 0
+        if r in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
+            return 0, vcpu.last_fault.goal_level
+        if r == RET_PF_EMULATE:
+            return -E.ENOENT, 0
+        vm.warn_sink.warn("kvm_tdp_map_page", "could not fix page fault during prefault", once=True)
+        return -E.EIO, 0
+
+    def kvm_tdp_mmu_gpa_is_mapped(self, vcpu, gpa: int) -> bool:
+        """``kvm_tdp_mmu_gpa_is_mapped`` (v6.18): a present leaf for `gpa` in
+        the vCPU's mirror root (private gpa) or direct root (shared gpa)."""
+        vm = self.vm
+        mirror = self.mirrored and not gpa >> PAGE_SHIFT & vm.gfn_direct_bits
+        root = (self.vcpu_mirror_root if mirror else self.vcpu_root).get(vcpu.index)
+        if root is None:
+            return False
+        gfn = (gpa >> PAGE_SHIFT) & ~vm.gfn_direct_bits
+        spte, level = kvm_tdp_mmu_get_walk(vm.arena, root.sp, np.array([gfn], np.uint64))
+        lvl = int(level[0])
+        return lvl > 0 and bool(int(spte[0]) & SPTE_MMU_PRESENT_MASK) and \
+            (lvl == 1 or bool(int(spte[0]) >> 7 & 1))
+
+    def kvm_tdp_mmu_map_private_pfn(self, vcpu, gfn: int, pfn: int) -> int:
+        """``kvm_tdp_mmu_map_private_pfn`` (Gen B's initial image): map
+        private `gfn` to `pfn` at 4K on the mirror root as a synthetic
+        prefetch fault (GUEST_FINAL | PRIVATE_ACCESS, writable), looping on
+        RET_PF_RETRY; -EPERM for a write-tracked gfn, -EIO when the VM is
+        bugged or the map ends in anything but RET_PF_FIXED."""
+        vm = self.vm
+        gfn = int_arg("gfn", gfn, 0, (1 << 40) - 1)
+        pfn = int_arg("pfn", pfn, 0, (1 << 40) - 1)
+        if not self.mirrored:
+            vm.kvm_bug("kvm_tdp_mmu_map_private_pfn without mirrored TDP")
+            return -E.EIO
+        slot = vcpu.gfn_to_memslot(gfn)
+        if slot is None or gfn & vm.gfn_direct_bits:
+            return -E.EFAULT
+        track = slot.arch.gfn_write_track
+        if vm.kvm_page_track_write_tracking_enabled and track is not None and \
+                track[gfn - slot.base_gfn]:
+            return -E.EPERM
+        if _mmu.kvm_mmu_reload(vcpu):
+            return -E.EIO
+        flags = 4 | (0 if slot.flags & KVM_MEM_READONLY else 8)    # prefetch, map_writable
+        for _ in range(self.MAX_PREFAULT_RETRIES):
+            if vm.warn_sink.bugged:
+                return -E.EIO
+            try:
+                vcpu.mmu_topup_memory_caches(False)
+            except KvmNoMemoryError:
+                return -E.ENOMEM
+            root = self.vcpu_mirror_root.get(vcpu.index)
+            if root is None:
+                return -E.EIO
+            self._faulting.vcpu = vcpu
+            with vm.mmu_lock.read():
+                r = self.core.page_fault_map(root.sp, gfn, pfn, PG_LEVEL_4K, PG_LEVEL_4K, flags, 0,
+                                             vcpu.mmu_shadow_page_cache, vcpu.mmu_page_header_cache)
+            if r != RET_PF_RETRY:
+                return 0 if r == RET_PF_FIXED else (r if r < 0 else -E.EIO)
+        return -E.EINTR
 
     # ------------------------------------------------------------------ hooks
     def _zap_range(self, as_id, start, end, roots=None) -> bool:
@@ -448,19 +662,32 @@ class TdpMmu(MmuBackend):
                 flush |= self.core.zap_leafs(r.sp, start, end)
         return flush
 
+    def _filter_roots(self, attr_filter: int, with_invalid: bool = True) -> list:
+        """``kvm_gfn_range_filter_to_root_types``: PRIVATE -> the mirror
+        roots, SHARED -> the direct ones (every root is direct without
+        mirrored TDP); invalid roots too when `with_invalid`."""
+        if not self.mirrored:
+            return [r for r in self.roots if with_invalid or not r.invalid]
+        return [r for r in self.roots if (with_invalid or not r.invalid) and
+                attr_filter & (KVM_FILTER_PRIVATE if r.is_mirror else KVM_FILTER_SHARED)]
+
     def kvm_unmap_gfn_range(self, rng) -> bool:
-        # every root, valid or not (an invalid root may still be in use by a vCPU)
-        return self._zap_range(rng.slot.as_id, rng.start, rng.end)
+        # the filter's roots, valid or not (an invalid root may still be in use by a vCPU)
+        return self._zap_range(rng.slot.as_id, rng.start, rng.end,
+                               self._filter_roots(rng.attr_filter))
 
     def kvm_age_gfn(self, rng) -> bool:
+        # (the notifiers' SHARED filter: never a mirror root)
         young = False
-        for r in self._valid_roots(rng.slot.as_id):
-            young |= self.core.age_gfn_range(r.sp, rng.start, rng.end)
+        for r in self._filter_roots(rng.attr_filter, False):
+            if r.as_id == rng.slot.as_id:
+                young |= self.core.age_gfn_range(r.sp, rng.start, rng.end)
         return young
 
     def kvm_test_age_gfn(self, rng) -> bool:
         return any(self.core.age_gfn_range(r.sp, rng.start, rng.end, test_only=True)
-                   for r in self._valid_roots(rng.slot.as_id))
+                   for r in self._filter_roots(rng.attr_filter, False)
+                   if r.as_id == rng.slot.as_id)
 
     def kvm_zap_gfn_range(self, gfn_start, gfn_end) -> bool:
         return self._zap_range(None, gfn_start, gfn_end)
@@ -470,9 +697,11 @@ class TdpMmu(MmuBackend):
             self.vm.kvm_flush_remote_tlbs()
 
     def kvm_arch_flush_shadow_all(self) -> None:
-        """``kvm_mmu_zap_all``: zap every root (the roots stay until put)."""
+        """``kvm_mmu_zap_all``: zap every direct root (the roots stay until
+        put); never a mirror root, whose pages the TD still uses."""
         for r in list(self.roots):
-            self.core.zap_root(r.sp)
+            if not r.is_mirror:
+                self.core.zap_root(r.sp)
         self.vm.kvm_flush_remote_tlbs()
 
     def kvm_mmu_zap_all_fast(self) -> None:
@@ -605,6 +834,69 @@ class TdpMmu(MmuBackend):
             bad.append(f"possible NX list holds {len(nx)}, nx_lpage_splits {self.core.nx_lpage_splits}")
         for msg, n in self.core.warnings().items():
             bad.append(f"{n}x {msg}")
+        return bad
+
+    def audit_mirror(self) -> list[str]:
+        """The mirror invariants (mirror-tdx.md §12) against the TDX module's
+        S-EPT (``vm.tdx``): every present mirror 4K leaf of gfn G and pfn P
+        has the S-EPT leaf (tdx level 0, G) PENDING or MAPPED on P (M1),
+        every present mirror table entry at level L the S-EPT entry (L-1)
+        NL_MAPPED on the child's ``external_spt`` (M2), and the S-EPT has no
+        entry the mirror lacks - except, in v6.18 before FINALIZE, the
+        "premapped" leaves ``nr_premapped`` counts.  No mirror leaf above 4K
+        (M9), none on a shared gfn, and no direct-root leaf on a private gfn
+        (M12: the shared EPT never maps private memory).  Returns the
+        violations."""
+        vm = self.vm
+        if not self.mirrored:
+            return []
+        bad = []
+        tdx = vm.tdx
+        mirror = {}
+        for r in self.roots:
+            d = self.core.dump(r.sp)
+            if r.is_mirror:
+                if r.invalid:
+                    continue
+                for e in d.tolist():
+                    gfn, level, spte, leaf, _sp, ext = e
+                    if leaf:
+                        if level != 1:
+                            bad.append(f"M9: mirror leaf at level {level}, gfn {gfn:#x}")
+                        if not vm.kvm_mem_is_private(gfn):
+                            bad.append(f"mirror leaf on shared gfn {gfn:#x}")
+                        mirror[(level - 1, gfn << PAGE_SHIFT)] = \
+                            ("leaf", (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT)
+                    else:
+                        mirror[(level - 1, gfn << PAGE_SHIFT)] = ("table", ext)
+            else:
+                for e in d[d["leaf"]].tolist():
+                    if vm.kvm_mem_is_private(e[0]):
+                        bad.append(f"{r}: shared EPT leaf on private gfn {e[0]:#x}")
+        if tdx.td is None:
+            if mirror:
+                bad.append(f"{len(mirror)} mirror entries but no TD")
+            return bad
+        sept = tdx.module.sept_snapshot(tdx.td)
+        premapped = 0
+        for key, (kind, pfn) in mirror.items():
+            got = sept.get(key)
+            lvl, gpa = key
+            if kind == "leaf":
+                if got is None and tdx.era == "v6.18" and not tdx.pre_fault_allowed:
+                    premapped += 1
+                elif got is None or got[0] not in ("PENDING", "MAPPED") or got[1] != pfn:
+                    bad.append(f"M1: mirror leaf gpa {gpa:#x} pfn {pfn:#x}, S-EPT has {got}")
+            elif got is None or got[0] != "NL_MAPPED" or got[1] != pfn:
+                bad.append(f"M2: mirror table entry tdx level {lvl} gpa {gpa:#x} (external_spt "
+                           f"{pfn:#x}), S-EPT has {got}")
+        for key, got in sept.items():
+            if key not in mirror:
+                bad.append(f"S-EPT entry tdx level {key[0]} gpa {key[1]:#x} {got} has no mirror entry")
+        if tdx.era == "v6.18" and premapped != tdx.nr_premapped:
+            bad.append(f"{premapped} premapped mirror leaves, nr_premapped {tdx.nr_premapped}")
+        if self.external_ops.errors:
+            bad.append(f"external hooks raised: {self.external_ops.errors!r}")
         return bad
 
     @staticmethod

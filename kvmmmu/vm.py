@@ -754,10 +754,15 @@ class VM:
     backend : "auto", None or MmuBackend
         The MMU that takes the vCPUs' faults and receives the hooks:
         ``"auto"`` gives ``mmu="tdp_mmu"`` its :class:`~kvmmmu.tdp_mmu.TdpMmu`
-        (``vm.mmu_backend``) and the other flavours none yet (the shadow MMU
-        and the TDX mirror roots are still to come); None registers nothing
-        (register your own with :meth:`register_mmu`); an object is
-        registered as it is.
+        (``vm.mmu_backend``; with mirror roots for a TDX VM) and the other
+        flavours the shadow MMU; None registers nothing (register your own
+        with :meth:`register_mmu`); an object is registered as it is.
+    tdx_era : {"v6.18", "genB"}
+        A TDX VM's code generation (mirror-tdx.md §0): ``"v6.18"`` (the
+        modelled kernel, "Gen A": hooks take a pfn, pinned pages, premapped
+        initial image) or ``"genB"`` (the newer one).
+    tdx_module : kvmmmu.tdx_module.TdxModule, optional
+        The TDX module a TDX VM talks to (default: its own).
 
     Invariants (checked by :meth:`audit`, which reports all violations at once):
 
@@ -775,7 +780,7 @@ class VM:
     def __init__(self, mmu: str | None = None, *, host: HostConfig | None = None,
                  params: KvmParams | None = None, vm_type="default", nr_vcpus: int = 1,
                  max_vcpus: int = 64, host_mm: HostMm | None = None, era: str = "v6.18",
-                 backend="auto"):
+                 backend="auto", tdx_era: str = "v6.18", tdx_module=None):
         self.host_config = host or HostConfig()
         params = params or KvmParams()
         hc = self.host_config
@@ -849,7 +854,7 @@ class VM:
         self.manual_dirty_log_protect = 0
         self.dirty_ring_size = 0
         self.dirty_ring_with_bitmap = False
-        self.gfn_direct_bits = 0
+        self._gfn_direct_bits = 0
         self.guest_memfds: dict[int, M.GuestMemfd] = {}
         self._next_fd = 100
         self.page_track_external_users: list = []
@@ -870,15 +875,22 @@ class VM:
         self.host.mmu_notifier_register(self.mmu_notifier)
         #: the MMU that takes the vCPUs' page faults (``vcpu->arch.mmu``)
         self.mmu_backend: MmuBackend | None = None
+        #: ``to_kvm_tdx(kvm)`` of a TDX VM (:class:`kvmmmu.tdx.KvmTdx`: the
+        #: TDX kvm_x86_ops and ioctls over a TDX-module model), else None
+        self.tdx = None
+        if self.kvm_has_mirrored_tdp:
+            from kvmmmu.tdx import KvmTdx
+            self.tdx = KvmTdx(self, module=tdx_module, era=tdx_era)
+        elif tdx_module is not None:
+            raise VmTypeError("tdx_module is for vm_type='tdx' only")
         self._auto_backend = None
         for i in range(nr_vcpus):
             self.create_vcpu(i)
         if isinstance(backend, str):
             if backend != "auto":
                 raise ValueError(f"backend must be 'auto', None or an MmuBackend, not {backend!r}")
-            # not for TDX yet: its private faults need the mirror root
             if mmu == "tdp_mmu":
-                backend = None if self.kvm_has_mirrored_tdp else TdpMmu(self)
+                backend = TdpMmu(self)
             else:                               # "tdp" (tdp_mmu=N) and "shadow"
                 backend = ShadowMmu(self)
             self._auto_backend = backend
@@ -937,6 +949,22 @@ class VM:
             self.host.mmu_notifier_unregister(self.mmu_notifier)
         for v in self.vcpus:
             v.mmu_free_memory_caches()
+
+    @property
+    def gfn_direct_bits(self) -> int:
+        """``kvm->arch.gfn_direct_bits``: the TDX shared bit as a gfn bit
+        (``KVM_TDX_INIT_VM`` sets it: gfn bit 35 for a 48-bit GPA width, 39
+        for 52), 0 for every other VM.  Memslots, attributes and faults use
+        gfns without it; a direct root is indexed with it."""
+        return self._gfn_direct_bits
+
+    @gfn_direct_bits.setter
+    def gfn_direct_bits(self, bits: int) -> None:
+        bits = int_arg("gfn_direct_bits", bits, 0, (1 << 40) - 1)
+        if bits and not self.kvm_has_mirrored_tdp:
+            raise ValueError("gfn_direct_bits: only a TDX VM has a shared bit")
+        self.arena.gfn_direct_bits = bits       # checks: one bit, no table yet
+        self._gfn_direct_bits = bits
 
     # -- configuration predicates (kernel names) ---------------------------------------
     @property
@@ -1108,12 +1136,20 @@ class VM:
     @_vm_ioctl
     def add_memory(self, gpa: int, size: int, *, slot: int | None = None, as_id: int = 0,
                    flags: int = 0, writable: bool | None = None, thp: bool = False,
-                   hugetlb=None, populate: bool = False, hva: int | None = None):
+                   hugetlb=None, populate: bool = False, hva: int | None = None,
+                   guest_memfd: bool = False):
         """Map ``size`` bytes of host memory and create a memslot for ``[gpa, gpa+size)``.
 
         The host mapping is read-only for READONLY slots unless ``writable``.
+        ``guest_memfd``: also create a guest_memfd of ``size`` bytes and bind
+        the slot to it (``KVM_MEM_GUEST_MEMFD``, offset 0), so that the range
+        can hold private memory.
         Returns the new :class:`~kvmmmu.memslots.KvmMemorySlot`.
         """
+        fd = 0
+        if guest_memfd:
+            fd = self.create_guest_memfd(size)
+            flags |= M.KVM_MEM_GUEST_MEMFD
         if writable is None:
             writable = not flags & M.KVM_MEM_READONLY
         if slot is None:
@@ -1122,7 +1158,7 @@ class VM:
         addr = self.host.mmap(size, hva=hva, writable=writable, thp=thp, hugetlb=hugetlb,
                               populate=populate)
         try:
-            self.set_user_memory_region((as_id << 16) | slot, flags, gpa, size, addr)
+            self.set_user_memory_region((as_id << 16) | slot, flags, gpa, size, addr, 0, fd)
         except BaseException:
             # an MMU hook that raised past the commit point leaves the slot
             # created: its host mapping stays (unmapping it would zap the slot)
@@ -1326,6 +1362,10 @@ class VM:
         bad += self.stat.audit()
         for mmu in self.mmus:
             bad += [f"{type(mmu).__name__}: {x}" for x in mmu.audit()]
+            if getattr(mmu, "mirrored", False):
+                bad += [f"{type(mmu).__name__} mirror: {x}" for x in mmu.audit_mirror()]
+        if self.tdx is not None:
+            bad += [f"tdx: {x}" for x in self.tdx.audit()]
         try:
             self.arena.audit()
         except AssertionError as e:

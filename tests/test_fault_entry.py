@@ -527,9 +527,10 @@ def test_eager_split_takes_the_vms_split_caches_not_a_vcpus():
     assert vm.audit() == []
 
 
-def test_a_tdx_vm_gets_no_tdp_mmu_yet():
+def test_a_tdx_vm_gets_the_tdp_mmu_with_mirror_roots():
     vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx")
-    assert vm.mmu_backend is None and vm.mmus == []           # mirror roots: not modelled
+    assert isinstance(vm.mmu_backend, TdpMmu) and vm.mmu_backend.mirrored
+    assert vm.tdx is not None and not VM("tdp_mmu", host=HostConfig(tdp="ept")).mmu_backend.mirrored
 
 
 def test_vcpu_threads_fixing_writes_in_one_bitmap_word_lose_no_dirty_bit():
