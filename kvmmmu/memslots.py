@@ -45,6 +45,7 @@ from __future__ import annotations
 import enum
 import errno as E
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -246,6 +247,8 @@ class GuestMemfd:
         self.vm, self.size, self.flags, self.fd = vm, size, flags, fd
         self.bindings: list[tuple[int, int, object]] = []      # (pgoff start, end, slot)
         self.pfn = np.zeros(size >> PAGE_SHIFT, dtype=np.uint64)
+        # the page cache's lock: two vCPU threads faulting one gfn get one page
+        self._alloc_lock = threading.Lock()
 
     def __repr__(self):
         return f"GuestMemfd(fd={self.fd}, size={self.size:#x}, {len(self.bindings)} bindings)"
@@ -270,9 +273,14 @@ class GuestMemfd:
     def get_pfn(self, slot, gfn: int) -> int:
         """``kvm_gmem_get_pfn``: the page backing ``gfn`` (allocated on demand)."""
         i = slot.gmem_pgoff + (gfn - slot.base_gfn)
-        if not self.pfn[i]:
-            self.pfn[i] = self.vm.host.phys.alloc_kernel_pages(1)[0]
-        return int(self.pfn[i])
+        pfn = int(self.pfn[i])
+        if not pfn:
+            with self._alloc_lock:
+                pfn = int(self.pfn[i])
+                if not pfn:
+                    pfn = int(self.vm.host.phys.alloc_kernel_pages(1)[0])
+                    self.pfn[i] = pfn
+        return pfn
 
 
 class KvmArchMemorySlot:

@@ -402,8 +402,9 @@ class TdpMmu(MmuBackend):
             if r != RET_PF_INVALID:
                 return r
         sc, hc = vcpu.mmu_shadow_page_cache, vcpu.mmu_page_header_cache
+        # (mmu_topup_memory_caches would leave caches at their minimum alone)
         if sc.nobjs < 5 or hc.nobjs < 5 or vcpu.mmu_pte_list_desc_cache.nobjs < 14 or \
-                vm.kvm_has_mirrored_tdp:
+                self.mirrored and vcpu.mmu_external_spt_cache.nobjs < 5:
             try:
                 vcpu.mmu_topup_memory_caches(False)
             except KvmNoMemoryError:

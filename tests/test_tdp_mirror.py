@@ -405,3 +405,63 @@ def test_a_double_that_removes_without_track_is_caught():
     assert rem.status_name.startswith("TDX_TLB_TRACKING_NOT_DONE")
     assert vm.bugged
     assert any(x.startswith("S-EPT entry") for x in vm.mmu_backend.audit_mirror())
+
+
+# --------------------------------------------------------------------------- several vCPU threads
+
+def test_vcpu_threads_faulting_the_same_private_gfns_aug_each_once():
+    """Four vCPU threads fault overlapping private gfns at once: the map
+    paths run in parallel (nogil) and meet each other's FROZEN entries
+    (RET_PF_RETRY) while a hook runs; every gfn ends mapped once, every
+    table linked once, and the module saw no second AUG or SEPT.ADD of one
+    entry (it would refuse it and the double would bug the VM)."""
+    import sys
+    import threading
+    import time
+
+    class Slow(ModuleTdx):
+        """Each map hook lets the other threads run (as a SEAMCALL takes
+        time): their walks then meet the entry FROZEN."""
+
+        def link_external_spt(self, *a):
+            time.sleep(1e-4)
+            return super().link_external_spt(*a)
+
+        def set_external_spte(self, *a):
+            time.sleep(1e-4)
+            return super().set_external_spte(*a)
+
+    vm, tdx, slot = make_td(nr_vcpus=4, tdx_cls=Slow)
+    gfns = list(range(0, 1024, 3))
+    results = [[] for _ in vm.vcpus]
+    retries = [0] * 4
+
+    def run(i):
+        v = vm.vcpus[i]
+        order = gfns[i::2] + gfns[(i + 1) % 2::2]             # every thread touches every gfn
+        for g in order:
+            while True:
+                r = v.kvm_mmu_page_fault(g << 12, PRIV)
+                if r != RET_PF_RETRY:
+                    break
+                retries[i] += 1
+            results[i].append(r)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not vm.bugged, vm.bugged
+    assert sum(retries) > 0                 # the FROZEN entries were met
+    assert all(r in (RET_PF_FIXED, RET_PF_SPURIOUS) for rs in results for r in rs)
+    augs = [c for c in tdx.module.calls if c.name == "tdh_mem_page_aug" and c.status == 0]
+    assert sorted(c.args[0] >> 12 for c in augs) == gfns
+    leaves = sorted(g for (g, _), leaf in mirror_entries(vm).items() if leaf)
+    assert leaves == gfns and vm.arena.page_stats["pages_4k"] == len(gfns)
+    assert vm.audit(raise_=False) == []
