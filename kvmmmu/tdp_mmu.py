@@ -50,8 +50,18 @@ until :meth:`TdpMmu.kvm_recover_nx_huge_pages` zaps it.
 Faults of different vCPUs may run on different threads: the C map path takes
 the arena's shared side (``mmu_lock`` held for read), every change a cmpxchg.
 ``kvm_mmu_zap_all_fast`` zaps the invalidated roots under the read lock
-too, beside those faults (``TdpMmuCore.zap_root_shared``).  Not modelled yet:
-mirror roots (TDX).
+too, beside those faults (``TdpMmuCore.zap_root_shared``).
+
+A TDX VM (``vm_type="tdx"``) has two roots per vCPU (mirror-tdx.md §3): the
+mirror root (``role.is_mirror``: KVM's copy of the Secure EPT, indexed with
+the plain gfn) and the direct root (the shared EPT, indexed with the gfn plus
+``vm.gfn_direct_bits``).  A fault whose gpa lacks the shared bit goes to the
+mirror root, where every change reaches the TDX module through the
+``kvm_x86_ops`` hooks of ``vm.tdx`` (:class:`_ExternalOps`; the C side is
+described in :mod:`kvmmmu._core.tdp_mmu`).  Zaps pick roots by the range's
+attribute filter; fast zap and zap-all leave the mirror root alone; it goes
+only at teardown (:meth:`TdpMmu.kvm_mmu_uninit_tdp_mmu`).
+:meth:`TdpMmu.audit_mirror` compares it with the module's S-EPT.
 """
 from __future__ import annotations
 

@@ -35,7 +35,24 @@ the WARN counters are atomics, the possible-NX list is under
 ``tdp_mmu_pages_lock`` (a spinlock), pages come from the caller's own
 caches.  Everything else is write-locked (exclusive).
 
-Not modelled yet in this module: mirror roots.
+Mirror roots (TDX; a root whose role has ``is_mirror``, in a VM that
+installed external hooks with ``TdpMmuCore.set_external_ops``) follow the
+kernel's extra rules, each a KVM_BUG_ON site here (mirror-tdx.md §4, §11):
+
+* a mirror SPTE goes non-present -> present only through
+  ``set_external_spte_present``: cmpxchg to FROZEN_SPTE, the hook
+  (``link_external_spt`` for a table, ``set_external_spte`` for a leaf),
+  then the new value - or the old one back when the hook failed (-EBUSY for
+  TDX_OPERAND_BUSY: the fault retries).  The S-EPT changes before the mirror
+  SPTE becomes present, and only one thread at a time is inside a hook for
+  one SPTE;
+* present -> non-present only under the write lock (``tdp_mmu_set_spte``),
+  a leaf through ``remove_external_spte``; a removed mirror table hands each
+  leaf to it and gives its ``external_spt`` back with ``free_external_spt``;
+* no huge mirror leaf, no atomic zap of a mirror SPTE, no present value
+  written under the write lock.
+The hooks are Python (the TDX side, ``kvmmmu.tdx``): the walk takes the GIL
+for each call and nothing else.
 """
 from libc.stdint cimport uint64_t, int64_t, uint32_t
 from libc.stdlib cimport malloc, free
