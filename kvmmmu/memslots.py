@@ -282,6 +282,20 @@ class GuestMemfd:
                     self.pfn[i] = pfn
         return pfn
 
+    def get_pfn_array(self, slot, gfns) -> np.ndarray:
+        """:meth:`get_pfn` for an array of gfns of `slot` (uint64, checked to
+        lie in the slot): the missing pages are allocated in one call."""
+        gfns = check_array("gfns", gfns)
+        if gfns.size and (int(gfns.min()) < slot.base_gfn or
+                          int(gfns.max()) >= slot.base_gfn + slot.npages):
+            raise ValueError("get_pfn_array: every gfn must lie in the slot")
+        idx = (gfns - np.uint64(slot.base_gfn) + np.uint64(slot.gmem_pgoff)).astype(np.int64)
+        with self._alloc_lock:
+            missing = np.unique(idx[self.pfn[idx] == 0])
+            if missing.size:
+                self.pfn[missing] = self.vm.host.phys.alloc_kernel_pages(missing.size)
+            return self.pfn[idx]
+
 
 class KvmArchMemorySlot:
     """``struct kvm_arch_memory_slot``: rmaps, lpage_info, write-track counts.

@@ -99,6 +99,7 @@ from kvmmmu._core.guest_walk import (
 )
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
 from kvmmmu.notifiers import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 from kvmmmu import mmu as _mmu
 from kvmmmu.mmu import KvmPageFault, MmuBackend
@@ -183,8 +184,11 @@ class _ExternalOps:
                 vm.host.phys.free_kernel_pages(np.array([arg], np.uint64))
             return r
         if op == _EXT_ALLOC:
-            vcpu = self.mmu._faulting.vcpu
-            pfn = vcpu.mmu_external_spt_cache.alloc()
+            faulting = self.mmu._faulting
+            cache = faulting.vcpu.mmu_external_spt_cache
+            if not cache.nobjs and getattr(faulting, "refill", False):
+                cache.topup(cache.capacity)         # (a batch: topped up between faults)
+            pfn = cache.alloc()
             return pfn if pfn > 0 else -E.ENOMEM
         if op == _EXT_FREE_PAGE:
             vm.host.phys.free_kernel_pages(np.array([arg], np.uint64))
@@ -521,14 +525,21 @@ class TdpMmu(MmuBackend):
             return _mmu.kvm_mmu_prefetch_fault(vcpu, gfn << PAGE_SHIFT, ec)
         return _mmu.kvm_mmu_page_fault(vcpu, gfn << PAGE_SHIFT, ec)
 
-    def map_memory(self, vcpu, gfns, *, write: bool = False) -> np.ndarray:
+    def map_memory(self, vcpu, gfns, *, write: bool = False, private: bool = False) -> np.ndarray:
         """Fault in many gfns of one memslot at once (the populate path, as
         ``KVM_PRE_FAULT_MEMORY`` does, one nogil pass per mapping level):
         the host pages must be present (see ``HostMm.populate``); each gfn is
         mapped at the level ``kvm_mmu_hugepage_adjust`` allows, one fault per
         frame of that level.  Returns, per gfn, the RET_PF_* code of the
-        fault that covered it."""
+        fault that covered it.
+
+        `private` (a TDX VM): private gfns of a guest_memfd slot on the
+        mirror root, at 4K, each leaf through the TDX hooks (SEPT.ADD for a
+        missing table, AUG - or before FINALIZE the era's initial-image
+        path); every gfn must be private (ValueError otherwise)."""
         vm = self.vm
+        if private:
+            return self._map_private(vcpu, gfns)
         root = self.vcpu_root.get(vcpu.index)
         if root is None:
             raise ValueError(f"vCPU {vcpu.vcpu_id} has no root: call kvm_mmu_load first")
@@ -561,6 +572,39 @@ class TdpMmu(MmuBackend):
                 out[idx] = r[np.searchsorted(g, gfns[idx] & ~mask)]
         if writable and slot.kvm_slot_dirty_track_enabled():
             vm.mark_page_dirty(gfns[out == RET_PF_FIXED], slot.as_id)
+        return out
+
+    def _map_private(self, vcpu, gfns) -> np.ndarray:
+        vm = self.vm
+        if not self.mirrored:
+            raise ValueError("map_memory(private=True) needs a TDX VM (mirror roots)")
+        root = self.vcpu_mirror_root.get(vcpu.index)
+        if root is None:
+            raise ValueError(f"vCPU {vcpu.vcpu_id} has no root: call kvm_mmu_load first")
+        gfns = check_array("gfns", gfns)
+        out = np.zeros(gfns.shape[0], np.int8)
+        if not gfns.size:
+            return out
+        slot = vcpu.gfn_to_memslot(int(gfns[0]))
+        if slot is None or int(gfns.min()) < slot.base_gfn or \
+                int(gfns.max()) >= slot.base_gfn + slot.npages:
+            raise ValueError("map_memory: every gfn must lie in the memslot of the first one")
+        if not slot.kvm_slot_has_gmem():
+            raise ValueError("map_memory(private=True): the memslot has no guest_memfd")
+        if not np.all(vm.mem_attrs.get_array(gfns) & np.uint64(KVM_MEMORY_ATTRIBUTE_PRIVATE)):
+            raise ValueError("map_memory(private=True): every gfn must be private")
+        g, inv = np.unique(gfns, return_inverse=True)
+        pfns = slot.gmem.get_pfn_array(slot, g)
+        self._faulting.vcpu = vcpu
+        self._faulting.refill = True        # a batch may need more than one topup's pages
+        try:
+            with vm.mmu_lock.read():
+                r = self.core.map(root.sp, g, pfns, PG_LEVEL_4K, vcpu.mmu_shadow_page_cache,
+                                  vcpu.mmu_page_header_cache, write=True,
+                                  map_writable=not slot.flags & KVM_MEM_READONLY)
+        finally:
+            self._faulting.refill = False
+        out[:] = r[inv]
         return out
 
     def translate(self, vcpu_or_as_id, gfns, *, mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -465,3 +465,31 @@ def test_vcpu_threads_faulting_the_same_private_gfns_aug_each_once():
     leaves = sorted(g for (g, _), leaf in mirror_entries(vm).items() if leaf)
     assert leaves == gfns and vm.arena.page_stats["pages_4k"] == len(gfns)
     assert vm.audit(raise_=False) == []
+
+
+def test_a_private_batch_map_equals_the_scalar_faults():
+    """map_memory(private=True) (the KVM_PRE_FAULT_MEMORY path) leaves the
+    mirror, the S-EPT and the stats exactly as one scalar private fault per
+    gfn does: every leaf goes through the hook, none through the batch's
+    fresh-leaf shortcut."""
+    gfns = np.array(sorted({(i * 7919) % 4096 for i in range(3000)}), np.uint64)
+    states = []
+    for batch in (False, True):
+        vm, tdx, _ = make_td()
+        v = vm.vcpus[0]
+        if batch:
+            r = vm.mmu_backend.map_memory(v, gfns, private=True)
+            assert set(r.tolist()) == {RET_PF_FIXED}
+        else:
+            for g in gfns.tolist():
+                assert v.kvm_mmu_page_fault(g << 12, PRIV) == RET_PF_FIXED
+        assert vm.audit(raise_=False) == []
+        sept = tdx.module.sept_snapshot(tdx.td)
+        states.append((mirror_entries(vm), {k: v[:2] for k, v in sept.items()},
+                       dict(vm.arena.page_stats), vm.mmu_backend.core.tdp_mmu_pages))
+    # the pfns differ (allocation order); compare the shapes and the leaves' gfns
+    assert states[0][0] == states[1][0]
+    assert {k: s for k, (s, _) in states[0][1].items()} == {k: s for k, (s, _) in states[1][1].items()}
+    assert states[0][2:] == states[1][2:]
+    with pytest.raises(ValueError, match="private"):
+        vm.mmu_backend.map_memory(v, np.array([1 << 17], np.uint64), private=True)   # shared gfn

@@ -1484,8 +1484,10 @@ cdef class TdpMmuCore:
             (0 if self.m.f.ad_enabled else MKSPTE_AD_DISABLED)
         cdef uint64_t tmpl = make_spte(self.m.f, goal, ACC_ALL, 0, self.m.f.nonpresent_value,
                                        tflags, &wp)
+        # (never on a mirror root: each of its leaves goes through the hook)
         cdef bint fresh_fast = same_table and not fault.prefetch and not wp and \
-            _spte_writable_invariants_ok(self.m.f, tmpl) and not tdp_trace_map_events_on()
+            _spte_writable_invariants_ok(self.m.f, tmpl) and not tdp_trace_map_events_on() and \
+            not (self.m.ext_ops != NULL and role_is_mirror(pt_sp_ptr(self.m.a, c_root).role))
         cdef uint64_t tbase = 0, old
         cdef uint64_t *tptr = NULL
         cdef int k
