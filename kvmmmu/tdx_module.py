@@ -169,6 +169,7 @@ serialized by an internal lock.  Contention BUSY is modelled explicitly
 """
 from __future__ import annotations
 
+import collections
 import enum
 import random
 import threading
@@ -425,18 +426,23 @@ class TdxModule:
         "tdh_mem_sept_remove"})
     EPOCH_LOCKED = frozenset({"tdh_mem_track"})
 
-    def __init__(self, *, era="v6.18"):
+    def __init__(self, *, era="v6.18", log_limit=None):
+        """`log_limit`: keep only the last that many calls in :attr:`calls`
+        (None: all; a 64 GiB TD makes tens of millions)."""
         if not isinstance(era, str):
             raise TypeError(f"era must be a str, not {type(era).__name__}")
         if era not in self.ERAS:
             raise ValueError(f"era must be one of {self.ERAS}, not {era!r}")
+        if log_limit is not None:
+            log_limit = int_arg("log_limit", log_limit, 0, 1 << 62)
         self.era = era
         self._lock = threading.RLock()
         self._tds: dict[int, _Td] = {}                  # tdr pfn -> TD
         self._pamt: dict[int, tuple[int, PageType]] = {}  # pfn -> (tdr pfn, type)
         self._cached: dict[int, int] = {}               # pfn -> hkid (needs WBINVD)
         self._hkids: set[int] = set()
-        self._log: list[SeamcallRecord] = []
+        self._log = collections.deque(maxlen=log_limit)
+        self._ncalls = 0                                # calls made (the next index)
         self._busy_at: set[int] = set()
         self._busy_names: dict[str, int] = {}
         self._busy_prob = 0.0
@@ -538,7 +544,7 @@ class TdxModule:
 
     def _injected_busy(self, name, t):
         """The BUSY status to return for this call, or None."""
-        idx = len(self._log)
+        idx = self._ncalls
         opid = (TDX_OPERAND_ID_TD_EPOCH if name in self.EPOCH_LOCKED
                 else TDX_OPERAND_ID_SEPT if name in self.SEPT_LOCKED
                 else TDX_OPERAND_ID_RCX)
@@ -569,9 +575,10 @@ class TdxModule:
     # logging
     # ------------------------------------------------------------------
     def _record(self, name, t, args, status):
-        self._log.append(SeamcallRecord(len(self._log), name,
+        self._log.append(SeamcallRecord(self._ncalls, name,
                                         None if t is None else t.handle.tdr_pfn,
                                         tuple(args), status))
+        self._ncalls += 1
 
     def _ret(self, name, t, args, status, rcx=0, rdx=0, r8=0):
         self._record(name, t, args, status)
@@ -864,11 +871,13 @@ class TdxModule:
         npages = 1 << (9 * lv)
         if pfn & (npages - 1) or pfn + npages - 1 > _MAX_PFN:
             return self._ret(name, t, args, TDX_OPERAND_INVALID | TDX_OPERAND_ID_R8)
-        if any(not self._page_free(p) for p in range(pfn, pfn + npages)):
+        pamt = self._pamt
+        if (pfn in pamt) if npages == 1 else any(p in pamt for p in range(pfn, pfn + npages)):
             return self._ret(name, t, args, TDX_PAGE_METADATA_INCORRECT | TDX_OPERAND_ID_R8)
         self._set(t, lv, g, _Entry(state, pfn))
+        owner = (t.handle.tdr_pfn, PageType.PT_REG)
         for p in range(pfn, pfn + npages):
-            self._pamt[p] = (t.handle.tdr_pfn, PageType.PT_REG)
+            pamt[p] = owner
             self._cached.pop(p, None)
         return self._ret(name, t, args, TDX_SUCCESS)
 

@@ -1224,3 +1224,16 @@ def test_calls_from_several_threads_are_serialized():
     assert sum(1 for k in m.sept_snapshot(td) if k[0] == 0) == 512
     assert [c.index for c in m.calls] == list(range(len(m.calls)))
     assert m.audit() == []
+
+
+def test_log_limit_keeps_the_last_calls_with_their_global_index():
+    m = TdxModule(log_limit=3)
+    r, td = m.tdh_mng_create(TDR, HKID)
+    pfns = Pfns()
+    build_tables(m, td, G, pfns)                  # 3 more calls: 4 in all
+    assert [c.index for c in m.calls] == [1, 2, 3]
+    assert [c.name for c in m.calls] == ["tdh_mem_sept_add"] * 3
+    m.inject_busy(call_index=4)                   # indices count every call, logged or not
+    assert m.tdh_mem_page_add(td, G, pfns(), pfns()).busy
+    with pytest.raises(ValueError):
+        TdxModule(log_limit=-1)
