@@ -493,3 +493,33 @@ def test_a_private_batch_map_equals_the_scalar_faults():
     assert states[0][2:] == states[1][2:]
     with pytest.raises(ValueError, match="private"):
         vm.mmu_backend.map_memory(v, np.array([1 << 17], np.uint64), private=True)   # shared gfn
+
+
+def test_shared_huge_pages_only_where_the_frame_is_not_mixed():
+    """KVM_LPAGE_MIXED_FLAG (mirror-tdx.md §10): a shared fault maps 2M on
+    the direct root where the whole 2M frame is shared, 4K where one of its
+    gfns is private; private mappings are 4K whatever the frame."""
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx")
+    vm.tdx = ModuleTdx(vm)
+    vm.tdx.start()
+    slot = vm.add_memory(0, GB, guest_memfd=True, thp=True, populate=True)
+    vm.set_memory_attributes(0x400000 + 0x3000, 4096, KVM_MEMORY_ATTRIBUTE_PRIVATE)  # frame 2
+    v = vm.vcpus[0]
+    assert v.kvm_mmu_reload() == 0
+    shared = W | PFERR_GUEST_FINAL_MASK
+    assert v.kvm_mmu_page_fault(SHARED_BIT | 0x200000, shared) == RET_PF_FIXED
+    assert v.kvm_mmu_page_fault(SHARED_BIT | 0x400000, shared) == RET_PF_FIXED
+    assert v.kvm_mmu_page_fault(0x403000, PRIV) == RET_PF_FIXED
+    _, levels = vm.mmu_backend.translate(v, np.array([0x200, 0x400], np.uint64))
+    assert levels.tolist() == [2, 1]
+    _, mlevels = vm.mmu_backend.translate(v, np.array([0x403], np.uint64), mirror=True)
+    assert mlevels.tolist() == [1]
+    # the frame becomes uniform again: the next shared fault there may map 2M
+    vm.set_memory_attributes(0x403000, 4096, 0)
+    assert v.kvm_mmu_page_fault(SHARED_BIT | 0x401000, shared) in (RET_PF_FIXED, RET_PF_SPURIOUS)
+    vm.mmu_backend.kvm_mmu_zap_all_fast()
+    assert v.kvm_mmu_reload() == 0
+    assert v.kvm_mmu_page_fault(SHARED_BIT | 0x401000, shared) == RET_PF_FIXED
+    _, levels = vm.mmu_backend.translate(v, np.array([0x401], np.uint64))
+    assert levels.tolist() == [2]
+    assert vm.audit(raise_=False) == []
