@@ -859,6 +859,98 @@ def faultin_pfn(vcpu, fault: KvmPageFault, access: int = 7) -> int:
     return RET_PF_CONTINUE
 
 
+#: kvm_tdp_map_page: RET_PF_RETRY turns taken before giving up as a pending
+#: signal would (-EINTR); the kernel loops until then
+MAX_PREFAULT_RETRIES = 10000
+
+
+def kvm_tdp_map_page(vcpu, gpa: int, error_code: int) -> tuple[int, int]:
+    """``kvm_tdp_map_page``: a prefetch fault on `gpa` through
+    :func:`kvm_mmu_do_page_fault`, again while it answers RET_PF_RETRY (a
+    bugged VM stops it with -EIO; after ``MAX_PREFAULT_RETRIES`` turns it
+    stops as a signal would, -EINTR).  Returns ``(r, level)``: 0 for FIXED /
+    SPURIOUS / WRITE_PROTECTED with the fault's goal level, -ENOENT for
+    EMULATE, a negative errno as it came, -EIO (WARN) for anything else;
+    -EOPNOTSUPP unless the vCPU's MMU is a direct TDP one."""
+    vm = vcpu.vm
+    gpa = int_arg("gpa", gpa, 0, (1 << _GPA_BITS_MAX) - 1)
+    error_code = int_arg("error_code", error_code, 0, _U64)
+    mmu = vm.mmu_backend
+    if mmu is None or not mmu.is_tdp or vcpu.guest_mode:
+        return -E.EOPNOTSUPP, 0
+    for _ in range(MAX_PREFAULT_RETRIES):
+        if vm.warn_sink.bugged:                  # KVM_REQ_VM_DEAD
+            return -E.EIO, 0
+        r = kvm_mmu_do_page_fault(vcpu, gpa, error_code, True)
+        if r != RET_PF_RETRY:
+            break
+    else:
+        return -E.EINTR, 0
+    if r < 0:
+        return r, 0
+    if r in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
+        return 0, vcpu.last_fault.goal_level
+    if r == RET_PF_EMULATE:
+        return -E.ENOENT, 0
+    vm.warn_sink.warn("kvm_tdp_map_page", "could not fix page fault during prefault", once=True)
+    return -E.EIO, 0
+
+
+def kvm_arch_vcpu_pre_fault_memory(vcpu, gpa: int, size: int) -> int:
+    """x86's part of ``KVM_PRE_FAULT_MEMORY`` for the page at `gpa`: -EOPNOTSUPP
+    until the VM allows it (``pre_fault_allowed``: default and SW-protected
+    VMs; a TD after FINALIZE), -EINVAL for a gpa with the alias bit; the
+    mmu reload; a private gfn maps with PFERR_PRIVATE_ACCESS, another with
+    the alias bit set; then :func:`kvm_tdp_map_page`.  Returns the bytes the
+    mapping covers from `gpa` on (at most `size`), or a negative errno."""
+    vm = vcpu.vm
+    if not vm.pre_fault_allowed:
+        return -E.EOPNOTSUPP
+    gfn = gpa >> PAGE_SHIFT
+    if vm.gfn_direct_bits and gfn & vm.gfn_direct_bits:
+        return -E.EINVAL
+    r = kvm_mmu_reload(vcpu)
+    if r:
+        return r
+    error_code = PFERR_GUEST_FINAL_MASK
+    direct = 0
+    if vm.has_private_mem and vm.kvm_mem_is_private(gfn):
+        error_code |= PFERR_PRIVATE_ACCESS
+    else:
+        direct = vm.gfn_direct_bits << PAGE_SHIFT
+    r, level = kvm_tdp_map_page(vcpu, gpa | direct, error_code)
+    if r < 0:
+        return r
+    huge = KVM_PAGES_PER_HPAGE(level) << PAGE_SHIFT
+    return min(size, (gpa & ~(huge - 1)) + huge - gpa)
+
+
+def kvm_vcpu_pre_fault_memory(vcpu, gpa: int, size: int, flags: int = 0) -> tuple[int, int, int]:
+    """``KVM_PRE_FAULT_MEMORY`` (``kvm_vcpu_pre_fault_memory``): map
+    [gpa, gpa + size) ahead of the guest, page by page (a huge mapping
+    covers more).  Returns ``(r, gpa, size)``: the range still to do, as the
+    ioctl writes it back, and 0 if at least one page was mapped, else the
+    first error (-EINVAL for flags or an unaligned / wrapping range)."""
+    gpa = int_arg("gpa", gpa, 0, _U64)
+    size = int_arg("size", size, 0, _U64)
+    flags = int_arg("flags", flags, 0, _U64)
+    if flags or (gpa | size) & ((1 << PAGE_SHIFT) - 1) or not size or gpa + size > _U64 + 1:
+        return -E.EINVAL, gpa, size
+    full = size
+    r = 0
+    while size:
+        r = kvm_arch_vcpu_pre_fault_memory(vcpu, gpa, size)
+        if r == 0 or r == -E.EIO:
+            if r == 0:
+                vcpu.vm.warn_sink.warn("kvm_vcpu_pre_fault_memory", "no progress", once=True)
+            break
+        if r < 0:
+            break
+        gpa += r
+        size -= r
+    return (r if full == size else 0), gpa, size
+
+
 def kvm_mmu_prefetch_fault(vcpu, gpa: int, error_code: int) -> int:
     """A prefetch fault (``kvm_arch_async_page_ready``: the async #PF
     completion): :func:`kvm_mmu_do_page_fault` with ``prefetch``; not a

@@ -623,37 +623,13 @@ class TdpMmu(MmuBackend):
         return kvm_tdp_mmu_get_walk(self.vm.arena, root.sp, check_array("gfns", gfns))
 
     # ------------------------------------------------------------------ TDX entry points
-    #: kvm_tdp_map_page / map_private_pfn: RET_PF_RETRY turns taken before
-    #: giving up as a pending signal would (-EINTR); the kernel loops until then
-    MAX_PREFAULT_RETRIES = 10000
+    #: kvm_tdp_mmu_map_private_pfn: RET_PF_RETRY turns taken before giving
+    #: up as a pending signal would (-EINTR); the kernel loops until then
+    MAX_PREFAULT_RETRIES = _mmu.MAX_PREFAULT_RETRIES
 
     def kvm_tdp_map_page(self, vcpu, gpa: int, error_code: int) -> tuple[int, int]:
-        """``kvm_tdp_map_page`` (mmu.c): a prefetch fault on `gpa` through
-        ``kvm_mmu_do_page_fault``, again while it answers RET_PF_RETRY (a
-        bugged VM stops it with -EIO; after ``MAX_PREFAULT_RETRIES`` turns
-        it stops as a signal would, -EINTR).  Returns ``(r, level)``: 0 for
-        FIXED / SPURIOUS / WRITE_PROTECTED with the fault's goal level,
-        -ENOENT for EMULATE, a negative errno as it came, -EIO (WARN) for
-        anything else."""
-        vm = self.vm
-        if not isinstance(gpa, int) or not 0 <= gpa < 1 << 52:
-            raise ValueError(f"gpa={gpa!r} must be an int in [0, 2**52)")
-        for _ in range(self.MAX_PREFAULT_RETRIES):
-            if vm.warn_sink.bugged:
-                return -E.EIO, 0
-            r = _mmu.kvm_mmu_do_page_fault(vcpu, gpa, error_code, True)
-            if r != RET_PF_RETRY:
-                break
-        else:
-            return -E.EINTR, 0
-        if r < 0:
-            return r, 0
-        if r in (RET_PF_FIXED, RET_PF_SPURIOUS, RET_PF_WRITE_PROTECTED):
-            return 0, vcpu.last_fault.goal_level
-        if r == RET_PF_EMULATE:
-            return -E.ENOENT, 0
-        vm.warn_sink.warn("kvm_tdp_map_page", "could not fix page fault during prefault", once=True)
-        return -E.EIO, 0
+        """:func:`kvmmmu.mmu.kvm_tdp_map_page` (the TDX side calls it here)."""
+        return _mmu.kvm_tdp_map_page(vcpu, gpa, error_code)
 
     def kvm_tdp_mmu_gpa_is_mapped(self, vcpu, gpa: int) -> bool:
         """``kvm_tdp_mmu_gpa_is_mapped`` (v6.18): a present leaf for `gpa` in

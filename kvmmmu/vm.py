@@ -691,6 +691,8 @@ class Vcpu:
     #: without the entry's MMIO shortcut and statistics.
     kvm_mmu_do_page_fault = _mmu.kvm_mmu_do_page_fault
     kvm_mmu_prefetch_fault = _mmu.kvm_mmu_prefetch_fault
+    #: ``KVM_PRE_FAULT_MEMORY``: ``(r, gpa, size)`` (see :func:`kvmmmu.mmu.kvm_vcpu_pre_fault_memory`)
+    kvm_vcpu_pre_fault_memory = _mmu.kvm_vcpu_pre_fault_memory
     #: ``kvm_mmu_reload()``: what ``vcpu_enter_guest`` does before entering
     #: the guest (free an obsolete root, load a valid one); call it before
     #: the first fault and after a fast zap.
@@ -965,6 +967,15 @@ class VM:
             raise ValueError("gfn_direct_bits: only a TDX VM has a shared bit")
         self.arena.gfn_direct_bits = bits       # checks: one bit, no table yet
         self._gfn_direct_bits = bits
+
+    @property
+    def pre_fault_allowed(self) -> bool:
+        """``kvm->arch.pre_fault_allowed``: ``KVM_PRE_FAULT_MEMORY`` works on a
+        default or SW-protected VM with TDP, on a TD once finalized
+        (``vm.tdx.pre_fault_allowed``); never on SEV-SNP here (no launch)."""
+        if self.tdx is not None:
+            return bool(self.tdx.pre_fault_allowed)
+        return self.tdp_enabled and self.vm_type in (KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM)
 
     # -- configuration predicates (kernel names) ---------------------------------------
     @property

@@ -523,3 +523,35 @@ def test_shared_huge_pages_only_where_the_frame_is_not_mixed():
     _, levels = vm.mmu_backend.translate(v, np.array([0x401], np.uint64))
     assert levels.tolist() == [2]
     assert vm.audit(raise_=False) == []
+
+
+def test_pre_fault_memory_maps_private_and_shared_pages_once_finalized():
+    """KVM_PRE_FAULT_MEMORY on a TD (mirror-tdx.md §2.2 rule 5): refused
+    before FINALIZE (-EOPNOTSUPP) and for an aliased gpa (-EINVAL); a
+    private gfn goes to the mirror root, a shared one to the direct root;
+    the range written back is what is left."""
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx")
+    vm.tdx = tdx = ModuleTdx(vm)
+    tdx.start(finalize=False)
+    slot = vm.add_memory(0, GB, guest_memfd=True, populate=True)
+    vm.set_memory_attributes(0, 0x4000, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    v = vm.vcpus[0]
+    assert v.kvm_vcpu_pre_fault_memory(0, 0x8000) == (-E.EOPNOTSUPP, 0, 0x8000)
+    assert vm.tdx.module.tdh_mr_finalize(tdx.td).ok
+    tdx.pre_fault_allowed = True
+    assert v.kvm_vcpu_pre_fault_memory(SHARED_BIT, 0x1000) == (-E.EINVAL, SHARED_BIT, 0x1000)
+    assert v.kvm_vcpu_pre_fault_memory(0x1000, 0x3000, flags=1)[0] == -E.EINVAL
+    assert v.kvm_vcpu_pre_fault_memory(0, 0x8000) == (0, 0x8000, 0)
+    ent = mirror_entries(vm)
+    assert sorted(g for (g, _), leaf in ent.items() if leaf) == [0, 1, 2, 3]
+    _, levels = vm.mmu_backend.translate(v, np.arange(4, 8, dtype=np.uint64))
+    assert levels.tolist() == [1, 1, 1, 1]
+    from kvmmmu.mmu import _PF_TAKEN
+    assert v.stat.pf[_PF_TAKEN] == 0                      # prefetch faults: not guest faults
+    assert vm.audit(raise_=False) == []
+    # a default VM: allowed at once; a huge mapping covers more than a page
+    vm2 = VM("tdp_mmu", host=HostConfig(tdp="ept"))
+    vm2.add_memory(0, 1 << 22, thp=True, populate=True)
+    w = vm2.vcpus[0]
+    assert w.kvm_vcpu_pre_fault_memory(0x1000, 0x3000) == (0, 0x4000, 0)
+    assert vm2.mmu_backend.translate(w, np.array([1], np.uint64))[1].tolist() == [2]
