@@ -409,6 +409,11 @@ def _cover_shift(tdx_level):
     return PAGE_SHIFT + 9 * tdx_level
 
 
+# (the walk's per-level constants, out of the enum and the function call)
+_NL_MAPPED = SeptState.NL_MAPPED
+_SHIFT = tuple(_cover_shift(k) for k in range(6))
+
+
 class TdxModule:
     """The TDX module of one host, with any number of TDs.
 
@@ -615,11 +620,13 @@ class TdxModule:
     def _walk(self, t, gpa, level):
         """Walk to the entry at ``level`` covering gpa: (True, entry-or-None)
         or (False, (stop level, entry))."""
+        sept = t.sept
         for k in range(t.ept_levels - 1, level, -1):
-            e = t.sept.get((k, gpa >> _cover_shift(k) << _cover_shift(k)))
-            if e is None or e.state != SeptState.NL_MAPPED:
+            s = _SHIFT[k]
+            e = sept.get((k, gpa >> s << s))
+            if e is None or e.state is not _NL_MAPPED:
                 return False, (k, e)
-        return True, t.sept.get((level, gpa))
+        return True, sept.get((level, gpa))
 
     def _gpa_invalid(self, t, gpa, level):
         """OPERAND_INVALID reasons the module checks on (gpa, level)."""
@@ -632,7 +639,7 @@ class TdxModule:
     def _parent(self, t, level, gpa):
         if level + 1 >= t.ept_levels:
             return None
-        s = _cover_shift(level + 1)
+        s = _SHIFT[level + 1]
         return t.sept.get((level + 1, gpa >> s << s))
 
     def _set(self, t, level, gpa, entry):
