@@ -902,8 +902,12 @@ class TdpMmu(MmuBackend):
                         mirror[(level - 1, gfn << PAGE_SHIFT)] = ("table", ext)
             else:
                 for e in d[d["leaf"]].tolist():
-                    if vm.kvm_mem_is_private(e[0]):
-                        bad.append(f"{r}: shared EPT leaf on private gfn {e[0]:#x}")
+                    gfn, level = e[0], e[1]
+                    attrs = vm.mem_attrs.get_array(
+                        np.arange(gfn, gfn + KVM_PAGES_PER_HPAGE(level), dtype=np.uint64))
+                    if np.any(attrs & np.uint64(KVM_MEMORY_ATTRIBUTE_PRIVATE)):
+                        bad.append(f"{r}: shared EPT leaf at gfn {gfn:#x} level {level} "
+                                   f"maps private memory")
         if tdx.td is None:
             if mirror:
                 bad.append(f"{len(mirror)} mirror entries but no TD")
