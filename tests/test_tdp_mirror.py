@@ -555,3 +555,31 @@ def test_pre_fault_memory_maps_private_and_shared_pages_once_finalized():
     w = vm2.vcpus[0]
     assert w.kvm_vcpu_pre_fault_memory(0x1000, 0x3000) == (0, 0x4000, 0)
     assert vm2.mmu_backend.translate(w, np.array([1], np.uint64))[1].tolist() == [2]
+
+
+def test_audit_mirror_catches_planted_violations():
+    """Each check of audit_mirror can fail: a private gfn under a shared 2M
+    leaf (attributes stored behind the MMU's back), a mirror leaf the S-EPT
+    lacks, an S-EPT leaf the mirror lacks."""
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx")
+    vm.tdx = tdx = ModuleTdx(vm)
+    tdx.start()
+    vm.add_memory(0, GB, guest_memfd=True, thp=True, populate=True)
+    vm.set_memory_attributes(0x800000, 0x200000, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    v = vm.vcpus[0]
+    assert v.kvm_mmu_reload() == 0
+    assert v.kvm_mmu_page_fault(SHARED_BIT | 0x200000, W | PFERR_GUEST_FINAL_MASK) == RET_PF_FIXED
+    assert v.kvm_mmu_page_fault(0x800000, PRIV) == RET_PF_FIXED
+    mmu = vm.mmu_backend
+    assert mmu.audit_mirror() == []
+    vm.mem_attrs.store(0x201, 0x202, KVM_MEMORY_ATTRIBUTE_PRIVATE)      # no unmap
+    assert any("maps private memory" in x for x in mmu.audit_mirror())
+    vm.mem_attrs.store(0x201, 0x202, 0)
+    # the S-EPT loses the leaf (removed behind KVM's back)
+    m = tdx.module
+    assert m.tdh_mem_range_block(tdx.td, 0x800000, 0).ok and m.tdh_mem_track(tdx.td).ok
+    assert m.tdh_mem_page_remove(tdx.td, 0x800000, 0).ok
+    assert any(x.startswith("M1") for x in mmu.audit_mirror())
+    # and an S-EPT leaf without a mirror one
+    assert m.tdh_mem_page_aug(tdx.td, 0x801000, 0, 0x123456).ok
+    assert any(x.startswith("S-EPT entry tdx level 0 gpa 0x801000") for x in mmu.audit_mirror())
