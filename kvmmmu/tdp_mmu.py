@@ -724,8 +724,12 @@ class TdpMmu(MmuBackend):
         return self._zap_range(None, gfn_start, gfn_end)
 
     def kvm_arch_flush_shadow_memslot(self, slot) -> None:
-        if self._zap_range(slot.as_id, slot.base_gfn, slot.base_gfn + slot.npages):
-            self.vm.kvm_flush_remote_tlbs()
+        """``kvm_mmu_zap_memslot``: the slot's leaves in every root (mirror
+        ones too: a TD's filter is PRIVATE | SHARED), under ``mmu_lock`` for
+        write."""
+        with self.vm.mmu_lock.write():
+            if self._zap_range(slot.as_id, slot.base_gfn, slot.base_gfn + slot.npages):
+                self.vm.kvm_flush_remote_tlbs()
 
     def kvm_arch_flush_shadow_all(self) -> None:
         """``kvm_mmu_zap_all``: zap every direct root (the roots stay until
