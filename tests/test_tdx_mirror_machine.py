@@ -1,7 +1,7 @@
 """A TD under random operations, in both code generations (issue 13, "How it is
 checked"): private and shared faults from two vCPUs, private<->shared
 conversions, kvm_zap_gfn_range, fast zap, host page migration (an MMU-notifier
-invalidation of shared memory), memslot deletion and re-creation, vCPUs entering
+invalidation of shared memory), guest_memfd hole punches, memslot deletion and re-creation, vCPUs entering
 and leaving the TD, BUSY injected at any SEAMCALL, INIT_MEM_REGION and FINALIZE,
 and at the end the teardown.
 
@@ -187,6 +187,14 @@ class TdMachine(RuleBasedStateMachine):
         self.vm.host.populate(hva, 1 << 12)
         self.vm.host.migrate_pages(hva, 1 << 12)                # SHARED filter: no SEAMCALL
         self.mapped_shared.discard(g)
+
+    @precondition(lambda self: not self.dead and self.have_slot)
+    @rule(data=st.data(), i=st.integers(0, len(GFNS) - 1))
+    def punch_hole(self, data, i):
+        g = GFNS[i]
+        self._busy_once(data)
+        self.slot.gmem.punch_hole(g << 12, 1 << 12)             # PRIVATE filter, then free
+        self.mapped_priv.discard(g)
 
     @precondition(lambda self: not self.dead and self.finalized)
     @rule(vi=st.integers(0, 1), enter=st.booleans())
