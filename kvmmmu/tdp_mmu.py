@@ -153,7 +153,10 @@ class _ExternalOps:
 
     def __call__(self, op: int, gfn: int, level: int, arg: int) -> int:
         try:
-            return self._call(op, gfn, level, arg)
+            r = self._call(op, gfn, level, arg)
+            if type(r) is not int or not -4095 <= r < 1 << 63:
+                raise TypeError(f"external hook {op} returned {r!r}, not 0, a -errno or a pfn")
+            return r
         except BaseException as e:            # noqa: BLE001 (nothing may unwind through C)
             self.errors.append(e)
             self.vm.kvm_bug(f"external hook {op} raised {e!r}", site="kvm_x86_ops")
