@@ -109,3 +109,71 @@ def run(out):
     say(f"   10,000 guest writes: {1e6 * (t1 - t0) / 10000:.1f} us per fault "
         f"(pf_fast={vcpu.stat.pf_fast:,}); the dirty round reports {dirty:,} pages")
     assert dirty == 10000
+
+
+def run_tdx(out):
+    """``python -m kvmmmu demo --tdx``: one TD's life in both code generations
+    (mirror-tdx.md §0), side by side: the initial image (v6.18 premaps each
+    page - the mirror leaf comes first, counted in ``nr_premapped``, and
+    PAGE.ADD follows from the populate callback; Gen B issues PAGE.ADD inside
+    ``set_external_spte``), FINALIZE, a private fault (SEPT.ADD, AUG), a
+    conversion to shared (BLOCK, TRACK, REMOVE, WBINVD) and the teardown
+    (the leaves while the HKID is assigned, then RECLAIM of the S-EPT pages
+    bottom-up and the TDR).  Returns ``{era: [(step, [SEAMCALL names],
+    nr_premapped after)]}``."""
+    from kvmmmu.host import HostConfig
+    from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
+    from kvmmmu.vm import VM
+
+    def say(text=""):
+        print(text, file=out)
+
+    steps = {}
+    for era in ("v6.18", "genB"):
+        vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx", tdx_era=era)
+        t = vm.tdx
+        assert t.init_vm() == 0 and t.init_vcpu(vm.vcpus[0]) == 0
+        vm.add_memory(0, 1 << 30, guest_memfd=True)
+        vm.set_memory_attributes(0, 64 << 20, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        src = vm.host.mmap(2 << 12, populate=True)
+        log = steps[era] = []
+
+        def step(name, fn):
+            n0 = len(t.module.calls)
+            fn()
+            names = [c.name.removeprefix("tdh_") for c in t.module.calls[n0:]
+                     if c.name != "td_exit"]
+            log.append((name, names, t.nr_premapped))
+
+        v = vm.vcpus[0]
+        if era == "v6.18":
+            # the two halves of one INIT_MEM_REGION page, seen apart
+            step("image: kvm_tdp_map_page", lambda: vm.mmu_backend.kvm_tdp_map_page(
+                v, 0x100000, (1 << 32) | (1 << 49)) if v.kvm_mmu_reload() == 0 else None)
+            step("image: populate -> PAGE.ADD", lambda: t.init_mem_region(v, 0x100000, 1, src))
+        else:
+            step("image: INIT_MEM_REGION", lambda: t.init_mem_region(v, 0x100000, 1, src))
+        step("image: next page", lambda: t.init_mem_region(v, 0x101000, 1, src + 4096))
+        step("FINALIZE", t.finalize_vm)
+        step("private fault", lambda: t.handle_ept_violation(v, 0x400000))
+        step("convert to shared", lambda: vm.set_memory_attributes(0x400000, 0x1000, 0))
+        step("teardown", t.destroy_vm)
+        assert not vm.bugged
+
+    say("A TD's life in both TDX code generations (SEAMCALLs per step; premapped = "
+        "nr_premapped after it)\n")
+    for era, log in steps.items():
+        say(f"  {era}{'  (the modelled kernel)' if era == 'v6.18' else '  (newer)'}")
+        for name, calls, premapped in log:
+            if len(calls) <= 6:
+                shown = ", ".join(calls)
+            else:               # counted, in the order they first appear
+                counts = {}
+                for c in calls:
+                    counts[c] = counts.get(c, 0) + 1
+                shown = ", ".join(c + (f" x{n}" if n > 1 else "") for c, n in counts.items())
+            say(f"    {name:30s} premapped={premapped}  {shown or '(no SEAMCALL)'}")
+        say()
+    say("v6.18 maps the mirror leaf first and counts it premapped until the populate "
+        "callback's PAGE.ADD;\nGen B never has a mirror leaf without its S-EPT leaf.")
+    return steps

@@ -23,3 +23,32 @@ def test_demo_runs():
 def test_cli_needs_a_command():
     res = subprocess.run([sys.executable, "-m", "kvmmmu"], capture_output=True, text=True)
     assert res.returncode == 2 and "demo" in res.stderr
+
+
+def test_tdx_demo_shows_the_two_code_generations():
+    """``python -m kvmmmu demo --tdx``: v6.18 premaps (a mirror leaf counted
+    before its PAGE.ADD), Gen B adds inside the fault; both then AUG a
+    private fault, remove a converted page with BLOCK, TRACK, REMOVE, WBINVD,
+    and tear down with KEY.FREEID before every RECLAIM."""
+    import io
+    from kvmmmu.demo import run_tdx
+    out = io.StringIO()
+    steps = run_tdx(out)
+    text = out.getvalue()
+    assert "v6.18" in text and "genB" in text
+    a, b = steps["v6.18"], steps["genB"]
+    assert a[0][1] == ["mem_sept_add"] * 3 and a[0][2] == 1          # premapped, no ADD yet
+    assert a[1][1] == ["mem_page_add"] and a[1][2] == 0
+    assert b[0][1] == ["mem_sept_add"] * 3 + ["mem_page_add"] and b[0][2] == 0
+    for log in (a, b):
+        steps_by_name = dict((n, c) for n, c, _ in log)
+        assert steps_by_name["FINALIZE"] == ["mr_finalize"]
+        assert steps_by_name["private fault"][-1] == "mem_page_aug"
+        assert steps_by_name["convert to shared"] == [
+            "mem_range_block", "mem_track", "mem_page_remove", "phymem_page_wbinvd_hkid"]
+        down = steps_by_name["teardown"]
+        free = down.index("mng_key_freeid")
+        assert "phymem_page_reclaim" not in down[:free]
+        assert set(down[free + 1:]) == {"phymem_page_reclaim"}
+        # two image pages + ... the private fault's page was converted: 2 leaves left
+        assert down[:free].count("mem_page_remove") == 2
