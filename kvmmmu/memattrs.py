@@ -30,6 +30,8 @@ different values (coalesced).
 """
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from kvmmmu._core._checks import check_uint_array, int_arg
@@ -62,6 +64,9 @@ class MemoryAttributes:
         self.starts = np.empty(0, dtype=np.uint64)
         self.ends = np.empty(0, dtype=np.uint64)
         self.values = np.empty(0, dtype=np.uint64)
+        # (starts array, starts, ends, values as lists) for get(); rebuilt
+        # whenever starts is another array (store replaces all three)
+        self._lists = None
 
     def __len__(self):
         return len(self.starts)
@@ -79,10 +84,16 @@ class MemoryAttributes:
 
     # -- queries -----------------------------------------------------------------
     def get(self, gfn: int) -> int:
-        """``kvm_get_memory_attributes(kvm, gfn)``."""
-        i = int(np.searchsorted(self.starts, np.uint64(gfn), side="right")) - 1
-        if i >= 0 and gfn < int(self.ends[i]):
-            return int(self.values[i])
+        """``kvm_get_memory_attributes(kvm, gfn)``: a bisection of plain lists
+        kept beside the arrays (every fault of a VM with private memory asks;
+        a numpy call per fault costs more than the rest of the lookup)."""
+        lists = self._lists
+        if lists is None or lists[0] is not self.starts:
+            lists = self._lists = (self.starts, self.starts.tolist(), self.ends.tolist(),
+                                   self.values.tolist())
+        i = bisect.bisect_right(lists[1], gfn) - 1
+        if i >= 0 and gfn < lists[2][i]:
+            return lists[3][i]
         return 0
 
     def get_array(self, gfns) -> np.ndarray:
