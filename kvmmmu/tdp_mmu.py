@@ -541,9 +541,9 @@ class TdpMmu(MmuBackend):
         missing table, AUG - or before FINALIZE the era's initial-image
         path); every gfn must be private (ValueError otherwise)."""
         vm = self.vm
-        if private:
-            return self._map_private(vcpu, gfns)
-        root = self.vcpu_root.get(vcpu.index)
+        if private and not self.mirrored:
+            raise ValueError("map_memory(private=True) needs a TDX VM (mirror roots)")
+        root = (self.vcpu_mirror_root if private else self.vcpu_root).get(vcpu.index)
         if root is None:
             raise ValueError(f"vCPU {vcpu.vcpu_id} has no root: call kvm_mmu_load first")
         gfns = check_array("gfns", gfns)
@@ -554,6 +554,8 @@ class TdpMmu(MmuBackend):
         if slot is None or int(gfns.min()) < slot.base_gfn or \
                 int(gfns.max()) >= slot.base_gfn + slot.npages:
             raise ValueError("map_memory: every gfn must lie in the memslot of the first one")
+        if private:
+            return self._map_private(vcpu, root, slot, gfns, out)
         hva = (slot.userspace_addr + ((gfns - np.uint64(slot.base_gfn)) << np.uint64(PAGE_SHIFT)))
         pfn, _ = vm.host.hva_to_pfn_array(hva.astype(np.uint64))
         if not pfn.all():
@@ -577,21 +579,8 @@ class TdpMmu(MmuBackend):
             vm.mark_page_dirty(gfns[out == RET_PF_FIXED], slot.as_id)
         return out
 
-    def _map_private(self, vcpu, gfns) -> np.ndarray:
+    def _map_private(self, vcpu, root, slot, gfns, out) -> np.ndarray:
         vm = self.vm
-        if not self.mirrored:
-            raise ValueError("map_memory(private=True) needs a TDX VM (mirror roots)")
-        root = self.vcpu_mirror_root.get(vcpu.index)
-        if root is None:
-            raise ValueError(f"vCPU {vcpu.vcpu_id} has no root: call kvm_mmu_load first")
-        gfns = check_array("gfns", gfns)
-        out = np.zeros(gfns.shape[0], np.int8)
-        if not gfns.size:
-            return out
-        slot = vcpu.gfn_to_memslot(int(gfns[0]))
-        if slot is None or int(gfns.min()) < slot.base_gfn or \
-                int(gfns.max()) >= slot.base_gfn + slot.npages:
-            raise ValueError("map_memory: every gfn must lie in the memslot of the first one")
         if not slot.kvm_slot_has_gmem():
             raise ValueError("map_memory(private=True): the memslot has no guest_memfd")
         if not np.all(vm.mem_attrs.get_array(gfns) & np.uint64(KVM_MEMORY_ATTRIBUTE_PRIVATE)):

@@ -534,8 +534,7 @@ def test_a_tdx_vm_gets_the_tdp_mmu_with_mirror_roots():
 
 
 def test_vcpu_threads_fixing_writes_in_one_bitmap_word_lose_no_dirty_bit():
-    import sys
-    import threading
+    from _threads import run_in_threads
     vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), nr_vcpus=4)
     slot = vm.add_memory(0, SLOT, slot=0, populate=True)
     for v in vm.vcpus:
@@ -552,16 +551,7 @@ def test_vcpu_threads_fixing_writes_in_one_bitmap_word_lose_no_dirty_bit():
         for g in range(i, n, len(vm.vcpus)):       # the threads share every bitmap word
             results[i].append(v.kvm_mmu_page_fault(g << 12, W | P))
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(vm.vcpus))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    run_in_threads(run, len(vm.vcpus))
     assert all(r == RET_PF_FIXED for rs in results for r in rs)
     assert sum(v.stat.pf_fast for v in vm.vcpus) == n
     bm = vm.get_dirty_log(0)

@@ -279,12 +279,19 @@ def test_converting_private_to_shared_removes_leaves_through_the_hook():
     assert vm.audit(raise_=False) == []
 
 
-def test_fast_zap_and_zap_all_never_touch_the_mirror_root():
+def td_with_a_private_and_a_shared_page():
+    """A TD with private gfn 5 mapped in the mirror root and shared gfn
+    0x2000 in the direct one."""
     vm, tdx, slot = make_td()
     v = vm.vcpus[0]
     assert v.kvm_mmu_page_fault(0x5000, PRIV) == RET_PF_FIXED
     vm.host.populate(slot.userspace_addr + (0x2000 << 12), 4096)
     assert v.kvm_mmu_page_fault(SHARED_BIT | 0x2000 << 12, W | PFERR_GUEST_FINAL_MASK) == RET_PF_FIXED
+    return vm, tdx, slot, v
+
+
+def test_fast_zap_and_zap_all_never_touch_the_mirror_root():
+    vm, tdx, slot, v = td_with_a_private_and_a_shared_page()
     mmu = vm.mmu_backend
     mirror = next(r for r in mmu.roots if r.is_mirror)
     tdx.calls.clear()
@@ -298,11 +305,7 @@ def test_fast_zap_and_zap_all_never_touch_the_mirror_root():
 
 
 def test_deleting_a_td_memslot_zaps_its_leaves_in_both_roots():
-    vm, tdx, slot = make_td()
-    v = vm.vcpus[0]
-    assert v.kvm_mmu_page_fault(0x5000, PRIV) == RET_PF_FIXED
-    vm.host.populate(slot.userspace_addr + (0x2000 << 12), 4096)
-    assert v.kvm_mmu_page_fault(SHARED_BIT | 0x2000 << 12, W | PFERR_GUEST_FINAL_MASK) == RET_PF_FIXED
+    vm, tdx, slot, v = td_with_a_private_and_a_shared_page()
     tdx.calls.clear()
     vm.delete_memslot(slot.id)
     assert tdx.calls == [("remove", 5, 1)]
@@ -415,8 +418,7 @@ def test_vcpu_threads_faulting_the_same_private_gfns_aug_each_once():
     (RET_PF_RETRY) while a hook runs; every gfn ends mapped once, every
     table linked once, and the module saw no second AUG or SEPT.ADD of one
     entry (it would refuse it and the double would bug the VM)."""
-    import sys
-    import threading
+    from _threads import run_in_threads
     import time
 
     class Slow(ModuleTdx):
@@ -447,16 +449,7 @@ def test_vcpu_threads_faulting_the_same_private_gfns_aug_each_once():
                 retries[i] += 1
             results[i].append(r)
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    run_in_threads(run, 4)
     assert not vm.bugged, vm.bugged
     assert sum(retries) > 0                 # the FROZEN entries were met
     assert all(r in (RET_PF_FIXED, RET_PF_SPURIOUS) for rs in results for r in rs)
@@ -593,7 +586,7 @@ def test_hostile_hooks_never_crash_the_interpreter():
     garbage, raises, or drops the VM's last references cannot crash the
     interpreter or leave a FROZEN entry; each misdeed ends as an error
     result and a bugged VM."""
-    from tests._probe import run_probe
+    from _probe import run_probe
     code = '''
 import sys, gc
 sys.path.insert(0, "tests")
