@@ -506,6 +506,7 @@ class TdxMachine(RuleBasedStateMachine):
         calls = [c for c in self._calls()[n0:] if c.name == at]
         m.clear_injections()
         assert not self.vm.bugged
+        assert len(calls) >= 2, f"{how} of mapped gfn {gfn:#x}: {at} called {len(calls)}x"
         assert tdx_operand_busy(calls[0].status) and calls[1].args == calls[0].args
         assert not tdx_operand_busy(calls[1].status)
         assert not self.tdx.wait_for_sept_zap
@@ -672,7 +673,7 @@ class TdxMachineGenB(TdxMachine):
     ERA = "genB"
 
 
-_SETTINGS = settings(max_examples=40, stateful_step_count=30, deadline=None,
+_SETTINGS = settings(max_examples=60, stateful_step_count=50, deadline=None,
                      derandomize=True, database=None)
 TestTdxMachineV618 = TdxMachineV618.TestCase
 TestTdxMachineV618.settings = _SETTINGS
