@@ -282,6 +282,56 @@ class GuestMemfd:
                     self.pfn[i] = pfn
         return pfn
 
+    def invalidate(self, start: int, end: int) -> bool:
+        """``kvm_gmem_invalidate_begin/end`` for file pages ``[start, end)``:
+        every binding's gfns there lose their private mappings (the
+        ``KVM_FILTER_PRIVATE`` unmap; for a TD that is the S-EPT removal),
+        inside an MMU invalidation, under ``mmu_lock`` for write.  Returns
+        whether a TLB flush was done."""
+        from kvmmmu.notifiers import KVM_FILTER_PRIVATE, KvmGfnRange
+        vm = self.vm
+        ranges = []
+        for a, b, slot in self.bindings:
+            lo, hi = max(a, start), min(b, end)
+            if lo < hi:
+                g = slot.base_gfn + (lo - a)
+                ranges.append(KvmGfnRange(slot=slot, start=g, end=g + (hi - lo),
+                                          attr_filter=KVM_FILTER_PRIVATE, may_block=True))
+        if not ranges:
+            return False
+        n = vm.notifier
+        flush = False
+        with vm.mmu_lock.write():
+            n.kvm_mmu_invalidate_begin()
+            try:
+                for r in ranges:
+                    n.kvm_mmu_invalidate_range_add(r.start, r.end)
+                    flush |= bool(vm.kvm_unmap_gfn_range(r))
+                if flush:
+                    vm.kvm_flush_remote_tlbs()
+            finally:
+                n.kvm_mmu_invalidate_end()
+        return flush
+
+    def punch_hole(self, offset: int, size: int) -> int:
+        """``fallocate(FALLOC_FL_PUNCH_HOLE)`` on the file (``kvm_gmem_punch_hole``):
+        the private mappings of the range go first (:meth:`invalidate`), then
+        its pages go back to the host.  Returns the pages freed."""
+        offset = int_arg("offset", offset, 0, self.size)
+        size = int_arg("size", size, 0, self.size - offset)
+        if (offset | size) & (PAGE_SIZE - 1):
+            raise GuestMemfdError(f"punch_hole: offset {offset:#x} and size {size:#x} must be "
+                                  "page aligned")
+        start, end = offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
+        self.invalidate(start, end)
+        with self._alloc_lock:
+            held = self.pfn[start:end]
+            pfns = held[held != 0].copy()
+            held[:] = 0
+        if pfns.size:
+            self.vm.host.phys.free_kernel_pages(pfns)
+        return int(pfns.size)
+
     def get_pfn_array(self, slot, gfns) -> np.ndarray:
         """:meth:`get_pfn` for an array of gfns of `slot` (uint64, checked to
         lie in the slot): the missing pages are allocated in one call."""

@@ -153,7 +153,10 @@ class _ExternalOps:
 
     def __call__(self, op: int, gfn: int, level: int, arg: int) -> int:
         try:
-            return self._call(op, gfn, level, arg)
+            r = self._call(op, gfn, level, arg)
+            if type(r) is not int or not -4095 <= r < 1 << 63:
+                raise TypeError(f"external hook {op} returned {r!r}, not 0, a -errno or a pfn")
+            return r
         except BaseException as e:            # noqa: BLE001 (nothing may unwind through C)
             self.errors.append(e)
             self.vm.kvm_bug(f"external hook {op} raised {e!r}", site="kvm_x86_ops")
@@ -724,8 +727,12 @@ class TdpMmu(MmuBackend):
         return self._zap_range(None, gfn_start, gfn_end)
 
     def kvm_arch_flush_shadow_memslot(self, slot) -> None:
-        if self._zap_range(slot.as_id, slot.base_gfn, slot.base_gfn + slot.npages):
-            self.vm.kvm_flush_remote_tlbs()
+        """``kvm_mmu_zap_memslot``: the slot's leaves in every root (mirror
+        ones too: a TD's filter is PRIVATE | SHARED), under ``mmu_lock`` for
+        write."""
+        with self.vm.mmu_lock.write():
+            if self._zap_range(slot.as_id, slot.base_gfn, slot.base_gfn + slot.npages):
+                self.vm.kvm_flush_remote_tlbs()
 
     def kvm_arch_flush_shadow_all(self) -> None:
         """``kvm_mmu_zap_all``: zap every direct root (the roots stay until

@@ -65,7 +65,6 @@ from kvmmmu.mmu import (
     PFERR_FETCH_MASK, PFERR_GUEST_FINAL_MASK, PFERR_PRESENT_MASK, PFERR_PRIVATE_ACCESS,
     PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
-from kvmmmu.notifiers import KVM_FILTER_PRIVATE, KvmGfnRange
 from kvmmmu.tdx_module import TDX_EPT_ENTRY_STATE_INCORRECT, TdxModule
 
 __all__ = ["KvmTdx", "TD_STATE_UNINITIALIZED", "TD_STATE_INITIALIZED", "TD_STATE_RUNNABLE",
@@ -570,27 +569,11 @@ class KvmTdx:
     def gmem_release(self) -> bool:
         """The guest_memfd files' release (``kvm_gmem_release``: they hold a
         VM reference, so they go first): every private mapping of their
-        bindings is zapped with the PRIVATE filter while the HKID is still
-        assigned.  Returns whether a flush was done."""
-        from kvmmmu import mmu as _mmu
-        vm = self.vm
-        ranges = [KvmGfnRange(slot=slot, start=slot.base_gfn, end=slot.base_gfn + slot.npages,
-                              attr_filter=KVM_FILTER_PRIVATE, may_block=True)
-                  for space in vm.memslots for slot in space if slot.kvm_slot_has_gmem()]
-        if not ranges:
-            return False
-        n = vm.notifier
+        bindings is zapped (``GuestMemfd.invalidate``, the PRIVATE filter)
+        while the HKID is still assigned.  Returns whether a flush was done."""
         flush = False
-        with vm.mmu_lock.write():
-            n.kvm_mmu_invalidate_begin()
-            try:
-                for rng in ranges:
-                    n.kvm_mmu_invalidate_range_add(rng.start, rng.end)
-                    flush |= _mmu.kvm_unmap_gfn_range(vm, rng)
-                if flush:
-                    vm.kvm_flush_remote_tlbs()
-            finally:
-                n.kvm_mmu_invalidate_end()
+        for g in list(self.vm.guest_memfds.values()):
+            flush |= g.invalidate(0, g.size >> PAGE_SHIFT)
         return flush
 
     def destroy_vm(self) -> int:

@@ -583,3 +583,53 @@ def test_audit_mirror_catches_planted_violations():
     # and an S-EPT leaf without a mirror one
     assert m.tdh_mem_page_aug(tdx.td, 0x801000, 0, 0x123456).ok
     assert any(x.startswith("S-EPT entry tdx level 0 gpa 0x801000") for x in mmu.audit_mirror())
+
+
+# --------------------------------------------------------------------------- hostile hooks
+
+def test_hostile_hooks_never_crash_the_interpreter():
+    """A hook is Python called from inside a C walk: one that re-enters the
+    core (a zap of the root it is walking, a nested fault), returns
+    garbage, raises, or drops the VM's last references cannot crash the
+    interpreter or leave a FROZEN entry; each misdeed ends as an error
+    result and a bugged VM."""
+    from tests._probe import run_probe
+    code = '''
+import sys, gc
+sys.path.insert(0, "tests")
+from test_tdp_mirror import make_td, ModuleTdx, PRIV
+import numpy as np
+
+class Hostile(ModuleTdx):
+    mode = None
+    def set_external_spte(self, gfn, level, pfn):
+        mmu = self.vm.mmu_backend
+        root = next(r for r in mmu.roots if r.is_mirror)
+        if self.mode == "zap":
+            mmu.core.zap_root(root.sp)                       # exclusive inside a shared walk
+        elif self.mode == "nested":
+            return self.vm.vcpus[0].kvm_mmu_page_fault((gfn + 1) << 12, PRIV)
+        elif self.mode == "big":
+            return 1 << 80
+        elif self.mode == "none":
+            return None
+        elif self.mode == "drop":
+            self.vm.mmu_backend = None
+            gc.collect()
+            return -16
+        return super().set_external_spte(gfn, level, pfn)
+
+for mode in ("zap", "nested", "big", "none", "drop"):
+    vm, tdx, _ = make_td(tdx_cls=Hostile)
+    tdx.mode = mode
+    mmu = vm.mmu_backend
+    r = vm.vcpus[0].kvm_mmu_page_fault(0x5000, PRIV) if mode != "drop" else \\
+        mmu.map_memory(vm.vcpus[0], np.array([5], np.uint64), private=True)
+    d = mmu.core.dump(next(x for x in mmu.roots if x.is_mirror).sp)
+    frozen = vm.fmt.masks()["frozen_spte"]
+    assert not (d["spte"] == frozen).any(), mode
+    assert vm.bugged or mode == "drop", mode          # garbage answers bug the VM too
+'''
+    res = run_probe(code)
+    assert res.signal is None and not res.hung, res
+    assert res.raised is None, (res.raised, res.msg)

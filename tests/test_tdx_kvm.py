@@ -290,3 +290,26 @@ def test_a_module_of_another_era_is_refused():
            tdx_module=TdxModule(era="v6.18"))
     with pytest.raises(TypeError):
         KvmTdx(None, module=object())
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_punching_a_hole_in_guest_memfd_removes_the_private_pages_first(era):
+    """fallocate(PUNCH_HOLE) on a TD's guest_memfd (mirror-tdx.md §6): the
+    private leaves of the range leave the mirror and the S-EPT (BLOCK, TRACK,
+    REMOVE, WBINVD per page) before the pages go back to the host; other
+    pages stay mapped."""
+    vm, t, slot, src = make_td(era)
+    v = vm.vcpus[0]
+    for gpa in (0x400000, 0x401000, 0x402000):
+        assert t.handle_ept_violation(v, gpa) == RET_PF_FIXED
+    pfns = [slot.gmem.get_pfn(slot, g) for g in (0x400, 0x401)]
+    n0 = len(t.module.calls)
+    kernel0 = vm.host.phys.nr_kernel
+    assert slot.gmem.punch_hole(0x400000, 0x2000) == 2
+    removed = [c.args[-1] for c in t.module.calls[n0:] if c.name == "tdh_phymem_page_wbinvd_hkid"]
+    assert removed == pfns and vm.host.phys.nr_kernel == kernel0 - 2
+    assert 0x400 not in mirror_leaves(vm) and 0x402 in mirror_leaves(vm)
+    assert not vm.bugged and vm.audit(raise_=False) == []
+    # the hole refaults to a new page
+    assert t.handle_ept_violation(v, 0x400000) == RET_PF_FIXED
+    assert vm.audit(raise_=False) == []
