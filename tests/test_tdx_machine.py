@@ -71,12 +71,6 @@ GFN = st.tuples(st.sampled_from(sorted(SLOTS)),
                 st.one_of(st.integers(0, 7), st.integers(0, NPAGES - 1)))
 VCPU = st.integers(0, NR_VCPUS - 1)
 
-# Known MMU bug (see test_memslot_delete_removes_private_leaves_under_the_write_lock
-# below, xfail strict): deleting a TD memslot zaps its private leaves without
-# mmu_lock held for write, so KvmTdx.remove_external_spte WARNs.  The machine
-# tolerates exactly that warning until the lead fixes it (then the xfail test
-# XPASSes and this goes).
-_KNOWN_WARNINGS = ("WARN: mmu_lock not held for write",)
 
 
 def _base(sid):
@@ -472,6 +466,24 @@ class TdxMachine(RuleBasedStateMachine):
                                            hva, 0, fd)
             self.live[sid] = True
 
+    @precondition(lambda self: self._alive())
+    @rule(where=GFN, n=st.integers(1, 64))
+    def punch_hole(self, where, n):
+        """fallocate(PUNCH_HOLE) on a slot's guest_memfd: the private mappings
+        of the range go (PRIVATE filter: BLOCK, TRACK, REMOVE), then the file
+        pages; a later private fault gets a fresh page.  A deleted slot's
+        file has no binding: only its pages go."""
+        sid, off = where
+        n = min(n, NPAGES - off)
+        gmem = self.vm.kvm_gmem_get_file(self.slot_args[sid][1])
+        gmem.punch_hole(off << 12, n << 12)
+        a = _base(sid) + off
+        if self.live[sid]:
+            self._forget_private(a, a + n)
+        else:
+            assert not [g for g in self.mapped if a <= g < a + n]
+        assert not self.vm.bugged
+
     # ------------------------------------------------------------------ BUSY on the removal side
     def _remove(self, gfn, how):
         sid = self._slot_of(gfn)
@@ -483,6 +495,8 @@ class TdxMachine(RuleBasedStateMachine):
             kmmu.kvm_zap_gfn_range(self.vm, gfn, gfn + 1)
             self._forget_private(gfn, gfn + 1)
             self._forget_shared(gfn, gfn + 1)
+        elif how == "punch":
+            self.punch_hole((sid, gfn - _base(sid)), 1)
         else:
             self.delete_slot(sid)
 
@@ -491,7 +505,7 @@ class TdxMachine(RuleBasedStateMachine):
             ("tdh_mem_range_block", "tdh_mem_page_remove")     # no TRACK before FINALIZE
 
     @precondition(lambda self: self._alive() and self.mapped)
-    @rule(data=st.data(), how=st.sampled_from(["convert", "zap", "delete"]))
+    @rule(data=st.data(), how=st.sampled_from(["convert", "zap", "punch", "delete"]))
     def busy_removal(self, data, how):
         """One BUSY at BLOCK, TRACK or REMOVE of a private page's removal:
         the kernel's single forced retry (every vCPU kicked out, entries
@@ -606,7 +620,7 @@ class TdxMachine(RuleBasedStateMachine):
             return
         mirror_bad = mmu.audit_mirror()
         tdx_bad = t.audit()
-        vm_bad = [x for x in vm.audit(raise_=False) if x not in _KNOWN_WARNINGS]
+        vm_bad = vm.audit(raise_=False)
         if vm.bugged:
             assert self.bugged_on_purpose, vm.bugged
             return                  # the audits ran; the mappings are KVM's business now
@@ -681,9 +695,10 @@ TestTdxMachineGenB = TdxMachineGenB.TestCase
 TestTdxMachineGenB.settings = _SETTINGS
 
 
-# --------------------------------------------------------------------------- known bugs
-# Minimal reproducers of what the machine found; strict xfails, so a fix
-# shows up as XPASS (then drop the xfail and, for the first, _KNOWN_WARNINGS).
+# --------------------------------------------------------------------------- what the machine found
+# Minimal reproducers.  The first was an MMU bug (fixed on main in 1c51073:
+# the memslot zap now takes mmu_lock for write) and stays as its regression
+# test; the second is open, a strict xfail (a fix shows up as XPASS).
 
 def _running_td(era):
     vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx", tdx_era=era)
@@ -698,11 +713,10 @@ def _running_td(era):
     return vm, t
 
 
-@pytest.mark.xfail(strict=True, reason="MMU bug: TdpMmu.kvm_arch_flush_shadow_memslot zaps the "
-                   "deleted slot's private leaves without mmu_lock held for write (the kernel's "
-                   "kvm_mmu_zap_memslot takes write_lock), so remove_external_spte WARNs")
 @pytest.mark.parametrize("era", ERAS)
 def test_memslot_delete_removes_private_leaves_under_the_write_lock(era):
+    """kvm_mmu_zap_memslot holds mmu_lock for write: the TDX removal
+    (BLOCK, TRACK, REMOVE) runs under it and warns otherwise."""
     vm, t = _running_td(era)
     seen = []
     real = t.remove_external_spte
