@@ -349,6 +349,43 @@ class TdxMachine(RuleBasedStateMachine):
             self.shared_mapped.add(gfn)
         assert not self.vm.bugged
 
+    @precondition(lambda self: self._alive() and not self._contended())
+    @rule(vcpu=VCPU, where=GFN, n=st.integers(1, 8))
+    def pre_fault(self, vcpu, where, n):
+        """KVM_PRE_FAULT_MEMORY of n pages (the gpa without the shared bit):
+        -EOPNOTSUPP before FINALIZE; then page by page a private gfn goes to
+        the mirror root, a shared one (the shared bit added) to the direct
+        root, up to the first page that cannot be mapped (no memslot, no host
+        page), whose error comes back only if nothing was mapped."""
+        sid, off = where
+        n = min(n, NPAGES - off)
+        a = _base(sid) + off
+        v = self.vm.vcpus[vcpu]
+        self._exit_and_reload(v)
+        r, gpa, size = v.kvm_vcpu_pre_fault_memory(a << 12, n << 12)
+        if self.tdx.state != TD_STATE_RUNNABLE:
+            assert (r, gpa, size) == (-E.EOPNOTSUPP, a << 12, n << 12)
+            return
+        done = (gpa >> 12) - a
+        assert 0 <= done <= n and size == (n - done) << 12, (r, gpa, size)
+
+        def mappable(g):
+            return self.live[sid] and (g in self.private or self.host_mapped[sid])
+        ok = 0
+        while ok < n and mappable(a + ok):
+            ok += 1
+        # (a shared 2M leaf may cover several pages at once, never one that
+        # cannot be mapped)
+        assert done == ok and (r == 0) == (ok > 0), (r, done, ok)
+        if not ok:
+            assert r in (-E.ENOENT, -E.EFAULT), r
+        for g in range(a, a + ok):
+            if g in self.private:
+                self.mapped[g] = self._gmem_pfn(g)
+            else:
+                self.shared_mapped.add(g)
+        assert not self.vm.bugged
+
     def _unmapped_private(self):
         return sorted(g for g in self.private if self.live[self._slot_of(g)] and g not in self.mapped)
 
