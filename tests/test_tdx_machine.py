@@ -386,6 +386,65 @@ class TdxMachine(RuleBasedStateMachine):
                 self.shared_mapped.add(g)
         assert not self.vm.bugged
 
+    @precondition(lambda self: self._runnable() and not self._contended())
+    @rule(wheres=st.lists(GFN, min_size=1, max_size=12), write=st.booleans())
+    def parallel_faults(self, wheres, write):
+        """Every vCPU on its own thread faults the same gfns (each thread in
+        its own order): the map paths run at once under mmu_lock for read,
+        meet each other's FROZEN entries and retry; whatever the
+        interleaving, every gfn ends mapped once (a second SEPT.ADD or AUG of
+        one entry would be refused by the module and bug the VM).  Only gfns
+        that can be mapped (a live slot; shared ones with a host page)."""
+        import sys
+        import threading
+
+        gfns = []
+        for sid, off in wheres:
+            g = _base(sid) + off
+            if self.live[sid] and (g in self.private or self.host_mapped[sid]) and g not in gfns:
+                gfns.append(g)
+        for v in self.vm.vcpus:
+            self._exit_and_reload(v)                # root loads take the lock for write
+        for g in gfns:
+            if g not in self.private:
+                self.vm.host.populate(self._hva(g), 4096, write=not self.readonly[self._slot_of(g)])
+        results, errors = [[] for _ in self.vm.vcpus], []
+
+        def run(i):
+            v = self.vm.vcpus[i]
+            try:
+                for g in gfns[i:] + gfns[:i]:
+                    if g in self.private:
+                        r = self.tdx.handle_ept_violation(v, g << 12)
+                    else:
+                        w = write and not self.readonly[self._slot_of(g)]
+                        for _ in range(1000):
+                            r = self.tdx.handle_ept_violation(v, SHARED | g << 12, write=w)
+                            if r != RET_PF_RETRY:
+                                break
+                    results[i].append(r)
+            except BaseException as e:          # noqa: BLE001 (reported below)
+                errors.append(e)
+
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(NR_VCPUS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(old)
+        assert not errors, errors
+        assert not self.vm.bugged, self.vm.bugged
+        assert all(r in (RET_PF_FIXED, RET_PF_SPURIOUS) for rs in results for r in rs), results
+        for g in gfns:
+            if g in self.private:
+                self.mapped[g] = self._gmem_pfn(g)
+            else:
+                self.shared_mapped.add(g)
+
     def _unmapped_private(self):
         return sorted(g for g in self.private if self.live[self._slot_of(g)] and g not in self.mapped)
 
