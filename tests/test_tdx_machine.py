@@ -405,6 +405,7 @@ class TdxMachine(RuleBasedStateMachine):
         that can be mapped (a live slot; shared ones with a host page)."""
         import sys
         import threading
+        import time
 
         gfns = []
         for sid, off in wheres:
@@ -413,9 +414,15 @@ class TdxMachine(RuleBasedStateMachine):
                 gfns.append(g)
         for v in self.vm.vcpus:
             self._exit_and_reload(v)                # root loads take the lock for write
+        # the host pages, faulted in (for write where the threads write)
+        # beforehand: the host model refuses two threads in handle_mm_fault
+        # at once (HostMm is used by one thread at a time)
         for g in gfns:
             if g not in self.private:
-                self.vm.host.populate(self._hva(g), 4096, write=not self.readonly[self._slot_of(g)])
+                if write and not self.readonly[self._slot_of(g)]:
+                    self.vm.host.handle_mm_fault(self._hva(g), True)
+                else:
+                    self.vm.host.populate(self._hva(g), 4096, write=False)
         results, errors = [[] for _ in self.vm.vcpus], []
 
         def run(i):
@@ -423,13 +430,18 @@ class TdxMachine(RuleBasedStateMachine):
             try:
                 for g in gfns[i:] + gfns[:i]:
                     if g in self.private:
-                        r = self.tdx.handle_ept_violation(v, g << 12)
+                        gpa, w = g << 12, False
                     else:
-                        w = write and not self.readonly[self._slot_of(g)]
-                        for _ in range(1000):
-                            r = self.tdx.handle_ept_violation(v, SHARED | g << 12, write=w)
-                            if r != RET_PF_RETRY:
-                                break
+                        gpa, w = SHARED | g << 12, write and not self.readonly[self._slot_of(g)]
+                    # RET_PF_RETRY (another thread's FROZEN entry): the vCPU
+                    # re-enters the guest and faults again, for as long as
+                    # the scheduler lets the other thread hold the entry
+                    deadline = time.monotonic() + 10
+                    while True:
+                        r = self.tdx.handle_ept_violation(v, gpa, write=w)
+                        if r != RET_PF_RETRY or self.vm.bugged or time.monotonic() > deadline:
+                            break
+                        time.sleep(0)
                     results[i].append(r)
             except BaseException as e:          # noqa: BLE001 (reported below)
                 errors.append(e)
@@ -446,7 +458,8 @@ class TdxMachine(RuleBasedStateMachine):
             sys.setswitchinterval(old)
         assert not errors, errors
         assert not self.vm.bugged, self.vm.bugged
-        assert all(r in (RET_PF_FIXED, RET_PF_SPURIOUS) for rs in results for r in rs), results
+        assert all(r in (RET_PF_FIXED, RET_PF_SPURIOUS) for rs in results for r in rs), \
+            (results, self.vm.audit(raise_=False))
         for g in gfns:
             if g in self.private:
                 self.mapped[g] = self._gmem_pfn(g)
