@@ -602,6 +602,7 @@ class KvmTdx:
         r = self.module.tdh_phymem_page_reclaim(self.tdr_pfn)
         if r.ok:
             vm.host.phys.free_kernel_pages(_arr(self.tdr_pfn))
+            self.td = None                      # the module forgot the TD with its TDR
         else:
             rc = rc or -E.EIO
         self.state = TD_STATE_UNINITIALIZED

@@ -166,7 +166,8 @@ def test_teardown_order(era):
     assert reclaimed[-1] == t.tdr_pfn
     assert t.module.pamt_snapshot() == {}                       # every page went back
     assert vm.mmu_backend.roots == [] and not vm.bugged and not vm.warn_sink.warnings
-    assert not t.pins
+    assert not t.pins and t.td is None
+    assert vm.audit(raise_=False) == []                       # a torn-down TD audits clean
 
 
 # --------------------------------------------------------------------------- BUSY everywhere
