@@ -57,6 +57,7 @@ from __future__ import annotations
 import collections
 import errno as E
 import itertools
+import time
 
 from kvmmmu._core._checks import int_arg
 from kvmmmu._core.defs import PAGE_SHIFT, PG_LEVEL_4K, RET_PF_RETRY
@@ -543,6 +544,7 @@ class KvmTdx:
                 r = vcpu.kvm_mmu_page_fault(gpa, ec)
                 if r != RET_PF_RETRY or vm.warn_sink.bugged:
                     return r
+                time.sleep(0)           # cond_resched(): the vCPU holding the entry runs
             return r
         if exec:
             return self._bug(f"instruction fetch from shared gpa {gpa:#x}")
