@@ -11,12 +11,13 @@ kvmmmu/tdx_module.py) against a plain TDP root, in the same run.
   ``FAULTS`` over the time.
 * ``PrivateFaults.time_td_private_batch`` / ``time_plain_tdp_batch``: the same
   gfns in one ``TdpMmu.map_memory`` call (``private=True`` on the TD).
-* ``Convert1G.time_td_private_to_shared``: ``KVM_SET_MEMORY_ATTRIBUTES`` of 1 GiB
+* ``Convert1G.time_convert("td")``: ``KVM_SET_MEMORY_ATTRIBUTES`` of 1 GiB
   private -> shared with all 262144 pages mapped in the mirror root (per
   page RANGE.BLOCK, TRACK, PAGE.REMOVE, PHYMEM.PAGE.WBINVD).
-  ``time_plain_shared_to_private``: the same ioctl on a SW-protected VM (a
-  plain TDP root, no mirror) with the 1 GiB mapped shared: its leaves are
-  zapped with the SHARED filter - the closest plain-TDP equivalent.
+  ``time_convert("plain")``: the same ioctl on a SW-protected VM (a plain
+  TDP root, no mirror) with the 1 GiB mapped shared, converted to private:
+  its 262144 4K leaves are zapped with the SHARED filter - the same ioctl
+  and the same leaves on a root without a mirror.
 
 ``number = 1``: ``setup`` builds fresh VMs before each sample.
 """
@@ -53,7 +54,7 @@ def td(size=GiB, private=GiB, era="v6.18"):
 
 def plain(size=GiB, vm_type="default"):
     vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type=vm_type)
-    vm.add_memory(0, size, populate=True, guest_memfd=vm_type != "default")
+    vm.add_memory(0, size, populate=True, thp=False, guest_memfd=vm_type != "default")
     assert vm.vcpus[0].kvm_mmu_reload() == 0
     return vm
 
@@ -86,11 +87,8 @@ class PrivateFaults:
         self.td.mmu_backend.map_memory(self.td.vcpus[0], self.gfns, private=True)
 
     def time_plain_tdp_batch(self):
-        # 4K leaves, as the TD's (guest_memfd pages are 4K)
-        self.plain.mmu_backend.core.map(
-            self.plain.mmu_backend.vcpu_root[0].sp, self.gfns,
-            self.gfns + np.uint64(0x100000), 1, self.plain.vcpus[0].mmu_shadow_page_cache,
-            self.plain.vcpus[0].mmu_page_header_cache, write=True)
+        # the same entry point; 4K leaves, as the TD's (4K host pages)
+        self.plain.mmu_backend.map_memory(self.plain.vcpus[0], self.gfns, write=True)
 
 
 class SharedFaults:
@@ -111,21 +109,24 @@ class SharedFaults:
 
 
 class Convert1G:
+    """One side per parameter, so each sample builds only the VM it times."""
     number = 1
     repeat = 2
     timeout = 600
+    params = ["td", "plain"]
+    param_names = ["root"]
 
-    def setup(self):
-        self.td = td(size=GiB + (2 << 20), private=GiB + (2 << 20))
-        self.td.mmu_backend.map_memory(self.td.vcpus[0],
-                                       np.arange(1 << 9, (1 << 18) + (1 << 9), dtype=np.uint64),
-                                       private=True)
-        self.sw = plain(size=GiB + (2 << 20), vm_type="sw_protected")
-        self.sw.mmu_backend.map_memory(self.sw.vcpus[0],
-                                       np.arange(1 << 9, (1 << 18) + (1 << 9), dtype=np.uint64))
+    def setup(self, root):
+        gfns = np.arange(1 << 9, (1 << 18) + (1 << 9), dtype=np.uint64)
+        if root == "td":
+            self.vm = td(size=GiB + (2 << 20), private=GiB + (2 << 20))
+            self.vm.mmu_backend.map_memory(self.vm.vcpus[0], gfns, private=True)
+        else:
+            self.vm = plain(size=GiB + (2 << 20), vm_type="sw_protected")
+            self.vm.mmu_backend.map_memory(self.vm.vcpus[0], gfns)
 
-    def time_td_private_to_shared(self):
-        self.td.set_memory_attributes(2 << 20, GiB, 0)
-
-    def time_plain_shared_to_private(self):
-        self.sw.set_memory_attributes(2 << 20, GiB, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    def time_convert(self, root):
+        # the TD: private -> shared; the plain root: shared -> private (the
+        # same ioctl zapping the same 262144 4K leaves, without a mirror)
+        self.vm.set_memory_attributes(2 << 20, GiB, 0 if root == "td" else
+                                      KVM_MEMORY_ATTRIBUTE_PRIVATE)
