@@ -495,7 +495,7 @@ def test_shared_huge_pages_only_where_the_frame_is_not_mixed():
     vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx")
     vm.tdx = ModuleTdx(vm)
     vm.tdx.start()
-    slot = vm.add_memory(0, GB, guest_memfd=True, thp=True, populate=True)
+    vm.add_memory(0, GB, guest_memfd=True, thp=True, populate=True)
     vm.set_memory_attributes(0x400000 + 0x3000, 4096, KVM_MEMORY_ATTRIBUTE_PRIVATE)  # frame 2
     v = vm.vcpus[0]
     assert v.kvm_mmu_reload() == 0
@@ -526,7 +526,7 @@ def test_pre_fault_memory_maps_private_and_shared_pages_once_finalized():
     vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx")
     vm.tdx = tdx = ModuleTdx(vm)
     tdx.start(finalize=False)
-    slot = vm.add_memory(0, GB, guest_memfd=True, populate=True)
+    vm.add_memory(0, GB, guest_memfd=True, populate=True)
     vm.set_memory_attributes(0, 0x4000, KVM_MEMORY_ATTRIBUTE_PRIVATE)
     v = vm.vcpus[0]
     assert v.kvm_vcpu_pre_fault_memory(0, 0x8000) == (-E.EOPNOTSUPP, 0, 0x8000)
@@ -622,6 +622,54 @@ for mode in ("zap", "nested", "big", "none", "drop"):
     frozen = vm.fmt.masks()["frozen_spte"]
     assert not (d["spte"] == frozen).any(), mode
     assert vm.bugged or mode == "drop", mode          # garbage answers bug the VM too
+'''
+    res = run_probe(code)
+    assert res.signal is None and not res.hung, res
+    assert res.raised is None, (res.raised, res.msg)
+
+
+def test_hostile_removal_hooks_never_crash_the_interpreter():
+    """The write-locked side: remove_external_spte and free_external_spt run
+    inside a zap holding the arena exclusively (without the GIL between
+    hooks).  A hook that zaps the root again, frees the table being torn
+    down or writes a header meanwhile is refused (ConcurrentUseError, the
+    VM bugged) and the interpreter survives."""
+    from _probe import run_probe
+    code = '''
+import sys
+sys.path.insert(0, "tests")
+from test_tdp_mirror import make_td, ModuleTdx, PRIV
+
+class Hostile(ModuleTdx):
+    mode = None
+    def _misbehave(self):
+        mmu = self.vm.mmu_backend
+        root = next(r for r in mmu.roots if r.is_mirror)
+        if self.mode == "zap":
+            mmu.core.zap_root(root.sp)
+        elif self.mode == "free":
+            self.vm.arena.call_rcu_free_sp(root.sp)
+        elif self.mode == "header":
+            self.vm.arena.set_sp(root.sp, gfn=0x12345)
+    def remove_external_spte(self, gfn, level, pfn):
+        self._misbehave()
+        return super().remove_external_spte(gfn, level, pfn)
+    def free_external_spt(self, gfn, level, ext):
+        self._misbehave()
+        return super().free_external_spt(gfn, level, ext)
+
+for mode in ("zap", "free", "header"):
+    vm, tdx, _ = make_td(tdx_cls=Hostile)
+    v = vm.vcpus[0]
+    assert v.kvm_mmu_page_fault(0x5000, PRIV) == 5
+    tdx.mode = mode
+    vm.set_memory_attributes(0x5000, 0x1000, 0)          # remove_external_spte
+    tdx.release_hkid()
+    mmu = vm.mmu_backend
+    mmu.kvm_mmu_destroy(v)
+    mmu.kvm_mmu_uninit_tdp_mmu()                          # free_external_spt
+    assert vm.bugged, mode
+    assert type(mmu.external_ops.errors[0]).__name__ == "ConcurrentUseError", mode
 '''
     res = run_probe(code)
     assert res.signal is None and not res.hung, res

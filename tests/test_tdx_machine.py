@@ -402,9 +402,9 @@ class TdxMachine(RuleBasedStateMachine):
         interleaving, every gfn ends mapped once (a second SEPT.ADD or AUG of
         one entry would be refused by the module and bug the VM).  Only gfns
         that can be mapped (a live slot; shared ones with a host page)."""
-        import sys
-        import threading
         import time
+
+        from _threads import run_in_threads
 
         gfns = []
         for sid, off in wheres:
@@ -445,16 +445,7 @@ class TdxMachine(RuleBasedStateMachine):
             except BaseException as e:          # noqa: BLE001 (reported below)
                 errors.append(e)
 
-        old = sys.getswitchinterval()
-        sys.setswitchinterval(1e-6)
-        try:
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(NR_VCPUS)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        finally:
-            sys.setswitchinterval(old)
+        run_in_threads(run, NR_VCPUS)
         assert not errors, errors
         assert not self.vm.bugged, self.vm.bugged
         assert all(r in (RET_PF_FIXED, RET_PF_SPURIOUS) for rs in results for r in rs), \
