@@ -1592,28 +1592,45 @@ cdef class TdpMmuCore:
         takes the arena exclusively (no walk runs beside it)."""
         cdef uint64_t c_root = u64_arg(root, "root")
         cdef tdp_iter it
-        cdef Py_ssize_t n = 0, cap = 1024
-        cdef uint64_t child
+        cdef Py_ssize_t n = 0, i = 0
+        cdef uint64_t child, bits
         cdef tdp_mmu_t *m = &self.m
-        out = np.zeros(cap, DUMP_DTYPE)
+        cdef uint64_t[::1] g, sv, cs, ex
+        cdef signed char[::1] lv
+        cdef unsigned char[::1] lf
         self._enter("TdpMmuCore.dump")
         try:
-            top = self._root(c_root)
-            tdp_iter_start(&it, m.a, c_root, PG_LEVEL_4K, 0, kvm_gfn_root_bits(m.a, c_root))
-            while it.valid:
-                if is_shadow_present_pte(it.old_spte):
-                    if n == cap:
-                        cap *= 2
-                        out = np.resize(out, cap)
-                    child = 0 if is_last_spte(it.old_spte, it.level) else \
-                        spte_to_child_sp(m.a, it.old_spte)
-                    out[n] = (it.gfn, it.level, it.old_spte, child == 0, child,
-                              pt_sp_ptr(m.a, child).external_spt if child else 0)
-                    n += 1
-                tdp_iter_next(&it, m.a)
+            self._root(c_root)
+            bits = kvm_gfn_root_bits(m.a, c_root)
+            # two nogil passes (count, then fill): nothing changes in between,
+            # the arena is held exclusively
+            with nogil:
+                tdp_iter_start(&it, m.a, c_root, PG_LEVEL_4K, 0, bits)
+                while it.valid:
+                    if is_shadow_present_pte(it.old_spte):
+                        n += 1
+                    tdp_iter_next(&it, m.a)
+            arrays = [np.zeros(n, np.uint64), np.zeros(n, np.int8), np.zeros(n, np.uint64),
+                      np.zeros(n, np.uint8), np.zeros(n, np.uint64), np.zeros(n, np.uint64)]
+            g, lv, sv, lf, cs, ex = arrays
+            with nogil:
+                tdp_iter_start(&it, m.a, c_root, PG_LEVEL_4K, 0, bits)
+                while it.valid and i < n:
+                    if is_shadow_present_pte(it.old_spte):
+                        g[i], lv[i], sv[i] = it.gfn, it.level, it.old_spte
+                        lf[i] = is_last_spte(it.old_spte, it.level)
+                        if not lf[i]:
+                            child = spte_to_child_sp(m.a, it.old_spte)
+                            cs[i] = child
+                            ex[i] = pt_sp_ptr(m.a, child).external_spt if child else 0
+                        i += 1
+                    tdp_iter_next(&it, m.a)
         finally:
             self._leave()
-        return out[:n].copy()
+        out = np.zeros(n, DUMP_DTYPE)
+        for name, a in zip(DUMP_DTYPE.names, arrays):
+            out[name] = a
+        return out
 
     def zap_root(self, root):
         """``tdp_mmu_zap_root``: remove everything below `root` (the removed
