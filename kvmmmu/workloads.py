@@ -1132,6 +1132,9 @@ def _host_invalidation(g: Guest, p: dict) -> None:
     Param("rounds", int, 4, "times every process is scheduled", lo=1, hi=1 << 20),
     Param("pages_per_round", int, 32, "pages a process touches each time it runs", lo=1,
           hi=1 << 20),
+    Param("touch", str, "random", "each time a process runs it touches `pages_per_round` "
+                                  "random pages of its own, or all of them in order",
+          choices=("random", "all")),
     Param("write_fraction", float, 0.5, "the fraction of touches that are writes",
           lo=0.0, hi=1.0),
 ))
@@ -1179,7 +1182,8 @@ def _cr3_switch(g: Guest, p: dict) -> None:
                     g._ev(kind="set_cr", vcpu=v.vcpu_id, cr=3, value=cr3)
                     v.kvm_set_cr3(cr3)
                     switches += 1
-                pick = gvas[g.rng.integers(0, gvas.size, p["pages_per_round"])]
+                pick = gvas if p["touch"] == "all" else \
+                    gvas[g.rng.integers(0, gvas.size, p["pages_per_round"])]
                 w = g.rng.random(pick.size) < p["write_fraction"]
                 cut = np.flatnonzero(np.diff(w.astype(np.int8))) + 1
                 for part, pw in zip(np.split(pick, cut), np.split(w, cut)):
