@@ -381,3 +381,24 @@ def test_shadow_aging_access_tracks_ad_disabled_sptes():
     assert cpu.access(v, np.array([0x3000], np.uint64)) == 1       # the fast path restores it
     assert v.stat.as_dict()["pf_fast"] == 1
     vm.audit()
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("first_touch", dict(pattern="random", backing="anonymous_thp")),
+    ("first_touch", dict(host="npt")),
+    ("dirty_log", dict(iterations=2, write_percent=70, random_access=True)),
+    ("dirty_log", dict(backing="anonymous_thp", eager_page_split=False, manual_protect=True)),
+    ("access_tracking", dict(ad_bits=False, reaccess_percent=50)),
+    ("access_tracking", dict(reaccess_percent=50, access="write")),
+    ("working_set", dict(accesses=3000)),
+    ("memslot_churn", dict(mode="dirty_log", slots=2)),
+    ("host_invalidation", dict(event="numa_scan", chunks=2)),
+])
+def test_tdp_mmu_batch_access_matches_the_scalar_cpu(name, kw):
+    # TdpMmu.guest_access (one C loop) against GuestCpu's scalar walk-and-fault loop
+    from kvmmmu.tdp_mmu import TdpMmu
+    assert hasattr(TdpMmu, "guest_access")
+    a = W.run(name, mmu="tdp_mmu", seed=4, batch=True, **SMALL, **kw)
+    b = W.run(name, mmu="tdp_mmu", seed=4, batch=False, **SMALL, **kw)
+    assert _det(a.summary) == _det(b.summary)
+    assert a.timeline == b.timeline
