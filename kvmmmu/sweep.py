@@ -492,7 +492,7 @@ def _run_dask(cells, cell_fn, results, progress, timeout, scheduler, n_workers,
         if scheduler == "local":
             cluster = stack.enter_context(LocalCluster(
                 n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                dashboard_address=None, silence_logs=logging.ERROR))
+                dashboard_address=":0", silence_logs=logging.ERROR))
             client = stack.enter_context(Client(cluster))
         elif isinstance(scheduler, str):
             client = stack.enter_context(Client(scheduler))
