@@ -122,6 +122,16 @@ def _check_value(field, wl_name, param, value):
     if choices is not None and value not in choices:
         raise GridError(field, f"{value!r} is not one of {tuple(choices)!r} "
                         f"(workload {wl_name!r})")
+    check = getattr(param, "check", None)       # W.Param.check: its range (lo, hi) too
+    if check is not None:
+        try:
+            value = check(value)
+        except ValueError as e:
+            msg = str(e)
+            name = getattr(param, "name", None)
+            if name and msg.startswith(f"{name}: "):
+                msg = msg[len(name) + 2:]
+            raise GridError(field, f"{msg} (workload {wl_name!r})") from None
     return value
 
 
@@ -645,16 +655,21 @@ def read_parquet(path):
 # --- the text table -----------------------------------------------------------------------
 
 def _default_metric(df):
-    cols = list(df.columns)
-    summary = cols[cols.index("cell_s") + 1:] if "cell_s" in cols else []
+    """The first numeric, non-wall-time summary column every successful cell
+    reports (e.g. ``pf_taken`` in a grid of several workloads), else the
+    first one any cell reports, else ``cell_s``."""
     import pandas as pd
 
-    for k in summary:
-        s = df[k]
-        if (not k.endswith("_s") and pd.api.types.is_numeric_dtype(s)
-                and not pd.api.types.is_bool_dtype(s) and s.notna().any()):
+    cols = list(df.columns)
+    summary = cols[cols.index("cell_s") + 1:] if "cell_s" in cols else []
+    numeric = [k for k in summary
+               if not k.endswith("_s") and pd.api.types.is_numeric_dtype(df[k])
+               and not pd.api.types.is_bool_dtype(df[k]) and df[k].notna().any()]
+    ok = df["status"] == "ok"
+    for k in numeric:
+        if df.loc[ok, k].notna().all():
             return k
-    return "cell_s"
+    return numeric[0] if numeric else "cell_s"
 
 
 def _fmt(v):
@@ -673,8 +688,9 @@ def format_table(df, metric=None):
     """A text table of one metric: a row per (workload, parameters), a column
     per MMU, for a side-by-side look at the MMUs.
 
-    ``metric`` defaults to the first numeric summary column that is not a
-    wall time (else ``cell_s``).  With ``repeat`` > 1 a value is the mean over
+    ``metric`` defaults to the first numeric, non-wall-time summary column
+    that every successful cell reports (else the first any cell reports,
+    else ``cell_s``).  With ``repeat`` > 1 a value is the mean over
     the replicates that succeeded (their count follows in parentheses when it
     is not all of them).  ``failed`` marks a configuration whose every
     replicate failed, ``-`` a metric the workload does not report, an empty

@@ -522,6 +522,84 @@ def test_dask_timeout_fails_the_unfinished_cells(cluster, tmp_path):
     assert df["cell_s"].isna().all()
 
 
+def test_scheduler_local_starts_and_closes_its_own_cluster():
+    pytest.importorskip("distributed")
+    g = grid(workloads=["touch"], mmus=["tdp", "shadow"], params={"vcpus": [1, 3]})
+    df = SW.run(g, scheduler="local", n_workers=2, cell_fn=count_cell)
+    pd.testing.assert_frame_equal(
+        _no_wall(df), _no_wall(SW.run(g, scheduler="inprocess", cell_fn=count_cell)))
+
+
+def test_the_default_metric_is_one_every_successful_cell_reports():
+    def fn(cell):
+        out = {"only_a": 1} if cell["workload"] == "a" else {}
+        out.update(t_s=0.5, flag=True, faults=cell["seed"])
+        return out
+    cells = [{"workload": w, "mmu": "tdp", "seed": s} for w, s in (("a", 1), ("b", 2))]
+    df = SW.run(cells, scheduler="inprocess", cell_fn=fn)
+    assert list(df.columns)[-4:] == ["only_a", "t_s", "flag", "faults"]
+    assert SW.format_table(df).splitlines()[0] == "faults per MMU (2 cells)"
+    df = SW.run(cells[:1], scheduler="inprocess", cell_fn=lambda c: {"t_s": 1.0})
+    assert SW.format_table(df).splitlines()[0] == "cell_s per MMU (1 cells)"
+
+
+# --- the real workloads, tiny --------------------------------------------------------------
+
+def test_grid_validates_against_the_real_workloads():
+    from kvmmmu import workloads as W
+
+    assert SW.MMUS == W.MMUS
+    g = SW.Grid(["first_touch", "dirty_log"], ["tdp_mmu", "shadow"],
+                {"vcpu_mib": [2, 4], "iterations": [1]})
+    cells = g.cells()
+    assert len(cells) == 8 and g.skipped == []
+    assert [set(c) - set(SW.CELL_KEYS) for c in cells] == \
+        [{"vcpu_mib"}] * 4 + [{"vcpu_mib", "iterations"}] * 4
+    for kw, field, words in [
+        (dict(params={"iterations": [1]}), "params.iterations", "no listed workload"),
+        (dict(params={"vcpus": [0]}), "params.vcpus", "0 is below 1 (workload 'first_touch')"),
+        (dict(params={"pattern": ["zigzag"]}), "params.pattern", "'zigzag' is not one of"),
+        (dict(params={"write": ["yes"]}), "params.write", "takes a bool"),
+    ]:
+        with pytest.raises(SW.GridError, match=f"^{field}: .*{words}".replace("(", r"\(")
+                           .replace(")", r"\)")):
+            SW.Grid(["first_touch"], **kw)
+    with pytest.raises(SW.GridError, match="^workloads: unknown workload 'dirty_log_perf'"):
+        SW.Grid(["dirty_log_perf"])
+
+
+def test_real_cells_same_frame_in_process_and_on_dask_and_rerun_alone(cluster):
+    from kvmmmu import workloads as W
+
+    g = SW.Grid(["dirty_log"], ["tdp_mmu", "shadow"], {"vcpu_mib": [2, 4], "iterations": [1]},
+                seed=3)
+    # one cell the workload refuses at run time (1 MiB does not make whole 2 MiB frames)
+    cells = g.cells() + [{"workload": "dirty_log", "mmu": "tdp", "seed": 5, "vcpu_mib": 1}]
+    local = SW.run(cells, scheduler="inprocess")
+    dist = SW.run(cells, scheduler=cluster.scheduler_address)
+    pd.testing.assert_frame_equal(_no_wall(dist), _no_wall(local))
+    assert list(local["status"]) == ["ok"] * 4 + ["failed"]
+    assert local.loc[4, "error"].startswith("WorkloadParamError: slots: ")
+    # the workload's own record: one iteration writes every page of every vCPU
+    assert list(local.loc[:3, "dirty_pages"]) == [512, 512, 1024, 1024]
+    assert local.loc[:3, "check_dirty_log_exact"].all()
+    # a row reruns identically on its own, from its cell
+    again = W.run_cell(SW.cells_of(dist)[2])
+    row = dist.iloc[2]
+    assert {k: v for k, v in again.items() if not k.endswith("_s")} == \
+        {k: SW.to_records(dist)[2][k] for k in again if not k.endswith("_s")}
+    assert row["mmu"] == "tdp_mmu" and row["vcpu_mib"] == 4
+    table = SW.format_table(local, "dirty_pages").splitlines()
+    assert table[1].split() == ["workload", "vcpu_mib", "iterations", "|", "tdp_mmu", "tdp",
+                                "shadow"]
+    assert table[3:] == [
+        "dirty_log  2         1           |     512             512",
+        "dirty_log  4         1           |    1024            1024",
+        "dirty_log  1         -           |          failed",
+    ]
+
+
+# last: it ends a worker of the module's cluster (the nanny restarts it)
 def test_a_worker_that_dies_is_a_failed_row(cluster):
     cells = [{"workload": "w", "mmu": "tdp", "seed": s} for s in (0, 1, 2)]
     df = SW.run(cells, scheduler=cluster.scheduler_address, cell_fn=die_in_worker_cell)
@@ -532,11 +610,3 @@ def test_a_worker_that_dies_is_a_failed_row(cluster):
     for i in (0, 2):
         assert (df.loc[i, "status"], df.loc[i, "faults"]) == ("ok", i) or \
             df.loc[i, "error"].startswith("KilledWorker")
-
-
-def test_scheduler_local_starts_and_closes_its_own_cluster():
-    pytest.importorskip("distributed")
-    g = grid(workloads=["touch"], mmus=["tdp", "shadow"], params={"vcpus": [1, 3]})
-    df = SW.run(g, scheduler="local", n_workers=2, cell_fn=count_cell)
-    pd.testing.assert_frame_equal(
-        _no_wall(df), _no_wall(SW.run(g, scheduler="inprocess", cell_fn=count_cell)))
