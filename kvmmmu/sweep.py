@@ -426,8 +426,10 @@ def run(grid_or_cells, *, scheduler="local", n_workers=2, threads_per_worker=1, 
         processes with ``threads_per_worker`` threads each, started for this
         call and closed afterwards.  An address (``"tcp://host:8786"``, any
         ``scheme://``): a running Dask scheduler; its workers must be able to
-        import kvmmmu (and ``cell_fn``).  A ``distributed.Client``: used as
-        is, left open.
+        import kvmmmu (and ``cell_fn``), else every row fails with the import
+        error; cells wait while the cluster has no worker (see ``timeout``).
+        A ``distributed.Client``: used as is, left open.  ``n_workers`` and
+        ``threads_per_worker`` apply to ``"local"`` only.
     progress : callable(desc, done, total), optional
         Called with ``("sweep", 0, total)`` first, then after each finished
         cell (in completion order).
@@ -565,10 +567,10 @@ _DTYPES = {"bool": "boolean", "int": "Int64", "float": "float64", "str": "str",
            "object": "object"}
 
 
-def _series(values):
+def _series(values, empty="float"):
     import pandas as pd
 
-    kind = _kind(values)
+    kind = _kind(values) if values else empty
     if kind == "float":
         return pd.Series([math.nan if v is None else float(v) for v in values], dtype="float64")
     if kind == "object":
@@ -579,7 +581,7 @@ def _series(values):
 def _frame(cells, results):
     import pandas as pd
 
-    cell_cols, summary_cols = [], []
+    cell_cols, summary_cols = list(CELL_KEYS), []
     for c in cells:
         for k in c:
             if k not in cell_cols:
@@ -590,7 +592,7 @@ def _frame(cells, results):
                 summary_cols.append(k)
     cols = {}
     for k in cell_cols:
-        cols[k] = _series([c.get(k) for c in cells])
+        cols[k] = _series([c.get(k) for c in cells], "int" if k == "seed" else "str")
     cols["status"] = pd.Series(["ok" if s is not None else "failed" for s, _e, _t in results],
                                dtype="str")
     cols["error"] = pd.Series([e for _s, e, _t in results], dtype="str")
@@ -648,7 +650,11 @@ def read_parquet(path):
     import pandas as pd
 
     df = pd.read_parquet(path, engine="pyarrow")
-    _cell_columns(df)
+    try:
+        _cell_columns(df)
+    except ValueError:
+        raise ValueError(f"path: {str(path)!r} holds no sweep frame (needs workload, mmu, seed "
+                         f"and status columns)") from None
     return df
 
 

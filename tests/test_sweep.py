@@ -389,6 +389,19 @@ def test_parquet_round_trip_keeps_values_and_dtypes(tmp_path):
     pd.testing.assert_frame_equal(back, df)
     with pytest.raises(ValueError, match="df: not a sweep frame"):
         SW.to_parquet(pd.DataFrame({"a": [1]}), tmp_path / "x.parquet")
+    pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match=r"path: .*other\.parquet' holds no sweep frame"):
+        SW.read_parquet(tmp_path / "other.parquet")
+
+
+def test_no_cells_is_an_empty_frame_and_cell_keys_come_first():
+    df = SW.run([], scheduler="inprocess", cell_fn=SW.null_cell)
+    assert list(df.columns) == ["workload", "mmu", "seed", "status", "error", "cell_s"]
+    assert len(df) == 0 and str(df["seed"].dtype) == "Int64"
+    df = SW.run([{"seed": 1, "z": 2, "mmu": "tdp", "workload": "x"}], scheduler="inprocess",
+                cell_fn=SW.null_cell)
+    assert list(df.columns) == ["workload", "mmu", "seed", "z", "status", "error", "cell_s",
+                                "seed_echo"]
 
 
 def test_cells_of_rebuilds_the_cells_and_records_are_json():
