@@ -114,10 +114,9 @@ def _check_value(field, wl_name, param, value):
         raise GridError(field, f"workload {wl_name!r} declares type {t!r}, "
                         "not one of int, float, bool, str")
     if not ok:
+        want = "a finite float" if t is float else f"a {t.__name__}"
         raise GridError(field, f"{value!r} is a {_type_name(value)}; workload {wl_name!r} "
-                        f"takes a finite {t.__name__}" if t is float else
-                        f"{value!r} is a {_type_name(value)}; workload {wl_name!r} "
-                        f"takes a {t.__name__}")
+                        f"takes {want}")
     choices = getattr(param, "choices", None)
     if choices is not None and value not in choices:
         raise GridError(field, f"{value!r} is not one of {tuple(choices)!r} "
@@ -438,9 +437,10 @@ def run(grid_or_cells, *, scheduler="local", n_workers=2, threads_per_worker=1, 
         Dask it must be picklable (an importable top-level function).
     timeout : float, optional
         Wall seconds for the whole sweep.  Cells not finished by then are
-        failed rows with a ``TimeoutError`` (on Dask they are cancelled; a
-        cell already running in-process is not interrupted, the ones after
-        it are not started).
+        failed rows with a ``TimeoutError`` (on Dask they are cancelled, and
+        the clock starts when the cells are submitted, after the cluster
+        started; a cell already running in-process is not interrupted, the
+        ones after it are not started).
 
     A cell that raises, returns something other than a dict of scalars, or
     dies with its worker (``KilledWorker``) is a ``"failed"`` row whose
