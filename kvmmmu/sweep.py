@@ -24,14 +24,28 @@ whatever ``repeat`` is, so raising ``repeat`` keeps the first replicate.
 Parameters.  A grid parameter applies to the listed workloads that declare it
 (``W.WORKLOADS[name].params``) and is absent from the other workloads' cells
 (their frame rows hold a missing value there); every value is checked
-against each declaring workload's ``Param.type`` and ``choices`` before
-anything runs.  A workload/MMU pair the workload does not run on
-(``Workload.mmus``) is skipped, not failed: :attr:`Grid.skipped` lists it.
+against each declaring workload's ``Param.type``, ``choices`` and
+``Param.check`` (its range) before anything runs.  Constraints between
+parameters (e.g. memory that does not split into the slots asked for) are
+the workload's to check when it runs: such a cell is a failed row.  A
+workload/MMU pair the workload does not run on (``Workload.mmus``) is
+skipped, not failed: :attr:`Grid.skipped` lists it.
+
+A grid file (JSON, or TOML as here)::
+
+    workloads = ["dirty_log", "first_touch"]
+    mmus = ["tdp_mmu", "shadow"]          # optional: default all three
+    seed = 0                               # optional
+    repeat = 1                             # optional
+    [params]
+    vcpu_mib = [64, 256]
+    eager_page_split = [true, false]
 
 The frame.  Columns, in this order: the cell keys (``workload``, ``mmu``,
 ``seed``, then the grid parameters in grid order), ``status`` (``"ok"`` or
 ``"failed"``), ``error`` (``"Type: message"``, ``""`` when ok), ``cell_s``
-(wall seconds of the cell, measured where it ran), then the summary keys in
+(wall seconds of the cell, measured where it ran; NaN when its worker died
+or the sweep timed out before it finished), then the summary keys in
 order of first appearance.  Everything before ``status`` is the cell
 (:func:`cells_of` rebuilds the cells from a frame).  dtypes depend on the
 values, never on which cells failed or on the scheduler: integer columns are

@@ -623,3 +623,12 @@ def test_a_worker_that_dies_is_a_failed_row(cluster):
     for i in (0, 2):
         assert (df.loc[i, "status"], df.loc[i, "faults"]) == ("ok", i) or \
             df.loc[i, "error"].startswith("KilledWorker")
+
+
+def test_the_grid_file_in_the_module_doc_is_a_valid_grid(tmp_path):
+    import textwrap
+    doc = SW.__doc__
+    text = textwrap.dedent(doc[doc.index("    workloads = ["):doc.index("The frame.")])
+    (tmp_path / "doc.toml").write_text(text)
+    g = SW.Grid.from_file(tmp_path / "doc.toml")
+    assert len(g) == 16 and g.params["eager_page_split"] == (True, False)
