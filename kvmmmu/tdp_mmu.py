@@ -723,10 +723,11 @@ class TdpMmu(MmuBackend):
         done, slow, give_up = _GA["DONE"], _GA["SLOW"], _GA["GIVE_UP"]
         last_c = None                   # (access, error code) of the last exit the C fixed
         py_last = (-1, 0)               # (access, RET_PF_*) of the last exit taken here
-        i = 0
+        i = taken = 0
         try:
             while True:
-                status, i, nr_fast, li, lec, lret = b.run(i)
+                status, i, nr_fast, li, lec, lret = b.run(i, taken)
+                taken = 0
                 if nr_fast:
                     # kvm_mmu_page_fault's pf_taken and pf_fixed, fast_page_fault's pf_fast
                     pf[_mmu._PF_TAKEN] += nr_fast
@@ -735,7 +736,7 @@ class TdpMmu(MmuBackend):
                     last_c = (li, lec)
                 if status == done:
                     break
-                gfn = int(gfns[i])
+                gfn = gfns.item(i)
                 if status == give_up:
                     r = lret or (py_last[1] if py_last[0] == i else 0)
                     raise self._guest_access_error(i, gfn, r, int(faults[i]), write, exec)
@@ -743,12 +744,15 @@ class TdpMmu(MmuBackend):
                     raise AssertionError(f"GuestAccessBatch.run: status {status}")
                 last_c = None
                 r = self.page_fault(vcpu, gfn, write=write, exec=exec)
-                faults[i] += 1
                 py_last = (i, r)
                 if r < 0:
+                    faults[i] += 1
                     raise self._guest_access_error(i, gfn, r, int(faults[i]), write, exec)
                 if r == RET_PF_EMULATE:
+                    faults[i] += 1
                     i += 1                          # the instruction is emulated
+                else:
+                    taken = 1                       # counted by the next pass
         finally:
             self._guest_access_finish(vcpu, gfns, b.flags, sidx, slots, write, last_c)
         return faults.copy()

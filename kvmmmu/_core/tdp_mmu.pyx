@@ -2346,8 +2346,10 @@ cdef class GuestAccessBatch:
     def __len__(self):
         return self.b.n
 
-    def run(self, start):
-        """One pass from access `start`: ``(status, pos, nr_fast, last_idx,
+    def run(self, start, taken=0):
+        """One pass from access `start` (`taken`: exits the caller took on
+        access `start` since the last pass, added to its count first):
+        ``(status, pos, nr_fast, last_idx,
         last_ec, last_ret)`` - status ``GA_DONE`` (pos = len), ``GA_SLOW``
         (the exit of access `pos` is the caller's to take) or ``GA_GIVE_UP``
         (access `pos` already took max_faults exits and exits again);
@@ -2358,8 +2360,14 @@ cdef class GuestAccessBatch:
         if self.core is None:
             raise TypeError("GuestAccessBatch: make it with TdpMmuCore.guest_access_batch")
         cdef Py_ssize_t pos = s64_arg(start, "start")
+        cdef int c_taken = s32_arg(taken, "taken")
         if not 0 <= pos <= self.b.n:
             raise ValueError(f"start={pos} is outside 0..{self.b.n}")
+        if c_taken:
+            if pos == self.b.n or not 0 < c_taken <= 255 - self.b.faults[pos]:
+                raise ValueError(f"taken={c_taken}: not 1..255 exits in all on an access "
+                                 f"(start={pos} of {self.b.n})")
+            self.b.faults[pos] += c_taken
         cdef TdpMmuCore core = self.core
         cdef tdp_mmu_t *m = &core.m
         cdef int status
