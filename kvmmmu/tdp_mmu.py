@@ -99,7 +99,10 @@ from kvmmmu._core.guest_walk import (
     PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
 from kvmmmu.errors import KvmNoMemoryError
-from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+from kvmmmu.host import PTE_DIRTY, PTE_PRESENT, PTE_WRITE, PTE_YOUNG
+from kvmmmu.memslots import (
+    KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMSLOT_INVALID,
+)
 from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
 from kvmmmu.notifiers import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 from kvmmmu import mmu as _mmu
@@ -681,17 +684,19 @@ class TdpMmu(MmuBackend):
                     break                           # the instruction is emulated
         return out
 
-    def _guest_access_class(self, vcpu, gfns, write):
+    def _guest_access_class(self, vcpu, gfns, write, exec):
         """Per gfn: the core's class bits (NOFAST: no memslot, a write to a
         write-tracked gfn, a VM with private memory; LOGGED: the memslot
-        logs dirty pages) and the memslot (an index into the list
-        returned, -1 for none)."""
+        logs dirty pages; SLOW: a not-present exit may be mapped by the
+        core - see :meth:`_guest_access_slow_slot`) and the memslot index
+        into the list returned (-1 for none); and the core's slot tables
+        (``slot_base``, ``slot_pte``, ``slot_pfn``, the VMA of each slot)."""
         vm = self.vm
         slots = vm.memslots[vcpu.as_id]
         ids = slots.gfn_to_memslot_array(gfns)
         gclass = np.zeros(gfns.shape[0], np.uint8)
         sidx = np.full(gfns.shape[0], -1, np.int32)
-        objs = []
+        objs, bases, ptes, pfns, vmas = [], [], [], [], []
         tracking = write and vm.kvm_page_track_write_tracking_enabled
         for sid in np.unique(ids).tolist():
             sel = ids == sid
@@ -708,40 +713,100 @@ class TdpMmu(MmuBackend):
                 where = np.flatnonzero(sel)
                 hit = where[track[(gfns[where] - np.uint64(slot.base_gfn)).astype(np.int64)] != 0]
                 gclass[hit] |= _GA["CLASS_NOFAST"]
+            vma = None if exec else self._guest_access_slow_slot(slot)
+            bases.append(slot.base_gfn)
+            vmas.append(vma)
+            if vma is None:
+                ptes.append(np.zeros(0, np.uint8))
+                pfns.append(np.zeros(0, np.uint64))
+            else:
+                off = (slot.userspace_addr - vma.start) >> PAGE_SHIFT
+                ptes.append(vma.pte[off:off + slot.npages])
+                pfns.append(vma.pfn[off:off + slot.npages])
+                gclass[sel] |= _GA["CLASS_SLOW"]
         if vm.has_private_mem:
             gclass |= _GA["CLASS_NOFAST"]
-        return gclass, sidx, objs
+        return gclass, sidx, objs, (np.array(bases, np.uint64), ptes, pfns, vmas)
+
+    def _guest_access_slow_slot(self, slot):
+        """The VMA whose host pages the core may fault in for `slot`'s
+        not-present exits (``kvm_tdp_page_fault`` without fast_page_fault:
+        A/D bits on), or None: a plain memslot (not read-only, no
+        guest_memfd, not being deleted) wholly inside one VMA of 4K pages
+        only (no THP, no hugetlb: the host level is 4K, no hugepage_adjust)."""
+        vm = self.vm
+        if not vm.kvm_ad_enabled or vm.has_private_mem or \
+                slot.flags & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD | KVM_MEMSLOT_INVALID):
+            return None
+        mm = vm.host
+        ua, size = slot.userspace_addr, slot.npages << PAGE_SHIFT
+        vma = mm.find_vma(ua) if not ua & ((1 << PAGE_SHIFT) - 1) else None
+        if vma is None or vma.thp or vma.hugetlb or ua + size > vma.end:
+            return None
+        if (_GA["HOST_PTE_PRESENT"], _GA["HOST_PTE_WRITE"], _GA["HOST_PTE_YOUNG"],
+                _GA["HOST_PTE_DIRTY"]) != (PTE_PRESENT, PTE_WRITE, PTE_YOUNG, PTE_DIRTY):
+            raise AssertionError("the core's host PTE bits differ from kvmmmu.host's")
+        return vma
 
     def _guest_access_batch(self, vcpu, root, gfns, write, exec, max_faults) -> np.ndarray:
-        """guest_access in nogil C passes, each exit the C cannot fix
+        """guest_access in nogil C passes, each exit the C cannot take
         through :meth:`page_fault` (see :meth:`guest_access`)."""
-        gclass, sidx, slots = self._guest_access_class(vcpu, gfns, write)
-        b = self.core.guest_access_batch(root.sp, gfns, gclass, write=write, exec=exec,
-                                         max_faults=max_faults, vcpu_id=vcpu.vcpu_id)
+        vm = self.vm
+        gclass, sidx, slots, (bases, ptes, pfns, vmas) = \
+            self._guest_access_class(vcpu, gfns, write, exec)
+        b = self.core.guest_access_batch(
+            root.sp, gfns, gclass, write=write, exec=exec, max_faults=max_faults,
+            vcpu_id=vcpu.vcpu_id, sidx=sidx, slot_base=bases, slot_pte=ptes, slot_pfn=pfns,
+            page_cache=vcpu.mmu_shadow_page_cache, header_cache=vcpu.mmu_page_header_cache,
+            nx_huge_pages=vm.params.nx_huge_pages and not vm.disable_nx_huge_pages)
+        any_slow = bool(np.any(gclass & np.uint8(_GA["CLASS_SLOW"])))
+        mm, n, lock = vm.host, vm.notifier, vm.mmu_lock
+        vma_gen = mm.vma_gen
+        desc = vcpu.mmu_pte_list_desc_cache
         faults = b.faults
         pf = vcpu.stat.pf
         done, slow, give_up = _GA["DONE"], _GA["SLOW"], _GA["GIVE_UP"]
-        last_c = None                   # (access, error code) of the last exit the C fixed
+        last_c = None                   # the last exit the C took: (access, ec, slow info)
         py_last = (-1, 0)               # (access, RET_PF_*) of the last exit taken here
         i = taken = 0
         try:
             while True:
-                status, i, nr_fast, li, lec, lret = b.run(i, taken)
+                # a pass may map not-present exits: what kvm_tdp_page_fault
+                # checks before (caches, invalidations), under mmu_lock
+                slow_ok = any_slow and desc.nobjs >= 14 and not n.mmu_invalidate_in_progress \
+                    and mm.vma_gen == vma_gen
+                exits_ok = not vm.warn_sink.bugged
+                if slow_ok:
+                    lock.acquire_read()
+                    try:
+                        status, i, nr_fast, li, lec, lret, sl = b.run(i, taken, True, exits_ok)
+                    finally:
+                        lock.release_read()
+                else:
+                    status, i, nr_fast, li, lec, lret, sl = b.run(i, taken, False, exits_ok)
                 taken = 0
                 if nr_fast:
                     # kvm_mmu_page_fault's pf_taken and pf_fixed, fast_page_fault's pf_fast
                     pf[_mmu._PF_TAKEN] += nr_fast
                     pf[_mmu._PF_FAST] += nr_fast
                     pf[_mmu._PF_FIXED] += nr_fast
-                    last_c = (li, lec)
+                if sl is not None:
+                    nr_slow, nr_fixed, nr_spurious, lsi, pfn, writable, last_slow = sl
+                    pf[_mmu._PF_TAKEN] += nr_slow
+                    pf[_mmu._PF_FIXED] += nr_fixed
+                    pf[_mmu._PF_SPURIOUS] += nr_spurious
+                    if len(mm.vmas) > 1:            # hva_to_pfn_fast's find_vma hint
+                        mm._vma_hint = (mm.vma_gen, vmas[sidx[lsi]])
+                if li >= 0:
+                    last_c = (li, lec, (pfn, writable) if sl is not None and last_slow else None)
                 if status == done:
                     break
                 gfn = gfns.item(i)
                 if status == give_up:
                     r = lret or (py_last[1] if py_last[0] == i else 0)
                     raise self._guest_access_error(i, gfn, r, int(faults[i]), write, exec)
-                if status != slow:
-                    raise AssertionError(f"GuestAccessBatch.run: status {status}")
+                if status != slow:              # a mapped exit answered lret
+                    raise self._guest_access_error(i, gfn, lret, int(faults[i]), write, exec)
                 last_c = None
                 r = self.page_fault(vcpu, gfn, write=write, exec=exec)
                 py_last = (i, r)
@@ -759,9 +824,10 @@ class TdpMmu(MmuBackend):
 
     def _guest_access_finish(self, vcpu, gfns, flags, sidx, slots, write, last_c) -> None:
         """What the batch's C passes leave to Python: the dirty bits of the
-        gfns a fast fault made writable (and, with PML, of those whose D bit
-        the CPU set), and ``vcpu.last_fault`` when the last exit was the C's
-        (as :func:`kvmmmu.mmu.kvm_mmu_do_page_fault` leaves it)."""
+        gfns a fault made writable in a dirty-logged slot (and, with PML, of
+        those whose D bit the CPU set), and ``vcpu.last_fault`` when the last
+        exit was the C's (as :func:`kvmmmu.mmu.kvm_mmu_do_page_fault` and,
+        for a mapped one, ``kvm_mmu_faultin_pfn`` leave it)."""
         vm = self.vm
         mask = _GA["MADE_WRITABLE"]
         if write and vm.kvm_ad_enabled and vm.cpu_dirty_log_size:
@@ -779,6 +845,10 @@ class TdpMmu(MmuBackend):
                                  vm.params.nx_huge_pages and not vm.disable_nx_huge_pages)
             fault.gfn = gfn & ~vm.gfn_direct_bits
             fault.slot = vcpu.gfn_to_memslot(fault.gfn)
+            if last_c[2] is not None:               # kvm_mmu_faultin_pfn's fields
+                fault.mmu_seq = vm.notifier.mmu_invalidate_seq
+                fault.pfn, fault.map_writable = last_c[2]
+                fault.host_level = PG_LEVEL_4K
             vcpu.last_fault = fault
 
     def map_memory(self, vcpu, gfns, *, write: bool = False, private: bool = False) -> np.ndarray:

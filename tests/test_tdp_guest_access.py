@@ -67,6 +67,12 @@ def state(vm):
         "last_fault": None if lf is None else
         (lf.addr, lf.error_code, lf.gfn, None if lf.slot is None else lf.slot.id, repr(lf)),
         "emulation_type": v.emulation_type,
+        "host": [(m.start, m.end, m.pte.tolist(), m.pfn.tolist()) for m in vm.host.vmas],
+        "host_events": dict(vm.host.events),
+        "vma_hint": None if vm.host._vma_hint is None else
+        (vm.host._vma_hint[0], vm.host._vma_hint[1].start),
+        "caches": [(c.mmu_shadow_page_cache.nobjs, c.mmu_page_header_cache.nobjs) for c in vm.vcpus],
+        "notifier_seq": vm.notifier.mmu_invalidate_seq,
     }
 
 
@@ -127,6 +133,27 @@ def test_first_touch_4k_one_fault_each():
     st = vm.vcpus[0].stat
     assert st.pf_taken == st.pf_fixed == 512 and st.pf_fast == 0
     assert vm.stat.pages_4k == 512
+
+
+def test_first_touch_4k_mapped_by_the_core(monkeypatch):
+    """A not-present exit on a present 4K host page is mapped in the batch's
+    C pass: the scalar page_fault runs only to top the caches up (and the
+    host PTEs get young/dirty as hva_to_pfn_fast sets them)."""
+    from kvmmmu.host import PTE_DIRTY, PTE_YOUNG
+    from kvmmmu.tdp_mmu import TdpMmu
+    calls = []
+    orig = TdpMmu.page_fault
+    monkeypatch.setattr(TdpMmu, "page_fault",
+                        lambda self, *a, **k: calls.append(a[1]) or orig(self, *a, **k))
+    vm = _vm(thp=False)
+    n = 4096
+    f = vm.mmu_backend.guest_access(vm.vcpus[0], np.arange(n, dtype=np.uint64), write=True)
+    assert f.tolist() == [1] * n
+    assert len(calls) < n // 100
+    st = vm.vcpus[0].stat
+    assert st.pf_taken == st.pf_fixed == n and vm.stat.pages_4k == n
+    pte = vm.host.vmas[0].pte[:n]
+    assert np.all(pte & (PTE_YOUNG | PTE_DIRTY) == PTE_YOUNG | PTE_DIRTY)
 
 
 def test_first_touch_thp_frame_one_fault():
@@ -328,13 +355,13 @@ def test_gives_up_after_max_faults(monkeypatch):
     """An exit that never makes progress (the fault answers RETRY forever)."""
     from kvmmmu._core.defs import RET_PF_RETRY
     for batch in (False, True):
-        vm = _vm()
+        vm = _vm(thp=True)                  # (THP: the core maps no first touch itself)
         t, v = vm.mmu_backend, vm.vcpus[0]
         t.guest_access(v, np.arange(2, dtype=np.uint64))
         monkeypatch.setattr(type(t), "page_fault", lambda self, *a, **k: RET_PF_RETRY)
-        with pytest.raises(RuntimeError, match=r"gfns\[1\]=0x5: the read still exits after "
+        with pytest.raises(RuntimeError, match=r"gfns\[1\]=0x1000: the read still exits after "
                                                r"3 faults \(last RET_PF_RETRY\)"):
-            t.guest_access(v, np.array([1, 5, 6], np.uint64), batch=batch, max_faults=3)
+            t.guest_access(v, np.array([1, 0x1000, 6], np.uint64), batch=batch, max_faults=3)
         monkeypatch.undo()
 
 
@@ -382,12 +409,34 @@ def test_core_batch_checks():
         t.core.guest_access_batch(root, g, c, max_faults=256)
     with pytest.raises(ValueError, match="root"):
         t.core.guest_access_batch(root + 1000, g, c)
+    with pytest.raises(ValueError, match="page_cache"):
+        t.core.guest_access_batch(root, g, c | 4)                   # GA_CLASS_SLOW, no slots
+    v = vm.vcpus[0]
+    caches = dict(page_cache=v.mmu_shadow_page_cache, header_cache=v.mmu_page_header_cache)
+    with pytest.raises(ValueError, match="sidx"):
+        t.core.guest_access_batch(root, g, c | 4, sidx=np.zeros(4, np.int32), **caches)
+    pte, pfn = np.zeros(2, np.uint8), np.zeros(2, np.uint64)
+    with pytest.raises(ValueError, match=r"gfns\[2\]"):
+        t.core.guest_access_batch(root, g, c | 4, sidx=np.zeros(4, np.int32),
+                                  slot_base=np.zeros(1, np.uint64), slot_pte=[pte],
+                                  slot_pfn=[pfn], **caches)
+    with pytest.raises(ValueError, match="slot_pfn"):
+        t.core.guest_access_batch(root, g, c, slot_base=np.zeros(1, np.uint64), slot_pte=[pte],
+                                  slot_pfn=[pfn[:1].copy()])
+    with pytest.raises(TypeError, match="slot_pte"):
+        t.core.guest_access_batch(root, g, c, slot_base=np.zeros(1, np.uint64),
+                                  slot_pte=[pte.astype(np.uint16)], slot_pfn=[pfn])
     b = t.core.guest_access_batch(root, g, c)
+    with pytest.raises(ValueError, match="taken"):
+        b.run(4, 1)
+    with pytest.raises(ValueError, match="taken"):
+        b.run(0, 256)
     g[:] = 1 << 40                                  # the batch holds its own copy
     with pytest.raises(ValueError, match="start"):
         b.run(5)
     status, pos, *_ = b.run(0)
     assert (status, pos) == (1, 0)                  # GA_SLOW: gfn 0 is not mapped yet
+    assert b.run(0, 0, True)[:2] == (1, 0)          # no slot tables: still the caller's
     assert b.run(4)[:2] == (0, 4)                   # GA_DONE
     assert int(t.core.get_last_sptep(root, 1 << 40)[0]) == 0
     sptep, spte, level = t.core.get_last_sptep(root, 0)

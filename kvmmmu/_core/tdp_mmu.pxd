@@ -92,9 +92,13 @@ cdef enum:
     GA_DONE = 0                     # every access completed
     GA_SLOW = 1                     # stopped at an exit the caller must take (scalar path)
     GA_GIVE_UP = 2                  # stopped at an access that took max_faults exits already
+    GA_UNEXPECTED = 3               # stopped: a fault mapped here answered c_last_ret (no RET_PF_
+                                    # FIXED, SPURIOUS or RETRY): the caller reports it
     GA_CLASS_NOFAST = 1             # gclass: an exit here always goes to the caller
     GA_CLASS_LOGGED = 2             # gclass: the gfn's memslot has KVM_MEM_LOG_DIRTY_PAGES
-    GA_MADE_WRITABLE = 1            # flags: a fast fault set W (mark_page_dirty)
+    GA_CLASS_SLOW = 4               # gclass: a plain memslot wholly in one 4K-only VMA: a
+                                    # not-present exit may be mapped here (slot_* arrays)
+    GA_MADE_WRITABLE = 1            # flags: a fault made a writable leaf (mark_page_dirty)
     GA_DIRTIED = 2                  # flags: the CPU set D from 0 (what PML logs)
     GA_PFERR_PRESENT = 1
     GA_PFERR_WRITE = 2
@@ -114,7 +118,26 @@ ctypedef struct ga_batch:
     int64_t nr_fast                 # exits fixed here (each: pf_taken, pf_fast, pf_fixed)
     Py_ssize_t c_last_idx           # the access of the last exit fixed here (-1: none)
     uint64_t c_last_ec              # ... and its error code
-    int c_last_ret                  # RET_PF_FIXED if the stop access's last exit was fixed here
+    int c_last_ret                  # the stop access's last exit's RET_PF_* if it was taken here
+    # The slow path of a not-present exit on a GA_CLASS_SLOW gfn (kvm_tdp_page_fault's
+    # faultin of a present 4K host page, then kvm_tdp_mmu_map at 4K), per slot index
+    # k = sidx[i]: the host PTE flags and pfns of the slot's first page on.
+    const int *sidx
+    uint8_t **slot_pte
+    const uint64_t **slot_pfn
+    const uint64_t *slot_base
+    bint slow_ok                    # this pass may map (the caller checked the rest)
+    bint exits_ok                   # this pass may take exits at all (not: a bugged VM)
+    bint nx_huge_pages              # fault->nx_huge_page_workaround_enabled
+    kvm_mmu_memory_cache *pc
+    kvm_mmu_memory_cache *hc
+    int64_t nr_slow                 # exits mapped here (pf_taken each)
+    int64_t nr_slow_fixed           # ... that answered RET_PF_FIXED (pf_fixed)
+    int64_t nr_slow_spurious        # ... RET_PF_SPURIOUS (pf_spurious)
+    bint c_last_slow                # the last exit taken here was a mapped one ...
+    uint64_t c_last_pfn             # ... of this host pfn
+    bint c_last_writable            # ... map_writable
+    Py_ssize_t c_last_slow_idx      # the access of the last mapped exit (-1: none)
 
 
 cdef int tdp_guest_access(tdp_mmu_t *m, uint64_t root, ga_batch *b,
