@@ -324,12 +324,14 @@ _OPS = st.one_of(
     st.tuples(st.just("age"), st.integers(0, 7)),
     st.tuples(st.just("log"), st.booleans()),
     st.tuples(st.just("get"), st.just(0)),
+    st.tuples(st.just("prot"), st.booleans()),
 )
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=st.sampled_from([dict(thp=True), dict(thp=False, ad=False), dict(tdp="npt", thp=True),
-                            dict(thp=True, eager=False)]),
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=st.sampled_from([dict(thp=True), dict(thp=False), dict(thp=False, ad=False),
+                            dict(tdp="npt", thp=True), dict(tdp="npt"), dict(thp=True, eager=False),
+                            dict(thp=False, pml=True)]),
        ops=st.lists(_OPS, min_size=1, max_size=8))
 def test_random_sequences_match(cfg, ops):
     steps = []
@@ -339,6 +341,9 @@ def test_random_sequences_match(cfg, ops):
         elif op == "age":
             steps.append(do(lambda vm, k=arg: vm.host.age(_slot(vm).userspace_addr + (k << 21),
                                                           1 << 21)))
+        elif op == "prot":
+            steps.append(do(lambda vm, w=arg: vm.host.mprotect(_slot(vm).userspace_addr, 16 * MiB,
+                                                               w)))
         elif op == "log":
             steps.append(do(lambda vm, on=arg: _log_dirty(vm, on)))
         else:
