@@ -2324,6 +2324,9 @@ cdef class TdpMmuCore:
         cdef int top = self._root(c_root)
         cdef int c_max = s32_arg(max_faults, "max_faults")
         cdef int c_vcpu = s32_arg(vcpu_id, "vcpu_id")
+        if role_is_mirror(pt_sp_ptr(self.m.a, c_root).role):
+            raise ValueError(f"root {c_root} is a mirror root: its changes go through the TDX "
+                             f"hooks, which guest_access_batch does not call")
         if not 1 <= c_max <= 255:
             raise ValueError(f"max_faults={c_max} is outside 1..255")
         if write and exec:
