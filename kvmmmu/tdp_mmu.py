@@ -573,16 +573,25 @@ class TdpMmu(MmuBackend):
 
         `batch` (default) runs the accesses in nogil C passes
         (:meth:`~kvmmmu._core.tdp_mmu.TdpMmuCore.guest_access_batch`): the
-        CPU's part, and every exit that ``kvm_mmu_page_fault`` would end in
+        CPU's part; every exit that ``kvm_mmu_page_fault`` would end in
         ``fast_page_fault``'s RET_PF_FIXED (W set on an MMU-writable leaf,
         an access-tracked leaf restored: pf_taken, pf_fast, pf_fixed, the
-        ``fast_page_fault`` trace line, the dirty bit); a pass stops at the
-        first exit that needs anything else, which is taken through
-        :meth:`page_fault` as with ``batch=False``, and the next pass
-        resumes at that access.  ``batch=False`` is the reference, one
+        ``fast_page_fault`` trace line, the dirty bit); and, with A/D bits,
+        a read or write exit on a not-present SPTE of a plain memslot (not
+        read-only, no guest_memfd) backed by a VMA of 4K pages whose host
+        page is present (and writable for a write): ``hva_to_pfn_fast``'s
+        host PTE bits, ``kvm_tdp_mmu_map`` at 4K under ``mmu_lock`` for
+        read, pf_taken and pf_fixed (or pf_spurious), the map's trace
+        lines, the dirty bit of a writable leaf in a dirty-logged slot.  A
+        pass stops at the first exit that needs anything else (the caches
+        to top up, a host page to fault in, a THP or hugetlb backing, a
+        fetch, MMIO, write tracking, private memory...), which is taken
+        through :meth:`page_fault` as with ``batch=False``, and the next
+        pass resumes at that access.  ``batch=False`` is the reference, one
         Python step per walk and per exit.  Both leave the same SPTEs,
-        statistics, dirty bitmaps, ``vcpu.last_fault`` and kvmmmu trace
-        lines."""
+        statistics, dirty bitmaps, host PTEs, ``vcpu.last_fault`` and
+        kvmmmu trace lines (every event is emitted in both, in the same
+        order)."""
         root, gfns, write, exec, max_faults = self._guest_access_check(vcpu, gfns, write, exec,
                                                                        max_faults)
         if batch:

@@ -306,6 +306,30 @@ def test_mprotect_readonly_host_match():
     both(lambda: _vm(thp=True), acc(g, write=True), ro, acc(g), acc(g[:5].copy(), write=True))
 
 
+def test_two_slots_two_vmas_match():
+    """Accesses alternating between two 4K-backed memslots (two VMAs: the
+    host's find_vma hint follows the last fault-in) and a THP one."""
+    def build():
+        vm = _vm(thp=False, size=8 * MiB)
+        vm.add_memory(16 * MiB, 8 * MiB, slot=1, thp=False, populate=True)
+        vm.add_memory(32 * MiB, 8 * MiB, slot=2, thp=True, populate=True)
+        return vm
+
+    rng = np.random.default_rng(5)
+    g = np.concatenate([rng.integers(0, 2048, 600), rng.integers(4096, 6144, 600),
+                        rng.integers(8192, 10240, 600)]).astype(np.uint64)
+    rng.shuffle(g)
+    vm, res = both(build, acc(g), acc(g[::-1].copy(), write=True))
+    assert len(vm.host.vmas) == 3
+    assert vm.vcpus[0].stat.pf_taken == sum(res[0]) + sum(res[1])
+
+
+def test_tdx_vm_refused():
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx")
+    with pytest.raises(NotImplementedError, match="TDX"):
+        vm.mmu_backend.guest_access(vm.vcpus[0], np.arange(2, dtype=np.uint64))
+
+
 def test_mmio_emulated_each_time():
     g = np.array([HOLE, HOLE, HOLE + 1], np.uint64)
     vm, res = both(lambda: _vm(), acc(g), acc(g, write=True))
