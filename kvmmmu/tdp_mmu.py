@@ -99,6 +99,7 @@ from kvmmmu._core.guest_walk import (
     PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
 from kvmmmu.errors import KvmNoMemoryError
+from kvmmmu import host as _host
 from kvmmmu.host import PTE_DIRTY, PTE_PRESENT, PTE_WRITE, PTE_YOUNG
 from kvmmmu.memslots import (
     KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMSLOT_INVALID,
@@ -786,9 +787,13 @@ class TdpMmu(MmuBackend):
                     and mm.vma_gen == vma_gen
                 exits_ok = not vm.warn_sink.bugged
                 if slow_ok:
+                    # (the host PTE bits: the C ORs them in, serialized
+                    # with the scalar fault threads' read-modify-write)
                     lock.acquire_read()
                     try:
-                        status, i, nr_fast, li, lec, lret, sl = b.run(i, taken, True, exits_ok)
+                        with _host._pte_bits_lock:
+                            status, i, nr_fast, li, lec, lret, sl = b.run(i, taken, True,
+                                                                          exits_ok)
                     finally:
                         lock.release_read()
                 else:

@@ -35,9 +35,10 @@ def _events_off():
     tp.disable_all()
 
 
-def _vm(thp=False, tdp="ept", ad=True, eager=True, pml=False, size=SIZE, populate=True):
+def _vm(thp=False, tdp="ept", ad=True, eager=True, pml=False, size=SIZE, populate=True,
+        nx=False):
     vm = VM("tdp_mmu", host=HostConfig(tdp=tdp, ad_bits=ad, pml=pml),
-            params=KvmParams(eager_page_split=eager))
+            params=KvmParams(eager_page_split=eager, nx_huge_pages=nx))
     vm.add_memory(0, size, slot=0, thp=thp, populate=populate)
     vm.vcpus[0].kvm_mmu_reload()
     return vm
@@ -237,6 +238,7 @@ def test_no_ad_bits_aging_restores_by_fast_fault():
 @pytest.mark.parametrize("cfg", [
     dict(thp=False), dict(thp=True), dict(ad=False), dict(ad=False, thp=True),
     dict(tdp="npt"), dict(tdp="npt", thp=True), dict(pml=True, thp=True),
+    dict(nx=True), dict(nx=True, thp=True), dict(populate=False), dict(populate=False, thp=True),
 ])
 def test_mixed_accesses_match(cfg):
     hi = NPAGES + 64
