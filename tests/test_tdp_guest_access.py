@@ -66,7 +66,7 @@ def state(vm):
         "dirty": {(s.as_id, s.id): None if s.dirty_bitmap is None else s.dirty_bitmap.tolist()
                   for space in vm.memslots for s in space},
         "last_fault": None if lf is None else
-        (lf.addr, lf.error_code, lf.gfn, None if lf.slot is None else lf.slot.id, repr(lf)),
+        sorted((k, getattr(v, "id", v)) for k, v in vars(lf).items()),
         "emulation_type": v.emulation_type,
         "host": [(m.start, m.end, m.pte.tolist(), m.pfn.tolist()) for m in vm.host.vmas],
         "host_events": dict(vm.host.events),
@@ -74,6 +74,7 @@ def state(vm):
         (vm.host._vma_hint[0], vm.host._vma_hint[1].start),
         "caches": [(c.mmu_shadow_page_cache.nobjs, c.mmu_page_header_cache.nobjs) for c in vm.vcpus],
         "notifier_seq": vm.notifier.mmu_invalidate_seq,
+        "last_used_slot": [getattr(c.last_used_slot, "id", None) for c in vm.vcpus],
     }
 
 
