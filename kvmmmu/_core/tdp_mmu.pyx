@@ -1195,11 +1195,16 @@ cdef int tdp_guest_access(tdp_mmu_t *m, uint64_t root, ga_batch *b,
     (and D for a write) in the leaf when the format has A/D bits; an access
     that exits is handled here when kvm_mmu_page_fault would end in
     fast_page_fault's RET_PF_FIXED (a write to an MMU-writable leaf, or an
-    access-tracked leaf without A/D bits: tdp_fast_page_fault's rules), and
-    retried.  Returns with *pos at the first access whose exit needs
+    access-tracked leaf without A/D bits: tdp_fast_page_fault's rules), or,
+    in a pass with b.slow_ok, when it is a read or write exit on a
+    not-present SPTE of a GA_CLASS_SLOW gfn whose 4K host page is present
+    (_ga_map_4k: the rest of kvm_tdp_page_fault), and retried.  Returns with
+    *pos at the first access whose exit needs
     anything else (GA_SLOW: the caller takes that one exit through the
     scalar path and calls again), at an access that already took
-    b.max_faults exits and still exits (GA_GIVE_UP), or at b.n (GA_DONE).
+    b.max_faults exits and still exits (GA_GIVE_UP), at a mapped exit that
+    answered neither FIXED, SPURIOUS nor RETRY (GA_UNEXPECTED), or at b.n
+    (GA_DONE).
 
     Nothing is changed or traced for an exit left to the caller: the
     decision is made on the SPTE the walk read, and the cmpxchg installs the
