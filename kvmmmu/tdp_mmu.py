@@ -549,7 +549,9 @@ class TdpMmu(MmuBackend):
         sets logs the gfn, and the model flushes the log at once: the gfn is
         marked dirty if its memslot logs dirty pages).  Any other access
         exits: :meth:`page_fault` (the CPU's error code to
-        :func:`kvmmmu.mmu.kvm_mmu_page_fault`), then the access is retried,
+        :func:`kvmmmu.mmu.kvm_mmu_page_fault`), then the vCPU re-enters
+        (``vcpu_enter_guest``; the call starts with one too, as KVM_RUN
+        does) and the access is retried,
         except after RET_PF_EMULATE (the instruction is emulated: the
         access is done).
 
@@ -595,6 +597,7 @@ class TdpMmu(MmuBackend):
         order)."""
         root, gfns, write, exec, max_faults = self._guest_access_check(vcpu, gfns, write, exec,
                                                                        max_faults)
+        self._reenter(vcpu)             # KVM_RUN: what is pending is serviced first
         if batch:
             return self._guest_access_batch(vcpu, root, gfns, write, exec, max_faults)
         return self._guest_access_scalar(vcpu, root, gfns, write, exec, max_faults)
@@ -650,6 +653,18 @@ class TdpMmu(MmuBackend):
             return spte & 3 == 3
         return bool(spte & 1)
 
+    @staticmethod
+    def _reenter(vcpu) -> None:
+        """The VM entry after an exit KVM handled in Python
+        (``vcpu_enter_guest``: the requests the fault made - a TLB flush
+        after a zap, a root to reload - are serviced before the retry).  The
+        exits the batch's C passes handle make no request, so their
+        re-entries are no-ops and are left out."""
+        r = _mmu.vcpu_enter_guest(vcpu)
+        if r is not None:
+            raise OSError(-r, f"guest_access: vCPU {vcpu.vcpu_id}: the VM entry after an exit "
+                              f"failed with {r}")
+
     def _guest_access_error(self, i: int, gfn: int, r: int, nf: int, write: bool, exec: bool):
         """The exception guest_access raises for access `i` (see there)."""
         kind = "fetch" if exec else "write" if write else "read"
@@ -690,6 +705,7 @@ class TdpMmu(MmuBackend):
                 out[i] = nf
                 if r < 0:
                     raise self._guest_access_error(i, gfn, r, nf, write, exec)
+                self._reenter(vcpu)
                 if r == RET_PF_EMULATE:
                     break                           # the instruction is emulated
         return out
@@ -827,6 +843,7 @@ class TdpMmu(MmuBackend):
                 if r < 0:
                     faults[i] += 1
                     raise self._guest_access_error(i, gfn, r, int(faults[i]), write, exec)
+                self._reenter(vcpu)
                 if r == RET_PF_EMULATE:
                     faults[i] += 1
                     i += 1                          # the instruction is emulated
