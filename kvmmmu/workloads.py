@@ -73,7 +73,8 @@ MAX_FAULTS_PER_ACCESS = 4
 FAULT_KINDS = ("pf_taken", "pf_fixed", "pf_fast", "pf_spurious", "pf_emulate",
                "pf_mmio_spte_created", "pf_guest")
 #: the structures a report measures (bytes), in this order
-MEM_KINDS = ("spt", "sp_headers", "rmap_desc", "memslot_meta", "dirty_bitmap")
+MEM_KINDS = ("spt", "shadowed_info", "sp_headers", "rcu_pending", "rmap_desc", "memslot_meta",
+             "dirty_bitmap")
 SIZEOF_KVM_MMU_PAGE = HEADER_DTYPE.itemsize
 MMUS = ("tdp_mmu", "tdp", "shadow")
 #: where the guest page tables of the paging workloads live (a slot of their own)
@@ -499,9 +500,12 @@ def faults_by_kind(vm) -> dict:
 
 
 def mem_by_structure(vm) -> dict:
-    """Bytes in use per MMU structure: SPTE pages (``spt``), ``struct
-    kvm_mmu_page`` headers, ``pte_list_desc`` rmap descriptors, the memslots'
-    arch metadata (rmap heads, lpage_info, write tracking) and dirty bitmaps."""
+    """Bytes in use per MMU structure: the SPTE pages of the live MMU pages
+    (``spt``), the shadowed-translation pages of indirect shadow pages
+    (``shadowed_info``), their ``struct kvm_mmu_page`` headers, the pages and
+    headers of zapped TDP MMU pages still waiting for their RCU grace period
+    (``rcu_pending``), ``pte_list_desc`` rmap descriptors, the memslots' arch
+    metadata (rmap heads, lpage_info, write tracking) and dirty bitmaps."""
     st = vm.arena.stats()
     meta = dirty = 0
     for slots in vm.memslots:
@@ -509,8 +513,11 @@ def mem_by_structure(vm) -> dict:
             meta += s.arch.nbytes
             if s.dirty_bitmap is not None:
                 dirty += s.dirty_bitmap.nbytes
-    return {"spt": int(st["spt_tables"]) * PAGE_SIZE,
+    pending = int(st["rcu_pending"])
+    return {"spt": (int(st["spt_tables"]) - pending) * PAGE_SIZE,
+            "shadowed_info": int(st["info_tables"]) * PAGE_SIZE,
             "sp_headers": int(st["sps"]) * SIZEOF_KVM_MMU_PAGE,
+            "rcu_pending": pending * (PAGE_SIZE + SIZEOF_KVM_MMU_PAGE),
             "rmap_desc": rmap_descs(vm) * SIZEOF_PTE_LIST_DESC,
             "memslot_meta": int(meta), "dirty_bitmap": int(dirty)}
 

@@ -63,6 +63,8 @@ def test_first_touch_shadow_paging_one_fault_per_page_and_table_shadows():
     # shadow pages: PML4, PDPT, PD and two PTs (4 MiB of 4 KiB guest pages)
     assert s["mmu_pages"] == 5
     assert s["mem_memslot_meta"] > 0                 # shadow paging allocates rmaps
+    # shadowed_translation pages: indirect shadow pages up to the 1G level (not the PML4)
+    assert s["mem_shadowed_info"] == 4 * 4096
 
 
 # ---------------------------------------------------------------------------
@@ -82,6 +84,11 @@ def test_dirty_log_eager_split_one_fast_fault_per_page_per_iteration(backing):
     assert s["pf_fixed"] == s["pf_taken"]
     assert [ph["dirty_pages"] for ph in r.phases if "dirty_pages" in ph] == [n, n, n]
     assert s["check_dirty_log_exact"] and s["dirty_pages"] == 3 * n
+    if backing == "anonymous_thp":
+        # the split tables stay while logging; recovery frees them after an RCU grace period
+        mem = [(t["mem"]["spt"], t["mem"]["rcu_pending"]) for t in r.timeline]
+        assert mem[0] == (3 * 4096, 0) and mem[1] == (7 * 4096, 0)
+        assert mem[-1] == (3 * 4096, 4 * (4096 + W.SIZEOF_KVM_MMU_PAGE))
     # logging off: kvm_mmu_recover_huge_pages puts the 2M leaves back in place
     assert (s["pages_4k"], s["pages_2m"]) == ((n, 0) if backing == "anonymous" else (0, n // 512))
 
