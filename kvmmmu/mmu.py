@@ -407,6 +407,29 @@ _EC_DIRECT_COMMON = (PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_USER_MASK | P
 _EC_EPT = _EC_DIRECT_COMMON
 _EC_NPT = (_EC_DIRECT_COMMON | PFERR_SS_MASK | PFERR_GUEST_RMP_MASK | PFERR_GUEST_ENC_MASK |
            PFERR_GUEST_SIZEM_MASK | PFERR_GUEST_VMPL_MASK | PFERR_NPF_SSS_MASK)
+
+
+def tdp_hardware_error_code(fmt, ept: bool, spte: int, level: int, *, write: bool = False,
+                            exec: bool = False) -> int:
+    """The error code an EPT violation / misconfiguration or an NPF brings to
+    ``kvm_mmu_page_fault`` for an access whose walk ended at `spte` (at
+    `level`): an MMIO SPTE is a misconfiguration (EPT: RSVD alone) or a
+    reserved-bit NPF (RSVD|P, W for a write); otherwise W for a write, F for
+    a fetch, on EPT U for a read (``handle_ept_violation``), and P when the
+    walk ended at a present leaf that grants some access (a permission
+    fault)."""
+    if spte and fmt.is_mmio_spte(spte):
+        return PFERR_RSVD_MASK if ept else \
+            PFERR_RSVD_MASK | PFERR_PRESENT_MASK | (PFERR_WRITE_MASK if write else 0)
+    ec = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if exec else 0)
+    if ept and not write and not exec:
+        ec |= PFERR_USER_MASK
+    leaf = level == 1 or (level in (2, 3) and (spte >> 7) & 1)
+    if leaf and spte & (1 << 11) and spte & (7 if ept else 1):     # SPTE_MMU_PRESENT_MASK
+        ec |= PFERR_PRESENT_MASK
+    return ec
+
+
 #: no x86 CPU reports a guest-physical address of more bits (MAXPHYADDR <= 52);
 #: below it, a gpa above the host's MAXPHYADDR can arrive when KVM itself runs
 #: nested under an L0 that reports a smaller MAXPHYADDR: the kernel emulates

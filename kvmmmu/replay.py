@@ -526,7 +526,7 @@ def write_stream(init: dict, events: Iterable[dict], path) -> Stream:
 # Building the VM
 # ---------------------------------------------------------------------------
 
-def _set_sregs(vcpu, regs: dict) -> None:
+def set_sregs(vcpu, regs: dict) -> None:
     """``KVM_SET_SREGS`` (+ RFLAGS) as the MMU sees it (``__set_sregs``): the
     registers at once, PAE PDPTEs loaded from memory; when CR0, CR3, CR4,
     EFER or the PDPTEs changed (``mmu_reset_needed``),
@@ -602,7 +602,7 @@ def build_vm(init: dict, *, vm: VM | None = None) -> VM:
         try:
             if vcpu.guest_model != model:
                 vcpu.set_guest_model(model)
-            _set_sregs(vcpu, regs)
+            set_sregs(vcpu, regs)
         except (_pg.PagingError, CrLoadError) as e:
             raise StreamValueError(1, f"vcpus[{i}]", str(e)) from None
     return vm

@@ -1,0 +1,895 @@
+"""Workloads shaped like the kernel's own MMU selftests
+(tools/testing/selftests/kvm: ``dirty_log_perf_test``, ``access_tracking_perf_test``,
+``memslot_perf_test``, ``mmu_stress_test``, ``kvm_page_table_test``), run on the model.
+
+A workload builds a VM (any MMU flavour: ``"tdp_mmu"``, ``"tdp"`` - TDP on the shadow
+MMU, ``kvm.tdp_mmu=N`` -, or ``"shadow"`` paging), drives it the way the selftest's host
+and guest code do, and returns a :class:`Report`: the selftest's own figures (populate
+time, per-iteration dirty time, get/clear dirty log time, ...) next to the model's counts
+(faults by kind, SPTEs by level, shadow pages, rmap descriptors, bytes per structure),
+with a timeline sampled at every phase end.
+
+    from kvmmmu import workloads as W
+    rep = W.run("dirty_log", mmu="tdp_mmu", vcpus=2, vcpu_mib=64, iterations=3)
+    print(rep.text())
+    rep.summary["dirty_log_exact"]        # every iteration reported exactly what was written
+
+**The guest CPU.**  A guest access is what the hardware does with it
+(:class:`GuestCpu`): the CPU walks the tables the MMU built (the TDP root for the TDP
+flavours, the shadow root for shadow paging); if the last SPTE is a present leaf that
+allows the access, there is no exit and the CPU sets the SPTE's Accessed bit (and Dirty
+for a write) when the format has A/D bits; otherwise the vCPU exits with the error code
+the hardware reports (an EPT violation / NPF for TDP - the gpa -, a #PF with CR2 for
+shadow paging - the gva -) into ``kvm_mmu_page_fault``, re-enters (``vcpu_enter_guest``)
+and retries.  Every KVM_RUN starts with an entry.  On the TDP MMU the batch entry
+``TdpMmu.guest_access`` does the same in one C loop when it exists and no stream is
+recorded; ``batch=False`` keeps the scalar path (the reference).
+
+**Streams.**  ``run(..., stream=PATH)`` records what the vCPUs and the VMM did as a
+vCPU input stream (docs/STREAM.md: memslots, entries, faults with their error codes, CR3
+loads, dirty-log ioctls, a ``mark`` per timeline sample) that ``kvmmmu.replay`` runs to
+the same statistics.  Host events (munmap, THP split, aging) have no stream event: the
+workloads that use them refuse to record (:class:`WorkloadParamError` on ``stream``).
+
+**Host memory** is populated when a slot is created (a VMM that uses MAP_POPULATE), so
+guest faults never wait for the host's own page faults; ``backing="anonymous_thp"``
+backs the slots with transparent huge pages.
+
+Invariants a run checks (``check=True``, the default): ``VM.audit()`` after every
+phase; the dirty-log loop's bitmaps equal the pages the guest wrote in that iteration;
+the idle-page count of access tracking equals the pages not re-accessed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from kvmmmu import replay as _replay
+from kvmmmu._core import spte as S
+from kvmmmu._core.defs import PAGE_SHIFT, PAGE_SIZE, RET_PF_NAMES
+from kvmmmu._core.pt_arena import HEADER_DTYPE
+from kvmmmu._core.rmap import SIZEOF_PTE_LIST_DESC
+from kvmmmu.guest_tables import GuestPageTables
+from kvmmmu.memslots import (KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+                             KVM_MEM_LOG_DIRTY_PAGES)
+from kvmmmu.mmu import tdp_hardware_error_code
+from kvmmmu.paging import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
+                           PFERR_USER_MASK, PFERR_WRITE_MASK)
+
+__all__ = ["WORKLOADS", "Workload", "Param", "Report", "WorkloadParamError", "WorkloadError",
+           "GuestCpu", "run", "run_cell"]
+
+MiB = 1 << 20
+PAGES_PER_2M = 512
+#: faults one access may take before the run gives up (a fault that never
+#: makes progress is a model bug or a guest #PF the workload did not expect)
+MAX_FAULTS_PER_ACCESS = 4
+#: the fault counters of ``vcpu->stat`` a report shows, in this order
+FAULT_KINDS = ("pf_taken", "pf_fixed", "pf_fast", "pf_spurious", "pf_emulate",
+               "pf_mmio_spte_created", "pf_guest")
+#: the structures a report measures (bytes), in this order
+MEM_KINDS = ("spt", "sp_headers", "rmap_desc", "memslot_meta", "dirty_bitmap")
+SIZEOF_KVM_MMU_PAGE = HEADER_DTYPE.itemsize
+MMUS = ("tdp_mmu", "tdp", "shadow")
+#: where the guest page tables of the paging workloads live (a slot of their own)
+TABLES_GPA = 1 << 40
+
+
+class WorkloadParamError(ValueError):
+    """A bad workload name, parameter or value; ``.param`` names it."""
+
+    def __init__(self, param: str, msg: str):
+        super().__init__(f"{param}: {msg}")
+        self.param = param
+
+
+class WorkloadError(RuntimeError):
+    """The model refused what the workload drove (a fault that never resolves,
+    a negative errno from a fault, a dirty log that disagrees with the
+    guest's writes)."""
+
+
+# ---------------------------------------------------------------------------
+# Parameters and the registry
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Param:
+    """One workload parameter: its type (int, float, bool or str), default,
+    help text, and the allowed values (``choices``) or range (``lo``..``hi``)."""
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: tuple | None = None
+    lo: float | None = None
+    hi: float | None = None
+
+    def check(self, value):
+        """`value` converted to :attr:`type` (ints for a float parameter), or
+        :class:`WorkloadParamError` naming the parameter."""
+        t = self.type
+        if t is float and type(value) is int:
+            value = float(value)
+        if type(value) is not t:
+            raise WorkloadParamError(self.name, f"expected {t.__name__}, got "
+                                                f"{type(value).__name__} {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise WorkloadParamError(self.name, f"{value!r} is not one of {self.choices}")
+        if self.lo is not None and value < self.lo:
+            raise WorkloadParamError(self.name, f"{value!r} is below {self.lo}")
+        if self.hi is not None and value > self.hi:
+            raise WorkloadParamError(self.name, f"{value!r} is above {self.hi}")
+        return value
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A registered workload: ``run(**params)`` builds and drives a VM."""
+    name: str
+    doc: str
+    params: dict
+    mmus: tuple
+    fn: Callable = field(repr=False)
+    streamable: bool = True
+
+    @property
+    def summary_line(self) -> str:
+        return self.doc.strip().splitlines()[0]
+
+
+WORKLOADS: dict[str, Workload] = {}
+
+_COMMON = (
+    Param("vcpus", int, 1, "vCPUs, each with its own region of guest memory (selftest -v)",
+          lo=1, hi=64),
+    Param("vcpu_mib", int, 64, "MiB of guest memory per vCPU (selftest -b)", lo=1, hi=1 << 22),
+    Param("backing", str, "anonymous", "host backing of guest memory (selftest -s)",
+          choices=("anonymous", "anonymous_thp")),
+    Param("host", str, "ept", "the host's TDP hardware (EPT or NPT; shadow paging uses the "
+                              "legacy SPTE format either way)", choices=("ept", "npt")),
+    Param("ad_bits", bool, True, "hardware Accessed/Dirty bits in the TDP tables "
+                                 "(kvm_intel.enable_ept_ad_bits)"),
+    Param("eager_page_split", bool, True, "kvm.eager_page_split: split huge SPTEs when dirty "
+                                          "logging is enabled (or cleared, with manual protect)"),
+    Param("nx_huge_pages", bool, False, "kvm.nx_huge_pages: the iTLB-multihit mitigation"),
+)
+
+
+def workload(name: str, *, mmus=MMUS, params=(), streamable=True):
+    """Register a workload function ``fn(g: Guest, p: dict) -> None``; its
+    docstring is the workload's doc."""
+    def deco(fn):
+        ps = {q.name: q for q in (*_COMMON, *params)}
+        WORKLOADS[name] = Workload(name, fn.__doc__ or name, ps, tuple(mmus), fn, streamable)
+        return fn
+    return deco
+
+
+def _params(wl: Workload, given: dict) -> dict:
+    out = {}
+    for k in given:
+        if k not in wl.params:
+            raise WorkloadParamError(k, f"workload {wl.name!r} has no parameter {k!r} "
+                                        f"(it has: {', '.join(wl.params)})")
+    for name, q in wl.params.items():
+        out[name] = q.check(given[name]) if name in given else q.default
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The guest CPU: what the hardware does with an access
+# ---------------------------------------------------------------------------
+
+_LARGE = S.PT_PAGE_SIZE_MASK
+_W = S.PT_WRITABLE_MASK
+_USER = S.PT_USER_MASK
+
+
+class GuestCpu:
+    """The hardware side of guest accesses for one VM (see the module docstring).
+
+    ``access(vcpu, addrs, write=False, exec=False)`` takes page addresses - gpas on
+    the TDP flavours, gvas on shadow paging - in order and returns how many exits
+    they took.  ``record`` (a list) receives the stream events (``page_fault``,
+    ``entry``) the scalar path produced."""
+
+    def __init__(self, vm, *, batch: bool = True, record: list | None = None):
+        self.vm = vm
+        self.fmt = vm.fmt
+        m = self.fmt.masks()
+        self.ad = bool(m["ad_enabled"])
+        self.ept = bool(m["is_ept"])
+        self.acc_mask, self.dirty_mask = int(m["accessed_mask"]), int(m["dirty_mask"])
+        self.record = record
+        backend = vm.mmu_backend
+        self.tdp_mmu = vm.tdp_mmu_enabled
+        self.shadow = not vm.tdp_enabled
+        self.batch = bool(batch and record is None and self.tdp_mmu
+                          and hasattr(backend, "guest_access"))
+        self.exits = 0
+
+    # -- the walk the CPU does --------------------------------------------------------
+    def _last_spte(self, vcpu, addr: int) -> tuple[int, int, int]:
+        """``(sptep, spte, level)`` of the last entry on `addr`'s path, sptep 0
+        when there is no root or the walk stopped above a table."""
+        vm = self.vm
+        if self.tdp_mmu:
+            root = vm.mmu_backend.vcpu_root.get(vcpu.index)
+            if root is None:
+                return 0, 0, 0
+            a = vm.arena
+            sp, level = root.sp, root.role.level
+            gfn = (addr >> PAGE_SHIFT) | vm.gfn_direct_bits
+            while True:
+                sptep = a.sp_sptep(sp, (gfn >> (9 * (level - 1))) & 511)
+                spte = a.mmu_spte_get_lockless(sptep)
+                if level == 1 or spte & _LARGE or not S.is_shadow_present_pte(spte):
+                    return sptep, spte, level
+                sp = a.spte_to_child_sp(spte)
+                level -= 1
+        walk = vm.mmu_backend.shadow_walk(vcpu, addr)
+        if not walk:
+            return 0, 0, 0
+        sp, idx, spte = walk[-1]
+        return sp.pa | (idx << 3), spte, sp.level
+
+    def _allowed(self, spte: int, level: int, write: bool, exec: bool, user: bool) -> bool:
+        fmt = self.fmt
+        if not S.is_shadow_present_pte(spte) or not (level == 1 or spte & _LARGE):
+            return False
+        if fmt.is_access_track_spte(spte) or fmt.is_mmio_spte(spte):
+            return False
+        if write and not spte & _W:
+            return False
+        if exec and not fmt.is_executable_pte(spte):
+            return False
+        if self.ept and not spte & 1:                     # EPT read permission
+            return False
+        if user and self.shadow and not spte & _USER:
+            return False
+        return True
+
+    def _error_code(self, vcpu, spte: int, level: int, write: bool, exec: bool) -> int:
+        if not self.shadow:
+            return tdp_hardware_error_code(self.fmt, self.ept, spte, level, write=write,
+                                           exec=exec)
+        # a #PF from the shadow tables: P for a protection fault on a present
+        # leaf (RSVD with it for an MMIO SPTE), W, U at CPL 3, I/D for a fetch
+        ec = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if exec else 0)
+        if vcpu.cpu.cpl == 3:
+            ec |= PFERR_USER_MASK
+        if spte and self.fmt.is_mmio_spte(spte):
+            ec |= PFERR_RSVD_MASK | PFERR_PRESENT_MASK
+        elif S.is_shadow_present_pte(spte) and (level == 1 or spte & _LARGE):
+            ec |= PFERR_PRESENT_MASK
+        return ec
+
+    # -- KVM_RUN ------------------------------------------------------------------------
+    def enter(self, vcpu) -> None:
+        """``vcpu_enter_guest``: service the requests, load the root."""
+        if self.record is not None:
+            self.record.append({"kind": "entry", "vcpu": vcpu.vcpu_id})
+        r = vcpu.vcpu_enter_guest() if hasattr(vcpu, "vcpu_enter_guest") else None
+        if r is not None and r < 0:
+            raise WorkloadError(f"vCPU {vcpu.vcpu_id}: the root load failed ({r})")
+
+    def access(self, vcpu, addrs, *, write: bool = False, exec: bool = False) -> int:
+        """The guest touches every page address of `addrs` (uint64), in order,
+        starting with a VM entry; returns the exits (faults) taken."""
+        addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
+        self.enter(vcpu)
+        if not addrs.size:
+            return 0
+        if self.batch:
+            n = int(self.vm.mmu_backend.guest_access(
+                vcpu, addrs >> np.uint64(PAGE_SHIFT), write=write, exec=exec).sum(dtype=np.int64))
+            self.exits += n
+            return n
+        return self._access_scalar(vcpu, addrs.tolist(), write, exec)
+
+    def _access_scalar(self, vcpu, addrs: list, write: bool, exec: bool) -> int:
+        a = self.vm.arena
+        user = vcpu.cpu.cpl == 3
+        hw_bits = (self.acc_mask | (self.dirty_mask if write else 0)) if self.ad else 0
+        rec = self.record
+        fault = vcpu.kvm_mmu_page_fault
+        exits = 0
+        for addr in addrs:
+            last = None
+            for tries in range(MAX_FAULTS_PER_ACCESS + 1):
+                sptep, spte, level = self._last_spte(vcpu, addr)
+                if sptep and self._allowed(spte, level, write, exec, user):
+                    if hw_bits and (spte & hw_bits) != hw_bits:
+                        a.try_cmpxchg64(sptep, spte, spte | hw_bits)   # lost race: the bits
+                    break                                             # are the other CPU's
+                if tries == MAX_FAULTS_PER_ACCESS:
+                    raise WorkloadError(f"vCPU {vcpu.vcpu_id}: the access to {addr:#x} still "
+                                        f"faults after {tries} faults (last {last})")
+                ec = self._error_code(vcpu, spte, level, write, exec)
+                if rec is not None:
+                    rec.append({"kind": "page_fault", "vcpu": vcpu.vcpu_id, "addr": addr,
+                                "error_code": ec})
+                r = fault(addr, ec)
+                exits += 1
+                last = RET_PF_NAMES.get(r, r)
+                if r < 0:
+                    raise WorkloadError(f"vCPU {vcpu.vcpu_id}: the fault on {addr:#x} "
+                                        f"failed with {r}")
+                self.enter(vcpu)
+        self.exits += exits
+        return exits
+
+
+# ---------------------------------------------------------------------------
+# The harness: a VM built like a stream's init line, a clock, a timeline
+# ---------------------------------------------------------------------------
+
+class Guest:
+    """The VM a workload drives, built from a stream ``init`` line (so that a
+    recorded run and its replay start from the same state), with its
+    :class:`GuestCpu`, the phase clock and the timeline sampler."""
+
+    def __init__(self, mmu: str, p: dict, *, seed: int, record: bool, batch: bool,
+                 progress=None):
+        self.p = p
+        self.mmu = mmu
+        self.rng = np.random.default_rng(seed)
+        self.progress = progress
+        self.events: list | None = [] if record else None
+        self.init = {
+            "kind": "init", "version": 1, "mmu": mmu,
+            "params": {"eager_page_split": p["eager_page_split"],
+                       "nx_huge_pages": p["nx_huge_pages"]},
+            "host": {"tdp": p["host"], "ad_bits": p["ad_bits"]},
+            "guest_model": {}, "memslots": [], "memory": [], "vcpus": [],
+        }
+        self.thp = p["backing"] == "anonymous_thp"
+        self.vm = None
+        self.cpu = None
+        self._batch = batch
+        self.phases: list[dict] = []
+        self.timeline: list[dict] = []
+        self.summary: dict = {}
+        self.checks: dict = {}
+
+    # -- set-up (before start: part of the init line) ----------------------------------
+    def add_slot(self, slot: int, gpa: int, size: int, *, thp: bool | None = None,
+                 flags: int = 0) -> None:
+        self.init["memslots"].append({"slot": slot, "as_id": 0, "gpa": gpa, "size": size,
+                                      "flags": flags, "thp": self.thp if thp is None else thp,
+                                      "populate": True})
+
+    def start(self, nr_vcpus: int, *, manual_protect: int = 0) -> None:
+        """Build the VM (``replay.build_vm``) and enter every vCPU once."""
+        if manual_protect:
+            self.init["manual_dirty_log_protect"] = manual_protect
+        fresh = _fresh_regs()
+        self.init["vcpus"] = [{"id": i, **fresh} for i in range(nr_vcpus)]
+        self.vm = _replay.build_vm(self.init)
+        self.cpu = GuestCpu(self.vm, batch=self._batch, record=self.events)
+        self.vcpus = self.vm.vcpus
+        #: slot id -> (hva, bytes): the VMM's host buffer of each slot, kept
+        #: across deletes so a slot can be re-created on the same memory
+        self.buffers = {s.id: (s.userspace_addr, s.npages << PAGE_SHIFT)
+                        for s in self.vm.memslots[0]}
+
+    def boot_paging(self, tables: dict) -> None:
+        """After the VMM wrote guest page tables (``tables``: vCPU id -> its
+        GuestPageTables), load each vCPU's registers as KVM_SET_SREGS
+        would (long mode, CPL 3, those tables), and put the tables' pages
+        and the registers in the init line."""
+        vm = self.vm
+        regions = []
+        for t in {id(t): t for t in tables.values()}.values():
+            regions.append((t.table_gpa, t.tables_used))
+        for gpa, n in regions:
+            data = vm.read_guest(gpa, n * PAGE_SIZE)
+            for i in range(n):
+                page = data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                if page.count(0) != PAGE_SIZE:
+                    end = len(page.rstrip(b"\0"))
+                    self.init["memory"].append({"gpa": gpa + i * PAGE_SIZE,
+                                                "hex": page[:end].hex()})
+        for regs in self.init["vcpus"]:
+            t = tables[regs["id"]]
+            regs.update(long_mode_regs(int(t.cr3)))
+            _replay.set_sregs(vm.vcpus[regs["id"]], regs)
+
+    # -- the VMM's ioctls, recorded -------------------------------------------------------
+    def _ev(self, **ev) -> None:
+        if self.events is not None:
+            self.events.append(ev)
+
+    def set_memslot(self, slot: int, gpa: int, size: int, flags: int, *, thp=None) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2`` for an existing host buffer (a move,
+        new flags, a delete with size 0, a re-creation of a deleted slot)."""
+        buf = self.buffers.get(slot)
+        if buf is None or size > buf[1]:
+            raise WorkloadError(f"slot {slot} has no host buffer of {size} bytes")
+        thp = self.thp if thp is None else thp
+        self._ev(kind="memslot", slot=slot, as_id=0, gpa=gpa, size=size, flags=flags, thp=thp)
+        self.vm.set_user_memory_region(slot, flags, gpa, size, buf[0] if size else 0)
+
+    def get_dirty_log(self, slot: int) -> np.ndarray:
+        self._ev(kind="get_dirty_log", slot=slot)
+        return self.vm.get_dirty_log(slot)
+
+    def clear_dirty_log(self, slot: int, npages: int, bitmap: np.ndarray) -> None:
+        bitmap = np.ascontiguousarray(bitmap, dtype=np.uint64)
+        self._ev(kind="clear_dirty_log", slot=slot, first_page=0, num_pages=npages,
+                 hex=bitmap.astype("<u8").tobytes().hex())
+        self.vm.clear_dirty_log(slot, 0, npages, bitmap)
+
+    def host_event(self, what: str) -> None:
+        if self.events is not None:
+            raise WorkloadError(f"{what} is a host event: a stream cannot record it")
+
+    # -- clock and samples ----------------------------------------------------------------
+    def phase(self, name: str, fn: Callable[[], dict | None], *, sample: bool = True) -> dict:
+        """Run `fn`, time it, record ``{"name", "seconds", **counts}`` and a
+        timeline sample (and a stream ``mark``)."""
+        t0 = time.perf_counter()
+        counts = fn() or {}
+        dt = time.perf_counter() - t0
+        ph = {"name": name, "seconds": dt, **counts}
+        self.phases.append(ph)
+        if sample:
+            self.sample(name)
+        return ph
+
+    def sample(self, phase: str) -> None:
+        self._ev(kind="mark", label=phase)
+        self.timeline.append({"step": len(self.timeline), "phase": phase,
+                              "mem": mem_by_structure(self.vm),
+                              "faults": faults_by_kind(self.vm)})
+
+    def tick(self, desc: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(desc, done, total)
+
+    def audit(self) -> None:
+        self.vm.audit()
+
+
+def _fresh_regs() -> dict:
+    """A new vCPU's registers (``kvm_vcpu_reset`` as the model has them)."""
+    from kvmmmu.paging import CpuState
+    c = CpuState.nonpaging()
+    return {"cr0": c.cr0, "cr3": c.cr3, "cr4": c.cr4, "efer": c.efer, "rflags": c.rflags,
+            "cpl": c.cpl}
+
+
+def long_mode_regs(cr3: int) -> dict:
+    """4-level long mode with NX and WP, CPL 3 (a guest process)."""
+    from kvmmmu import paging as pg
+    return {"cr0": pg.X86_CR0_PE | pg.X86_CR0_PG | pg.X86_CR0_WP,
+            "cr3": cr3, "cr4": pg.X86_CR4_PAE,
+            "efer": pg.EFER_LME | pg.EFER_LMA | pg.EFER_NX, "rflags": 2, "cpl": 3}
+
+
+def faults_by_kind(vm) -> dict:
+    """The fault counters summed over the vCPUs (cumulative)."""
+    out = dict.fromkeys(FAULT_KINDS, 0)
+    for v in vm.vcpus:
+        d = v.stat.as_dict()
+        for k in FAULT_KINDS:
+            out[k] += int(d[k])
+    return out
+
+
+def mem_by_structure(vm) -> dict:
+    """Bytes in use per MMU structure: SPTE pages (``spt``), ``struct
+    kvm_mmu_page`` headers, ``pte_list_desc`` rmap descriptors, the memslots'
+    arch metadata (rmap heads, lpage_info, write tracking) and dirty bitmaps."""
+    st = vm.arena.stats()
+    meta = dirty = 0
+    for slots in vm.memslots:
+        for s in slots:
+            meta += s.arch.nbytes
+            if s.dirty_bitmap is not None:
+                dirty += s.dirty_bitmap.nbytes
+    return {"spt": int(st["spt_tables"]) * PAGE_SIZE,
+            "sp_headers": int(st["sps"]) * SIZEOF_KVM_MMU_PAGE,
+            "rmap_desc": rmap_descs(vm) * SIZEOF_PTE_LIST_DESC,
+            "memslot_meta": int(meta), "dirty_bitmap": int(dirty)}
+
+
+def rmap_descs(vm) -> int:
+    """``pte_list_desc`` objects in rmap and parent-pte chains: those the pool
+    handed out minus those still in the vCPUs' topup caches."""
+    cached = sum(int(v.mmu_pte_list_desc_cache.nobjs) for v in vm.vcpus)
+    return int(vm.rmap_pool.nr_active) - cached
+
+
+def mmu_counts(vm) -> dict:
+    """The end-of-run MMU counts of a report: SPTEs by level, shadow/TDP pages,
+    rmap descriptors, and the VM statistics that count zaps and flushes."""
+    st = vm.stat.as_dict()
+    a = vm.arena.stats()
+    return {"pages_4k": int(st["pages_4k"]), "pages_2m": int(st["pages_2m"]),
+            "pages_1g": int(st["pages_1g"]), "mmu_pages": int(a["sps"]),
+            "rmap_descs": rmap_descs(vm),
+            "max_mmu_rmap_size": int(st["max_mmu_rmap_size"]),
+            "mmu_shadow_zapped": int(st["mmu_shadow_zapped"]),
+            "mmu_cache_miss": int(st["mmu_cache_miss"]),
+            "mmu_unsync": int(st["mmu_unsync"]),
+            "remote_tlb_flush": int(st["remote_tlb_flush"]),
+            "tlb_flush": sum(int(v.stat.as_dict()["tlb_flush"]) for v in vm.vcpus)}
+
+
+# ---------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    """What a workload measured (see the module docstring and ``to_dict``)."""
+    workload: str
+    mmu: str
+    seed: int
+    params: dict
+    phases: list
+    timeline: list
+    summary: dict
+    stream: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"workload": self.workload, "mmu": self.mmu, "seed": self.seed,
+                "params": dict(self.params), "phases": self.phases,
+                "timeline": self.timeline, "summary": self.summary}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def text(self) -> str:
+        """The selftest-style report: the parameters, each phase's time and
+        counts, then the model's counts."""
+        p = self.params
+        lines = [f"{self.workload} on mmu={self.mmu} (seed {self.seed}): "
+                 f"{p['vcpus']} vCPU(s) x {p['vcpu_mib']} MiB, {p['backing']} backing, "
+                 f"host {p['host']}"]
+        extra = {k: v for k, v in p.items() if k not in ("vcpus", "vcpu_mib", "backing", "host")}
+        lines.append("  params: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        for ph in self.phases:
+            counts = ", ".join(_fmt_count(k, v) for k, v in ph.items()
+                               if k not in ("name", "seconds"))
+            lines.append(f"  {ph['name']:<28s} {ph['seconds']:9.6f} s"
+                         + (f"   {counts}" if counts else ""))
+        s = self.summary
+        lines.append("  faults:  " + ", ".join(f"{k} {s[k]:,}" for k in FAULT_KINDS))
+        lines.append("  SPTEs:   " + ", ".join(f"{k} {s[k]:,}" for k in
+                                                ("pages_4k", "pages_2m", "pages_1g"))
+                     + f"; MMU pages {s['mmu_pages']:,}, rmap descriptors {s['rmap_descs']:,}")
+        lines.append("  memory:  " + ", ".join(f"{k} {_human(s['mem_' + k])}"
+                                                for k in MEM_KINDS))
+        for k, v in s.items():
+            if k.startswith("check_"):
+                lines.append(f"  {k[6:]}: {'ok' if v else 'FAILED'}")
+        return "\n".join(lines)
+
+
+def _fmt_count(k, v) -> str:
+    if isinstance(v, bool):
+        return f"{k} {'yes' if v else 'NO'}"
+    return f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+
+
+def _human(n: int) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------
+
+def run(name: str, *, mmu: str = "tdp_mmu", seed: int = 0, progress=None, stream=None,
+        batch: bool = True, check: bool = True, **params) -> Report:
+    """Run workload `name` on a fresh VM with MMU flavour `mmu`.
+
+    Parameters
+    ----------
+    name : a key of :data:`WORKLOADS`
+    mmu : "tdp_mmu", "tdp" or "shadow"
+    seed : int; the same seed gives the same counts
+    progress : None or callable(desc, done, total)
+    stream : None or a path: record the vCPU input stream there (docs/STREAM.md)
+    batch : use the TDP MMU's batch access path where it exists
+    check : audit the VM after every phase and check the workload's record
+    **params : the workload's parameters (``WORKLOADS[name].params``)
+    """
+    wl = WORKLOADS.get(name)
+    if wl is None:
+        raise WorkloadParamError("workload", f"unknown workload {name!r} "
+                                             f"(one of: {', '.join(WORKLOADS)})")
+    if mmu not in wl.mmus:
+        raise WorkloadParamError("mmu", f"{name} runs on {', '.join(wl.mmus)}, not {mmu!r}")
+    if type(seed) is not int or not 0 <= seed < 1 << 64:
+        raise WorkloadParamError("seed", f"expected an int in 0..2**64-1, got {seed!r}")
+    p = _params(wl, params)
+    if stream is not None and not wl.streamable:
+        raise WorkloadParamError("stream", f"{name} drives host events, which a stream "
+                                           f"cannot record")
+    g = Guest(mmu, p, seed=seed, record=stream is not None, batch=batch, progress=progress)
+    g.check = check
+    wl.fn(g, p)
+    g.summary.update(faults_by_kind(g.vm))
+    g.summary.update(mmu_counts(g.vm))
+    g.summary.update({"mem_" + k: v for k, v in mem_by_structure(g.vm).items()})
+    g.summary["exits"] = g.cpu.exits
+    for k, v in g.checks.items():
+        g.summary["check_" + k] = bool(v)
+    if check:
+        g.audit()
+        bad = [k for k, v in g.checks.items() if not v]
+        if bad:
+            raise WorkloadError(f"{name}: check(s) failed: {', '.join(bad)}")
+    if stream is not None:
+        _replay.write_stream(g.init, g.events, stream)
+    return Report(name, mmu, seed, p, g.phases, g.timeline, g.summary,
+                  None if stream is None else str(stream))
+
+
+def run_cell(cell: dict) -> dict:
+    """One sweep cell: ``{"workload", "mmu", "seed", **params}`` -> the report's
+    summary (a flat dict).  A top-level function, so Dask workers can import it."""
+    cell = dict(cell)
+    try:
+        name = cell.pop("workload")
+    except KeyError:
+        raise WorkloadParamError("workload", "the cell names no workload") from None
+    mmu = cell.pop("mmu", "tdp_mmu")
+    seed = cell.pop("seed", 0)
+    return run(name, mmu=mmu, seed=seed, **cell).summary
+
+
+# ---------------------------------------------------------------------------
+# Building blocks shared by the workloads
+# ---------------------------------------------------------------------------
+
+def _regions(g: Guest, p: dict, *, slots: int = 1, flags: int = 0):
+    """Lay out the vCPUs' memory (vCPU i owns ``[i * size, (i+1) * size)``) in
+    `slots` equal memslots; on shadow paging also an identity-mapped set of
+    guest page tables (4 KiB guest pages) in a slot of their own.  Returns
+    the slot list ``[(id, gpa, npages)]``."""
+    size = p["vcpu_mib"] * MiB
+    total = size * p["vcpus"]
+    if total % slots or (total // slots) % (2 * MiB):
+        raise WorkloadParamError("slots", f"{total // MiB} MiB does not split into {slots} "
+                                          f"slots of whole 2 MiB frames")
+    per = total // slots
+    out = []
+    for i in range(slots):
+        g.add_slot(i, i * per, per, flags=flags)
+        out.append((i, i * per, per >> PAGE_SHIFT))
+    if g.mmu == "shadow":
+        npt = total >> 21                                   # one PT page per 2 MiB
+        table_pages = npt + (npt >> 9) + (npt >> 18) + 8
+        g.add_slot(slots, TABLES_GPA, ((table_pages * PAGE_SIZE + 2 * MiB - 1) // (2 * MiB))
+                   * 2 * MiB, thp=False)
+    return out
+
+
+def _start(g: Guest, p: dict, **kw) -> None:
+    g.start(p["vcpus"], **kw)
+    if g.mmu == "shadow":
+        t = GuestPageTables(g.vm, TABLES_GPA, _table_slot_pages(g))
+        total = p["vcpu_mib"] * MiB * p["vcpus"]
+        t.map(0, 0, total)                                  # gva == gpa, user, writable
+        g.boot_paging({i: t for i in range(p["vcpus"])})
+
+
+def _table_slot_pages(g: Guest) -> int:
+    return g.init["memslots"][-1]["size"] >> PAGE_SHIFT
+
+
+def _vcpu_pages(p: dict, i: int) -> np.ndarray:
+    n = (p["vcpu_mib"] * MiB) >> PAGE_SHIFT
+    return (np.arange(n, dtype=np.uint64) + np.uint64(i * n)) << np.uint64(PAGE_SHIFT)
+
+
+def _touch_all(g: Guest, p: dict, desc: str, order: Callable[[int], np.ndarray], *,
+               write=True) -> int:
+    """Every vCPU touches its pages in ``order(i)``; returns the exits."""
+    exits = 0
+    for i, v in enumerate(g.vcpus):
+        exits += g.cpu.access(v, order(i), write=write)
+        g.tick(desc, i + 1, len(g.vcpus))
+    return exits
+
+
+# ---------------------------------------------------------------------------
+# The workloads
+# ---------------------------------------------------------------------------
+
+@workload("first_touch", params=(
+    Param("pattern", str, "sequential", "the order a vCPU touches its pages in",
+          choices=("sequential", "random", "strided")),
+    Param("stride", int, 512, "pages between consecutive touches of the strided pattern",
+          lo=1, hi=1 << 30),
+    Param("write", bool, True, "write (else read) each page"),
+))
+def _first_touch(g: Guest, p: dict) -> None:
+    """Populate guest memory by touching every page once (kvm_page_table_test).
+
+    Each vCPU touches each page of its region once, sequentially, in a random
+    order, or strided (page 0, s, 2s, ..., then 1, 1+s, ...).  With 4 KiB backing
+    every page faults once; with THP backing the first touch of each 2 MiB frame
+    maps it (a 2 MiB SPTE) and the rest of the frame does not fault."""
+    _regions(g, p)
+    _start(g, p)
+
+    def order(i):
+        pages = _vcpu_pages(p, i)
+        if p["pattern"] == "random":
+            return g.rng.permutation(pages)
+        if p["pattern"] == "strided":
+            s = p["stride"]
+            idx = np.concatenate([np.arange(o, pages.size, s) for o in range(min(s, pages.size))])
+            return pages[idx]
+        return pages
+
+    g.phase("populate", lambda: {"exits": _touch_all(g, p, "populate", order, write=p["write"])})
+    g.audit()
+    g.summary["populate_s"] = g.phases[-1]["seconds"]
+
+
+@workload("working_set", params=(
+    Param("accesses", int, 100_000, "accesses per vCPU", lo=1, hi=1 << 32),
+    Param("hot_fraction", float, 0.1, "the fraction of a vCPU's pages that is hot",
+          lo=0.0, hi=1.0),
+    Param("hot_share", float, 0.9, "the fraction of accesses that go to the hot pages",
+          lo=0.0, hi=1.0),
+    Param("write_fraction", float, 0.3, "the fraction of accesses that are writes",
+          lo=0.0, hi=1.0),
+))
+def _working_set(g: Guest, p: dict) -> None:
+    """Random accesses over a working set with a hot fraction.
+
+    Each vCPU makes `accesses` accesses to its pages: with probability
+    `hot_share` to a uniformly chosen hot page (the first `hot_fraction` of a
+    random permutation of its pages), else to a cold one; each access is a write
+    with probability `write_fraction`.  Faults happen on the first touch of a
+    page (of a 2 MiB frame with THP backing); the report counts the distinct
+    pages touched."""
+    _regions(g, p)
+    _start(g, p)
+    touched = 0
+
+    def go():
+        nonlocal touched
+        exits = 0
+        for i, v in enumerate(g.vcpus):
+            pages = g.rng.permutation(_vcpu_pages(p, i))
+            nhot = max(1, int(round(pages.size * p["hot_fraction"])))
+            hot, cold = pages[:nhot], pages[nhot:] if nhot < pages.size else pages[:nhot]
+            n = p["accesses"]
+            is_hot = g.rng.random(n) < p["hot_share"]
+            seq = np.where(is_hot, hot[g.rng.integers(0, hot.size, n)],
+                           cold[g.rng.integers(0, cold.size, n)])
+            writes = g.rng.random(n) < p["write_fraction"]
+            touched += int(np.unique(seq).size)
+            # runs of reads and writes, in order
+            cut = np.flatnonzero(np.diff(writes.astype(np.int8))) + 1
+            for part, w in zip(np.split(seq, cut), np.split(writes, cut)):
+                exits += g.cpu.access(v, part, write=bool(w[0]))
+            g.tick("working set", i + 1, len(g.vcpus))
+        return {"exits": exits}
+
+    g.phase("run", go)
+    g.audit()
+    g.summary["distinct_pages"] = touched
+    g.summary["run_s"] = g.phases[-1]["seconds"]
+
+
+@workload("dirty_log", params=(
+    Param("iterations", int, 2, "dirty-logging iterations after the populate pass (-i)",
+          lo=1, hi=1 << 20),
+    Param("slots", int, 1, "memslots the guest memory is split into (-x)", lo=1, hi=512),
+    Param("manual_protect", bool, False, "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (-g off): "
+                                         "get the log, then clear it explicitly"),
+    Param("initially_set", bool, False, "KVM_DIRTY_LOG_INITIALLY_SET with manual protect: "
+                                        "no write protection when logging starts"),
+    Param("write_percent", int, 100, "percent of pages each iteration writes (-w); the "
+                                     "rest are read", lo=0, hi=100),
+    Param("random_access", bool, False, "touch the pages in a random order (-a)"),
+))
+def _dirty_log(g: Guest, p: dict) -> None:
+    """The dirty_log_perf_test loop: populate, enable logging, N dirty passes.
+
+    Populate: every vCPU writes each page of its region.  Enable dirty logging on
+    every slot (KVM_MEM_LOG_DIRTY_PAGES: eager split and write protection, or with
+    manual protect + INITIALLY_SET nothing until the first clear).  Then
+    `iterations` times: every vCPU writes `write_percent` of its pages (reads the
+    rest), then KVM_GET_DIRTY_LOG per slot and, with manual protect,
+    KVM_CLEAR_DIRTY_LOG of the whole slot.  Finally disable logging.  Each
+    iteration's bitmaps must be exactly the pages written (plus, with
+    INITIALLY_SET, every page the first time)."""
+    if p["initially_set"] and not p["manual_protect"]:
+        raise WorkloadParamError("initially_set", "needs manual_protect")
+    slots = _regions(g, p, slots=p["slots"])
+    manual = (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE |
+              (KVM_DIRTY_LOG_INITIALLY_SET if p["initially_set"] else 0)) \
+        if p["manual_protect"] else 0
+    _start(g, p, manual_protect=manual)
+    npages_vcpu = (p["vcpu_mib"] * MiB) >> PAGE_SHIFT
+
+    def order(i):
+        pages = _vcpu_pages(p, i)
+        return g.rng.permutation(pages) if p["random_access"] else pages
+
+    g.phase("populate", lambda: {"exits": _touch_all(g, p, "populate", order)})
+    g.audit()
+
+    def set_logging(on: bool):
+        for sid, gpa, n in slots:
+            g.set_memslot(sid, gpa, n << PAGE_SHIFT, KVM_MEM_LOG_DIRTY_PAGES if on else 0)
+
+    g.phase("enable dirty logging", lambda: set_logging(True))
+    g.audit()
+    total = npages_vcpu * p["vcpus"]
+    exact = True
+    dirty_s, get_s, clear_s = [], [], []
+    for it in range(1, p["iterations"] + 1):
+        written = np.zeros(total, bool)
+
+        def dirty():
+            exits = 0
+            for i, v in enumerate(g.vcpus):
+                pages = order(i)
+                w = g.rng.random(pages.size) * 100 < p["write_percent"]
+                # writes and reads interleave as the guest loop makes them
+                cut = np.flatnonzero(np.diff(w.astype(np.int8))) + 1
+                for part, pw in zip(np.split(pages, cut), np.split(w, cut)):
+                    exits += g.cpu.access(v, part, write=bool(pw[0]))
+                written[(pages[w] >> np.uint64(PAGE_SHIFT)).astype(np.int64)] = True
+                g.tick(f"iteration {it}", i + 1, len(g.vcpus))
+            return {"exits": exits, "pages_written": int(written.sum())}
+
+        dirty_s.append(g.phase(f"iteration {it}: dirty memory", dirty, sample=False)["seconds"])
+        logs = {}
+        got = np.zeros(total, bool)
+
+        def get():
+            n = 0
+            for sid, gpa, npg in slots:
+                bm = g.get_dirty_log(sid)
+                logs[sid] = bm
+                bits = np.unpackbits(bm.view(np.uint8), bitorder="little")[:npg].astype(bool)
+                got[gpa >> PAGE_SHIFT:(gpa >> PAGE_SHIFT) + npg] = bits
+                n += int(bits.sum())
+            return {"dirty_pages": n}
+
+        get_s.append(g.phase(f"iteration {it}: get dirty log", get,
+                             sample=not manual)["seconds"])
+        if manual:
+            def clear():
+                for sid, gpa, npg in slots:
+                    g.clear_dirty_log(sid, npg, logs[sid])
+            clear_s.append(g.phase(f"iteration {it}: clear dirty log", clear)["seconds"])
+        expect = written.copy()
+        if it == 1 and p["initially_set"]:
+            expect[:] = True
+        ok = bool(np.array_equal(got, expect))
+        g.phases[-1 if not manual else -2]["exact"] = ok
+        exact &= ok
+        if g.check:
+            g.audit()
+    g.phase("disable dirty logging", lambda: set_logging(False))
+    g.audit()
+    g.checks["dirty_log_exact"] = exact
+    s = g.summary
+    s["populate_s"] = g.phases[0]["seconds"]
+    s["enable_logging_s"] = g.phases[1]["seconds"]
+    s["dirty_s"] = float(np.mean(dirty_s))
+    s["get_dirty_log_s"] = float(np.mean(get_s))
+    s["clear_dirty_log_s"] = float(np.mean(clear_s)) if clear_s else 0.0
+    s["disable_logging_s"] = g.phases[-1]["seconds"]
+    s["dirty_pages"] = int(sum(ph.get("dirty_pages", 0) for ph in g.phases))
