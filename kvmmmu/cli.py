@@ -35,7 +35,9 @@ import sys
 __all__ = ["main", "build_parser", "Progress"]
 
 PROG = "python -m kvmmmu"
-COMMON_OPTION_NAMES = ("mmu", "seed", "host", "json", "plot", "progress", "stream", "help")
+#: options every workload parser has; a workload parameter of one of these names
+#: would be shadowed, so build_parser refuses it (WorkloadParamError naming it)
+COMMON_OPTION_NAMES = ("mmu", "seed", "json", "plot", "progress", "stream", "help")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -46,7 +48,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         h = action.help or ""
         d = action.default
         if ("%(default)" not in h and "default" not in h and action.option_strings
-                and d not in (None, False, argparse.SUPPRESS) and action.nargs != 0):
+                and d is not None and d is not False and d is not argparse.SUPPRESS
+                and action.nargs != 0):
             h += " (default: %(default)s)"
         return h
 
@@ -258,14 +261,33 @@ def _opt(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _plain_int(text: str) -> int:
+    """An integer, decimal or ``0x`` hex."""
+    return int(text.strip(), 0)
+
+
+_plain_int.__name__ = "int"
+
+
+def _sized(prm) -> bool:
+    return prm.type is int and "bytes" in prm.name
+
+
 def _param_help(prm) -> str:
     h = (prm.help or "").rstrip(".")
     tname = getattr(prm.type, "__name__", str(prm.type))
     if prm.type is bool:
         d = f"--{'' if prm.default else 'no-'}{prm.name.replace('_', '-')}"
-        return f"{h} (bool; default: {d})"
-    extra = "; sizes like 4K, 2M, 1G accepted" if prm.type is int else ""
-    return f"{h} ({tname}{extra}; default: {prm.default!r})".replace("%", "%%")
+        return f"{h} (bool; default: {d})".replace("%", "%%")
+    bits = [tname]
+    lo, hi = getattr(prm, "lo", None), getattr(prm, "hi", None)
+    if lo is not None or hi is not None:
+        bits.append(f"{'' if lo is None else lo:g}..{'' if hi is None else hi:g}"
+                    if prm.type is float else
+                    f"{'' if lo is None else lo}..{'' if hi is None else hi}")
+    if _sized(prm):
+        bits.append("sizes like 4K, 2M, 1G accepted")
+    return f"{h} ({'; '.join(bits)}; default: {prm.default!r})".replace("%", "%%")
 
 
 def _add_param(group, prm) -> None:
@@ -274,7 +296,8 @@ def _add_param(group, prm) -> None:
     if prm.type is bool:
         group.add_argument(opt, action=argparse.BooleanOptionalAction, **kw)
         return
-    kw["type"] = {int: _int_value, float: float, str: str}.get(prm.type, prm.type)
+    kw["type"] = _int_value if _sized(prm) else \
+        {int: _plain_int, float: float, str: str}.get(prm.type, prm.type)
     kw["metavar"] = prm.name.upper()
     if prm.choices:
         kw["choices"] = tuple(prm.choices)
@@ -317,11 +340,14 @@ def _add_run(sub, parsers):
         return
     wsub = p.add_subparsers(dest="workload", metavar="WORKLOAD", title="workloads",
                             parser_class=_Parser)
+    shared = set.intersection(*(set(w.params) for w in W.WORKLOADS.values())) \
+        if W.WORKLOADS else set()
     for name, wl in W.WORKLOADS.items():
         mmus = tuple(wl.mmus)
         example = f"{PROG} run {name}"
         params = list(wl.params.values())
-        ints = [q for q in params if q.type is int and not q.choices]
+        ints = [q for q in params if q.type is int and not q.choices and q.name not in shared] \
+            or [q for q in params if q.type is int and not q.choices]
         if ints:
             example += f" {_opt(ints[0].name)} {ints[0].default}"
         wp = wsub.add_parser(
@@ -330,8 +356,10 @@ def _add_run(sub, parsers):
                    f"\n  {PROG} run {name} --plot plots/ --no-progress")
         g = wp.add_argument_group(f"{name} parameters")
         for prm in params:
-            if prm.name in COMMON_OPTION_NAMES:      # the common option of that name wins
-                continue
+            if prm.name in COMMON_OPTION_NAMES:
+                raise W.WorkloadParamError(prm.name, f"workload {name!r}: a parameter may not "
+                                                     f"be called like the common option "
+                                                     f"--{prm.name}")
             _add_param(g, prm)
         c = wp.add_argument_group("common options")
         c.add_argument("--mmu", choices=mmus, default="tdp_mmu" if "tdp_mmu" in mmus else mmus[0],
@@ -339,10 +367,6 @@ def _add_run(sub, parsers):
                             "shadow MMU, kvm.tdp_mmu=N), shadow (shadow paging)")
         c.add_argument("--seed", type=_int_value, default=0,
                        help="the workload's random seed (the same seed gives the same report)")
-        if _run_accepts(W, "host"):
-            c.add_argument("--host", choices=("ept", "npt"), default=None,
-                           help="the host's two-dimensional paging: ept (Intel) or npt (AMD) "
-                                "(default: the workload's, EPT)")
         if _run_accepts(W, "stream"):
             c.add_argument("--stream", metavar="OUT",
                            help="also write the vCPU input stream the workload ran "
@@ -375,8 +399,6 @@ def _cmd_run(args, parser) -> int:
         _missing_extra(wparser, "--plot", "matplotlib", "plot")
     params = {k[2:]: v for k, v in vars(args).items() if k.startswith("p_")}
     kw = {}
-    if getattr(args, "host", None) is not None:
-        kw["host"] = args.host
     if getattr(args, "stream", None):
         kw["stream"] = args.stream
     with _progress(args) as bar:
@@ -385,10 +407,16 @@ def _cmd_run(args, parser) -> int:
                         progress=bar if bar.active else None, **kw, **params)
         except W.WorkloadParamError as e:
             bar.close()
-            name = getattr(e, "param", None)
-            opt = {None: "WORKLOAD", "workload": "WORKLOAD", "name": "WORKLOAD"}.get(
-                name, _opt(name) if name else "WORKLOAD")
-            wparser.error(f"argument {opt}: {e}")
+            name = getattr(e, "param", None) or "workload"
+            opt = "WORKLOAD" if name == "workload" else _opt(name)
+            msg = str(e)
+            if msg.startswith(f"{name}: "):
+                msg = msg[len(name) + 2:]
+            wparser.error(f"argument {opt}: {msg}")
+        except W.WorkloadError as e:
+            bar.close()
+            _note(f"{PROG} run {args.workload}: {e}")
+            return 1
     out = rep.to_dict()
     if args.plot:
         from kvmmmu.plots import plot_report         # noqa: PLC0415
@@ -679,33 +707,16 @@ def _add_sweep(sub, parsers):
     p.add_argument("--scheduler", type=_scheduler, default="local",
                    help="inprocess (one after the other, no Dask), local (a Dask LocalCluster "
                         "on this machine), or a Dask scheduler address tcp://host:port")
-    p.add_argument("--workers", type=_positive_int, default=None,
-                   help="workers of the local cluster (default: the sweep's choice)")
+    p.add_argument("--workers", type=_positive_int, default=2,
+                   help="worker processes of the local cluster (--scheduler local)")
     p.add_argument("--parquet", metavar="OUT", help="also write the results to OUT as Parquet")
     p.add_argument("--metric", metavar="NAME",
-                   help="the column --plot draws (default: the first memory-in-bytes column, "
-                        "else the first numeric result column)")
+                   help="the result column the table and --plot show (default: the first "
+                        "numeric summary column that is not a wall time)")
     _add_common(p, json_help="print {grid, cells, failed, rows, parquet, plots} as JSON",
                 plot="write per-MMU side-by-side bars of --metric into DIR")
     p.set_defaults(func=_cmd_sweep)
     parsers["sweep"] = p
-
-
-def _default_metric(df, cell_keys) -> str | None:
-    skip = set(cell_keys) | {"workload", "mmu", "seed", "status", "error"}
-    numeric = []
-    for c in df.columns:
-        if c in skip or str(c).endswith("_s"):
-            continue
-        vals = [v for v in df[c].tolist() if v is not None and not (isinstance(v, float)
-                                                                      and math.isnan(v))]
-        if vals and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                        for v in (x.item() if hasattr(x, "item") else x for x in vals)):
-            numeric.append(str(c))
-    for c in numeric:
-        if "bytes" in c:
-            return c
-    return numeric[0] if numeric else None
 
 
 def _cmd_sweep(args, parser) -> int:
@@ -720,51 +731,41 @@ def _cmd_sweep(args, parser) -> int:
     from kvmmmu import sweep as SW                   # noqa: PLC0415
     try:
         grid = SW.Grid.from_file(args.grid)
-        cells = grid.cells()
-    except (ValueError, TypeError, KeyError, OSError) as e:
+    except (SW.GridError, OSError) as e:
         parser.error(f"argument GRID: {args.grid}: {e}")
-    kw = {}
-    if args.workers is not None:
-        kw["n_workers"] = args.workers
     with _progress(args) as bar:
-        df = SW.run(grid, scheduler=args.scheduler, progress=bar if bar.active else None, **kw)
-    cell_keys = {k for c in cells for k in c}
+        df = SW.run(grid, scheduler=args.scheduler, n_workers=args.workers,
+                    progress=bar if bar.active else None)
     metric = args.metric
     if metric is not None and metric not in df.columns:
         parser.error(f"argument --metric: {metric!r} is not a column of the results "
                      f"({', '.join(map(str, df.columns))})")
-    if args.plot and metric is None:
-        metric = _default_metric(df, cell_keys)
+    if metric is None:
+        metric = SW._default_metric(df)          # what format_table shows by default
     plots: list[str] = []
     if args.parquet:
         SW.to_parquet(df, args.parquet)
     if args.plot:
         from kvmmmu.plots import PlotError, plot_sweep   # noqa: PLC0415
-        if metric is None:
-            _note("sweep: no numeric result column to plot (every cell failed?)")
-        else:
-            group = ["workload"] + [k for k in sorted(getattr(grid, "params", {}) or {})
-                                    if k in df.columns]
-            try:
-                plots = plot_sweep(df, args.plot, metric, group_by=group)
-            except PlotError as e:
-                parser.error(f"argument --metric: {e}")
-    status = df["status"].tolist() if "status" in df.columns else ["ok"] * len(df)
-    failed = [i for i, s in enumerate(status) if s != "ok"]
+        try:
+            plots = plot_sweep(df, args.plot, metric, group_by=["workload", *grid.params])
+        except PlotError as e:
+            parser.error(f"argument --metric: {e}")
+    rows = SW.to_records(df)
+    failed = [r for r in rows if r["status"] != "ok"]
     if args.json:
-        rows = [{str(k): v for k, v in r.items()} for r in df.to_dict(orient="records")]
-        _print_json({"grid": args.grid, "scheduler": args.scheduler, "cells": len(df),
-                     "failed": len(failed), "rows": rows, "parquet": args.parquet,
-                     "metric": metric, "plots": plots})
+        _print_json({"grid": args.grid, "scheduler": args.scheduler, "cells": len(rows),
+                     "failed": len(failed), "skipped": grid.skipped, "metric": metric,
+                     "rows": rows, "parquet": args.parquet, "plots": plots})
     else:
-        fmt = getattr(SW, "format_table", None)
-        print(fmt(df) if fmt is not None else df.to_string())
+        print(SW.format_table(df, metric))
         if failed:
-            print(f"{len(failed)} of {len(df)} cells failed:")
-            err = df["error"].tolist() if "error" in df.columns else [""] * len(df)
-            for i in failed:
-                cell = {k: df[k].iloc[i] for k in ("workload", "mmu", "seed") if k in df.columns}
-                print(f"  {cell}: {err[i]}")
+            print(f"{len(failed)} of {len(rows)} cells failed:")
+            for r in failed:
+                cell = {k: r[k] for k in (*SW.CELL_KEYS, *grid.params) if r.get(k) is not None}
+                print(f"  {cell}: {r['error']}")
+        for sk in grid.skipped:
+            print(f"skipped {sk['workload']} on {sk['mmu']}: {sk['reason']}")
         if args.parquet:
             _note(f"wrote {args.parquet}")
         for path in plots:

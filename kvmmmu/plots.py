@@ -40,22 +40,29 @@ def _byte_unit(peak: float) -> tuple[str, float]:
     return "bytes", 1.0
 
 
-def _phase_bands(ax, steps, phases):
-    """Shade each run of samples of one phase and name it at the top."""
+#: at most this many samples get a tick label each ("step: phase")
+MAX_LABELLED_STEPS = 24
+
+
+def _phase_axis(ax, steps, phases) -> str:
+    """Shade alternate runs of samples of one phase; label each step with its
+    phase when there are few; return the x-axis label."""
     runs = []                                       # [phase, first step, last step]
-    for s, p in zip(steps, phases):
-        if runs and runs[-1][0] == p:
-            runs[-1][2] = s
+    for st, ph in zip(steps, phases):
+        if runs and runs[-1][0] == ph:
+            runs[-1][2] = st
         else:
-            runs.append([p, s, s])
-    for i, (p, a, b) in enumerate(runs):
-        lo = a - 0.5
-        hi = b + 0.5
+            runs.append([ph, st, st])
+    for i, (_, a, b) in enumerate(runs):
         if i % 2 == 0:
-            ax.axvspan(lo, hi, color="0.93", zorder=0, linewidth=0)
-        ax.text((lo + hi) / 2, 1.0, p, transform=ax.get_xaxis_transform(), ha="center",
-                va="bottom", fontsize=7, rotation=30 if len(runs) > 4 else 0)
-    return runs
+            ax.axvspan(a - 0.5, b + 0.5, color="0.93", zorder=0, linewidth=0)
+    ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
+    if len(steps) <= MAX_LABELLED_STEPS:
+        ax.set_xticks(steps, [f"{st}: {ph}" for st, ph in zip(steps, phases)], rotation=30,
+                      ha="right", fontsize=7)
+        return "step: phase (one sample at the end of each)"
+    return (f"step ({len(steps)} samples in {len(runs)} phase runs, shaded alternately; "
+            "see the report's timeline for their names)")
 
 
 def _check_timeline(report: dict) -> list:
@@ -108,15 +115,14 @@ def plot_report(report_dict: dict, outdir) -> list[str]:
     unit, scale = _byte_unit(max(totals))
     fig = _figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
-    runs = _phase_bands(ax, steps, phases)
+    xlabel = _phase_axis(ax, steps, phases)
     if structs:
         ax.stackplot(steps, [[v / scale for v in ys] for ys in series], labels=structs, alpha=0.85,
                      zorder=2, step="post" if len(steps) == 1 else None)
         ax.legend(loc="upper left", fontsize=8, title="structure")
-    ax.set_xlabel("step (one sample per phase end / dirty-log iteration; shaded bands: phases)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"memory ({unit})")
-    ax.set_title(_title(report_dict, "MMU memory by structure"), pad=18 if len(runs) <= 4 else 30)
-    ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
+    ax.set_title(_title(report_dict, "MMU memory by structure"))
     ax.set_ylim(bottom=0)
     p = out / f"{stem}_memory.png"
     fig.savefig(p, dpi=100)
@@ -126,12 +132,14 @@ def plot_report(report_dict: dict, outdir) -> list[str]:
     kinds = list(dict.fromkeys(k for s in tl for k in s["faults"]))
     fig = _figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
-    runs = _phase_bands(ax, steps, phases)
+    xlabel = _phase_axis(ax, steps, phases)
     drawn = 0
+    styles = ("-", "--", "-.", ":")
     for k in kinds:
         ys = [int(s["faults"].get(k, 0)) for s in tl]
-        if any(ys):
-            ax.plot(steps, ys, marker="o", markersize=3, label=k, zorder=2)
+        if any(ys):                                 # dashes keep equal counters visible
+            ax.plot(steps, ys, marker="o", markersize=3, label=k, zorder=2,
+                    linestyle=styles[drawn % len(styles)], linewidth=1.6)
             drawn += 1
     zero = [k for k in kinds if not any(int(s["faults"].get(k, 0)) for s in tl)]
     if drawn:
@@ -139,10 +147,9 @@ def plot_report(report_dict: dict, outdir) -> list[str]:
     if zero:
         ax.text(0.99, 0.02, "zero throughout: " + ", ".join(zero), transform=ax.transAxes,
                 ha="right", va="bottom", fontsize=7, color="0.35")
-    ax.set_xlabel("step (one sample per phase end / dirty-log iteration; shaded bands: phases)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("faults (cumulative count)")
-    ax.set_title(_title(report_dict, "faults by kind"), pad=18 if len(runs) <= 4 else 30)
-    ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
+    ax.set_title(_title(report_dict, "faults by kind"))
     ax.set_ylim(bottom=0)
     p = out / f"{stem}_faults.png"
     fig.savefig(p, dpi=100)
@@ -159,7 +166,24 @@ def _metric_unit(metric: str, peak: float) -> tuple[str, float]:
 
 
 def _is_missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return True
+    try:
+        import pandas as pd                          # noqa: PLC0415 (pd.NA of nullable dtypes)
+    except ImportError:                               # pragma: no cover
+        return False
+    return v is pd.NA or v is pd.NaT
+
+
+def _plain(v):
+    """A numpy / pandas scalar as a Python one."""
+    return v.item() if hasattr(v, "item") else v
+
+
+def _bar_text(v: float) -> str:
+    if float(v).is_integer() and abs(v) < 1e7:
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
 
 
 def plot_sweep(df, outdir, metric: str, group_by=None) -> list[str]:
@@ -193,7 +217,7 @@ def plot_sweep(df, outdir, metric: str, group_by=None) -> list[str]:
                         f"{', '.join(map(str, cols))})")
     if "mmu" not in cols:
         raise PlotError("the sweep DataFrame has no 'mmu' column")
-    vals = [v for v in df[metric].tolist() if not _is_missing(v)]
+    vals = [_plain(v) for v in df[metric].tolist() if not _is_missing(v)]
     if any(isinstance(v, (bool, str)) or not isinstance(v, (int, float)) for v in vals):
         raise PlotError(f"metric {metric!r} is not numeric")
     if group_by is None:
@@ -213,8 +237,9 @@ def plot_sweep(df, outdir, metric: str, group_by=None) -> list[str]:
     keys = [tuple(r) for r in df[group_by].itertuples(index=False)] if group_by else \
         [()] * len(df)
     for key, mmu, st, v in zip(keys, df["mmu"].tolist(), status, df[metric].tolist()):
+        key = tuple(None if _is_missing(k) else _plain(k) for k in key)
         cell = groups.setdefault(key, {})
-        cell.setdefault(mmu, []).append((st, v))
+        cell.setdefault(mmu, []).append((st, None if _is_missing(v) else _plain(v)))
     peak = max((abs(float(v)) for v in vals), default=0.0)
     unit, scale = _metric_unit(metric, peak)
 
@@ -225,7 +250,7 @@ def plot_sweep(df, outdir, metric: str, group_by=None) -> list[str]:
     ax = fig.add_subplot()
     labels = []
     for gi, (key, cells) in enumerate(groups.items()):
-        labels.append("\n".join(f"{c}={k}" if c != "workload" else str(k)
+        labels.append("\n".join(str(k) if c == "workload" else f"{c}={'-' if k is None else k}"
                                 for c, k in zip(group_by, key)) or "all")
     for mi, mmu in enumerate(mmus):
         xs, hs = [], []
@@ -241,7 +266,7 @@ def plot_sweep(df, outdir, metric: str, group_by=None) -> list[str]:
                 ax.text(x, 0, "failed" if failed else "n/a", rotation=90, ha="center",
                         va="bottom", fontsize=7, color="red" if failed else "0.4")
         bars = ax.bar(xs, hs, width=width * 0.95, label=mmu, zorder=2)
-        ax.bar_label(bars, fmt="%.3g", fontsize=6, padding=1)
+        ax.bar_label(bars, labels=[_bar_text(h) for h in hs], fontsize=6, padding=1)
     ax.set_xticks(range(n_groups), labels, fontsize=7)
     ax.set_xlim(-0.5, n_groups - 0.5)
     ax.set_xlabel(" / ".join(group_by) if group_by else "all cells")
