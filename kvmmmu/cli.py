@@ -318,7 +318,7 @@ def _run_accepts(W, name: str) -> bool:
     return name in sig.parameters
 
 
-def _add_run(sub, parsers):
+def _add_run(sub, parsers, with_workloads=True):
     p = sub.add_parser(
         "run", help="run a workload (like the kernel's MMU selftests) and print its report",
         description="Run one workload on the model and print its report in the selftests' "
@@ -333,6 +333,8 @@ def _add_run(sub, parsers):
     p.set_defaults(func=_cmd_run, workload=None)
     p._kvmmmu_parsers = parsers
     parsers["run"] = p
+    if not with_workloads:
+        return
     try:
         from kvmmmu import workloads as W            # noqa: PLC0415
     except ImportError as e:                          # the model is not built
@@ -790,8 +792,10 @@ examples:
 that is not (traces differ, a sweep cell failed), 2 bad arguments or input."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m kvmmmu`` parser (``run`` has one sub-parser per workload)."""
+def build_parser(with_workloads: bool = True) -> argparse.ArgumentParser:
+    """The ``python -m kvmmmu`` parser: ``run`` has one sub-parser per
+    workload (``kvmmmu.workloads`` imported) unless `with_workloads` is false
+    (what ``main`` builds for the other subcommands: they start faster)."""
     parser = _Parser(prog=PROG, description="kvmmmu: a model of the Linux v6.18 KVM x86 MMU. "
                                             "Run workloads, replay streams, compare traces, "
                                             "sweep configurations.",
@@ -800,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
     parsers: dict[str, argparse.ArgumentParser] = {}
     _add_demo(sub)
-    _add_run(sub, parsers)
+    _add_run(sub, parsers, with_workloads)
     _add_replay(sub, parsers)
     _add_diff(sub, parsers)
     _add_sweep(sub, parsers)
@@ -825,7 +829,8 @@ def _normalize_argv(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(with_workloads=command == "run")
     args = parser.parse_args(_normalize_argv(argv))
     sub = parser._kvmmmu_parsers.get(args.command, parser)
     return args.func(args, sub)

@@ -6,11 +6,14 @@ in process); ``--plot`` writes PNGs that open and show something; bad
 arguments exit 2 naming the argument; a missing optional dependency exits
 2 naming the extra; ``--help`` of each subcommand shows an example.
 """
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -23,10 +26,15 @@ DATA = TREE / "tests" / "data" / "shadow_scenarios"
 STREAMS = sorted(DATA.glob("*.stream.jsonl"))
 
 
-def cli(*args, block=(), tmp_path=None, check=None):
+def cli(*args, block=(), tmp_path=None, check=None, inproc=False):
     """Run ``python -m kvmmmu ARGS`` from the tree; `block`: top-level
     modules made unimportable (a package whose import raises ImportError,
-    first on the path)."""
+    first on the path).  ``inproc=True``: call ``kvmmmu.cli.main(ARGS)`` in
+    this process instead (same result object; for the many cheap cases -
+    every subcommand still runs in a subprocess elsewhere in this file)."""
+    if inproc:
+        assert not block
+        return _inproc(args, check)
     path = [str(TREE)]
     if block:
         d = tmp_path / "blocked"
@@ -37,6 +45,20 @@ def cli(*args, block=(), tmp_path=None, check=None):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     res = subprocess.run([sys.executable, "-m", "kvmmmu", *map(str, args)], cwd=TREE, env=env,
                          capture_output=True, text=True, timeout=120)
+    if check is not None:
+        assert res.returncode == check, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    return res
+
+
+def _inproc(args, check):
+    from kvmmmu.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:
+            rc = e.code
+    res = types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
     if check is not None:
         assert res.returncode == check, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
     return res
@@ -92,7 +114,7 @@ def test_an_unknown_subcommand_is_a_usage_error():
 
 @pytest.mark.parametrize("stream", STREAMS, ids=lambda p: p.name.split(".")[0])
 def test_replay_of_a_stream_reports_what_the_library_runs(stream, tmp_path):
-    out, _ = cli_json("replay", stream, "--trace", tmp_path / "model.trace")
+    out, _ = cli_json("replay", stream, "--trace", tmp_path / "model.trace", inproc=True)
     res = R.run_stream(stream)
     assert out["mode"] == "stream" and out["ok"] is True
     assert out["events_run"] == len(res.stream.events) > 0
@@ -166,15 +188,15 @@ def test_replay_of_a_recording_with_tampered_stats_differs(tmp_path):
 
 
 def test_replay_bad_arguments(tmp_path):
-    usage_error(cli("replay", tmp_path / "nope.jsonl"), "argument FILE", "no such file")
+    usage_error(cli("replay", tmp_path / "nope.jsonl", inproc=True), "argument FILE", "no such file")
     lonely = tmp_path / "lonely.trace"
     lonely.write_text("")
-    usage_error(cli("replay", lonely), "argument FILE", "lonely.stream.jsonl")
+    usage_error(cli("replay", lonely, inproc=True), "argument FILE", "lonely.stream.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"kind": "init"}\n')
-    usage_error(cli("replay", bad), "argument FILE", "line 1")
-    usage_error(cli("replay", DATA / "prefetch.stream.jsonl", "--all"), "argument --all")
-    usage_error(cli("replay", DATA / "prefetch.stream.jsonl", "--events", "kvm_nope"),
+    usage_error(cli("replay", bad, inproc=True), "argument FILE", "line 1")
+    usage_error(cli("replay", DATA / "prefetch.stream.jsonl", "--all", inproc=True), "argument --all")
+    usage_error(cli("replay", DATA / "prefetch.stream.jsonl", "--events", "kvm_nope", inproc=True),
                 "argument --events", "kvm_nope")
 
 
@@ -225,11 +247,213 @@ def test_diff_events_selects_what_is_compared(tmp_path):
 
 def test_diff_bad_arguments(tmp_path):
     t = DATA / "prefetch.trace"
-    usage_error(cli("diff", t, tmp_path / "missing.trace"), "argument B", "no such file")
-    usage_error(cli("diff", t), "B")
-    usage_error(cli("diff", t, t, "--all", "--events", "kvm_mmu_get_page"),
+    usage_error(cli("diff", t, tmp_path / "missing.trace", inproc=True), "argument B", "no such file")
+    usage_error(cli("diff", t, inproc=True), "B")
+    usage_error(cli("diff", t, t, "--all", "--events", "kvm_mmu_get_page", inproc=True),
                 "argument --events", "not allowed with argument --all")
-    usage_error(cli("diff", t, t, "--context", "many"), "argument --context")
+    usage_error(cli("diff", t, t, "--context", "many", inproc=True), "argument --context")
     broken = tmp_path / "broken.trace"
     broken.write_text("kvm_mmu_set_accessed_bit: gpa nothex\n")
-    usage_error(cli("diff", t, broken), "argument B", "model line 1")
+    usage_error(cli("diff", t, broken, inproc=True), "argument B", "model line 1")
+
+
+# ---------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------
+
+TINY = ("--vcpu-mib", "2")
+
+
+def test_run_list_names_every_workload_with_its_summary():
+    from kvmmmu import workloads as W
+    for args, inproc in ((("run",), False), (("run", "--list"), True)):
+        out = cli(*args, check=0, inproc=inproc).stdout
+        for name, wl in W.WORKLOADS.items():
+            line = next(ln for ln in out.splitlines() if ln.split()[:1] == [name])
+            assert wl.doc.strip().splitlines()[0] in line
+
+
+def test_run_json_is_the_reports_dict():
+    from kvmmmu import workloads as W
+    out, res = cli_json("run", "dirty_log", *TINY, "--iterations", "3", "--mmu", "shadow",
+                        "--seed", "7", "--no-eager-page-split", "--write_percent", "50")
+    rep = W.run("dirty_log", mmu="shadow", seed=7, vcpu_mib=2, iterations=3,
+                eager_page_split=False, write_percent=50)
+    want = rep.to_dict()
+    assert (out["workload"], out["mmu"], out["seed"]) == ("dirty_log", "shadow", 7)
+    assert out["params"] == want["params"]
+    assert out["params"]["eager_page_split"] is False and out["params"]["write_percent"] == 50
+
+    def timeless(d):                                # wall times are the only non-deterministic values
+        return {k: v for k, v in d.items() if not k.endswith("_s") and k != "seconds"}
+    assert timeless(out["summary"]) == timeless(want["summary"])
+    assert out["timeline"] == want["timeline"]
+    assert [timeless(p) for p in out["phases"]] == [timeless(p) for p in want["phases"]]
+    assert "plots" not in out and res.stderr == ""
+
+
+def test_run_text_report_and_host_option():
+    out = cli("run", "first_touch", *TINY, "--host", "npt", "--mmu", "tdp", check=0).stdout
+    assert out.startswith("first_touch on mmu=tdp (seed 0)") and "host npt" in out
+    assert "faults:" in out and "memory:" in out
+
+
+def test_run_plot_writes_pngs_that_open(tmp_path):
+    out, res = cli_json("run", "dirty_log", *TINY, "--iterations", "2", "--plot",
+                        tmp_path / "plots")
+    assert len(out["plots"]) == 2
+    assert {Path(p).name for p in out["plots"]} == {"dirty_log_tdp_mmu_memory.png",
+                                                    "dirty_log_tdp_mmu_faults.png"}
+    for p in out["plots"]:
+        png_ok(p)
+    res = cli("run", "first_touch", *TINY, "--plot", tmp_path / "p2", check=0)
+    written = sorted(ln.split()[-1] for ln in res.stderr.splitlines() if ln.startswith("wrote "))
+    assert [Path(p).name for p in written] == ["first_touch_tdp_mmu_faults.png",
+                                               "first_touch_tdp_mmu_memory.png"]
+
+
+def test_run_stream_replays_to_the_reports_counts(tmp_path):
+    s = tmp_path / "ft.stream.jsonl"
+    out, _ = cli_json("run", "first_touch", *TINY, "--mmu", "shadow", "--stream", s)
+    replayed, _ = cli_json("replay", s)
+    assert replayed["events_run"] > 0
+    for k in ("pf_taken", "pf_fixed"):
+        assert replayed["vcpus"]["0"][k] == out["summary"][k] > 0, k
+    assert replayed["vm"]["pages_4k"] == out["summary"]["pages_4k"] > 0
+
+
+def test_run_progress_bars_on_request(tmp_path):
+    res = cli("run", "dirty_log", *TINY, "--progress", check=0, inproc=True)
+    assert "populate" in res.stderr and "iteration 2" in res.stderr and "100%" in res.stderr
+    res = cli("run", "dirty_log", *TINY, "--progress", block=["tqdm"], tmp_path=tmp_path,
+              check=0)
+    assert res.stderr == "" and "dirty_log on mmu=tdp_mmu" in res.stdout
+
+
+@pytest.mark.parametrize("args, names", [
+    (("run", "nope"), ("argument WORKLOAD", "nope")),
+    (("run", "dirty_log", "--iterations", "abc"), ("argument --iterations", "abc")),
+    (("run", "dirty_log", "--iterations", "0"), ("argument --iterations", "below 1")),
+    (("run", "dirty_log", "--write-percent", "101"), ("argument --write-percent", "above 100")),
+    (("run", "dirty_log", "--backing", "huge"), ("argument --backing", "huge")),
+    (("run", "dirty_log", "--mmu", "ept"), ("argument --mmu", "ept")),
+    (("run", "working_set", "--hot-fraction", "x"), ("argument --hot-fraction", "float")),
+    (("run", "dirty_log", "--seed", "-1"), ("argument --seed",)),
+    (("run", "dirty_log", "--frob", "1"), ("--frob",)),
+])
+def test_run_bad_arguments_name_the_argument(args, names):
+    usage_error(cli(*args, inproc=True), *names)
+
+
+def test_run_plot_without_matplotlib_names_the_extra(tmp_path):
+    res = cli("run", "dirty_log", *TINY, "--plot", tmp_path / "p", block=["matplotlib"],
+              tmp_path=tmp_path)
+    usage_error(res, "argument --plot", "matplotlib", "pip install kvmmmu[plot]")
+    assert not (tmp_path / "p").exists()
+
+
+def test_run_help_shows_the_workloads_options():
+    out = cli("run", "dirty_log", "--help", check=0).stdout
+    for opt in ("--iterations", "--manual-protect", "--no-manual-protect", "--vcpu-mib",
+                "--host {ept,npt}", "--mmu {tdp_mmu,tdp,shadow}", "--stream", "--plot DIR"):
+        assert opt in out, opt
+    assert "default: 2" in out                      # iterations
+    assert "python -m kvmmmu run dirty_log" in out.split("examples:")[1]
+
+
+# ---------------------------------------------------------------------------
+# sweep
+# ---------------------------------------------------------------------------
+
+def _grid(tmp_path, **kw):
+    g = {"workloads": ["dirty_log"], "mmus": ["tdp_mmu", "shadow"],
+         "params": {"vcpu_mib": [2], "eager_page_split": [True, False]}, "seed": 3, **kw}
+    p = tmp_path / "grid.json"
+    p.write_text(json.dumps(g))
+    return p
+
+
+def test_sweep_inprocess_json_parquet_and_plot(tmp_path):
+    from kvmmmu import sweep as SW
+    grid = _grid(tmp_path)
+    out, _ = cli_json("sweep", grid, "--scheduler", "inprocess", "--parquet", tmp_path / "o.pq",
+                      "--plot", tmp_path / "plots", "--metric", "pf_taken")
+    cells = SW.Grid.from_file(grid).cells()
+    assert out["cells"] == len(out["rows"]) == len(cells) == 4 and out["failed"] == 0
+    assert [{k: r[k] for k in c} for r, c in zip(out["rows"], cells)] == cells
+    assert all(r["status"] == "ok" for r in out["rows"])
+    df = SW.read_parquet(tmp_path / "o.pq")
+    assert SW.to_records(df) == out["rows"]
+    for r in out["rows"]:                           # each row is its cell's own run
+        if not r["eager_page_split"]:
+            from kvmmmu import workloads as W
+            want = W.run_cell({k: r[k] for k in ("workload", "mmu", "seed", "vcpu_mib",
+                                                 "eager_page_split")})
+            assert r["pf_taken"] == want["pf_taken"] and r["pages_4k"] == want["pages_4k"]
+    assert out["metric"] == "pf_taken" and [Path(p).name for p in out["plots"]] == \
+        ["sweep_pf_taken.png"]
+    png_ok(out["plots"][0])
+
+
+def test_sweep_on_a_local_cluster_matches_inprocess(tmp_path):
+    grid = _grid(tmp_path)
+    a, _ = cli_json("sweep", grid, "--scheduler", "local", "--workers", "2")
+    b, _ = cli_json("sweep", grid, "--scheduler", "inprocess", inproc=True)
+
+    def timeless(rows):
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+    assert timeless(a["rows"]) == timeless(b["rows"]) and a["failed"] == 0
+
+
+def test_sweep_text_table_and_a_failed_cell(tmp_path):
+    grid = _grid(tmp_path, params={"vcpu_mib": [1, 2]})     # 1 MiB: no whole 2 MiB frame
+    res = cli("sweep", grid, "--scheduler", "inprocess", check=1, inproc=True)
+    assert "per MMU (4 cells, 2 failed)" in res.stdout
+    assert "2 of 4 cells failed:" in res.stdout and "WorkloadParamError" in res.stdout
+    out, _ = cli_json("sweep", grid, "--scheduler", "inprocess", check=1, inproc=True)
+    assert out["failed"] == 2
+    assert sorted(r["vcpu_mib"] for r in out["rows"] if r["status"] == "failed") == [1, 1]
+
+
+def test_sweep_bad_arguments(tmp_path):
+    usage_error(cli("sweep", tmp_path / "none.json", inproc=True), "argument GRID", "no such file")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"workloads": ["nope"]}))
+    usage_error(cli("sweep", bad, "--scheduler", "inprocess", inproc=True), "argument GRID", "nope")
+    bad.write_text("{not json")
+    usage_error(cli("sweep", bad, "--scheduler", "inprocess", inproc=True), "argument GRID", "JSON")
+    grid = _grid(tmp_path)
+    usage_error(cli("sweep", grid, "--scheduler", "carrier-pigeon", inproc=True), "argument --scheduler")
+    usage_error(cli("sweep", grid, "--workers", "0", inproc=True), "argument --workers")
+    usage_error(cli("sweep", grid, "--scheduler", "inprocess", "--metric", "nope", inproc=True),
+                "argument --metric", "nope")
+    usage_error(cli("sweep", grid, "--scheduler", "local", block=["dask"], tmp_path=tmp_path),
+                "argument --scheduler", "pip install kvmmmu[sweep]")
+    usage_error(cli("sweep", grid, "--scheduler", "inprocess", "--plot", tmp_path / "p",
+                    block=["matplotlib"], tmp_path=tmp_path),
+                "argument --plot", "pip install kvmmmu[plot]")
+    usage_error(cli("sweep", grid, block=["pandas"], tmp_path=tmp_path), "pandas",
+                "pip install kvmmmu[sweep]")
+
+
+def test_sweep_progress_bar(tmp_path):
+    res = cli("sweep", _grid(tmp_path), "--scheduler", "inprocess", "--progress", check=0,
+              inproc=True)
+    assert "sweep" in res.stderr and "4/4" in res.stderr
+
+
+# ---------------------------------------------------------------------------
+# plots, in process
+# ---------------------------------------------------------------------------
+
+def test_plot_functions_refuse_what_they_cannot_draw(tmp_path):
+    import pandas as pd
+    from kvmmmu import plots
+    with pytest.raises(plots.PlotError, match="timeline"):
+        plots.plot_report({"workload": "x", "timeline": []}, tmp_path)
+    df = pd.DataFrame({"workload": ["w"], "mmu": ["tdp_mmu"], "status": ["ok"], "name": ["a"]})
+    with pytest.raises(plots.PlotError, match="not numeric"):
+        plots.plot_sweep(df, tmp_path, "name")
+    with pytest.raises(plots.PlotError, match="not a column"):
+        plots.plot_sweep(df, tmp_path, "nope")
+    assert list(tmp_path.iterdir()) == []
