@@ -213,14 +213,15 @@ def _progress(args) -> Progress:
     return Progress(enabled=on)
 
 
-def _add_common(p, *, json_help: str, plot: str | None = None) -> None:
+def _add_common(p, *, json_help: str, plot: str | None = None, progress: bool = True) -> None:
     p.add_argument("--json", action="store_true", help=json_help)
     if plot:
         p.add_argument("--plot", metavar="DIR",
                        help=plot + " (created if missing; needs matplotlib: kvmmmu[plot])")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="tqdm progress bars on stderr for long work (default: on when stderr "
-                        "is a terminal; quietly none when tqdm is not installed)")
+    if progress:
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="tqdm progress bars on stderr for long work (default: on when "
+                            "stderr is a terminal; quietly none when tqdm is not installed)")
 
 
 # ---------------------------------------------------------------------------
@@ -420,6 +421,8 @@ def _cmd_run(args, parser) -> int:
             _note(f"{PROG} run {args.workload}: {e}")
             return 1
     out = rep.to_dict()
+    if getattr(args, "stream", None):
+        out["stream"] = str(args.stream)
     if args.plot:
         from kvmmmu.plots import plot_report         # noqa: PLC0415
         out["plots"] = plot_report(out, args.plot)
@@ -482,7 +485,8 @@ def _add_replay(sub, parsers):
                     help="a recorded trace: compare every kvmmmu event")
     p.add_argument("--context", type=_int_value, default=3, metavar="N",
                    help="equal lines shown before a divergence, and lines after it")
-    _add_common(p, json_help="print the summary / the comparison as one JSON object")
+    _add_common(p, json_help="print the summary / the comparison as one JSON object",
+                progress=False)
     p.set_defaults(func=_cmd_replay)
     parsers["replay"] = p
 
@@ -530,21 +534,15 @@ def _cmd_replay(args, parser) -> int:
     capture = None if recorded else args.events
     if args.context < 0:
         parser.error(f"argument --context: must be >= 0, not {args.context}")
-    with _progress(args) as bar:
-        bar("replay " + os.path.basename(stream_path), 0, 1)
-        try:
-            res = R.run_stream(stream_path, events=capture, audit=args.audit)
-        except R.StreamError as e:
-            bar.close()
-            parser.error(f"argument FILE: {stream_path}: {e}")
-        except R.StreamRunError as e:
-            bar.close()
-            _note(f"{stream_path}: the model refused an event: {e}")
-            if args.json:
-                _print_json({"file": args.file, "stream": stream_path, "error": str(e),
-                             "ok": False})
-            return 1
-        bar("replay " + os.path.basename(stream_path), 1, 1)
+    try:
+        res = R.run_stream(stream_path, events=capture, audit=args.audit)
+    except R.StreamError as e:
+        parser.error(f"argument FILE: {stream_path}: {e}")
+    except R.StreamRunError as e:
+        _note(f"{stream_path}: the model refused an event: {e}")
+        if args.json:
+            _print_json({"file": args.file, "stream": stream_path, "error": str(e), "ok": False})
+        return 1
     if args.trace:
         with open(args.trace, "w", encoding="utf-8") as fh:
             fh.writelines(ln + "\n" for ln in res.lines)
@@ -800,7 +798,7 @@ def build_parser(with_workloads: bool = True) -> argparse.ArgumentParser:
                                             "Run workloads, replay streams, compare traces, "
                                             "sweep configurations.",
                      epilog=_MAIN_EPILOG)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND",
+    sub = parser.add_subparsers(dest="command", required=True, title="subcommands",
                                 parser_class=_Parser)
     parsers: dict[str, argparse.ArgumentParser] = {}
     _add_demo(sub)
@@ -833,4 +831,8 @@ def main(argv=None) -> int:
     parser = build_parser(with_workloads=command == "run")
     args = parser.parse_args(_normalize_argv(argv))
     sub = parser._kvmmmu_parsers.get(args.command, parser)
-    return args.func(args, sub)
+    try:
+        return args.func(args, sub)
+    except KeyboardInterrupt:
+        _note(f"{PROG} {args.command}: interrupted")
+        return 130
