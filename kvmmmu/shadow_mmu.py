@@ -122,6 +122,7 @@ from kvmmmu._core.spte import (
     PT_ACCESSED_MASK, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK, PT_USER_MASK, PT_WRITABLE_MASK,
     SPTE_BASE_ADDR_MASK, SPTE_MMU_PRESENT_MASK,
 )
+from kvmmmu._core.spte import spte_ad_enabled as _spte_ad_enabled
 from kvmmmu._core._checks import check_array, int_arg
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu.host import KVM_PFN_NOSLOT, hva_to_pfn_fast
@@ -2786,7 +2787,7 @@ class ShadowMmu(MmuBackend):
                 young = True
                 if test_only:
                     return True
-                if self._accessed and spte & self._accessed:
+                if _spte_ad_enabled(spte):
                     a.try_cmpxchg64(sptep, spte, spte & ~self._accessed)
                 else:
                     a.try_cmpxchg64(sptep, spte, fmt.mark_spte_for_access_track(spte))

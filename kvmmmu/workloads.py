@@ -54,6 +54,7 @@ from kvmmmu._core.defs import PAGE_SHIFT, PAGE_SIZE, RET_PF_NAMES
 from kvmmmu._core.pt_arena import HEADER_DTYPE
 from kvmmmu._core.rmap import SIZEOF_PTE_LIST_DESC
 from kvmmmu.guest_tables import GuestPageTables
+from kvmmmu.host import MmuNotifyEvent
 from kvmmmu.memslots import (KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
                              KVM_MEM_LOG_DIRTY_PAGES)
 from kvmmmu.mmu import tdp_hardware_error_code
@@ -160,11 +161,13 @@ _COMMON = (
 )
 
 
-def workload(name: str, *, mmus=MMUS, params=(), streamable=True):
+def workload(name: str, *, mmus=MMUS, params=(), streamable=True, common=None):
     """Register a workload function ``fn(g: Guest, p: dict) -> None``; its
-    docstring is the workload's doc."""
+    docstring is the workload's doc.  It takes the :data:`_COMMON` parameters
+    (or those named in `common`) and its own `params`."""
     def deco(fn):
-        ps = {q.name: q for q in (*_COMMON, *params)}
+        base = _COMMON if common is None else tuple(q for q in _COMMON if q.name in common)
+        ps = {q.name: q for q in (*base, *params)}
         WORKLOADS[name] = Workload(name, fn.__doc__ or name, ps, tuple(mmus), fn, streamable)
         return fn
     return deco
@@ -202,7 +205,6 @@ class GuestCpu:
         self.vm = vm
         self.fmt = vm.fmt
         m = self.fmt.masks()
-        self.ad = bool(m["ad_enabled"])
         self.ept = bool(m["is_ept"])
         self.acc_mask, self.dirty_mask = int(m["accessed_mask"]), int(m["dirty_mask"])
         self.record = record
@@ -295,7 +297,7 @@ class GuestCpu:
     def _access_scalar(self, vcpu, addrs: list, write: bool, exec: bool) -> int:
         a = self.vm.arena
         user = vcpu.cpu.cpl == 3
-        hw_bits = (self.acc_mask | (self.dirty_mask if write else 0)) if self.ad else 0
+        hw_bits = self.acc_mask | (self.dirty_mask if write else 0)
         rec = self.record
         fault = vcpu.kvm_mmu_page_fault
         exits = 0
@@ -304,7 +306,7 @@ class GuestCpu:
             for tries in range(MAX_FAULTS_PER_ACCESS + 1):
                 sptep, spte, level = self._last_spte(vcpu, addr)
                 if sptep and self._allowed(spte, level, write, exec, user):
-                    if hw_bits and (spte & hw_bits) != hw_bits:
+                    if (spte & hw_bits) != hw_bits and S.spte_ad_enabled(spte):
                         a.try_cmpxchg64(sptep, spte, spte | hw_bits)   # lost race: the bits
                     break                                             # are the other CPU's
                 if tries == MAX_FAULTS_PER_ACCESS:
@@ -378,14 +380,15 @@ class Guest:
         self.buffers = {s.id: (s.userspace_addr, s.npages << PAGE_SHIFT)
                         for s in self.vm.memslots[0]}
 
-    def boot_paging(self, tables: dict) -> None:
+    def boot_paging(self, tables: dict, others=()) -> None:
         """After the VMM wrote guest page tables (``tables``: vCPU id -> its
-        GuestPageTables), load each vCPU's registers as KVM_SET_SREGS
-        would (long mode, CPL 3, those tables), and put the tables' pages
-        and the registers in the init line."""
+        GuestPageTables; `others`: tables no vCPU starts on), load each
+        vCPU's registers as KVM_SET_SREGS would (long mode, CPL 3, its
+        tables), and put every table page and the registers in the init
+        line."""
         vm = self.vm
         regions = []
-        for t in {id(t): t for t in tables.values()}.values():
+        for t in {id(t): t for t in (*tables.values(), *others)}.values():
             regions.append((t.table_gpa, t.tables_used))
         for gpa, n in regions:
             data = vm.read_guest(gpa, n * PAGE_SIZE)
@@ -424,10 +427,6 @@ class Guest:
         self._ev(kind="clear_dirty_log", slot=slot, first_page=0, num_pages=npages,
                  hex=bitmap.astype("<u8").tobytes().hex())
         self.vm.clear_dirty_log(slot, 0, npages, bitmap)
-
-    def host_event(self, what: str) -> None:
-        if self.events is not None:
-            raise WorkloadError(f"{what} is a host event: a stream cannot record it")
 
     # -- clock and samples ----------------------------------------------------------------
     def phase(self, name: str, fn: Callable[[], dict | None], *, sample: bool = True) -> dict:
@@ -550,11 +549,8 @@ class Report:
         """The selftest-style report: the parameters, each phase's time and
         counts, then the model's counts."""
         p = self.params
-        lines = [f"{self.workload} on mmu={self.mmu} (seed {self.seed}): "
-                 f"{p['vcpus']} vCPU(s) x {p['vcpu_mib']} MiB, {p['backing']} backing, "
-                 f"host {p['host']}"]
-        extra = {k: v for k, v in p.items() if k not in ("vcpus", "vcpu_mib", "backing", "host")}
-        lines.append("  params: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        lines = [f"{self.workload} on mmu={self.mmu} (seed {self.seed})",
+                 "  params: " + ", ".join(f"{k}={v}" for k, v in p.items())]
         for ph in self.phases:
             counts = ", ".join(_fmt_count(k, v) for k, v in ph.items()
                                if k not in ("name", "seconds"))
@@ -893,3 +889,310 @@ def _dirty_log(g: Guest, p: dict) -> None:
     s["clear_dirty_log_s"] = float(np.mean(clear_s)) if clear_s else 0.0
     s["disable_logging_s"] = g.phases[-1]["seconds"]
     s["dirty_pages"] = int(sum(ph.get("dirty_pages", 0) for ph in g.phases))
+
+
+def _folios(g: Guest, slots) -> list[tuple[int, int, int]]:
+    """The host folios backing the slots: ``(hva, bytes, first page index)``,
+    a 2 MiB THP as one folio, every other page on its own (page_idle works
+    on folios: the first page read of a folio answers for all of it)."""
+    host = g.vm.host
+    out = []
+    for sid, gpa, npg in slots:
+        hva0 = g.buffers[sid][0]
+        for off in range(0, npg, PAGES_PER_2M):
+            hva = hva0 + (off << PAGE_SHIFT)
+            page0 = (gpa >> PAGE_SHIFT) + off
+            if host.host_pfn_mapping_level(hva) >= 2:
+                out.append((hva, 2 * MiB, page0))
+            else:
+                out.extend((hva + (j << PAGE_SHIFT), PAGE_SIZE, page0 + j)
+                           for j in range(min(PAGES_PER_2M, npg - off)))
+    return out
+
+
+@workload("access_tracking", streamable=False, params=(
+    Param("iterations", int, 2, "mark-idle / access / count rounds after populating", lo=1,
+          hi=1 << 20),
+    Param("access", str, "read", "how the vCPUs re-access memory", choices=("read", "write")),
+    Param("reaccess_percent", int, 100, "percent of its pages each vCPU re-accesses per round",
+          lo=0, hi=100),
+))
+def _access_tracking(g: Guest, p: dict) -> None:
+    """The access_tracking_perf_test loop: populate, then mark idle, access, count idle.
+
+    Populate: every vCPU writes its pages.  Then `iterations` times: mark all guest
+    memory idle (the page_idle bitmap: the host ages every folio without a TLB flush,
+    ``clear_young``, so KVM clears the SPTEs' Accessed bits - or, without A/D bits,
+    access-tracks them), every vCPU re-accesses `reaccess_percent` of its pages
+    (a random subset), then read the idle bits back folio by folio (aging again:
+    a folio is young if the host or KVM saw an access).  The idle count must be the
+    pages of the folios nobody re-accessed."""
+    slots = _regions(g, p)
+    _start(g, p)
+    g.phase("populate", lambda: {"exits": _touch_all(g, p, "populate", _pages_of(p))})
+    g.audit()
+    folios = _folios(g, slots)
+    host = g.vm.host
+    exact = True
+    mark_s, access_s, count_s = [], [], []
+    total = ((p["vcpu_mib"] * MiB) >> PAGE_SHIFT) * p["vcpus"]
+    for it in range(1, p["iterations"] + 1):
+        def mark():
+            for sid, gpa, npg in slots:
+                host.age(g.buffers[sid][0], npg << PAGE_SHIFT, flush=False)
+        mark_s.append(g.phase(f"iteration {it}: mark idle", mark, sample=False)["seconds"])
+        touched = np.zeros(total, bool)
+
+        def access():
+            exits = 0
+            for i, v in enumerate(g.vcpus):
+                pages = _vcpu_pages(p, i)
+                pages = pages[g.rng.random(pages.size) * 100 < p["reaccess_percent"]]
+                exits += g.cpu.access(v, pages, write=p["access"] == "write")
+                touched[(pages >> np.uint64(PAGE_SHIFT)).astype(np.int64)] = True
+                g.tick(f"iteration {it}", i + 1, len(g.vcpus))
+            return {"exits": exits, "pages_accessed": int(touched.sum())}
+        access_s.append(g.phase(f"iteration {it}: access", access, sample=False)["seconds"])
+        expect = 0
+
+        def count():
+            nonlocal expect
+            idle = 0
+            for hva, size, page0 in folios:
+                n = size >> PAGE_SHIFT
+                if not host.age(hva, size, flush=False):
+                    idle += n
+                if not touched[page0:page0 + n].any():
+                    expect += n
+            return {"idle_pages": idle}
+        ph = g.phase(f"iteration {it}: count idle", count)
+        count_s.append(ph["seconds"])
+        ph["exact"] = ph["idle_pages"] == expect
+        exact &= ph["exact"]
+        if g.check:
+            g.audit()
+    g.checks["idle_count_exact"] = exact
+    s = g.summary
+    s["populate_s"] = g.phases[0]["seconds"]
+    s["mark_idle_s"] = float(np.mean(mark_s))
+    s["access_s"] = float(np.mean(access_s))
+    s["count_idle_s"] = float(np.mean(count_s))
+    s["idle_pages"] = int(sum(ph.get("idle_pages", 0) for ph in g.phases))
+
+
+def _pages_of(p: dict):
+    return lambda i: _vcpu_pages(p, i)
+
+
+@workload("memslot_churn", params=(
+    Param("slots", int, 4, "memslots the guest memory is split into", lo=2, hi=512),
+    Param("iterations", int, 4, "memslot changes (one slot each, round robin)", lo=1,
+          hi=1 << 20),
+    Param("mode", str, "delete", "what happens to the slot: deleted and re-created, moved "
+                                 "to a spare range and back, or dirty logging toggled",
+          choices=("delete", "move", "dirty_log")),
+))
+def _memslot_churn(g: Guest, p: dict) -> None:
+    """memslot_perf_test-like churn: change one memslot per iteration, re-touch the rest.
+
+    Populate every slot, then per iteration: undo the previous iteration's change
+    (re-create the deleted slot on its old host memory, move the moved slot back,
+    or turn its dirty logging off), apply the change to the next slot (delete it;
+    move it above guest memory; turn dirty logging on), and every vCPU writes every
+    page of the slots at their home addresses (a slot that is gone or moved is not
+    touched).  The report times the memslot ioctls and counts the refaults the zaps
+    caused (a default VM has KVM_X86_QUIRK_SLOT_ZAP_ALL: deleting or moving a slot
+    zaps everything)."""
+    slots = _regions(g, p, slots=p["slots"])
+    _start(g, p)
+    g.phase("populate", lambda: {"exits": _touch_all(g, p, "populate", _pages_of(p))})
+    g.audit()
+    total_bytes = p["vcpu_mib"] * MiB * p["vcpus"]
+    per = slots[0][2] << PAGE_SHIFT
+    away = None
+    op_s, touch_s = [], []
+
+    def change(k, undo):
+        sid, gpa, npg = slots[k]
+        if p["mode"] == "delete":
+            g.set_memslot(sid, gpa, per if undo else 0, 0)
+        elif p["mode"] == "move":
+            g.set_memslot(sid, gpa if undo else total_bytes + k * per, per, 0)
+        else:
+            g.set_memslot(sid, gpa, per, 0 if undo else KVM_MEM_LOG_DIRTY_PAGES)
+
+    for it in range(1, p["iterations"] + 1):
+        k = (it - 1) % len(slots)
+
+        def op():
+            nonlocal away
+            if away is not None:
+                change(away, True)
+            change(k, False)
+            away = k
+        op_s.append(g.phase(f"iteration {it}: memslot change", op, sample=False)["seconds"])
+        gone = (slots[k][1] >> PAGE_SHIFT, (slots[k][1] >> PAGE_SHIFT) + slots[k][2])
+
+        def touch():
+            if p["mode"] == "dirty_log":
+                return {"exits": _touch_all(g, p, f"iteration {it}", _pages_of(p))}
+
+            def order(i):
+                pages = _vcpu_pages(p, i)
+                pfn = pages >> np.uint64(PAGE_SHIFT)
+                return pages[(pfn < np.uint64(gone[0])) | (pfn >= np.uint64(gone[1]))]
+            return {"exits": _touch_all(g, p, f"iteration {it}", order)}
+        touch_s.append(g.phase(f"iteration {it}: touch", touch)["seconds"])
+        if g.check:
+            g.audit()
+    if away is not None:
+        g.phase("restore", lambda: change(away, True))
+    s = g.summary
+    s["populate_s"] = g.phases[0]["seconds"]
+    s["memslot_change_s"] = float(np.mean(op_s))
+    s["touch_s"] = float(np.mean(touch_s))
+
+
+@workload("host_invalidation", streamable=False, params=(
+    Param("event", str, "numa_scan", "the host event: munmap and a fresh mapping in its "
+                                     "place, a THP split, a NUMA-balancing scan "
+                                     "(change_prot_numa: a PROTECTION_VMA invalidation of "
+                                     "the range), or page migration",
+          choices=("munmap", "thp_split", "numa_scan", "migrate")),
+    Param("iterations", int, 3, "storms, each followed by a full re-touch", lo=1, hi=1 << 20),
+    Param("chunks", int, 8, "chunks hit per storm (distinct, chosen at random)", lo=1,
+          hi=1 << 30),
+    Param("chunk_pages", int, 512, "pages per chunk (a multiple of 512 for thp_split)",
+          lo=1, hi=1 << 30),
+))
+def _host_invalidation(g: Guest, p: dict) -> None:
+    """Host invalidations under a running guest (mmu_stress_test-like).
+
+    Populate, then per iteration: hit `chunks` random chunks of guest memory (of the
+    first memslot's host buffer) with the host event (each one an MMU-notifier invalidation: KVM zaps the SPTEs of the
+    range), then every vCPU writes all its pages again: the zapped pages refault
+    (a THP split zaps the 2 MiB SPTEs; the refaults map 4 KiB pages)."""
+    if p["event"] == "thp_split" and (p["backing"] != "anonymous_thp" or
+                                      p["chunk_pages"] % PAGES_PER_2M):
+        raise WorkloadParamError("event", "thp_split needs backing='anonymous_thp' and "
+                                          "chunk_pages a multiple of 512")
+    slots = _regions(g, p)
+    _start(g, p)
+    g.phase("populate", lambda: {"exits": _touch_all(g, p, "populate", _pages_of(p))})
+    g.audit()
+    npg = slots[0][2]
+    nchunks = npg // p["chunk_pages"]
+    if p["chunks"] > nchunks:
+        raise WorkloadParamError("chunks", f"guest memory has only {nchunks} chunks of "
+                                           f"{p['chunk_pages']} pages")
+    host = g.vm.host
+    hva0 = g.buffers[0][0]
+    size = p["chunk_pages"] << PAGE_SHIFT
+    storm_s, touch_s = [], []
+    for it in range(1, p["iterations"] + 1):
+        picks = np.sort(g.rng.choice(nchunks, p["chunks"], replace=False))
+
+        def storm():
+            for c in picks.tolist():
+                hva = hva0 + c * size
+                ev = p["event"]
+                if ev == "munmap":
+                    host.munmap(hva, size)
+                    host.mmap(size, hva=hva, thp=g.thp, populate=True)
+                elif ev == "thp_split":
+                    host.split_huge_pmd(hva, size)
+                elif ev == "numa_scan":
+                    # the PTEs become PROT_NONE hinting entries and come back on the
+                    # next host access: to KVM, one PROTECTION_VMA invalidation
+                    with host.invalidation(hva, hva + size,
+                                           MmuNotifyEvent.MMU_NOTIFY_PROTECTION_VMA):
+                        pass
+                else:
+                    host.migrate_pages(hva, size)
+            return {"pages_hit": int(picks.size * p["chunk_pages"])}
+        storm_s.append(g.phase(f"iteration {it}: {p['event']}", storm, sample=False)["seconds"])
+        touch_s.append(g.phase(f"iteration {it}: touch", lambda: {
+            "exits": _touch_all(g, p, f"iteration {it}", _pages_of(p))})["seconds"])
+        if g.check:
+            g.audit()
+    s = g.summary
+    s["populate_s"] = g.phases[0]["seconds"]
+    s["storm_s"] = float(np.mean(storm_s))
+    s["touch_s"] = float(np.mean(touch_s))
+
+
+@workload("cr3_switch", mmus=("shadow",), common=("vcpus", "backing", "host", "ad_bits",
+                                                  "eager_page_split", "nx_huge_pages"),
+          params=(
+    Param("processes", int, 16, "guest processes, each with its own page tables", lo=1,
+          hi=1 << 16),
+    Param("process_pages", int, 64, "private pages of each process", lo=1, hi=1 << 20),
+    Param("shared_pages", int, 64, "pages every process maps (a shared library, the "
+                                   "kernel's own data)", lo=0, hi=1 << 20),
+    Param("rounds", int, 4, "times every process is scheduled", lo=1, hi=1 << 20),
+    Param("pages_per_round", int, 32, "pages a process touches each time it runs", lo=1,
+          hi=1 << 20),
+    Param("touch", str, "random", "each time a process runs it touches `pages_per_round` "
+                                  "random pages of its own, or all of them in order",
+          choices=("random", "all")),
+    Param("write_fraction", float, 0.5, "the fraction of touches that are writes",
+          lo=0.0, hi=1.0),
+))
+def _cr3_switch(g: Guest, p: dict) -> None:
+    """Many guest processes switching CR3 on shadow paging.
+
+    Each process has its own 4-level page tables mapping `process_pages` private
+    pages at gva 4 MiB and the `shared_pages` every process maps at gva 1 GiB.  The
+    processes run round robin on the vCPUs (`rounds` times): a MOV to CR3
+    (``kvm_mmu_new_pgd``: a cached previous root, or a new one), a VM entry, then
+    `pages_per_round` random touches of its pages.  The report shows what shadow
+    paging costs: shadow pages (and those recycled at the MMU page limit), rmap
+    descriptors (a shared page has one SPTE per process), root switches and TLB
+    flushes."""
+    P, X, S_ = p["processes"], p["process_pages"], p["shared_pages"]
+    data_pages = P * X + S_
+    data_bytes = -(-(data_pages << PAGE_SHIFT) // (2 * MiB)) * 2 * MiB
+    per_proc = 4 + -(-X // 512) + (-(-S_ // 512) if S_ else 0)
+    table_bytes = -(-(P * per_proc << PAGE_SHIFT) // (2 * MiB)) * 2 * MiB
+    g.add_slot(0, 0, data_bytes)
+    g.add_slot(1, TABLES_GPA, table_bytes, thp=False)
+    g.start(p["vcpus"])
+    priv_gva, shared_gva = 4 * MiB, 1 << 30
+    tables = []
+    for q in range(P):
+        t = GuestPageTables(g.vm, TABLES_GPA + q * per_proc * PAGE_SIZE, per_proc)
+        t.map(priv_gva, (q * X) << PAGE_SHIFT, X << PAGE_SHIFT)
+        if S_:
+            t.map(shared_gva, (P * X) << PAGE_SHIFT, S_ << PAGE_SHIFT)
+        tables.append(t)
+    g.boot_paging({i: tables[i % P] for i in range(p["vcpus"])}, tables)
+    gvas = np.concatenate([priv_gva + (np.arange(X, dtype=np.uint64) << np.uint64(PAGE_SHIFT)),
+                           shared_gva + (np.arange(S_, dtype=np.uint64) << np.uint64(PAGE_SHIFT))])
+    switches = 0
+
+    def go():
+        nonlocal switches
+        exits = 0
+        steps = p["rounds"] * P
+        for r in range(p["rounds"]):
+            for q in range(P):
+                v = g.vcpus[q % len(g.vcpus)]
+                cr3 = int(tables[q].cr3)
+                if v.cpu.cr3 != cr3:
+                    g._ev(kind="set_cr", vcpu=v.vcpu_id, cr=3, value=cr3)
+                    v.kvm_set_cr3(cr3)
+                    switches += 1
+                pick = gvas if p["touch"] == "all" else \
+                    gvas[g.rng.integers(0, gvas.size, p["pages_per_round"])]
+                w = g.rng.random(pick.size) < p["write_fraction"]
+                cut = np.flatnonzero(np.diff(w.astype(np.int8))) + 1
+                for part, pw in zip(np.split(pick, cut), np.split(w, cut)):
+                    exits += g.cpu.access(v, part, write=bool(pw[0]))
+                g.tick("processes", r * P + q + 1, steps)
+        return {"exits": exits, "cr3_switches": switches}
+
+    g.phase("run", go)
+    g.audit()
+    st = g.vm.stat.as_dict()
+    g.summary.update(cr3_switches=switches, mmu_recycled=int(st["mmu_recycled"]),
+                     run_s=g.phases[-1]["seconds"])

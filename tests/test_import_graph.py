@@ -26,7 +26,8 @@ ROOT = pathlib.Path(kvmmmu.__file__).resolve().parent
 TOP = ROOT.parent
 
 # Modules that sit above the VM (they may import it); everything else is below.
-ABOVE_VM = {"kvmmmu", "kvmmmu.vm", "kvmmmu.demo", "kvmmmu.__main__", "kvmmmu.replay"}
+ABOVE_VM = {"kvmmmu", "kvmmmu.vm", "kvmmmu.demo", "kvmmmu.__main__", "kvmmmu.replay",
+            "kvmmmu.workloads", "kvmmmu.sweep", "kvmmmu.cli", "kvmmmu.plots"}
 # Leaves: they import nothing of kvmmmu, so every layer (the core included)
 # may import them: the package itself, its exception classes, the WARN sink.
 LEAVES = {"kvmmmu", "kvmmmu.errors", "kvmmmu.warn"}
