@@ -829,8 +829,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(with_workloads=command == "run")
-    args = parser.parse_args(_normalize_argv(argv))
+    args, extra = parser.parse_known_args(_normalize_argv(argv))
+    key = f"run {args.workload}" if args.command == "run" and args.workload else args.command
     sub = parser._kvmmmu_parsers.get(args.command, parser)
+    if extra:                                       # in the usage of the (workload's) subcommand
+        parser._kvmmmu_parsers.get(key, sub).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args, sub)
     except KeyboardInterrupt:

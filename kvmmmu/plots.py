@@ -1,9 +1,10 @@
 """Matplotlib figures for ``python -m kvmmmu run/sweep --plot DIR``.
 
 * :func:`plot_report`: a workload report (``W.Report.to_dict()``): the
-  memory each MMU structure holds over the run (stacked areas, one per
-  structure of the timeline's ``"mem"``) and the faults by kind over the run
-  (one line per counter of the timeline's ``"faults"``, cumulative).
+  memory each MMU structure holds over the run (stacked bars per sample, or
+  stacked areas when there are many samples; one colour per structure of the
+  timeline's ``"mem"``) and the faults by kind over the run (one line per
+  counter of the timeline's ``"faults"``, cumulative).
 * :func:`plot_sweep`: a sweep's DataFrame: one metric as side-by-side bars,
   one bar per MMU flavour in each group of workload and parameters.
 
@@ -116,10 +117,17 @@ def plot_report(report_dict: dict, outdir) -> list[str]:
     fig = _figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
     xlabel = _phase_axis(ax, steps, phases)
+    if structs and len(steps) <= MAX_LABELLED_STEPS:   # a stacked bar per sample
+        bottom = [0.0] * len(steps)
+        for k, ys in zip(structs, series):
+            h = [v / scale for v in ys]
+            ax.bar(steps, h, bottom=bottom, width=0.6, label=k, alpha=0.9, zorder=2)
+            bottom = [b + x for b, x in zip(bottom, h)]
+    elif structs:                                   # many samples: stacked areas
+        ax.stackplot(steps, [[v / scale for v in ys] for ys in series], labels=structs,
+                     alpha=0.85, zorder=2)
     if structs:
-        ax.stackplot(steps, [[v / scale for v in ys] for ys in series], labels=structs, alpha=0.85,
-                     zorder=2, step="post" if len(steps) == 1 else None)
-        ax.legend(loc="upper left", fontsize=8, title="structure")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="structure")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"memory ({unit})")
     ax.set_title(_title(report_dict, "MMU memory by structure"))
@@ -128,25 +136,33 @@ def plot_report(report_dict: dict, outdir) -> list[str]:
     fig.savefig(p, dpi=100)
     paths.append(str(p))
 
-    # faults by kind: cumulative lines
+    # faults by kind: cumulative lines (one sample: a bar per kind)
     kinds = list(dict.fromkeys(k for s in tl for k in s["faults"]))
+    counts = {k: [int(s["faults"].get(k, 0)) for s in tl] for k in kinds}
+    zero = [k for k in kinds if not any(counts[k])]
     fig = _figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
-    xlabel = _phase_axis(ax, steps, phases)
-    drawn = 0
-    styles = ("-", "--", "-.", ":")
-    for k in kinds:
-        ys = [int(s["faults"].get(k, 0)) for s in tl]
-        if any(ys):                                 # dashes keep equal counters visible
-            ax.plot(steps, ys, marker="o", markersize=3, label=k, zorder=2,
-                    linestyle=styles[drawn % len(styles)], linewidth=1.6)
-            drawn += 1
-    zero = [k for k in kinds if not any(int(s["faults"].get(k, 0)) for s in tl)]
-    if drawn:
-        ax.legend(loc="upper left", fontsize=8, title="fault counter")
-    if zero:
-        ax.text(0.99, 0.02, "zero throughout: " + ", ".join(zero), transform=ax.transAxes,
-                ha="right", va="bottom", fontsize=7, color="0.35")
+    if len(steps) == 1:
+        bars = ax.bar(range(len(kinds)), [counts[k][0] for k in kinds],
+                      color=[f"C{i}" for i in range(len(kinds))], zorder=2)
+        ax.bar_label(bars, labels=[f"{counts[k][0]:,}" for k in kinds], fontsize=7, padding=1)
+        ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
+        xlabel = f"fault counter (one sample, at the end of phase {phases[0]!r})"
+    else:
+        xlabel = _phase_axis(ax, steps, phases)
+        styles = ("-", "--", "-.", ":")
+        drawn = 0
+        for k in kinds:
+            if any(counts[k]):                      # dashes keep equal counters visible
+                ax.plot(steps, counts[k], marker="o", markersize=4, label=k, zorder=2,
+                        linestyle=styles[drawn % len(styles)], linewidth=1.6)
+                drawn += 1
+        if drawn:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                      title="fault counter")
+        if zero:
+            ax.text(0.99, 0.02, "zero throughout: " + ", ".join(zero), transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=7, color="0.35")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("faults (cumulative count)")
     ax.set_title(_title(report_dict, "faults by kind"))
