@@ -97,6 +97,23 @@ def _existing_file(text: str) -> str:
     return text
 
 
+def _out_file(text: str) -> str:
+    """A file to write: its directory must exist, and it must not be one."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{text!r}: directory {parent!r} does not exist")
+    return text
+
+
+def _out_dir(text: str) -> str:
+    """A directory to write into (created if missing): no file may be there."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return text
+
+
 def _event_list(text: str) -> list[str]:
     from kvmmmu import mmutrace as tp                # noqa: PLC0415
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -216,7 +233,7 @@ def _progress(args) -> Progress:
 def _add_common(p, *, json_help: str, plot: str | None = None, progress: bool = True) -> None:
     p.add_argument("--json", action="store_true", help=json_help)
     if plot:
-        p.add_argument("--plot", metavar="DIR",
+        p.add_argument("--plot", metavar="DIR", type=_out_dir,
                        help=plot + " (created if missing; needs matplotlib: kvmmmu[plot])")
     if progress:
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -368,10 +385,10 @@ def _add_run(sub, parsers, with_workloads=True):
         c.add_argument("--mmu", choices=mmus, default="tdp_mmu" if "tdp_mmu" in mmus else mmus[0],
                        help="the MMU flavour: tdp_mmu (TDP with the TDP MMU), tdp (TDP on the "
                             "shadow MMU, kvm.tdp_mmu=N), shadow (shadow paging)")
-        c.add_argument("--seed", type=_int_value, default=0,
+        c.add_argument("--seed", type=_plain_int, default=0,
                        help="the workload's random seed (the same seed gives the same report)")
         if _run_accepts(W, "stream"):
-            c.add_argument("--stream", metavar="OUT",
+            c.add_argument("--stream", metavar="OUT", type=_out_file,
                            help="also write the vCPU input stream the workload ran "
                                 "(docs/STREAM.md; replay it with `replay OUT`)")
         _add_common(c, json_help="print the report as JSON (Report.to_dict(), plus \"plots\")",
@@ -472,7 +489,7 @@ def _add_replay(sub, parsers):
     p.add_argument("file", metavar="FILE", type=_existing_file,
                    help="a stream (*.jsonl) or a recorded kernel trace (NAME.trace with "
                         "NAME.stream.jsonl beside it)")
-    p.add_argument("--trace", metavar="OUT", help="write the model's kvmmmu trace lines to OUT")
+    p.add_argument("--trace", metavar="OUT", type=_out_file, help="write the model's kvmmmu trace lines to OUT")
     p.add_argument("--audit", action="store_true",
                    help="check the VM's invariants (VM.audit()) after every event; the first "
                         "violation stops the run")
@@ -709,7 +726,7 @@ def _add_sweep(sub, parsers):
                         "on this machine), or a Dask scheduler address tcp://host:port")
     p.add_argument("--workers", type=_positive_int, default=2,
                    help="worker processes of the local cluster (--scheduler local)")
-    p.add_argument("--parquet", metavar="OUT", help="also write the results to OUT as Parquet")
+    p.add_argument("--parquet", metavar="OUT", type=_out_file, help="also write the results to OUT as Parquet")
     p.add_argument("--metric", metavar="NAME",
                    help="the result column the table and --plot show (default: the first "
                         "numeric summary column that is not a wall time)")

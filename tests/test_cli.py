@@ -201,6 +201,8 @@ def test_replay_bad_arguments(tmp_path):
     usage_error(cli("replay", DATA / "prefetch.stream.jsonl", "--all", inproc=True), "argument --all")
     usage_error(cli("replay", DATA / "prefetch.stream.jsonl", "--events", "kvm_nope", inproc=True),
                 "argument --events", "kvm_nope")
+    usage_error(cli("replay", DATA / "prefetch.stream.jsonl", "--trace", tmp_path / "no" / "t",
+                    inproc=True), "argument --trace", "does not exist")
 
 
 # ---------------------------------------------------------------------------
@@ -337,6 +339,12 @@ def test_run_progress_bars_on_request(tmp_path):
     (("run", "working_set", "--hot-fraction", "x"), ("argument --hot-fraction", "float")),
     (("run", "dirty_log", "--seed", "-1"), ("argument --seed",)),
     (("run", "dirty_log", "--frob", "1"), ("--frob",)),
+    (("run", "dirty_log", "--plot", str(DATA / "prefetch.trace")), ("argument --plot",
+                                                                     "not a directory")),
+    (("run", "dirty_log", "--stream", "/nonexistent-dir/s.jsonl"), ("argument --stream",
+                                                                    "does not exist")),
+    (("run", "access_tracking", "--stream", "/tmp/x.jsonl"), ("argument --stream",
+                                                              "cannot record")),
 ])
 def test_run_bad_arguments_name_the_argument(args, names):
     usage_error(cli(*args, inproc=True), *names)
@@ -422,6 +430,8 @@ def test_sweep_bad_arguments(tmp_path):
     grid = _grid(tmp_path)
     usage_error(cli("sweep", grid, "--scheduler", "carrier-pigeon", inproc=True), "argument --scheduler")
     usage_error(cli("sweep", grid, "--workers", "0", inproc=True), "argument --workers")
+    usage_error(cli("sweep", grid, "--parquet", tmp_path, inproc=True), "argument --parquet",
+                "is a directory")
     usage_error(cli("sweep", grid, "--scheduler", "inprocess", "--metric", "nope", inproc=True),
                 "argument --metric", "nope")
     usage_error(cli("sweep", grid, "--scheduler", "local", block=["dask"], tmp_path=tmp_path),
