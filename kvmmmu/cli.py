@@ -716,15 +716,17 @@ examples:
 def _add_sweep(sub, parsers):
     p = sub.add_parser("sweep", help="run a grid of workloads x MMU flavours x parameters "
                                      "(in process or on Dask)",
-                       description="Run every cell of a grid (kvmmmu.sweep) and print one row "
-                                   "per cell; needs pandas and, for a Dask scheduler, "
+                       description="Run every cell of a grid (kvmmmu.sweep) and print one "
+                                   "metric as a table: a row per workload and parameter "
+                                   "values, a column per MMU flavour (--json: every column "
+                                   "of every cell).  Needs pandas and, for a Dask scheduler, "
                                    "dask[distributed] (kvmmmu[sweep]).",
                        epilog=_SWEEP_EPILOG)
     p.add_argument("grid", metavar="GRID", type=_existing_file, help="the grid file (JSON or TOML)")
-    p.add_argument("--scheduler", type=_scheduler, default="local",
+    p.add_argument("--scheduler", type=_scheduler, default="local", metavar="S",
                    help="inprocess (one after the other, no Dask), local (a Dask LocalCluster "
                         "on this machine), or a Dask scheduler address tcp://host:port")
-    p.add_argument("--workers", type=_positive_int, default=2,
+    p.add_argument("--workers", type=_positive_int, default=2, metavar="N",
                    help="worker processes of the local cluster (--scheduler local)")
     p.add_argument("--parquet", metavar="OUT", type=_out_file, help="also write the results to OUT as Parquet")
     p.add_argument("--metric", metavar="NAME",
