@@ -489,7 +489,8 @@ def _add_replay(sub, parsers):
     p.add_argument("file", metavar="FILE", type=_existing_file,
                    help="a stream (*.jsonl) or a recorded kernel trace (NAME.trace with "
                         "NAME.stream.jsonl beside it)")
-    p.add_argument("--trace", metavar="OUT", type=_out_file, help="write the model's kvmmmu trace lines to OUT")
+    p.add_argument("--trace", metavar="OUT", type=_out_file,
+                   help="write the model's kvmmmu trace lines to OUT")
     p.add_argument("--audit", action="store_true",
                    help="check the VM's invariants (VM.audit()) after every event; the first "
                         "violation stops the run")
@@ -500,7 +501,7 @@ def _add_replay(sub, parsers):
                          "tracediff.DEFAULT_EVENTS)")
     ev.add_argument("--all", action="store_true",
                     help="a recorded trace: compare every kvmmmu event")
-    p.add_argument("--context", type=_int_value, default=3, metavar="N",
+    p.add_argument("--context", type=_plain_int, default=3, metavar="N",
                    help="equal lines shown before a divergence, and lines after it")
     _add_common(p, json_help="print the summary / the comparison as one JSON object",
                 progress=False)
@@ -650,7 +651,7 @@ def _add_diff(sub, parsers):
     ev.add_argument("--events", metavar="E1,E2", type=_event_list,
                     help="compare only these kvmmmu events (default: the MMU events and the "
                          "walker's, tracediff.DEFAULT_EVENTS)")
-    p.add_argument("--context", type=_int_value, default=3, metavar="N",
+    p.add_argument("--context", type=_plain_int, default=3, metavar="N",
                    help="equal lines shown before the divergence, and lines after it")
     p.add_argument("--keep-mmio-gen", action="store_true",
                    help="compare MMIO generations too (masked by default)")

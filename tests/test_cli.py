@@ -190,6 +190,16 @@ def test_replay_of_a_recording_with_tampered_stats_differs(tmp_path):
     assert [(s["scope"], s["name"]) for s in out["stat_differences"]] == [("vm", "pages_4k")]
 
 
+def test_replay_of_a_stream_the_model_refuses_exits_1(tmp_path):
+    lines = (DATA / "prefetch.stream.jsonl").read_text().splitlines()
+    lines.append(json.dumps({"kind": "get_dirty_log", "slot": 0}))   # no dirty logging on it
+    s = tmp_path / "refused.jsonl"
+    s.write_text("\n".join(lines) + "\n")
+    out, res = cli_json("replay", s, check=1)
+    assert out["ok"] is False and "line 17" in out["error"] and "dirty" in out["error"]
+    assert "refused" in res.stderr
+
+
 def test_replay_bad_arguments(tmp_path):
     usage_error(cli("replay", tmp_path / "nope.jsonl", inproc=True), "argument FILE", "no such file")
     lonely = tmp_path / "lonely.trace"
