@@ -441,8 +441,12 @@ def _cmd_run(args, parser) -> int:
     if getattr(args, "stream", None):
         out["stream"] = str(args.stream)
     if args.plot:
-        from kvmmmu.plots import plot_report         # noqa: PLC0415
-        out["plots"] = plot_report(out, args.plot)
+        from kvmmmu.plots import PlotError, plot_report  # noqa: PLC0415
+        try:
+            out["plots"] = plot_report(out, args.plot)
+        except PlotError as e:                       # a report without a timeline
+            _note(f"{PROG} run {args.workload}: cannot plot: {e}")
+            return 1
         if not args.json:
             for path in out["plots"]:
                 _note(f"wrote {path}")

@@ -176,7 +176,7 @@ def plot_report(report_dict: dict, outdir) -> list[str]:
 def _metric_unit(metric: str, peak: float) -> tuple[str, float]:
     if metric.endswith("_s"):
         return "seconds", 1.0
-    if "bytes" in metric or metric.endswith("_b"):
+    if "bytes" in metric or metric.startswith("mem_"):   # workloads' mem_<structure>: bytes
         return _byte_unit(peak)
     return "count", 1.0
 
