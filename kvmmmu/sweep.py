@@ -24,14 +24,28 @@ whatever ``repeat`` is, so raising ``repeat`` keeps the first replicate.
 Parameters.  A grid parameter applies to the listed workloads that declare it
 (``W.WORKLOADS[name].params``) and is absent from the other workloads' cells
 (their frame rows hold a missing value there); every value is checked
-against each declaring workload's ``Param.type`` and ``choices`` before
-anything runs.  A workload/MMU pair the workload does not run on
-(``Workload.mmus``) is skipped, not failed: :attr:`Grid.skipped` lists it.
+against each declaring workload's ``Param.type``, ``choices`` and
+``Param.check`` (its range) before anything runs.  Constraints between
+parameters (e.g. memory that does not split into the slots asked for) are
+the workload's to check when it runs: such a cell is a failed row.  A
+workload/MMU pair the workload does not run on (``Workload.mmus``) is
+skipped, not failed: :attr:`Grid.skipped` lists it.
+
+A grid file (JSON, or TOML as here)::
+
+    workloads = ["dirty_log", "first_touch"]
+    mmus = ["tdp_mmu", "shadow"]          # optional: default all three
+    seed = 0                               # optional
+    repeat = 1                             # optional
+    [params]
+    vcpu_mib = [64, 256]
+    eager_page_split = [true, false]
 
 The frame.  Columns, in this order: the cell keys (``workload``, ``mmu``,
 ``seed``, then the grid parameters in grid order), ``status`` (``"ok"`` or
 ``"failed"``), ``error`` (``"Type: message"``, ``""`` when ok), ``cell_s``
-(wall seconds of the cell, measured where it ran), then the summary keys in
+(wall seconds of the cell, measured where it ran; NaN when its worker died
+or the sweep timed out before it finished), then the summary keys in
 order of first appearance.  Everything before ``status`` is the cell
 (:func:`cells_of` rebuilds the cells from a frame).  dtypes depend on the
 values, never on which cells failed or on the scheduler: integer columns are
@@ -114,14 +128,23 @@ def _check_value(field, wl_name, param, value):
         raise GridError(field, f"workload {wl_name!r} declares type {t!r}, "
                         "not one of int, float, bool, str")
     if not ok:
+        want = "a finite float" if t is float else f"a {t.__name__}"
         raise GridError(field, f"{value!r} is a {_type_name(value)}; workload {wl_name!r} "
-                        f"takes a finite {t.__name__}" if t is float else
-                        f"{value!r} is a {_type_name(value)}; workload {wl_name!r} "
-                        f"takes a {t.__name__}")
+                        f"takes {want}")
     choices = getattr(param, "choices", None)
     if choices is not None and value not in choices:
         raise GridError(field, f"{value!r} is not one of {tuple(choices)!r} "
                         f"(workload {wl_name!r})")
+    check = getattr(param, "check", None)       # W.Param.check: its range (lo, hi) too
+    if check is not None:
+        try:
+            value = check(value)
+        except ValueError as e:
+            msg = str(e)
+            name = getattr(param, "name", None)
+            if name and msg.startswith(f"{name}: "):
+                msg = msg[len(name) + 2:]
+            raise GridError(field, f"{msg} (workload {wl_name!r})") from None
     return value
 
 
@@ -416,8 +439,10 @@ def run(grid_or_cells, *, scheduler="local", n_workers=2, threads_per_worker=1, 
         processes with ``threads_per_worker`` threads each, started for this
         call and closed afterwards.  An address (``"tcp://host:8786"``, any
         ``scheme://``): a running Dask scheduler; its workers must be able to
-        import kvmmmu (and ``cell_fn``).  A ``distributed.Client``: used as
-        is, left open.
+        import kvmmmu (and ``cell_fn``), else every row fails with the import
+        error; cells wait while the cluster has no worker (see ``timeout``).
+        A ``distributed.Client``: used as is, left open.  ``n_workers`` and
+        ``threads_per_worker`` apply to ``"local"`` only.
     progress : callable(desc, done, total), optional
         Called with ``("sweep", 0, total)`` first, then after each finished
         cell (in completion order).
@@ -426,9 +451,10 @@ def run(grid_or_cells, *, scheduler="local", n_workers=2, threads_per_worker=1, 
         Dask it must be picklable (an importable top-level function).
     timeout : float, optional
         Wall seconds for the whole sweep.  Cells not finished by then are
-        failed rows with a ``TimeoutError`` (on Dask they are cancelled; a
-        cell already running in-process is not interrupted, the ones after
-        it are not started).
+        failed rows with a ``TimeoutError`` (on Dask they are cancelled, and
+        the clock starts when the cells are submitted, after the cluster
+        started; a cell already running in-process is not interrupted, the
+        ones after it are not started).
 
     A cell that raises, returns something other than a dict of scalars, or
     dies with its worker (``KilledWorker``) is a ``"failed"`` row whose
@@ -492,7 +518,7 @@ def _run_dask(cells, cell_fn, results, progress, timeout, scheduler, n_workers,
         if scheduler == "local":
             cluster = stack.enter_context(LocalCluster(
                 n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                dashboard_address=None, silence_logs=logging.ERROR))
+                dashboard_address=":0", silence_logs=logging.ERROR))
             client = stack.enter_context(Client(cluster))
         elif isinstance(scheduler, str):
             client = stack.enter_context(Client(scheduler))
@@ -555,10 +581,10 @@ _DTYPES = {"bool": "boolean", "int": "Int64", "float": "float64", "str": "str",
            "object": "object"}
 
 
-def _series(values):
+def _series(values, empty="float"):
     import pandas as pd
 
-    kind = _kind(values)
+    kind = _kind(values) if values else empty
     if kind == "float":
         return pd.Series([math.nan if v is None else float(v) for v in values], dtype="float64")
     if kind == "object":
@@ -569,7 +595,7 @@ def _series(values):
 def _frame(cells, results):
     import pandas as pd
 
-    cell_cols, summary_cols = [], []
+    cell_cols, summary_cols = list(CELL_KEYS), []
     for c in cells:
         for k in c:
             if k not in cell_cols:
@@ -580,7 +606,7 @@ def _frame(cells, results):
                 summary_cols.append(k)
     cols = {}
     for k in cell_cols:
-        cols[k] = _series([c.get(k) for c in cells])
+        cols[k] = _series([c.get(k) for c in cells], "int" if k == "seed" else "str")
     cols["status"] = pd.Series(["ok" if s is not None else "failed" for s, _e, _t in results],
                                dtype="str")
     cols["error"] = pd.Series([e for _s, e, _t in results], dtype="str")
@@ -638,23 +664,32 @@ def read_parquet(path):
     import pandas as pd
 
     df = pd.read_parquet(path, engine="pyarrow")
-    _cell_columns(df)
+    try:
+        _cell_columns(df)
+    except ValueError:
+        raise ValueError(f"path: {str(path)!r} holds no sweep frame (needs workload, mmu, seed "
+                         f"and status columns)") from None
     return df
 
 
 # --- the text table -----------------------------------------------------------------------
 
 def _default_metric(df):
-    cols = list(df.columns)
-    summary = cols[cols.index("cell_s") + 1:] if "cell_s" in cols else []
+    """The first numeric, non-wall-time summary column every successful cell
+    reports (e.g. ``pf_taken`` in a grid of several workloads), else the
+    first one any cell reports, else ``cell_s``."""
     import pandas as pd
 
-    for k in summary:
-        s = df[k]
-        if (not k.endswith("_s") and pd.api.types.is_numeric_dtype(s)
-                and not pd.api.types.is_bool_dtype(s) and s.notna().any()):
+    cols = list(df.columns)
+    summary = cols[cols.index("cell_s") + 1:] if "cell_s" in cols else []
+    numeric = [k for k in summary
+               if not k.endswith("_s") and pd.api.types.is_numeric_dtype(df[k])
+               and not pd.api.types.is_bool_dtype(df[k]) and df[k].notna().any()]
+    ok = df["status"] == "ok"
+    for k in numeric:
+        if df.loc[ok, k].notna().all():
             return k
-    return "cell_s"
+    return numeric[0] if numeric else "cell_s"
 
 
 def _fmt(v):
@@ -673,8 +708,9 @@ def format_table(df, metric=None):
     """A text table of one metric: a row per (workload, parameters), a column
     per MMU, for a side-by-side look at the MMUs.
 
-    ``metric`` defaults to the first numeric summary column that is not a
-    wall time (else ``cell_s``).  With ``repeat`` > 1 a value is the mean over
+    ``metric`` defaults to the first numeric, non-wall-time summary column
+    that every successful cell reports (else the first any cell reports,
+    else ``cell_s``).  With ``repeat`` > 1 a value is the mean over
     the replicates that succeeded (their count follows in parentheses when it
     is not all of them).  ``failed`` marks a configuration whose every
     replicate failed, ``-`` a metric the workload does not report, an empty

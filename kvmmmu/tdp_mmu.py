@@ -84,6 +84,7 @@ from kvmmmu._core.defs import (
     RET_PF_RETRY,
     RET_PF_WRITE_PROTECTED,
 )
+from kvmmmu._core.defs import RET_PF_NAMES as _RET_PF_NAMES
 from kvmmmu._core.role import (
     KvmCpuRole,
     KvmMmuPageRole,
@@ -93,12 +94,16 @@ from kvmmmu._core.role import (
 from kvmmmu._core.spte import PT_WRITABLE_MASK, SPTE_BASE_ADDR_MASK, SPTE_MMU_PRESENT_MASK
 from kvmmmu._core.tdp_iter import kvm_tdp_mmu_get_walk
 from kvmmmu._core.pt_arena import MmuMemoryCache
-from kvmmmu._core.tdp_mmu import EXT_OPS, WARN_SITES, TdpMmuCore
+from kvmmmu._core.tdp_mmu import EXT_OPS, GUEST_ACCESS as _GA, WARN_SITES, TdpMmuCore
 from kvmmmu._core.guest_walk import (
     PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
 )
 from kvmmmu.errors import KvmNoMemoryError
-from kvmmmu.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+from kvmmmu import host as _host
+from kvmmmu.host import PTE_DIRTY, PTE_PRESENT, PTE_WRITE, PTE_YOUNG
+from kvmmmu.memslots import (
+    KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMSLOT_INVALID,
+)
 from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
 from kvmmmu.notifiers import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 from kvmmmu import mmu as _mmu
@@ -527,6 +532,355 @@ class TdpMmu(MmuBackend):
         if prefetch:
             return _mmu.kvm_mmu_prefetch_fault(vcpu, gfn << PAGE_SHIFT, ec)
         return _mmu.kvm_mmu_page_fault(vcpu, gfn << PAGE_SHIFT, ec)
+
+    # ------------------------------------------------------------------ the guest's accesses
+    def guest_access(self, vcpu, gfns, *, write: bool = False, exec: bool = False,
+                     batch: bool = True, max_faults: int = 4) -> np.ndarray:
+        """The guest on `vcpu` touches guest-physical memory: for each gfn of
+        `gfns` (uint64, 1-d, C-contiguous; any order, repeats allowed), in
+        order, one read (default), write (`write`) or instruction fetch
+        (`exec`).  Returns the exits each access took (uint8).
+
+        An access the CPU's walk of the vCPU's TDP root completes - a present
+        leaf (not MMIO, not access-tracked) that grants it: on EPT R for a
+        read, W for a write, X for a fetch; on NPT P, P and W, P and not NX -
+        causes no exit; with A/D bits (``vm.kvm_ad_enabled``) the CPU sets
+        the leaf's Accessed bit, and Dirty for a write (with PML, a D bit it
+        sets logs the gfn, and the model flushes the log at once: the gfn is
+        marked dirty if its memslot logs dirty pages).  Any other access
+        exits: :meth:`page_fault` (the CPU's error code to
+        :func:`kvmmmu.mmu.kvm_mmu_page_fault`), then the vCPU re-enters
+        (``vcpu_enter_guest``; the call starts with one too, as KVM_RUN
+        does) and the access is retried,
+        except after RET_PF_EMULATE (the instruction is emulated: the
+        access is done).
+
+        Errors: an access still exiting after `max_faults` exits raises
+        RuntimeError naming the gfn and the last RET_PF_*; a fault that
+        answers a negative errno (e.g. -EFAULT: the memslot's host mapping
+        is gone) raises OSError with that errno; a bugged VM raises
+        :class:`~kvmmmu.warn.KvmBugError` before any access.  On such an
+        error the accesses before that one are done, and that access's exits
+        so far stay done, as the kernel would leave them (statistics, dirty
+        log and traces included).  A gfn without a memslot is not an error:
+        it is MMIO (emulated; with MMIO caching an MMIO SPTE is installed
+        and later accesses exit with a reserved-bit fault).
+
+        Bad input raises before anything changes: `gfns` not a 1-d
+        C-contiguous uint64 array (TypeError/ValueError naming ``gfns``),
+        a gfn beyond what the root maps (ValueError naming ``gfns[i]``),
+        `write` and `exec` both, `max_faults` outside 1..255, a vCPU of
+        another VM, without a loaded valid root, or in guest mode
+        (ValueError naming ``vcpu``); a TDX VM (mirror roots: private gfns
+        go to the mirror root) raises NotImplementedError.
+
+        `batch` (default) runs the accesses in nogil C passes
+        (:meth:`~kvmmmu._core.tdp_mmu.TdpMmuCore.guest_access_batch`): the
+        CPU's part; every exit that ``kvm_mmu_page_fault`` would end in
+        ``fast_page_fault``'s RET_PF_FIXED (W set on an MMU-writable leaf,
+        an access-tracked leaf restored: pf_taken, pf_fast, pf_fixed, the
+        ``fast_page_fault`` trace line, the dirty bit); and, with A/D bits,
+        a read or write exit on a not-present SPTE of a plain memslot (not
+        read-only, no guest_memfd) backed by a VMA of 4K pages whose host
+        page is present (and writable for a write): ``hva_to_pfn_fast``'s
+        host PTE bits, ``kvm_tdp_mmu_map`` at 4K under ``mmu_lock`` for
+        read, pf_taken and pf_fixed (or pf_spurious), the map's trace
+        lines, the dirty bit of a writable leaf in a dirty-logged slot.  A
+        pass stops at the first exit that needs anything else (the caches
+        to top up, a host page to fault in, a THP or hugetlb backing, a
+        fetch, MMIO, write tracking, private memory...), which is taken
+        through :meth:`page_fault` as with ``batch=False``, and the next
+        pass resumes at that access.  ``batch=False`` is the reference, one
+        Python step per walk and per exit.  Both leave the same SPTEs,
+        statistics, dirty bitmaps, host PTEs, ``vcpu.last_fault`` and
+        kvmmmu trace lines (every event is emitted in both, in the same
+        order)."""
+        root, gfns, write, exec, max_faults = self._guest_access_check(vcpu, gfns, write, exec,
+                                                                       max_faults)
+        self._reenter(vcpu)             # KVM_RUN: what is pending is serviced first
+        if batch:
+            return self._guest_access_batch(vcpu, root, gfns, write, exec, max_faults)
+        return self._guest_access_scalar(vcpu, root, gfns, write, exec, max_faults)
+
+    def _guest_access_check(self, vcpu, gfns, write, exec, max_faults):
+        """guest_access's argument checks (nothing changes before they pass)."""
+        vm = self.vm
+        if self.mirrored:
+            raise NotImplementedError("guest_access: a TDX VM (mirror roots) is not modelled: "
+                                      "its private gfns go to the mirror root")
+        if getattr(vcpu, "vm", None) is not vm:
+            raise ValueError(f"vcpu: {vcpu!r} is not a vCPU of this VM")
+        root = self.vcpu_root.get(vcpu.index)
+        if root is None or vcpu.mmu_root is not root:
+            raise ValueError(f"vcpu: vCPU {vcpu.vcpu_id} has no root loaded: call kvm_mmu_load "
+                             f"(or vcpu.kvm_mmu_reload()) first")
+        if root.invalid:
+            raise ValueError(f"vcpu: vCPU {vcpu.vcpu_id}'s root is invalid (KVM_REQ_MMU_FREE_"
+                             f"OBSOLETE_ROOTS pending): reload it before running the guest")
+        if vcpu.guest_mode:
+            raise ValueError(f"vcpu: vCPU {vcpu.vcpu_id} is in guest mode (L2): guest_access "
+                             f"models L1 accesses to guest-physical memory")
+        write = self._guest_access_flag("write", write)
+        exec = self._guest_access_flag("exec", exec)
+        if write and exec:
+            raise ValueError("write, exec: an access is a read, a write or a fetch, not both")
+        max_faults = int_arg("max_faults", max_faults, 1, 255)
+        gfns = check_array("gfns", gfns)
+        if gfns.size and int(gfns.max()) >= root.nr_gfns:
+            i = int(np.argmax(gfns >= np.uint64(root.nr_gfns)))
+            raise ValueError(f"gfns[{i}]={int(gfns[i]):#x} is beyond what the root maps "
+                             f"(below {root.nr_gfns:#x})")
+        if vm.warn_sink.bugged:
+            vm.warn_sink.check()                 # a bugged VM runs no vCPU
+        return root, gfns, write, exec, max_faults
+
+    @staticmethod
+    def _guest_access_flag(name: str, v) -> bool:
+        """A bool argument (True/False, or the ints 0 and 1), else TypeError/ValueError."""
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        return bool(int_arg(name, v, 0, 1))
+
+    def _guest_access_allowed(self, spte: int, level: int, write: bool, exec: bool) -> bool:
+        """Does the CPU's walk ending at `spte` (`level`) complete the access
+        (the Python twin of the core's ``tdp_hw_access_allowed``)?"""
+        if not spte & SPTE_MMU_PRESENT_MASK or not (level == PG_LEVEL_4K or spte >> 7 & 1):
+            return False
+        if exec:
+            return self.vm.fmt.is_executable_pte(spte) and \
+                (self.vm.host_config.tdp == "ept" or bool(spte & 1))
+        if write:
+            return spte & 3 == 3
+        return bool(spte & 1)
+
+    @staticmethod
+    def _reenter(vcpu) -> None:
+        """The VM entry after an exit KVM handled in Python
+        (``vcpu_enter_guest``: the requests the fault made - a TLB flush
+        after a zap, a root to reload - are serviced before the retry).  The
+        exits the batch's C passes handle make no request, so their
+        re-entries are no-ops and are left out."""
+        r = _mmu.vcpu_enter_guest(vcpu)
+        if r is not None:
+            raise OSError(-r, f"guest_access: vCPU {vcpu.vcpu_id}: the VM entry after an exit "
+                              f"failed with {r}")
+
+    def _guest_access_error(self, i: int, gfn: int, r: int, nf: int, write: bool, exec: bool):
+        """The exception guest_access raises for access `i` (see there)."""
+        kind = "fetch" if exec else "write" if write else "read"
+        if r < 0:
+            return OSError(-r, f"guest_access: gfns[{i}]={gfn:#x}: the {kind}'s fault "
+                               f"(exit {nf}) failed with -{E.errorcode.get(-r, -r)}")
+        return RuntimeError(f"guest_access: gfns[{i}]={gfn:#x}: the {kind} still exits after "
+                            f"{nf} faults (last {_RET_PF_NAMES.get(r, r)})")
+
+    def _guest_access_scalar(self, vcpu, root, gfns, write, exec, max_faults) -> np.ndarray:
+        """guest_access, one Python step per walk (get_last_sptep), per A/D
+        update (try_cmpxchg64) and per exit (page_fault): the reference."""
+        vm = self.vm
+        core, arena, sp = self.core, vm.arena, root.sp
+        masks = vm.fmt.masks()
+        ad = (masks["accessed_mask"] | (masks["dirty_mask"] if write else 0)) \
+            if vm.kvm_ad_enabled else 0
+        dbit = masks["dirty_mask"] if ad and write else 0
+        pml = bool(dbit) and bool(vm.cpu_dirty_log_size)
+        slots = vm.memslots[vcpu.as_id]
+        out = np.zeros(gfns.shape[0], np.uint8)
+        for i, gfn in enumerate(gfns.tolist()):
+            nf = r = 0
+            while True:
+                sptep, spte, level = core.get_last_sptep(sp, gfn)
+                if sptep and self._guest_access_allowed(spte, level, write, exec):
+                    if ad and spte | ad != spte:
+                        ok, _ = arena.try_cmpxchg64(sptep, spte, spte | ad)
+                        if not ok:
+                            continue                # changed meanwhile: walk again
+                        if pml and not spte & dbit:     # what PML logs, flushed at once
+                            _mmu.mark_page_dirty_in_slot(vm, slots.search_memslots(gfn), gfn)
+                    break
+                if nf >= max_faults:
+                    raise self._guest_access_error(i, gfn, r, nf, write, exec)
+                r = self.page_fault(vcpu, gfn, write=write, exec=exec)
+                nf += 1
+                out[i] = nf
+                if r < 0:
+                    raise self._guest_access_error(i, gfn, r, nf, write, exec)
+                self._reenter(vcpu)
+                if r == RET_PF_EMULATE:
+                    break                           # the instruction is emulated
+        return out
+
+    def _guest_access_class(self, vcpu, gfns, write, exec):
+        """Per gfn: the core's class bits (NOFAST: no memslot, a write to a
+        write-tracked gfn, a VM with private memory; LOGGED: the memslot
+        logs dirty pages; SLOW: a not-present exit may be mapped by the
+        core - see :meth:`_guest_access_slow_slot`) and the memslot index
+        into the list returned (-1 for none); and the core's slot tables
+        (``slot_base``, ``slot_pte``, ``slot_pfn``, the VMA of each slot)."""
+        vm = self.vm
+        slots = vm.memslots[vcpu.as_id]
+        ids = slots.gfn_to_memslot_array(gfns)
+        gclass = np.zeros(gfns.shape[0], np.uint8)
+        sidx = np.full(gfns.shape[0], -1, np.int32)
+        objs, bases, ptes, pfns, vmas = [], [], [], [], []
+        tracking = write and vm.kvm_page_track_write_tracking_enabled
+        for sid in np.unique(ids).tolist():
+            sel = ids == sid
+            if sid < 0:
+                gclass[sel] |= _GA["CLASS_NOFAST"]
+                continue
+            slot = slots.id_to_memslot(sid)
+            sidx[sel] = len(objs)
+            objs.append(slot)
+            if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                gclass[sel] |= _GA["CLASS_LOGGED"]
+            track = slot.arch.gfn_write_track
+            if tracking and track is not None:
+                where = np.flatnonzero(sel)
+                hit = where[track[(gfns[where] - np.uint64(slot.base_gfn)).astype(np.int64)] != 0]
+                gclass[hit] |= _GA["CLASS_NOFAST"]
+            vma = None if exec else self._guest_access_slow_slot(slot)
+            bases.append(slot.base_gfn)
+            vmas.append(vma)
+            if vma is None:
+                ptes.append(np.zeros(0, np.uint8))
+                pfns.append(np.zeros(0, np.uint64))
+            else:
+                off = (slot.userspace_addr - vma.start) >> PAGE_SHIFT
+                ptes.append(vma.pte[off:off + slot.npages])
+                pfns.append(vma.pfn[off:off + slot.npages])
+                gclass[sel] |= _GA["CLASS_SLOW"]
+        if vm.has_private_mem:
+            gclass |= _GA["CLASS_NOFAST"]
+        return gclass, sidx, objs, (np.array(bases, np.uint64), ptes, pfns, vmas)
+
+    def _guest_access_slow_slot(self, slot):
+        """The VMA whose host pages the core may fault in for `slot`'s
+        not-present exits (``kvm_tdp_page_fault`` without fast_page_fault:
+        A/D bits on), or None: a plain memslot (not read-only, no
+        guest_memfd, not being deleted) wholly inside one VMA of 4K pages
+        only (no THP, no hugetlb: the host level is 4K, no hugepage_adjust)."""
+        vm = self.vm
+        if not vm.kvm_ad_enabled or vm.has_private_mem or \
+                slot.flags & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD | KVM_MEMSLOT_INVALID):
+            return None
+        mm = vm.host
+        ua, size = slot.userspace_addr, slot.npages << PAGE_SHIFT
+        vma = mm.find_vma(ua) if not ua & ((1 << PAGE_SHIFT) - 1) else None
+        if vma is None or vma.thp or vma.hugetlb or ua + size > vma.end:
+            return None
+        if (_GA["HOST_PTE_PRESENT"], _GA["HOST_PTE_WRITE"], _GA["HOST_PTE_YOUNG"],
+                _GA["HOST_PTE_DIRTY"]) != (PTE_PRESENT, PTE_WRITE, PTE_YOUNG, PTE_DIRTY):
+            raise AssertionError("the core's host PTE bits differ from kvmmmu.host's")
+        return vma
+
+    def _guest_access_batch(self, vcpu, root, gfns, write, exec, max_faults) -> np.ndarray:
+        """guest_access in nogil C passes, each exit the C cannot take
+        through :meth:`page_fault` (see :meth:`guest_access`)."""
+        vm = self.vm
+        gclass, sidx, slots, (bases, ptes, pfns, vmas) = \
+            self._guest_access_class(vcpu, gfns, write, exec)
+        b = self.core.guest_access_batch(
+            root.sp, gfns, gclass, write=write, exec=exec, max_faults=max_faults,
+            vcpu_id=vcpu.vcpu_id, sidx=sidx, slot_base=bases, slot_pte=ptes, slot_pfn=pfns,
+            page_cache=vcpu.mmu_shadow_page_cache, header_cache=vcpu.mmu_page_header_cache,
+            nx_huge_pages=vm.params.nx_huge_pages and not vm.disable_nx_huge_pages)
+        any_slow = bool(np.any(gclass & np.uint8(_GA["CLASS_SLOW"])))
+        mm, n, lock = vm.host, vm.notifier, vm.mmu_lock
+        vma_gen = mm.vma_gen
+        desc = vcpu.mmu_pte_list_desc_cache
+        faults = b.faults
+        pf = vcpu.stat.pf
+        done, slow, give_up = _GA["DONE"], _GA["SLOW"], _GA["GIVE_UP"]
+        last_c = None                   # the last exit the C took: (access, ec, slow info)
+        py_last = (-1, 0)               # (access, RET_PF_*) of the last exit taken here
+        i = taken = 0
+        try:
+            while True:
+                # a pass may map not-present exits: what kvm_tdp_page_fault
+                # checks before (caches, invalidations), under mmu_lock
+                slow_ok = any_slow and desc.nobjs >= 14 and not n.mmu_invalidate_in_progress \
+                    and mm.vma_gen == vma_gen
+                exits_ok = not vm.warn_sink.bugged
+                if slow_ok:
+                    # (the host PTE bits: the C ORs them in, serialized
+                    # with the scalar fault threads' read-modify-write)
+                    lock.acquire_read()
+                    try:
+                        with _host._pte_bits_lock:
+                            status, i, nr_fast, li, lec, lret, sl = b.run(i, taken, True,
+                                                                          exits_ok)
+                    finally:
+                        lock.release_read()
+                else:
+                    status, i, nr_fast, li, lec, lret, sl = b.run(i, taken, False, exits_ok)
+                taken = 0
+                if nr_fast:
+                    # kvm_mmu_page_fault's pf_taken and pf_fixed, fast_page_fault's pf_fast
+                    pf[_mmu._PF_TAKEN] += nr_fast
+                    pf[_mmu._PF_FAST] += nr_fast
+                    pf[_mmu._PF_FIXED] += nr_fast
+                if sl is not None:
+                    nr_slow, nr_fixed, nr_spurious, lsi, pfn, writable, last_slow = sl
+                    pf[_mmu._PF_TAKEN] += nr_slow
+                    pf[_mmu._PF_FIXED] += nr_fixed
+                    pf[_mmu._PF_SPURIOUS] += nr_spurious
+                    if len(mm.vmas) > 1:            # hva_to_pfn_fast's find_vma hint
+                        mm._vma_hint = (mm.vma_gen, vmas[sidx[lsi]])
+                if li >= 0:
+                    last_c = (li, lec, (pfn, writable) if sl is not None and last_slow else None)
+                if status == done:
+                    break
+                gfn = gfns.item(i)
+                if status == give_up:
+                    r = lret or (py_last[1] if py_last[0] == i else 0)
+                    raise self._guest_access_error(i, gfn, r, int(faults[i]), write, exec)
+                if status != slow:              # a mapped exit answered lret
+                    raise self._guest_access_error(i, gfn, lret, int(faults[i]), write, exec)
+                last_c = None
+                r = self.page_fault(vcpu, gfn, write=write, exec=exec)
+                py_last = (i, r)
+                if r < 0:
+                    faults[i] += 1
+                    raise self._guest_access_error(i, gfn, r, int(faults[i]), write, exec)
+                self._reenter(vcpu)
+                if r == RET_PF_EMULATE:
+                    faults[i] += 1
+                    i += 1                          # the instruction is emulated
+                else:
+                    taken = 1                       # counted by the next pass
+        finally:
+            self._guest_access_finish(vcpu, gfns, b.flags, sidx, slots, write, last_c)
+        return faults.copy()
+
+    def _guest_access_finish(self, vcpu, gfns, flags, sidx, slots, write, last_c) -> None:
+        """What the batch's C passes leave to Python: the dirty bits of the
+        gfns a fault made writable in a dirty-logged slot (and, with PML, of
+        those whose D bit the CPU set), and ``vcpu.last_fault`` when the last
+        exit was the C's (as :func:`kvmmmu.mmu.kvm_mmu_do_page_fault` and,
+        for a mapped one, ``kvm_mmu_faultin_pfn`` leave it)."""
+        vm = self.vm
+        mask = _GA["MADE_WRITABLE"]
+        if write and vm.kvm_ad_enabled and vm.cpu_dirty_log_size:
+            mask |= _GA["DIRTIED"]
+        hit = np.flatnonzero(flags & np.uint8(mask))
+        if hit.size:
+            where = sidx[hit]
+            for k in np.unique(where).tolist():
+                if k >= 0:
+                    with _mmu._dirty_word_lock:
+                        _mmu.mark_page_dirty_in_slot(vm, slots[k], gfns[hit[where == k]])
+        if last_c is not None:
+            gfn = int(gfns[last_c[0]])
+            fault = KvmPageFault(gfn << PAGE_SHIFT, last_c[1], False, self.is_tdp,
+                                 vm.params.nx_huge_pages and not vm.disable_nx_huge_pages)
+            fault.gfn = gfn & ~vm.gfn_direct_bits
+            fault.slot = vcpu.gfn_to_memslot(fault.gfn)
+            if last_c[2] is not None:               # kvm_mmu_faultin_pfn's fields
+                fault.mmu_seq = vm.notifier.mmu_invalidate_seq
+                fault.pfn, fault.map_writable = last_c[2]
+                fault.host_level = PG_LEVEL_4K
+            vcpu.last_fault = fault
 
     def map_memory(self, vcpu, gfns, *, write: bool = False, private: bool = False) -> np.ndarray:
         """Fault in many gfns of one memslot at once (the populate path, as

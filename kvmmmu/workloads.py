@@ -50,14 +50,14 @@ import numpy as np
 
 from kvmmmu import replay as _replay
 from kvmmmu._core import spte as S
-from kvmmmu._core.defs import PAGE_SHIFT, PAGE_SIZE, RET_PF_NAMES
+from kvmmmu._core.defs import PAGE_SHIFT, PAGE_SIZE, RET_PF_EMULATE, RET_PF_NAMES
 from kvmmmu._core.pt_arena import HEADER_DTYPE
 from kvmmmu._core.rmap import SIZEOF_PTE_LIST_DESC
 from kvmmmu.guest_tables import GuestPageTables
 from kvmmmu.host import MmuNotifyEvent
 from kvmmmu.memslots import (KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
                              KVM_MEM_LOG_DIRTY_PAGES)
-from kvmmmu.mmu import tdp_hardware_error_code
+from kvmmmu.mmu import mark_page_dirty_in_slot, tdp_hardware_error_code
 from kvmmmu.paging import (PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK,
                            PFERR_USER_MASK, PFERR_WRITE_MASK)
 
@@ -199,7 +199,12 @@ class GuestCpu:
     ``access(vcpu, addrs, write=False, exec=False)`` takes page addresses - gpas on
     the TDP flavours, gvas on shadow paging - in order and returns how many exits
     they took.  ``record`` (a list) receives the stream events (``page_fault``,
-    ``entry``) the scalar path produced."""
+    ``entry``) the scalar path produced.
+
+    On the TDP MMU, unless a stream is recorded, the accesses go to
+    ``TdpMmu.guest_access`` (its nogil batch, or with ``batch=False`` its
+    scalar reference); otherwise this class's loop does the same steps and
+    records them."""
 
     def __init__(self, vm, *, batch: bool = True, record: list | None = None):
         self.vm = vm
@@ -208,11 +213,15 @@ class GuestCpu:
         self.ept = bool(m["is_ept"])
         self.acc_mask, self.dirty_mask = int(m["accessed_mask"]), int(m["dirty_mask"])
         self.record = record
-        backend = vm.mmu_backend
         self.tdp_mmu = vm.tdp_mmu_enabled
         self.shadow = not vm.tdp_enabled
-        self.batch = bool(batch and record is None and self.tdp_mmu
-                          and hasattr(backend, "guest_access"))
+        #: the TDP MMU's own guest_access (batch or its scalar reference) unless
+        #: a stream is recorded: the loop here writes every exit as an event
+        self.tdp_access = self.tdp_mmu and record is None
+        self.batch = bool(batch)
+        #: PML (EPT): a D bit the CPU sets logs the gfn; the model flushes the
+        #: log at once (the TDP flavours only: gva != gpa on shadow paging)
+        self.pml = bool(vm.cpu_dirty_log_size) and not self.shadow
         self.exits = 0
 
     # -- the walk the CPU does --------------------------------------------------------
@@ -287,9 +296,10 @@ class GuestCpu:
         self.enter(vcpu)
         if not addrs.size:
             return 0
-        if self.batch:
+        if self.tdp_access:
             n = int(self.vm.mmu_backend.guest_access(
-                vcpu, addrs >> np.uint64(PAGE_SHIFT), write=write, exec=exec).sum(dtype=np.int64))
+                vcpu, addrs >> np.uint64(PAGE_SHIFT), write=write, exec=exec,
+                batch=self.batch, max_faults=MAX_FAULTS_PER_ACCESS).sum(dtype=np.int64))
             self.exits += n
             return n
         return self._access_scalar(vcpu, addrs.tolist(), write, exec)
@@ -307,8 +317,13 @@ class GuestCpu:
                 sptep, spte, level = self._last_spte(vcpu, addr)
                 if sptep and self._allowed(spte, level, write, exec, user):
                     if (spte & hw_bits) != hw_bits and S.spte_ad_enabled(spte):
-                        a.try_cmpxchg64(sptep, spte, spte | hw_bits)   # lost race: the bits
-                    break                                             # are the other CPU's
+                        ok, _ = a.try_cmpxchg64(sptep, spte, spte | hw_bits)
+                        if not ok:
+                            continue                    # changed meanwhile: walk again
+                        if self.pml and write and not spte & self.dirty_mask:
+                            gfn = addr >> PAGE_SHIFT
+                            mark_page_dirty_in_slot(self.vm, vcpu.gfn_to_memslot(gfn), gfn)
+                    break
                 if tries == MAX_FAULTS_PER_ACCESS:
                     raise WorkloadError(f"vCPU {vcpu.vcpu_id}: the access to {addr:#x} still "
                                         f"faults after {tries} faults (last {last})")
@@ -323,6 +338,8 @@ class GuestCpu:
                     raise WorkloadError(f"vCPU {vcpu.vcpu_id}: the fault on {addr:#x} "
                                         f"failed with {r}")
                 self.enter(vcpu)
+                if r == RET_PF_EMULATE:
+                    break                               # the instruction was emulated
         self.exits += exits
         return exits
 

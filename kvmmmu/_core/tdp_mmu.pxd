@@ -2,7 +2,7 @@
 # the change handler every path goes through, the fault-time map, leaf and
 # root zaps, over a page-table arena and struct tdp_iter (tdp_iter.pxd).
 # Bodies in tdp_mmu.pyx.
-from libc.stdint cimport uint64_t, int64_t, uint32_t
+from libc.stdint cimport uint64_t, int64_t, uint32_t, uint8_t
 
 from kvmmmu._core.types cimport sptep_t
 from kvmmmu._core.pt_arena_defs cimport pt_arena_t
@@ -85,6 +85,63 @@ ctypedef struct tdp_fault:
     # counters' cache line on every leaf.  Zero before use.
     int64_t pages_delta[3]
 
+
+# One batch of guest accesses (TdpMmu.guest_access -> TdpMmuCore.guest_access_batch):
+# the arrays belong to the GuestAccessBatch object (private copies / outputs).
+cdef enum:
+    GA_DONE = 0                     # every access completed
+    GA_SLOW = 1                     # stopped at an exit the caller must take (scalar path)
+    GA_GIVE_UP = 2                  # stopped at an access that took max_faults exits already
+    GA_UNEXPECTED = 3               # stopped: a fault mapped here answered c_last_ret (no RET_PF_
+                                    # FIXED, SPURIOUS or RETRY): the caller reports it
+    GA_CLASS_NOFAST = 1             # gclass: an exit here always goes to the caller
+    GA_CLASS_LOGGED = 2             # gclass: the gfn's memslot has KVM_MEM_LOG_DIRTY_PAGES
+    GA_CLASS_SLOW = 4               # gclass: a plain memslot wholly in one 4K-only VMA: a
+                                    # not-present exit may be mapped here (slot_* arrays)
+    GA_MADE_WRITABLE = 1            # flags: a fault made a writable leaf (mark_page_dirty)
+    GA_DIRTIED = 2                  # flags: the CPU set D from 0 (what PML logs)
+    GA_PFERR_PRESENT = 1
+    GA_PFERR_WRITE = 2
+    GA_PFERR_USER = 4
+    GA_PFERR_FETCH = 16
+
+ctypedef struct ga_batch:
+    const uint64_t *gfns
+    const uint8_t *gclass
+    uint8_t *faults                 # exits per access so far
+    uint8_t *flags                  # GA_MADE_WRITABLE | GA_DIRTIED per access
+    Py_ssize_t n
+    bint write
+    bint exec
+    int max_faults
+    int vcpu_id                     # for the fast_page_fault tracepoint
+    int64_t nr_fast                 # exits fixed here (each: pf_taken, pf_fast, pf_fixed)
+    Py_ssize_t c_last_idx           # the access of the last exit fixed here (-1: none)
+    uint64_t c_last_ec              # ... and its error code
+    int c_last_ret                  # the stop access's last exit's RET_PF_* if it was taken here
+    # The slow path of a not-present exit on a GA_CLASS_SLOW gfn (kvm_tdp_page_fault's
+    # faultin of a present 4K host page, then kvm_tdp_mmu_map at 4K), per slot index
+    # k = sidx[i]: the host PTE flags and pfns of the slot's first page on.
+    const int *sidx
+    uint8_t **slot_pte
+    const uint64_t **slot_pfn
+    const uint64_t *slot_base
+    bint slow_ok                    # this pass may map (the caller checked the rest)
+    bint exits_ok                   # this pass may take exits at all (not: a bugged VM)
+    bint nx_huge_pages              # fault->nx_huge_page_workaround_enabled
+    kvm_mmu_memory_cache *pc
+    kvm_mmu_memory_cache *hc
+    int64_t nr_slow                 # exits mapped here (pf_taken each)
+    int64_t nr_slow_fixed           # ... that answered RET_PF_FIXED (pf_fixed)
+    int64_t nr_slow_spurious        # ... RET_PF_SPURIOUS (pf_spurious)
+    bint c_last_slow                # the last exit taken here was a mapped one ...
+    uint64_t c_last_pfn             # ... of this host pfn
+    bint c_last_writable            # ... map_writable
+    Py_ssize_t c_last_slow_idx      # the access of the last mapped exit (-1: none)
+
+
+cdef int tdp_guest_access(tdp_mmu_t *m, uint64_t root, ga_batch *b,
+                          Py_ssize_t *pos) noexcept nogil
 
 cdef void handle_changed_spte(tdp_mmu_t *m, int as_id, uint64_t gfn, uint64_t old_spte,
                               uint64_t new_spte, int level, bint shared) noexcept nogil

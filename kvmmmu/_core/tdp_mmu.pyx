@@ -54,12 +54,12 @@ kernel's extra rules, each a KVM_BUG_ON site here (mirror-tdx.md §4, §11):
 The hooks are Python (the TDX side, ``kvmmmu.tdx``): the walk takes the GIL
 for each call and nothing else.
 """
-from libc.stdint cimport uint64_t, int64_t, uint32_t
+from libc.stdint cimport uint64_t, int64_t, uint32_t, uint8_t
 from libc.stdlib cimport malloc, free
 
 import numpy as np
 
-from kvmmmu._core.argcheck cimport u64_arg, s32_arg
+from kvmmmu._core.argcheck cimport u64_arg, s32_arg, s64_arg
 from kvmmmu._core.types cimport sptep_t, make_sptep, sptep_table_pfn
 from kvmmmu._core.pt_arena_defs cimport (
     pt_arena_t, kvm_mmu_page, pt_pool, pt_sp_ptr, pt_slot, pt_sptep_ptr, pt_page_sp,
@@ -150,6 +150,15 @@ EXT_OPS = {"link_external_spt": EXT_LINK_SPT, "set_external_spte": EXT_SET_SPTE,
            "remove_external_spte": EXT_REMOVE_SPTE, "free_external_spt": EXT_FREE_SPT,
            "alloc_external_spt": EXT_ALLOC_SPT, "free_external_spt_page": EXT_FREE_PAGE,
            "kvm_bug": EXT_BUG}
+
+#: The codes of :meth:`TdpMmuCore.guest_access_batch` / :meth:`GuestAccessBatch.run`:
+#: run's status, the per-gfn class bits, the per-access flags.
+GUEST_ACCESS = {"DONE": GA_DONE, "SLOW": GA_SLOW, "GIVE_UP": GA_GIVE_UP,
+                "UNEXPECTED": GA_UNEXPECTED, "CLASS_SLOW": GA_CLASS_SLOW,
+                "HOST_PTE_PRESENT": GA_HOST_PTE_PRESENT, "HOST_PTE_WRITE": GA_HOST_PTE_WRITE,
+                "HOST_PTE_YOUNG": GA_HOST_PTE_YOUNG, "HOST_PTE_DIRTY": GA_HOST_PTE_DIRTY,
+                "CLASS_NOFAST": GA_CLASS_NOFAST, "CLASS_LOGGED": GA_CLASS_LOGGED,
+                "MADE_WRITABLE": GA_MADE_WRITABLE, "DIRTIED": GA_DIRTIED}
 
 #: One entry of :meth:`TdpMmuCore.dump`.
 DUMP_DTYPE = np.dtype([("gfn", np.uint64), ("level", np.int8), ("spte", np.uint64),
@@ -1095,6 +1104,221 @@ cdef int tdp_fast_page_fault(tdp_mmu_t *m, uint64_t root, tdp_fault *fault,
         tries += 1
         if tries > 4:
             return RET_PF_INVALID
+
+
+# ---------------------------------------------------------------------------
+# The guest touches memory (TdpMmu.guest_access): the CPU's walk of the TDP
+# tables, its A/D assists, and the exits fast_page_fault fixes
+# ---------------------------------------------------------------------------
+
+cdef inline bint tdp_hw_access_allowed(const spte_fmt_t *f, uint64_t spte, int level,
+                                       bint write, bint exec) noexcept nogil:
+    """Does the CPU's walk that ended at `spte` (at `level`) complete the
+    access without an exit?  A present leaf (never an MMIO SPTE, which is not
+    MMU-present; an access-tracked one has R, W and X clear) granting it:
+    EPT: R for a read, W for a write, X for a fetch; NPT: P for a read, P
+    and W for a write, P and not NX for a fetch."""
+    if not is_shadow_present_pte(spte) or not is_last_spte(spte, level):
+        return False
+    if exec:
+        return is_executable_pte(f, spte) and (f.is_ept or (spte & PT_PRESENT_MASK) != 0)
+    if write:
+        return (spte & (PT_PRESENT_MASK | PT_WRITABLE_MASK)) == (PT_PRESENT_MASK | PT_WRITABLE_MASK)
+    return (spte & PT_PRESENT_MASK) != 0
+
+
+cdef inline uint64_t tdp_hw_error_code(const spte_fmt_t *f, uint64_t spte, int level,
+                                       bint write, bint exec) noexcept nogil:
+    """The error code of the exit for a non-MMIO `spte`, as
+    TdpMmu.hardware_error_code gives it: W, F, U for an EPT read, P when the
+    walk ended at a present leaf granting some access."""
+    cdef uint64_t ec = (GA_PFERR_WRITE if write else 0) | (GA_PFERR_FETCH if exec else 0)
+    if f.is_ept and not write and not exec:
+        ec |= GA_PFERR_USER
+    if is_shadow_present_pte(spte) and (level == PG_LEVEL_4K or
+                                        (level <= PG_LEVEL_1G and is_large_pte(spte))) and \
+            spte & (7 if f.is_ept else PT_PRESENT_MASK):
+        ec |= GA_PFERR_PRESENT
+    return ec
+
+
+cdef extern from *:
+    """
+    #define kvmmmu_ga_or8(p, v) ((void)__atomic_fetch_or((p), (v), __ATOMIC_SEQ_CST))
+    """
+    void kvmmmu_ga_or8(uint8_t *p, uint8_t v) nogil
+
+cdef enum:
+    # kvmmmu.host's PTE flag bits (checked against it by TdpMmu.guest_access)
+    GA_HOST_PTE_PRESENT = 0x01
+    GA_HOST_PTE_WRITE = 0x02
+    GA_HOST_PTE_YOUNG = 0x04
+    GA_HOST_PTE_DIRTY = 0x08
+
+
+cdef inline int _ga_map_4k(tdp_mmu_t *m, uint64_t root, ga_batch *b, Py_ssize_t i,
+                           uint64_t gfn, bint write) noexcept nogil:
+    """The rest of kvm_tdp_page_fault for a not-present exit on a gfn of a
+    plain memslot backed by a 4K-only VMA, when the host page is present
+    (and writable for a write): hva_to_pfn_fast's part (the host PTE young,
+    dirty for a write; pfn, map_writable, level 4K, so no hugepage_adjust),
+    then kvm_tdp_mmu_map at 4K.  -1 when the host page is not there (the
+    caller takes the exit: hva_to_pfn faults it in)."""
+    cdef int k = b.sidx[i]
+    cdef uint64_t rel = gfn - b.slot_base[k]
+    cdef uint8_t *pte = &b.slot_pte[k][rel]
+    cdef uint8_t fl = pte[0]
+    cdef uint8_t bits = GA_HOST_PTE_YOUNG | (GA_HOST_PTE_DIRTY if write else 0)
+    cdef tdp_fault fault
+    if not (fl & GA_HOST_PTE_PRESENT) or (write and not (fl & GA_HOST_PTE_WRITE)):
+        return -1
+    fault.pfn = b.slot_pfn[k][rel]
+    if fault.pfn >> 40:
+        return -1
+    if (fl & bits) != bits:
+        kvmmmu_ga_or8(pte, bits)
+    fault.gfn = gfn
+    fault.goal_level = fault.req_level = PG_LEVEL_4K
+    fault.write, fault.exec, fault.prefetch = write, False, False
+    fault.map_writable = (fl & GA_HOST_PTE_WRITE) != 0
+    fault.huge_page_disallowed = False
+    fault.nx_huge_pages = b.nx_huge_pages
+    fault.noslot, fault.mmio_gen = False, 0
+    b.c_last_pfn = fault.pfn
+    b.c_last_writable = fault.map_writable
+    return kvm_tdp_mmu_map(m, root, &fault, b.pc, b.hc)
+
+
+cdef int tdp_guest_access(tdp_mmu_t *m, uint64_t root, ga_batch *b,
+                          Py_ssize_t *pos) noexcept nogil:
+    """From b.gfns[*pos] on, in order: an access the CPU completes sets A
+    (and D for a write) in the leaf when the format has A/D bits; an access
+    that exits is handled here when kvm_mmu_page_fault would end in
+    fast_page_fault's RET_PF_FIXED (a write to an MMU-writable leaf, or an
+    access-tracked leaf without A/D bits: tdp_fast_page_fault's rules), or,
+    in a pass with b.slow_ok, when it is a read or write exit on a
+    not-present SPTE of a GA_CLASS_SLOW gfn whose 4K host page is present
+    (_ga_map_4k: the rest of kvm_tdp_page_fault), and retried.  Returns with
+    *pos at the first access whose exit needs
+    anything else (GA_SLOW: the caller takes that one exit through the
+    scalar path and calls again), at an access that already took
+    b.max_faults exits and still exits (GA_GIVE_UP), at a mapped exit that
+    answered neither FIXED, SPURIOUS nor RETRY (GA_UNEXPECTED), or at b.n
+    (GA_DONE).
+
+    Nothing is changed or traced for an exit left to the caller: the
+    decision is made on the SPTE the walk read, and the cmpxchg installs the
+    fix only if that SPTE is still there (a lost race walks again, as the
+    retried access would; after 5 lost races the exit goes to the caller)."""
+    cdef Py_ssize_t i = pos[0]
+    cdef uint64_t gfn, spte = 0, new_spte, ad, ec
+    cdef int level = 0, nf, races, r
+    cdef sptep_t sptep
+    cdef uint8_t cls
+    cdef bint write = b.write, exec = b.exec, present
+    cdef const spte_fmt_t *f = m.f
+    cdef tdp_fault fault                        # what _access_allowed reads
+    fault.write, fault.exec = write, exec
+    ad = (f.accessed_mask | (f.dirty_mask if write else 0)) if f.ad_enabled else 0
+    b.c_last_ret = 0
+    while i < b.n:
+        gfn = b.gfns[i]
+        cls = b.gclass[i]
+        nf = b.faults[i]
+        races = 0
+        while True:
+            sptep = kvm_tdp_mmu_fast_pf_get_last_sptep(m, root, gfn, &spte, &level)
+            if sptep != 0 and tdp_hw_access_allowed(f, spte, level, write, exec):
+                # the access completes: the CPU's A/D assist on the leaf
+                new_spte = spte | ad
+                if new_spte == spte:
+                    break
+                if pt_try_cmpxchg64(pt_sptep_ptr(m.a, sptep), &spte, new_spte):
+                    if write and f.dirty_mask and not (spte & f.dirty_mask):
+                        b.flags[i] |= GA_DIRTIED
+                    break
+                continue                            # changed meanwhile: walk again
+            # an exit
+            if nf >= b.max_faults:
+                pos[0] = i
+                return GA_GIVE_UP
+            if sptep == 0 or (cls & GA_CLASS_NOFAST) or races > 4 or not b.exits_ok or \
+                    is_mmio_spte(f, spte):
+                pos[0] = i
+                return GA_SLOW
+            ec = tdp_hw_error_code(f, spte, level, write, exec)
+            present = (ec & GA_PFERR_PRESENT) != 0
+            if not present and f.ad_enabled:
+                # kvm_tdp_page_fault with no fast_page_fault: a first touch
+                # of a present 4K host page is mapped here, all else (caches
+                # to top up, the host page to fault in, a fetch, a FROZEN
+                # entry) goes to the caller
+                if not ((cls & GA_CLASS_SLOW) and b.slow_ok and not exec and
+                        not is_shadow_present_pte(spte) and not is_frozen_spte(f, spte) and
+                        b.pc.nobjs >= 5 and b.hc.nobjs >= 5):
+                    pos[0] = i
+                    return GA_SLOW
+                r = _ga_map_4k(m, root, b, i, gfn, write)
+                if r == -1:
+                    pos[0] = i
+                    return GA_SLOW
+                nf += 1
+                b.faults[i] = <uint8_t>nf
+                b.nr_slow += 1
+                b.c_last_idx = b.c_last_slow_idx = i
+                b.c_last_ec = ec
+                b.c_last_ret = r
+                b.c_last_slow = True
+                if r == RET_PF_FIXED:
+                    b.nr_slow_fixed += 1
+                    if b.c_last_writable and (cls & GA_CLASS_LOGGED):
+                        b.flags[i] |= GA_MADE_WRITABLE
+                elif r == RET_PF_SPURIOUS:
+                    b.nr_slow_spurious += 1
+                elif r != RET_PF_RETRY:
+                    pos[0] = i
+                    return GA_UNEXPECTED
+                continue
+            # kvm_tdp_page_fault's gate (present, or no A/D bits) and
+            # page_fault_can_be_fast (a present fault only for a write)
+            if not (write if present else not f.ad_enabled):
+                pos[0] = i
+                return GA_SLOW
+            # tdp_fast_page_fault on this SPTE: RET_PF_FIXED here, all else
+            # (INVALID, SPURIOUS) to the caller
+            new_spte = spte
+            if is_shadow_present_pte(spte) and is_last_spte(spte, level) and \
+                    not _access_allowed(m, &fault, spte):
+                if not f.ad_enabled and is_access_track_spte(f, spte):
+                    new_spte = restore_acc_track_spte(f, new_spte) | f.accessed_mask
+                if write and is_mmu_writable_spte(f, spte):
+                    new_spte |= PT_WRITABLE_MASK
+                    if level > PG_LEVEL_4K and (cls & GA_CLASS_LOGGED):
+                        new_spte = spte
+            if new_spte == spte or not _access_allowed(m, &fault, new_spte):
+                pos[0] = i
+                return GA_SLOW
+            if not pt_try_cmpxchg64(pt_sptep_ptr(m.a, sptep), &spte, new_spte):
+                races += 1
+                continue
+            # one exit, fixed: kvm_mmu_page_fault counts it in pf_taken,
+            # fast_page_fault in pf_fast, then pf_fixed
+            nf += 1
+            b.faults[i] = <uint8_t>nf
+            b.nr_fast += 1
+            b.c_last_idx = i
+            b.c_last_ec = ec
+            b.c_last_ret = RET_PF_FIXED
+            b.c_last_slow = False
+            if is_writable_pte(new_spte) and not is_writable_pte(spte):
+                b.flags[i] |= GA_MADE_WRITABLE
+            tdp_trace_fast_page_fault(m.a, f, root, gfn, write, exec, RET_PF_FIXED, spte,
+                                      b.vcpu_id, gfn << 12, ec, True)
+            races = 0
+        i += 1
+        b.c_last_ret = 0
+    pos[0] = i
+    return GA_DONE
 
 
 # ---------------------------------------------------------------------------
@@ -2059,6 +2283,112 @@ cdef class TdpMmuCore:
             return 0, 0
         return spte, level
 
+    def get_last_sptep(self, root, gfn):
+        """:meth:`get_last_spte` with the entry's address: ``(sptep, spte,
+        level)`` of the last entry on `gfn`'s path, ``(0, 0, 0)`` when `gfn`
+        is beyond what the root maps (what the CPU's walk ends at; a caller
+        may set A/D there with :meth:`PtArena.try_cmpxchg64`)."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef uint64_t c_gfn = u64_arg(gfn, "gfn")
+        cdef uint64_t spte = 0
+        cdef int level = 0, top
+        cdef sptep_t sptep = 0
+        cdef int slot = self._enter_shared("TdpMmuCore.get_last_sptep", None, None)
+        try:
+            top = self._root(c_root)
+            if not c_gfn >> (SPTE_LEVEL_BITS * top):
+                pt_shared_rcu_lock(self.m.a, slot)
+                sptep = kvm_tdp_mmu_fast_pf_get_last_sptep(&self.m, c_root, c_gfn, &spte, &level)
+                pt_shared_rcu_unlock(self.m.a, slot)
+        finally:
+            self._leave_shared(slot, None, None)
+        if sptep == 0:
+            return 0, 0, 0
+        return sptep, spte, level
+
+    def guest_access_batch(self, root, gfns, gclass, *, write=False, exec=False, max_faults=4,
+                           vcpu_id=0, sidx=None, slot_base=None, slot_pte=None, slot_pfn=None,
+                           MmuMemoryCache page_cache=None, MmuMemoryCache header_cache=None,
+                           nx_huge_pages=False):
+        """A :class:`GuestAccessBatch` over private copies of `gfns` (uint64,
+        each below what `root` maps) and `gclass` (uint8, one per gfn:
+        ``GA_CLASS_NOFAST`` - an exit on it always goes to the caller - and
+        ``GA_CLASS_LOGGED`` - its memslot logs dirty pages), for accesses of
+        one kind (`write`, `exec`: a fetch).  `max_faults` (1..255): exits
+        one access may take.
+
+        The slow path (``GA_CLASS_SLOW`` gfns: a not-present exit is mapped
+        at 4K when the host page is present): `sidx` (int32 per gfn: the
+        slot index k), per slot k `slot_base[k]` (uint64: its first gfn),
+        `slot_pte[k]` (the host PTE flags of its pages, uint8, written: the
+        batch holds them, never copies) and `slot_pfn[k]` (their pfns,
+        uint64), the vCPU's `page_cache` and `header_cache`, and
+        `nx_huge_pages` (the fault's NX workaround flag).  Checks everything
+        here; changes nothing."""
+        cdef uint64_t c_root = u64_arg(root, "root")
+        cdef int top = self._root(c_root)
+        cdef int c_max = s32_arg(max_faults, "max_faults")
+        cdef int c_vcpu = s32_arg(vcpu_id, "vcpu_id")
+        if role_is_mirror(pt_sp_ptr(self.m.a, c_root).role):
+            raise ValueError(f"root {c_root} is a mirror root: its changes go through the TDX "
+                             f"hooks, which guest_access_batch does not call")
+        if not 1 <= c_max <= 255:
+            raise ValueError(f"max_faults={c_max} is outside 1..255")
+        if write and exec:
+            raise ValueError("an access is a read, a write or a fetch: not write and exec")
+        _check_array("gfns", gfns)
+        _check_array("gclass", gclass, np.uint8)
+        if gclass.shape[0] != gfns.shape[0]:
+            raise ValueError(f"gclass has {gclass.shape[0]} entries, gfns {gfns.shape[0]}")
+        g_arr = np.array(gfns, copy=True)
+        c_arr = np.array(gclass, copy=True)
+        if g_arr.shape[0]:
+            hi = int(g_arr.max())
+            if hi >> (SPTE_LEVEL_BITS * top):
+                i = int(np.argmax(g_arr))
+                raise ValueError(f"gfns[{i}]={hi:#x} is beyond what the root maps "
+                                 f"(level {top}: below {1 << (SPTE_LEVEL_BITS * top):#x})")
+        cdef Py_ssize_t n = g_arr.shape[0]
+        slow = np.flatnonzero(c_arr & GA_CLASS_SLOW)
+        if sidx is None:
+            s_arr = np.full(n, -1, np.int32)
+        else:
+            _check_array("sidx", sidx, np.int32)
+            if sidx.shape[0] != n:
+                raise ValueError(f"sidx has {sidx.shape[0]} entries, gfns {n}")
+            s_arr = np.array(sidx, copy=True)
+        ptes, pfns = list(slot_pte or ()), list(slot_pfn or ())
+        if slot_base is None:
+            b_arr = np.zeros(0, np.uint64)
+        else:
+            _check_array("slot_base", slot_base)
+            b_arr = np.array(slot_base, copy=True)
+        if len(ptes) != b_arr.shape[0] or len(pfns) != b_arr.shape[0]:
+            raise ValueError(f"slot_base, slot_pte and slot_pfn must have one entry per slot "
+                             f"({b_arr.shape[0]}, {len(ptes)}, {len(pfns)})")
+        for k in range(len(ptes)):
+            _check_array(f"slot_pte[{k}]", ptes[k], np.uint8, writable=True)
+            _check_array(f"slot_pfn[{k}]", pfns[k])
+            if pfns[k].shape[0] != ptes[k].shape[0]:
+                raise ValueError(f"slot_pfn[{k}] has {pfns[k].shape[0]} entries, slot_pte[{k}] "
+                                 f"{ptes[k].shape[0]}")
+        if slow.size:
+            if page_cache is None or header_cache is None:
+                raise ValueError("gclass: GA_CLASS_SLOW gfns need page_cache and header_cache")
+            self._check_caches(page_cache, header_cache)
+            k_arr = s_arr[slow]
+            if int(k_arr.min()) < 0 or int(k_arr.max()) >= len(ptes):
+                raise ValueError("sidx: a GA_CLASS_SLOW gfn's slot index is not 0..len(slot_pte)-1")
+            lens = np.array([a.shape[0] for a in ptes], np.uint64)
+            rel = g_arr[slow] - b_arr[k_arr]           # (below the base: wraps, and fails)
+            if np.any(rel >= lens[k_arr]):
+                i = int(slow[np.argmax(rel >= lens[k_arr])])
+                raise ValueError(f"gfns[{i}]={int(g_arr[i]):#x} is outside its slot's slot_pte")
+        cdef GuestAccessBatch b = GuestAccessBatch.__new__(GuestAccessBatch)
+        b._init(self, c_root, top, g_arr, c_arr, bool(write), bool(exec), c_max, c_vcpu)
+        b._init_slow(s_arr, b_arr, ptes, pfns, page_cache, header_cache, bool(nx_huge_pages))
+        return b
+
     def page_fault_map(self, root, gfn, pfn, goal_level, req_level, flags, mmio_gen,
                        MmuMemoryCache page_cache not None, MmuMemoryCache header_cache not None):
         """``kvm_tdp_mmu_map`` for the scalar fault entry, with positional
@@ -2102,3 +2432,163 @@ cdef class TdpMmuCore:
             self._check_caches(page_cache, header_cache)
         return self._map_fault("TdpMmuCore.page_fault_map", c_root, &fault, page_cache,
                                header_cache)
+
+
+cdef class GuestAccessBatch:
+    """Accesses of a guest to many gfns on one TDP root, run by
+    :func:`tdp_guest_access` in nogil passes (made by
+    :meth:`TdpMmuCore.guest_access_batch`; :meth:`kvmmmu.tdp_mmu.TdpMmu.guest_access`
+    drives it).  Owns private copies of its inputs and the outputs:
+
+    * :attr:`faults` (uint8): the exits each access took so far - the
+      caller adds the ones it takes itself;
+    * :attr:`flags` (uint8): ``GA_MADE_WRITABLE`` (a fast fault set W: the
+      gfn is marked dirty), ``GA_DIRTIED`` (the CPU set D from 0).
+
+    :meth:`run` holds the arena's shared side (``mmu_lock`` for read, as
+    ``fast_page_fault`` runs under RCU only) for one pass."""
+    cdef TdpMmuCore core
+    cdef uint64_t root
+    cdef int top
+    cdef ga_batch b
+    cdef object _gfns, _gclass, _sidx, _base, _ptes, _pfns
+    cdef MmuMemoryCache _pc, _hc
+    cdef uint8_t **_pte_ptrs
+    cdef const uint64_t **_pfn_ptrs
+    cdef readonly object faults
+    cdef readonly object flags
+
+    def __cinit__(self):
+        self.b.n = 0
+        self.b.gfns = NULL
+        self.b.gclass = NULL
+        self.b.faults = NULL
+        self.b.flags = NULL
+        self.b.sidx = NULL
+        self.b.slot_pte = NULL
+        self.b.slot_pfn = NULL
+        self.b.slot_base = NULL
+        self.b.pc = self.b.hc = NULL
+        self.b.slow_ok = False
+        self.b.exits_ok = True
+        self._pte_ptrs = NULL
+        self._pfn_ptrs = NULL
+
+    def __dealloc__(self):
+        free(self._pte_ptrs)
+        free(self._pfn_ptrs)
+
+    cdef _init_slow(self, object s_arr, object b_arr, list ptes, list pfns,
+                    MmuMemoryCache pc, MmuMemoryCache hc, bint nx):
+        cdef Py_ssize_t k, nk = len(ptes)
+        cdef uint8_t[::1] pv
+        cdef const uint64_t[::1] fv
+        cdef const int[::1] sv = s_arr
+        cdef const uint64_t[::1] bv
+        self._sidx, self._base, self._ptes, self._pfns = s_arr, b_arr, ptes, pfns
+        self._pc, self._hc = pc, hc
+        if self.b.n:
+            self.b.sidx = &sv[0]
+        if nk:
+            bv = b_arr
+            self.b.slot_base = &bv[0]
+            self._pte_ptrs = <uint8_t **>malloc(nk * sizeof(uint8_t *))
+            self._pfn_ptrs = <const uint64_t **>malloc(nk * sizeof(uint64_t *))
+            if self._pte_ptrs == NULL or self._pfn_ptrs == NULL:
+                raise MemoryError("GuestAccessBatch: slot tables")
+            for k in range(nk):
+                self._pte_ptrs[k] = NULL
+                self._pfn_ptrs[k] = NULL
+                if ptes[k].shape[0]:
+                    pv = ptes[k]
+                    fv = pfns[k]
+                    self._pte_ptrs[k] = &pv[0]
+                    self._pfn_ptrs[k] = &fv[0]
+            self.b.slot_pte = self._pte_ptrs
+            self.b.slot_pfn = self._pfn_ptrs
+        if pc is not None:
+            self.b.pc, self.b.hc = &pc.mc, &hc.mc
+        self.b.nx_huge_pages = nx
+
+    cdef _init(self, TdpMmuCore core, uint64_t root, int top, object g_arr, object c_arr,
+               bint write, bint exec, int max_faults, int vcpu_id):
+        cdef Py_ssize_t n = g_arr.shape[0]
+        self.core, self.root, self.top = core, root, top
+        self._gfns, self._gclass = g_arr, c_arr
+        self.faults = np.zeros(n, np.uint8)
+        self.flags = np.zeros(n, np.uint8)
+        cdef const uint64_t[::1] g = g_arr
+        cdef const uint8_t[::1] c = c_arr
+        cdef uint8_t[::1] fa = self.faults
+        cdef uint8_t[::1] fl = self.flags
+        self.b.n = n
+        if n:
+            self.b.gfns = &g[0]
+            self.b.gclass = &c[0]
+            self.b.faults = &fa[0]
+            self.b.flags = &fl[0]
+        self.b.write, self.b.exec = write, exec
+        self.b.max_faults, self.b.vcpu_id = max_faults, vcpu_id
+
+    def __len__(self):
+        return self.b.n
+
+    def run(self, start, taken=0, slow_ok=False, exits_ok=True):
+        """One pass from access `start` (`taken`: exits the caller took on
+        access `start` since the last pass, added to its count first;
+        `slow_ok`: GA_CLASS_SLOW gfns may be mapped in this pass - the
+        caller holds ``mmu_lock`` for read, no invalidation is in progress,
+        the vCPU's pte_list_desc cache needs no top-up; not `exits_ok`:
+        every exit goes to the caller, e.g. once the VM is bugged):
+        ``(status, pos, nr_fast, last_idx,
+        last_ec, last_ret)`` - status ``GA_DONE`` (pos = len), ``GA_SLOW``
+        (the exit of access `pos` is the caller's to take) or ``GA_GIVE_UP``
+        (access `pos` already took max_faults exits and exits again);
+        `nr_fast` exits fixed in this pass (each a pf_taken, pf_fast and
+        pf_fixed), `last_idx` / `last_ec` the access and error code of the
+        last of them (-1 if none), `last_ret` RET_PF_FIXED when access
+        `pos`'s last exit was one of them (else 0); then ``slow``: None,
+        or when exits were mapped in this pass ``(nr_slow, nr_fixed,
+        nr_spurious, last_idx, pfn, map_writable, last_is_slow)``.  Status
+        ``GA_UNEXPECTED``: a mapped exit of access `pos` answered `last_ret`
+        (not FIXED, SPURIOUS or RETRY)."""
+        if self.core is None:
+            raise TypeError("GuestAccessBatch: make it with TdpMmuCore.guest_access_batch")
+        cdef Py_ssize_t pos = s64_arg(start, "start")
+        cdef int c_taken = s32_arg(taken, "taken")
+        if not 0 <= pos <= self.b.n:
+            raise ValueError(f"start={pos} is outside 0..{self.b.n}")
+        if c_taken:
+            if pos == self.b.n or not 0 < c_taken <= 255 - self.b.faults[pos]:
+                raise ValueError(f"taken={c_taken}: not 1..255 exits in all on an access "
+                                 f"(start={pos} of {self.b.n})")
+            self.b.faults[pos] += c_taken
+        cdef TdpMmuCore core = self.core
+        cdef tdp_mmu_t *m = &core.m
+        cdef int status
+        cdef bint slow = bool(slow_ok) and self._pc is not None
+        cdef MmuMemoryCache pc = self._pc if slow else None
+        cdef MmuMemoryCache hc = self._hc if slow else None
+        cdef int slot = core._enter_shared("TdpMmuCore.guest_access", pc, hc)
+        try:
+            if core._root(self.root) != self.top:
+                raise ValueError(f"root {self.root} changed level since the batch was made")
+            self.b.slow_ok = slow
+            self.b.exits_ok = bool(exits_ok)
+            self.b.nr_fast = self.b.nr_slow = self.b.nr_slow_fixed = self.b.nr_slow_spurious = 0
+            self.b.c_last_idx = self.b.c_last_slow_idx = -1
+            self.b.c_last_ec = 0
+            self.b.c_last_slow = False
+            with nogil:
+                pt_shared_rcu_lock(m.a, slot)
+                status = tdp_guest_access(m, self.root, &self.b, &pos)
+                pt_shared_rcu_unlock(m.a, slot)
+        finally:
+            self.b.slow_ok = False
+            core._leave_shared(slot, pc, hc)
+        return (status, pos, self.b.nr_fast, self.b.c_last_idx, self.b.c_last_ec,
+                self.b.c_last_ret,
+                None if not self.b.nr_slow else
+                (self.b.nr_slow, self.b.nr_slow_fixed, self.b.nr_slow_spurious,
+                 self.b.c_last_slow_idx, self.b.c_last_pfn, bool(self.b.c_last_writable),
+                 bool(self.b.c_last_slow)))
