@@ -488,3 +488,12 @@ def test_plot_functions_refuse_what_they_cannot_draw(tmp_path):
     with pytest.raises(plots.PlotError, match="not a column"):
         plots.plot_sweep(df, tmp_path, "nope")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_grid_example_in_sweep_help_is_a_valid_grid():
+    from kvmmmu import sweep as SW
+    text = cli("sweep", "--help", check=0, inproc=True).stdout
+    start = text.index("{", text.index("(grid.json):"))
+    example = json.loads(text[start:text.index("}\n", start) + 1])
+    grid = SW.Grid.from_dict(example)
+    assert len(grid.cells()) == 4
