@@ -765,7 +765,7 @@ def _cmd_sweep(args, parser) -> int:
         parser.error(f"argument --metric: {metric!r} is not a column of the results "
                      f"({', '.join(map(str, df.columns))})")
     if metric is None:
-        metric = SW._default_metric(df)          # what format_table shows by default
+        metric = SW.default_metric(df)          # what format_table shows by default
     plots: list[str] = []
     if args.parquet:
         SW.to_parquet(df, args.parquet)

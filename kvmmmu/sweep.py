@@ -69,7 +69,7 @@ import time
 import uuid
 
 __all__ = ["Grid", "GridError", "MMUS", "cell_seed", "run", "to_parquet", "read_parquet",
-           "format_table", "cells_of", "to_records", "null_cell", "CELL_KEYS",
+           "format_table", "default_metric", "cells_of", "to_records", "null_cell", "CELL_KEYS",
            "STATUS_COLUMNS"]
 
 # The MMU flavours a workload may run on (kvmmmu.workloads uses the same names).
@@ -674,7 +674,7 @@ def read_parquet(path):
 
 # --- the text table -----------------------------------------------------------------------
 
-def _default_metric(df):
+def default_metric(df):
     """The first numeric, non-wall-time summary column every successful cell
     reports (e.g. ``pf_taken`` in a grid of several workloads), else the
     first one any cell reports, else ``cell_s``."""
@@ -720,7 +720,7 @@ def format_table(df, metric=None):
 
     cell_cols = _cell_columns(df)
     if metric is None:
-        metric = _default_metric(df)
+        metric = default_metric(df)
     if metric not in df.columns:
         raise ValueError(f"metric {metric!r} is not a column; columns: {', '.join(df.columns)}")
     params = [k for k in cell_cols if k not in CELL_KEYS]
