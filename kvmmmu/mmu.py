@@ -80,7 +80,7 @@ from kvmmmu.host import (
     KVM_PFN_NOSLOT, hva_to_pfn, hva_to_pfn_fast,
 )
 from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
-from kvmmmu import mmutrace as _tp
+from kvmmmu._core.spte import SPTE_MMU_PRESENT_MASK
 from kvmmmu.memslots import (
     KVM_LPAGE_MIXED_FLAG, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMSLOT_INVALID,
     KvmMemorySlot, KvmMrChange, kvm_mmu_max_gfn, mark_page_dirty_in_slot,
@@ -425,7 +425,7 @@ def tdp_hardware_error_code(fmt, ept: bool, spte: int, level: int, *, write: boo
     if ept and not write and not exec:
         ec |= PFERR_USER_MASK
     leaf = level == 1 or (level in (2, 3) and (spte >> 7) & 1)
-    if leaf and spte & (1 << 11) and spte & (7 if ept else 1):     # SPTE_MMU_PRESENT_MASK
+    if leaf and spte & SPTE_MMU_PRESENT_MASK and spte & (7 if ept else 1):
         ec |= PFERR_PRESENT_MASK
     return ec
 

@@ -95,9 +95,6 @@ from kvmmmu._core.spte import PT_WRITABLE_MASK, SPTE_BASE_ADDR_MASK, SPTE_MMU_PR
 from kvmmmu._core.tdp_iter import kvm_tdp_mmu_get_walk
 from kvmmmu._core.pt_arena import MmuMemoryCache
 from kvmmmu._core.tdp_mmu import EXT_OPS, GUEST_ACCESS as _GA, WARN_SITES, TdpMmuCore
-from kvmmmu._core.guest_walk import (
-    PFERR_FETCH_MASK, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, PFERR_USER_MASK, PFERR_WRITE_MASK,
-)
 from kvmmmu.errors import KvmNoMemoryError
 from kvmmmu import host as _host
 from kvmmmu.host import PTE_DIRTY, PTE_PRESENT, PTE_WRITE, PTE_YOUNG
@@ -502,18 +499,8 @@ class TdpMmu(MmuBackend):
         a fetch, and on EPT U for a read (``handle_ept_violation``)."""
         root = self.vcpu_root[vcpu.index]
         spte, level = self.core.get_last_spte(root.sp, gfn)
-        fmt = self.vm.fmt
-        ept = self.vm.host_config.tdp == "ept"
-        if spte and fmt.is_mmio_spte(spte):
-            return PFERR_RSVD_MASK if ept else \
-                PFERR_RSVD_MASK | PFERR_PRESENT_MASK | (PFERR_WRITE_MASK if write else 0)
-        ec = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if exec else 0)
-        if ept and not write and not exec:
-            ec |= PFERR_USER_MASK
-        leaf = level == 1 or (level in (2, 3) and (spte >> 7) & 1)
-        if leaf and spte & SPTE_MMU_PRESENT_MASK and spte & (7 if ept else 1):
-            ec |= PFERR_PRESENT_MASK
-        return ec
+        return _mmu.tdp_hardware_error_code(self.vm.fmt, self.vm.host_config.tdp == "ept", spte,
+                                            level, write=write, exec=exec)
 
     def page_fault(self, vcpu, gfn: int, *, write: bool = False, exec: bool = False,
                    prefetch: bool = False) -> int:

@@ -2265,22 +2265,7 @@ cdef class TdpMmuCore:
         ``get_mmio_spte`` looks at): ``(spte, level)``, ``(0, 0)`` when `gfn`
         is beyond what the root maps.  Changes nothing; the shared side, as
         :meth:`fast_page_fault`."""
-        cdef uint64_t c_root = u64_arg(root, "root")
-        cdef uint64_t c_gfn = u64_arg(gfn, "gfn")
-        cdef uint64_t spte = 0
-        cdef int level = 0, top
-        cdef sptep_t sptep = 0
-        cdef int slot = self._enter_shared("TdpMmuCore.get_last_spte", None, None)
-        try:
-            top = self._root(c_root)
-            if not c_gfn >> (SPTE_LEVEL_BITS * top):
-                pt_shared_rcu_lock(self.m.a, slot)
-                sptep = kvm_tdp_mmu_fast_pf_get_last_sptep(&self.m, c_root, c_gfn, &spte, &level)
-                pt_shared_rcu_unlock(self.m.a, slot)
-        finally:
-            self._leave_shared(slot, None, None)
-        if sptep == 0:
-            return 0, 0
+        _, spte, level = self.get_last_sptep(root, gfn)
         return spte, level
 
     def get_last_sptep(self, root, gfn):
