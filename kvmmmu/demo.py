@@ -3,7 +3,8 @@
 It grows as the MMUs land; today it shows the SPTE formats, a leaf SPTE's
 life (fault, aging, dirty logging), MMIO SPTEs, the bulk API, role words and
 the kernel-format trace, and the TDP MMU on a 64 GiB guest (populate at 2 MiB
-and 4 KiB, dirty logging with eager split, a dirty round).
+and 4 KiB, dirty logging with eager split, a dirty round), and a workload
+shaped like the kernel's dirty_log_perf_test on two MMU flavours.
 """
 import time
 
@@ -109,6 +110,20 @@ def run(out):
     say(f"   10,000 guest writes: {1e6 * (t1 - t0) / 10000:.1f} us per fault "
         f"(pf_fast={vcpu.stat.pf_fast:,}); the dirty round reports {dirty:,} pages")
     assert dirty == 10000
+
+    say("\n7. A selftest-shaped workload (kvmmmu.workloads): dirty_log_perf_test with 4 vCPUs,"
+        "\n   THP backing, 2 passes: the TDP MMU (its batch guest access in C) at 4 GiB, the"
+        "\n   shadow MMU's TDP (kvm.tdp_mmu=N, a Python fault path) at 64 MiB")
+    from kvmmmu import workloads as W
+    for mmu, mib in (("tdp_mmu", 1024), ("tdp", 16)):
+        rep = W.run("dirty_log", mmu=mmu, vcpus=4, vcpu_mib=mib, iterations=2,
+                    backing="anonymous_thp")
+        s = rep.summary
+        say(f"   {mmu:8s} {4 * mib:5d} MiB: populate {s['populate_s']:.2f} s, "
+            f"dirty pass {s['dirty_s']:.2f} s, get log {s['get_dirty_log_s']:.3f} s; "
+            f"faults {s['pf_taken']:,} (fast {s['pf_fast']:,}), "
+            f"bitmaps exact: {s['check_dirty_log_exact']}")
+    say("   (python -m kvmmmu run --list: every workload; run dirty_log --help: its parameters)")
 
 
 def run_tdx(out):

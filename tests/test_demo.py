@@ -18,6 +18,9 @@ def test_demo_runs():
     assert "pages_2m=32,768 pages_4k=1,048,576" in out
     assert f"pages_4k={(1 << 24) + (1 << 20):,}" in out
     assert "the dirty round reports 10,000 pages" in out
+    # the dirty_log workload: 4 x 1 GiB of THP = 2048 2M faults, then 2 passes of
+    # 2^20 fast faults each; every bitmap exact
+    assert "faults 2,099,200 (fast 2,097,152), bitmaps exact: True" in out
 
 
 def test_cli_needs_a_command():
