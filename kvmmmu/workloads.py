@@ -355,8 +355,10 @@ class Guest:
     :class:`GuestCpu`, the phase clock and the timeline sampler."""
 
     def __init__(self, mmu: str, p: dict, *, seed: int, record: bool, batch: bool,
-                 progress=None):
+                 progress=None, check: bool = True):
         self.p = p
+        #: audit the VM after each phase (``audit``) and fail on a failed check
+        self.check = check
         self.mmu = mmu
         self.rng = np.random.default_rng(seed)
         self.progress = progress
@@ -385,7 +387,8 @@ class Guest:
                                       "populate": True})
 
     def start(self, nr_vcpus: int, *, manual_protect: int = 0) -> None:
-        """Build the VM (``replay.build_vm``) and enter every vCPU once."""
+        """Build the VM (``replay.build_vm``) with `nr_vcpus` vCPUs in their
+        reset state; `manual_protect`: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags."""
         if manual_protect:
             self.init["manual_dirty_log_protect"] = manual_protect
         fresh = _fresh_regs()
@@ -470,7 +473,9 @@ class Guest:
             self.progress(desc, done, total)
 
     def audit(self) -> None:
-        self.vm.audit()
+        """``VM.audit()`` (raises on the first broken invariant), when checking."""
+        if self.check:
+            self.vm.audit()
 
 
 def _fresh_regs() -> dict:
@@ -637,8 +642,8 @@ def run(name: str, *, mmu: str = "tdp_mmu", seed: int = 0, progress=None, stream
     if stream is not None and not wl.streamable:
         raise WorkloadParamError("stream", f"{name} drives host events, which a stream "
                                            f"cannot record")
-    g = Guest(mmu, p, seed=seed, record=stream is not None, batch=batch, progress=progress)
-    g.check = check
+    g = Guest(mmu, p, seed=seed, record=stream is not None, batch=batch, progress=progress,
+              check=check)
     wl.fn(g, p)
     g.summary.update(faults_by_kind(g.vm))
     g.summary.update(mmu_counts(g.vm))
@@ -646,8 +651,8 @@ def run(name: str, *, mmu: str = "tdp_mmu", seed: int = 0, progress=None, stream
     g.summary["exits"] = g.cpu.exits
     for k, v in g.checks.items():
         g.summary["check_" + k] = bool(v)
+    g.audit()
     if check:
-        g.audit()
         bad = [k for k, v in g.checks.items() if not v]
         if bad:
             raise WorkloadError(f"{name}: check(s) failed: {', '.join(bad)}")
@@ -682,6 +687,9 @@ def _regions(g: Guest, p: dict, *, slots: int = 1, flags: int = 0):
     size = p["vcpu_mib"] * MiB
     total = size * p["vcpus"]
     if total % slots or (total // slots) % (2 * MiB):
+        if slots == 1:
+            raise WorkloadParamError("vcpu_mib", f"{total // MiB} MiB of guest memory is not "
+                                                 f"a whole number of 2 MiB frames")
         raise WorkloadParamError("slots", f"{total // MiB} MiB does not split into {slots} "
                                           f"slots of whole 2 MiB frames")
     per = total // slots
@@ -900,8 +908,7 @@ def _dirty_log(g: Guest, p: dict) -> None:
         ok = bool(np.array_equal(got, expect))
         g.phases[-1 if not manual else -2]["exact"] = ok
         exact &= ok
-        if g.check:
-            g.audit()
+        g.audit()
     g.phase("disable dirty logging", lambda: set_logging(False))
     g.audit()
     g.checks["dirty_log_exact"] = exact
@@ -993,8 +1000,7 @@ def _access_tracking(g: Guest, p: dict) -> None:
         count_s.append(ph["seconds"])
         ph["exact"] = ph["idle_pages"] == expect
         exact &= ph["exact"]
-        if g.check:
-            g.audit()
+        g.audit()
     g.checks["idle_count_exact"] = exact
     s = g.summary
     s["populate_s"] = g.phases[0]["seconds"]
@@ -1067,8 +1073,7 @@ def _memslot_churn(g: Guest, p: dict) -> None:
                 return pages[(pfn < np.uint64(gone[0])) | (pfn >= np.uint64(gone[1]))]
             return {"exits": _touch_all(g, p, f"iteration {it}", order)}
         touch_s.append(g.phase(f"iteration {it}: touch", touch)["seconds"])
-        if g.check:
-            g.audit()
+        g.audit()
     if away is not None:
         g.phase("restore", lambda: change(away, True))
     s = g.summary
@@ -1137,8 +1142,7 @@ def _host_invalidation(g: Guest, p: dict) -> None:
         storm_s.append(g.phase(f"iteration {it}: {p['event']}", storm, sample=False)["seconds"])
         touch_s.append(g.phase(f"iteration {it}: touch", lambda: {
             "exits": _touch_all(g, p, f"iteration {it}", _pages_of(p))})["seconds"])
-        if g.check:
-            g.audit()
+        g.audit()
     s = g.summary
     s["populate_s"] = g.phases[0]["seconds"]
     s["storm_s"] = float(np.mean(storm_s))

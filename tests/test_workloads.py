@@ -353,6 +353,7 @@ def test_run_cell_and_registry():
     (lambda: W.run("working_set", hot_fraction=1.5), "hot_fraction"),
     (lambda: W.run("dirty_log", initially_set=True), "initially_set"),
     (lambda: W.run("dirty_log", slots=3, vcpu_mib=4), "slots"),
+    (lambda: W.run("first_touch", vcpu_mib=1), "vcpu_mib"),
     (lambda: W.run("first_touch", write="yes"), "write"),
 ])
 def test_bad_params_name_the_parameter(call, param):
