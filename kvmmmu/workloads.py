@@ -367,10 +367,10 @@ class Guest:
             "kind": "init", "version": 1, "mmu": mmu,
             "params": {"eager_page_split": p["eager_page_split"],
                        "nx_huge_pages": p["nx_huge_pages"]},
-            "host": {"tdp": p["host"], "ad_bits": p["ad_bits"]},
+            "host": {"tdp": p.get("host", "ept"), "ad_bits": p.get("ad_bits", True)},
             "guest_model": {}, "memslots": [], "memory": [], "vcpus": [],
         }
-        self.thp = p["backing"] == "anonymous_thp"
+        self.thp = p.get("backing") == "anonymous_thp"
         self.vm = None
         self.cpu = None
         self._batch = batch
@@ -385,6 +385,14 @@ class Guest:
         self.init["memslots"].append({"slot": slot, "as_id": 0, "gpa": gpa, "size": size,
                                       "flags": flags, "thp": self.thp if thp is None else thp,
                                       "populate": True})
+
+    def adopt(self, vm) -> None:
+        """Drive a VM built elsewhere (one a stream's init line cannot
+        describe, e.g. a TD): no stream, the scalar guest CPU."""
+        self.vm = vm
+        self.vcpus = vm.vcpus
+        self.cpu = GuestCpu(vm, batch=False, record=None)
+        self.buffers = {s.id: (s.userspace_addr, s.npages << PAGE_SHIFT) for s in vm.memslots[0]}
 
     def start(self, nr_vcpus: int, *, manual_protect: int = 0) -> None:
         """Build the VM (``replay.build_vm``) with `nr_vcpus` vCPUs in their
@@ -550,6 +558,13 @@ def mmu_counts(vm) -> dict:
             "tlb_flush": sum(int(v.stat.as_dict()["tlb_flush"]) for v in vm.vcpus)}
 
 
+def end_counts(vm) -> dict:
+    """A report's closing counts: faults by kind, :func:`mmu_counts` and the
+    bytes per structure (``mem_*``)."""
+    return {**faults_by_kind(vm), **mmu_counts(vm),
+            **{"mem_" + k: v for k, v in mem_by_structure(vm).items()}}
+
+
 # ---------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------
@@ -645,9 +660,9 @@ def run(name: str, *, mmu: str = "tdp_mmu", seed: int = 0, progress=None, stream
     g = Guest(mmu, p, seed=seed, record=stream is not None, batch=batch, progress=progress,
               check=check)
     wl.fn(g, p)
-    g.summary.update(faults_by_kind(g.vm))
-    g.summary.update(mmu_counts(g.vm))
-    g.summary.update({"mem_" + k: v for k, v in mem_by_structure(g.vm).items()})
+    # the end state, unless the workload recorded it before a teardown
+    for k, v in end_counts(g.vm).items():
+        g.summary.setdefault(k, v)
     g.summary["exits"] = g.cpu.exits
     for k, v in g.checks.items():
         g.summary["check_" + k] = bool(v)
@@ -1224,3 +1239,112 @@ def _cr3_switch(g: Guest, p: dict) -> None:
     st = g.vm.stat.as_dict()
     g.summary.update(cr3_switches=switches, mmu_recycled=int(st["mmu_recycled"]),
                      run_s=g.phases[-1]["seconds"])
+
+
+@workload("td_private", mmus=("tdp_mmu",), streamable=False,
+          common=("vcpus", "vcpu_mib", "eager_page_split", "nx_huge_pages"), params=(
+    Param("era", str, "v6.18", "the TDX code generation: v6.18 (pfn hooks, the initial image "
+                               "premapped) or genB (SPTE hooks, PAGE.ADD in the fault)",
+          choices=("v6.18", "genB")),
+    Param("image_pages", int, 16, "pages of the initial image (KVM_TDX_INIT_MEM_REGION)",
+          lo=0, hi=1 << 20),
+    Param("iterations", int, 2, "conversion rounds after the populate pass", lo=0, hi=1 << 20),
+    Param("convert_percent", int, 25, "percent of each vCPU's pages converted to shared and "
+                                      "back per round", lo=0, hi=100),
+))
+def _td_private(g: Guest, p: dict) -> None:
+    """A TD's life on the mirrored TDP MMU: image, private faults, conversions, teardown.
+
+    A TDX VM (``vm_type="tdx"``) with guest_memfd memory, all of it private:
+    KVM_TDX_INIT_VM and INIT_VCPU, the initial image (`image_pages` pages through
+    KVM_TDX_INIT_MEM_REGION), FINALIZE; every vCPU then touches each private page
+    of its region (an EPT violation: the mirror root's fault, SEPT.ADD for a missing
+    table, PAGE.AUG for the leaf).  Each round converts `convert_percent` random pages
+    of every vCPU to shared (KVM_SET_MEMORY_ATTRIBUTES: BLOCK, TRACK, REMOVE and
+    WBINVD per private leaf), touches them through the shared alias (the direct
+    root), converts them back and touches them again.  The teardown follows the
+    kernel's order.  The report counts the SEAMCALLs by name next to the faults."""
+    from collections import Counter
+    from kvmmmu.host import HostConfig
+    from kvmmmu.memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
+    from kvmmmu.tdx_module import TdxModule
+    from kvmmmu.vm import VM, KvmParams
+    vm = VM("tdp_mmu", host=HostConfig(tdp="ept"), vm_type="tdx", tdx_era=p["era"],
+            params=KvmParams(eager_page_split=p["eager_page_split"],
+                             nx_huge_pages=p["nx_huge_pages"]),
+            nr_vcpus=p["vcpus"], tdx_module=TdxModule(era=p["era"]))
+    g.adopt(vm)
+    t = vm.tdx
+    size = p["vcpu_mib"] * MiB * p["vcpus"]
+    npg = (p["vcpu_mib"] * MiB) >> PAGE_SHIFT
+    if p["image_pages"] > npg:
+        raise WorkloadParamError("image_pages", f"the image ({p['image_pages']} pages) does not "
+                                                f"fit vCPU 0's {npg} pages")
+
+    def check(r, what):
+        if r:
+            raise WorkloadError(f"{what} failed with {r}")
+
+    def setup():
+        vm.add_memory(0, size, guest_memfd=True)
+        g.buffers = {s.id: (s.userspace_addr, s.npages << PAGE_SHIFT) for s in vm.memslots[0]}
+        vm.set_memory_attributes(0, size, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        check(t.init_vm(), "KVM_TDX_INIT_VM")
+        for v in g.vcpus:
+            check(t.init_vcpu(v), "KVM_TDX_INIT_VCPU")
+        if p["image_pages"]:
+            src = vm.host.mmap(p["image_pages"] << PAGE_SHIFT, populate=True)
+            r, _ = t.init_mem_region(g.vcpus[0], 0, p["image_pages"], src)
+            check(r, "KVM_TDX_INIT_MEM_REGION")
+        check(t.finalize_vm(), "KVM_TDX_FINALIZE_VM")
+        return {"nr_premapped": t.nr_premapped}
+    g.phase("init, image, finalize", setup)
+    shared_bit = vm.gfn_direct_bits << PAGE_SHIFT
+
+    def touch(desc, pages_of, shared):
+        exits = 0
+        for i, v in enumerate(g.vcpus):
+            check(v.vcpu_enter_guest() or 0, "the VM entry")
+            t.vcpu_enter(v)
+            for gpa in pages_of(i).tolist():
+                t.vcpu_exit(v)                          # the EPT violation exit
+                r = t.handle_ept_violation(v, gpa | shared_bit if shared else gpa, write=True)
+                if r < 0:
+                    raise WorkloadError(f"vCPU {v.vcpu_id}: the EPT violation at {gpa:#x} "
+                                        f"failed with {r}")
+                exits += 1
+                check(v.vcpu_enter_guest() or 0, "the VM entry")
+                t.vcpu_enter(v)
+            t.vcpu_exit(v)
+            g.tick(desc, i + 1, len(g.vcpus))
+        g.cpu.exits += exits
+        return {"exits": exits}
+
+    image_end = p["image_pages"] << PAGE_SHIFT
+    g.phase("touch private", lambda: touch(
+        "private", lambda i: (lambda a: a[a >= image_end])(_vcpu_pages(p, i)), False))
+    g.audit()
+    for it in range(1, p["iterations"] + 1):
+        picks = [np.sort(g.rng.choice(_vcpu_pages(p, i), npg * p["convert_percent"] // 100,
+                                      replace=False)) for i in range(p["vcpus"])]
+
+        def convert(attrs):
+            for pages in picks:
+                for gpa in pages.tolist():
+                    vm.set_memory_attributes(gpa, PAGE_SIZE, attrs)
+            return {"pages": int(sum(x.size for x in picks))}
+        g.phase(f"iteration {it}: to shared", lambda: convert(0), sample=False)
+        g.phase(f"iteration {it}: touch shared", lambda: touch(f"iteration {it}",
+                                                                lambda i: picks[i], True))
+        g.phase(f"iteration {it}: to private", lambda: convert(KVM_MEMORY_ATTRIBUTE_PRIVATE),
+                sample=False)
+        g.phase(f"iteration {it}: touch private", lambda: touch(f"iteration {it}",
+                                                                 lambda i: picks[i], False))
+        g.audit()
+    g.summary.update(end_counts(vm))                # the TD as it runs, not torn down
+    g.summary["nr_premapped"] = t.nr_premapped
+    g.phase("teardown", lambda: {"r": t.destroy_vm()})
+    g.checks["teardown_clean"] = g.phases[-1]["r"] == 0 and not vm.bugged
+    calls = Counter(c.name.removeprefix("tdh_") for c in t.module.calls)
+    g.summary.update({"seamcall_" + k: n for k, n in sorted(calls.items())})
+    g.summary["seamcalls"] = sum(calls.values())

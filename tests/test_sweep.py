@@ -592,7 +592,7 @@ def test_real_cells_same_frame_in_process_and_on_dask_and_rerun_alone(cluster):
     dist = SW.run(cells, scheduler=cluster.scheduler_address)
     pd.testing.assert_frame_equal(_no_wall(dist), _no_wall(local))
     assert list(local["status"]) == ["ok"] * 4 + ["failed"]
-    assert local.loc[4, "error"].startswith("WorkloadParamError: slots: ")
+    assert local.loc[4, "error"].startswith("WorkloadParamError: vcpu_mib: ")
     # the workload's own record: one iteration writes every page of every vCPU
     assert list(local.loc[:3, "dirty_pages"]) == [512, 512, 1024, 1024]
     assert local.loc[:3, "check_dirty_log_exact"].all()

@@ -329,7 +329,8 @@ def test_report_json_and_text():
 
 def test_run_cell_and_registry():
     assert list(W.WORKLOADS) == ["first_touch", "working_set", "dirty_log", "access_tracking",
-                                 "memslot_churn", "host_invalidation", "cr3_switch"]
+                                 "memslot_churn", "host_invalidation", "cr3_switch",
+                                 "td_private"]
     for wl in W.WORKLOADS.values():
         assert wl.summary_line and set(wl.mmus) <= set(W.MMUS)
         for q in wl.params.values():
@@ -410,3 +411,33 @@ def test_tdp_mmu_batch_access_matches_the_scalar_cpu(name, kw):
     b = W.run(name, mmu="tdp_mmu", seed=4, batch=False, **SMALL, **kw)
     assert _det(a.summary) == _det(b.summary)
     assert a.timeline == b.timeline
+
+
+@pytest.mark.parametrize("era", ["v6.18", "genB"])
+def test_td_private_seamcalls_by_hand(era):
+    V, pages, image, conv = 2, 512, 8, 25
+    r = W.run("td_private", era=era, vcpus=V, vcpu_mib=2, image_pages=image, iterations=2,
+              convert_percent=conv)
+    s = r.summary
+    n = V * pages
+    picked = V * (pages * conv // 100)
+    populate = n - image                        # the image is mapped by INIT_MEM_REGION
+    assert _exits(r, "touch private") == [populate]
+    assert _exits(r, "iteration") == [picked] * 4        # shared, private, shared, private
+    assert s["pf_taken"] == s["pf_fixed"] == populate + 4 * picked
+    assert s["seamcall_mem_page_add"] == image
+    assert s["seamcall_mem_page_aug"] == populate + 2 * picked
+    # every private leaf ever mapped is removed once: the conversions, then the teardown
+    removed = 2 * picked + n
+    for k in ("mem_range_block", "mem_page_remove", "phymem_page_wbinvd_hkid"):
+        assert s["seamcall_" + k] == removed, k
+    # S-EPT: a PDPT, a PD and two PTs for 4 MiB; reclaimed with two TDVPRs and the TDR
+    assert s["seamcall_mem_sept_add"] == 4 and s["seamcall_phymem_page_reclaim"] == 4 + V + 1
+    assert s["pages_4k"] == n and s["nr_premapped"] == 0   # before the teardown
+    assert s["check_teardown_clean"]
+
+
+def test_td_private_refuses_an_image_larger_than_the_memory():
+    with pytest.raises(W.WorkloadParamError) as e:
+        W.run("td_private", vcpu_mib=2, image_pages=600)
+    assert e.value.param == "image_pages"
