@@ -525,8 +525,10 @@ class TdpMmu(MmuBackend):
                      batch: bool = True, max_faults: int = 4) -> np.ndarray:
         """The guest on `vcpu` touches guest-physical memory: for each gfn of
         `gfns` (uint64, 1-d, C-contiguous; any order, repeats allowed), in
-        order, one read (default), write (`write`) or instruction fetch
-        (`exec`).  Returns the exits each access took (uint8).
+        order, one read (default), write (`write` True) or instruction fetch
+        (`exec`); `write` may also be an array (bool or uint8 0/1, one per
+        gfn) saying which accesses are writes, the others reads.  Returns
+        the exits each access took (uint8).
 
         An access the CPU's walk of the vCPU's TDP root completes - a present
         leaf (not MMIO, not access-tracked) that grants it: on EPT R for a
@@ -607,12 +609,25 @@ class TdpMmu(MmuBackend):
         if vcpu.guest_mode:
             raise ValueError(f"vcpu: vCPU {vcpu.vcpu_id} is in guest mode (L2): guest_access "
                              f"models L1 accesses to guest-physical memory")
-        write = self._guest_access_flag("write", write)
         exec = self._guest_access_flag("exec", exec)
-        if write and exec:
-            raise ValueError("write, exec: an access is a read, a write or a fetch, not both")
         max_faults = int_arg("max_faults", max_faults, 1, 255)
         gfns = check_array("gfns", gfns)
+        if isinstance(write, np.ndarray):
+            if write.dtype not in (np.bool_, np.uint8) or write.ndim != 1:
+                raise TypeError(f"write: an array of write flags is 1-d bool or uint8, not "
+                                f"{write.ndim}-d {write.dtype}")
+            if write.shape[0] != gfns.shape[0]:
+                raise ValueError(f"write has {write.shape[0]} flags, gfns {gfns.shape[0]}")
+            write = np.array(write, np.uint8, copy=True)     # the caller may change theirs
+            if write.size and int(write.max()) > 1:
+                raise ValueError("write: each flag is 0 (a read) or 1 (a write)")
+            if exec and write.any():
+                raise ValueError("write, exec: an access is a read, a write or a fetch, not both")
+        else:
+            write = self._guest_access_flag("write", write)
+            if write and exec:
+                raise ValueError("write, exec: an access is a read, a write or a fetch, "
+                                 "not both")
         if gfns.size and int(gfns.max()) >= root.nr_gfns:
             i = int(np.argmax(gfns >= np.uint64(root.nr_gfns)))
             raise ValueError(f"gfns[{i}]={int(gfns[i]):#x} is beyond what the root maps "
@@ -667,13 +682,17 @@ class TdpMmu(MmuBackend):
         vm = self.vm
         core, arena, sp = self.core, vm.arena, root.sp
         masks = vm.fmt.masks()
-        ad = (masks["accessed_mask"] | (masks["dirty_mask"] if write else 0)) \
-            if vm.kvm_ad_enabled else 0
-        dbit = masks["dirty_mask"] if ad and write else 0
-        pml = bool(dbit) and bool(vm.cpu_dirty_log_size)
+        a_bit = masks["accessed_mask"] if vm.kvm_ad_enabled else 0
+        d_bit = masks["dirty_mask"] if vm.kvm_ad_enabled else 0
+        pml = bool(d_bit) and bool(vm.cpu_dirty_log_size)
         slots = vm.memslots[vcpu.as_id]
         out = np.zeros(gfns.shape[0], np.uint8)
+        writes = write.tolist() if isinstance(write, np.ndarray) else None
         for i, gfn in enumerate(gfns.tolist()):
+            if writes is not None:
+                write = bool(writes[i])
+            ad = a_bit | (d_bit if write else 0)
+            dbit = d_bit if write else 0
             nf = r = 0
             while True:
                 sptep, spte, level = core.get_last_sptep(sp, gfn)
@@ -710,7 +729,9 @@ class TdpMmu(MmuBackend):
         gclass = np.zeros(gfns.shape[0], np.uint8)
         sidx = np.full(gfns.shape[0], -1, np.int32)
         objs, bases, ptes, pfns, vmas = [], [], [], [], []
-        tracking = write and vm.kvm_page_track_write_tracking_enabled
+        writes = write if isinstance(write, np.ndarray) else None
+        tracking = bool(write.any() if writes is not None else write) and \
+            vm.kvm_page_track_write_tracking_enabled
         for sid in np.unique(ids).tolist():
             sel = ids == sid
             if sid < 0:
@@ -723,7 +744,7 @@ class TdpMmu(MmuBackend):
                 gclass[sel] |= _GA["CLASS_LOGGED"]
             track = slot.arch.gfn_write_track
             if tracking and track is not None:
-                where = np.flatnonzero(sel)
+                where = np.flatnonzero(sel if writes is None else sel & (writes != 0))
                 hit = where[track[(gfns[where] - np.uint64(slot.base_gfn)).astype(np.int64)] != 0]
                 gclass[hit] |= _GA["CLASS_NOFAST"]
             vma = None if exec else self._guest_access_slow_slot(slot)
@@ -767,8 +788,10 @@ class TdpMmu(MmuBackend):
         vm = self.vm
         gclass, sidx, slots, (bases, ptes, pfns, vmas) = \
             self._guest_access_class(vcpu, gfns, write, exec)
+        writes = write if isinstance(write, np.ndarray) else None
         b = self.core.guest_access_batch(
-            root.sp, gfns, gclass, write=write, exec=exec, max_faults=max_faults,
+            root.sp, gfns, gclass, write=writes is None and write, writes=writes, exec=exec,
+            max_faults=max_faults,
             vcpu_id=vcpu.vcpu_id, sidx=sidx, slot_base=bases, slot_pte=ptes, slot_pfn=pfns,
             page_cache=vcpu.mmu_shadow_page_cache, header_cache=vcpu.mmu_page_header_cache,
             nx_huge_pages=vm.params.nx_huge_pages and not vm.disable_nx_huge_pages)
@@ -819,17 +842,18 @@ class TdpMmu(MmuBackend):
                 if status == done:
                     break
                 gfn = gfns.item(i)
+                w = bool(writes[i]) if writes is not None else write
                 if status == give_up:
                     r = lret or (py_last[1] if py_last[0] == i else 0)
-                    raise self._guest_access_error(i, gfn, r, int(faults[i]), write, exec)
+                    raise self._guest_access_error(i, gfn, r, int(faults[i]), w, exec)
                 if status != slow:              # a mapped exit answered lret
-                    raise self._guest_access_error(i, gfn, lret, int(faults[i]), write, exec)
+                    raise self._guest_access_error(i, gfn, lret, int(faults[i]), w, exec)
                 last_c = None
-                r = self.page_fault(vcpu, gfn, write=write, exec=exec)
+                r = self.page_fault(vcpu, gfn, write=w, exec=exec)
                 py_last = (i, r)
                 if r < 0:
                     faults[i] += 1
-                    raise self._guest_access_error(i, gfn, r, int(faults[i]), write, exec)
+                    raise self._guest_access_error(i, gfn, r, int(faults[i]), w, exec)
                 self._reenter(vcpu)
                 if r == RET_PF_EMULATE:
                     faults[i] += 1
@@ -848,7 +872,7 @@ class TdpMmu(MmuBackend):
         for a mapped one, ``kvm_mmu_faultin_pfn`` leave it)."""
         vm = self.vm
         mask = _GA["MADE_WRITABLE"]
-        if write and vm.kvm_ad_enabled and vm.cpu_dirty_log_size:
+        if np.any(write) and vm.kvm_ad_enabled and vm.cpu_dirty_log_size:
             mask |= _GA["DIRTIED"]
         hit = np.flatnonzero(flags & np.uint8(mask))
         if hit.size:

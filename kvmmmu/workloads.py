@@ -290,10 +290,15 @@ class GuestCpu:
         if r is not None and r < 0:
             raise WorkloadError(f"vCPU {vcpu.vcpu_id}: the root load failed ({r})")
 
-    def access(self, vcpu, addrs, *, write: bool = False, exec: bool = False) -> int:
+    def access(self, vcpu, addrs, *, write=False, exec: bool = False) -> int:
         """The guest touches every page address of `addrs` (uint64), in order,
-        starting with a VM entry; returns the exits (faults) taken."""
+        starting with a VM entry; `write`: all writes (True), all reads, or a
+        bool array saying which are writes.  Returns the exits (faults) taken."""
         addrs = np.ascontiguousarray(addrs, dtype=np.uint64)
+        if isinstance(write, np.ndarray):
+            write = np.ascontiguousarray(write, dtype=bool)
+            if write.shape != addrs.shape:
+                raise ValueError(f"write has {write.shape[0]} flags, addrs {addrs.shape[0]}")
         self.enter(vcpu)
         if not addrs.size:
             return 0
@@ -303,16 +308,17 @@ class GuestCpu:
                 batch=self.batch, max_faults=MAX_FAULTS_PER_ACCESS).sum(dtype=np.int64))
             self.exits += n
             return n
-        return self._access_scalar(vcpu, addrs.tolist(), write, exec)
+        writes = write.tolist() if isinstance(write, np.ndarray) else [bool(write)] * addrs.size
+        return self._access_scalar(vcpu, addrs.tolist(), writes, exec)
 
-    def _access_scalar(self, vcpu, addrs: list, write: bool, exec: bool) -> int:
+    def _access_scalar(self, vcpu, addrs: list, writes: list, exec: bool) -> int:
         a = self.vm.arena
         user = vcpu.cpu.cpl == 3
-        hw_bits = self.acc_mask | (self.dirty_mask if write else 0)
         rec = self.record
         fault = vcpu.kvm_mmu_page_fault
         exits = 0
-        for addr in addrs:
+        for addr, write in zip(addrs, writes):
+            hw_bits = self.acc_mask | (self.dirty_mask if write else 0)
             last = None
             for tries in range(MAX_FAULTS_PER_ACCESS + 1):
                 sptep, spte, level = self._last_spte(vcpu, addr)
@@ -819,10 +825,7 @@ def _working_set(g: Guest, p: dict) -> None:
                            cold[g.rng.integers(0, cold.size, n)])
             writes = g.rng.random(n) < p["write_fraction"]
             touched += int(np.unique(seq).size)
-            # runs of reads and writes, in order
-            cut = np.flatnonzero(np.diff(writes.astype(np.int8))) + 1
-            for part, w in zip(np.split(seq, cut), np.split(writes, cut)):
-                exits += g.cpu.access(v, part, write=bool(w[0]))
+            exits += g.cpu.access(v, seq, write=writes)
             g.tick("working set", i + 1, len(g.vcpus))
         return {"exits": exits}
 
@@ -888,10 +891,7 @@ def _dirty_log(g: Guest, p: dict) -> None:
             for i, v in enumerate(g.vcpus):
                 pages = order(i)
                 w = g.rng.random(pages.size) * 100 < p["write_percent"]
-                # writes and reads interleave as the guest loop makes them
-                cut = np.flatnonzero(np.diff(w.astype(np.int8))) + 1
-                for part, pw in zip(np.split(pages, cut), np.split(w, cut)):
-                    exits += g.cpu.access(v, part, write=bool(pw[0]))
+                exits += g.cpu.access(v, pages, write=w)      # in the guest loop's order
                 written[(pages[w] >> np.uint64(PAGE_SHIFT)).astype(np.int64)] = True
                 g.tick(f"iteration {it}", i + 1, len(g.vcpus))
             return {"exits": exits, "pages_written": int(written.sum())}
@@ -1228,9 +1228,7 @@ def _cr3_switch(g: Guest, p: dict) -> None:
                 pick = gvas if p["touch"] == "all" else \
                     gvas[g.rng.integers(0, gvas.size, p["pages_per_round"])]
                 w = g.rng.random(pick.size) < p["write_fraction"]
-                cut = np.flatnonzero(np.diff(w.astype(np.int8))) + 1
-                for part, pw in zip(np.split(pick, cut), np.split(w, cut)):
-                    exits += g.cpu.access(v, part, write=bool(pw[0]))
+                exits += g.cpu.access(v, pick, write=w)
                 g.tick("processes", r * P + q + 1, steps)
         return {"exits": exits, "cr3_switches": switches}
 

@@ -513,3 +513,61 @@ def test_vcpu_threads_batches_at_once(modes):
     assert np.all(levels == 1) and np.all(sptes & np.uint64(ad) == np.uint64(ad))
     assert sum(c.stat.pf_taken for c in vm.vcpus) == sum(exits)
     assert vm.stat.pages_4k == n
+
+
+@pytest.mark.parametrize("thp,eager,pml", [(False, True, False), (True, False, False),
+                                           (False, True, True)])
+def test_per_access_write_flags(thp, eager, pml):
+    # a write array is the same as the runs of reads and writes it describes, taken one
+    # call per run: same exits, SPTEs, statistics, dirty bits and trace lines
+    rng = np.random.default_rng(7)
+    n = 4096
+    gfns = rng.permutation(np.arange(n, dtype=np.uint64))
+    writes = rng.random(n) < 0.4
+
+    def build():
+        return _vm(thp=thp, eager=eager, pml=pml, size=16 * MiB, populate=True)
+
+    def prepare(vm, batch):
+        # every page mapped, then logging on: a read then never exits, a write faults
+        # (a read fault that maps a page of a logged slot would mark it dirty too)
+        vm.mmu_backend.guest_access(vm.vcpus[0], gfns, write=True, batch=batch)
+        _log_dirty(vm)
+        vm.get_dirty_log(0)
+
+    def one_call(vm, batch):
+        return vm.mmu_backend.guest_access(vm.vcpus[0], gfns, write=writes, batch=batch)
+
+    def by_runs(vm, batch):
+        cut = np.flatnonzero(np.diff(writes.astype(np.int8))) + 1
+        return np.concatenate([vm.mmu_backend.guest_access(vm.vcpus[0], g, write=bool(w[0]),
+                                                           batch=batch)
+                               for g, w in zip(np.split(gfns, cut), np.split(writes, cut))])
+
+    def dirty(vm, batch):
+        return vm.get_dirty_log(0)
+
+    vm_a, res_a = both(build, prepare, one_call, dirty)
+    vm_b, res_b = both(build, prepare, by_runs, dirty)
+    assert res_a == res_b
+    assert state(vm_a) == state(vm_b)
+    # every write of the logged slot is in the bitmap; no read is
+    bits = np.unpackbits(np.asarray(res_a[2], np.uint64).view(np.uint8), bitorder="little")
+    assert set(np.flatnonzero(bits[:n]).tolist()) == set(gfns[writes].tolist())
+
+
+@pytest.mark.parametrize("write,exc,words", [
+    (np.ones(3, np.int32), TypeError, "bool or uint8"),
+    (np.ones((2, 2), bool), TypeError, "1-d"),
+    (np.ones(5, bool), ValueError, "5 flags"),
+    (np.full(4, 2, np.uint8), ValueError, "0 (a read) or 1"),
+])
+def test_bad_write_flags_change_nothing(write, exc, words):
+    vm = _vm(size=4 * MiB)
+    before = state(vm)
+    with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)")):
+        vm.mmu_backend.guest_access(vm.vcpus[0], np.arange(4, dtype=np.uint64), write=write)
+    with pytest.raises(ValueError, match="not both"):
+        vm.mmu_backend.guest_access(vm.vcpus[0], np.arange(4, dtype=np.uint64),
+                                    write=np.array([0, 1, 0, 0], bool), exec=True)
+    assert state(vm) == before

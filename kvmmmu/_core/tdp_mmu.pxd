@@ -112,6 +112,7 @@ ctypedef struct ga_batch:
     uint8_t *flags                  # GA_MADE_WRITABLE | GA_DIRTIED per access
     Py_ssize_t n
     bint write
+    const uint8_t *writes           # per access: 1 a write, 0 a read (NULL: all `write`)
     bint exec
     int max_faults
     int vcpu_id                     # for the fast_page_fault tracepoint

@@ -1222,6 +1222,10 @@ cdef int tdp_guest_access(tdp_mmu_t *m, uint64_t root, ga_batch *b,
     ad = (f.accessed_mask | (f.dirty_mask if write else 0)) if f.ad_enabled else 0
     b.c_last_ret = 0
     while i < b.n:
+        if b.writes != NULL:                    # this access's kind
+            write = b.writes[i] != 0
+            fault.write = write
+            ad = (f.accessed_mask | (f.dirty_mask if write else 0)) if f.ad_enabled else 0
         gfn = b.gfns[i]
         cls = b.gclass[i]
         nf = b.faults[i]
@@ -2294,13 +2298,14 @@ cdef class TdpMmuCore:
     def guest_access_batch(self, root, gfns, gclass, *, write=False, exec=False, max_faults=4,
                            vcpu_id=0, sidx=None, slot_base=None, slot_pte=None, slot_pfn=None,
                            MmuMemoryCache page_cache=None, MmuMemoryCache header_cache=None,
-                           nx_huge_pages=False):
+                           nx_huge_pages=False, writes=None):
         """A :class:`GuestAccessBatch` over private copies of `gfns` (uint64,
         each below what `root` maps) and `gclass` (uint8, one per gfn:
         ``GA_CLASS_NOFAST`` - an exit on it always goes to the caller - and
         ``GA_CLASS_LOGGED`` - its memslot logs dirty pages), for accesses of
-        one kind (`write`, `exec`: a fetch).  `max_faults` (1..255): exits
-        one access may take.
+        one kind (`write`, `exec`: a fetch), or with `writes` (uint8, one
+        per gfn: 1 a write, 0 a read; copied) of the kind each says.
+        `max_faults` (1..255): exits one access may take.
 
         The slow path (``GA_CLASS_SLOW`` gfns: a not-present exit is mapped
         at 4K when the host page is present): `sidx` (int32 per gfn: the
@@ -2327,6 +2332,16 @@ cdef class TdpMmuCore:
             raise ValueError(f"gclass has {gclass.shape[0]} entries, gfns {gfns.shape[0]}")
         g_arr = np.array(gfns, copy=True)
         c_arr = np.array(gclass, copy=True)
+        w_arr = None
+        if writes is not None:
+            _check_array("writes", writes, np.uint8)
+            if writes.shape[0] != gfns.shape[0]:
+                raise ValueError(f"writes has {writes.shape[0]} entries, gfns {gfns.shape[0]}")
+            w_arr = np.array(writes, copy=True)
+            if w_arr.shape[0] and int(w_arr.max()) > 1:
+                raise ValueError("writes: each entry is 0 (a read) or 1 (a write)")
+            if exec and w_arr.any():
+                raise ValueError("an access is a read, a write or a fetch: not writes and exec")
         if g_arr.shape[0]:
             hi = int(g_arr.max())
             if hi >> (SPTE_LEVEL_BITS * top):
@@ -2370,7 +2385,7 @@ cdef class TdpMmuCore:
                 i = int(slow[np.argmax(rel >= lens[k_arr])])
                 raise ValueError(f"gfns[{i}]={int(g_arr[i]):#x} is outside its slot's slot_pte")
         cdef GuestAccessBatch b = GuestAccessBatch.__new__(GuestAccessBatch)
-        b._init(self, c_root, top, g_arr, c_arr, bool(write), bool(exec), c_max, c_vcpu)
+        b._init(self, c_root, top, g_arr, c_arr, w_arr, bool(write), bool(exec), c_max, c_vcpu)
         b._init_slow(s_arr, b_arr, ptes, pfns, page_cache, header_cache, bool(nx_huge_pages))
         return b
 
@@ -2436,7 +2451,7 @@ cdef class GuestAccessBatch:
     cdef uint64_t root
     cdef int top
     cdef ga_batch b
-    cdef object _gfns, _gclass, _sidx, _base, _ptes, _pfns
+    cdef object _gfns, _gclass, _writes, _sidx, _base, _ptes, _pfns
     cdef MmuMemoryCache _pc, _hc
     cdef uint8_t **_pte_ptrs
     cdef const uint64_t **_pfn_ptrs
@@ -2447,6 +2462,7 @@ cdef class GuestAccessBatch:
         self.b.n = 0
         self.b.gfns = NULL
         self.b.gclass = NULL
+        self.b.writes = NULL
         self.b.faults = NULL
         self.b.flags = NULL
         self.b.sidx = NULL
@@ -2496,10 +2512,14 @@ cdef class GuestAccessBatch:
         self.b.nx_huge_pages = nx
 
     cdef _init(self, TdpMmuCore core, uint64_t root, int top, object g_arr, object c_arr,
-               bint write, bint exec, int max_faults, int vcpu_id):
+               object w_arr, bint write, bint exec, int max_faults, int vcpu_id):
         cdef Py_ssize_t n = g_arr.shape[0]
+        cdef const uint8_t[::1] w
         self.core, self.root, self.top = core, root, top
-        self._gfns, self._gclass = g_arr, c_arr
+        self._gfns, self._gclass, self._writes = g_arr, c_arr, w_arr
+        if w_arr is not None and n:
+            w = w_arr
+            self.b.writes = &w[0]
         self.faults = np.zeros(n, np.uint8)
         self.flags = np.zeros(n, np.uint8)
         cdef const uint64_t[::1] g = g_arr
