@@ -362,7 +362,6 @@ class Guest:
 
     def __init__(self, mmu: str, p: dict, *, seed: int, record: bool, batch: bool,
                  progress=None, check: bool = True):
-        self.p = p
         #: audit the VM after each phase (``audit``) and fail on a failed check
         self.check = check
         self.mmu = mmu
