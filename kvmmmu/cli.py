@@ -9,8 +9,8 @@ Subcommands (``python -m kvmmmu SUBCOMMAND --help`` says more about each)::
     diff   A B                                       two kvmmmu traces, host values masked
     sweep  GRID                                      a grid of workload runs (Dask)
 
-Every subcommand but ``demo`` has ``--json`` (one JSON document on stdout,
-nothing else there), long work shows tqdm progress bars on stderr, and
+Every subcommand has ``--json`` (one JSON document on stdout, nothing else
+there), long work shows tqdm progress bars on stderr, and
 ``run``/``sweep`` draw matplotlib PNGs with ``--plot DIR`` (the paths go to
 stderr, or into the JSON under ``"plots"``).
 
@@ -254,12 +254,27 @@ def _add_demo(sub):
         epilog=f"example:\n  {PROG} demo\n  {PROG} demo --tdx")
     p.add_argument("--tdx", action="store_true",
                    help="instead: a TD's life in both TDX code generations, side by side")
+    p.add_argument("--json", action="store_true",
+                   help="print {\"demo\", \"lines\"} as JSON instead of the text (with --tdx "
+                        "also \"steps\": per code generation, each step's SEAMCALLs and "
+                        "nr_premapped after it)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args, parser) -> int:
+    import io                                        # noqa: PLC0415
     from kvmmmu.demo import run, run_tdx             # noqa: PLC0415
-    (run_tdx if args.tdx else run)(sys.stdout)
+    if not args.json:
+        (run_tdx if args.tdx else run)(sys.stdout)
+        return 0
+    out = io.StringIO()
+    steps = (run_tdx if args.tdx else run)(out)
+    doc = {"demo": "tdx" if args.tdx else "main", "lines": out.getvalue().splitlines()}
+    if args.tdx:
+        doc["steps"] = {era: [{"step": name, "seamcalls": calls, "nr_premapped": premapped}
+                              for name, calls, premapped in log]
+                        for era, log in steps.items()}
+    _print_json(doc)
     return 0
 
 

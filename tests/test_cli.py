@@ -497,3 +497,12 @@ def test_the_grid_example_in_sweep_help_is_a_valid_grid():
     example = json.loads(text[start:text.index("}\n", start) + 1])
     grid = SW.Grid.from_dict(example)
     assert len(grid.cells()) == 4
+
+
+def test_demo_tdx_json():
+    doc = json.loads(cli("demo", "--tdx", "--json", check=0).stdout)
+    assert doc["demo"] == "tdx" and any("v6.18" in ln for ln in doc["lines"])
+    a = doc["steps"]["v6.18"]
+    # v6.18 premaps the image page: SEPT.ADD for its tables, no PAGE.ADD yet, one premapped
+    assert a[0]["seamcalls"] == ["mem_sept_add"] * 3 and a[0]["nr_premapped"] == 1
+    assert [s["nr_premapped"] for s in doc["steps"]["genB"]] == [0] * len(doc["steps"]["genB"])
