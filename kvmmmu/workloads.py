@@ -1,6 +1,7 @@
 """Workloads shaped like the kernel's own MMU selftests
 (tools/testing/selftests/kvm: ``dirty_log_perf_test``, ``access_tracking_perf_test``,
-``memslot_perf_test``, ``mmu_stress_test``, ``kvm_page_table_test``), run on the model.
+``memslot_perf_test``, ``mmu_stress_test``, ``kvm_page_table_test``), run on the model,
+plus CR3-switching processes on shadow paging and a TD's life on the mirrored TDP MMU.
 
 A workload builds a VM (any MMU flavour: ``"tdp_mmu"``, ``"tdp"`` - TDP on the shadow
 MMU, ``kvm.tdp_mmu=N`` -, or ``"shadow"`` paging), drives it the way the selftest's host
@@ -12,18 +13,19 @@ with a timeline sampled at every phase end.
     from kvmmmu import workloads as W
     rep = W.run("dirty_log", mmu="tdp_mmu", vcpus=2, vcpu_mib=64, iterations=3)
     print(rep.text())
-    rep.summary["dirty_log_exact"]        # every iteration reported exactly what was written
+    rep.summary["check_dirty_log_exact"]  # every iteration reported exactly what was written
 
 **The guest CPU.**  A guest access is what the hardware does with it
 (:class:`GuestCpu`): the CPU walks the tables the MMU built (the TDP root for the TDP
 flavours, the shadow root for shadow paging); if the last SPTE is a present leaf that
 allows the access, there is no exit and the CPU sets the SPTE's Accessed bit (and Dirty
-for a write) when the format has A/D bits; otherwise the vCPU exits with the error code
+for a write) unless the SPTE is A/D-disabled; otherwise the vCPU exits with the error code
 the hardware reports (an EPT violation / NPF for TDP - the gpa -, a #PF with CR2 for
 shadow paging - the gva -) into ``kvm_mmu_page_fault``, re-enters (``vcpu_enter_guest``)
 and retries.  Every KVM_RUN starts with an entry.  On the TDP MMU the batch entry
-``TdpMmu.guest_access`` does the same in one C loop when it exists and no stream is
-recorded; ``batch=False`` keeps the scalar path (the reference).
+``TdpMmu.guest_access`` does the same in nogil C passes unless a stream is recorded;
+``batch=False`` keeps its scalar reference.  A workload's reads and writes go in one
+call, in the guest loop's order, with per-access write flags.
 
 **Streams.**  ``run(..., stream=PATH)`` records what the vCPUs and the VMM did as a
 vCPU input stream (docs/STREAM.md: memslots, entries, faults with their error codes, CR3
