@@ -571,3 +571,34 @@ def test_bad_write_flags_change_nothing(write, exc, words):
         vm.mmu_backend.guest_access(vm.vcpus[0], np.arange(4, dtype=np.uint64),
                                     write=np.array([0, 1, 0, 0], bool), exec=True)
     assert state(vm) == before
+
+
+def test_core_batch_probes():
+    """A batch built by hand, bad per-access write flags, and a batch whose root
+    was zapped and freed before it ran: each raises a specific error, none
+    reaches the C loop."""
+    from kvmmmu._core.tdp_mmu import GuestAccessBatch
+    with pytest.raises(TypeError, match="guest_access_batch"):
+        GuestAccessBatch().run(0)
+    vm = _vm(size=4 * MiB)
+    t, v = vm.mmu_backend, vm.vcpus[0]
+    root = t.vcpu_root[0].sp
+    g, c = np.arange(4, dtype=np.uint64), np.zeros(4, np.uint8)
+    with pytest.raises(TypeError, match="writes"):
+        t.core.guest_access_batch(root, g, c, writes=np.ones(4, np.int8))
+    with pytest.raises(ValueError, match="writes has 3"):
+        t.core.guest_access_batch(root, g, c, writes=np.ones(3, np.uint8))
+    with pytest.raises(ValueError, match="0 \\(a read\\) or 1"):
+        t.core.guest_access_batch(root, g, c, writes=np.full(4, 2, np.uint8))
+    with pytest.raises(ValueError, match="not writes and exec"):
+        t.core.guest_access_batch(root, g, c, writes=np.ones(4, np.uint8), exec=True)
+    w = np.array([1, 0, 1, 0], np.uint8)
+    b = t.core.guest_access_batch(root, g, c, writes=w)
+    w[:] = 7                                        # the batch holds its own copy
+    t.kvm_mmu_unload(v)
+    t.kvm_tdp_mmu_invalidate_roots()
+    t.kvm_tdp_mmu_zap_invalidated_roots()
+    vm.arena.rcu_barrier()
+    with pytest.raises(ValueError, match="not a live sp"):
+        b.run(0)
+    assert vm.audit(raise_=False) == []
