@@ -938,23 +938,24 @@ def _dirty_log(g: Guest, p: dict) -> None:
     s["dirty_pages"] = int(sum(ph.get("dirty_pages", 0) for ph in g.phases))
 
 
-def _folios(g: Guest, slots) -> list[tuple[int, int, int]]:
-    """The host folios backing the slots: ``(hva, bytes, first page index)``,
-    a 2 MiB THP as one folio, every other page on its own (page_idle works
-    on folios: the first page read of a folio answers for all of it)."""
+def _folios(g: Guest, slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The host folios backing the slots as arrays ``(hva, pages, first page
+    index)``: a 2 MiB THP is one folio, every other page one on its own
+    (page_idle works on folios: the first page read of a folio answers for
+    all of it)."""
     host = g.vm.host
-    out = []
+    hvas, sizes, firsts = [], [], []
     for sid, gpa, npg in slots:
-        hva0 = g.buffers[sid][0]
-        for off in range(0, npg, PAGES_PER_2M):
-            hva = hva0 + (off << PAGE_SHIFT)
-            page0 = (gpa >> PAGE_SHIFT) + off
-            if host.host_pfn_mapping_level(hva) >= 2:
-                out.append((hva, 2 * MiB, page0))
-            else:
-                out.extend((hva + (j << PAGE_SHIFT), PAGE_SIZE, page0 + j)
-                           for j in range(min(PAGES_PER_2M, npg - off)))
-    return out
+        off = np.arange(npg, dtype=np.uint64)
+        hva = np.uint64(g.buffers[sid][0]) + (off << np.uint64(PAGE_SHIFT))
+        head = off % np.uint64(PAGES_PER_2M) == 0
+        huge = np.repeat(host.host_pfn_mapping_level_array(hva[head]) >= 2,
+                         PAGES_PER_2M)[:npg]
+        keep = head | ~huge                     # a THP's head page, or any 4K page
+        hvas.append(hva[keep])
+        sizes.append(np.where(huge[keep], PAGES_PER_2M, 1))
+        firsts.append(off[keep] + np.uint64(gpa >> PAGE_SHIFT))
+    return np.concatenate(hvas), np.concatenate(sizes), np.concatenate(firsts)
 
 
 @workload("access_tracking", streamable=False, params=(
@@ -1005,12 +1006,14 @@ def _access_tracking(g: Guest, p: dict) -> None:
         def count():
             nonlocal expect
             idle = 0
-            for hva, size, page0 in folios:
-                n = size >> PAGE_SHIFT
-                if not host.age(hva, size, flush=False):
+            hva, npages, first = folios
+            for a, n in zip(hva.tolist(), npages.tolist()):
+                if not host.age(a, n << PAGE_SHIFT, flush=False):
                     idle += n
-                if not touched[page0:page0 + n].any():
-                    expect += n
+            # a folio is young if any of its pages was re-accessed (the folios
+            # cover the pages in order, so each one's sum runs to the next's start)
+            seen = np.add.reduceat(touched.astype(np.int64), first.astype(np.int64))
+            expect += int(npages[seen == 0].sum())
             return {"idle_pages": idle}
         ph = g.phase(f"iteration {it}: count idle", count)
         count_s.append(ph["seconds"])
